@@ -1,0 +1,293 @@
+"""The one typed config that every stage reads: YAML file, then dotted CLI overrides.
+
+Key names follow the Hugging Face / PEFT / bitsandbytes argument they feed (`lora.r` is
+`LoraConfig(r=...)`, `train.learning_rate` is `SFTConfig(learning_rate=...)`), so that a user who knows
+those libraries can read a config without a glossary.
+"""
+from __future__ import annotations
+
+import argparse
+import difflib
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .log import UserError
+
+DTYPES = Literal["bfloat16", "float16", "float32"]
+
+
+class Section(BaseModel):
+    # extra=forbid makes a typo an error instead of a silently ignored setting.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelCfg(Section):
+    name_or_path: str = "meta-llama/Meta-Llama-3-8B"
+    revision: str | None = None
+    # Off by default: remote code runs arbitrary Python from the hub.
+    trust_remote_code: bool = False
+    dtype: DTYPES = "bfloat16"
+    attn_implementation: Literal["sdpa", "eager", "flex_attention", "flash_attention_2"] = "sdpa"
+    # When set and `name_or_path` does not exist yet, convert this GGUF file ("<python package>/<file>")
+    # once into a standard HF checkpoint at `name_or_path`. The embedded demo model uses it.
+    gguf_source: str | None = None
+
+
+class QuantCfg(Section):
+    load_in_4bit: bool = True
+    load_in_8bit: bool = False
+    bnb_4bit_quant_type: Literal["nf4", "fp4"] = "nf4"
+    bnb_4bit_use_double_quant: bool = True
+    bnb_4bit_compute_dtype: DTYPES = "bfloat16"
+    # FSDP can only shard the 4-bit weights when they are stored in the same dtype as the rest.
+    bnb_4bit_quant_storage: Literal["uint8", "bfloat16", "float16", "float32"] = "uint8"
+
+    @model_validator(mode="after")
+    def _one_mode(self):
+        if self.load_in_4bit and self.load_in_8bit:
+            raise ValueError("quant.load_in_4bit and quant.load_in_8bit are both true; pick one "
+                             "(or neither for a full-precision base)")
+        return self
+
+
+class LoraCfg(Section):
+    r: int = Field(16, ge=1, le=4096)
+    lora_alpha: float = Field(32, gt=0)
+    lora_dropout: float = Field(0.05, ge=0, lt=1)
+    # A list of module names, or "all-linear" (every linear layer but the output head).
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    bias: Literal["none", "all", "lora_only"] = "none"
+    use_rslora: bool = False
+
+    @model_validator(mode="after")
+    def _nonempty(self):
+        if isinstance(self.target_modules, list) and not self.target_modules:
+            raise ValueError("lora.target_modules is empty; list module names or use 'all-linear'")
+        return self
+
+
+class DataCfg(Section):
+    path: str = "yahma/alpaca-cleaned"
+    split: str = "train"
+    # "alpaca": the Stanford Alpaca prompt; "chat": the tokenizer's own chat template (instruct bases).
+    prompt_template: Literal["alpaca", "chat"] = "alpaca"
+    system_prompt: str | None = None
+    max_length: int = Field(512, ge=16)
+    # Rows held out for evaluation: a fraction (<1) or a row count (>=1).
+    eval_size: float = Field(0.05, ge=0)
+    max_samples: int | None = Field(None, ge=1)
+    # What to do with rows that are only bad in part; counted in the dataset report either way.
+    too_long: Literal["truncate", "drop", "fail"] = "drop"
+    empty_output: Literal["drop", "fail"] = "drop"
+    drop_duplicates: bool = True
+    seed: int = 42
+
+
+class TrainCfg(Section):
+    learning_rate: float = Field(2e-4, gt=0)
+    max_steps: int = Field(-1, ge=-1)
+    num_train_epochs: float = Field(1.0, gt=0)
+    per_device_train_batch_size: int = Field(4, ge=1)
+    per_device_eval_batch_size: int = Field(8, ge=1)
+    gradient_accumulation_steps: int = Field(4, ge=1)
+    warmup_steps: float = Field(0.03, ge=0)
+    lr_scheduler_type: str = "cosine"
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    optim: str = "paged_adamw_8bit"
+    gradient_checkpointing: bool = True
+    logging_steps: int = Field(1, ge=1)
+    save_steps: int = Field(100, ge=1)
+    save_total_limit: int | None = Field(3, ge=1)
+    eval_steps: int | None = Field(None, ge=1)
+    early_stopping_patience: int | None = Field(None, ge=1)
+    load_best_model_at_end: bool = False
+    seed: int = 42
+    bf16: bool = True
+    # "auto": CPU when no CUDA device is visible.
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    # Padding-free batches: rows concatenated with position_ids restarting per row, no pad tokens computed.
+    padding_free: bool = False
+    use_liger_kernel: bool = False
+    dataloader_num_workers: int = Field(0, ge=0)
+    report_to: str = "none"
+    resume: Literal["never", "auto"] = "never"
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.early_stopping_patience and not self.eval_steps:
+            raise ValueError("train.early_stopping_patience needs train.eval_steps (evaluation every N steps)")
+        if self.load_best_model_at_end and not self.eval_steps:
+            raise ValueError("train.load_best_model_at_end needs train.eval_steps")
+        return self
+
+
+class MergeCfg(Section):
+    dtype: Literal["bfloat16", "float16"] = "bfloat16"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    max_shard_size: str = "5GB"
+    # The merge checks itself on these prompts: merged vs base+adapter.
+    check_prompts: list[str] = Field(default_factory=lambda: [
+        "Give three tips for staying healthy.", "What is the capital of France?"])
+    # bf16 rounding of W + BA differs from computing them apart; a few logits units is a real mismatch.
+    max_logit_diff: float = Field(1.0, gt=0)
+    min_token_agreement: float = Field(0.9, ge=0, le=1)
+
+
+class InferenceCfg(Section):
+    max_new_tokens: int = Field(256, ge=1)
+    do_sample: bool = False
+    temperature: float = Field(0.7, gt=0)
+    top_p: float = Field(0.9, gt=0, le=1)
+    top_k: int = Field(50, ge=0)
+    repetition_penalty: float = Field(1.0, gt=0)
+    batch_size: int = Field(16, ge=1)
+    # "auto": the merged model when the run has one, else base + adapter.
+    use: Literal["auto", "merged", "adapter", "base"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class PathsCfg(Section):
+    output_dir: str = "runs/llama3-alpaca"
+    # Written last by each training run; stages run without --config follow it.
+    latest: str = "runs/latest"
+
+
+class Config(Section):
+    model: ModelCfg = Field(default_factory=ModelCfg)
+    quant: QuantCfg = Field(default_factory=QuantCfg)
+    lora: LoraCfg = Field(default_factory=LoraCfg)
+    data: DataCfg = Field(default_factory=DataCfg)
+    train: TrainCfg = Field(default_factory=TrainCfg)
+    merge: MergeCfg = Field(default_factory=MergeCfg)
+    inference: InferenceCfg = Field(default_factory=InferenceCfg)
+    paths: PathsCfg = Field(default_factory=PathsCfg)
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def _valid_keys(model_cls: type[BaseModel], prefix: str = "") -> list[str]:
+    keys = []
+    for name, field in model_cls.model_fields.items():
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            keys += _valid_keys(ann, f"{prefix}{name}.")
+        else:
+            keys.append(f"{prefix}{name}")
+    return keys
+
+
+VALID_KEYS = _valid_keys(Config)
+SECTIONS = list(Config.model_fields)
+
+
+def _suggest(key: str) -> str:
+    leaf = key.split(".")[-1]
+    cands = difflib.get_close_matches(key, VALID_KEYS, n=1, cutoff=0.5)
+    if not cands:  # a right leaf in the wrong section, e.g. `train.r`
+        cands = [k for k in VALID_KEYS if k.split(".")[-1] == leaf][:1]
+    if not cands:
+        cands = difflib.get_close_matches(leaf, [k.split(".")[-1] for k in VALID_KEYS], n=1, cutoff=0.6)
+        cands = [k for k in VALID_KEYS if cands and k.endswith("." + cands[0])][:1]
+    return f"; did you mean '{cands[0]}'?" if cands else f"; valid sections: {', '.join(SECTIONS)}"
+
+
+def _check_unknown(raw: dict, where: str) -> None:
+    for sec, body in raw.items():
+        if sec not in Config.model_fields:
+            raise UserError(f"{where}: unknown config section '{sec}'{_suggest(sec)}")
+        if body is None:
+            continue
+        if not isinstance(body, dict):
+            raise UserError(f"{where}: section '{sec}' must be a mapping of keys, got {type(body).__name__}")
+        for key in body:
+            if f"{sec}.{key}" not in VALID_KEYS:
+                raise UserError(f"{where}: unknown config key '{sec}.{key}'{_suggest(f'{sec}.{key}')}")
+
+
+def _validation_message(err: ValidationError, where: str) -> str:
+    e = err.errors()[0]
+    key = ".".join(str(p) for p in e["loc"] if not str(p).startswith(("function-after", "literal", "list", "str")))
+    key = key or "config"
+    got = e.get("input")
+    got_s = repr(got) if not isinstance(got, dict) else "a mapping"
+    msg = e["msg"].removeprefix("Value error, ")
+    if e["type"] == "value_error":
+        return f"{where}: {msg}"
+    return f"{where}: bad value for '{key}': {msg} (got {got_s}); fix it in the YAML or with {key}=VALUE"
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    if "=" not in item:
+        raise UserError(f"override '{item}' is not KEY=VALUE; write for example train.max_steps=10")
+    key, value = item.split("=", 1)
+    key = key.strip()
+    if key.count(".") != 1:
+        raise UserError(f"override key '{key}' must be section.key, for example train.max_steps{_suggest(key)}")
+    try:
+        # YAML typing makes `10` an int, `1e-4` a float, `[q_proj,v_proj]` a list, `null` None.
+        parsed = yaml.safe_load(value) if value.strip() else ""
+    except yaml.YAMLError:
+        parsed = value
+    return key, parsed
+
+
+def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Config:
+    raw: dict = {}
+    where = "config"
+    if path is not None:
+        p = Path(path)
+        where = str(p)
+        if not p.is_file():
+            raise UserError(f"config file '{p}' not found; pass an existing YAML, e.g. --config configs/demo.yaml")
+        try:
+            raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            raise UserError(f"{p}: invalid YAML{at}: {getattr(e, 'problem', e)}; fix the syntax") from None
+        except UnicodeDecodeError:
+            raise UserError(f"{p}: not UTF-8 text; save the config as UTF-8") from None
+        if not isinstance(raw, dict):
+            raise UserError(f"{p}: the top level must be a mapping of sections (model:, data:, ...)")
+    _check_unknown(raw, where)
+    for item in overrides:
+        key, value = parse_override(item)
+        sec, leaf = key.split(".")
+        _check_unknown({sec: {leaf: value}}, "override")
+        raw.setdefault(sec, {})
+        if raw[sec] is None:
+            raw[sec] = {}
+        raw[sec][leaf] = value
+    raw = {k: (v if v is not None else {}) for k, v in raw.items()}
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as err:
+        raise UserError(_validation_message(err, where)) from None
+
+
+def build_parser(description: str, config_required: bool = False) -> argparse.ArgumentParser:
+    """The CLI every stage shares: --config, dotted overrides, --debug; stages add their own flags."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=config_required,
+                   help="YAML config; without it, the most recent run's saved config is used")
+    p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value",
+                   help="dotted overrides applied after the YAML, e.g. train.max_steps=10")
+    return p
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argparse.Namespace:
+    # argparse exits 2 on its own errors already; keep its message one line and name the fix.
+    def error(message: str):
+        raise UserError(f"{message}; see --help")
+    parser.error = error  # type: ignore[method-assign]
+    return parser.parse_args(list(argv))

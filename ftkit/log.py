@@ -1,0 +1,71 @@
+"""Logging and the one user-facing error type.
+
+Every entry point runs through `run_main`, so that a mistake the user can fix (a typo in the config, a
+missing file) ends as one line on stderr and exit code 2, while a real bug still shows its traceback.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+import sys
+from typing import Callable, Sequence
+
+log = logging.getLogger("ftkit")
+
+# Exit code for bad input, distinct from 1 (crash) so that scripts and CI can tell the two apart.
+EXIT_USAGE = 2
+
+
+class UserError(Exception):
+    """A problem in the user's input: config, data, paths, model choice. The message names the fix."""
+
+
+def setup_logging(debug: bool = False) -> None:
+    level = logging.DEBUG if debug else logging.INFO
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S",
+                        stream=sys.stderr, force=True)
+    # Library chatter drowns the lines a user acts on; keep it at warning unless debugging.
+    for noisy in ("transformers", "datasets", "accelerate", "peft", "trl", "httpx", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.DEBUG if debug else logging.WARNING)
+    if not debug:
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    logging.getLogger().addFilter(RedactTokens())
+
+
+_TOKEN_RE = re.compile(r"\bhf_[A-Za-z0-9]{10,}\b")
+
+
+def redact(text: str) -> str:
+    """Hide anything shaped like a hub token, and the value of HF_TOKEN itself, wherever text goes out."""
+    tok = os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN")
+    if tok:
+        text = text.replace(tok, "***")
+    return _TOKEN_RE.sub("hf_***", text)
+
+
+class RedactTokens(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg = redact(str(record.msg))
+        if record.args:
+            record.args = tuple(redact(str(a)) if isinstance(a, str) else a for a in record.args)
+        return True
+
+
+def run_main(main: Callable[[Sequence[str]], int | None], argv: Sequence[str] | None = None) -> None:
+    """Call a stage's CLI main; turn UserError into one line and exit code 2 unless --debug is given."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    setup_logging(debug)
+    try:
+        rc = main(argv)
+    except UserError as e:
+        if debug:
+            raise
+        print(f"error: {redact(str(e))}", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    sys.exit(rc or 0)

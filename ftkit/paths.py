@@ -1,0 +1,195 @@
+"""The run directory: where each stage finds its inputs and puts its outputs, written so a crash never
+leaves something that looks complete but is not.
+
+    runs/<name>/config.yaml, manifest.json, prompt_template.json, dataset_report.json,
+                checkpoints/, adapter/, train_log.jsonl, run_summary.json, merged/, eval/, export/
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+from .config import Config, load_config
+from .log import UserError, log, redact
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class RunDir:
+    root: Path
+
+    @property
+    def config(self) -> Path: return self.root / "config.yaml"
+    @property
+    def manifest(self) -> Path: return self.root / "manifest.json"
+    @property
+    def prompt_template(self) -> Path: return self.root / "prompt_template.json"
+    @property
+    def dataset_report(self) -> Path: return self.root / "dataset_report.json"
+    @property
+    def checkpoints(self) -> Path: return self.root / "checkpoints"
+    @property
+    def adapter(self) -> Path: return self.root / "adapter"
+    @property
+    def train_log(self) -> Path: return self.root / "train_log.jsonl"
+    @property
+    def summary(self) -> Path: return self.root / "run_summary.json"
+    @property
+    def merged(self) -> Path: return self.root / "merged"
+    @property
+    def eval(self) -> Path: return self.root / "eval"
+    @property
+    def export(self) -> Path: return self.root / "export"
+
+    def holds_run(self) -> bool:
+        # dataset.py may leave a report here before training; only training artifacts make it a run.
+        return any(p.exists() for p in (self.config, self.checkpoints, self.adapter))
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write beside the target, then rename: readers see the old file or the new one, never half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_text(path, redact(json.dumps(obj, indent=2, default=str)) + "\n")
+
+
+@contextlib.contextmanager
+def atomic_dir(target: Path) -> Iterator[Path]:
+    """Yield a temporary sibling folder; on success it replaces `target` in one rename.
+
+    A crash leaves only a `.tmp` folder, which no stage reads, so a half-saved adapter or merged model
+    can never be mistaken for a complete one.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        os.replace(target, old)
+    os.replace(tmp, target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def save_resolved_config(cfg: Config, path: Path) -> None:
+    atomic_write_text(path, "# resolved config: exactly what ran\n" + redact(cfg.to_yaml()))
+
+
+def write_latest(cfg: Config, run: RunDir) -> None:
+    atomic_write_text(Path(cfg.paths.latest), str(run.root.resolve()) + "\n")
+
+
+def latest_run(pointer: str | Path = "runs/latest") -> RunDir:
+    p = Path(pointer)
+    if not p.is_file():
+        raise UserError(f"no recent run found ('{p}' is missing); run finetune.py first or pass --config")
+    root = Path(p.read_text().strip())
+    if not (root / "config.yaml").is_file():
+        raise UserError(f"the most recent run '{root}' has no config.yaml; pass --config for the run to use")
+    return RunDir(root)
+
+
+def stage_config(config: str | None, overrides: Sequence[str]) -> tuple[Config, RunDir]:
+    """Config for a stage after training: the given YAML, or else the most recent run's saved config.
+
+    Later stages read the run's saved config rather than the original YAML, so that they see exactly
+    what training used even if the YAML was edited since.
+    """
+    if config is None:
+        run = latest_run()
+        cfg = load_config(run.config, overrides)
+        log.info("using the most recent run: %s", run.root)
+        return cfg, run
+    cfg = load_config(config, overrides)
+    run = RunDir(Path(cfg.paths.output_dir))
+    if run.config.is_file():
+        # The run's own config is the truth for model/data/template; CLI overrides still apply on top.
+        saved = load_config(run.config, overrides)
+        cfg = saved.model_copy(update={k: getattr(cfg, k) for k in ("merge", "inference")})
+    return cfg, run
+
+
+def file_sha256(path: Path, limit: int | None = None) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "HEAD"], capture_output=True,
+                             text=True, timeout=5)
+        if out.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "-C", str(REPO_ROOT), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        return out.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def package_versions() -> dict[str, str]:
+    from importlib import metadata
+    out = {"python": sys.version.split()[0]}
+    for name in ("torch", "transformers", "peft", "trl", "bitsandbytes", "accelerate", "datasets",
+                 "liger-kernel", "gguf"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def write_manifest(cfg: Config, run: RunDir, data_hash: str | None, extra: dict | None = None) -> None:
+    manifest = {
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "git_commit": git_commit(),
+        "packages": package_versions(),
+        "data_sha256": data_hash,
+        "seed": cfg.train.seed,
+        "data_seed": cfg.data.seed,
+        "command": redact(" ".join(sys.argv)),
+        **(extra or {}),
+    }
+    atomic_write_json(run.manifest, manifest)
+
+
+def check_free_space(path: Path, need_bytes: int, what: str) -> None:
+    """Fail before hours of work when the disk cannot hold the result."""
+    probe = path
+    while not probe.exists():
+        probe = probe.parent
+    if not os.access(probe, os.W_OK):
+        raise UserError(f"cannot write to '{probe}'; choose a writable paths.output_dir")
+    free = shutil.disk_usage(probe).free
+    if free < need_bytes:
+        raise UserError(f"not enough disk space in '{probe}' for {what}: about {need_bytes / 1e9:.1f} GB needed, "
+                        f"{free / 1e9:.1f} GB free; free space or point paths.output_dir elsewhere")
