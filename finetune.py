@@ -261,7 +261,8 @@ def main(cfg: Config, overwrite: bool = False, resume: bool = False) -> dict:
         return {"interrupted": True, "step": state.global_step}
 
     train_loss, eval_loss = final_losses(state.log_history)
-    if trainer.eval_dataset is not None:
+    evaluated_at = [h["step"] for h in state.log_history if "eval_loss" in h]
+    if trainer.eval_dataset is not None and (not evaluated_at or evaluated_at[-1] != state.global_step):
         eval_loss = trainer.evaluate()["eval_loss"]
     tokens = int(state.num_input_tokens_seen or 0)
     summary = {

