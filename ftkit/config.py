@@ -195,9 +195,10 @@ SECTIONS = list(Config.model_fields)
 
 def _suggest(key: str) -> str:
     leaf = key.split(".")[-1]
-    cands = difflib.get_close_matches(key, VALID_KEYS, n=1, cutoff=0.5)
-    if not cands:  # a right leaf in the wrong section, e.g. `train.r`
-        cands = [k for k in VALID_KEYS if k.split(".")[-1] == leaf][:1]
+    # A right leaf in the wrong section (`train.r`) is the likeliest slip; then plain typos.
+    cands = [k for k in VALID_KEYS if k.split(".")[-1] == leaf and k != key][:1]
+    if not cands:
+        cands = difflib.get_close_matches(key, VALID_KEYS, n=1, cutoff=0.5)
     if not cands:
         cands = difflib.get_close_matches(leaf, [k.split(".")[-1] for k in VALID_KEYS], n=1, cutoff=0.6)
         cands = [k for k in VALID_KEYS if cands and k.endswith("." + cands[0])][:1]

@@ -1,0 +1,100 @@
+"""Shared fixtures: the embedded SmolLM2 checkpoint, a tiny random Llama, a tiny Alpaca file, and a helper
+that runs a stage script the way a user would (a subprocess in a chosen working directory)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from ftkit.config import load_config  # noqa: E402
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA GPU; skipped without one")
+    config.addinivalue_line("markers", "slow: trains a real model for a few steps")
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def embedded_model() -> Path:
+    """The demo model as a HF checkpoint; converted from the packaged GGUF on first use."""
+    from ftkit.models import resolve_model
+    cfg = load_config(REPO / "configs" / "demo.yaml")
+    path = Path(cfg.model.name_or_path)
+    if not path.is_absolute():
+        path = REPO / path
+    cfg.model.name_or_path = str(path)
+    resolve_model(cfg.model)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory, embedded_model) -> Path:
+    """A 2-layer random Llama that shares the SmolLM2 tokenizer (so chat templates work), ~3M parameters."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    out = tmp_path_factory.mktemp("tiny-llama")
+    tok = AutoTokenizer.from_pretrained(embedded_model)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                      tie_word_embeddings=True)
+    model = LlamaForCausalLM(cfg).to(torch.bfloat16)
+    model.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    return out
+
+
+ALPACA_ROWS = [
+    {"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"},
+    {"instruction": "Name the capital of France.", "input": "", "output": "Paris"},
+    {"instruction": "Reverse the word.", "input": "abc", "output": "cba"},
+    {"instruction": "Give a synonym for happy.", "input": "", "output": "Joyful"},
+    {"instruction": "Uppercase the word.", "input": "cat", "output": "CAT"},
+    {"instruction": "What color is the sky on a clear day?", "input": "", "output": "Blue"},
+    {"instruction": "Count the letters.", "input": "hello", "output": "5"},
+    {"instruction": "Sort the numbers.", "input": "3, 1, 2", "output": "1, 2, 3"},
+]
+
+
+@pytest.fixture
+def alpaca_file(tmp_path) -> Path:
+    p = tmp_path / "tiny_alpaca.json"
+    rows = [dict(r, instruction=f"{r['instruction']} (variant {k})") for k in range(4) for r in ALPACA_ROWS]
+    p.write_text(json.dumps(rows))
+    return p
+
+
+def tiny_overrides(model: Path, data: Path, out: Path, **extra) -> list[str]:
+    """Overrides that turn configs/demo.yaml into a seconds-long run on the tiny model."""
+    o = {"model.name_or_path": str(model), "model.gguf_source": "null", "data.path": str(data),
+         "data.eval_size": 4, "data.max_length": 128, "train.max_steps": 4, "train.save_steps": 2,
+         "train.eval_steps": 2, "train.logging_steps": 1, "train.per_device_train_batch_size": 4,
+         "train.learning_rate": 1e-3, "paths.output_dir": str(out), "paths.latest": str(out.parent / "latest"),
+         "inference.max_new_tokens": 8}
+    o.update(extra)
+    return [f"{k}={v}" for k, v in o.items()]
+
+
+def run_script(script: str, *args: str, cwd: Path | None = None, env: dict | None = None,
+               timeout: int = 600) -> subprocess.CompletedProcess:
+    e = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", **(env or {}))
+    return subprocess.run([sys.executable, str(REPO / script), *args], cwd=cwd or REPO, env=e,
+                          capture_output=True, text=True, timeout=timeout)

@@ -1,0 +1,94 @@
+"""The config: every shipped YAML loads, overrides apply, and mistakes name the key and the fix."""
+from pathlib import Path
+
+import pytest
+
+from ftkit.config import VALID_KEYS, load_config
+from ftkit.log import UserError
+
+REPO = Path(__file__).resolve().parent.parent
+SHIPPED = sorted(p for p in (REPO / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+def test_every_shipped_yaml_loads(path):
+    cfg = load_config(path)
+    assert cfg.lora.r >= 1 and cfg.train.learning_rate > 0
+
+
+def test_llama3_config_is_a_real_qlora_recipe():
+    cfg = load_config(REPO / "configs" / "llama3_alpaca.yaml")
+    assert cfg.model.name_or_path == "meta-llama/Meta-Llama-3-8B"
+    assert cfg.data.path == "yahma/alpaca-cleaned"
+    assert cfg.quant.load_in_4bit and cfg.quant.bnb_4bit_quant_type == "nf4" and cfg.quant.bnb_4bit_use_double_quant
+    assert cfg.quant.bnb_4bit_compute_dtype == "bfloat16"
+    assert set(cfg.lora.target_modules) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert cfg.train.optim == "paged_adamw_8bit"
+    # TRL's defaults (2e-5, 1024) are wrong for QLoRA; the recipe must not inherit them.
+    assert 1e-4 <= cfg.train.learning_rate <= 3e-4 and cfg.data.max_length != 1024
+
+
+def test_overrides_are_typed_and_applied():
+    cfg = load_config(REPO / "configs" / "demo.yaml",
+                      ["train.max_steps=10", "train.learning_rate=1e-4", "lora.target_modules=[q_proj,v_proj]",
+                       "data.system_prompt=null"])
+    assert cfg.train.max_steps == 10 and cfg.train.learning_rate == 1e-4
+    assert cfg.lora.target_modules == ["q_proj", "v_proj"] and cfg.data.system_prompt is None
+
+
+@pytest.mark.parametrize("override, words", [
+    ("train.learning_rat=1e-4", ["train.learning_rat", "train.learning_rate"]),
+    ("lora.rank=8", ["lora.rank", "lora.r"]),
+    ("trian.max_steps=3", ["trian", "train"]),
+    ("train.r=8", ["train.r", "lora.r"]),
+    ("lora.r=abc", ["lora.r", "abc"]),
+    ("lora.r=0", ["lora.r", "greater than or equal to 1"]),
+    ("train.learning_rate=-1", ["train.learning_rate"]),
+    ("quant.load_in_8bit=true", ["load_in_4bit", "load_in_8bit"]),
+    ("max_steps=3", ["section.key"]),
+])
+def test_bad_override_names_key(override, words):
+    with pytest.raises(UserError) as e:
+        load_config(REPO / "configs" / "demo.yaml", [override])
+    msg = str(e.value)
+    assert "\n" not in msg
+    for w in words:
+        assert w in msg
+
+
+def test_unknown_key_in_yaml_suggests(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("lora:\n  rr: 8\n")
+    with pytest.raises(UserError, match=r"unknown config key 'lora.rr'.*did you mean 'lora.r'"):
+        load_config(p)
+
+
+def test_invalid_yaml_names_line(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("train:\n  max_steps: [1,\n")
+    with pytest.raises(UserError, match="invalid YAML at line"):
+        load_config(p)
+
+
+def test_missing_config_file():
+    with pytest.raises(UserError, match="not found"):
+        load_config("nope.yaml")
+
+
+def test_keys_match_library_arguments():
+    from peft import LoraConfig
+    from transformers import BitsAndBytesConfig
+    from trl import SFTConfig
+    import inspect
+    lora = set(inspect.signature(LoraConfig).parameters)
+    bnb = set(inspect.signature(BitsAndBytesConfig).parameters)
+    sft = set(inspect.signature(SFTConfig).parameters)
+    for k in VALID_KEYS:
+        sec, leaf = k.split(".")
+        if sec == "lora":
+            assert leaf in lora, k
+        if sec == "quant":
+            assert leaf in bnb, k
+    for leaf in ("learning_rate", "max_steps", "save_steps", "seed", "per_device_train_batch_size",
+                 "gradient_accumulation_steps", "optim", "warmup_steps", "eval_steps"):
+        assert leaf in sft
