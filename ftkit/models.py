@@ -45,10 +45,14 @@ def hub_reachable(timeout: float = 3.0) -> bool:
 
 
 def hub_offline_error(repo_id: str, what: str, key: str) -> UserError:
+    if what == "dataset":
+        how = (f"huggingface-cli download {repo_id} --repo-type dataset --local-dir DIR, then set "
+               f"data.path=DIR/<file>.json (or .jsonl/.csv/.parquet)")
+    else:
+        how = f"huggingface-cli download {repo_id} --local-dir DIR, then set model.name_or_path=DIR"
     return UserError(
-        f"{what} '{repo_id}' is not a local path and the Hugging Face hub is unreachable; download it where the "
-        f"hub is reachable (huggingface-cli download {repo_id} --local-dir DIR) and set {key}=DIR, "
-        f"or use configs/demo.yaml, which needs no network")
+        f"{what} '{repo_id}' ({key}) is not a local path and the Hugging Face hub is unreachable; offline, point "
+        f"model.name_or_path and data.path at local copies: {how}; or run configs/demo.yaml, which needs no network")
 
 
 def hub_mode(repo_id: str, what: str, key: str) -> bool:
