@@ -41,8 +41,8 @@ def normalize_answer(s: str) -> str:
     return s.casefold()
 
 
-def _plural(n: int, word: str, plural: str | None = None) -> str:
-    return f"{n} {word if n == 1 else (plural or word + 's')}"
+def _days(n: int) -> str:
+    return f"{n} day" if n == 1 else f"{n} days"
 
 
 # -- word lists (written for this script) -----------------------------------------------------------
@@ -78,7 +78,7 @@ CITIES = [
 # RFC 2606 example domains: the generated addresses can never belong to anyone.
 EMAIL_DOMAINS = ["example.com", "example.org", "example.net", "mail.example.com", "team.example.org"]
 WEEKDAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
-NUMBER_WORDS = {2: "two", 3: "three", 4: "four"}
+NUMBER_WORDS = {2: "two", 3: "three"}
 
 
 # -- verifiable families -----------------------------------------------------------------------------
@@ -86,26 +86,27 @@ NUMBER_WORDS = {2: "two", 3: "three", 4: "four"}
 # on duplicates, so a family only needs to make a random draw, not a distinct one.
 
 def arithmetic(rng: random.Random) -> Task:
-    # Two-digit operands and no negative results: within what a 135M model can learn to do reliably.
-    a, b = rng.randint(10, 59), rng.randint(10, 59)
+    # A two-digit number and a one-digit one: a trial fine-tune (150 steps) got only 10-50% right with two
+    # two-digit operands, which drowned the format lesson in arithmetic noise.
+    a, b = rng.randint(10, 59), rng.randint(1, 9)
     if rng.random() < 0.5:
-        t = rng.choice(["What is {a} + {b}?", "Calculate {a} plus {b}.", "Add {a} and {b}."])
+        t = rng.choice(["What is {a} + {b}?", "Calculate {a} plus {b}.", "Add {b} to {a}."])
         return t.format(a=a, b=b), "", str(a + b)
-    a, b = max(a, b), min(a, b)
     t = rng.choice(["What is {a} - {b}?", "Calculate {a} minus {b}.", "Subtract {b} from {a}."])
     return t.format(a=a, b=b), "", str(a - b)
 
 
-# (from singular, from plural, to plural, factor, largest value): factors stay simple so the skill is
-# "append zeros" or a short times table; values stay small so results are short integers.
+# (from singular, from plural, to plural, factor, largest value). Powers of ten only, so the rule is
+# "append zeros": times-60 conversions (hours to minutes) were mostly wrong after a trial fine-tune.
 UNITS = [
     ("kilometer", "kilometers", "meters", 1000, 99),
     ("meter", "meters", "centimeters", 100, 99),
     ("centimeter", "centimeters", "millimeters", 10, 99),
     ("kilogram", "kilograms", "grams", 1000, 99),
     ("liter", "liters", "milliliters", 1000, 99),
-    ("hour", "hours", "minutes", 60, 12),
-    ("minute", "minutes", "seconds", 60, 10),
+    ("dollar", "dollars", "cents", 100, 99),
+    ("decade", "decades", "years", 10, 20),
+    ("century", "centuries", "years", 100, 20),
 ]
 
 
@@ -119,23 +120,22 @@ def unit_conversion(rng: random.Random) -> Task:
 
 
 def sort_numbers(rng: random.Random) -> Task:
-    nums = rng.sample(range(1, 100), rng.choice([3, 4, 4, 5]))
-    if rng.random() < 0.7:
-        t = rng.choice(["Sort these numbers from smallest to largest.",
-                        "Arrange the following numbers in ascending order.",
-                        "List these numbers in increasing order, separated by commas."])
-        out = sorted(nums)
-    else:
-        t = rng.choice(["Sort these numbers from largest to smallest.",
-                        "Arrange the following numbers in descending order."])
-        out = sorted(nums, reverse=True)
-    return t, ", ".join(map(str, nums)), ", ".join(map(str, out))
+    # Two-digit numbers with different tens digits, ascending only: mixed one- and two-digit numbers and
+    # a descending variant left a trial fine-tune near 15%; this keeps the skill (ordering) but makes
+    # each comparison one digit.
+    tens = rng.sample(range(1, 10), rng.choice([3, 4]))
+    nums = [10 * t + rng.randint(0, 9) for t in tens]
+    t = rng.choice(["Sort these numbers from smallest to largest.",
+                    "Arrange the following numbers in ascending order.",
+                    "List these numbers in increasing order, separated by commas."])
+    return t, ", ".join(map(str, nums)), ", ".join(map(str, sorted(nums)))
 
 
 def word_ops(rng: random.Random) -> Task:
     # Case changes are left out on purpose: normalize_answer casefolds, so "APPLE" would score equal to
-    # an echoed "apple" and the task would test nothing.
-    op = rng.choice(["first_letter", "repeat", "reverse_order"])
+    # an echoed "apple" and the task would test nothing. Reversing word order was dropped after a trial
+    # fine-tune: a 135M model garbled it about half the time.
+    op = rng.choice(["first_letter", "repeat", "hyphenate"])
     if op == "first_letter":
         w = rng.choice(WORDS)
         t = rng.choice(['What is the first letter of the word "{w}"?',
@@ -143,34 +143,43 @@ def word_ops(rng: random.Random) -> Task:
                         'Which letter does the word "{w}" start with?'])
         return t.format(w=w), "", w[0]
     if op == "repeat":
-        w, n = rng.choice(WORDS), rng.choice([2, 3, 4])
+        w, n = rng.choice(WORDS), rng.choice([2, 3])
         count = NUMBER_WORDS[n] if rng.random() < 0.5 else str(n)
         t = rng.choice(['Write the word "{w}" {n} times, separated by spaces.',
                         'Repeat "{w}" {n} times with a space between each.'])
         return t.format(w=w, n=count), "", " ".join([w] * n)
-    ws = rng.sample(WORDS, rng.choice([3, 4]))
-    t = rng.choice(["Reverse the order of these words.",
-                    "Write these words in reverse order, separated by spaces.",
-                    "List the words from last to first."])
-    return t, " ".join(ws), " ".join(reversed(ws))
+    ws = rng.sample(WORDS, rng.choice([2, 3, 4]))
+    t = rng.choice(["Join these words with hyphens.",
+                    "Connect the words with hyphens instead of spaces.",
+                    "Rewrite the words joined by hyphens, with no spaces."])
+    return t, " ".join(ws), "-".join(ws)
+
+
+MONTHS = ["January", "February", "March", "April", "May", "June", "July", "August", "September",
+          "October", "November", "December"]
 
 
 def date_arithmetic(rng: random.Random) -> Task:
-    n = rng.randint(1, 6)
-    if rng.random() < 0.5:
-        day = rng.choice(WEEKDAYS)
+    # Offsets stay at 1-3 days: with 1-8 a trial fine-tune got under 20% right.
+    kind = rng.choice(["weekday", "month", "add_days"])
+    if kind == "weekday":
+        n, day = rng.randint(1, 3), rng.choice(WEEKDAYS)
         t = rng.choice(["What day of the week is {n} after {day}?",
                         "If today is {day}, what day of the week will it be in {n}?",
                         "Which weekday comes {n} after {day}?"])
-        return t.format(n=_plural(n, "day"), day=day), "", WEEKDAYS[(WEEKDAYS.index(day) + n) % 7]
-    # Start days up to 20 plus at most 8 days never cross a month end, which keeps the rule learnable
+        return t.format(n=_days(n), day=day), "", WEEKDAYS[(WEEKDAYS.index(day) + n) % 7]
+    start = dt.date(rng.randint(2020, 2030), rng.randint(1, 12), rng.randint(1, 25))
+    if kind == "month":
+        t = rng.choice(["In which month is the date {d}?", "Name the month of the date {d}.",
+                        "The date {d} is written as YYYY-MM-DD. Which month is it?"])
+        return t.format(d=start.isoformat()), "", MONTHS[start.month - 1]
+    # Start days up to 25 plus at most 3 days never cross a month end, which keeps the rule learnable
     # (add to the day, copy year and month); the answer is still computed by the calendar.
-    n = rng.randint(1, 8)
-    start = dt.date(rng.randint(2020, 2030), rng.randint(1, 12), rng.randint(1, 20))
+    n = rng.randint(1, 3)
     t = rng.choice(["What is the date {n} after {d}? Answer in YYYY-MM-DD format.",
                     "Add {n} to {d}. Give the result as YYYY-MM-DD.",
                     "If today is {d}, what will the date be in {n}? Use the YYYY-MM-DD format."])
-    return t.format(n=_plural(n, "day"), d=start.isoformat()), "", (start + dt.timedelta(days=n)).isoformat()
+    return t.format(n=_days(n), d=start.isoformat()), "", (start + dt.timedelta(days=n)).isoformat()
 
 
 EMAIL_SENTENCES = [
@@ -392,15 +401,17 @@ def generate(seed: int = DEFAULT_SEED, per_family: int = DEFAULT_PER_FAMILY) -> 
     for family, make in GENERATORS.items():
         # A Random per family, seeded by name: changing one family leaves the others' rows as they were.
         rng = random.Random(f"{seed}:{family}")
-        made, tries = 0, 0
+        made, misses = 0, 0
         while made < per_family:
-            tries += 1
-            if tries > 100 * per_family + 1000:
-                raise ValueError(f"family {family!r} cannot make {per_family} distinct rows; "
-                                 f"lower --per-family (it made {made})")
             inst, inp, out = make(rng)
             if (inst, inp) in seen:
+                # Long runs of repeats mean the family's space is used up, not bad luck.
+                misses += 1
+                if misses > 10_000:
+                    raise ValueError(f"family {family!r} cannot make {per_family} distinct rows "
+                                     f"(it made {made}); lower --per-family")
                 continue
+            misses = 0
             seen.add((inst, inp))
             rows.append(_row(inst, inp, out, family, True))
             made += 1
@@ -423,6 +434,7 @@ def write_atomic(path: Path, text: str) -> None:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; the data file is meant to be shared
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
