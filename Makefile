@@ -24,6 +24,8 @@ demo: install
 	$(PY) finetune.py --config $(CONFIG) paths.output_dir=$(RUN)
 	$(PY) merge_adapter.py
 	$(PY) inference.py --compare 5
+	# Base vs fine-tuned on the held-out rows: prints the table, writes $(RUN)/eval/eval_report.md + plots.
+	$(PY) evaluate.py
 
 test: install
 	$(PY) -m pytest -q tests

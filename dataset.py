@@ -59,6 +59,22 @@ def _read_jsonl(p: Path, text: str) -> list:
     return rows
 
 
+def _read_csv(p: Path, text: str) -> list:
+    reader = csv.DictReader(text.splitlines(keepends=True))
+    rows = []
+    try:
+        for r in reader:
+            # DictReader files surplus cells under None and fills missing ones with None.
+            if None in r or any(v is None for v in r.values()):
+                raise UserError(f"{p}: malformed CSV on line {reader.line_num}: it has "
+                                f"{'more' if None in r else 'fewer'} cells than the header "
+                                f"({', '.join(reader.fieldnames or [])}); quote cells that hold commas")
+            rows.append(r)
+    except csv.Error as e:
+        raise UserError(f"{p}: malformed CSV on line {reader.line_num} ({e}); fix the quoting") from None
+    return rows
+
+
 def load_records(d: DataCfg) -> tuple[list[dict], str]:
     """Records as dicts, and a hash of their source for the run manifest."""
     p = Path(d.path).expanduser()
@@ -79,11 +95,10 @@ def load_records(d: DataCfg) -> tuple[list[dict], str]:
             text = p.read_text(encoding="utf-8-sig")
         except UnicodeDecodeError as e:
             raise UserError(f"{p}: not UTF-8 text (bad byte at offset {e.start}); re-save the file as UTF-8") from None
+        if not text.strip():
+            raise UserError(f"{p}: the file is empty; point data.path at a file of instruction/output rows")
         if suffix == ".csv":
-            try:
-                return list(csv.DictReader(text.splitlines())), digest
-            except csv.Error as e:
-                raise UserError(f"{p}: malformed CSV ({e}); fix the quoting") from None
+            return _read_csv(p, text), digest
         if suffix == ".jsonl" or (suffix == ".json" and text.lstrip()[:1] == "{" and "\n{" in text.strip()):
             return _read_jsonl(p, text), digest
         return _read_json(p, text), digest
@@ -152,7 +167,7 @@ def clean_records(records: list, d: DataCfg, source: str) -> tuple[list[dict], C
     return out, st
 
 
-def split_records(rows: list[dict], eval_size: float, seed: int) -> tuple[list[dict], list[dict]]:
+def split_records(rows: list[dict], eval_size: float, seed: int, note: str = "") -> tuple[list[dict], list[dict]]:
     """Deterministic shuffle, then hold out `eval_size` rows (a fraction if < 1, else a count)."""
     idx = list(range(len(rows)))
     random.Random(seed).shuffle(idx)
@@ -160,7 +175,7 @@ def split_records(rows: list[dict], eval_size: float, seed: int) -> tuple[list[d
     if eval_size > 0:
         n_eval = max(1, n_eval)
     if n_eval >= len(rows):
-        raise UserError(f"data.eval_size={eval_size} leaves no training rows out of {len(rows)}; lower it")
+        raise UserError(f"data.eval_size={eval_size} leaves no training rows out of {len(rows)}{note}; lower it")
     ev = [rows[i] for i in idx[:n_eval]]
     tr = [rows[i] for i in idx[n_eval:]]
     return tr, ev
@@ -229,12 +244,20 @@ class Prepared:
     data_hash: str
 
 
-def prepare(cfg: Config, tok) -> Prepared:
-    """Everything finetune needs from the data, plus the report that dataset.py prints."""
-    d = cfg.data
+def load_clean_split(d: DataCfg) -> tuple[list[dict], list[dict], CleanStats, str]:
+    """Read, check and split the rows: every data error that needs no tokenizer, in a second."""
     records, digest = load_records(d)
     rows, st = clean_records(records, d, d.path)
-    train_rows, eval_rows = split_records(rows, d.eval_size, d.seed)
+    note = f" ({st.duplicates} duplicate rows were dropped; data.drop_duplicates=false keeps them)" if st.duplicates else ""
+    train_rows, eval_rows = split_records(rows, d.eval_size, d.seed, note)
+    return train_rows, eval_rows, st, digest
+
+
+def prepare(cfg: Config, tok, loaded: tuple | None = None) -> Prepared:
+    """Everything finetune needs from the data, plus the report that dataset.py prints. `loaded`: what
+    load_clean_split(cfg.data) returned, when the caller checked the data already."""
+    d = cfg.data
+    train_rows, eval_rows, st, digest = loaded or load_clean_split(d)
     template = PromptTemplate.from_config(d.prompt_template, tok, d.system_prompt)
     tr = encode_rows(train_rows, template, tok, d, d.path)
     ev = encode_rows(eval_rows, template, tok, d, d.path)
@@ -276,8 +299,9 @@ def print_report(rep: dict) -> None:
 
 
 def main(cfg: Config) -> dict:
+    loaded = load_clean_split(cfg.data)  # data errors first: they need no tokenizer
     tok = load_tokenizer(cfg)
-    prep = prepare(cfg, tok)
+    prep = prepare(cfg, tok, loaded)
     print_report(prep.report)
     run = RunDir(Path(cfg.paths.output_dir))
     atomic_write_json(run.dataset_report, prep.report)

@@ -28,13 +28,14 @@ import time
 from pathlib import Path
 
 from ftkit.config import Config, build_parser, load_config, parse_args
+from ftkit import speed
 from ftkit.log import UserError, log, run_main
-from ftkit.models import load_causal_lm, load_tokenizer, pick_device, resolve_model
+from ftkit.models import load_causal_lm, load_tokenizer, model_skeleton, pick_device, resolve_model, torch_dtype
 from ftkit.paths import (RunDir, atomic_dir, atomic_write_json, atomic_write_text, check_free_space,
                          save_resolved_config, write_latest, write_manifest)
 
 import dataset as data_stage
-from quantization_utils import build_bnb_config, validate_target_modules
+from quantization_utils import build_bnb_config, linear_module_names, output_head_name, validate_target_modules
 
 CHECKPOINT_FILES = ("adapter_model.safetensors", "trainer_state.json", "optimizer.pt", "scheduler.pt")
 
@@ -56,7 +57,93 @@ def barrier() -> None:
         PartialState().wait_for_everyone()
 
 
+def fsdp_enabled() -> bool:
+    """`accelerate launch` with an FSDP config exports ACCELERATE_USE_FSDP=true to every process."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true", "yes")
+
+
+def check_distributed(cfg: Config, device: str) -> dict:
+    """Refuse setups that would quietly train on fewer devices than the user has, and FSDP settings that
+    cannot work; returns the distributed facts for the log and the run summary."""
+    info = dict(dist_info(), fsdp=fsdp_enabled())
+    if info["fsdp"]:
+        q = cfg.quant
+        if q.load_in_8bit:
+            raise UserError("FSDP cannot shard 8-bit bitsandbytes weights; set quant.load_in_4bit=true "
+                            "quant.load_in_8bit=false, or launch with configs/accelerate/ddp.yaml")
+        if q.load_in_4bit and q.bnb_4bit_quant_storage != q.bnb_4bit_compute_dtype:
+            raise UserError(f"FSDP shards the 4-bit weights only when they are stored in the compute dtype: set "
+                            f"quant.bnb_4bit_quant_storage={q.bnb_4bit_compute_dtype} (now "
+                            f"{q.bnb_4bit_quant_storage}, quant.bnb_4bit_compute_dtype={q.bnb_4bit_compute_dtype})")
+        if q.load_in_4bit and cfg.model.dtype != q.bnb_4bit_quant_storage:
+            raise UserError(f"FSDP needs one dtype for every weight: set model.dtype={q.bnb_4bit_quant_storage} "
+                            f"to match quant.bnb_4bit_quant_storage (now model.dtype={cfg.model.dtype})")
+        if "8bit" in cfg.train.optim:
+            raise UserError(f"train.optim={cfg.train.optim} fails when FSDP saves a checkpoint (a known PEFT/bitsandbytes "
+                            "limit); use train.optim=adamw_torch under FSDP")
+        if device != "cuda":
+            raise UserError("FSDP needs CUDA GPUs; on CPU launch with configs/accelerate/ddp.yaml instead")
+        if os.environ.get("FSDP_ACTIVATION_CHECKPOINTING", "false").lower() == "true" and cfg.train.gradient_checkpointing:
+            # Both recompute activations; transformers refuses the pair. The FSDP one wraps the sharded layers.
+            log.info("FSDP activation checkpointing is on in the accelerate config; train.gradient_checkpointing "
+                     "is turned off (it would do the same work twice)")
+            cfg.train.gradient_checkpointing = False
+    if device == "cuda":
+        import torch
+        n = torch.cuda.device_count()
+        if info["world_size"] == 1 and n > 1:
+            raise UserError(f"{n} GPUs are visible but finetune.py runs as a single process, which trains on one GPU "
+                            f"only; use all of them with `accelerate launch --config_file configs/accelerate/ddp.yaml "
+                            f"--num_processes {n} finetune.py ...`, or choose one with CUDA_VISIBLE_DEVICES=0")
+        if info["world_size"] > 1 and info["local_rank"] >= n:
+            raise UserError(f"process LOCAL_RANK={info['local_rank']} has no GPU of its own (this machine shows {n}); "
+                            f"launch at most {n} processes per machine (accelerate launch --num_processes)")
+    if info["world_size"] > 1 or "LOCAL_RANK" in os.environ:
+        # Start the process group now: model loading and the barriers below need it, and under FSDP
+        # transformers loads the weights on local rank 0 only once it sees the group.
+        from accelerate import PartialState
+        PartialState(cpu=device == "cpu")
+    return info
+
+
+def allow_indexed_cpu_locations() -> None:
+    """Resume under multi-process CPU training: the Trainer loads the optimizer state with
+    map_location=args.device, which is "cpu:<rank>" there, and torch.load knows only "cpu". Teach it that
+    "cpu:N" is the CPU. (On GPUs the location is "cuda:N", which torch knows.)"""
+    import torch.serialization as ser
+
+    def restore(obj, location):
+        if location.startswith("cpu:"):
+            return obj.cpu()
+        return None
+    if not getattr(ser, "_ftkit_cpu_index", False):
+        taken = {entry[0] for entry in ser._package_registry}
+        ser.register_package(next(n for n in range(90, 200) if n not in taken), lambda obj: None, restore)
+        ser._ftkit_cpu_index = True
+
+
 # -- checkpoints -----------------------------------------------------------------------------------
+def checkpoint_missing(c: Path) -> list[str]:
+    """What a checkpoint lacks for a resume. trainer_state.json is written last, so with it parseable the
+    rest is there. FSDP writes the model and optimizer as sharded folders instead of single files."""
+    missing = []
+    for f in CHECKPOINT_FILES:
+        if (c / f).is_file():
+            continue
+        sharded = {"adapter_model.safetensors": "pytorch_model_fsdp_*", "optimizer.pt": "optimizer_*"}.get(f)
+        if sharded and any(p.is_dir() for p in c.glob(sharded)):
+            continue
+        missing.append(f)
+    if not any(c.glob("rng_state*.pth")):
+        missing.append("rng_state.pth")
+    if "trainer_state.json" not in missing:
+        try:
+            json.loads((c / "trainer_state.json").read_text())
+        except (json.JSONDecodeError, OSError, UnicodeDecodeError):
+            missing.append("trainer_state.json (cut off)")
+    return missing
+
+
 def complete_checkpoints(ckpt_dir: Path) -> list[Path]:
     """Checkpoints that hold every file a resume needs, oldest first; cut-off ones are skipped loudly."""
     out = []
@@ -64,16 +151,33 @@ def complete_checkpoints(ckpt_dir: Path) -> list[Path]:
         return out
     for c in sorted(ckpt_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1])
                     if p.name.split("-")[-1].isdigit() else -1):
-        missing = [f for f in CHECKPOINT_FILES if not (c / f).is_file()]
-        try:
-            json.loads((c / "trainer_state.json").read_text()) if not missing else None
-        except (json.JSONDecodeError, OSError):
-            missing.append("trainer_state.json (corrupt)")
+        missing = checkpoint_missing(c)
         if missing:
             log.warning("skipping incomplete checkpoint %s (missing %s)", c, ", ".join(missing))
             continue
         out.append(c)
     return out
+
+
+def truncate_train_log(path: Path, step: int) -> int:
+    """Keep the log rows up to the checkpoint a resume starts from; the resumed run logs the later steps
+    again. Drops a line cut off by a kill and the end-of-run summary row of an interrupted run. Returns
+    the rows dropped."""
+    if not path.is_file():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            dropped += 1
+            continue
+        if not isinstance(row, dict) or row.get("step", 0) > step or "train_loss" in row:
+            dropped += 1
+            continue
+        kept.append(line + "\n")
+    atomic_write_text(path, "".join(kept))
+    return dropped
 
 
 # -- model -----------------------------------------------------------------------------------------
@@ -83,7 +187,12 @@ def load_quantized_base(cfg: Config, source: str, offline: bool, device: str):
     # One whole copy per process on its own GPU: device_map="auto" would spread one model over all GPUs
     # and silently train on one of them under DDP.
     device_map = {"": dist_info()["local_rank"]} if device == "cuda" else {"": "cpu"}
-    model = load_causal_lm(cfg, source, offline, quantization_config=bnb, device_map=device_map)
+    dtype = None
+    if fsdp_enabled() and cfg.quant.load_in_4bit:
+        # FSDP-QLoRA: every weight, the packed 4-bit ones included, in the storage dtype, so FSDP can flatten
+        # and shard them together (check_distributed made storage == compute == model dtype).
+        dtype = torch_dtype(cfg.quant.bnb_4bit_quant_storage)
+    model = load_causal_lm(cfg, source, offline, quantization_config=bnb, device_map=device_map, dtype=dtype)
     model.config.use_cache = False  # the KV cache is useless in training and clashes with checkpointing
     return model
 
@@ -91,15 +200,27 @@ def load_quantized_base(cfg: Config, source: str, offline: bool, device: str):
 def apply_lora(cfg: Config, model):
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     targets = validate_target_modules(model, cfg.lora.target_modules)
-    if cfg.quant.load_in_4bit or cfg.quant.load_in_8bit:
+    fsdp = fsdp_enabled()
+    # On CPU the upcast stays (bf16 elementwise work is slow there; the demo keeps its measured path).
+    on_cpu = next(model.parameters()).device.type == "cpu"
+    if (cfg.quant.load_in_4bit or cfg.quant.load_in_8bit) and not fsdp and (cfg.train.upcast_frozen_fp32 or on_cpu):
         # Casts norms to fp32 and enables input grads so checkpointing works through frozen 4-bit layers.
+        # Not under FSDP: it needs one dtype per wrapped unit; the Trainer enables checkpointing there.
         model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=cfg.train.gradient_checkpointing,
+            model, use_gradient_checkpointing=bool(cfg.train.gradient_checkpointing),
             gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif (cfg.quant.load_in_4bit or cfg.quant.load_in_8bit) and not fsdp:
+        # The same without the float32 upcast (train.upcast_frozen_fp32): frozen weights stay in model.dtype.
+        for p in model.parameters():
+            p.requires_grad_(False)
+        if cfg.train.gradient_checkpointing:
+            model.enable_input_require_grads()
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     lcfg = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.lora_alpha, lora_dropout=cfg.lora.lora_dropout,
                       target_modules=targets, bias=cfg.lora.bias, use_rslora=cfg.lora.use_rslora,
                       task_type="CAUSAL_LM")
-    model = get_peft_model(model, lcfg)
+    # Under FSDP the LoRA weights stay in the base's dtype instead of fp32, for the same reason.
+    model = get_peft_model(model, lcfg, autocast_adapter_dtype=not fsdp)
     trainable, total = model.get_nb_trainable_parameters()
     log.info("trainable parameters: %s of %s (%.3f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
     return model, trainable, total
@@ -121,9 +242,19 @@ def make_callbacks(run: RunDir, stop_flag: dict):
                 f.write(json.dumps(row) + "\n")
 
     class Interrupt(TrainerCallback):
-        """Ctrl+C: finish the step in flight, save a checkpoint, stop."""
+        """Ctrl+C: finish the step in flight, save a checkpoint, stop.
+
+        Under several processes every rank must stop at the same step, or the others would wait forever
+        in the next gradient all-reduce: the flag is max-reduced across ranks after each step.
+        """
 
         def on_step_end(self, args, state, control, **kw):
+            if dist_info()["world_size"] > 1:
+                import torch
+                import torch.distributed as tdist
+                flag = torch.tensor([float(stop_flag["hit"] or 0)], device=args.device)  # the signal number
+                tdist.all_reduce(flag, op=tdist.ReduceOp.MAX)
+                stop_flag["hit"] = int(flag.item()) or stop_flag["hit"]
             if stop_flag["hit"]:
                 control.should_save = True
                 control.should_training_stop = True
@@ -132,32 +263,94 @@ def make_callbacks(run: RunDir, stop_flag: dict):
     return [TrainLog(), Interrupt()]
 
 
-def sft_config(cfg: Config, run: RunDir, device: str, n_eval: int):
+class ShardProbe:
+    """Wraps the data collator to log which rows each rank's first training batch holds (a short hash per
+    row): under DDP the ranks must take different shards of the same global batch, and two runs with the
+    same seed must start on the same rows."""
+
+    def __init__(self, collator):
+        self.collator, self.done = collator, False
+
+    def __call__(self, features):
+        if not self.done:
+            self.done = True
+            import zlib
+            info = dist_info()
+            rows = [f"{zlib.crc32(str(list(f['input_ids'])).encode()):08x}" for f in features]
+            log.info("rank %d of %d: first batch rows %s", info["rank"], info["world_size"], ",".join(rows))
+        return self.collator(features)
+
+
+def check_eval_settings(cfg: Config, n_eval: int) -> None:
+    """Keeping the best checkpoint (load_best_model_at_end, early stopping) needs held-out rows and a
+    checkpoint at every evaluation that can win; transformers would otherwise fail with a traceback."""
+    t = cfg.train
+    if not (t.load_best_model_at_end or t.early_stopping_patience):
+        return
+    what = "train.early_stopping_patience" if t.early_stopping_patience else "train.load_best_model_at_end"
+    if n_eval == 0:
+        raise UserError(f"{what} needs held-out rows to evaluate, but there are none; set data.eval_size above 0")
+    if t.save_steps % t.eval_steps:
+        raise UserError(f"{what} keeps the checkpoint with the best eval loss, so train.save_steps "
+                        f"({t.save_steps}) must be a multiple of train.eval_steps ({t.eval_steps}); "
+                        f"set train.save_steps={t.eval_steps * max(1, round(t.save_steps / t.eval_steps))}")
+
+
+def sft_config(cfg: Config, run: RunDir, device: str, n_eval: int, speed: dict | None = None):
     from trl import SFTConfig
     t = cfg.train
+    packing = t.packing is True  # "auto" is resolved by ftkit.speed.resolve in main()
     do_eval = bool(t.eval_steps) and n_eval > 0
     return SFTConfig(
         output_dir=str(run.checkpoints),
-        learning_rate=t.learning_rate, max_steps=t.max_steps, num_train_epochs=t.num_train_epochs,
-        per_device_train_batch_size=t.per_device_train_batch_size,
-        per_device_eval_batch_size=t.per_device_eval_batch_size,
+        learning_rate=speed["learning_rate"] if speed else t.learning_rate, max_steps=t.max_steps,
+        num_train_epochs=t.num_train_epochs,
+        # packed: one micro-batch is one packed row of train.pack_tokens tokens
+        per_device_train_batch_size=1 if packing else t.per_device_train_batch_size,
+        per_device_eval_batch_size=1 if packing else t.per_device_eval_batch_size,
         gradient_accumulation_steps=t.gradient_accumulation_steps, warmup_steps=t.warmup_steps,
         lr_scheduler_type=t.lr_scheduler_type, weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm,
-        optim=t.optim, gradient_checkpointing=t.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
+        optim=t.optim, gradient_checkpointing=t.gradient_checkpointing is True,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing is True else None,
         logging_steps=t.logging_steps, save_strategy="steps", save_steps=t.save_steps,
         save_total_limit=t.save_total_limit, eval_strategy="steps" if do_eval else "no",
         eval_steps=t.eval_steps if do_eval else None,
         load_best_model_at_end=t.load_best_model_at_end or bool(t.early_stopping_patience),
         metric_for_best_model="eval_loss" if do_eval else None, greater_is_better=False if do_eval else None,
         seed=t.seed, data_seed=t.seed, bf16=t.bf16, use_cpu=device == "cpu",
-        max_length=cfg.data.max_length, packing=False, padding_free=t.padding_free,
-        use_liger_kernel=t.use_liger_kernel, dataloader_num_workers=t.dataloader_num_workers,
+        # Rows arrive truncated to data.max_length; TRL refuses max_length with padding_free and no packing.
+        max_length=t.pack_tokens if packing else (None if t.padding_free is True else cfg.data.max_length),
+        packing=packing, packing_strategy="bfd", padding_free=t.padding_free is True,
+        use_liger_kernel=t.use_liger_kernel is True, dataloader_num_workers=t.dataloader_num_workers,
         report_to=t.report_to, include_num_input_tokens_seen="non_padding",
         save_only_model=False, disable_tqdm=not is_main(),
+        # Every LoRA weight gets a gradient on every step; searching for unused ones costs a graph walk.
+        ddp_find_unused_parameters=False if dist_info()["world_size"] > 1 else None,
         # The dataset arrives tokenized with labels; TRL must not re-template it.
         dataset_kwargs={"skip_prepare_dataset": False}, remove_unused_columns=True,
     )
+
+
+def save_adapter(trainer, run: RunDir) -> None:
+    """The final adapter as a plain PEFT folder (adapter_config.json + adapter_model.safetensors + tokenizer),
+    written by rank 0 into a temporary folder and renamed into place.
+
+    Under FSDP the LoRA weights are sharded: every rank must join the gather of the full state dict, which
+    Trainer.save_model does once the plugin is switched to FULL_STATE_DICT; only rank 0 writes.
+    """
+    if trainer.is_fsdp_enabled:
+        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
+    if is_main():
+        with atomic_dir(run.adapter) as tmp:
+            trainer.save_model(str(tmp))
+            # The Trainer adds its arguments as a pickle; the adapter folder holds safetensors and JSON only.
+            (tmp / "training_args.bin").unlink(missing_ok=True)
+            missing = [f for f in ("adapter_config.json", "adapter_model.safetensors") if not (tmp / f).is_file()]
+            if missing:
+                raise RuntimeError(f"saving the adapter wrote no {', '.join(missing)} in {tmp}")
+    elif trainer.is_fsdp_enabled:
+        trainer.save_model(str(run.adapter))  # joins the gather; nothing is written off rank 0
+    barrier()
 
 
 def peak_memory_gb(device: str) -> float:
@@ -174,7 +367,51 @@ def final_losses(history: list[dict]) -> tuple[float | None, float | None]:
 
 
 # -- the stage -------------------------------------------------------------------------------------
+def output_sizes(cfg: Config, skeleton, n_train_rows: int, world_size: int) -> dict[str, int]:
+    """Bytes the run will write, from the model's structure: each checkpoint holds the LoRA weights (fp32)
+    and the optimizer's state for them (two fp32 moments for AdamW), plus tokenizer and small state files;
+    the merged model later holds every parameter in merge.dtype (2 bytes)."""
+    targets = cfg.lora.target_modules
+    head = output_head_name(skeleton)
+    names = set(linear_module_names(skeleton)) - ({head} if targets == "all-linear" else set())
+    wanted = names if targets == "all-linear" else set(targets)
+    lora = 0
+    for full, mod in skeleton.named_modules():
+        if full.rsplit(".", 1)[-1] in wanted and hasattr(mod, "in_features"):
+            lora += cfg.lora.r * (mod.in_features + mod.out_features)
+    n_params = sum(p.numel() for p in skeleton.parameters())
+    t = cfg.train
+    state_bytes = 2 if "8bit" in t.optim else 8
+    ckpt = lora * (4 + state_bytes) + 32 * 2**20
+    per_step = t.per_device_train_batch_size * t.gradient_accumulation_steps * world_size
+    steps = t.max_steps if t.max_steps > 0 else math.ceil(t.num_train_epochs * math.ceil(n_train_rows / per_step))
+    saves = steps // t.save_steps + 1  # +1: the save when stopping early or at the end
+    kept = min(saves, t.save_total_limit + 1) if t.save_total_limit else saves  # +1: rotation deletes after saving
+    adapter = lora * 4 + 32 * 2**20
+    return {"lora_params": lora, "params": n_params, "checkpoints": kept * ckpt, "adapter": adapter,
+            "merged": n_params * 2}
+
+
+def check_disk(cfg: Config, run: RunDir, sizes: dict[str, int]) -> None:
+    """Fail now if checkpoints and the adapter cannot fit; warn if the merged model later will not."""
+    need = sizes["checkpoints"] + sizes["adapter"]
+    check_free_space(run.root, need, f"{sizes['checkpoints'] / 1e9:.2f} GB of checkpoints and the adapter")
+    probe = run.root
+    while not probe.exists():
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if free < need + sizes["merged"]:
+        log.warning("after training, '%s' will have about %.1f GB free, but merge_adapter.py needs about %.1f GB "
+                    "for the merged model; free space before merging", probe, (free - need) / 1e9,
+                    sizes["merged"] / 1e9)
+
+
 def preflight(cfg: Config, run: RunDir, overwrite: bool, resume: bool) -> None:
+    if overwrite and resume:
+        raise UserError("--overwrite and --resume contradict each other; pass --resume to continue the run in "
+                        f"'{run.root}' or --overwrite to start it over")
+    if run.root.exists() and not run.root.is_dir():
+        raise UserError(f"paths.output_dir '{run.root}' is a file, not a folder; choose a new folder")
     if run.holds_run() and not (overwrite or resume):
         raise UserError(f"run directory '{run.root}' already holds a run; pass --resume to continue it, "
                         "--overwrite to replace it, or set paths.output_dir to a new folder")
@@ -183,35 +420,48 @@ def preflight(cfg: Config, run: RunDir, overwrite: bool, resume: bool) -> None:
 
 
 def main(cfg: Config, overwrite: bool = False, resume: bool = False) -> dict:
+    run = RunDir(Path(cfg.paths.output_dir))
+    resume = resume or (cfg.train.resume == "auto" and not overwrite and run.config.is_file())
+    preflight(cfg, run, overwrite, resume)
+    # Bad data fails here, in about a second: before torch, the tokenizer or the model are loaded.
+    loaded = data_stage.load_clean_split(cfg.data)
+
     import torch
     from transformers import EarlyStoppingCallback, set_seed
     from trl import SFTTrainer
     from datasets import Dataset
-
-    resume = resume or cfg.train.resume == "auto" and RunDir(Path(cfg.paths.output_dir)).config.is_file()
-    run = RunDir(Path(cfg.paths.output_dir))
-    info = dist_info()
-    preflight(cfg, run, overwrite, resume)
-    barrier()
     device = pick_device(cfg.train.device)
     if cfg.train.bf16 and device == "cuda" and not torch.cuda.is_bf16_supported():
         raise UserError("train.bf16 is on but this GPU has no bf16; set train.bf16=false and "
                         "quant.bnb_4bit_compute_dtype=float16")
+    info = check_distributed(cfg, device)
+    barrier()
     set_seed(cfg.train.seed)
 
-    # Everything that can fail on bad input fails here, before the run directory exists.
+    # Everything that can fail on bad input fails here, before the run directory exists: the model's
+    # structure (no weights yet), the LoRA targets, the data, the disk.
     source, offline = resolve_model(cfg.model)
+    skeleton = model_skeleton(cfg, source, offline)
+    validate_target_modules(skeleton, cfg.lora.target_modules)
     tok = load_tokenizer(cfg, source, offline)
-    prep = data_stage.prepare(cfg, tok)
+    prep = data_stage.prepare(cfg, tok, loaded)
     if is_main():
         data_stage.print_report(prep.report)
-    check_free_space(run.root, 200 * 2**20, "checkpoints and the adapter")
+    check_eval_settings(cfg, len(prep.eval.rows))
+    check_disk(cfg, run, output_sizes(cfg, skeleton, len(prep.train.rows), info["world_size"]))
+    # Speed switches left at "auto" (packing, padding-free, liger, checkpointing, the scaled LR) get values.
+    speed_info = speed.resolve(cfg, device, prep.train.lengths, skeleton.config, info["world_size"])
+    log.info("speed switches: %s", json.dumps({k: v for k, v in speed_info.items() if k != "estimate"}))
+    log.info("estimate for %s: %s", speed_info["gpu"], json.dumps(speed_info["estimate"]))
+    del skeleton
     model = load_quantized_base(cfg, source, offline, device)
     model, trainable, total = apply_lora(cfg, model)
+    if cfg.train.padding_free and cfg.model.attn_implementation == "sdpa":
+        speed.use_varlen_attention(model)  # packed rows attend only within themselves, at their own length
     eff_batch = cfg.train.per_device_train_batch_size * cfg.train.gradient_accumulation_steps * info["world_size"]
-    log.info("device %s, world size %d, per-device batch %d x accumulation %d = global batch %d",
-             device, info["world_size"], cfg.train.per_device_train_batch_size,
-             cfg.train.gradient_accumulation_steps, eff_batch)
+    log.info("device %s, world size %d%s, per-device batch %d x accumulation %d x %d processes = global batch %d",
+             device, info["world_size"], " (FSDP)" if info["fsdp"] else "", cfg.train.per_device_train_batch_size,
+             cfg.train.gradient_accumulation_steps, info["world_size"], eff_batch)
 
     if is_main():
         if run.root.exists() and overwrite and not resume:
@@ -219,7 +469,8 @@ def main(cfg: Config, overwrite: bool = False, resume: bool = False) -> dict:
             shutil.rmtree(run.root)
         run.root.mkdir(parents=True, exist_ok=True)
         save_resolved_config(cfg, run.config)
-        write_manifest(cfg, run, prep.data_hash, {"world_size": info["world_size"], "device": device})
+        write_manifest(cfg, run, prep.data_hash, {"world_size": info["world_size"], "fsdp": info["fsdp"],
+                                                  "device": device, "resumed": resume})
         atomic_write_json(run.prompt_template, prep.template.to_json())
         atomic_write_json(run.dataset_report, prep.report)
         atomic_write_text(run.root / "eval_rows.jsonl", "".join(json.dumps(r) + "\n" for r in prep.eval_records))
@@ -230,35 +481,62 @@ def main(cfg: Config, overwrite: bool = False, resume: bool = False) -> dict:
     callbacks = make_callbacks(run, stop_flag)
     if cfg.train.early_stopping_patience:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=cfg.train.early_stopping_patience))
-    trainer = SFTTrainer(model=model, args=sft_config(cfg, run, device, len(prep.eval.rows)),
+    trainer = SFTTrainer(model=model, args=sft_config(cfg, run, device, len(prep.eval.rows), speed_info),
                          train_dataset=Dataset.from_list(prep.train.rows),
                          eval_dataset=Dataset.from_list(prep.eval.rows) if prep.eval.rows else None,
                          processing_class=tok, callbacks=callbacks)
+    if not info["fsdp"]:
+        # TRL casts the LoRA weights of a quantized model to bf16, but a resume reloads them through PEFT,
+        # which makes them fp32 again: the resumed run would train in another dtype than the first one.
+        # Keep them fp32 from the start (as PEFT makes them; bf16 autocast still runs the matmuls in bf16).
+        # Under FSDP they stay in the storage dtype, which FSDP needs and its sharded resume keeps.
+        for p in trainer.model.parameters():
+            if p.requires_grad and p.dtype != torch.float32:
+                p.data = p.data.float()
+    trainer.data_collator = ShardProbe(trainer.data_collator)
+    if device == "cpu" and info["world_size"] > 1:
+        allow_indexed_cpu_locations()
 
     ckpt = None
     if resume:
         done = complete_checkpoints(run.checkpoints)
+        ckpt_step = 0
         if done:
             ckpt = str(done[-1])
-            log.info("resuming from %s", ckpt)
+            ckpt_step = json.loads((done[-1] / "trainer_state.json").read_text())["global_step"]
+            log.info("resuming from %s (step %d)", ckpt, ckpt_step)
         else:
             log.warning("--resume: no complete checkpoint in %s; starting from step 0", run.checkpoints)
+        if is_main():
+            dropped = truncate_train_log(run.train_log, ckpt_step)
+            if dropped:
+                log.info("train_log.jsonl: dropped %d row(s) after step %d; the resumed run logs them again",
+                         dropped, ckpt_step)
+        barrier()
 
-    def on_sigint(signum, frame):
+    def on_signal(signum, frame):
         if stop_flag["hit"]:  # a second Ctrl+C means now
             raise KeyboardInterrupt
-        stop_flag["hit"] = True
-        log.warning("Ctrl+C: saving a checkpoint after this step, then stopping (Ctrl+C again to abort)")
-    signal.signal(signal.SIGINT, on_sigint)
+        stop_flag["hit"] = signum
+        log.warning("%s: saving a checkpoint after this step, then stopping (Ctrl+C again to abort)",
+                    signal.Signals(signum).name)
+    # SIGTERM too: schedulers (SLURM, Kubernetes) send it before they kill a job.
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
 
     t0 = time.time()
     result = trainer.train(resume_from_checkpoint=ckpt)
     wall = time.time() - t0
     state = trainer.state
     if stop_flag["hit"]:
-        cmd = f"python finetune.py --config {run.config} --resume"
-        print(f"stopped at step {state.global_step}; checkpoint saved in {run.checkpoints}. Resume with:\n  {cmd}")
-        return {"interrupted": True, "step": state.global_step}
+        # 128 + signal number, as a shell reports a process stopped by the signal: the run did not finish,
+        # so `make demo` and scripts chaining stages stop here, while the checkpoint makes it resumable.
+        signum = int(stop_flag["hit"])
+        if is_main():
+            print(f"stopped at step {state.global_step}; checkpoint saved in {run.checkpoints}. Resume with:\n"
+                  f"  python finetune.py --config {run.config} --resume", file=sys.stderr)
+        barrier()
+        return {"interrupted": True, "step": state.global_step, "exit_code": 128 + int(signum)}
 
     train_loss, eval_loss = final_losses(state.log_history)
     evaluated_at = [h["step"] for h in state.log_history if "eval_loss" in h]
@@ -273,12 +551,11 @@ def main(cfg: Config, overwrite: bool = False, resume: bool = False) -> dict:
         "final_train_loss": train_loss, "final_eval_loss": eval_loss, "train_loss_mean": result.training_loss,
         "best_checkpoint": state.best_model_checkpoint, "best_metric": state.best_metric,
         "trainable_params": trainable, "total_params": total, "global_batch": eff_batch,
-        "world_size": info["world_size"], "device": device, "resumed_from": ckpt,
+        "world_size": info["world_size"], "fsdp": info["fsdp"], "device": device, "resumed_from": ckpt,
+        "speed": speed_info,
     }
+    save_adapter(trainer, run)
     if is_main():
-        with atomic_dir(run.adapter) as tmp:
-            trainer.model.save_pretrained(tmp, safe_serialization=True)
-            tok.save_pretrained(tmp)
         atomic_write_json(run.summary, summary)
         write_latest(cfg, run)
         log.info("adapter written to %s; summary: %s", run.adapter, json.dumps(summary))
@@ -286,12 +563,50 @@ def main(cfg: Config, overwrite: bool = False, resume: bool = False) -> dict:
     return summary
 
 
-def cli(argv) -> None:
+def dry_run(cfg: Config) -> dict:
+    """Predicted peak GPU memory and tokens/s of one optimizer step on the detected GPU (the calibrated
+    reference GPU when none is visible), from the model's config, the data's token lengths and the
+    constants measured on the H200 (ftkit/speed.py, benchmarks/README.md). Loads no weights."""
+    from ftkit.models import causal_lm_config
+    device = pick_device(cfg.train.device)
+    source, offline = resolve_model(cfg.model)
+    mconf = causal_lm_config(cfg, source, offline)
+    lengths, note = [], ""
+    try:
+        prep = data_stage.prepare(cfg, load_tokenizer(cfg, source, offline))
+        lengths = prep.train.lengths
+    except UserError as e:
+        note = f" (data not readable: {e}; rows assumed {cfg.data.max_length // 2} tokens)"
+    gpu = speed.gpu_facts(device)
+    if device != "cuda" and cfg.train.use_liger_kernel == "auto":
+        cfg.train.use_liger_kernel = True  # predicting for the reference GPU host, where liger-kernel is installed
+    info = speed.resolve(cfg, "cuda", lengths, mconf, dist_info()["world_size"], gpu=gpu)
+    est = info["estimate"]
+    where = info["gpu"] if device == "cuda" else f"{info['gpu']} (no GPU detected here; the calibrated reference)"
+    print(f"dry run: {cfg.model.name_or_path} on {where}{note}")
+    print(f"  rows: mean {info['mean_row_tokens']} tokens; {'packed into ' + str(info['pack_tokens']) + '-token micro-batches' if info['packing'] else 'micro-batches of ' + str(cfg.train.per_device_train_batch_size) + ' rows'}"
+          f" x {cfg.train.gradient_accumulation_steps} accumulation = ~{info['rows_per_step']} rows a step")
+    print(f"  switches: padding_free={info['padding_free']} liger={info['use_liger_kernel']} "
+          f"gradient_checkpointing={info['gradient_checkpointing']} learning_rate={info['learning_rate']:.3g} "
+          f"(x{info['lr_factor']})")
+    print(f"  predicted peak GPU memory {est['predicted_peak_gb']} GB (weights and optimizer {est['static_gb']} GB, "
+          f"activations {est['activations_gb']} GB) of {info['gpu_memory_gb']} GB")
+    print(f"  predicted {est['predicted_tokens_per_s']:.0f} real tokens/s, {est['predicted_step_s']} s a step "
+          f"({est['flops_per_token'] / 1e9:.1f} GFLOP a token)")
+    return {"exit_code": 0, "dry_run": info}
+
+
+def cli(argv) -> int:
     p = build_parser(__doc__, config_required=True)
     p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the predicted peak GPU memory and tokens/s for this config, then stop")
     a = parse_args(p, argv)
-    main(load_config(a.config, a.overrides), overwrite=a.overwrite, resume=a.resume)
+    if a.dry_run:
+        return dry_run(load_config(a.config, a.overrides))["exit_code"]
+    out = main(load_config(a.config, a.overrides), overwrite=a.overwrite, resume=a.resume)
+    return out.get("exit_code", 0)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from ftkit.config import Config, build_parser, parse_args
 from ftkit.log import UserError, log, run_main
-from ftkit.models import load_causal_lm, load_tokenizer, pick_device, resolve_model, torch_dtype
+from ftkit.models import load_causal_lm, load_tokenizer, model_skeleton, pick_device, resolve_model, torch_dtype
 from ftkit.paths import RunDir, atomic_dir, check_free_space, save_resolved_config, stage_config
 from ftkit.prompts import PromptTemplate
 
@@ -67,16 +67,32 @@ def reference_logits(model, tok, template: PromptTemplate, prompts: list[str]) -
     return out
 
 
+def preflight(cfg: Config, run: RunDir) -> None:
+    """Everything that can be known before the base is loaded: a complete adapter trained on this base, a
+    full-precision base (not a pre-quantized checkpoint), and room on disk for the merged model."""
+    import torch
+    check_same_base(read_adapter_config(run.adapter), cfg.model.name_or_path)
+    source, offline = resolve_model(cfg.model)
+    skeleton = model_skeleton(cfg, source, offline)
+    q = getattr(skeleton.config, "quantization_config", None)
+    if q:
+        method = q.get("quant_method", "quantized") if isinstance(q, dict) else getattr(q, "quant_method", "quantized")
+        raise UserError(f"model.name_or_path '{source}' is a {method} checkpoint; merging into quantized weights "
+                        "would round the adapter away. Merge into the full-precision base the 4-bit model was made "
+                        "from (finetune.py quantizes it on the fly)")
+    n_params = sum(p.numel() for p in skeleton.parameters())
+    check_free_space(run.root, int(n_params * torch.finfo(torch_dtype(cfg.merge.dtype)).bits / 8 * 1.1),
+                     "the merged model")
+
+
 def main(cfg: Config, run: RunDir) -> dict:
     import torch
     device = pick_device(cfg.merge.device)
     dtype = torch_dtype(cfg.merge.compute_dtype)
     template = PromptTemplate.load(run.prompt_template)
+    preflight(cfg, run)
     peft_model, source, offline = load_base_with_adapter(cfg, run, dtype, device)
     tok = load_tokenizer(cfg, str(run.adapter), True)
-    n_params = sum(p.numel() for p in peft_model.parameters())
-    check_free_space(run.root, int(n_params * torch.finfo(torch_dtype(cfg.merge.dtype)).bits / 8 * 1.1),
-                     "the merged model")
 
     # Logits of base+adapter first: merging rewrites the base weights in place.
     refs = reference_logits(peft_model, tok, template, cfg.merge.check_prompts)

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal, Sequence
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .log import UserError
 
@@ -99,7 +99,9 @@ class TrainCfg(Section):
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float = Field(1.0, gt=0)
     optim: str = "paged_adamw_8bit"
-    gradient_checkpointing: bool = True
+    # "auto": off when the estimate (ftkit/speed.py) says the step fits in 85% of the GPU without it
+    # (recompute costs ~1/3 more work), on otherwise; off on CPU.
+    gradient_checkpointing: bool | Literal["auto"] = "auto"
     logging_steps: int = Field(1, ge=1)
     save_steps: int = Field(100, ge=1)
     save_total_limit: int | None = Field(3, ge=1)
@@ -110,9 +112,23 @@ class TrainCfg(Section):
     bf16: bool = True
     # "auto": CPU when no CUDA device is visible.
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    # Padding-free batches: rows concatenated with position_ids restarting per row, no pad tokens computed.
-    padding_free: bool = False
-    use_liger_kernel: bool = False
+    # Padding-free batches: rows concatenated with position_ids restarting per row, no pad tokens computed;
+    # attention stays within each row (ftkit/speed.py "sdpa_varlen"). "auto": on with CUDA.
+    padding_free: bool | Literal["auto"] = "auto"
+    # Pack rows (TRL best-fit-decreasing) into micro-batches of `pack_tokens` tokens instead of
+    # per_device_train_batch_size rows; the learning rate is then scaled by `lr_scaling` from the rows per
+    # step it was set for (per_device_train_batch_size x gradient_accumulation_steps) to the packed
+    # rows per step. "auto": on with CUDA. Implies padding_free.
+    packing: bool | Literal["auto"] = "auto"
+    pack_tokens: int = Field(16384, ge=64)
+    lr_scaling: Literal["sqrt", "linear", "none"] = "sqrt"
+    # Liger's fused kernels (RMSNorm, RoPE, SwiGLU, fused linear cross-entropy: no 128k-vocab logits in
+    # memory). "auto": on with CUDA when liger-kernel is installed.
+    use_liger_kernel: bool | Literal["auto"] = "auto"
+    # peft.prepare_model_for_kbit_training's upcast of the frozen non-quantized weights (embeddings, head,
+    # norms) to float32: 2 GB more for Llama-3-8B and float32 activations. Off, they stay in model.dtype
+    # (on GPU; CPU runs keep the upcast).
+    upcast_frozen_fp32: bool = False
     dataloader_num_workers: int = Field(0, ge=0)
     report_to: str = "none"
     resume: Literal["never", "auto"] = "never"
@@ -129,6 +145,15 @@ class TrainCfg(Section):
 class MergeCfg(Section):
     # The dtype the merged checkpoint is saved in.
     dtype: Literal["bfloat16", "float16"] = "bfloat16"
+
+    @field_validator("dtype", mode="before")
+    @classmethod
+    def _not_quantized(cls, v):
+        if isinstance(v, str) and any(q in v.lower() for q in ("4bit", "8bit", "int4", "int8", "nf4", "fp4")):
+            raise ValueError(f"merge.dtype={v}: merging into 4-bit or 8-bit weights would round the adapter's small "
+                             "updates away, so merges are into a bfloat16/float16 base; set merge.dtype=bfloat16 and "
+                             "quantize the merged model afterwards (export_gguf.py)")
+        return v
     # The dtype the merge and its check run in. float32 makes the check exact (it then tests the merge,
     # not bf16 rounding) and rounds W + BA once; it needs 4 bytes a parameter of memory.
     compute_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
@@ -153,6 +178,21 @@ class InferenceCfg(Section):
     # "auto": the merged model when the run has one, else base + adapter.
     use: Literal["auto", "merged", "adapter", "base"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # generate's KV cache. "static": preallocated at fixed shapes (sized to the longest prompt + max_new_tokens,
+    # rounded up to 256 tokens), which lets the decode step be compiled and replayed as CUDA graphs;
+    # "dynamic": grows token by token (transformers' default). "auto": static on CUDA, dynamic on CPU.
+    cache_implementation: Literal["auto", "dynamic", "static"] = "auto"
+    # torch.compile generate's decode step (mode "reduce-overhead": CUDA graphs on CUDA); needs the static
+    # cache. The first batch of a process pays the compile (about a minute for an 8B model). "auto": on with
+    # CUDA, off on CPU. Measured in benchmarks/generate_throughput.py.
+    compile: bool | Literal["auto"] = "auto"
+
+    @model_validator(mode="after")
+    def _compile_needs_static(self):
+        if self.compile is True and self.cache_implementation == "dynamic":
+            raise ValueError("inference.compile=true needs a static KV cache; set inference.cache_implementation="
+                             "static (or auto), or inference.compile=false")
+        return self
 
 
 class PathsCfg(Section):

@@ -23,6 +23,10 @@ class UserError(Exception):
 
 def setup_logging(debug: bool = False) -> None:
     level = logging.DEBUG if debug else logging.INFO
+    # Whatever reaches the terminal (our logs, print, library output) passes through `redact` first.
+    for name in ("stdout", "stderr"):
+        if not isinstance(getattr(sys, name), RedactStream):
+            setattr(sys, name, RedactStream(getattr(sys, name)))
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S",
                         stream=sys.stderr, force=True)
     # Library chatter drowns the lines a user acts on; keep it at warning unless debugging.
@@ -46,6 +50,19 @@ def redact(text: str) -> str:
     if tok:
         text = text.replace(tok, "***")
     return _TOKEN_RE.sub("hf_***", text)
+
+
+class RedactStream:
+    """sys.stdout/sys.stderr wrapper that redacts tokens from everything printed, libraries' output too."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def write(self, text):
+        return self._stream.write(redact(text) if isinstance(text, str) else text)
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
 
 
 class RedactTokens(logging.Filter):

@@ -58,15 +58,20 @@ def hub_offline_error(repo_id: str, what: str, key: str) -> UserError:
 def hub_mode(repo_id: str, what: str, key: str) -> bool:
     """Decide how to fetch a hub id: True for cache-only. Raises at once when neither cache nor hub works,
     instead of letting the HF client retry for minutes."""
-    if os.environ.get("HF_HUB_OFFLINE") == "1":
+    from huggingface_hub import try_to_load_from_cache
+    cached = isinstance(try_to_load_from_cache(repo_id, "config.json" if what == "model" else "README.md",
+                                               repo_type="model" if what == "model" else "dataset"), str)
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        # Datasets may sit in the datasets cache rather than the hub cache; let their loader decide.
+        if what == "model" and not cached:
+            raise UserError(f"{what} '{repo_id}' is not a local path, HF_HUB_OFFLINE is set and it is not in the local "
+                            f"Hugging Face cache; unset HF_HUB_OFFLINE to download it, or download it elsewhere "
+                            f"(huggingface-cli download {repo_id} --local-dir DIR) and set {key}=DIR")
         return True
     if hub_reachable():
         return False
     # Unreachable: a previously downloaded copy in the HF cache still works.
-    from huggingface_hub import try_to_load_from_cache
-    cached = try_to_load_from_cache(repo_id, "config.json" if what == "model" else "README.md",
-                                    repo_type="model" if what == "model" else "dataset")
-    if isinstance(cached, str):
+    if cached:
         os.environ["HF_HUB_OFFLINE"] = "1"
         return True
     raise hub_offline_error(repo_id, what, key)
@@ -141,10 +146,14 @@ def load_tokenizer(cfg: Config, source: str | None = None, offline: bool = True)
     return tok
 
 
-def load_causal_lm(cfg: Config, source: str, offline: bool, *, quantization_config=None, dtype=None,
-                   device_map=None):
-    from transformers import AutoConfig, AutoModelForCausalLM
-    if cfg.model.trust_remote_code:
+_WARNED_REMOTE_CODE: set[str] = set()
+
+
+def causal_lm_config(cfg: Config, source: str, offline: bool):
+    """The checkpoint's config, checked to be a causal LM stored as safetensors; no weights are read."""
+    from transformers import AutoConfig
+    if cfg.model.trust_remote_code and source not in _WARNED_REMOTE_CODE:
+        _WARNED_REMOTE_CODE.add(source)
         log.warning("model.trust_remote_code is on: Python code from '%s' will run on this machine", source)
     check_safetensors(source)
     kw = dict(revision=cfg.model.revision, local_files_only=offline, trust_remote_code=cfg.model.trust_remote_code)
@@ -154,9 +163,34 @@ def load_causal_lm(cfg: Config, source: str, offline: bool, *, quantization_conf
         raise UserError(f"cannot read a model config from '{source}': {str(e).splitlines()[0]}; "
                         "fix model.name_or_path") from None
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-    if mconf.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not cfg.model.trust_remote_code:
-        raise UserError(f"'{source}' is a '{mconf.model_type}' model, not a causal language model; "
+    # model_type alone lets encoders through (bert has a causal-LM head class); the saved architecture
+    # says what the checkpoint holds.
+    archs = getattr(mconf, "architectures", None) or []
+    causal_classes = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+    is_causal = mconf.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and (
+        not archs or any(a in causal_classes or a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs))
+    if not is_causal and not cfg.model.trust_remote_code:
+        what = archs[0] if archs else mconf.model_type
+        raise UserError(f"'{source}' is a '{what}' model, not a causal language model; "
                         "point model.name_or_path at a decoder-only LM such as Llama")
+    return mconf
+
+
+def model_skeleton(cfg: Config, source: str, offline: bool):
+    """The model's modules on the meta device: no memory, a second even for 8B. Enough to check LoRA
+    targets and to size checkpoints and the merged model before the real load."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+    mconf = causal_lm_config(cfg, source, offline)
+    with init_empty_weights():
+        return AutoModelForCausalLM.from_config(mconf, trust_remote_code=cfg.model.trust_remote_code)
+
+
+def load_causal_lm(cfg: Config, source: str, offline: bool, *, quantization_config=None, dtype=None,
+                   device_map=None):
+    from transformers import AutoModelForCausalLM
+    mconf = causal_lm_config(cfg, source, offline)
+    kw = dict(revision=cfg.model.revision, local_files_only=offline, trust_remote_code=cfg.model.trust_remote_code)
     try:
         return AutoModelForCausalLM.from_pretrained(
             source, config=mconf, dtype=dtype or torch_dtype(cfg.model.dtype), quantization_config=quantization_config,

@@ -1,0 +1,518 @@
+"""Training throughput: the plain HF/TRL QLoRA recipe against this project's finetune.py path, side by side.
+
+GPU (the issue's benchmark; see benchmarks/README.md for the exact command and the results):
+    python benchmarks/train_throughput.py --out benchmarks/results/h200.json \
+        --tokenizer .bench/tokenizer --data .bench/alpaca_en_1k.json
+  builds Llama-3-8B's exact architecture with random weights once (safetensors, --model-dir), loads it in
+  4-bit NF4 + double quant through finetune.py's own loader (ftkit.models.load_causal_lm +
+  quantization_utils.build_bnb_config), then trains, on the same base:
+    (a) plain: TRL SFTTrainer defaults, per-batch padding, SDPA, gradient checkpointing, LoRA r=16 on all
+        seven projections, batch 2 x accumulation 4;
+    (b) project: finetune.apply_lora + finetune.sft_config + ftkit.speed (padding-free rows with varlen
+        attention, liger kernels, no fp32 upcast, packing, checkpointing only where needed), at the same
+        8 rows per step and at its own packed default;
+  on Alpaca-shaped rows (the token lengths of --data under the Alpaca template) and on fixed 2048-token rows;
+  and finds the longest single row each path trains.
+CPU (configs/demo.yaml, a few steps of each):
+    python benchmarks/train_throughput.py --cpu --out benchmarks/results/cpu_demo.json
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+LLAMA3_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                 num_attention_heads=32, num_key_value_heads=8, rope_theta=500000.0, max_position_embeddings=8192,
+                 rms_norm_eps=1e-5, bos_token_id=128000, eos_token_id=128001, tie_word_embeddings=False,
+                 hidden_act="silu", attention_bias=False, mlp_bias=False, initializer_range=0.02)
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+PEAK_TFLOPS = 790.0  # bf16 dense matmul measured on the H200 (.library KINDS.md); the MFU denominator
+
+RESULTS: dict = {}
+OUT: Path | None = None
+
+
+def save():
+    if OUT:
+        OUT.parent.mkdir(parents=True, exist_ok=True)
+        OUT.write_text(json.dumps(RESULTS, indent=2) + "\n")
+
+
+def free():
+    import torch
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def build_model(model_dir: Path, tokenizer_dir: Path) -> None:
+    """Llama-3-8B's config with random weights, saved once as safetensors with a tokenizer."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+    if (model_dir / "config.json").is_file():
+        return
+    t0 = time.time()
+    cfg = LlamaConfig(**LLAMA3_8B)
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        prev = torch.get_default_dtype()
+        torch.set_default_dtype(torch.bfloat16)
+        model = LlamaForCausalLM(cfg)
+        torch.set_default_dtype(prev)
+    model.config.dtype = torch.bfloat16
+    tmp = model_dir.with_name(model_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True, max_shard_size="5GB")
+    for f in tokenizer_dir.iterdir():
+        if f.is_file():
+            shutil.copy(f, tmp / f.name)
+    del model
+    free()
+    tmp.rename(model_dir)
+    RESULTS["model_build_s"] = round(time.time() - t0, 1)
+
+
+# -- measurement --------------------------------------------------------------------------------------
+class Counter:
+    """Wraps a collator: counts the real (non-padding) tokens of every row it batches."""
+
+    def __init__(self, collator):
+        self.collator, self.tokens, self.rows = collator, 0, 0
+
+    def __call__(self, features):
+        self.tokens += sum(len(f["input_ids"]) for f in features)
+        self.rows += len(features)
+        return self.collator(features)
+
+
+def timer_callback(counter: Counter, sync: bool):
+    from transformers import TrainerCallback
+
+    class Timer(TrainerCallback):
+        """A step's batches are fetched before on_step_begin, so steps are timed end to end: from one step's
+        end to the next one's, which includes fetching and collating."""
+        marks: list = []
+
+        def on_step_end(self, args, state, control, **kw):
+            if sync:
+                import torch
+                torch.cuda.synchronize()
+            self.marks.append((time.perf_counter(), counter.tokens, counter.rows))
+
+    return Timer()
+
+
+def run_trainer(trainer, warmup: int, device: str) -> dict:
+    import torch
+    counter = Counter(trainer.data_collator)
+    trainer.data_collator = counter
+    tm = timer_callback(counter, device == "cuda")
+    tm.marks = []
+    trainer.add_callback(tm)
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    trainer.train()
+    wall = time.perf_counter() - t0
+    m = tm.marks
+    (ta, ka, ra), (tb, kb, rb) = m[warmup - 1], m[-1]
+    n = len(m) - warmup
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    out = {"steps_timed": n, "step_s": round((tb - ta) / n, 4), "real_tokens_per_s": round((kb - ka) / (tb - ta), 1),
+           "real_tokens_per_step": round((kb - ka) / n, 1), "rows_per_step": round((rb - ra) / n, 2),
+           "first_losses": losses[:3], "wall_s": round(wall, 1)}
+    if device == "cuda":
+        out["peak_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 3)
+        out["peak_reserved_gb"] = round(torch.cuda.max_memory_reserved() / 1e9, 3)
+    return out
+
+
+def reset_base(base) -> None:
+    """The base model back as loaded: LoRA layers removed (as PEFT's unload does), checkpointing and the
+    input-grad hook off, everything frozen; works after a failed run too."""
+    for mod in list(base.modules()):
+        for cname, child in list(mod.named_children()):
+            if hasattr(child, "base_layer") and hasattr(child, "lora_A"):
+                setattr(mod, cname, child.get_base_layer())
+    for fn in ("gradient_checkpointing_disable", "disable_input_require_grads"):
+        try:
+            getattr(base, fn)()
+        except Exception:
+            pass
+    for p in base.parameters():
+        p.requires_grad_(False)
+    base.train()
+
+
+# -- the two paths ------------------------------------------------------------------------------------
+def plain_trainer(base, tok, rows, steps: int, device: str, batch=2, accum=4, max_length=1024):
+    """(a) The plain recipe: TRL SFTTrainer defaults around a PEFT config."""
+    from datasets import Dataset
+    from peft import LoraConfig
+    from trl import SFTConfig, SFTTrainer
+    args = SFTConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=batch,
+                     gradient_accumulation_steps=accum, max_steps=steps, logging_steps=1, save_strategy="no",
+                     report_to="none", seed=42, max_length=max_length, use_cpu=device == "cpu",
+                     disable_tqdm=True)
+    lcfg = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS, task_type="CAUSAL_LM")
+    return SFTTrainer(model=base, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok,
+                      peft_config=lcfg)
+
+
+def project_trainer(base, tok, rows, lengths, steps: int, device: str, overrides: list[str], config: str):
+    """(b) finetune.py's path: its config, apply_lora, sft_config and speed switches."""
+    from datasets import Dataset
+    from trl import SFTTrainer
+
+    import finetune
+    from ftkit import speed
+    from ftkit.config import load_config
+    from ftkit.paths import RunDir
+    cfg = load_config(config, [f"train.max_steps={steps}", "train.logging_steps=1", "train.save_steps=100000",
+                               "lora.lora_dropout=0.0", "train.eval_steps=null", *overrides])
+    info = speed.resolve(cfg, device, lengths, base.config)
+    model, _, _ = finetune.apply_lora(cfg, base)
+    if cfg.train.padding_free and cfg.model.attn_implementation == "sdpa":
+        speed.use_varlen_attention(model)
+    args = finetune.sft_config(cfg, RunDir(Path(tempfile.mkdtemp())), device, 0, info)
+    args.disable_tqdm = True
+    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok)
+    return trainer, info
+
+
+def mfu(tokens_per_s: float, n_params: int, recompute: bool) -> dict:
+    f = (6 if recompute else 4) * n_params
+    return {"flops_per_token": f, "mfu": round(tokens_per_s * f / (PEAK_TFLOPS * 1e12), 4)}
+
+
+def variant(name: str, base, fn, *a, **kw) -> dict | None:
+    """Run one measurement on `base`; a failure is recorded, not fatal; the base is reset after it."""
+    import torch
+    t0 = time.time()
+    print(f"\n=== {name}", flush=True)
+    res, err = None, None
+    try:
+        res = fn(base, *a, **kw)
+    except torch.OutOfMemoryError as e:
+        err = "OOM: " + str(e).splitlines()[0][:200]
+    except Exception as e:  # recorded in the JSON, the run goes on
+        err = f"{type(e).__name__}: {str(e)[:600]}"
+        traceback.print_exc()
+    reset_base(base)
+    RESULTS.setdefault("variants", {})[name] = res if res is not None else {"error": err}
+    RESULTS["variants"][name]["elapsed_s"] = round(time.time() - t0, 1)
+    print(name, json.dumps(RESULTS["variants"][name]), flush=True)
+    save()
+    free()
+    return res
+
+
+# -- GPU benchmark ------------------------------------------------------------------------------------
+def gpu_main(a) -> None:
+    import torch
+    import finetune
+    import dataset as data_stage
+    from ftkit import speed
+    from ftkit.config import load_config
+    from ftkit.models import load_tokenizer, resolve_model
+
+    model_dir = Path(a.model_dir)
+    build_model(model_dir, Path(a.tokenizer))
+    RESULTS["device"] = torch.cuda.get_device_name(0)
+    RESULTS["versions"] = versions()
+    base_over = [f"model.name_or_path={model_dir}", f"data.path={a.data}", "data.eval_size=0",
+                 "data.max_length=1024", "data.prompt_template=alpaca"]
+    cfg = load_config(a.config, base_over)
+    source, offline = resolve_model(cfg.model)
+    tok = load_tokenizer(cfg, source, offline)
+    prep = data_stage.prepare(cfg, tok)
+    rows, lengths = prep.train.rows, prep.train.lengths
+    RESULTS["data"] = {"source": a.data, "rows": len(rows), "mean_tokens": round(sum(lengths) / len(lengths), 1),
+                       "max_tokens": max(lengths), "tokenizer": "SmolLM2-135M-Instruct BPE (49152 ids; model vocab 128256)"}
+    t0 = time.time()
+    base = finetune.load_quantized_base(cfg, source, offline, "cuda")
+    RESULTS["load_4bit_s"] = round(time.time() - t0, 1)
+    nums = speed.model_numbers(base.config, 16, TARGETS)
+    RESULTS["params"] = nums["params"]
+    RESULTS["static_gb_after_load"] = round(torch.cuda.memory_allocated() / 1e9, 3)
+    save()
+    N = nums["params"]
+    g = torch.Generator().manual_seed(7)
+    fixed = [{"input_ids": ids, "labels": ids} for ids in
+             torch.randint(10, 49000, (a.fixed_rows, 2048), generator=g).tolist()]
+    W, S = a.warmup, a.steps
+
+    def plain(base, data, batch, accum, max_length, steps):
+        tr = plain_trainer(base, tok, data, steps, "cuda", batch, accum, max_length)
+        r = run_trainer(tr, W, "cuda")
+        r.update(mfu(r["real_tokens_per_s"], N, True))
+        return r
+
+    def project(base, data, lens, overrides, steps):
+        liger_err = None
+        try:
+            tr, info = project_trainer(base, tok, data, lens, steps, "cuda", overrides, a.config)
+            r = run_trainer(tr, W, "cuda")
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as e:  # liger-kernel and this transformers may disagree: measure without it
+            if "train.use_liger_kernel=false" in overrides:
+                raise
+            traceback.print_exc()
+            liger_err = f"{type(e).__name__}: {str(e)[:300]}"
+            tr = None
+            reset_base(base)
+            free()
+            overrides = [*overrides, "train.use_liger_kernel=false"]
+            tr, info = project_trainer(base, tok, data, lens, steps, "cuda", overrides, a.config)
+            r = run_trainer(tr, W, "cuda")
+        if liger_err:
+            r["first_attempt_error"] = liger_err
+        r["kernels"] = {"lm_forward": getattr(base.forward, "__module__", "?"),
+                        "rmsnorm": type(base.model.norm).__module__ + "." + getattr(base.model.norm.forward, "__qualname__", "?"),
+                        "attn": base.config._attn_implementation}
+        r["switches"] = {k: v for k, v in info.items() if k != "estimate"}
+        r["estimate"] = info["estimate"]
+        r.update(mfu(r["real_tokens_per_s"], N, bool(info["gradient_checkpointing"])))
+        return r
+
+    def probe_plain(base, L):
+        row = [{"input_ids": torch.randint(10, 49000, (L,)).tolist()}]
+        row[0]["labels"] = row[0]["input_ids"]
+        tr = plain_trainer(base, tok, row, 1, "cuda", 1, 1, None)
+        torch.cuda.reset_peak_memory_stats()
+        t = time.perf_counter()
+        tr.train()
+        torch.cuda.synchronize()
+        return {"L": L, "peak_gb": round(torch.cuda.max_memory_allocated() / 1e9, 3),
+                "step_s": round(time.perf_counter() - t, 2)}
+
+    def probe_project(base, L, overrides):
+        row = [{"input_ids": torch.randint(10, 49000, (L,)).tolist()}]
+        row[0]["labels"] = row[0]["input_ids"]
+        tr, info = project_trainer(base, tok, row, [L], 1, "cuda", ["train.packing=false", *overrides], a.config)
+        torch.cuda.reset_peak_memory_stats()
+        t = time.perf_counter()
+        tr.train()
+        torch.cuda.synchronize()
+        return {"L": L, "peak_gb": round(torch.cuda.max_memory_allocated() / 1e9, 3),
+                "step_s": round(time.perf_counter() - t, 2), "gc": info["gradient_checkpointing"]}
+
+    only = set(a.only.split(",")) if a.only else None
+
+    def want(n):
+        return only is None or n in only
+
+    # (a) plain recipe first: the project path patches modules in place (liger)
+    if want("plain_alpaca"):
+        variant("plain_alpaca_b2x4", base, plain, rows, 2, 4, 1024, W + S)
+    if want("plain_fixed"):
+        variant("plain_fixed2048_b2x4", base, plain, fixed, 2, 4, 2048, W + max(3, S // 2))
+    if want("plain_long"):
+        for L in a.plain_probe:
+            variant(f"plain_long_{L}", base, probe_plain, L)
+    # (b) the project's path
+    same = ["train.packing=false", "train.per_device_train_batch_size=8", "train.gradient_accumulation_steps=1"]
+    if want("project_same"):
+        variant("project_alpaca_same_b8x1_gc", base, project, rows, lengths,
+                       same + ["train.gradient_checkpointing=true"], W + S)
+        variant("project_alpaca_same_b4x2_gc", base, project, rows, lengths,
+                ["train.packing=false", "train.per_device_train_batch_size=4", "train.gradient_accumulation_steps=2",
+                 "train.gradient_checkpointing=true"], W + S)
+        variant("project_alpaca_same_b8x1_nogc", base, project, rows, lengths,
+                       same + ["train.gradient_checkpointing=false"], W + S)
+    if want("project_default"):
+        for pt in a.pack_tokens:
+            variant(f"project_alpaca_pack{pt}", base, project, rows, lengths,
+                           [f"train.pack_tokens={pt}", "train.gradient_accumulation_steps=1"], W + S)
+    if want("project_fixed"):
+        variant("project_fixed2048_pack16384", base, project, fixed, [2048] * len(fixed),
+                       ["train.pack_tokens=16384", "train.gradient_accumulation_steps=1"], W + S)
+    if want("project_long"):
+        for L in a.project_probe:
+            variant(f"project_long_{L}", base, probe_project, L, ["train.gradient_checkpointing=true"])
+    if want("contamination"):
+        variant("contamination_check", base, contamination_check, rows[:6])
+    summarize()
+
+
+def contamination_check(base, rows):
+    """On the 8B model with the project's attention: per-row losses of a packed row vs each row alone, beside
+    the kernel noise floor (a row alone through SDPA vs through the varlen kernel) and a contaminated control
+    (the packed row under plain causal SDPA with an all-ones mask: rows attend across boundaries)."""
+    import torch
+    from ftkit import speed
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+    speed.use_varlen_attention(base)
+    base.eval()
+    coll = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True)
+    batch = {k: (v.cuda() if torch.is_tensor(v) else v) for k, v in coll(
+        [{"input_ids": r["input_ids"]} for r in rows]).items()}
+    fwd = {k: v for k, v in batch.items() if k not in ("labels", "seq_idx")}
+
+    def row_losses(hidden):
+        out, start = [], 0
+        for r in rows:
+            n = len(r["input_ids"])
+            ids = torch.tensor(r["input_ids"], device="cuda")
+            out.append(torch.nn.functional.cross_entropy(base.lm_head(hidden[start:start + n - 1]).float(),
+                                                         ids[1:]).item())
+            start += n
+        return out
+
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        packed = row_losses(base.model(**fwd).last_hidden_state[0])
+        alone, alone_varlen = [], []
+        for r in rows:
+            ids = torch.tensor([r["input_ids"]], device="cuda")
+            n = ids.shape[1]
+            alone += row_losses_one(base, ids)
+            cu = torch.tensor([0, n], dtype=torch.int32, device="cuda")
+            h = base.model(input_ids=ids, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=n,
+                           max_length_k=n).last_hidden_state[0]
+            alone_varlen.append(torch.nn.functional.cross_entropy(base.lm_head(h[:-1]).float(), ids[0, 1:]).item())
+        base.set_attn_implementation("sdpa")
+        mixed = row_losses(base.model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                                      attention_mask=torch.ones_like(batch["input_ids"])).last_hidden_state[0])
+        speed.use_varlen_attention(base)
+    base.train()
+
+    def rel(a, b):
+        return max(abs(x - y) / abs(x) for x, y in zip(a, b))
+    return {"loss_alone": alone, "loss_packed": packed, "loss_contaminated_control": mixed,
+            "max_rel_diff_packed_vs_alone": rel(alone, packed),
+            "max_rel_diff_noise_floor_sdpa_vs_varlen_alone": rel(alone, alone_varlen),
+            "max_rel_diff_contaminated_control": rel(alone[1:], mixed[1:])}
+
+
+def row_losses_one(base, ids):
+    import torch
+    h = base.model(input_ids=ids).last_hidden_state[0]
+    return [torch.nn.functional.cross_entropy(base.lm_head(h[:-1]).float(), ids[0, 1:]).item()]
+
+
+def summarize() -> None:
+    v = RESULTS.get("variants", {})
+
+    def tps(n):
+        return v.get(n, {}).get("real_tokens_per_s")
+    plain = tps("plain_alpaca_b2x4")
+    s = {}
+    if plain:
+        cands = [n for n in ("project_alpaca_same_b8x1_gc", "project_alpaca_same_b4x2_gc") if tps(n)
+                 and v[n].get("peak_gb", 1e9) <= v["plain_alpaca_b2x4"].get("peak_gb", 0)]
+        s["same_batch_variant"] = max(cands, key=tps) if cands else "project_alpaca_same_b8x1_gc"
+        same = tps(s["same_batch_variant"])
+        s["ratio_same_batch"] = round(same / plain, 2) if same else None
+        s["ratio_same_batch_nogc"] = round(tps("project_alpaca_same_b8x1_nogc") / plain, 2) \
+            if tps("project_alpaca_same_b8x1_nogc") else None
+        packs = {n: tps(n) for n in v if n.startswith("project_alpaca_pack") and tps(n)}
+        if packs:
+            best = max(packs, key=packs.get)
+            s["default_variant"] = best
+            s["ratio_default"] = round(packs[best] / plain, 2)
+        la = (v.get("plain_alpaca_b2x4", {}).get("first_losses") or [None])[0]
+        lb = (v.get(s["same_batch_variant"], {}).get("first_losses") or [None])[0]
+        if la and lb:
+            s["first_step_loss_plain"], s["first_step_loss_project"] = la, lb
+            s["first_step_loss_rel_diff"] = round(abs(la - lb) / la, 5)
+    RESULTS["summary"] = s
+    save()
+    print("\nvariant                              tok/s    step_s  peak_GB   MFU")
+    for n, r in v.items():
+        print(f"{n:34s} {r.get('real_tokens_per_s', '-')!s:>8} {r.get('step_s', '-')!s:>8} "
+              f"{r.get('peak_gb', '-')!s:>8} {r.get('mfu', '-')!s:>6}  {r.get('error', '')}")
+    print(json.dumps(s))
+
+
+def versions() -> dict:
+    out = {"python": platform.python_version()}
+    from importlib.metadata import version
+    for m in ("torch", "transformers", "trl", "peft", "bitsandbytes", "liger-kernel", "triton", "datasets"):
+        try:
+            out[m] = version(m)
+        except Exception as e:
+            out[m] = f"missing ({type(e).__name__})"
+    return out
+
+
+# -- CPU: the demo config -------------------------------------------------------------------------------
+def cpu_main(a) -> None:
+    import torch
+    import finetune
+    import dataset as data_stage
+    from ftkit.config import load_config
+    from ftkit.models import load_tokenizer, resolve_model
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    RESULTS["device"] = f"cpu ({os.cpu_count()} cores)"
+    RESULTS["versions"] = versions()
+    cfg = load_config("configs/demo.yaml", [])
+    source, offline = resolve_model(cfg.model)
+    tok = load_tokenizer(cfg, source, offline)
+    prep = data_stage.prepare(cfg, tok)
+    rows, lengths = prep.train.rows, prep.train.lengths
+    RESULTS["data"] = {"source": cfg.data.path, "rows": len(rows), "mean_tokens": round(sum(lengths) / len(lengths), 1)}
+    base = finetune.load_quantized_base(cfg, source, offline, "cpu")
+    W, S = a.warmup, a.steps
+    bs, ga = cfg.train.per_device_train_batch_size, cfg.train.gradient_accumulation_steps
+
+    def plain(base):
+        tr = plain_trainer(base, tok, rows, W + S, "cpu", bs, ga, cfg.data.max_length)
+        return run_trainer(tr, W, "cpu")
+
+    def project(base, over):
+        tr, info = project_trainer(base, tok, rows, lengths, W + S, "cpu", over, "configs/demo.yaml")
+        r = run_trainer(tr, W, "cpu")
+        r["switches"] = {k: v for k, v in info.items() if k != "estimate"}
+        return r
+
+    variant("plain_demo", base, plain)
+    variant("project_demo_default", base, project, [])
+    variant("project_demo_padding_free", base, project, ["train.padding_free=true"])
+    v = RESULTS["variants"]
+    p = v["plain_demo"].get("real_tokens_per_s")
+    RESULTS["summary"] = {n: round(r["real_tokens_per_s"] / p, 3) for n, r in v.items()
+                          if p and r.get("real_tokens_per_s")}
+    save()
+    print(json.dumps(RESULTS["summary"]))
+
+
+def main(argv=None) -> None:
+    global OUT
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True)
+    p.add_argument("--cpu", action="store_true", help="the CPU demo comparison")
+    p.add_argument("--config", default="configs/llama3_alpaca_h200.yaml")
+    p.add_argument("--model-dir", default="/tmp/llama3-8b-random")
+    p.add_argument("--tokenizer", default=".bench/tokenizer")
+    p.add_argument("--data", default=".bench/alpaca_en_1k.json")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--fixed-rows", type=int, default=96)
+    p.add_argument("--pack-tokens", type=lambda s: [int(x) for x in s.split(",")], default=[4096, 16384, 24576])
+    p.add_argument("--plain-probe", type=lambda s: [int(x) for x in s.split(",")], default=[65536])
+    p.add_argument("--project-probe", type=lambda s: [int(x) for x in s.split(",")], default=[65536])
+    p.add_argument("--only", default="", help="comma list of groups: plain_alpaca,plain_fixed,plain_long,"
+                   "project_same,project_default,project_fixed,project_long,contamination")
+    a = p.parse_args(argv)
+    OUT = Path(a.out)
+    os.chdir(ROOT)
+    (cpu_main if a.cpu else gpu_main)(a)
+
+
+if __name__ == "__main__":
+    main()

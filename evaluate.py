@@ -1,0 +1,469 @@
+"""Did fine-tuning help? Base model vs fine-tuned model on the rows held out from training.
+
+Reads:  <run>/config.yaml, <run>/prompt_template.json, <run>/eval_rows.jsonl (the held-out rows finetune.py
+        wrote; or --rows FILE), <run>/train_log.jsonl (for the loss curves), the base at
+        `model.name_or_path`, and the fine-tuned weights: <run>/merged/ when present, else base +
+        <run>/adapter/ (`inference.use` or --merged / --adapter force one).
+Writes: <run>/eval/ (atomically: a failed evaluation leaves the previous eval/ untouched, or none):
+          eval_report.json  eval loss and perplexity over response tokens, exact match (normalized, rows
+                            with `verifiable: true`) and ROUGE-L F1 (the other rows), overall and per task
+                            family (`family`), base vs fine-tuned, and every row's answers and scores;
+          eval_report.md    the same as a table, five example prompts with both answers, and the plots:
+          loss_curves.png   training and in-loop eval loss from train_log.jsonl;
+          before_after.png  per-family scores and eval loss, base vs fine-tuned;
+        and prints the before/after table.
+
+Method: both models run in `model.dtype` (unquantized; the in-loop eval loss in train_log.jsonl comes
+from the 4-bit base, so the two differ slightly). Loss is the token-weighted mean cross-entropy over the
+response tokens, the prompt masked exactly as in training (`data.max_length` applies). Answers are
+greedy, batched (`inference.batch_size`); open-ended rows get `inference.max_new_tokens` new tokens,
+verifiable rows only the longest reference plus a margin (a longer answer cannot match exactly).
+
+Run:
+    python evaluate.py                                   # the most recent run
+    python evaluate.py --config configs/demo.yaml        # the run in that config's paths.output_dir
+    python evaluate.py --adapter inference.batch_size=8  # base + adapter even when merged/ exists
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import time
+from collections import defaultdict
+from pathlib import Path
+
+from ftkit.config import Config, build_parser, parse_args
+from ftkit.log import UserError, log, run_main
+from ftkit.models import resolve_model
+from ftkit.paths import REPO_ROOT, RunDir, atomic_dir, stage_config
+from ftkit.prompts import IGNORE_INDEX, PromptTemplate
+
+# Verifiable answers are short; an answer this many tokens longer than the longest reference cannot match.
+VERIFIABLE_MARGIN_TOKENS = 8
+N_EXAMPLES = 5
+NO_FAMILY = "all"
+
+
+# -- scoring ---------------------------------------------------------------------------------------
+def _load_normalizer():
+    # data/ is not a package; the demo generator owns the normalization its answers are written for.
+    path = REPO_ROOT / "data" / "generate_demo_data.py"
+    spec = importlib.util.spec_from_file_location("generate_demo_data", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.normalize_answer
+
+
+_normalize = None
+
+
+def normalize_answer(s: str) -> str:
+    global _normalize
+    if _normalize is None:
+        _normalize = _load_normalizer()
+    return _normalize(s)
+
+
+def exact_match(prediction: str, reference: str) -> float:
+    """1.0 when the answers agree after normalization (whitespace, case, a final period), else 0.0."""
+    return float(normalize_answer(prediction) == normalize_answer(reference))
+
+
+_scorer = None
+
+
+def rouge_l(prediction: str, reference: str) -> float:
+    """ROUGE-L F1 (longest common subsequence of stemmed words), 0..1; 0 for an empty answer."""
+    global _scorer
+    if not prediction.strip() or not reference.strip():
+        return 0.0
+    if _scorer is None:
+        from rouge_score import rouge_scorer
+        _scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    return float(_scorer.score(reference, prediction)["rougeL"].fmeasure)
+
+
+# -- input -----------------------------------------------------------------------------------------
+def read_rows(path: Path) -> list[dict]:
+    """Held-out rows, checked: each needs an instruction and a non-empty reference answer (`output`)."""
+    if not path.is_file():
+        raise UserError(f"'{path}' is missing; train with data.eval_size above 0 (finetune.py writes it) "
+                        "or pass --rows FILE")
+    rows = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}: malformed JSON on line {n} ({e.msg}); fix or delete that line") from None
+        if not isinstance(r, dict) or not isinstance(r.get("instruction"), str) or not r["instruction"].strip():
+            raise UserError(f"{path}: line {n} has no instruction; each row needs instruction, input, output")
+        if not isinstance(r.get("output"), str) or not r["output"].strip():
+            raise UserError(f"{path}: line {n} has no reference answer ('output'); evaluation needs one per row")
+        rows.append(r)
+    if not rows:
+        raise UserError(f"'{path}' holds no rows to evaluate; set data.eval_size above 0 and train again")
+    return rows
+
+
+def family_of(row: dict) -> str:
+    return str(row.get("family") or NO_FAMILY)
+
+
+def is_verifiable(row: dict) -> bool:
+    return bool(row.get("verifiable", False))
+
+
+def preflight(cfg: Config, run: RunDir, use: str, rows_path: Path) -> tuple[list[dict], str]:
+    """Every check that bad input can fail, before a model is loaded or anything is written."""
+    if use == "base":
+        raise UserError("inference.use=base would compare the base model with itself; use auto, merged or adapter")
+    from inference import choose_weights
+    from merge_adapter import read_adapter_config
+    PromptTemplate.load(run.prompt_template)  # a finished run has one; raises otherwise
+    rows = read_rows(rows_path)
+    use = choose_weights(cfg, run, use)
+    if use == "adapter":
+        read_adapter_config(run.adapter)
+    resolve_model(cfg.model)  # the base must exist too
+    return rows, use
+
+
+# -- measuring one model ---------------------------------------------------------------------------
+def response_nll(model, tok, template: PromptTemplate, rows: list[dict], max_length: int,
+                 batch_size: int) -> list[tuple[float, int]]:
+    """(summed cross-entropy, token count) over each row's response tokens, the prompt masked as in training."""
+    import torch
+    import torch.nn.functional as F
+    enc = [template.encode(tok, r["instruction"], r.get("input") or None, r["output"], max_length)[:2]
+           for r in rows]
+    out: list[tuple[float, int]] = [(0.0, 0)] * len(rows)
+    order = sorted(range(len(enc)), key=lambda i: len(enc[i][0]))
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    for start in range(0, len(order), batch_size):
+        batch = order[start:start + batch_size]
+        width = max(len(enc[i][0]) for i in batch)
+        ids = torch.full((len(batch), width), pad, dtype=torch.long)
+        labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, i in enumerate(batch):
+            n = len(enc[i][0])
+            ids[row, :n] = torch.tensor(enc[i][0])
+            labels[row, :n] = torch.tensor(enc[i][1])
+            mask[row, :n] = 1
+        with torch.no_grad():
+            logits = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device)).logits
+        target = labels[:, 1:].to(logits.device)
+        keep = target != IGNORE_INDEX
+        # Only the response positions are upcast: the full float32 logits would be batch x length x vocab.
+        nll = F.cross_entropy(logits[:, :-1][keep].float(), target[keep], reduction="none")
+        per_row = torch.zeros(len(batch), dtype=torch.float64).index_add_(
+            0, keep.nonzero()[:, 0].cpu(), nll.double().cpu())
+        for row, i in enumerate(batch):
+            out[i] = (per_row[row].item(), int(keep[row].sum()))
+    return out
+
+
+def generation_budget(tok, rows: list[dict], max_new_tokens: int) -> int:
+    longest = max(len(tok(r["output"], add_special_tokens=False)["input_ids"]) for r in rows)
+    return min(max_new_tokens, longest + VERIFIABLE_MARGIN_TOKENS)
+
+
+def measure(cfg: Config, run: RunDir, use: str, rows: list[dict]) -> dict:
+    """Load one model, score it on every row: loss, answers, exact match / ROUGE-L."""
+    from inference import generate, load_for_inference
+    t0 = time.time()
+    model, tok, template, what = load_for_inference(cfg, run, use)
+    nll = response_nll(model, tok, template, rows, cfg.data.max_length, cfg.train.per_device_eval_batch_size)
+    answers = [""] * len(rows)
+    greedy = cfg.inference.model_copy(update={"do_sample": False})
+    budgets = {}
+    for verifiable in (True, False):
+        idx = [i for i, r in enumerate(rows) if is_verifiable(r) == verifiable]
+        if not idx:
+            continue
+        n_new = (generation_budget(tok, [rows[i] for i in idx], greedy.max_new_tokens) if verifiable
+                 else greedy.max_new_tokens)
+        budgets["verifiable" if verifiable else "open_ended"] = n_new
+        got = generate(model, tok, template, [(rows[i]["instruction"], rows[i].get("input") or None) for i in idx],
+                       greedy.model_copy(update={"max_new_tokens": n_new}), progress=True)
+        for i, a in zip(idx, got):
+            answers[i] = a
+    del model
+    per_row = []
+    for r, a, (s, n) in zip(rows, answers, nll):
+        score = exact_match(a, r["output"]) if is_verifiable(r) else rouge_l(a, r["output"])
+        per_row.append({"answer": a, "score": score, "nll_sum": s, "tokens": n})
+    log.info("%s: scored %d rows in %.0fs", what, len(rows), time.time() - t0)
+    return {"weights": what, "rows": per_row, "max_new_tokens": budgets, "seconds": round(time.time() - t0, 1)}
+
+
+# -- aggregation -----------------------------------------------------------------------------------
+def _loss(parts: list[dict]) -> tuple[float | None, float | None]:
+    n = sum(p["tokens"] for p in parts)
+    if n == 0:
+        return None, None
+    loss = sum(p["nll_sum"] for p in parts) / n
+    return round(loss, 4), round(math.exp(min(loss, 50.0)), 3)
+
+
+def aggregate(rows: list[dict], base: dict, tuned: dict) -> dict:
+    """Overall and per-family metrics for both models: eval loss/perplexity, exact match %, ROUGE-L x100."""
+    def block(idx: list[int]) -> dict:
+        out = {}
+        for name, m in (("base", base), ("fine_tuned", tuned)):
+            parts = [m["rows"][i] for i in idx]
+            loss, ppl = _loss(parts)
+            ver = [parts[k]["score"] for k, i in enumerate(idx) if is_verifiable(rows[i])]
+            opn = [parts[k]["score"] for k, i in enumerate(idx) if not is_verifiable(rows[i])]
+            out[name] = {"eval_loss": loss, "perplexity": ppl,
+                         "exact_match": round(100 * sum(ver) / len(ver), 2) if ver else None,
+                         "rouge_l": round(100 * sum(opn) / len(opn), 2) if opn else None}
+        out["rows"] = len(idx)
+        out["verifiable_rows"] = sum(1 for i in idx if is_verifiable(rows[i]))
+        out["delta"] = {k: (round(out["fine_tuned"][k] - out["base"][k], 4)
+                            if out["base"][k] is not None and out["fine_tuned"][k] is not None else None)
+                        for k in ("eval_loss", "perplexity", "exact_match", "rouge_l")}
+        return out
+
+    fams = defaultdict(list)
+    for i, r in enumerate(rows):
+        fams[family_of(r)].append(i)
+    families = {}
+    for fam in sorted(fams, key=lambda f: (not all(is_verifiable(rows[i]) for i in fams[f]), f)):
+        b = block(fams[fam])
+        b["metric"] = "exact_match" if b["verifiable_rows"] == b["rows"] else (
+            "rouge_l" if b["verifiable_rows"] == 0 else "mixed")
+        families[fam] = b
+    return {"overall": block(list(range(len(rows)))), "families": families}
+
+
+def pick_examples(rows: list[dict], base: dict, tuned: dict, n: int = N_EXAMPLES) -> list[dict]:
+    """n rows from as many families as possible, in file order, with both answers."""
+    seen, picked = set(), []
+    for i, r in enumerate(rows):
+        if family_of(r) not in seen:
+            seen.add(family_of(r))
+            picked.append(i)
+    picked += [i for i in range(len(rows)) if i not in picked]
+    out = []
+    for i in sorted(picked[:n]):
+        r = rows[i]
+        out.append({"family": family_of(r), "verifiable": is_verifiable(r), "instruction": r["instruction"],
+                    "input": r.get("input") or "", "reference": r["output"],
+                    "base": base["rows"][i]["answer"], "fine_tuned": tuned["rows"][i]["answer"],
+                    "base_score": base["rows"][i]["score"], "fine_tuned_score": tuned["rows"][i]["score"]})
+    return out
+
+
+# -- output ----------------------------------------------------------------------------------------
+def _fmt(v, spec=".1f") -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def table_lines(report: dict) -> list[str]:
+    """The before/after table, as Markdown (it prints readably as plain text too)."""
+    lines = ["| family | rows | metric | base | fine-tuned | change | eval loss base | eval loss fine-tuned |",
+             "|---|---:|---|---:|---:|---:|---:|---:|"]
+
+    def line(name: str, b: dict, metric: str) -> str:
+        if metric == "mixed":
+            metric = "exact_match"
+        label = {"exact_match": "exact match %", "rouge_l": "ROUGE-L"}[metric]
+        base, tuned = b["base"][metric], b["fine_tuned"][metric]
+        change = None if base is None or tuned is None else tuned - base
+        return (f"| {name} | {b['rows']} | {label} | {_fmt(base)} | {_fmt(tuned)} | {_fmt(change, '+.1f')} | "
+                f"{_fmt(b['base']['eval_loss'], '.3f')} | {_fmt(b['fine_tuned']['eval_loss'], '.3f')} |")
+
+    for fam, b in report["families"].items():
+        lines.append(line(fam, b, b["metric"]))
+    o = report["overall"]
+    if o["verifiable_rows"]:
+        lines.append(line("**all verifiable**", report["verifiable"], "exact_match"))
+    if o["rows"] - o["verifiable_rows"]:
+        lines.append(line("**all open-ended**", report["open_ended"], "rouge_l"))
+    lines.append(f"| **all rows** | {o['rows']} | perplexity | {_fmt(o['base']['perplexity'], '.2f')} | "
+                 f"{_fmt(o['fine_tuned']['perplexity'], '.2f')} | "
+                 f"{_fmt(o['delta']['perplexity'], '+.2f')} | {_fmt(o['base']['eval_loss'], '.3f')} | "
+                 f"{_fmt(o['fine_tuned']['eval_loss'], '.3f')} |")
+    return lines
+
+
+def read_train_log(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # a line cut off by a crash; the rest still plot
+    return out
+
+
+def plot_loss_curves(log_rows: list[dict], dest: Path, base_loss: float | None = None) -> bool:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    train = [(r["step"], r["loss"]) for r in log_rows if "loss" in r]
+    ev = [(r["step"], r["eval_loss"]) for r in log_rows if "eval_loss" in r]
+    if not train and not ev:
+        return False
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train:
+        ax.plot(*zip(*train), label="training loss", color="tab:blue", linewidth=1.2)
+    if ev:
+        ax.plot(*zip(*ev), label="eval loss (held-out rows)", color="tab:orange", marker="o")
+    if base_loss is not None:
+        ax.axhline(base_loss, color="tab:gray", linestyle="--", linewidth=1,
+                   label=f"base model eval loss ({base_loss:.3f}, evaluate.py)")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (response tokens)")
+    ax.set_title("Training and eval loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(dest, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def plot_before_after(report: dict, dest: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    names, base, tuned = [], [], []
+    for fam, b in report["families"].items():
+        metric = "exact_match" if b["metric"] != "rouge_l" else "rouge_l"
+        names.append(f"{fam}\n({'EM' if metric == 'exact_match' else 'ROUGE-L'})")
+        base.append(b["base"][metric] or 0.0)
+        tuned.append(b["fine_tuned"][metric] or 0.0)
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(max(8, 1.3 * len(names) + 4), 4.5),
+                                   gridspec_kw={"width_ratios": [max(2, len(names)), 1.3]})
+    x = range(len(names))
+    w = 0.38
+    ax1.bar([i - w / 2 for i in x], base, w, label="base", color="tab:gray")
+    ax1.bar([i + w / 2 for i in x], tuned, w, label="fine-tuned", color="tab:green")
+    ax1.set_xticks(list(x), names, fontsize=8, rotation=20, ha="right")
+    ax1.set_ylim(0, 105)
+    ax1.set_ylabel("score (exact match % / ROUGE-L x100)")
+    ax1.set_title("Held-out rows by task family")
+    ax1.legend()
+    ax1.grid(axis="y", alpha=0.3)
+    o = report["overall"]
+    losses = [o["base"]["eval_loss"] or 0.0, o["fine_tuned"]["eval_loss"] or 0.0]
+    ax2.bar(["base", "fine-tuned"], losses, color=["tab:gray", "tab:green"])
+    for i, v in enumerate(losses):
+        ax2.text(i, v, f"{v:.3f}", ha="center", va="bottom", fontsize=9)
+    ax2.set_title("Eval loss (lower is better)")
+    ax2.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(dest, dpi=110)
+    plt.close(fig)
+
+
+def markdown(report: dict, has_curves: bool) -> str:
+    m = report["models"]
+    caps = report["settings"]["max_new_tokens"]
+    budget = " / ".join(f"{n} ({k.replace('_', '-')} rows)" for k, n in caps.items())
+    lines = [f"# Evaluation: base vs fine-tuned", "",
+             f"Run `{report['run']}`; {report['overall']['rows']} held-out rows from `{report['rows_file']}`.  ",
+             f"Base: `{m['base']}`. Fine-tuned: `{m['fine_tuned']}` ({m['fine_tuned_weights']}).  ",
+             f"Greedy decoding, at most {budget} new tokens (longer answers are cut off). "
+             "Exact match is after normalization (whitespace, case, a final period); ROUGE-L is F1 x100; "
+             "eval loss is the mean cross-entropy over response tokens.", ""]
+    lines += table_lines(report)
+    lines += [""]
+    if has_curves:
+        lines += ["![training and eval loss](loss_curves.png)", ""]
+    else:
+        lines += ["(No loss curves: the run has no train_log.jsonl.)", ""]
+    lines += ["![before and after](before_after.png)", "", "## Examples", ""]
+    for k, ex in enumerate(report["examples"], 1):
+        score = "exact match" if ex["verifiable"] else "ROUGE-L"
+        lines += [f"### {k}. {ex['family']}", "", f"**Instruction:** {ex['instruction']}  "]
+        if ex["input"]:
+            lines += [f"**Input:** {ex['input']}  "]
+        lines += [f"**Reference:** {ex['reference']}", "",
+                  f"- base ({score} {ex['base_score']:.2f}): {_quote(ex['base'])}",
+                  f"- fine-tuned ({score} {ex['fine_tuned_score']:.2f}): {_quote(ex['fine_tuned'])}", ""]
+    return "\n".join(lines) + "\n"
+
+
+def _quote(text: str) -> str:
+    one = " ".join(text.split())
+    return f"`{one}`" if one and "`" not in one else (one or "(empty)")
+
+
+# -- the stage -------------------------------------------------------------------------------------
+def main(cfg: Config, run: RunDir, use: str | None = None, rows_path: Path | None = None) -> dict:
+    t0 = time.time()
+    rows_path = rows_path or run.root / "eval_rows.jsonl"
+    rows, tuned_use = preflight(cfg, run, use or cfg.inference.use, rows_path)
+    log.info("evaluating %d held-out rows (%d verifiable) with the base and the fine-tuned model",
+             len(rows), sum(map(is_verifiable, rows)))
+    base = measure(cfg, run, "base", rows)
+    tuned = measure(cfg, run, tuned_use, rows)
+
+    agg = aggregate(rows, base, tuned)
+    ver = [i for i, r in enumerate(rows) if is_verifiable(r)]
+    opn = [i for i, r in enumerate(rows) if not is_verifiable(r)]
+
+    def sub(idx: list[int]) -> dict | None:  # the overall block, restricted to some rows
+        if not idx:
+            return None
+        pick = lambda m: {"rows": [m["rows"][i] for i in idx]}
+        return aggregate([rows[i] for i in idx], pick(base), pick(tuned))["overall"]
+    report = {
+        "run": str(run.root), "rows_file": str(rows_path),
+        "models": {"base": cfg.model.name_or_path,
+                   "fine_tuned": str(run.merged if tuned_use == "merged" else run.adapter),
+                   "fine_tuned_weights": tuned_use},
+        "settings": {"dtype": cfg.model.dtype, "greedy": True, "batch_size": cfg.inference.batch_size,
+                     "max_new_tokens": base["max_new_tokens"], "max_length": cfg.data.max_length},
+        "overall": agg["overall"], "verifiable": sub(ver), "open_ended": sub(opn), "families": agg["families"],
+        "examples": pick_examples(rows, base, tuned),
+        "rows": [{"family": family_of(r), "verifiable": is_verifiable(r), "instruction": r["instruction"],
+                  "input": r.get("input") or "", "reference": r["output"],
+                  "base": {"answer": b["answer"], "score": b["score"], "tokens": b["tokens"],
+                           "loss": round(b["nll_sum"] / b["tokens"], 4) if b["tokens"] else None},
+                  "fine_tuned": {"answer": t["answer"], "score": t["score"], "tokens": t["tokens"],
+                                 "loss": round(t["nll_sum"] / t["tokens"], 4) if t["tokens"] else None}}
+                 for r, b, t in zip(rows, base["rows"], tuned["rows"])],
+        "seconds": {"base": base["seconds"], "fine_tuned": tuned["seconds"], "total": round(time.time() - t0, 1)},
+    }
+    for key in ("eval_loss", "perplexity"):
+        for name in ("base", "fine_tuned"):
+            v = report["overall"][name][key]
+            if v is None or not math.isfinite(v):
+                raise UserError(f"the {name} model's {key} is {v}: no response tokens were scored; "
+                                "check data.max_length against the held-out rows")
+    with atomic_dir(run.eval) as tmp:
+        has_curves = plot_loss_curves(read_train_log(run.train_log), tmp / "loss_curves.png",
+                                      report["overall"]["base"]["eval_loss"])
+        plot_before_after(report, tmp / "before_after.png")
+        report["plots"] = ["loss_curves.png"] * has_curves + ["before_after.png"]
+        (tmp / "eval_report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        (tmp / "eval_report.md").write_text(markdown(report, has_curves), encoding="utf-8")
+    log.info("wrote %s in %.0fs", run.eval, time.time() - t0)
+    print(f"\nbase vs fine-tuned on {len(rows)} held-out rows ({run.eval / 'eval_report.md'}):")
+    print("\n".join(table_lines(report)))
+    return report
+
+
+def cli(argv) -> None:
+    p = build_parser(__doc__)
+    p.add_argument("--rows", type=Path, default=None,
+                   help="a .jsonl of rows to evaluate instead of <run>/eval_rows.jsonl (keep them out of training)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--merged", dest="use", action="store_const", const="merged", help="fine-tuned = <run>/merged")
+    g.add_argument("--adapter", dest="use", action="store_const", const="adapter", help="fine-tuned = base + adapter")
+    a = parse_args(p, argv)
+    cfg, run = stage_config(a.config, a.overrides)
+    main(cfg, run, a.use, a.rows)
+
+
+if __name__ == "__main__":
+    run_main(cli)

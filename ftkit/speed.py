@@ -1,0 +1,299 @@
+"""Training speed: padding-free attention without cross-row contamination, the resolution of the "auto"
+speed switches in `train.*`, and the analytic memory / speed estimate behind `finetune.py --dry-run`.
+
+Padding-free batches concatenate a micro-batch's rows into one row whose position_ids restart at 0 for
+every original row (TRL's DataCollatorForLanguageModeling(padding_free=True), or its bfd packing). Plain
+SDPA in transformers 5 sees restarting position_ids, builds a dense (L x L) block-diagonal boolean mask and
+hands it to SDPA, which then runs the memory-efficient kernel over the whole packed row: correct, but the
+attention costs O(L^2) for the packed length L (16k tokens: 64x the work of 64 rows of 256 tokens) and the
+mask alone is L^2 bytes. The "sdpa_varlen" attention registered here takes the row boundaries
+(cu_seq_lens, from the collator or derived from position_ids) and runs torch's variable-length flash
+attention (torch.nn.attention.varlen) on the GPU: each row attends only to itself, at the cost of its own
+length. On CPU (and wherever that kernel is missing) it runs SDPA row by row. Batches that are not packed
+(generation, padded batches) take the ordinary SDPA path unchanged.
+"""
+from __future__ import annotations
+
+import inspect
+import math
+from dataclasses import dataclass
+
+VARLEN_ATTN = "sdpa_varlen"
+_registered = False
+_varlen_fn = None  # torch.nn.attention.varlen.varlen_attn, when this torch has it
+_varlen_params: set[str] = set()
+_varlen_broken = False
+
+
+def _load_varlen():
+    global _varlen_fn, _varlen_params
+    if _varlen_fn is None:
+        try:
+            from torch.nn.attention.varlen import varlen_attn
+            _varlen_fn = varlen_attn
+            _varlen_params = set(inspect.signature(varlen_attn).parameters)
+        except Exception:  # older torch: no varlen module
+            _varlen_fn = False
+    return _varlen_fn
+
+
+def varlen_available() -> bool:
+    import torch
+    return bool(torch.cuda.is_available() and _load_varlen())
+
+
+def _segments(kwargs: dict, length: int):
+    """(cu_seq_lens int32 tensor, max row length) of a packed row, or None when the row is not packed."""
+    import torch
+    cu, mx = kwargs.get("cu_seq_lens_q"), kwargs.get("max_length_q")
+    if cu is not None:
+        return cu.to(torch.int32), int(mx) if mx is not None else None
+    pos = kwargs.get("position_ids")
+    if pos is None or pos.dim() != 2 or pos.shape[0] != 1 or pos.shape[1] != length:
+        return None
+    starts = (pos[0] == 0).nonzero().flatten()
+    if starts.numel() <= 1:
+        return None  # one row: plain causal attention is already right
+    cu = torch.cat([starts, torch.tensor([length], device=starts.device)]).to(torch.int32)
+    return cu, None
+
+
+def _rowwise_sdpa(q, k, v, cu, scaling):
+    """(1, H, L, D) tensors; causal SDPA on each row [cu[i], cu[i+1]) separately."""
+    import torch
+    import torch.nn.functional as F
+    bounds = cu.tolist()
+    rep = q.shape[1] // k.shape[1]
+    if rep > 1:
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    outs = [F.scaled_dot_product_attention(q[:, :, s:e], k[:, :, s:e], v[:, :, s:e], is_causal=True, scale=scaling)
+            for s, e in zip(bounds[:-1], bounds[1:]) if e > s]
+    return torch.cat(outs, dim=2)
+
+
+def _flash_varlen(q, k, v, cu, max_len, scaling):
+    """(1, H, L, D) tensors -> (L, H, D) through torch's varlen flash attention (causal, GQA)."""
+    fn = _load_varlen()
+    qt, kt, vt = (t[0].transpose(0, 1).contiguous() for t in (q, k, v))
+    if max_len is None:
+        max_len = int((cu[1:] - cu[:-1]).max())
+    kw = {"scale": scaling}
+    if "enable_gqa" in _varlen_params:
+        kw["enable_gqa"] = qt.shape[1] != kt.shape[1]
+    elif qt.shape[1] != kt.shape[1]:
+        rep = qt.shape[1] // kt.shape[1]
+        kt, vt = kt.repeat_interleave(rep, dim=1), vt.repeat_interleave(rep, dim=1)
+    if "is_causal" in _varlen_params:
+        kw["is_causal"] = True
+    else:
+        kw["window_size"] = (-1, 0)  # torch >= 2.12 spells causal as a window
+    return fn(qt, kt, vt, cu, cu, max_len, max_len, **kw)
+
+
+def varlen_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
+                             is_causal=None, **kwargs):
+    """An attention function for transformers' AttentionInterface (same signature as sdpa's)."""
+    global _varlen_broken
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    b, _, length, _ = query.shape
+    seg = None
+    if attention_mask is None and b == 1 and length > 1 and getattr(module, "is_causal", True):
+        seg = _segments(kwargs, length)
+    if seg is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      is_causal=is_causal, **kwargs)
+    cu, max_len = seg
+    cu = cu.to(query.device)
+    if query.is_cuda and not _varlen_broken and _load_varlen():
+        try:
+            return _flash_varlen(query, key, value, cu, max_len, scaling).unsqueeze(0), None
+        except (RuntimeError, TypeError, ValueError) as e:  # a torch build without the kernel for this dtype/arch
+            from .log import log
+            log.warning("varlen flash attention failed (%s); using row-by-row SDPA", str(e).splitlines()[0])
+            _varlen_broken = True
+    out = _rowwise_sdpa(query, key, value, cu, scaling)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def varlen_mask(*args, **kwargs):
+    """The mask for "sdpa_varlen": none for unpadded batches (packed rows are separated by the attention
+    itself, so no L x L mask is built), else SDPA's own mask."""
+    from transformers.masking_utils import sdpa_mask
+    am = kwargs.get("attention_mask")
+    if am is None or (am.dim() == 2 and bool(am.all())):
+        return None
+    return sdpa_mask(*args, **kwargs)
+
+
+def register() -> str:
+    global _registered
+    if not _registered:
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface
+        AttentionInterface.register(VARLEN_ATTN, varlen_attention_forward)
+        AttentionMaskInterface.register(VARLEN_ATTN, varlen_mask)
+        _registered = True
+    return VARLEN_ATTN
+
+
+def use_varlen_attention(model) -> None:
+    """Switch a loaded model (or its PEFT wrapper) to the padding-free attention."""
+    register()
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    try:
+        base.set_attn_implementation(VARLEN_ATTN)
+    except Exception:  # older transformers: the config field is what the layers read
+        base.config._attn_implementation = VARLEN_ATTN
+
+
+def liger_available() -> bool:
+    import importlib.util
+    import torch
+    return torch.cuda.is_available() and importlib.util.find_spec("liger_kernel") is not None
+
+
+# -- the estimate behind --dry-run ------------------------------------------------------------------
+# Constants measured on one NVIDIA H200 (benchmarks/results/h200_*.json; benchmarks/README.md says how they
+# were fitted). Memory is torch.cuda.max_memory_allocated. Time per optimizer step is modelled as
+#     n_micro * overhead + tokens * flops_per_token / rate + attention_flops / attn_rate
+# where flops_per_token is 4N (no recompute: forward + input gradients; the 4-bit base has no weight
+# gradients) or 6N (gradient checkpointing recomputes the forward), N the parameter count.
+CALIB = {
+    "NVIDIA H200": {
+        "peak_tflops": 790.0,             # measured bf16 dense matmul (KINDS.md); the MFU denominator
+        "rate_tflops": 479.0,             # achieved on the model's linear work, 4-bit dequantization included
+        "gpu_fixed_s": {"gc": 0.06, "nogc": 0.039},   # per micro-batch: dequantizing 7B weights and the like
+        # per micro-batch: the host issuing ~10k kernels (bitsandbytes, PEFT, liger); the GPU waits on it
+        # when the micro-batch is small
+        "cpu_floor_s": {"gc": 0.50, "nogc": 0.41},
+        "attn_tflops": 266.0,             # varlen flash attention, forward + backward
+        # activation bytes per token, per layer and hidden unit: without checkpointing everything a layer
+        # keeps for backward; with it, the bf16 layer input plus one layer's working set (gc_layer_h)
+        "act_per_layer_h": {"gc": 2.0, "nogc": 37.6},
+        "gc_layer_h": 51.2,
+        "logit_bytes_liger": 0.0, "logit_bytes": 14.0,  # per token and vocabulary entry without liger (not fitted)
+        "static_extra_gb": 0.0,
+    },
+}
+DEFAULT_GPU = "NVIDIA H200"
+
+
+@dataclass
+class Plan:
+    """What one optimizer step of a config does, in the terms the estimate needs."""
+    tokens_per_micro: float        # real tokens in one micro-batch (padded ones count when padding)
+    micro_per_step: int
+    gradient_checkpointing: bool
+    liger: bool
+    mean_row_len: float            # for the attention term
+    lora_dtype_bytes: int = 2      # TRL keeps QLoRA adapters in bf16
+    upcast_fp32: bool = False
+    optim_state_bytes: int = 8     # two fp32 AdamW moments; 2 for 8-bit optimizers
+
+
+def model_numbers(mconf, lora_r: int, targets) -> dict:
+    h, nl, inter, vocab = mconf.hidden_size, mconf.num_hidden_layers, mconf.intermediate_size, mconf.vocab_size
+    heads = mconf.num_attention_heads
+    kv = getattr(mconf, "num_key_value_heads", heads) or heads
+    hd = getattr(mconf, "head_dim", None) or h // heads
+    shapes = {"q_proj": (h, heads * hd), "k_proj": (h, kv * hd), "v_proj": (h, kv * hd), "o_proj": (heads * hd, h),
+              "gate_proj": (h, inter), "up_proj": (h, inter), "down_proj": (inter, h)}
+    linear = nl * sum(a * b for a, b in shapes.values())
+    tgt = shapes if targets == "all-linear" else {k: v for k, v in shapes.items() if k in targets}
+    lora = nl * lora_r * sum(a + b for a, b in tgt.values())
+    tied = bool(getattr(mconf, "tie_word_embeddings", False))
+    embed = vocab * h * (1 if tied else 2)
+    return {"hidden": h, "layers": nl, "vocab": vocab, "head_dim": hd, "heads": heads, "linear": linear,
+            "embed": embed, "lora": lora, "params": linear + embed + nl * 2 * h + h}
+
+
+def estimate(nums: dict, plan: Plan, gpu: str = DEFAULT_GPU) -> dict:
+    c = CALIB.get(gpu) or CALIB[DEFAULT_GPU]
+    mode = "gc" if plan.gradient_checkpointing else "nogc"
+    h, nl = nums["hidden"], nums["layers"]
+    # static: NF4 weights (0.5 byte + double-quantized absmax, ~0.127 bit), bf16 (or fp32) embeddings and
+    # head, LoRA weights + their gradients + two fp32 AdamW moments
+    static = nums["linear"] * (0.5 + 0.127 / 8) + nums["embed"] * (4 if plan.upcast_fp32 else 2)
+    static += nums["lora"] * (2 * plan.lora_dtype_bytes + plan.optim_state_bytes)
+    t = plan.tokens_per_micro
+    if plan.gradient_checkpointing:
+        act = t * (nl * c["act_per_layer_h"]["gc"] * h + c["gc_layer_h"] * h)
+    else:
+        act = t * nl * c["act_per_layer_h"]["nogc"] * h
+    act += t * (c["logit_bytes_liger"] if plan.liger else c["logit_bytes"] * nums["vocab"])
+    peak = static + act + c["static_extra_gb"] * 2**30
+    fpt = (6 if plan.gradient_checkpointing else 4) * nums["params"]
+    tokens = t * plan.micro_per_step
+    # causal attention: QK^T and PV, 2 * 2 * L/2 * heads*head_dim per token and layer forward; x(3 or 4)
+    attn = tokens * nl * 2 * plan.mean_row_len * nums["heads"] * nums["head_dim"] * (4.5 if plan.gradient_checkpointing else 3.5)
+    gpu_micro = (c["gpu_fixed_s"][mode] + t * fpt / (c["rate_tflops"] * 1e12)
+                 + attn / plan.micro_per_step / (c["attn_tflops"] * 1e12))
+    step = plan.micro_per_step * max(c["cpu_floor_s"][mode], gpu_micro)
+    return {"gpu": gpu if gpu in CALIB else f"{DEFAULT_GPU} (constants; {gpu} not calibrated)",
+            "predicted_peak_gb": round(peak / 1e9, 2), "predicted_step_s": round(step, 3),
+            "predicted_tokens_per_s": round(tokens / step, 1), "flops_per_token": fpt,
+            "static_gb": round(static / 1e9, 2), "activations_gb": round(act / 1e9, 2)}
+
+
+def lr_scale(rows_per_step: float, reference_rows: float, rule: str) -> float:
+    """Learning-rate factor when a step holds rows_per_step rows instead of the reference_rows the rate was
+    set for: square root (AdamW's usual rule), linear, or none."""
+    if rule == "none" or reference_rows <= 0 or rows_per_step <= 0:
+        return 1.0
+    r = rows_per_step / reference_rows
+    return math.sqrt(r) if rule == "sqrt" else r
+
+
+# -- resolving the "auto" switches -------------------------------------------------------------------
+def gpu_facts(device: str) -> tuple[str, float]:
+    """(name, total memory in bytes) of this process's GPU; the calibrated reference GPU on CPU."""
+    if device == "cuda":
+        import torch
+        i = torch.cuda.current_device()
+        return torch.cuda.get_device_name(i), float(torch.cuda.get_device_properties(i).total_memory)
+    return DEFAULT_GPU, 139 * 2**30
+
+
+def resolve(cfg, device: str, lengths: list[int], mconf, world_size: int = 1, gpu: tuple[str, float] | None = None) -> dict:
+    """Turn every "auto" in cfg.train into a value (in place) and return what was decided, with the plan and
+    estimate of one step. `lengths`: the token lengths of the training rows."""
+    t = cfg.train
+    cuda = device == "cuda"
+    name, total = gpu or gpu_facts(device)
+    if t.use_liger_kernel == "auto":
+        import importlib.util
+        t.use_liger_kernel = bool(cuda and importlib.util.find_spec("liger_kernel") is not None)
+    if t.packing == "auto":
+        t.packing = cuda
+    if t.padding_free == "auto":
+        t.padding_free = cuda
+    if t.packing:
+        t.padding_free = True
+    mean_len = sum(lengths) / max(1, len(lengths)) if lengths else cfg.data.max_length / 2
+    nums = model_numbers(mconf, cfg.lora.r, cfg.lora.target_modules)
+    if t.packing:
+        per_micro, rows_micro = float(t.pack_tokens), t.pack_tokens / mean_len
+    else:
+        rows_micro = t.per_device_train_batch_size
+        longest = max(lengths) if lengths else cfg.data.max_length
+        # padded batches cost up to the longest row of the batch for every row
+        per_micro = rows_micro * (mean_len if t.padding_free else min(longest, 2 * mean_len))
+    ref_rows = t.per_device_train_batch_size * t.gradient_accumulation_steps * world_size
+    step_rows = rows_micro * t.gradient_accumulation_steps * world_size
+    lr = t.learning_rate * (lr_scale(step_rows, ref_rows, t.lr_scaling) if t.packing else 1.0)
+
+    def plan(gc: bool) -> Plan:
+        return Plan(tokens_per_micro=per_micro, micro_per_step=t.gradient_accumulation_steps,
+                    gradient_checkpointing=gc, liger=bool(t.use_liger_kernel), mean_row_len=mean_len,
+                    upcast_fp32=cfg.train.upcast_frozen_fp32, optim_state_bytes=2 if "8bit" in t.optim else 8)
+    if t.gradient_checkpointing == "auto":
+        if not cuda:
+            t.gradient_checkpointing = False
+        else:
+            t.gradient_checkpointing = estimate(nums, plan(False), name)["predicted_peak_gb"] * 1e9 > 0.85 * total
+    est = estimate(nums, plan(bool(t.gradient_checkpointing)), name)
+    return {"padding_free": t.padding_free, "packing": t.packing, "pack_tokens": t.pack_tokens if t.packing else None,
+            "use_liger_kernel": t.use_liger_kernel, "gradient_checkpointing": t.gradient_checkpointing,
+            "learning_rate": lr, "lr_factor": round(lr / t.learning_rate, 4), "rows_per_step": round(step_rows, 1),
+            "mean_row_tokens": round(mean_len, 1), "tokens_per_micro_batch": round(per_micro),
+            "gpu": name, "gpu_memory_gb": round(total / 1e9, 1), "estimate": est}
