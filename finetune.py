@@ -14,6 +14,14 @@ Run:
     python finetune.py --config configs/demo.yaml --resume          # continue a killed run
     accelerate launch --config_file configs/accelerate/ddp.yaml finetune.py --config ...
 An existing run directory is never overwritten unless --overwrite is given.
+
+Interruptions: a checkpoint (adapter, optimizer, scheduler, RNG states, data position) is saved every
+train.save_steps. After a kill, --resume (or train.resume: auto) continues from the newest complete
+checkpoint, skipping any cut off mid-write, and train_log.jsonl is cut back to that step so no step is
+logged twice. Ctrl+C (SIGINT) or SIGTERM finishes the step in flight, saves a checkpoint, prints the resume
+command and exits with 128 + the signal number (130 for Ctrl+C): the run is not finished, so scripts that
+chain stages stop, and nothing is lost. A second Ctrl+C aborts at once.
+Exit codes: 0 done, 2 bad input (one line on stderr), 130/143 interrupted with a checkpoint saved.
 """
 from __future__ import annotations
 
@@ -260,40 +268,51 @@ def make_callbacks(run: RunDir, stop_flag: dict):
                 control.should_training_stop = True
             return control
 
-    return [TrainLog(), Interrupt()]
+    class NoPickledArgs(TrainerCallback):
+        """The Trainer pickles its arguments into every checkpoint (training_args.bin); a resume never reads
+        it, and a pickle runs code when loaded. Checkpoints keep only what a resume loads: safetensors,
+        JSON, and the optimizer/scheduler/RNG tensors, which the Trainer loads with weights_only=True."""
+
+        def on_save(self, args, state, control, **kw):
+            if state.is_world_process_zero:
+                (Path(args.output_dir) / f"checkpoint-{state.global_step}" / "training_args.bin").unlink(missing_ok=True)
+
+    return [TrainLog(), Interrupt(), NoPickledArgs()]
 
 
-class ShardProbe:
-    """Wraps the data collator to log which rows each rank's first training batch holds (a short hash per
-    row): under DDP the ranks must take different shards of the same global batch, and two runs with the
-    same seed must start on the same rows."""
+def log_first_batch(collator) -> None:
+    """Log which rows each rank's first training batch holds (a short hash per row): under DDP the ranks
+    must take different shards of the same global batch, and two runs with the same seed must start on the
+    same rows. The collator keeps its class (as a subclass), so isinstance checks in TRL still hold."""
+    base = type(collator)
 
-    def __init__(self, collator):
-        self.collator, self.done = collator, False
+    class FirstBatchLogged(base):
+        def __call__(self, features, *args, **kwargs):
+            if not getattr(self, "_first_logged", False):
+                self._first_logged = True
+                import zlib
+                info = dist_info()
+                rows = [f"{zlib.crc32(str(list(f['input_ids'])).encode()):08x}" for f in features]
+                log.info("rank %d of %d: first batch rows %s", info["rank"], info["world_size"], ",".join(rows))
+            return base.__call__(self, features, *args, **kwargs)
 
-    def __call__(self, features):
-        if not self.done:
-            self.done = True
-            import zlib
-            info = dist_info()
-            rows = [f"{zlib.crc32(str(list(f['input_ids'])).encode()):08x}" for f in features]
-            log.info("rank %d of %d: first batch rows %s", info["rank"], info["world_size"], ",".join(rows))
-        return self.collator(features)
+    collator.__class__ = FirstBatchLogged
 
 
 def check_eval_settings(cfg: Config, n_eval: int) -> None:
-    """Keeping the best checkpoint (load_best_model_at_end, early stopping) needs held-out rows and a
-    checkpoint at every evaluation that can win; transformers would otherwise fail with a traceback."""
+    """Keeping the best checkpoint needs evaluations, and a checkpoint saved at every evaluated step."""
     t = cfg.train
-    if not (t.load_best_model_at_end or t.early_stopping_patience):
+    key = ("train.load_best_model_at_end" if t.load_best_model_at_end else
+           "train.early_stopping_patience" if t.early_stopping_patience else None)
+    if key is None or not t.eval_steps:
         return
-    what = "train.early_stopping_patience" if t.early_stopping_patience else "train.load_best_model_at_end"
     if n_eval == 0:
-        raise UserError(f"{what} needs held-out rows to evaluate, but there are none; set data.eval_size above 0")
+        raise UserError(f"{key} needs held-out rows to evaluate on, but data.eval_size leaves none; "
+                        f"set data.eval_size above 0 or turn {key} off")
     if t.save_steps % t.eval_steps:
-        raise UserError(f"{what} keeps the checkpoint with the best eval loss, so train.save_steps "
-                        f"({t.save_steps}) must be a multiple of train.eval_steps ({t.eval_steps}); "
-                        f"set train.save_steps={t.eval_steps * max(1, round(t.save_steps / t.eval_steps))}")
+        fix = max(1, round(t.save_steps / t.eval_steps)) * t.eval_steps
+        raise UserError(f"{key} keeps the checkpoint with the best eval loss, so train.save_steps ({t.save_steps}) "
+                        f"must be a multiple of train.eval_steps ({t.eval_steps}); set train.save_steps={fix}")
 
 
 def sft_config(cfg: Config, run: RunDir, device: str, n_eval: int, speed: dict | None = None):
@@ -427,16 +446,12 @@ def main(cfg: Config, overwrite: bool = False, resume: bool = False) -> dict:
     loaded = data_stage.load_clean_split(cfg.data)
 
     import torch
-    from transformers import EarlyStoppingCallback, set_seed
-    from trl import SFTTrainer
-    from datasets import Dataset
     device = pick_device(cfg.train.device)
     if cfg.train.bf16 and device == "cuda" and not torch.cuda.is_bf16_supported():
         raise UserError("train.bf16 is on but this GPU has no bf16; set train.bf16=false and "
                         "quant.bnb_4bit_compute_dtype=float16")
     info = check_distributed(cfg, device)
     barrier()
-    set_seed(cfg.train.seed)
 
     # Everything that can fail on bad input fails here, before the run directory exists: the model's
     # structure (no weights yet), the LoRA targets, the data, the disk.
@@ -454,6 +469,11 @@ def main(cfg: Config, overwrite: bool = False, resume: bool = False) -> dict:
     log.info("speed switches: %s", json.dumps({k: v for k, v in speed_info.items() if k != "estimate"}))
     log.info("estimate for %s: %s", speed_info["gpu"], json.dumps(speed_info["estimate"]))
     del skeleton
+    # The training stack loads only now: a bad model or setting above fails in seconds, not after its import.
+    from transformers import EarlyStoppingCallback, set_seed
+    from trl import SFTTrainer
+    from datasets import Dataset
+    set_seed(cfg.train.seed)
     model = load_quantized_base(cfg, source, offline, device)
     model, trainable, total = apply_lora(cfg, model)
     if cfg.train.padding_free and cfg.model.attn_implementation == "sdpa":
@@ -493,7 +513,7 @@ def main(cfg: Config, overwrite: bool = False, resume: bool = False) -> dict:
         for p in trainer.model.parameters():
             if p.requires_grad and p.dtype != torch.float32:
                 p.data = p.data.float()
-    trainer.data_collator = ShardProbe(trainer.data_collator)
+    log_first_batch(trainer.data_collator)
     if device == "cpu" and info["world_size"] > 1:
         allow_indexed_cpu_locations()
 
@@ -533,8 +553,10 @@ def main(cfg: Config, overwrite: bool = False, resume: bool = False) -> dict:
         # so `make demo` and scripts chaining stages stop here, while the checkpoint makes it resumable.
         signum = int(stop_flag["hit"])
         if is_main():
+            launcher = ("accelerate launch --config_file <the same accelerate config> " if info["world_size"] > 1
+                        else "python ")
             print(f"stopped at step {state.global_step}; checkpoint saved in {run.checkpoints}. Resume with:\n"
-                  f"  python finetune.py --config {run.config} --resume", file=sys.stderr)
+                  f"  {launcher}finetune.py --config {run.config} --resume", file=sys.stderr)
         barrier()
         return {"interrupted": True, "step": state.global_step, "exit_code": 128 + int(signum)}
 

@@ -101,6 +101,7 @@ def load_for_inference(cfg: Config, run: RunDir, use: str, adapter: Path | None 
     return model, tok, template, use
 
 
+FAST_DEVICES = ("cuda",)  # where batch_runner uses ftkit.fastgen
 STATIC_CACHE_STEP = 256  # static KV caches are sized in steps of this many tokens: few sizes, few recompiles
 
 
@@ -129,6 +130,40 @@ def reusable_cache(model, kw: dict):
     from transformers import StaticCache
     del kw["cache_implementation"]
     return StaticCache(config=model.config, max_cache_len=kw.pop("max_cache_len"))
+
+
+def batch_runner(model, icfg: InferenceCfg, kw: dict, fast: bool = True):
+    """run(ids, attention_mask) -> output ids (prompt + new tokens) for one left-padded batch, given kw from
+    generation_kwargs (+ max_cache_len when static). Greedy decoding with the static cache on CUDA (the default
+    there) goes through ftkit.fastgen: the whole decode step (compiled when inference.compile resolves on) is one
+    CUDA graph, no per-step host work, the same tokens as model.generate. Anything else (sampling,
+    repetition_penalty, the dynamic cache, CPU) goes through model.generate, one static cache reused across calls."""
+    import torch
+    kw = dict(kw)
+    if (fast and kw.get("cache_implementation") == "static" and not kw["do_sample"]
+            and kw["repetition_penalty"] == 1.0 and model.device.type in FAST_DEVICES):
+        from ftkit import fastgen
+        eos = kw["eos_token_id"]
+        eos = [] if eos is None else list(eos) if isinstance(eos, (list, tuple)) else [eos]
+        pad = kw["pad_token_id"] if kw["pad_token_id"] is not None else (eos[0] if eos else 0)
+
+        def run_fast(ids, mask):
+            return fastgen.generate(model, ids.to(model.device), mask.to(model.device),
+                                    max_new_tokens=kw["max_new_tokens"], eos_token_ids=eos,
+                                    pad_token_id=pad, max_cache_len=kw["max_cache_len"],
+                                    min_new_tokens=kw.get("min_new_tokens") or 0,
+                                    compile=decode_settings(icfg)[1])
+        return run_fast
+    cache = reusable_cache(model, kw)
+
+    def run(ids, mask):
+        extra = {}
+        if cache is not None:
+            cache.reset()
+            extra["past_key_values"] = cache
+        with torch.no_grad():
+            return model.generate(input_ids=ids.to(model.device), attention_mask=mask.to(model.device), **kw, **extra)
+    return run
 
 
 def generation_kwargs(icfg: InferenceCfg, template: PromptTemplate, tok) -> dict:
@@ -190,7 +225,7 @@ def generate(model, tok, template: PromptTemplate, rows: list[tuple[str, str | N
     if static:  # one cache, sized for the whole input, so the decode step is compiled and captured once
         kw["max_cache_len"] = static_cache_len(max(map(len, encoded), default=0), icfg.max_new_tokens,
                                                context_limit(model))
-    cache = reusable_cache(model, kw)
+    run_batch = batch_runner(model, icfg, kw)
     bar = tqdm(total=len(encoded), desc="generating", unit="prompt", disable=not progress, file=sys.stderr)
     for batch in batches:
         width = max(len(encoded[i]) for i in batch)
@@ -204,11 +239,7 @@ def generate(model, tok, template: PromptTemplate, rows: list[tuple[str, str | N
             n = len(encoded[i])
             ids[row, width - n:] = torch.tensor(encoded[i])
             mask[row, width - n:] = 1
-        if cache is not None:
-            cache.reset()
-            kw["past_key_values"] = cache
-        with torch.no_grad():
-            out = model.generate(input_ids=ids.to(model.device), attention_mask=mask.to(model.device), **kw)
+        out = run_batch(ids, mask)
         for row, i in enumerate(batch):
             answers[i] = tok.decode(out[row, width:], skip_special_tokens=True).strip()
         if on_batch is not None:
@@ -597,6 +628,8 @@ def cli(argv) -> None:
         raise UserError(f"{' and '.join(modes)} do different things; pass one of them")
     if a.output_file is not None and a.input_file is None:
         raise UserError("--output-file needs --input-file (the prompts to answer)")
+    if a.input_file is not None:
+        read_prompt_file(a.input_file)  # a bad line fails before any run or model is looked at
     cfg, run = stage_config(a.config, a.overrides)
     if a.compare:
         compare(cfg, run, a.compare)

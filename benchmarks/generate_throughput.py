@@ -1,15 +1,17 @@
-"""Generation throughput: plain `model.generate` against this project's decode settings, batch 1 and batch 32.
+"""Generation throughput: plain `model.generate` against this project's decode path, batch 1 and batch 32.
 
 GPU (the issue's benchmark; see benchmarks/README.md for the exact command and the results):
     python benchmarks/generate_throughput.py --out benchmarks/results/generate_h200.json
   builds the merged Llama-3-8B's exact architecture with random bf16 weights straight on the GPU (nothing saved),
   SDPA attention, then generates greedily from 128-token prompts, 128 new tokens for every row
   (min_new_tokens = max_new_tokens: random weights would otherwise stop at a stray EOS):
-    plain:   model.generate as shipped (dynamic KV cache, eager);
-    project: inference.generation_kwargs with the product's default settings (inference.cache_implementation
-             and inference.compile "auto" = static KV cache + the decode step compiled with torch.compile
-             mode "reduce-overhead", i.e. CUDA graphs), the cache sized by inference.static_cache_len, the
-             batch built as inference.generate builds it (left-padded ids + attention mask).
+    plain:       model.generate as shipped (dynamic KV cache, eager);
+    project:     inference.batch_runner with the product's defaults (inference.cache_implementation and
+                 inference.compile "auto"), as inference.generate calls it: static KV cache sized by
+                 inference.static_cache_len, greedy decoding through ftkit.fastgen (the decode step compiled and
+                 captured as one CUDA graph);
+    hf_compiled: the same settings through model.generate (static cache, transformers' own torch.compile of
+                 the forward, mode "reduce-overhead"), for comparison.
   Warm-up runs (compile and CUDA-graph capture) are timed separately and left out of the throughput.
   tokens/s = rows x new tokens / wall time of one generate call (prefill included); decode ms/token =
   (full call - a 1-new-token call) / (new tokens - 1).
@@ -86,66 +88,65 @@ def make_batch(batch: int, prompt_len: int, vocab: int, device: str):
     return ids.to(device), torch.ones_like(ids).to(device)
 
 
-def gen_kwargs(project: dict | None, new_tokens: int, prompt_len: int, device: str, limit: int, eos: int) -> dict:
-    """The kwargs inference.generate passes: from inference.generation_kwargs, with the product's defaults
-    (project = {}: inference.cache_implementation and inference.compile "auto") or the plain settings."""
+def gen_kwargs(settings: dict, new_tokens: int, prompt_len: int, device: str, limit: int, eos: int):
+    """(icfg, kw) as inference.generate makes them: inference.generation_kwargs over InferenceCfg(**settings)
+    ({}: the product's defaults), plus the static cache length it would pick."""
     from ftkit.config import InferenceCfg
     from inference import generation_kwargs, static_cache_len
-    icfg = InferenceCfg(max_new_tokens=new_tokens, do_sample=False, device=device,
-                        **(project if project is not None else {"cache_implementation": "dynamic", "compile": False}))
+    icfg = InferenceCfg(max_new_tokens=new_tokens, do_sample=False, device=device, **settings)
     kw = generation_kwargs(icfg, SimpleNamespace(stop_token_ids=[eos]), SimpleNamespace(pad_token_id=eos,
                                                                                         eos_token_id=eos))
     if kw.get("cache_implementation") == "static":
         kw["max_cache_len"] = static_cache_len(prompt_len, new_tokens, limit)
     kw["min_new_tokens"] = new_tokens  # every row generates all of them (random weights)
-    return kw
+    return icfg, kw
 
 
-def timed_generate(model, ids, mask, kw, cache) -> tuple[float, object]:
-    """One model.generate call as inference.generate makes it (its static cache reset and passed in)."""
-    import torch
+def timed(run, ids, mask) -> tuple[float, object]:
     sync()
     t0 = time.perf_counter()
-    if cache is not None:
-        cache.reset()
-        kw = dict(kw, past_key_values=cache)
-    with torch.no_grad():
-        out = model.generate(input_ids=ids, attention_mask=mask, **kw)
+    out = run(ids, mask)
     sync()
     return time.perf_counter() - t0, out
 
 
-def run_variant(model, name: str, project: bool, batch: int, args, device: str, reps: int) -> dict:
+PLAIN = {"cache_implementation": "dynamic", "compile": False}
+
+
+def run_variant(model, name: str, mode: str, batch: int, args, device: str, reps: int) -> dict:
+    """mode: "plain" (model.generate, dynamic cache), "project" (inference.batch_runner with the product's
+    defaults: ftkit.fastgen on CUDA), "hf_compiled" (the same settings through model.generate: static cache,
+    transformers' own compile of the forward, mode reduce-overhead)."""
     import torch
-    res: dict = {"batch": batch, "prompt_tokens": args.prompt_len, "new_tokens": args.new_tokens}
+    from inference import batch_runner
+    res: dict = {"batch": batch, "prompt_tokens": args.prompt_len, "new_tokens": args.new_tokens, "mode": mode}
     RESULTS["variants"][name] = res
-    limit = model.config.max_position_embeddings
-    ids, mask = make_batch(batch, args.prompt_len, model.config.vocab_size, device)
-    kw = gen_kwargs(json.loads(args.project_settings) if project else None, args.new_tokens, args.prompt_len, device,
-                    limit, model.config.eos_token_id)
+    settings = PLAIN if mode == "plain" else json.loads(args.project_settings)
+    icfg, kw = gen_kwargs(settings, args.new_tokens, args.prompt_len, device, model.config.max_position_embeddings,
+                          model.config.eos_token_id)
+    res["settings"] = settings
     res["generate_kwargs"] = {k: (v if isinstance(v, (int, float, str, bool, list, type(None))) else repr(v))
                               for k, v in kw.items()}
-    from inference import reusable_cache
-    cache = reusable_cache(model, kw)  # static: one StaticCache for every call, as inference.generate does
-    res["static_cache_reused"] = cache is not None
+    fast = mode == "project"
+    run = batch_runner(model, icfg, kw, fast=fast)
+    run_one = batch_runner(model, icfg, dict(kw, max_new_tokens=1, min_new_tokens=1), fast=fast)
+    ids, mask = make_batch(batch, args.prompt_len, model.config.vocab_size, device)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     # Warm-up: the first call compiles and captures CUDA graphs (project) or loads kernels (plain); the second
-    # (project) shows that nothing is compiled or captured again.
+    # (compiled modes) shows that nothing is compiled or captured again.
     warm = []
-    for _ in range(2 if project else 1):
-        w_kw = kw if project else dict(kw, max_new_tokens=8, min_new_tokens=8)
-        dt, _ = timed_generate(model, ids, mask, w_kw, cache)
-        warm.append(round(dt, 2))
+    w_run = run if mode != "plain" else batch_runner(model, icfg, dict(kw, max_new_tokens=8, min_new_tokens=8))
+    for _ in range(1 if mode == "plain" else 2):
+        warm.append(round(timed(w_run, ids, mask)[0], 2))
     res["warmup_s"] = warm
-    if project:
+    if mode != "plain":
         res["compile_and_capture_s"] = round(warm[0] - warm[1], 1)
     fulls, outs = [], None
     for _ in range(reps):
-        dt, outs = timed_generate(model, ids, mask, kw, cache)
+        dt, outs = timed(run, ids, mask)
         fulls.append(dt)
-    one_kw = dict(kw, max_new_tokens=1, min_new_tokens=1)
-    ones = [timed_generate(model, ids, mask, one_kw, cache)[0] for _ in range(reps)]
+    ones = [timed(run_one, ids, mask)[0] for _ in range(reps)]
     full, one = statistics.median(fulls), statistics.median(ones)
     gen = outs.shape[1] - args.prompt_len
     assert gen == args.new_tokens, f"generated {gen} tokens, expected {args.new_tokens}"
@@ -158,21 +159,26 @@ def run_variant(model, name: str, project: bool, batch: int, args, device: str, 
         "decode_tokens_per_s": round(batch * 1e3 / decode_ms, 1),
         "prefill_plus_first_token_s": round(one, 4),
     })
+    decoders = getattr(model, "_ftkit_graph_decoders", {})
+    if fast and decoders:
+        d = decoders.get((batch, kw["max_cache_len"], 1, True)) or next(iter(decoders.values()))
+        res["cuda_graph"] = d.graph is not None
+        res["capture_error"] = d.capture_error
     if device == "cuda":
         res["peak_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 2)
-        # Bytes the decode step must read at least: the weights (+ the KV cache), against HBM bandwidth.
+        # The decode step reads at least the weights: bytes / step time, against ~4.3-4.8 TB/s of HBM.
         res["decode_bandwidth_tbps"] = round(RESULTS["model"]["params"] * 2 / (decode_ms / 1e3) / 1e12, 2)
-    res["first_row_tokens"] = outs[0, args.prompt_len:args.prompt_len + 16].tolist()
+    res["first_row_tokens"] = outs[0, args.prompt_len:args.prompt_len + 32].tolist()
     save()
     print(f"[{time.time() - T0:6.0f}s] {name}: {res['tokens_per_s']} tok/s, decode {res['decode_ms_per_step']} "
-          f"ms/step, warm-up {warm}", flush=True)
+          f"ms/step, warm-up {warm}" + (f", cuda_graph {res.get('cuda_graph')}" if fast else ""), flush=True)
     return res
 
 
 def reset_compiled(model):
     import torch
     torch._dynamo.reset()
-    for attr in ("_compiled_call", "_last_compile_config", "_previous_max_cache_length"):
+    for attr in ("_compiled_call", "_last_compile_config", "_previous_max_cache_length", "_ftkit_graph_decoders"):
         if hasattr(model, attr):
             delattr(model, attr)
     gc.collect()
@@ -191,6 +197,8 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=3, help="timed runs of each project variant (median)")
     ap.add_argument("--project-settings", default="{}",
                     help='InferenceCfg keys over the defaults for the project variant, e.g. \'{"compile": false}\'')
+    ap.add_argument("--no-hf-compiled", action="store_true",
+                    help="skip model.generate with the static cache and transformers' own compile")
     ap.add_argument("--budget-s", type=float, default=1e9,
                     help="skip variants that would not finish within this many seconds of the start")
     args = ap.parse_args(argv)
@@ -213,43 +221,46 @@ def main(argv=None):
     model = build_model(args.tiny, device)
     save()
     batches = [int(b) for b in args.batches.split(",")]
-    compile_s = 0.0
-    # Project first (the compile is the long part), then plain; each batch size is compiled fresh, as a
-    # process answering a file compiles for its own batch size.
-    for b in batches:
+    # Project first (the compile is the long part), then plain, then transformers' own compiled generate for
+    # comparison; skipped when the budget would run out. Each compiled variant starts from a clean dynamo state.
+    plan = [("project", b) for b in batches] + [("plain", b) for b in sorted(batches, reverse=True)]
+    plan += [] if args.no_hf_compiled else [("hf_compiled", b) for b in batches]
+    compile_s = 45.0
+    for mode, b in plan:
+        name = f"{mode}_b{b}"
         left = args.budget_s - (time.time() - T0)
-        if compile_s and left < compile_s * 1.3 + 20:
-            RESULTS["variants"][f"project_b{b}"] = {"skipped": f"{left:.0f} s of budget left"}
+        need = (compile_s * 1.2 + 10) if mode != "plain" else (12 + 0.3 * b)
+        if left < need:
+            RESULTS["variants"][name] = {"skipped": f"{left:.0f} s of budget left, ~{need:.0f} s needed"}
+            save()
             continue
         reset_compiled(model)
         try:
-            r = run_variant(model, f"project_b{b}", True, b, args, device, args.reps)
-            compile_s = max(compile_s, r.get("warmup_s", [0])[0])
+            r = run_variant(model, name, mode, b, args, device, args.reps if mode != "plain" else 1)
+            if mode != "plain":
+                compile_s = max(compile_s, r["warmup_s"][0])
         except Exception as e:  # keep what was measured so far
-            RESULTS["variants"][f"project_b{b}"]["error"] = f"{type(e).__name__}: {e}"[:2000]
+            RESULTS["variants"][name]["error"] = f"{type(e).__name__}: {e}"[:3000]
             save()
-            print(f"project_b{b} failed: {e}", flush=True)
-    reset_compiled(model)
-    for b in sorted(batches, reverse=True):
-        left = args.budget_s - (time.time() - T0)
-        if left < (15 if b == 1 else 30) * (2 if b == 1 else 1):
-            RESULTS["variants"][f"plain_b{b}"] = {"skipped": f"{left:.0f} s of budget left"}
-            continue
-        try:
-            run_variant(model, f"plain_b{b}", False, b, args, device, 1)
-        except Exception as e:
-            RESULTS["variants"][f"plain_b{b}"]["error"] = f"{type(e).__name__}: {e}"[:2000]
-            print(f"plain_b{b} failed: {e}", flush=True)
+            print(f"{name} failed: {type(e).__name__}: {str(e)[:1500]}", flush=True)
     v = RESULTS["variants"]
+
+    def agree(x, y):  # leading new tokens two variants share (bf16 near-ties with random weights split them)
+        x, y = x.get("first_row_tokens"), y.get("first_row_tokens")
+        return None if not x or not y else next((i for i, (p, q) in enumerate(zip(x, y)) if p != q), min(len(x), len(y)))
+
     summary = {}
     for b in batches:
-        p, q = v.get(f"plain_b{b}", {}), v.get(f"project_b{b}", {})
+        p, q, h = v.get(f"plain_b{b}", {}), v.get(f"project_b{b}", {}), v.get(f"hf_compiled_b{b}", {})
         summary[f"b{b}"] = {"plain_tok_s": p.get("tokens_per_s"), "project_tok_s": q.get("tokens_per_s"),
+                            "hf_compiled_tok_s": h.get("tokens_per_s"),
                             "speedup": round(q["tokens_per_s"] / p["tokens_per_s"], 2)
                             if p.get("tokens_per_s") and q.get("tokens_per_s") else None,
+                            "project_decode_ms_per_step": q.get("decode_ms_per_step"),
                             "project_compile_and_capture_s": q.get("compile_and_capture_s"),
-                            "same_first_16_tokens": (p.get("first_row_tokens") == q.get("first_row_tokens"))
-                            if p.get("first_row_tokens") and q.get("first_row_tokens") else None}
+                            "project_cuda_graph": q.get("cuda_graph"),
+                            "leading_tokens_equal_project_vs_plain": agree(q, p),
+                            "leading_tokens_equal_project_vs_hf_compiled": agree(q, h)}
     targets = {} if args.tiny else {1: 150, 32: 3000}
     for b, t in targets.items():
         if f"b{b}" in summary and summary[f"b{b}"]["project_tok_s"]:
@@ -258,12 +269,13 @@ def main(argv=None):
     RESULTS["summary"] = summary
     RESULTS["wall_s"] = round(time.time() - T0, 1)
     save()
-    print("\n| batch | plain tok/s | project tok/s | speedup | project decode ms/step | compile+capture s |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    print("\n| batch | plain tok/s | HF static+compile tok/s | project tok/s | speedup | project decode ms/step "
+          "| compile+capture s |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for b in batches:
-        s, q = summary[f"b{b}"], v.get(f"project_b{b}", {})
-        print(f"| {b} | {s['plain_tok_s']} | {s['project_tok_s']} | {s['speedup']} | {q.get('decode_ms_per_step')} "
-              f"| {s['project_compile_and_capture_s']} |")
+        s = summary[f"b{b}"]
+        print(f"| {b} | {s['plain_tok_s']} | {s['hf_compiled_tok_s']} | {s['project_tok_s']} | {s['speedup']} "
+              f"| {s['project_decode_ms_per_step']} | {s['project_compile_and_capture_s']} |")
 
 
 if __name__ == "__main__":

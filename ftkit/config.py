@@ -182,9 +182,10 @@ class InferenceCfg(Section):
     # rounded up to 256 tokens), which lets the decode step be compiled and replayed as CUDA graphs;
     # "dynamic": grows token by token (transformers' default). "auto": static on CUDA, dynamic on CPU.
     cache_implementation: Literal["auto", "dynamic", "static"] = "auto"
-    # torch.compile generate's decode step (mode "reduce-overhead": CUDA graphs on CUDA); needs the static
-    # cache. The first batch of a process pays the compile (about a minute for an 8B model). "auto": on with
-    # CUDA, off on CPU. Measured in benchmarks/generate_throughput.py.
+    # torch.compile the decode step; needs the static cache. On CUDA, greedy decoding (no repetition_penalty)
+    # runs through ftkit/fastgen.py: the whole step is one CUDA graph (173 vs 12 tokens/s at batch 1 for an 8B
+    # model on an H200, benchmarks/README.md); other settings through generate (mode "reduce-overhead").
+    # The first batch of a process pays the compile (~40 s for an 8B model). "auto": on with CUDA, off on CPU.
     compile: bool | Literal["auto"] = "auto"
 
     @model_validator(mode="after")

@@ -187,7 +187,18 @@ def check_free_space(path: Path, need_bytes: int, what: str) -> None:
     probe = path
     while not probe.exists():
         probe = probe.parent
-    if not os.access(probe, os.W_OK):
+    if not probe.is_dir():
+        raise UserError(f"'{probe}' is a file, so '{path}' cannot be created; choose another paths.output_dir")
+    writable = os.access(probe, os.W_OK)
+    if writable:
+        # os.access says yes to root everywhere, even on a read-only mount; a real file says the truth.
+        try:
+            import tempfile
+            with tempfile.TemporaryFile(dir=probe):
+                pass
+        except OSError:
+            writable = False
+    if not writable:
         raise UserError(f"cannot write to '{probe}'; choose a writable paths.output_dir")
     free = shutil.disk_usage(probe).free
     if free < need_bytes:

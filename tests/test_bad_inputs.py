@@ -80,6 +80,8 @@ CASES = [
     Case("config-eval-size-too-big", "finetune.py", ft("data.eval_size=1000"), "data.eval_size", GOOD),
     Case("config-output-dir-is-a-file", "finetune.py", ft("paths.output_dir={tmp}/afile"), "is a file",
          {**GOOD, "afile": "x"}),
+    Case("config-output-dir-under-a-file", "finetune.py", ft("paths.output_dir={tmp}/afile/run"), "is a file",
+         {**GOOD, "afile": "x"}),
     Case("config-fsdp-storage-mismatch", "finetune.py", ft(), "quant.bnb_4bit_quant_storage", GOOD,
          env={"ACCELERATE_USE_FSDP": "true"}),
     Case("config-fsdp-on-cpu", "finetune.py",
@@ -89,7 +91,7 @@ CASES = [
          ft("data.max_length=16", "data.too_long=fail"), "prompt alone exceeds data.max_length", GOOD),
     Case("config-max-length-below-prompt-drop", "finetune.py", ft("data.max_length=16"), "no training rows left", GOOD),
     Case("disk-too-small-for-checkpoints", "finetune.py",
-         ft("train.max_steps=100000000", "train.save_steps=1", "train.save_total_limit=null"), "not enough disk space",
+         ft("train.max_steps=100000000", "train.save_steps=2", "train.save_total_limit=null"), "not enough disk space",
          GOOD),
     # -- data ------------------------------------------------------------------------------------------
     Case("data-malformed-json", "finetune.py", ft(), "line 3",
@@ -129,9 +131,9 @@ CASES = [
     Case("model-folder-without-config", "finetune.py", ft("model.name_or_path={tmp}/empty-model"), "no config.json",
          {**GOOD, "empty-model/README.md": "nothing here"}),
     Case("model-hub-unreachable", "finetune.py", ft("model.name_or_path=meta-llama/Meta-Llama-3-8B"), "unreachable",
-         GOOD, env={"HF_ENDPOINT": "http://127.0.0.1:9", "HF_HOME": "{tmp}/hf"}, unset=("HF_HUB_OFFLINE",), max_s=60),
+         GOOD, env={"HF_ENDPOINT": "http://127.0.0.1:9", "HF_HOME": "{tmp}/hf"}, unset=("HF_HUB_OFFLINE",), max_s=30),
     Case("model-hub-offline-not-cached", "finetune.py", ft("model.name_or_path=meta-llama/Meta-Llama-3-8B"),
-         "HF_HUB_OFFLINE", GOOD, env={"HF_HOME": "{tmp}/hf"}, max_s=60),
+         "HF_HUB_OFFLINE", GOOD, env={"HF_HOME": "{tmp}/hf"}, max_s=30),
     Case("model-not-causal-lm", "finetune.py", ft("model.name_or_path={bert}"), "not a causal language model", GOOD),
     Case("model-pickle-only", "finetune.py", ft("model.name_or_path={pickle}"), "pickle", GOOD),
     Case("model-unknown-target-modules", "finetune.py", ft("lora.target_modules=[q_proj,query_key_value]"),
@@ -259,7 +261,7 @@ def test_bad_input(case: Case, tmp_path, models, trained_run):
     if case.max_s:
         assert took < case.max_s, f"took {took:.0f}s"
     # Nothing half-written: no run folder from a failed training, the finished run untouched.
-    assert not (tmp_path / "run").exists() or case.id == "config-output-dir-is-a-file"
+    assert not (tmp_path / "run").exists()
     assert snapshot(run) == before
     assert not [p for p in tmp_path.rglob("*") if ".tmp-" in p.name]
 
@@ -268,3 +270,21 @@ def test_at_least_forty_cases_across_every_stage():
     assert len(CASES) >= 40
     stages = {c.id.split("-")[0] for c in CASES}
     assert {"config", "data", "model", "merge", "infer"} <= stages
+
+
+@pytest.mark.parametrize("too_long, kept_long", [("drop", 0), ("truncate", 1)])
+def test_rows_bad_only_in_part_follow_the_policy_and_are_counted(tmp_path, tiny_llama, too_long, kept_long):
+    """Too long / empty output / duplicate rows: dropped (or truncated) by policy, never silently."""
+    rows = ROWS + [{"instruction": "Repeat.", "input": "", "output": LONG},
+                   {"instruction": "Say nothing.", "input": "", "output": "   "}, ROWS[0]]
+    data = tmp_path / "d.json"
+    data.write_text(json.dumps(rows))
+    out = tmp_path / "run"
+    r = run_script("dataset.py", "--config", "configs/demo.yaml",
+                   *tiny_overrides(tiny_llama, data, out, **{"data.too_long": too_long, "data.eval_size": 0}))
+    assert r.returncode == 0, r.stderr
+    rep = json.loads((out / "dataset_report.json").read_text())
+    assert rep["rows_in_file"] == len(rows) and rep["empty_output"] == 1 and rep["duplicates"] == 1
+    assert rep["dropped_too_long"] == 1 - kept_long and rep["truncated"] == kept_long
+    assert rep["train_rows"] == len(ROWS) + kept_long
+    assert f"dropped as too long {1 - kept_long}" in r.stdout

@@ -14,7 +14,7 @@ from conftest import REPO, run_script, tiny_overrides
 
 import evaluate as ev
 from ftkit.log import UserError
-from ftkit.paths import RunDir, stage_config
+from ftkit.paths import stage_config
 
 DEMO = str(REPO / "configs" / "demo.yaml")
 

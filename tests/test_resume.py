@@ -125,12 +125,15 @@ def test_checkpoint_holds_everything_a_resume_needs(reference):
     for f in ("adapter_model.safetensors", "adapter_config.json", "optimizer.pt", "scheduler.pt", "rng_state.pth",
               "trainer_state.json"):
         assert (c / f).is_file(), f
+    assert not (c / "training_args.bin").exists()  # a pickle no resume reads
     opt = torch.load(c / "optimizer.pt", weights_only=True)
     moments = opt["state"][0]
     assert {"exp_avg", "exp_avg_sq", "step"} <= set(moments)  # AdamW's state, not a fresh optimizer
     sched = torch.load(c / "scheduler.pt", weights_only=True)
     assert sched["last_epoch"] == STEPS - 2
-    rng = torch.load(c / "rng_state.pth", weights_only=False)
+    from transformers.trainer_pt_utils import safe_globals
+    with safe_globals():  # as the Trainer loads it: weights_only, numpy arrays allowed, no arbitrary pickles
+        rng = torch.load(c / "rng_state.pth", weights_only=True)
     assert {"python", "numpy", "cpu"} <= set(rng)
     state = json.loads((c / "trainer_state.json").read_text())
     # The data position: the step and epoch the Trainer skips ahead to on resume.
@@ -172,8 +175,10 @@ def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(tmp_path, tiny_llama, 
     assert step < STEPS and (run / "checkpoints" / f"checkpoint-{step}" / "trainer_state.json").is_file()
     assert not (run / "adapter").exists()
 
-    r = run_script("finetune.py", *args, "--resume")
+    # train.resume=auto in the config does what --resume does, when the run directory holds a run.
+    r = run_script("finetune.py", *args, "train.resume=auto")
     assert r.returncode == 0, r.stderr
+    assert f"resuming from {run / 'checkpoints' / f'checkpoint-{step}'}" in r.stderr
     assert sorted(losses(run)) == list(range(1, STEPS + 1))
 
 
