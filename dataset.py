@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ftkit.config import Config, DataCfg, build_parser, load_config, parse_args
-from ftkit.log import UserError, log, run_main
+from ftkit.config import UserError, log, run_main
 from ftkit.models import hub_mode, load_tokenizer
 from ftkit.paths import RunDir, atomic_write_json, file_sha256
 from ftkit.prompts import IGNORE_INDEX, PromptTemplate

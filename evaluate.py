@@ -34,7 +34,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from ftkit.config import Config, build_parser, parse_args
-from ftkit.log import UserError, log, run_main
+from ftkit.config import UserError, log, run_main
 from ftkit.models import resolve_model
 from ftkit.paths import REPO_ROOT, RunDir, atomic_dir, stage_config
 from ftkit.prompts import IGNORE_INDEX, PromptTemplate

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from ftkit.config import Config, InferenceCfg, build_parser, parse_args
-from ftkit.log import UserError, log, run_main
+from ftkit.config import UserError, log, run_main
 from ftkit.paths import RunDir, atomic_write_text, check_free_space, stage_config
 from ftkit.prompts import PromptTemplate
 

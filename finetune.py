@@ -36,8 +36,7 @@ import time
 from pathlib import Path
 
 from ftkit.config import Config, build_parser, load_config, parse_args
-from ftkit import speed
-from ftkit.log import UserError, log, run_main
+from ftkit.config import UserError, log, run_main
 from ftkit.models import load_causal_lm, load_tokenizer, model_skeleton, pick_device, resolve_model, torch_dtype
 from ftkit.paths import (RunDir, atomic_dir, atomic_write_json, atomic_write_text, check_free_space,
                          save_resolved_config, write_latest, write_manifest)
@@ -446,6 +445,8 @@ def main(cfg: Config, overwrite: bool = False, resume: bool = False) -> dict:
     loaded = data_stage.load_clean_split(cfg.data)
 
     import torch
+
+    from ftkit import speed
     device = pick_device(cfg.train.device)
     if cfg.train.bf16 and device == "cuda" and not torch.cuda.is_bf16_supported():
         raise UserError("train.bf16 is on but this GPU has no bf16; set train.bf16=false and "
@@ -589,6 +590,7 @@ def dry_run(cfg: Config) -> dict:
     """Predicted peak GPU memory and tokens/s of one optimizer step on the detected GPU (the calibrated
     reference GPU when none is visible), from the model's config, the data's token lengths and the
     constants measured on the H200 (ftkit/speed.py, benchmarks/README.md). Loads no weights."""
+    from ftkit import speed
     from ftkit.models import causal_lm_config
     device = pick_device(cfg.train.device)
     source, offline = resolve_model(cfg.model)

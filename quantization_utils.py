@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections import Counter, OrderedDict
 
 from ftkit.config import Config, QuantCfg, build_parser, load_config, parse_args
-from ftkit.log import UserError, log, run_main
+from ftkit.config import UserError, log, run_main
 from ftkit.models import resolve_model, torch_dtype
 
 

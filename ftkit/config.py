@@ -1,4 +1,5 @@
-"""The one typed config that every stage reads: YAML file, then dotted CLI overrides.
+"""The one typed config that every stage reads (YAML file, then dotted CLI overrides), and the contract
+every entry point keeps with the user: the shared CLI, logging, and the one user-facing error type.
 
 Key names follow the Hugging Face / PEFT / bitsandbytes argument they feed (`lora.r` is
 `LoraConfig(r=...)`, `train.learning_rate` is `SFTConfig(learning_rate=...)`), so that a user who knows
@@ -8,14 +9,101 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import logging
+import os
+import re
+import sys
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Callable, Literal, Sequence
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .log import UserError
+# -- logging and errors ------------------------------------------------------------------------------
+# Every entry point runs through `run_main`, so that a mistake the user can fix (a typo in the config, a
+# missing file) ends as one line on stderr and exit code 2, while a real bug still shows its traceback.
 
+log = logging.getLogger("ftkit")
+
+# Exit code for bad input, distinct from 1 (crash) so that scripts and CI can tell the two apart.
+EXIT_USAGE = 2
+
+
+class UserError(Exception):
+    """A problem in the user's input: config, data, paths, model choice. The message names the fix."""
+
+
+def setup_logging(debug: bool = False) -> None:
+    level = logging.DEBUG if debug else logging.INFO
+    # Whatever reaches the terminal (our logs, print, library output) passes through `redact` first.
+    for name in ("stdout", "stderr"):
+        if not isinstance(getattr(sys, name), RedactStream):
+            setattr(sys, name, RedactStream(getattr(sys, name)))
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S",
+                        stream=sys.stderr, force=True)
+    # Library chatter drowns the lines a user acts on; keep it at warning unless debugging.
+    for noisy in ("transformers", "datasets", "accelerate", "peft", "trl", "bitsandbytes", "httpx", "urllib3",
+                  "filelock"):
+        logging.getLogger(noisy).setLevel(logging.DEBUG if debug else logging.WARNING)
+    # bitsandbytes warns on every CPU import that an optional hub kernel is absent; it falls back fine.
+    logging.getLogger("bitsandbytes").setLevel(logging.DEBUG if debug else logging.ERROR)
+    if not debug:
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    logging.getLogger().addFilter(RedactTokens())
+
+
+_TOKEN_RE = re.compile(r"\bhf_[A-Za-z0-9]{10,}\b")
+
+
+def redact(text: str) -> str:
+    """Hide anything shaped like a hub token, and the value of HF_TOKEN itself, wherever text goes out."""
+    tok = os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN")
+    if tok:
+        text = text.replace(tok, "***")
+    return _TOKEN_RE.sub("hf_***", text)
+
+
+class RedactStream:
+    """sys.stdout/sys.stderr wrapper that redacts tokens from everything printed, libraries' output too."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def write(self, text):
+        return self._stream.write(redact(text) if isinstance(text, str) else text)
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
+class RedactTokens(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg = redact(str(record.msg))
+        if record.args:
+            record.args = tuple(redact(str(a)) if isinstance(a, str) else a for a in record.args)
+        return True
+
+
+def run_main(main: Callable[[Sequence[str]], int | None], argv: Sequence[str] | None = None) -> None:
+    """Call a stage's CLI main; turn UserError into one line and exit code 2 unless --debug is given."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    setup_logging(debug)
+    try:
+        rc = main(argv)
+    except UserError as e:
+        if debug:
+            raise
+        print(f"error: {redact(str(e))}", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    sys.exit(rc or 0)
+
+
+# -- the config --------------------------------------------------------------------------------------
 DTYPES = Literal["bfloat16", "float16", "float32"]
 
 
@@ -183,7 +271,7 @@ class InferenceCfg(Section):
     # "dynamic": grows token by token (transformers' default). "auto": static on CUDA, dynamic on CPU.
     cache_implementation: Literal["auto", "dynamic", "static"] = "auto"
     # torch.compile the decode step; needs the static cache. On CUDA, greedy decoding (no repetition_penalty)
-    # runs through ftkit/fastgen.py: the whole step is one CUDA graph (173 vs 12 tokens/s at batch 1 for an 8B
+    # runs through ftkit/speed.py: the whole step is one CUDA graph (173 vs 12 tokens/s at batch 1 for an 8B
     # model on an H200, benchmarks/README.md); other settings through generate (mode "reduce-overhead").
     # The first batch of a process pays the compile (~40 s for an 8B model). "auto": on with CUDA, off on CPU.
     compile: bool | Literal["auto"] = "auto"

@@ -12,7 +12,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from .config import Config, ModelCfg
-from .log import UserError, log
+from .config import UserError, log
 
 
 def pick_device(pref: str) -> str:
