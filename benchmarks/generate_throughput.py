@@ -33,10 +33,8 @@ from types import SimpleNamespace
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-LLAMA3_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                 num_attention_heads=32, num_key_value_heads=8, rope_theta=500000.0, max_position_embeddings=8192,
-                 rms_norm_eps=1e-5, bos_token_id=128000, eos_token_id=128001, tie_word_embeddings=False,
-                 hidden_act="silu", attention_bias=False, mlp_bias=False, initializer_range=0.02)
+from benchmarks.train_throughput import LLAMA3_8B  # noqa: E402  (one definition of the shape)
+
 TINY = dict(LLAMA3_8B, vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, bos_token_id=1, eos_token_id=2)
 HBM_TBPS = 4.8  # H200 spec; ~4.3 TB/s measured device-to-device (.library KINDS.md)

@@ -47,16 +47,22 @@ def embedded_model() -> Path:
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory, embedded_model) -> Path:
     """A 2-layer random Llama that shares the SmolLM2 tokenizer (so chat templates work), ~3M parameters."""
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), embedded_model, seed=0, tied=True, bf16=True)
+
+
+def build_tiny_llama(out: Path, tokenizer_from: Path, seed: int, tied: bool, bf16: bool) -> Path:
+    """A 2-layer random Llama saved with the SmolLM2 tokenizer (so chat templates work)."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-    out = tmp_path_factory.mktemp("tiny-llama")
-    tok = AutoTokenizer.from_pretrained(embedded_model)
-    torch.manual_seed(0)
+    tok = AutoTokenizer.from_pretrained(tokenizer_from)
+    torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                      tie_word_embeddings=True)
-    model = LlamaForCausalLM(cfg).to(torch.bfloat16)
+                      tie_word_embeddings=tied)
+    model = LlamaForCausalLM(cfg)
+    if bf16:
+        model = model.to(torch.bfloat16)
     model.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
     return out

@@ -24,17 +24,8 @@ from ftkit.prompts import PromptTemplate
 def talky_llama(tmp_path_factory, embedded_model) -> Path:
     """A 2-layer random Llama with an untied output head whose greedy answers are visible words (the shared
     tiny_llama answers newlines only, which strip to nothing)."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-    out = tmp_path_factory.mktemp("talky-llama")
-    tok = AutoTokenizer.from_pretrained(embedded_model)
-    torch.manual_seed(1)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                      tie_word_embeddings=False)
-    LlamaForCausalLM(cfg).save_pretrained(out, safe_serialization=True)  # float32
-    tok.save_pretrained(out)
-    return out
+    from conftest import build_tiny_llama
+    return build_tiny_llama(tmp_path_factory.mktemp("talky-llama"), embedded_model, seed=1, tied=False, bf16=False)
 
 
 def make_run(root: Path, model: Path, kind: str = "chat", merged: bool = True, **extra) -> tuple:
