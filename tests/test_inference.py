@@ -265,12 +265,14 @@ def test_chat_ctrl_c_keeps_the_partial_answer(tmp_path, talky_llama, monkeypatch
             if InterruptingStreamer.n == 6:  # the prompt, then 5 tokens
                 os.kill(os.getpid(), signal.SIGINT)
     monkeypatch.setattr(transformers, "TextStreamer", InterruptingStreamer)
+    # What SIGINT did before (a background CI job may inherit SIG_IGN); reply() must put it back.
+    before = signal.getsignal(signal.SIGINT)
     answer, stopped = s.reply("Tell me a long story.")
     assert stopped and answer and len(tok(answer, add_special_tokens=False)["input_ids"]) < 20
     assert s.history[-1] == {"role": "assistant", "content": answer, "interrupted": True}
     out = capsys.readouterr().out
     assert answer.split()[0] in out and "[stopped; the partial answer is kept]" in out
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is only set while answering
+    assert signal.getsignal(signal.SIGINT) is before  # the handler is only set while answering
     s.handle(f"/save {tmp_path / 'chat.json'}")
     saved = json.loads((tmp_path / "chat.json").read_text())
     assert saved["messages"] == s.history and saved["template"] == "chat"
