@@ -413,11 +413,8 @@ def output_sizes(cfg: Config, skeleton, n_train_rows: int, world_size: int) -> d
 def check_disk(cfg: Config, run: RunDir, sizes: dict[str, int]) -> None:
     """Fail now if checkpoints and the adapter cannot fit; warn if the merged model later will not."""
     need = sizes["checkpoints"] + sizes["adapter"]
-    check_free_space(run.root, need, f"{sizes['checkpoints'] / 1e9:.2f} GB of checkpoints and the adapter")
-    probe = run.root
-    while not probe.exists():
-        probe = probe.parent
-    free = shutil.disk_usage(probe).free
+    probe, free = check_free_space(run.root, need,
+                                   f"{sizes['checkpoints'] / 1e9:.2f} GB of checkpoints and the adapter")
     if free < need + sizes["merged"]:
         log.warning("after training, '%s' will have about %.1f GB free, but merge_adapter.py needs about %.1f GB "
                     "for the merged model; free space before merging", probe, (free - need) / 1e9,

@@ -182,8 +182,9 @@ def write_manifest(cfg: Config, run: RunDir, data_hash: str | None, extra: dict 
     atomic_write_json(run.manifest, manifest)
 
 
-def check_free_space(path: Path, need_bytes: int, what: str) -> None:
-    """Fail before hours of work when the disk cannot hold the result."""
+def check_free_space(path: Path, need_bytes: int, what: str) -> tuple[Path, int]:
+    """Fail before hours of work when the disk cannot hold the result. Returns the existing folder that
+    was checked and its free bytes, for callers that plan further writes there."""
     probe = path
     while not probe.exists():
         probe = probe.parent
@@ -204,3 +205,4 @@ def check_free_space(path: Path, need_bytes: int, what: str) -> None:
     if free < need_bytes:
         raise UserError(f"not enough disk space in '{probe}' for {what}: about {need_bytes / 1e9:.1f} GB needed, "
                         f"{free / 1e9:.1f} GB free; free space or point paths.output_dir elsewhere")
+    return probe, free
