@@ -233,6 +233,21 @@ def apply_lora(cfg: Config, model):
     return model, trainable, total
 
 
+def apply_speed_switches(cfg: Config, model, speed_info: dict) -> None:
+    """The model-side switches speed.resolve decided: attention for packed rows, tiled MLP, offloading."""
+    from ftkit import speed
+    if cfg.train.padding_free and cfg.model.attn_implementation == "sdpa":
+        speed.use_varlen_attention(model)  # packed rows attend only within themselves, at their own length
+    if cfg.train.tiled_mlp:
+        log.info("tiled MLP: %d layers run their MLP in chunks of %d tokens", speed.use_tiled_mlp(model),
+                 model.config.hidden_size)
+    if speed_info["offload_layers"]:
+        n = speed.offload_layer_inputs(model, speed_info["offload_layers"])
+        log.info("activation offloading: the checkpointed inputs of %d of %d layers go to CPU RAM (~%.1f GB for "
+                 "the largest micro-batch)", n, len(speed.decoder_layers(model)),
+                 speed_info["estimate_largest"]["host_offload_gb"])
+
+
 # -- training loop hooks ---------------------------------------------------------------------------
 def make_callbacks(run: RunDir, stop_flag: dict):
     from transformers import TrainerCallback
@@ -463,7 +478,7 @@ def main(cfg: Config, overwrite: bool = False, resume: bool = False) -> dict:
     check_eval_settings(cfg, len(prep.eval.rows))
     check_disk(cfg, run, output_sizes(cfg, skeleton, len(prep.train.rows), info["world_size"]))
     # Speed switches left at "auto" (packing, padding-free, liger, checkpointing, the scaled LR) get values.
-    speed_info = speed.resolve(cfg, device, prep.train.lengths, skeleton.config, info["world_size"])
+    speed_info = speed.resolve(cfg, device, prep.train.lengths, skeleton.config, info["world_size"], fsdp=info["fsdp"])
     log.info("speed switches: %s", json.dumps({k: v for k, v in speed_info.items() if k != "estimate"}))
     log.info("estimate for %s: %s", speed_info["gpu"], json.dumps(speed_info["estimate"]))
     del skeleton
@@ -474,8 +489,7 @@ def main(cfg: Config, overwrite: bool = False, resume: bool = False) -> dict:
     set_seed(cfg.train.seed)
     model = load_quantized_base(cfg, source, offline, device)
     model, trainable, total = apply_lora(cfg, model)
-    if cfg.train.padding_free and cfg.model.attn_implementation == "sdpa":
-        speed.use_varlen_attention(model)  # packed rows attend only within themselves, at their own length
+    apply_speed_switches(cfg, model, speed_info)
     eff_batch = cfg.train.per_device_train_batch_size * cfg.train.gradient_accumulation_steps * info["world_size"]
     log.info("device %s, world size %d%s, per-device batch %d x accumulation %d x %d processes = global batch %d",
              device, info["world_size"], " (FSDP)" if info["fsdp"] else "", cfg.train.per_device_train_batch_size,
@@ -601,19 +615,28 @@ def dry_run(cfg: Config) -> dict:
     gpu = speed.gpu_facts(device)
     if device != "cuda" and cfg.train.use_liger_kernel == "auto":
         cfg.train.use_liger_kernel = True  # predicting for the reference GPU host, where liger-kernel is installed
-    info = speed.resolve(cfg, "cuda", lengths, mconf, dist_info()["world_size"], gpu=gpu)
-    est = info["estimate"]
+    info = speed.resolve(cfg, "cuda", lengths, mconf, dist_info()["world_size"], gpu=gpu,
+                         fsdp=fsdp_enabled(), check_host=device == "cuda")
+    est, big = info["estimate"], info["estimate_largest"]
     where = info["gpu"] if device == "cuda" else f"{info['gpu']} (no GPU detected here; the calibrated reference)"
     print(f"dry run: {cfg.model.name_or_path} on {where}{note}")
     print(f"  rows: mean {info['mean_row_tokens']} tokens; {'packed into ' + str(info['pack_tokens']) + '-token micro-batches' if info['packing'] else 'micro-batches of ' + str(cfg.train.per_device_train_batch_size) + ' rows'}"
           f" x {cfg.train.gradient_accumulation_steps} accumulation = ~{info['rows_per_step']} rows a step")
     print(f"  switches: padding_free={info['padding_free']} liger={info['use_liger_kernel']} "
           f"gradient_checkpointing={info['gradient_checkpointing']} learning_rate={info['learning_rate']:.3g} "
-          f"(x{info['lr_factor']})")
+          f"(x{info['lr_factor']}) tiled_mlp={info['tiled_mlp']} offloaded_layers={info['offload_layers']}")
     print(f"  predicted peak GPU memory {est['predicted_peak_gb']} GB (weights and optimizer {est['static_gb']} GB, "
           f"activations {est['activations_gb']} GB) of {info['gpu_memory_gb']} GB")
     print(f"  predicted {est['predicted_tokens_per_s']:.0f} real tokens/s, {est['predicted_step_s']} s a step "
           f"({est['flops_per_token'] / 1e9:.1f} GFLOP a token)")
+    if info["largest_micro_batch_tokens"] > info["tokens_per_micro_batch"]:
+        print(f"  largest micro-batch ({info['largest_micro_batch_tokens']} tokens): predicted peak "
+              f"{big['predicted_peak_gb']} GB" + (f", {big['host_offload_gb']} GB in CPU RAM" if big["host_offload_gb"] else ""))
+    elif est["host_offload_gb"]:
+        print(f"  offloaded checkpoints: {est['host_offload_gb']} GB in CPU RAM")
+    if big["predicted_peak_gb"] * 1e9 > 0.85 * info["gpu_memory_gb"] * 1e9:
+        print("  warning: the largest micro-batch is predicted not to fit; lower data.max_length, train.pack_tokens "
+              "or train.per_device_train_batch_size")
     return {"exit_code": 0, "dry_run": info}
 
 

@@ -155,6 +155,12 @@ def reset_base(base) -> None:
             pass
     for p in base.parameters():
         p.requires_grad_(False)
+    for m in base.modules():  # ftkit.speed's tiled MLP and offloading, undone
+        if "forward" in vars(m) and getattr(m, "_ftkit_tiled", False):
+            del m.forward
+            del m._ftkit_tiled
+        if getattr(type(m), "_ftkit_offload", False):
+            m.__class__ = type(m).__mro__[1]
     base.train()
 
 
@@ -186,8 +192,7 @@ def project_trainer(base, tok, rows, lengths, steps: int, device: str, overrides
                                "lora.lora_dropout=0.0", "train.eval_steps=null", *overrides])
     info = speed.resolve(cfg, device, lengths, base.config)
     model, _, _ = finetune.apply_lora(cfg, base)
-    if cfg.train.padding_free and cfg.model.attn_implementation == "sdpa":
-        speed.use_varlen_attention(model)
+    finetune.apply_speed_switches(cfg, model, info)
     args = finetune.sft_config(cfg, RunDir(Path(tempfile.mkdtemp())), device, 0, info)
     args.disable_tqdm = True
     trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok)
@@ -306,11 +311,19 @@ def gpu_main(a) -> None:
         row[0]["labels"] = row[0]["input_ids"]
         tr, info = project_trainer(base, tok, row, [L], 1, "cuda", ["train.packing=false", *overrides], a.config)
         torch.cuda.reset_peak_memory_stats()
+        host0 = host_pinned_peak(reset=True)
         t = time.perf_counter()
         tr.train()
         torch.cuda.synchronize()
-        return {"L": L, "peak_gb": round(torch.cuda.max_memory_allocated() / 1e9, 3),
-                "step_s": round(time.perf_counter() - t, 2), "gc": info["gradient_checkpointing"]}
+        out = {"L": L, "peak_gb": round(torch.cuda.max_memory_allocated() / 1e9, 3),
+               "step_s": round(time.perf_counter() - t, 2), "gc": info["gradient_checkpointing"],
+               "tiled_mlp": info["tiled_mlp"], "offload_layers": info["offload_layers"],
+               "loss": tr.state.log_history[0].get("loss") if tr.state.log_history else None,
+               "pred_peak_gb": info["estimate"]["predicted_peak_gb"],
+               "pred_host_gb": info["estimate"]["host_offload_gb"], "pred_step_s": info["estimate"]["predicted_step_s"]}
+        if host0 is not None:
+            out["host_pinned_peak_gb"] = round(host_pinned_peak() / 1e9, 3)
+        return out
 
     only = set(a.only.split(",")) if a.only else None
 
@@ -344,7 +357,19 @@ def gpu_main(a) -> None:
                        ["train.pack_tokens=16384", "train.gradient_accumulation_steps=1"], W + S)
     if want("project_long"):
         for L in a.project_probe:
-            variant(f"project_long_{L}", base, probe_project, L, ["train.gradient_checkpointing=true"])
+            variant(f"project_long_{L}", base, probe_project, L, ["train.gradient_checkpointing=true",
+                                                                 "train.tiled_mlp=false", "train.activation_offloading=false"])
+    if want("project_long_tiled"):
+        for L in a.project_probe:
+            variant(f"project_long_tiled_{L}", base, probe_project, L, [
+                "train.gradient_checkpointing=true", "train.tiled_mlp=true", "train.activation_offloading=false"])
+    if want("project_long_offload"):
+        for L in a.offload_probe:
+            variant(f"project_long_tiled_offload32_{L}", base, probe_project, L, [
+                "train.gradient_checkpointing=true", "train.tiled_mlp=true", "train.activation_offloading=true"])
+    if want("project_long_auto"):
+        for L in a.auto_probe:  # what finetune.py picks by itself for one row this long
+            variant(f"project_long_auto_{L}", base, probe_project, L, [])
     if want("contamination"):
         variant("contamination_check", base, contamination_check, rows[:6])
     summarize()
@@ -439,6 +464,17 @@ def summarize() -> None:
     print(json.dumps(s))
 
 
+def host_pinned_peak(reset: bool = False) -> float | None:
+    """Peak bytes of pinned host memory torch allocated (the offloaded checkpoints) since the last reset."""
+    import torch
+    try:
+        if reset:
+            torch.cuda.memory.reset_peak_host_memory_stats()
+        return float(torch.cuda.memory.host_memory_stats()["allocated_bytes.peak"])
+    except Exception:  # a torch without host allocator statistics
+        return None
+
+
 def versions() -> dict:
     out = {"python": platform.python_version()}
     from importlib.metadata import version
@@ -506,8 +542,11 @@ def main(argv=None) -> None:
     p.add_argument("--pack-tokens", type=lambda s: [int(x) for x in s.split(",")], default=[4096, 16384, 24576])
     p.add_argument("--plain-probe", type=lambda s: [int(x) for x in s.split(",")], default=[65536])
     p.add_argument("--project-probe", type=lambda s: [int(x) for x in s.split(",")], default=[65536])
+    p.add_argument("--offload-probe", type=lambda s: [int(x) for x in s.split(",")], default=[65536])
+    p.add_argument("--auto-probe", type=lambda s: [int(x) for x in s.split(",") if x], default=[])
     p.add_argument("--only", default="", help="comma list of groups: plain_alpaca,plain_fixed,plain_long,"
-                   "project_same,project_default,project_fixed,project_long,contamination")
+                   "project_same,project_default,project_fixed,project_long,project_long_tiled,project_long_offload,"
+                   "project_long_auto,contamination")
     a = p.parse_args(argv)
     OUT = Path(a.out)
     os.chdir(ROOT)

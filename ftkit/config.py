@@ -14,7 +14,7 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import Any, Callable, Literal, Sequence
+from typing import Annotated, Any, Callable, Literal, Sequence
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -217,6 +217,16 @@ class TrainCfg(Section):
     # norms) to float32: 2 GB more for Llama-3-8B and float32 activations. Off, they stay in model.dtype
     # (on GPU; CPU runs keep the upcast).
     upcast_frozen_fp32: bool = False
+    # For rows too long for the GPU even with checkpointing (tens of thousands of tokens and up). Both need
+    # gradient checkpointing. "auto": on only when the estimate for the longest micro-batch exceeds 85% of
+    # the GPU; off on CPU.
+    # tiled_mlp: run each MLP (and its recompute) over the sequence in chunks of hidden_size tokens (as
+    # DeepSpeed's and liger's TiledMLP), so its 3.5x-wide intermediates exist for one chunk at a time.
+    tiled_mlp: bool | Literal["auto"] = "auto"
+    # activation_offloading: keep the checkpointed layer inputs (2 bytes x hidden a token, per layer) in
+    # pinned CPU RAM instead of GPU memory. true: every layer; N: the first N layers; "auto": as few layers
+    # as make the longest micro-batch fit (the run's saved config records the number chosen).
+    activation_offloading: bool | Annotated[int, Field(ge=0)] | Literal["auto"] = "auto"
     dataloader_num_workers: int = Field(0, ge=0)
     report_to: str = "none"
     resume: Literal["never", "auto"] = "never"
@@ -227,6 +237,11 @@ class TrainCfg(Section):
             raise ValueError("train.early_stopping_patience needs train.eval_steps (evaluation every N steps)")
         if self.load_best_model_at_end and not self.eval_steps:
             raise ValueError("train.load_best_model_at_end needs train.eval_steps")
+        for k in ("tiled_mlp", "activation_offloading"):
+            v = getattr(self, k)
+            if v is not False and v != "auto" and v != 0 and self.gradient_checkpointing is False:
+                raise ValueError(f"train.{k}={str(v).lower()} needs gradient checkpointing; set train.gradient_checkpointing "
+                                 f"to true or auto")
         return self
 
 

@@ -17,11 +17,12 @@ from __future__ import annotations
 import inspect
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Sequence
 
 import torch
 
-from .config import log
+from .config import UserError, log
 
 VARLEN_ATTN = "sdpa_varlen"
 _registered = False
@@ -175,6 +176,10 @@ CALIB = {
         # keeps for backward; with it, the bf16 layer input plus one layer's working set (gc_layer_h)
         "act_per_layer_h": {"gc": 2.0, "nogc": 37.6},
         "gc_layer_h": 51.2,
+        # the same working set with the MLP run in chunks (train.tiled_mlp); not yet fitted: an analytic
+        # guess (the attention part of gc_layer_h) until the H200 run in benchmarks/results measures it
+        "gc_layer_h_tiled": 24.0,
+        "offload_gb_per_s": 20.0,         # pinned host <-> GPU copies, each way (not fitted)
         "logit_bytes_liger": 0.0, "logit_bytes": 14.0,  # per token and vocabulary entry without liger (not fitted)
         "static_extra_gb": 0.0,
     },
@@ -193,6 +198,8 @@ class Plan:
     lora_dtype_bytes: int = 2      # TRL keeps QLoRA adapters in bf16
     upcast_fp32: bool = False
     optim_state_bytes: int = 8     # two fp32 AdamW moments; 2 for 8-bit optimizers
+    tiled_mlp: bool = False
+    offload_layers: int = 0        # decoder layers whose checkpointed inputs live in CPU RAM
 
 
 def model_numbers(mconf, lora_r: int, targets) -> dict:
@@ -207,8 +214,9 @@ def model_numbers(mconf, lora_r: int, targets) -> dict:
     lora = nl * lora_r * sum(a + b for a, b in tgt.values())
     tied = bool(getattr(mconf, "tie_word_embeddings", False))
     embed = vocab * h * (1 if tied else 2)
+    mlp = nl * sum(a * b for k, (a, b) in shapes.items() if k.endswith(("gate_proj", "up_proj", "down_proj")))
     return {"hidden": h, "layers": nl, "vocab": vocab, "head_dim": hd, "heads": heads, "linear": linear,
-            "embed": embed, "lora": lora, "params": linear + embed + nl * 2 * h + h}
+            "embed": embed, "lora": lora, "params": linear + embed + nl * 2 * h + h, "mlp_share": mlp / linear}
 
 
 def estimate(nums: dict, plan: Plan, gpu: str = DEFAULT_GPU) -> dict:
@@ -220,23 +228,33 @@ def estimate(nums: dict, plan: Plan, gpu: str = DEFAULT_GPU) -> dict:
     static = nums["linear"] * (0.5 + 0.127 / 8) + nums["embed"] * (4 if plan.upcast_fp32 else 2)
     static += nums["lora"] * (2 * plan.lora_dtype_bytes + plan.optim_state_bytes)
     t = plan.tokens_per_micro
+    host = 0.0
     if plan.gradient_checkpointing:
-        act = t * (nl * c["act_per_layer_h"]["gc"] * h + c["gc_layer_h"] * h)
+        on_gpu = nl - plan.offload_layers
+        layer = c["gc_layer_h_tiled"] if plan.tiled_mlp else c["gc_layer_h"]
+        act = t * (on_gpu * c["act_per_layer_h"]["gc"] * h + layer * h)
+        host = t * plan.offload_layers * c["act_per_layer_h"]["gc"] * h
     else:
         act = t * nl * c["act_per_layer_h"]["nogc"] * h
     act += t * (c["logit_bytes_liger"] if plan.liger else c["logit_bytes"] * nums["vocab"])
     peak = static + act + c["static_extra_gb"] * 2**30
     fpt = (6 if plan.gradient_checkpointing else 4) * nums["params"]
+    if plan.tiled_mlp:
+        # the MLP forward runs a third time (its own recompute inside the layer's); the MLP is `mlp_share`
+        # of the linear work
+        fpt += 2 * nums["mlp_share"] * nums["params"]
     tokens = t * plan.micro_per_step
     # causal attention: QK^T and PV, 2 * 2 * L/2 * heads*head_dim per token and layer forward; x(3 or 4)
     attn = tokens * nl * 2 * plan.mean_row_len * nums["heads"] * nums["head_dim"] * (4.5 if plan.gradient_checkpointing else 3.5)
     gpu_micro = (c["gpu_fixed_s"][mode] + t * fpt / (c["rate_tflops"] * 1e12)
-                 + attn / plan.micro_per_step / (c["attn_tflops"] * 1e12))
+                 + attn / plan.micro_per_step / (c["attn_tflops"] * 1e12)
+                 + 2 * host / (c["offload_gb_per_s"] * 1e9))  # copied out and back, not overlapped
     step = plan.micro_per_step * max(c["cpu_floor_s"][mode], gpu_micro)
     return {"gpu": gpu if gpu in CALIB else f"{DEFAULT_GPU} (constants; {gpu} not calibrated)",
             "predicted_peak_gb": round(peak / 1e9, 2), "predicted_step_s": round(step, 3),
             "predicted_tokens_per_s": round(tokens / step, 1), "flops_per_token": fpt,
-            "static_gb": round(static / 1e9, 2), "activations_gb": round(act / 1e9, 2)}
+            "static_gb": round(static / 1e9, 2), "activations_gb": round(act / 1e9, 2),
+            "host_offload_gb": round(host / 1e9, 2)}
 
 
 def lr_scale(rows_per_step: float, reference_rows: float, rule: str) -> float:
@@ -258,7 +276,8 @@ def gpu_facts(device: str) -> tuple[str, float]:
     return DEFAULT_GPU, 139 * 2**30
 
 
-def resolve(cfg, device: str, lengths: list[int], mconf, world_size: int = 1, gpu: tuple[str, float] | None = None) -> dict:
+def resolve(cfg, device: str, lengths: list[int], mconf, world_size: int = 1, gpu: tuple[str, float] | None = None,
+            fsdp: bool = False, check_host: bool = True) -> dict:
     """Turn every "auto" in cfg.train into a value (in place) and return what was decided, with the plan and
     estimate of one step. `lengths`: the token lengths of the training rows."""
     t = cfg.train
@@ -286,21 +305,141 @@ def resolve(cfg, device: str, lengths: list[int], mconf, world_size: int = 1, gp
     step_rows = rows_micro * t.gradient_accumulation_steps * world_size
     lr = t.learning_rate * (lr_scale(step_rows, ref_rows, t.lr_scaling) if t.packing else 1.0)
 
-    def plan(gc: bool) -> Plan:
-        return Plan(tokens_per_micro=per_micro, micro_per_step=t.gradient_accumulation_steps,
+    # Memory is decided on the largest micro-batch the data can make, not the typical one: a run that fits
+    # on average still dies on its longest batch.
+    if t.packing:
+        worst = float(t.pack_tokens)
+    elif lengths:
+        top = sorted(lengths, reverse=True)[:t.per_device_train_batch_size]
+        worst = float(sum(top) if t.padding_free else top[0] * len(top))
+    else:
+        worst = float(t.per_device_train_batch_size * cfg.data.max_length)
+    worst = max(worst, per_micro)
+
+    def plan(gc: bool, tiled: bool = False, offload: int = 0, tokens: float = per_micro) -> Plan:
+        return Plan(tokens_per_micro=tokens, micro_per_step=t.gradient_accumulation_steps,
                     gradient_checkpointing=gc, liger=bool(t.use_liger_kernel), mean_row_len=mean_len,
-                    upcast_fp32=cfg.train.upcast_frozen_fp32, optim_state_bytes=2 if "8bit" in t.optim else 8)
+                    upcast_fp32=cfg.train.upcast_frozen_fp32, optim_state_bytes=2 if "8bit" in t.optim else 8,
+                    tiled_mlp=tiled, offload_layers=offload)
+
+    budget = 0.85 * total
+
+    def fits(p: Plan) -> bool:
+        return estimate(nums, p, name)["predicted_peak_gb"] * 1e9 <= budget
+    on = t.activation_offloading not in (False, 0, "auto")
+    if on and not cuda:
+        raise UserError("train.activation_offloading=true needs a CUDA GPU (it moves GPU memory to CPU RAM); "
+                        "set it to auto or false")
+    if on and fsdp:
+        raise UserError("train.activation_offloading is not supported with FSDP; use fsdp_offload_params in the "
+                        "accelerate config instead, or set train.activation_offloading=false")
     if t.gradient_checkpointing == "auto":
-        if not cuda:
-            t.gradient_checkpointing = False
-        else:
-            t.gradient_checkpointing = estimate(nums, plan(False), name)["predicted_peak_gb"] * 1e9 > 0.85 * total
-    est = estimate(nums, plan(bool(t.gradient_checkpointing)), name)
+        # recompute costs ~1/3 more work: only when the step does not fit without it (or a switch needs it)
+        t.gradient_checkpointing = bool(cuda and not fits(plan(False, tokens=worst))) or on or t.tiled_mlp is True
+    gc = bool(t.gradient_checkpointing)
+    if t.tiled_mlp == "auto":
+        t.tiled_mlp = bool(cuda and gc and not fits(plan(True, tokens=worst)))
+    offload = 0
+    if t.activation_offloading is True:
+        offload = nums["layers"]
+    elif on:
+        offload = min(int(t.activation_offloading), nums["layers"])
+    elif t.activation_offloading == "auto" and cuda and gc and not fsdp:
+        # as few layers as make the step fit: each offloaded layer costs a copy out and back
+        offload = next((n for n in range(nums["layers"] + 1)
+                        if fits(plan(True, bool(t.tiled_mlp), n, worst))), nums["layers"])
+    t.activation_offloading = True if offload == nums["layers"] else offload if offload else False
+    worst_est = estimate(nums, plan(gc, bool(t.tiled_mlp), offload, worst), name)
+    if offload and check_host:
+        avail = host_memory_available()
+        need = worst_est["host_offload_gb"] * 1e9
+        if avail is not None and need > 0.9 * avail:
+            raise UserError(f"activation offloading needs {need / 1e9:.1f} GB of CPU RAM for the longest micro-batch "
+                            f"({worst:.0f} tokens) but {avail / 1e9:.1f} GB is available; lower data.max_length, "
+                            f"train.pack_tokens or train.per_device_train_batch_size")
+    est = estimate(nums, plan(gc, bool(t.tiled_mlp), offload), name)
     return {"padding_free": t.padding_free, "packing": t.packing, "pack_tokens": t.pack_tokens if t.packing else None,
             "use_liger_kernel": t.use_liger_kernel, "gradient_checkpointing": t.gradient_checkpointing,
+            "tiled_mlp": t.tiled_mlp, "offload_layers": offload,
             "learning_rate": lr, "lr_factor": round(lr / t.learning_rate, 4), "rows_per_step": round(step_rows, 1),
             "mean_row_tokens": round(mean_len, 1), "tokens_per_micro_batch": round(per_micro),
-            "gpu": name, "gpu_memory_gb": round(total / 1e9, 1), "estimate": est}
+            "largest_micro_batch_tokens": round(worst), "gpu": name, "gpu_memory_gb": round(total / 1e9, 1),
+            "estimate": est, "estimate_largest": worst_est}
+
+
+def host_memory_available() -> float | None:
+    """MemAvailable of /proc/meminfo in bytes (Linux), else None."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return float(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+# -- long rows: tiled MLP and offloaded checkpoints --------------------------------------------------------
+def decoder_layers(model) -> list:
+    """The repeated blocks that gradient checkpointing wraps (transformers' GradientCheckpointingLayer)."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+
+
+def use_tiled_mlp(model, chunk_tokens: int | None = None) -> int:
+    """Run every decoder layer's MLP over the sequence in chunks of `chunk_tokens` (default: hidden_size, as
+    DeepSpeed's TiledMLP), each under its own non-reentrant checkpoint: forward keeps only the chunk inputs, and
+    backward rebuilds one chunk's gate/up/activation at a time. The MLP acts on each token alone, so chunking
+    the sequence changes no result. Returns the number of MLPs patched."""
+    import torch.utils.checkpoint as tc
+    n = 0
+    for layer in decoder_layers(model):
+        mlp = getattr(layer, "mlp", None)
+        if mlp is None or getattr(mlp, "_ftkit_tiled", False):
+            continue
+        chunk = chunk_tokens or int(getattr(getattr(model, "config", None), "hidden_size", 0) or 4096)
+        inner = mlp.forward
+
+        def forward(x, _inner=inner, _chunk=chunk):
+            if not torch.is_grad_enabled() or x.shape[-2] <= _chunk:
+                return _inner(x)
+            return torch.cat([tc.checkpoint(_inner, part, use_reentrant=False)
+                              for part in x.split(_chunk, dim=-2)], dim=-2)
+        mlp.forward = forward
+        mlp._ftkit_tiled = True
+        n += 1
+    return n
+
+
+_OFFLOADING_CLASSES: dict[type, type] = {}
+
+
+def _offloading_class(cls: type) -> type:
+    if cls not in _OFFLOADING_CLASSES:
+        def __call__(self, *args, **kwargs):
+            if not (self.training and torch.is_grad_enabled()):
+                return cls.__call__(self, *args, **kwargs)
+            # What the layer saves for backward goes to CPU RAM: under checkpointing that is the layer's
+            # input (kept for the recompute), copied back when backward reaches this layer.
+            with torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available()):
+                return cls.__call__(self, *args, **kwargs)
+        # Same class name, so FSDP wrap policies and repr still see the model's own layer class.
+        _OFFLOADING_CLASSES[cls] = type(cls.__name__, (cls,), {"__call__": __call__, "_ftkit_offload": True,
+                                                               "__module__": cls.__module__})
+    return _OFFLOADING_CLASSES[cls]
+
+
+def offload_layer_inputs(model, n_layers: int) -> int:
+    """Keep the checkpointed inputs of the first `n_layers` decoder layers in (pinned) CPU RAM.
+
+    Not TRL's `activation_offloading`: that offloads everything the whole forward saves, all or nothing, and the
+    checkpoints of one very long row (2 bytes x hidden x layers a token: 256 KB for Llama-3-8B, 360 GB for 1.4M
+    tokens) can exceed the host's RAM too; offloading only some layers splits them between GPU and host. The
+    copies are synchronous (torch's save_on_cpu): at the lengths where this is needed, attention dominates."""
+    layers = decoder_layers(model)[:n_layers]
+    for layer in layers:
+        if not getattr(layer, "_ftkit_offload", False):
+            layer.__class__ = _offloading_class(type(layer))
+    return len(layers)
 
 
 # -- generation: greedy decoding as one CUDA graph ----------------------------------------

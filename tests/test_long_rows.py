@@ -1,0 +1,124 @@
+"""Long rows: the tiled MLP and the offloaded checkpoints change where activations live, never the numbers;
+and the "auto" switches turn them on only when the longest micro-batch would not fit (ftkit/speed.py)."""
+import pytest
+import torch
+
+from benchmarks.train_throughput import LLAMA3_8B, TARGETS
+from conftest import REPO, run_script, tiny_overrides
+from ftkit import speed
+from ftkit.config import UserError, load_config
+
+H200 = ("NVIDIA H200", 150e9)
+
+
+def lora_llama(layers=3):
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=96, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024)
+    model = LlamaForCausalLM(cfg)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, lora_dropout=0.0,
+                                             init_lora_weights=False))
+    model.train()
+    return model
+
+
+def loss_and_grads(model, ids):
+    model.zero_grad()
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_tiled_mlp_and_offloading_give_the_same_loss_and_gradients(monkeypatch):
+    model = lora_llama()
+    ids = torch.randint(0, 300, (1, 200), generator=torch.Generator().manual_seed(1))
+    ref_loss, ref = loss_and_grads(model, ids)
+
+    seen = []  # token counts reaching the MLP's first projection
+    for layer in speed.decoder_layers(model):
+        layer.mlp.gate_proj.register_forward_hook(lambda m, a, o: seen.append(a[0].shape[-2]))
+    entered = []
+    real = torch.autograd.graph.save_on_cpu
+
+    def counting(*a, **kw):
+        entered.append(1)
+        return real(*a, **kw)
+    monkeypatch.setattr(torch.autograd.graph, "save_on_cpu", counting)
+
+    assert speed.use_tiled_mlp(model, chunk_tokens=48) == 3
+    assert speed.offload_layer_inputs(model, 2) == 2
+    assert [type(x).__name__ for x in speed.decoder_layers(model)] == ["LlamaDecoderLayer"] * 3
+    loss, grads = loss_and_grads(model, ids)
+
+    assert loss == pytest.approx(ref_loss, rel=1e-6)
+    assert grads.keys() == ref.keys()
+    for n in ref:
+        torch.testing.assert_close(grads[n], ref[n], rtol=1e-5, atol=1e-7, msg=n)
+    # 200 tokens in chunks of 48: 5 chunks; each MLP runs chunk by chunk in the forward and again in the
+    # backward (torch's checkpoint may skip a recompute whose results are no longer needed): never whole
+    assert max(seen) == 48 and len(seen) >= 3 * 2 * 5
+    assert len(entered) == 2  # two layers' forwards ran under save_on_cpu
+    # generation (no grad) takes the untouched path
+    with torch.no_grad():
+        model.eval()
+        model(input_ids=ids)
+
+
+def resolved(tokens: int, device="cuda", **over):
+    cfg = load_config(REPO / "configs" / "llama3_alpaca_h200.yaml",
+                      ["train.packing=false", "train.per_device_train_batch_size=1", "train.use_liger_kernel=true",
+                       "train.gradient_accumulation_steps=1", *[f"{k}={v}" for k, v in over.items()]])
+    from transformers import LlamaConfig
+    return cfg, speed.resolve(cfg, device, [tokens], LlamaConfig(**LLAMA3_8B), gpu=H200)
+
+
+def test_auto_switches_follow_the_longest_row(monkeypatch):
+    monkeypatch.setattr(speed, "host_memory_available", lambda: 120e9)
+    _, short = resolved(2048)
+    assert (short["gradient_checkpointing"], short["tiled_mlp"], short["offload_layers"]) == (False, False, 0)
+    _, mid = resolved(120_000)  # fits with checkpointing alone
+    assert (mid["gradient_checkpointing"], mid["tiled_mlp"], mid["offload_layers"]) == (True, False, 0)
+    _, longer = resolved(300_000)  # needs the tiled MLP too
+    assert (longer["gradient_checkpointing"], longer["tiled_mlp"], longer["offload_layers"]) == (True, True, 0)
+    cfg, long = resolved(500_000)
+    assert long["gradient_checkpointing"] and long["tiled_mlp"]
+    assert 0 < long["offload_layers"] < 32
+    est = long["estimate_largest"]
+    assert est["predicted_peak_gb"] <= 0.85 * 150
+    assert est["host_offload_gb"] > 0
+    # the saved config records the number of layers chosen, so a resume offloads the same ones
+    assert cfg.train.activation_offloading == long["offload_layers"]
+    # one layer fewer would not fit
+    fewer = speed.estimate(speed.model_numbers(__import__("transformers").LlamaConfig(**LLAMA3_8B), 16, TARGETS),
+                           speed.Plan(500_000, 1, True, True, 500_000, tiled_mlp=True,
+                                      offload_layers=long["offload_layers"] - 1, optim_state_bytes=2), "NVIDIA H200")
+    assert fewer["predicted_peak_gb"] > 0.85 * 150
+
+
+def test_offloading_refuses_what_the_host_cannot_hold(monkeypatch):
+    monkeypatch.setattr(speed, "host_memory_available", lambda: 8e9)
+    with pytest.raises(UserError, match="CPU RAM"):
+        resolved(500_000)
+
+
+def test_offloading_needs_cuda_and_checkpointing():
+    with pytest.raises(UserError, match="train.activation_offloading=true needs a CUDA GPU"):
+        resolved(1000, device="cpu", **{"train.activation_offloading": "true"})
+    with pytest.raises(UserError, match="train.tiled_mlp=true needs gradient checkpointing"):
+        load_config(REPO / "configs" / "demo.yaml", ["train.tiled_mlp=true", "train.gradient_checkpointing=false"])
+    cfg = load_config(REPO / "configs" / "demo.yaml", ["train.activation_offloading=3", "train.gradient_checkpointing=auto"])
+    assert cfg.train.activation_offloading == 3
+
+
+def test_finetune_with_tiled_mlp_on_cpu(tmp_path, tiny_llama, alpaca_file):
+    run = tmp_path / "run"
+    r = run_script("finetune.py", "--config", "configs/demo.yaml",
+                   *tiny_overrides(tiny_llama, alpaca_file, run, **{"train.max_steps": 2, "train.tiled_mlp": "true",
+                                                                    "train.gradient_checkpointing": "true"}))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "tiled MLP: 2 layers run their MLP in chunks of 64 tokens" in r.stderr
+    assert (run / "adapter" / "adapter_model.safetensors").is_file()
