@@ -21,6 +21,11 @@ checkpoint, skipping any cut off mid-write, and train_log.jsonl is cut back to t
 logged twice. Ctrl+C (SIGINT) or SIGTERM finishes the step in flight, saves a checkpoint, prints the resume
 command and exits with 128 + the signal number (130 for Ctrl+C): the run is not finished, so scripts that
 chain stages stop, and nothing is lost. A second Ctrl+C aborts at once.
+Under `accelerate launch` the terminal's Ctrl+C reaches the launcher (torchrun's agent), which forwards it to
+the workers: they save as above, the launcher then exits 1 (torchrun's SignalException) and a second Ctrl+C
+reaches the workers as SIGTERM and aborts. The launcher SIGKILLs workers still running
+TORCH_ELASTIC_SHUTDOWN_TIMEOUT seconds (default 30) after the first signal: raise it when one step and a
+checkpoint save take longer.
 Exit codes: 0 done, 2 bad input (one line on stderr), 130/143 interrupted with a checkpoint saved.
 """
 from __future__ import annotations
@@ -364,25 +369,49 @@ def sft_config(cfg: Config, run: RunDir, device: str, n_eval: int, speed: dict |
     )
 
 
-def save_adapter(trainer, run: RunDir) -> None:
+def adapter_tensors(model, full_state: dict) -> dict:
+    """The active adapter's LoRA tensors out of a full state dict, keyed as PEFT writes adapter files
+    ("...q_proj.lora_A.weight": the adapter name dropped)."""
+    name = model.active_adapter if isinstance(model.active_adapter, str) else model.active_adapter[0]
+    tag = f".{name}."
+    return {k.replace(tag, "."): v.detach().contiguous() for k, v in full_state.items()
+            if tag in k and (".lora_" in k or ".lora_magnitude_vector" in k)}
+
+
+def save_adapter(trainer, run: RunDir, n_lora: int) -> None:
     """The final adapter as a plain PEFT folder (adapter_config.json + adapter_model.safetensors + tokenizer),
     written by rank 0 into a temporary folder and renamed into place.
 
-    Under FSDP the LoRA weights are sharded: every rank must join the gather of the full state dict, which
-    Trainer.save_model does once the plugin is switched to FULL_STATE_DICT; only rank 0 writes.
+    Under FSDP the LoRA weights are sharded: every rank joins the gather of the full state dict of the FSDP
+    root, then rank 0 writes the LoRA tensors itself. Through PEFT (what Trainer.save_model does) the same
+    gathered dict, LoRA keys and all, came out as an adapter with no tensors on the H200 (FSDP1, one process,
+    peft 0.21.0); the count check below makes any such save fail loudly instead of leaving an untrained adapter.
     """
+    model = trainer.accelerator.unwrap_model(trainer.model_wrapped)
+    tensors = None
     if trainer.is_fsdp_enabled:
         trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
+        full = trainer.accelerator.get_state_dict(trainer.model_wrapped)  # collective: every rank calls it
+        if is_main():
+            tensors = adapter_tensors(model, full)
     if is_main():
+        from safetensors import safe_open
+        from safetensors.torch import save_file
         with atomic_dir(run.adapter) as tmp:
-            trainer.save_model(str(tmp))
-            # The Trainer adds its arguments as a pickle; the adapter folder holds safetensors and JSON only.
-            (tmp / "training_args.bin").unlink(missing_ok=True)
+            if tensors is None:
+                model.save_pretrained(str(tmp), safe_serialization=True)
+            else:
+                save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+                model.peft_config[model.active_adapter].save_pretrained(str(tmp))
+            if trainer.processing_class is not None:
+                trainer.processing_class.save_pretrained(str(tmp))
             missing = [f for f in ("adapter_config.json", "adapter_model.safetensors") if not (tmp / f).is_file()]
             if missing:
                 raise RuntimeError(f"saving the adapter wrote no {', '.join(missing)} in {tmp}")
-    elif trainer.is_fsdp_enabled:
-        trainer.save_model(str(run.adapter))  # joins the gather; nothing is written off rank 0
+            with safe_open(str(tmp / "adapter_model.safetensors"), "pt") as f:
+                n = len(list(f.keys()))
+            if n != n_lora:  # never leave an empty or partial adapter that merge would take as trained
+                raise RuntimeError(f"the saved adapter holds {n} tensors, {n_lora} expected")
     barrier()
 
 
@@ -489,6 +518,7 @@ def main(cfg: Config, overwrite: bool = False, resume: bool = False) -> dict:
     set_seed(cfg.train.seed)
     model = load_quantized_base(cfg, source, offline, device)
     model, trainable, total = apply_lora(cfg, model)
+    n_lora = sum(1 for p in model.parameters() if p.requires_grad)
     apply_speed_switches(cfg, model, speed_info)
     eff_batch = cfg.train.per_device_train_batch_size * cfg.train.gradient_accumulation_steps * info["world_size"]
     log.info("device %s, world size %d%s, per-device batch %d x accumulation %d x %d processes = global batch %d",
@@ -546,12 +576,22 @@ def main(cfg: Config, overwrite: bool = False, resume: bool = False) -> dict:
                          dropped, ckpt_step)
         barrier()
 
+    # Under torchrun (accelerate launch) one stop request can reach a worker twice: a scheduler (SLURM,
+    # Kubernetes) signals every process of the job, and the launcher forwards its own copy of the same signal.
+    # That repeat must not abort the save. A real second Ctrl+C still aborts: it reaches the workers as SIGTERM
+    # after SIGINT (the launcher's shutdown), and the launcher SIGKILLs them after its shutdown timeout anyway.
+    launched = bool(os.environ.get("TORCHELASTIC_RUN_ID"))
+
     def on_signal(signum, frame):
-        if stop_flag["hit"]:  # a second Ctrl+C means now
-            raise KeyboardInterrupt
+        if stop_flag["hit"]:
+            if launched and signum == stop_flag["hit"]:
+                return  # the same request again (the launcher's forwarded copy)
+            raise KeyboardInterrupt  # a second Ctrl+C means now
         stop_flag["hit"] = signum
-        log.warning("%s: saving a checkpoint after this step, then stopping (Ctrl+C again to abort)",
-                    signal.Signals(signum).name)
+        log.warning("%s: saving a checkpoint after this step, then stopping (Ctrl+C again to abort%s)",
+                    signal.Signals(signum).name,
+                    f"; the launcher kills the workers after {os.environ.get('TORCH_ELASTIC_SHUTDOWN_TIMEOUT', '30')} s"
+                    " (TORCH_ELASTIC_SHUTDOWN_TIMEOUT)" if launched else "")
     # SIGTERM too: schedulers (SLURM, Kubernetes) send it before they kill a job.
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
@@ -588,7 +628,7 @@ def main(cfg: Config, overwrite: bool = False, resume: bool = False) -> dict:
         "world_size": info["world_size"], "fsdp": info["fsdp"], "device": device, "resumed_from": ckpt,
         "speed": speed_info,
     }
-    save_adapter(trainer, run)
+    save_adapter(trainer, run, n_lora)
     if is_main():
         atomic_write_json(run.summary, summary)
         write_latest(cfg, run)

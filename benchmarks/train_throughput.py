@@ -155,11 +155,8 @@ def reset_base(base) -> None:
             pass
     for p in base.parameters():
         p.requires_grad_(False)
-    for m in base.modules():  # ftkit.speed's tiled MLP and offloading, undone
-        if "forward" in vars(m) and getattr(m, "_ftkit_tiled", False):
-            del m.forward
-            del m._ftkit_tiled
-        if getattr(type(m), "_ftkit_offload", False):
+    for m in base.modules():  # ftkit.speed's tiled MLP and offloading (swapped-in subclasses), undone
+        if getattr(type(m), "_ftkit_offload", False) or getattr(type(m), "_ftkit_tiled", False):
             m.__class__ = type(m).__mro__[1]
     base.train()
 
@@ -239,6 +236,8 @@ def gpu_main(a) -> None:
     build_model(model_dir, Path(a.tokenizer))
     RESULTS["device"] = torch.cuda.get_device_name(0)
     RESULTS["versions"] = versions()
+    RESULTS["host_mem_available_gb"] = round((speed.host_memory_available() or 0) / 1e9, 1)
+    RESULTS["gpu_total_gb"] = round(torch.cuda.get_device_properties(0).total_memory / 1e9, 1)
     base_over = [f"model.name_or_path={model_dir}", f"data.path={a.data}", "data.eval_size=0",
                  "data.max_length=1024", "data.prompt_template=alpaca"]
     cfg = load_config(a.config, base_over)
@@ -430,8 +429,56 @@ def row_losses_one(base, ids):
     return [torch.nn.functional.cross_entropy(base.lm_head(h[:-1]).float(), ids[0, 1:]).item()]
 
 
+def fit_line(points: list[tuple[float, float]]) -> tuple[float, float]:
+    """Least-squares (slope, intercept) of y over x."""
+    n = len(points)
+    mx, my = sum(x for x, _ in points) / n, sum(y for _, y in points) / n
+    sxx = sum((x - mx) ** 2 for x, _ in points)
+    slope = sum((x - mx) * (y - my) for x, y in points) / sxx
+    return slope, my - slope * mx
+
+
+def longest_rows(v: dict, usable_gb: float, host_gb: float) -> dict:
+    """The longest single row each path trains at batch 1, from the probes: peak GPU memory is linear in the
+    row length L (flash attention keeps no L x L matrix), so max L = (usable - intercept) / slope. With
+    offloading the host holds `c` GB per token and layer; offloading m of the layers moves m x c from GPU to
+    host, and the best m is the one where neither side runs out first."""
+    modes = {"plain": "plain_long_", "checkpointing": "project_long_", "tiled_mlp": "project_long_tiled_",
+             "tiled_mlp_offload_all": "project_long_tiled_offload32_"}
+    out, fits = {"usable_gpu_gb": usable_gb, "host_usable_gb": host_gb}, {}
+    for mode, prefix in modes.items():
+        pts = [(r["L"], r["peak_gb"]) for n, r in v.items() if n.startswith(prefix) and n[len(prefix):].isdigit()
+               and r.get("peak_gb")]
+        if len(pts) >= 2:
+            slope, icpt = fit_line(pts)
+            fits[mode] = (slope, icpt)
+            out[mode] = {"gb_per_1k_tokens": round(slope * 1e3, 4), "intercept_gb": round(icpt, 2),
+                         "measured_lengths": sorted(x for x, _ in pts),
+                         "max_tokens_gpu_only": int((usable_gb - icpt) / slope)}
+    if "tiled_mlp" in fits and "tiled_mlp_offload_all" in fits:
+        a_t, b_t = fits["tiled_mlp"]
+        a_o, _ = fits["tiled_mlp_offload_all"]
+        layers = LLAMA3_8B["num_hidden_layers"]
+        c = (a_t - a_o) / layers  # GB per token a layer's checkpoint moves to the host
+        best = max(((m, min((usable_gb - b_t) / (a_t - m * c), host_gb / (m * c) if m else float("inf")))
+                    for m in range(layers + 1)), key=lambda x: x[1])
+        out["partial_offload"] = {"checkpoint_gb_per_1k_tokens_per_layer": round(c * 1e3, 5),
+                                  "best_offloaded_layers": best[0], "max_tokens": int(best[1])}
+    plain = out.get("plain", {}).get("max_tokens_gpu_only")
+    if plain:
+        for mode in ("checkpointing", "tiled_mlp"):
+            if mode in out:
+                out[mode]["ratio_to_plain"] = round(out[mode]["max_tokens_gpu_only"] / plain, 2)
+        if "partial_offload" in out:
+            out["partial_offload"]["ratio_to_plain"] = round(out["partial_offload"]["max_tokens"] / plain, 2)
+    return out
+
+
 def summarize() -> None:
     v = RESULTS.get("variants", {})
+    if any(n.startswith(("plain_long_", "project_long_")) for n in v):
+        RESULTS["longest_rows"] = longest_rows(v, usable_gb=RESULTS.get("gpu_total_gb", 150.0) - 2.0,
+                                               host_gb=0.9 * RESULTS.get("host_mem_available_gb", 0.0))
 
     def tps(n):
         return v.get(n, {}).get("real_tokens_per_s")

@@ -297,7 +297,8 @@ def resolve(cfg, device: str, lengths: list[int], mconf, world_size: int = 1, gp
     if t.packing:
         per_micro, rows_micro = float(t.pack_tokens), t.pack_tokens / mean_len
     else:
-        rows_micro = t.per_device_train_batch_size
+        # a data set smaller than one batch makes smaller batches
+        rows_micro = min(t.per_device_train_batch_size, len(lengths)) if lengths else t.per_device_train_batch_size
         longest = max(lengths) if lengths else cfg.data.max_length
         # padded batches cost up to the longest row of the batch for every row
         per_micro = rows_micro * (mean_len if t.padding_free else min(longest, 2 * mean_len))
@@ -389,25 +390,39 @@ def use_tiled_mlp(model, chunk_tokens: int | None = None) -> int:
     """Run every decoder layer's MLP over the sequence in chunks of `chunk_tokens` (default: hidden_size, as
     DeepSpeed's TiledMLP), each under its own non-reentrant checkpoint: forward keeps only the chunk inputs, and
     backward rebuilds one chunk's gate/up/activation at a time. The MLP acts on each token alone, so chunking
-    the sequence changes no result. Returns the number of MLPs patched."""
-    import torch.utils.checkpoint as tc
+    the sequence changes no result. Returns the number of MLPs patched.
+
+    The chunking wraps the module's __call__ (a subclass swapped in, as for offloading), not its forward:
+    liger-kernel replaces the MLP's forward when the Trainer starts, after this has run."""
+    chunk = chunk_tokens or int(getattr(getattr(model, "config", None), "hidden_size", 0) or 4096)
     n = 0
     for layer in decoder_layers(model):
         mlp = getattr(layer, "mlp", None)
-        if mlp is None or getattr(mlp, "_ftkit_tiled", False):
+        if mlp is None:
             continue
-        chunk = chunk_tokens or int(getattr(getattr(model, "config", None), "hidden_size", 0) or 4096)
-        inner = mlp.forward
-
-        def forward(x, _inner=inner, _chunk=chunk):
-            if not torch.is_grad_enabled() or x.shape[-2] <= _chunk:
-                return _inner(x)
-            return torch.cat([tc.checkpoint(_inner, part, use_reentrant=False)
-                              for part in x.split(_chunk, dim=-2)], dim=-2)
-        mlp.forward = forward
-        mlp._ftkit_tiled = True
+        if not getattr(mlp, "_ftkit_tiled", False):
+            mlp.__class__ = _tiled_class(type(mlp))
+        mlp._ftkit_chunk = chunk
         n += 1
     return n
+
+
+_TILED_CLASSES: dict[type, type] = {}
+
+
+def _tiled_class(cls: type) -> type:
+    if cls not in _TILED_CLASSES:
+        import torch.utils.checkpoint as tc
+
+        def __call__(self, x, *args, **kwargs):
+            call = super(_TILED_CLASSES[cls], self).__call__
+            if args or kwargs or not torch.is_grad_enabled() or x.shape[-2] <= self._ftkit_chunk:
+                return call(x, *args, **kwargs)
+            return torch.cat([tc.checkpoint(call, part, use_reentrant=False)
+                              for part in x.split(self._ftkit_chunk, dim=-2)], dim=-2)
+        _TILED_CLASSES[cls] = type(cls.__name__, (cls,), {"__call__": __call__, "_ftkit_tiled": True,
+                                                          "__module__": cls.__module__})
+    return _TILED_CLASSES[cls]
 
 
 _OFFLOADING_CLASSES: dict[type, type] = {}

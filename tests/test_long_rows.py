@@ -33,9 +33,10 @@ def loss_and_grads(model, ids):
     return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def test_tiled_mlp_and_offloading_give_the_same_loss_and_gradients(monkeypatch):
-    model = lora_llama()
-    ids = torch.randint(0, 300, (1, 200), generator=torch.Generator().manual_seed(1))
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_tiled_mlp_and_offloading_give_the_same_loss_and_gradients(monkeypatch, device):
+    model = lora_llama().to(device)
+    ids = torch.randint(0, 300, (1, 200), generator=torch.Generator().manual_seed(1)).to(device)
     ref_loss, ref = loss_and_grads(model, ids)
 
     seen = []  # token counts reaching the MLP's first projection
