@@ -594,9 +594,26 @@ def main(argv=None) -> None:
     p.add_argument("--only", default="", help="comma list of groups: plain_alpaca,plain_fixed,plain_long,"
                    "project_same,project_default,project_fixed,project_long,project_long_tiled,project_long_offload,"
                    "project_long_auto,contamination")
+    p.add_argument("--summarize", nargs="+", metavar="JSON",
+                   help="merge the variants of earlier result files (later ones win) and write the summary to --out")
+    p.add_argument("--exclude", default="", help="with --summarize: comma list of variants to leave out")
     a = p.parse_args(argv)
     OUT = Path(a.out)
     os.chdir(ROOT)
+    if a.summarize:
+        drop = set(filter(None, a.exclude.split(",")))
+        for f in a.summarize:
+            d = json.loads(Path(f).read_text())
+            for k, v in d.items():
+                if k == "variants":
+                    RESULTS.setdefault("variants", {}).update({n: r for n, r in v.items() if n not in drop})
+                elif k not in ("summary", "longest_rows"):
+                    RESULTS[k] = v
+        RESULTS["merged_from"] = [Path(f).name for f in a.summarize]
+        RESULTS["excluded"] = sorted(drop)
+        summarize()
+        print(json.dumps(RESULTS.get("longest_rows"), indent=1))
+        return
     (cpu_main if a.cpu else gpu_main)(a)
 
 

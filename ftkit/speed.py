@@ -176,10 +176,14 @@ CALIB = {
         # keeps for backward; with it, the bf16 layer input plus one layer's working set (gc_layer_h)
         "act_per_layer_h": {"gc": 2.0, "nogc": 37.6},
         "gc_layer_h": 51.2,
-        # the same working set with the MLP run in chunks (train.tiled_mlp); not yet fitted: an analytic
-        # guess (the attention part of gc_layer_h) until the H200 run in benchmarks/results measures it
-        "gc_layer_h_tiled": 24.0,
-        "offload_gb_per_s": 20.0,         # pinned host <-> GPU copies, each way (not fitted)
+        # the same working set with the MLP run in chunks (train.tiled_mlp), and what stays on the GPU per
+        # token once layer inputs are offloaded (copies in flight); fitted on 16k-131k-token rows
+        # (benchmarks/results/h200_long.json)
+        "gc_layer_h_tiled": 23.6,
+        "offload_extra_h": 4.4,
+        # host <-> GPU for the offloaded checkpoints, each way, as measured in one-step probes (synchronous
+        # copies plus the first allocation of pinned memory)
+        "offload_gb_per_s": 3.5,
         "logit_bytes_liger": 0.0, "logit_bytes": 14.0,  # per token and vocabulary entry without liger (not fitted)
         "static_extra_gb": 0.0,
     },
@@ -232,7 +236,8 @@ def estimate(nums: dict, plan: Plan, gpu: str = DEFAULT_GPU) -> dict:
     if plan.gradient_checkpointing:
         on_gpu = nl - plan.offload_layers
         layer = c["gc_layer_h_tiled"] if plan.tiled_mlp else c["gc_layer_h"]
-        act = t * (on_gpu * c["act_per_layer_h"]["gc"] * h + layer * h)
+        act = t * (on_gpu * c["act_per_layer_h"]["gc"] * h + layer * h
+                   + (c["offload_extra_h"] * h if plan.offload_layers else 0.0))
         host = t * plan.offload_layers * c["act_per_layer_h"]["gc"] * h
     else:
         act = t * nl * c["act_per_layer_h"]["nogc"] * h
