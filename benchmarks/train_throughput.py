@@ -459,10 +459,14 @@ def longest_rows(v: dict, usable_gb: float, host_gb: float) -> dict:
         a_t, b_t = fits["tiled_mlp"]
         a_o, _ = fits["tiled_mlp_offload_all"]
         layers = LLAMA3_8B["num_hidden_layers"]
-        c = (a_t - a_o) / layers  # GB per token a layer's checkpoint moves to the host
-        best = max(((m, min((usable_gb - b_t) / (a_t - m * c), host_gb / (m * c) if m else float("inf")))
+        c = (a_t - a_o) / layers  # GB per token a layer's offload frees on the GPU (measured)
+        # GB per token a layer's offload takes on the host: its bf16 input, 2 bytes x hidden (the 16k probe's
+        # pinned-memory peak is exactly that; later probes' peaks also count the previous probe's blocks)
+        c_host = 2 * LLAMA3_8B["hidden_size"] / 1e9
+        best = max(((m, min((usable_gb - b_t) / (a_t - m * c), host_gb / (m * c_host) if m else float("inf")))
                     for m in range(layers + 1)), key=lambda x: x[1])
-        out["partial_offload"] = {"checkpoint_gb_per_1k_tokens_per_layer": round(c * 1e3, 5),
+        out["partial_offload"] = {"gpu_gb_freed_per_1k_tokens_per_layer": round(c * 1e3, 5),
+                                  "host_gb_per_1k_tokens_per_layer": round(c_host * 1e3, 5),
                                   "best_offloaded_layers": best[0], "max_tokens": int(best[1])}
     plain = out.get("plain", {}).get("max_tokens_gpu_only")
     if plain:
