@@ -123,3 +123,28 @@ def test_finetune_with_tiled_mlp_on_cpu(tmp_path, tiny_llama, alpaca_file):
     assert r.returncode == 0, r.stderr[-3000:]
     assert "tiled MLP: 2 layers run their MLP in chunks of 64 tokens" in r.stderr
     assert (run / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_dry_run_plans_for_the_longest_row(tmp_path, embedded_model):
+    """`finetune.py --dry-run` on the Llama-3-8B shape (config only: the dry run reads no weights) and one
+    350k-token row: it turns on checkpointing, the tiled MLP and offloading of some layers, and prints the plan
+    for the largest micro-batch within the GPU budget."""
+    import json
+    from transformers import AutoTokenizer, LlamaConfig
+    model = tmp_path / "llama3-8b-shape"
+    LlamaConfig(**LLAMA3_8B).save_pretrained(model)
+    AutoTokenizer.from_pretrained(embedded_model).save_pretrained(model)
+    words = "the quick brown fox jumps over a lazy dog while seven wizards quietly judge boxing".split()
+    text = " ".join(words[i % len(words)] + str(i % 97) for i in range(120_000))
+    data = tmp_path / "long.jsonl"
+    data.write_text(json.dumps({"instruction": "Summarise.", "input": text, "output": "A fox."}) + "\n")
+    r = run_script("finetune.py", "--config", "configs/llama3_alpaca_h200.yaml", f"model.name_or_path={model}",
+                   f"data.path={data}", "data.eval_size=0", "data.max_length=1000000", "train.packing=false",
+                   "train.per_device_train_batch_size=1", "train.gradient_accumulation_steps=1", "--dry-run")
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = r.stdout
+    assert "gradient_checkpointing=True" in out and "tiled_mlp=True" in out, out
+    layers = int(out.split("offloaded_layers=")[1].split()[0])
+    assert 0 < layers < 32, out
+    peak = float(out.split("predicted peak GPU memory ")[1].split()[0])
+    assert peak <= 0.85 * 150.1 and "offloaded checkpoints:" in out, out
