@@ -201,7 +201,7 @@ class TrainCfg(Section):
     # "auto": CPU when no CUDA device is visible.
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # Padding-free batches: rows concatenated with position_ids restarting per row, no pad tokens computed;
-    # attention stays within each row (ftkit/speed.py "sdpa_varlen"). "auto": on with CUDA.
+    # attention stays within each row (ftkit/speed.py "sdpa_varlen"). "auto": on (measured faster on CPU and GPU).
     padding_free: bool | Literal["auto"] = "auto"
     # Pack rows (TRL best-fit-decreasing) into micro-batches of `pack_tokens` tokens instead of
     # per_device_train_batch_size rows; the learning rate is then scaled by `lr_scaling` from the rows per

@@ -294,7 +294,9 @@ def resolve(cfg, device: str, lengths: list[int], mconf, world_size: int = 1, gp
     if t.packing == "auto":
         t.packing = cuda
     if t.padding_free == "auto":
-        t.padding_free = cuda
+        # on everywhere: no pad tokens computed; on the 2-core CPU the demo trains 1.59x faster with it
+        # (benchmarks/README.md, "CPU"), on the GPU it is what packing builds on
+        t.padding_free = True
     if t.packing:
         t.padding_free = True
     mean_len = sum(lengths) / max(1, len(lengths)) if lengths else cfg.data.max_length / 2
