@@ -375,7 +375,7 @@ def adapter_tensors(model, full_state: dict) -> dict:
     name = model.active_adapter if isinstance(model.active_adapter, str) else model.active_adapter[0]
     tag = f".{name}."
     return {k.replace(tag, "."): v.detach().contiguous() for k, v in full_state.items()
-            if tag in k and (".lora_" in k or ".lora_magnitude_vector" in k)}
+            if tag in k and ".lora_" in k}  # lora_A/B, lora_embedding_A/B, lora_magnitude_vector (DoRA)
 
 
 def save_adapter(trainer, run: RunDir, n_lora: int) -> None:
@@ -674,7 +674,7 @@ def dry_run(cfg: Config) -> dict:
               f"{big['predicted_peak_gb']} GB" + (f", {big['host_offload_gb']} GB in CPU RAM" if big["host_offload_gb"] else ""))
     elif est["host_offload_gb"]:
         print(f"  offloaded checkpoints: {est['host_offload_gb']} GB in CPU RAM")
-    if big["predicted_peak_gb"] * 1e9 > 0.85 * info["gpu_memory_gb"] * 1e9:
+    if big["predicted_peak_gb"] > speed.GPU_MEMORY_FRACTION * info["gpu_memory_gb"]:
         print("  warning: the largest micro-batch is predicted not to fit; lower data.max_length, train.pack_tokens "
               "or train.per_device_train_batch_size")
     return {"exit_code": 0, "dry_run": info}

@@ -148,7 +148,7 @@ def batch_runner(model, icfg: InferenceCfg, kw: dict, fast: bool = True):
         pad = kw["pad_token_id"] if kw["pad_token_id"] is not None else (eos[0] if eos else 0)
 
         def run_fast(ids, mask):
-            return speed.graph_generate(model, ids.to(model.device), mask.to(model.device),
+            return speed.graph_generate(model, ids, mask,  # moved to the model's device there
                                     max_new_tokens=kw["max_new_tokens"], eos_token_ids=eos,
                                     pad_token_id=pad, max_cache_len=kw["max_cache_len"],
                                     min_new_tokens=kw.get("min_new_tokens") or 0,

@@ -175,6 +175,11 @@ class DataCfg(Section):
     seed: int = 42
 
 
+def explicitly_on(switch) -> bool:
+    """A train.* switch the user set on: true, or a positive count (not false, 0 or "auto")."""
+    return switch not in (False, 0, "auto")
+
+
 class TrainCfg(Section):
     learning_rate: float = Field(2e-4, gt=0)
     max_steps: int = Field(-1, ge=-1)
@@ -239,7 +244,7 @@ class TrainCfg(Section):
             raise ValueError("train.load_best_model_at_end needs train.eval_steps")
         for k in ("tiled_mlp", "activation_offloading"):
             v = getattr(self, k)
-            if v is not False and v != "auto" and v != 0 and self.gradient_checkpointing is False:
+            if explicitly_on(v) and self.gradient_checkpointing is False:
                 raise ValueError(f"train.{k}={str(v).lower()} needs gradient checkpointing; set train.gradient_checkpointing "
                                  f"to true or auto")
         return self

@@ -22,7 +22,7 @@ from typing import Sequence
 
 import torch
 
-from .config import UserError, log
+from .config import UserError, explicitly_on, log
 
 VARLEN_ATTN = "sdpa_varlen"
 _registered = False
@@ -189,6 +189,8 @@ CALIB = {
     },
 }
 DEFAULT_GPU = "NVIDIA H200"
+# The share of GPU memory the "auto" switches plan to fill; the rest absorbs fragmentation and the estimate's error.
+GPU_MEMORY_FRACTION = 0.85
 
 
 @dataclass
@@ -330,11 +332,11 @@ def resolve(cfg, device: str, lengths: list[int], mconf, world_size: int = 1, gp
                     upcast_fp32=cfg.train.upcast_frozen_fp32, optim_state_bytes=2 if "8bit" in t.optim else 8,
                     tiled_mlp=tiled, offload_layers=offload)
 
-    budget = 0.85 * total
+    budget = GPU_MEMORY_FRACTION * total
 
     def fits(p: Plan) -> bool:
         return estimate(nums, p, name)["predicted_peak_gb"] * 1e9 <= budget
-    on = t.activation_offloading not in (False, 0, "auto")
+    on = explicitly_on(t.activation_offloading)
     if on and not cuda:
         raise UserError("train.activation_offloading=true needs a CUDA GPU (it moves GPU memory to CPU RAM); "
                         "set it to auto or false")
@@ -399,55 +401,14 @@ def use_tiled_mlp(model, chunk_tokens: int | None = None) -> int:
     backward rebuilds one chunk's gate/up/activation at a time. The MLP acts on each token alone, so chunking
     the sequence changes no result. Returns the number of MLPs patched.
 
-    The chunking wraps the module's __call__ (a subclass swapped in, as for offloading), not its forward:
-    liger-kernel replaces the MLP's forward when the Trainer starts, after this has run."""
+    The chunking wraps the module's __call__, not its forward: liger-kernel replaces the MLP's forward when the
+    Trainer starts, after this has run."""
     chunk = chunk_tokens or int(getattr(getattr(model, "config", None), "hidden_size", 0) or 4096)
-    n = 0
-    for layer in decoder_layers(model):
-        mlp = getattr(layer, "mlp", None)
-        if mlp is None:
-            continue
-        if not getattr(mlp, "_ftkit_tiled", False):
-            mlp.__class__ = _tiled_class(type(mlp))
+    mlps = [layer.mlp for layer in decoder_layers(model) if getattr(layer, "mlp", None) is not None]
+    for mlp in mlps:
+        _wrap_call(mlp, "_ftkit_tiled", _tiled_call)
         mlp._ftkit_chunk = chunk
-        n += 1
-    return n
-
-
-_TILED_CLASSES: dict[type, type] = {}
-
-
-def _tiled_class(cls: type) -> type:
-    if cls not in _TILED_CLASSES:
-        import torch.utils.checkpoint as tc
-
-        def __call__(self, x, *args, **kwargs):
-            call = super(_TILED_CLASSES[cls], self).__call__
-            if args or kwargs or not torch.is_grad_enabled() or x.shape[-2] <= self._ftkit_chunk:
-                return call(x, *args, **kwargs)
-            return torch.cat([tc.checkpoint(call, part, use_reentrant=False)
-                              for part in x.split(self._ftkit_chunk, dim=-2)], dim=-2)
-        _TILED_CLASSES[cls] = type(cls.__name__, (cls,), {"__call__": __call__, "_ftkit_tiled": True,
-                                                          "__module__": cls.__module__})
-    return _TILED_CLASSES[cls]
-
-
-_OFFLOADING_CLASSES: dict[type, type] = {}
-
-
-def _offloading_class(cls: type) -> type:
-    if cls not in _OFFLOADING_CLASSES:
-        def __call__(self, *args, **kwargs):
-            if not (self.training and torch.is_grad_enabled()):
-                return cls.__call__(self, *args, **kwargs)
-            # What the layer saves for backward goes to CPU RAM: under checkpointing that is the layer's
-            # input (kept for the recompute), copied back when backward reaches this layer.
-            with torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available()):
-                return cls.__call__(self, *args, **kwargs)
-        # Same class name, so FSDP wrap policies and repr still see the model's own layer class.
-        _OFFLOADING_CLASSES[cls] = type(cls.__name__, (cls,), {"__call__": __call__, "_ftkit_offload": True,
-                                                               "__module__": cls.__module__})
-    return _OFFLOADING_CLASSES[cls]
+    return len(mlps)
 
 
 def offload_layer_inputs(model, n_layers: int) -> int:
@@ -459,9 +420,45 @@ def offload_layer_inputs(model, n_layers: int) -> int:
     copies are synchronous (torch's save_on_cpu): at the lengths where this is needed, attention dominates."""
     layers = decoder_layers(model)[:n_layers]
     for layer in layers:
-        if not getattr(layer, "_ftkit_offload", False):
-            layer.__class__ = _offloading_class(type(layer))
+        _wrap_call(layer, "_ftkit_offload", _offloading_call)
     return len(layers)
+
+
+def _tiled_call(call):
+    def __call__(self, x, *args, **kwargs):
+        if args or kwargs or not torch.is_grad_enabled() or x.shape[-2] <= self._ftkit_chunk:
+            return call(self, x, *args, **kwargs)
+        import torch.utils.checkpoint as tc
+        return torch.cat([tc.checkpoint(call, self, part, use_reentrant=False)
+                          for part in x.split(self._ftkit_chunk, dim=-2)], dim=-2)
+    return __call__
+
+
+def _offloading_call(call):
+    def __call__(self, *args, **kwargs):
+        if not (self.training and torch.is_grad_enabled()):
+            return call(self, *args, **kwargs)
+        # What the layer saves for backward goes to CPU RAM: under checkpointing that is the layer's input
+        # (kept for the recompute), copied back when backward reaches this layer.
+        with torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available()):
+            return call(self, *args, **kwargs)
+    return __call__
+
+
+_WRAPPED_CLASSES: dict[tuple[type, str], type] = {}
+
+
+def _wrap_call(module, marker: str, wrap) -> None:
+    """Swap in a subclass of the module's class whose __call__ is wrap(the class's __call__), marked by the
+    class attribute `marker` (benchmarks/train_throughput.py undoes it by that mark). It keeps the class name,
+    so FSDP wrap policies and repr still see the model's own class, and the state dict keys do not change."""
+    cls = type(module)
+    if getattr(cls, marker, False):
+        return
+    if (cls, marker) not in _WRAPPED_CLASSES:
+        _WRAPPED_CLASSES[cls, marker] = type(cls.__name__, (cls,), {"__call__": wrap(cls.__call__), marker: True,
+                                                                    "__module__": cls.__module__})
+    module.__class__ = _WRAPPED_CLASSES[cls, marker]
 
 
 # -- generation: greedy decoding as one CUDA graph ----------------------------------------
