@@ -52,14 +52,19 @@ def tiny_llama(tmp_path_factory, embedded_model) -> Path:
 
 def build_tiny_llama(out: Path, tokenizer_from: Path, seed: int, tied: bool, bf16: bool) -> Path:
     """A 2-layer random Llama saved with the SmolLM2 tokenizer (so chat templates work)."""
+    from transformers import AutoTokenizer
+    return save_random_llama(out, AutoTokenizer.from_pretrained(tokenizer_from), seed, tied, bf16,
+                             hidden_size=64, intermediate_size=128, num_hidden_layers=2, max_position_embeddings=512)
+
+
+def save_random_llama(out: Path, tok, seed: int, tied: bool, bf16: bool, **sizes) -> Path:
+    """A random Llama of the given sizes (4 heads, 2 KV heads) for `tok`, saved with it in `out`."""
     import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-    tok = AutoTokenizer.from_pretrained(tokenizer_from)
+    from transformers import LlamaConfig, LlamaForCausalLM
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+    cfg = LlamaConfig(vocab_size=len(tok), num_attention_heads=4, num_key_value_heads=2,
                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                      tie_word_embeddings=tied)
+                      tie_word_embeddings=tied, **sizes)
     model = LlamaForCausalLM(cfg)
     if bf16:
         model = model.to(torch.bfloat16)
@@ -73,9 +78,8 @@ def build_offline_llama(out: Path, seed: int = 0, tied: bool = False) -> Path:
     BPE tokenizer trained in-process on the Alpaca prompt text: no download, no SmolLM2 package, so it can
     be built on a bare GPU machine. The tokenizer has BOS/EOS/pad tokens and no chat template (train it with
     data.prompt_template=alpaca); every byte is in its alphabet, so any text tokenizes."""
-    import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
     from ftkit.prompts import ALPACA_NO_INPUT, ALPACA_WITH_INPUT
     bos, eos, pad = "<|begin_of_text|>", "<|end_of_text|>", "<|pad|>"
@@ -91,15 +95,8 @@ def build_offline_llama(out: Path, seed: int = 0, tied: bool = False) -> Path:
                                                         special_tokens=[(bos, core.token_to_id(bos))])
     tok = PreTrainedTokenizerFast(tokenizer_object=core, bos_token=bos, eos_token=eos, pad_token=pad,
                                   model_max_length=2048)
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=256, intermediate_size=512, num_hidden_layers=4,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                      tie_word_embeddings=tied)
-    model = LlamaForCausalLM(cfg).to(torch.bfloat16)
-    model.save_pretrained(out, safe_serialization=True)
-    tok.save_pretrained(out)
-    return out
+    return save_random_llama(out, tok, seed, tied, bf16=True, hidden_size=256, intermediate_size=512,
+                             num_hidden_layers=4, max_position_embeddings=2048)
 
 
 @pytest.fixture(scope="session")

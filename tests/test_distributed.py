@@ -40,10 +40,16 @@ FP32 = {"train.bf16": "false", "quant.bnb_4bit_compute_dtype": "float32", "model
         "train.warmup_steps": 0}
 
 
-def accelerate(config: str, *args: str, nproc: int = 2, env=None) -> subprocess.CompletedProcess:
+def launch(config: str, args, nproc: int, env=None) -> tuple[list[str], dict]:
+    """The `accelerate launch ... finetune.py` command line and its environment."""
     e = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", **(env or {}))
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / config),
            "--num_processes", str(nproc), str(REPO / "finetune.py"), *args]
+    return cmd, e
+
+
+def accelerate(config: str, *args: str, nproc: int = 2, env=None) -> subprocess.CompletedProcess:
+    cmd, e = launch(config, args, nproc, env)
     return subprocess.run(cmd, cwd=REPO, env=e, capture_output=True, text=True, timeout=300)
 
 
@@ -51,9 +57,7 @@ def start_accelerate(config: str, *args: str, log: Path, nproc: int = 2) -> subp
     """accelerate() in the background, in a session of its own, so that os.killpg(proc.pid, SIGINT) does what
     Ctrl+C in a terminal does: signal the launcher's process group. (torchrun starts its workers in sessions of
     their own, so the terminal's Ctrl+C reaches the launcher, which forwards it to the workers.)"""
-    e = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / config),
-           "--num_processes", str(nproc), str(REPO / "finetune.py"), *args]
+    cmd, e = launch(config, args, nproc)
     with open(log, "w") as f:
         return subprocess.Popen(cmd, cwd=REPO, env=e, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
 
