@@ -2,7 +2,8 @@
 
 Reads:  the YAML config; `model.name_or_path` (hub id or local folder); `data.path`.
 Writes: a new run directory, <paths.output_dir>/:
-          config.yaml (resolved), manifest.json (versions, git commit, data hash, seed),
+          config.yaml (what you asked: YAML + overrides), plan.json (what runs: every value decided from the
+          config, the data and the hardware; the values that differ from the YAML are logged with reasons), manifest.json (versions, git commit, data hash, seed),
           prompt_template.json, dataset_report.json, eval_rows.jsonl (held-out rows),
           checkpoints/checkpoint-N/ (resumable), train_log.jsonl (loss, lr, tokens per step),
           adapter/ (PEFT adapter, safetensors, + tokenizer; written atomically), run_summary.json,
@@ -43,6 +44,7 @@ from pathlib import Path
 from ftkit.config import Config, build_parser, load_config, parse_args
 from ftkit.config import UserError, log, run_main
 from ftkit.models import load_causal_lm, load_tokenizer, model_skeleton, pick_device, resolve_model, torch_dtype
+from ftkit.plan import TrainPlan, detect_hardware, make_plan, reference_hardware
 from ftkit.paths import (RunDir, atomic_dir, atomic_write_json, atomic_write_text, check_free_space,
                          save_resolved_config, write_latest, write_manifest)
 
@@ -95,11 +97,9 @@ def check_distributed(cfg: Config, device: str) -> dict:
                             "limit); use train.optim=adamw_torch under FSDP")
         if device != "cuda":
             raise UserError("FSDP needs CUDA GPUs; on CPU launch with configs/accelerate/ddp.yaml instead")
-        if os.environ.get("FSDP_ACTIVATION_CHECKPOINTING", "false").lower() == "true" and cfg.train.gradient_checkpointing:
-            # Both recompute activations; transformers refuses the pair. The FSDP one wraps the sharded layers.
-            log.info("FSDP activation checkpointing is on in the accelerate config; train.gradient_checkpointing "
-                     "is turned off (it would do the same work twice)")
-            cfg.train.gradient_checkpointing = False
+        # Both recompute activations and transformers refuses the pair; the plan turns ours off (and says so).
+        info["fsdp_activation_checkpointing"] = os.environ.get("FSDP_ACTIVATION_CHECKPOINTING",
+                                                               "false").lower() == "true"
     if device == "cuda":
         import torch
         n = torch.cuda.device_count()
@@ -209,23 +209,21 @@ def load_quantized_base(cfg: Config, source: str, offline: bool, device: str):
     return model
 
 
-def apply_lora(cfg: Config, model):
+def apply_lora(cfg: Config, plan: TrainPlan, model):
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     targets = validate_target_modules(model, cfg.lora.target_modules)
     fsdp = fsdp_enabled()
-    # On CPU the upcast stays (bf16 elementwise work is slow there; the demo keeps its measured path).
-    on_cpu = next(model.parameters()).device.type == "cpu"
-    if (cfg.quant.load_in_4bit or cfg.quant.load_in_8bit) and not fsdp and (cfg.train.upcast_frozen_fp32 or on_cpu):
+    if (cfg.quant.load_in_4bit or cfg.quant.load_in_8bit) and not fsdp and plan.upcast_frozen_fp32:
         # Casts norms to fp32 and enables input grads so checkpointing works through frozen 4-bit layers.
         # Not under FSDP: it needs one dtype per wrapped unit; the Trainer enables checkpointing there.
         model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=bool(cfg.train.gradient_checkpointing),
+            model, use_gradient_checkpointing=plan.gradient_checkpointing,
             gradient_checkpointing_kwargs={"use_reentrant": False})
     elif (cfg.quant.load_in_4bit or cfg.quant.load_in_8bit) and not fsdp:
         # The same without the float32 upcast (train.upcast_frozen_fp32): frozen weights stay in model.dtype.
         for p in model.parameters():
             p.requires_grad_(False)
-        if cfg.train.gradient_checkpointing:
+        if plan.gradient_checkpointing:
             model.enable_input_require_grads()
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     lcfg = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.lora_alpha, lora_dropout=cfg.lora.lora_dropout,
@@ -238,19 +236,19 @@ def apply_lora(cfg: Config, model):
     return model, trainable, total
 
 
-def apply_speed_switches(cfg: Config, model, speed_info: dict) -> None:
-    """The model-side switches speed.resolve decided: attention for packed rows, tiled MLP, offloading."""
+def apply_speed_switches(plan: TrainPlan, model) -> None:
+    """The model-side switches the plan decided: attention for padding-free rows, tiled MLP, offloading."""
     from ftkit import speed
-    if cfg.train.padding_free and cfg.model.attn_implementation == "sdpa":
+    if plan.attn_implementation == speed.VARLEN_ATTN:
         speed.use_varlen_attention(model)  # packed rows attend only within themselves, at their own length
-    if cfg.train.tiled_mlp:
+    if plan.tiled_mlp:
         log.info("tiled MLP: %d layers run their MLP in chunks of %d tokens", speed.use_tiled_mlp(model),
                  model.config.hidden_size)
-    if speed_info["offload_layers"]:
-        n = speed.offload_layer_inputs(model, speed_info["offload_layers"])
+    if plan.offload_layers:
+        n = speed.offload_layer_inputs(model, plan.offload_layers)
         log.info("activation offloading: the checkpointed inputs of %d of %d layers go to CPU RAM (~%.1f GB for "
                  "the largest micro-batch)", n, len(speed.decoder_layers(model)),
-                 speed_info["estimate_largest"]["host_offload_gb"])
+                 plan.estimate_largest["host_offload_gb"])
 
 
 # -- training loop hooks ---------------------------------------------------------------------------
@@ -260,10 +258,18 @@ def make_callbacks(run: RunDir, stop_flag: dict):
     class TrainLog(TrainerCallback):
         """train_log.jsonl: one line per logged step, appended so a resumed run continues the same file."""
 
+        t0 = time.time()
+
+        def on_train_begin(self, args, state, control, **kw):
+            self.t0 = time.time()
+
         def on_log(self, args, state, control, logs=None, **kw):
             if not state.is_world_process_zero or not logs:
                 return
+            # elapsed_s: since this process began training (evaluations included; eval rows carry
+            # eval_runtime), so time-to-quality can be read off the log.
             row = {"step": state.global_step, "epoch": round(state.epoch or 0, 4), "time": round(time.time(), 2),
+                   "elapsed_s": round(time.time() - self.t0, 2),
                    "tokens_seen": state.num_input_tokens_seen, **logs}
             with open(run.train_log, "a", encoding="utf-8") as f:
                 f.write(json.dumps(row) + "\n")
@@ -334,32 +340,32 @@ def check_eval_settings(cfg: Config, n_eval: int) -> None:
                         f"must be a multiple of train.eval_steps ({t.eval_steps}); set train.save_steps={fix}")
 
 
-def sft_config(cfg: Config, run: RunDir, device: str, n_eval: int, speed: dict | None = None):
+def sft_config(cfg: Config, run: RunDir, plan: TrainPlan, n_eval: int):
+    """TRL's arguments: the batch, learning rate and switches from the plan, everything else from the YAML."""
     from trl import SFTConfig
     t = cfg.train
-    packing = t.packing is True  # "auto" is resolved by ftkit.speed.resolve in main()
+    packing = plan.packing
     do_eval = bool(t.eval_steps) and n_eval > 0
     return SFTConfig(
         output_dir=str(run.checkpoints),
-        learning_rate=speed["learning_rate"] if speed else t.learning_rate, max_steps=t.max_steps,
-        num_train_epochs=t.num_train_epochs,
+        learning_rate=plan.learning_rate, max_steps=t.max_steps, num_train_epochs=t.num_train_epochs,
         # packed: one micro-batch is one packed row of train.pack_tokens tokens
-        per_device_train_batch_size=1 if packing else t.per_device_train_batch_size,
+        per_device_train_batch_size=plan.per_device_train_batch_size,
         per_device_eval_batch_size=1 if packing else t.per_device_eval_batch_size,
-        gradient_accumulation_steps=t.gradient_accumulation_steps, warmup_steps=t.warmup_steps,
+        gradient_accumulation_steps=plan.gradient_accumulation_steps, warmup_steps=t.warmup_steps,
         lr_scheduler_type=t.lr_scheduler_type, weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm,
-        optim=t.optim, gradient_checkpointing=t.gradient_checkpointing is True,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing is True else None,
+        optim=t.optim, gradient_checkpointing=plan.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if plan.gradient_checkpointing else None,
         logging_steps=t.logging_steps, save_strategy="steps", save_steps=t.save_steps,
         save_total_limit=t.save_total_limit, eval_strategy="steps" if do_eval else "no",
         eval_steps=t.eval_steps if do_eval else None,
         load_best_model_at_end=t.load_best_model_at_end or bool(t.early_stopping_patience),
         metric_for_best_model="eval_loss" if do_eval else None, greater_is_better=False if do_eval else None,
-        seed=t.seed, data_seed=t.seed, bf16=t.bf16, use_cpu=device == "cpu",
+        seed=t.seed, data_seed=t.seed, bf16=t.bf16, use_cpu=plan.device == "cpu",
         # Rows arrive truncated to data.max_length; TRL refuses max_length with padding_free and no packing.
-        max_length=t.pack_tokens if packing else (None if t.padding_free is True else cfg.data.max_length),
-        packing=packing, packing_strategy="bfd", padding_free=t.padding_free is True,
-        use_liger_kernel=t.use_liger_kernel is True, dataloader_num_workers=t.dataloader_num_workers,
+        max_length=t.pack_tokens if packing else (None if plan.padding_free else cfg.data.max_length),
+        packing=packing, packing_strategy="bfd", padding_free=plan.padding_free,
+        use_liger_kernel=plan.use_liger_kernel, dataloader_num_workers=t.dataloader_num_workers,
         report_to=t.report_to, include_num_input_tokens_seen="non_padding",
         save_only_model=False, disable_tqdm=not is_main(),
         # Every LoRA weight gets a gradient on every step; searching for unused ones costs a graph walk.
@@ -487,7 +493,6 @@ def main(cfg: Config, overwrite: bool = False, resume: bool = False) -> dict:
 
     import torch
 
-    from ftkit import speed
     device = pick_device(cfg.train.device)
     if cfg.train.bf16 and device == "cuda" and not torch.cuda.is_bf16_supported():
         raise UserError("train.bf16 is on but this GPU has no bf16; set train.bf16=false and "
@@ -506,10 +511,12 @@ def main(cfg: Config, overwrite: bool = False, resume: bool = False) -> dict:
         data_stage.print_report(prep.report)
     check_eval_settings(cfg, len(prep.eval.rows))
     check_disk(cfg, run, output_sizes(cfg, skeleton, len(prep.train.rows), info["world_size"]))
-    # Speed switches left at "auto" (packing, padding-free, liger, checkpointing, the scaled LR) get values.
-    speed_info = speed.resolve(cfg, device, prep.train.lengths, skeleton.config, info["world_size"], fsdp=info["fsdp"])
-    log.info("speed switches: %s", json.dumps({k: v for k, v in speed_info.items() if k != "estimate"}))
-    log.info("estimate for %s: %s", speed_info["gpu"], json.dumps(speed_info["estimate"]))
+    # Every value the run decides for itself, decided once; a plan that cannot fit fails here.
+    hw = detect_hardware(device, info["world_size"], info["fsdp"], info.get("fsdp_activation_checkpointing", False))
+    plan = make_plan(cfg, hw, prep.train.lengths, skeleton.config)
+    if is_main():
+        log.info("%s", plan.describe())
+        log.info("estimate for %s: %s", plan.gpu, json.dumps(plan.estimate))
     del skeleton
     # The training stack loads only now: a bad model or setting above fails in seconds, not after its import.
     from transformers import EarlyStoppingCallback, set_seed
@@ -517,13 +524,13 @@ def main(cfg: Config, overwrite: bool = False, resume: bool = False) -> dict:
     from datasets import Dataset
     set_seed(cfg.train.seed)
     model = load_quantized_base(cfg, source, offline, device)
-    model, trainable, total = apply_lora(cfg, model)
+    model, trainable, total = apply_lora(cfg, plan, model)
     n_lora = sum(1 for p in model.parameters() if p.requires_grad)
-    apply_speed_switches(cfg, model, speed_info)
-    eff_batch = cfg.train.per_device_train_batch_size * cfg.train.gradient_accumulation_steps * info["world_size"]
-    log.info("device %s, world size %d%s, per-device batch %d x accumulation %d x %d processes = global batch %d",
-             device, info["world_size"], " (FSDP)" if info["fsdp"] else "", cfg.train.per_device_train_batch_size,
-             cfg.train.gradient_accumulation_steps, info["world_size"], eff_batch)
+    apply_speed_switches(plan, model)
+    log.info("device %s, world size %d%s, micro-batch %s x accumulation %d x %d processes = %g rows a step",
+             device, info["world_size"], " (FSDP)" if info["fsdp"] else "",
+             f"{plan.pack_tokens} tokens" if plan.packing else f"{plan.per_device_train_batch_size} rows",
+             plan.gradient_accumulation_steps, info["world_size"], plan.rows_per_step)
 
     if is_main():
         if run.root.exists() and overwrite and not resume:
@@ -531,6 +538,7 @@ def main(cfg: Config, overwrite: bool = False, resume: bool = False) -> dict:
             shutil.rmtree(run.root)
         run.root.mkdir(parents=True, exist_ok=True)
         save_resolved_config(cfg, run.config)
+        atomic_write_json(run.plan, plan.to_json())
         write_manifest(cfg, run, prep.data_hash, {"world_size": info["world_size"], "fsdp": info["fsdp"],
                                                   "device": device, "resumed": resume})
         atomic_write_json(run.prompt_template, prep.template.to_json())
@@ -543,7 +551,7 @@ def main(cfg: Config, overwrite: bool = False, resume: bool = False) -> dict:
     callbacks = make_callbacks(run, stop_flag)
     if cfg.train.early_stopping_patience:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=cfg.train.early_stopping_patience))
-    trainer = SFTTrainer(model=model, args=sft_config(cfg, run, device, len(prep.eval.rows), speed_info),
+    trainer = SFTTrainer(model=model, args=sft_config(cfg, run, plan, len(prep.eval.rows)),
                          train_dataset=Dataset.from_list(prep.train.rows),
                          eval_dataset=Dataset.from_list(prep.eval.rows) if prep.eval.rows else None,
                          processing_class=tok, callbacks=callbacks)
@@ -624,9 +632,9 @@ def main(cfg: Config, overwrite: bool = False, resume: bool = False) -> dict:
         "first_train_loss": next((h["loss"] for h in state.log_history if "loss" in h), None),
         "final_train_loss": train_loss, "final_eval_loss": eval_loss, "train_loss_mean": result.training_loss,
         "best_checkpoint": state.best_model_checkpoint, "best_metric": state.best_metric,
-        "trainable_params": trainable, "total_params": total, "global_batch": eff_batch,
-        "world_size": info["world_size"], "fsdp": info["fsdp"], "device": device, "resumed_from": ckpt,
-        "speed": speed_info,
+        "trainable_params": trainable, "total_params": total, "rows_per_step": plan.rows_per_step,
+        "learning_rate": plan.learning_rate, "world_size": info["world_size"], "fsdp": info["fsdp"],
+        "device": device, "resumed_from": ckpt, "plan": "plan.json",
     }
     save_adapter(trainer, run, n_lora)
     if is_main():
@@ -638,10 +646,11 @@ def main(cfg: Config, overwrite: bool = False, resume: bool = False) -> dict:
 
 
 def dry_run(cfg: Config) -> dict:
-    """Predicted peak GPU memory and tokens/s of one optimizer step on the detected GPU (the calibrated
-    reference GPU when none is visible), from the model's config, the data's token lengths and the
-    constants measured on the H200 (ftkit/speed.py, benchmarks/README.md). Loads no weights."""
-    from ftkit import speed
+    """The training plan, with the predicted peak GPU memory and tokens/s of one optimizer step on the
+    detected GPU (the calibrated reference GPU when none is visible), from the model's config, the data's
+    token lengths and the constants measured on the H200 (ftkit/estimate.py, benchmarks/README.md).
+    Loads no weights and writes nothing."""
+    from ftkit.estimate import GPU_MEMORY_FRACTION
     from ftkit.models import causal_lm_config
     device = pick_device(cfg.train.device)
     source, offline = resolve_model(cfg.model)
@@ -652,32 +661,29 @@ def dry_run(cfg: Config) -> dict:
         lengths = prep.train.lengths
     except UserError as e:
         note = f" (data not readable: {e}; rows assumed {cfg.data.max_length // 2} tokens)"
-    gpu = speed.gpu_facts(device)
-    if device != "cuda" and cfg.train.use_liger_kernel == "auto":
-        cfg.train.use_liger_kernel = True  # predicting for the reference GPU host, where liger-kernel is installed
-    info = speed.resolve(cfg, "cuda", lengths, mconf, dist_info()["world_size"], gpu=gpu,
-                         fsdp=fsdp_enabled(), check_host=device == "cuda")
-    est, big = info["estimate"], info["estimate_largest"]
-    where = info["gpu"] if device == "cuda" else f"{info['gpu']} (no GPU detected here; the calibrated reference)"
+    world = dist_info()["world_size"]
+    hw = detect_hardware(device, world, fsdp_enabled()) if device == "cuda" else reference_hardware(world, fsdp_enabled())
+    plan = make_plan(cfg, hw, lengths, mconf, strict=False)
+    est, big = plan.estimate, plan.estimate_largest
+    where = plan.gpu if device == "cuda" else f"{plan.gpu} (no GPU detected here; the calibrated reference)"
     print(f"dry run: {cfg.model.name_or_path} on {where}{note}")
-    print(f"  rows: mean {info['mean_row_tokens']} tokens; {'packed into ' + str(info['pack_tokens']) + '-token micro-batches' if info['packing'] else 'micro-batches of ' + str(cfg.train.per_device_train_batch_size) + ' rows'}"
-          f" x {cfg.train.gradient_accumulation_steps} accumulation = ~{info['rows_per_step']} rows a step")
-    print(f"  switches: padding_free={info['padding_free']} liger={info['use_liger_kernel']} "
-          f"gradient_checkpointing={info['gradient_checkpointing']} learning_rate={info['learning_rate']:.3g} "
-          f"(x{info['lr_factor']}) tiled_mlp={info['tiled_mlp']} offloaded_layers={info['offload_layers']}")
+    print(plan.describe())
+    print(f"  rows: mean {plan.mean_row_tokens} tokens; a typical micro-batch {plan.tokens_per_micro_batch} tokens, "
+          f"the largest {plan.largest_micro_batch_tokens}")
     print(f"  predicted peak GPU memory {est['predicted_peak_gb']} GB (weights and optimizer {est['static_gb']} GB, "
-          f"activations {est['activations_gb']} GB) of {info['gpu_memory_gb']} GB")
+          f"activations {est['activations_gb']} GB) of {plan.gpu_memory_gb} GB")
     print(f"  predicted {est['predicted_tokens_per_s']:.0f} real tokens/s, {est['predicted_step_s']} s a step "
           f"({est['flops_per_token'] / 1e9:.1f} GFLOP a token)")
-    if info["largest_micro_batch_tokens"] > info["tokens_per_micro_batch"]:
-        print(f"  largest micro-batch ({info['largest_micro_batch_tokens']} tokens): predicted peak "
+    if plan.largest_micro_batch_tokens > plan.tokens_per_micro_batch:
+        print(f"  largest micro-batch ({plan.largest_micro_batch_tokens} tokens): predicted peak "
               f"{big['predicted_peak_gb']} GB" + (f", {big['host_offload_gb']} GB in CPU RAM" if big["host_offload_gb"] else ""))
     elif est["host_offload_gb"]:
         print(f"  offloaded checkpoints: {est['host_offload_gb']} GB in CPU RAM")
-    if big["predicted_peak_gb"] > speed.GPU_MEMORY_FRACTION * info["gpu_memory_gb"]:
-        print("  warning: the largest micro-batch is predicted not to fit; lower data.max_length, train.pack_tokens "
-              "or train.per_device_train_batch_size")
-    return {"exit_code": 0, "dry_run": info}
+    if not plan.fits:
+        print(f"  warning: the largest micro-batch is predicted not to fit in {GPU_MEMORY_FRACTION:.0%} of the GPU "
+              "(finetune.py would refuse it); lower data.max_length, train.pack_tokens or "
+              "train.per_device_train_batch_size")
+    return {"exit_code": 0, "dry_run": plan.to_json()}
 
 
 def cli(argv) -> int:
@@ -685,7 +691,7 @@ def cli(argv) -> int:
     p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
     p.add_argument("--dry-run", action="store_true",
-                   help="print the predicted peak GPU memory and tokens/s for this config, then stop")
+                   help="print the training plan with its predicted peak GPU memory and tokens/s, then stop")
     a = parse_args(p, argv)
     if a.dry_run:
         return dry_run(load_config(a.config, a.overrides))["exit_code"]

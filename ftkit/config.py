@@ -208,13 +208,17 @@ class TrainCfg(Section):
     # Padding-free batches: rows concatenated with position_ids restarting per row, no pad tokens computed;
     # attention stays within each row (ftkit/speed.py "sdpa_varlen"). "auto": on (measured faster on CPU and GPU).
     padding_free: bool | Literal["auto"] = "auto"
-    # Pack rows (TRL best-fit-decreasing) into micro-batches of `pack_tokens` tokens instead of
-    # per_device_train_batch_size rows; the learning rate is then scaled by `lr_scaling` from the rows per
-    # step it was set for (per_device_train_batch_size x gradient_accumulation_steps) to the packed
-    # rows per step. "auto": on with CUDA. Implies padding_free.
-    packing: bool | Literal["auto"] = "auto"
+    # The throughput mode, an explicit opt-in: pack rows (TRL best-fit-decreasing) into micro-batches of
+    # `pack_tokens` tokens instead of per_device_train_batch_size rows. A step then holds more rows than the
+    # YAML's per_device_train_batch_size x gradient_accumulation_steps, and the learning rate is rescaled by
+    # `lr_scaling` from those rows to the packed rows a step (benchmarks/README.md, "Time to quality", says
+    # what it costs in quality). Off: the optimizer sees exactly the YAML's rows a step. Implies padding_free.
+    packing: bool = False
     pack_tokens: int = Field(16384, ge=64)
     lr_scaling: Literal["sqrt", "linear", "none"] = "sqrt"
+    # With a GPU, run the YAML's rows a step as fewer, larger micro-batches (less accumulation) when the
+    # estimate says they fit and are faster; the rows a step and the learning rate do not change.
+    regroup_micro_batches: bool = True
     # Liger's fused kernels (RMSNorm, RoPE, SwiGLU, fused linear cross-entropy: no 128k-vocab logits in
     # memory). "auto": on with CUDA when liger-kernel is installed.
     use_liger_kernel: bool | Literal["auto"] = "auto"
@@ -235,6 +239,15 @@ class TrainCfg(Section):
     dataloader_num_workers: int = Field(0, ge=0)
     report_to: str = "none"
     resume: Literal["never", "auto"] = "never"
+
+    @field_validator("packing", mode="before")
+    @classmethod
+    def _packing_no_auto(cls, v):
+        if v == "auto":
+            raise ValueError("train.packing=auto is gone: by default a step now holds exactly the YAML's rows "
+                             "(padding-free, so no speed is lost); set train.packing=false, or train.packing=true "
+                             "for the throughput mode")
+        return v
 
     @model_validator(mode="after")
     def _consistent(self):

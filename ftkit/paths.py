@@ -1,7 +1,7 @@
 """The run directory: where each stage finds its inputs and puts its outputs, written so a crash never
 leaves something that looks complete but is not.
 
-    runs/<name>/config.yaml, manifest.json, prompt_template.json, dataset_report.json,
+    runs/<name>/config.yaml, plan.json, manifest.json, prompt_template.json, dataset_report.json,
                 checkpoints/, adapter/, train_log.jsonl, run_summary.json, merged/, eval/, export/
 """
 from __future__ import annotations
@@ -30,6 +30,8 @@ class RunDir:
 
     @property
     def config(self) -> Path: return self.root / "config.yaml"
+    @property
+    def plan(self) -> Path: return self.root / "plan.json"
     @property
     def manifest(self) -> Path: return self.root / "manifest.json"
     @property

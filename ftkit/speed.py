@@ -1,5 +1,6 @@
-"""Training speed: padding-free attention without cross-row contamination, the resolution of the "auto"
-speed switches in `train.*`, and the analytic memory / speed estimate behind `finetune.py --dry-run`.
+"""Kernels and module swaps for speed: padding-free attention without cross-row contamination, the tiled MLP
+and offloaded checkpoints for long rows, and the CUDA-graph greedy decoder. What to switch on is decided
+by ftkit/plan.py; the memory / speed model behind that is ftkit/estimate.py.
 
 Padding-free batches concatenate a micro-batch's rows into one row whose position_ids restart at 0 for
 every original row (TRL's DataCollatorForLanguageModeling(padding_free=True), or its bfd packing). Plain
@@ -15,16 +16,13 @@ length. On CPU (and wherever that kernel is missing) it runs SDPA row by row. Ba
 from __future__ import annotations
 
 import inspect
-import math
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Sequence
 
 import torch
 
-from .config import UserError, explicitly_on, log
+from .config import log
 
-VARLEN_ATTN = "sdpa_varlen"
+from .plan import VARLEN_ATTN  # noqa: E402  (the name the plan chooses)
 _registered = False
 _varlen_fn = None  # torch.nn.attention.varlen.varlen_attn, when this torch has it
 _varlen_params: set[str] = set()
@@ -155,237 +153,6 @@ def liger_available() -> bool:
     import importlib.util
     import torch
     return torch.cuda.is_available() and importlib.util.find_spec("liger_kernel") is not None
-
-
-# -- the estimate behind --dry-run ------------------------------------------------------------------
-# Constants measured on one NVIDIA H200 (benchmarks/results/h200_*.json; benchmarks/README.md says how they
-# were fitted). Memory is torch.cuda.max_memory_allocated. Time per optimizer step is modelled as
-#     n_micro * overhead + tokens * flops_per_token / rate + attention_flops / attn_rate
-# where flops_per_token is 4N (no recompute: forward + input gradients; the 4-bit base has no weight
-# gradients) or 6N (gradient checkpointing recomputes the forward), N the parameter count.
-CALIB = {
-    "NVIDIA H200": {
-        "peak_tflops": 790.0,             # measured bf16 dense matmul (KINDS.md); the MFU denominator
-        "rate_tflops": 479.0,             # achieved on the model's linear work, 4-bit dequantization included
-        "gpu_fixed_s": {"gc": 0.06, "nogc": 0.039},   # per micro-batch: dequantizing 7B weights and the like
-        # per micro-batch: the host issuing ~10k kernels (bitsandbytes, PEFT, liger); the GPU waits on it
-        # when the micro-batch is small
-        "cpu_floor_s": {"gc": 0.50, "nogc": 0.41},
-        "attn_tflops": 266.0,             # varlen flash attention, forward + backward
-        # activation bytes per token, per layer and hidden unit: without checkpointing everything a layer
-        # keeps for backward; with it, the bf16 layer input plus one layer's working set (gc_layer_h)
-        "act_per_layer_h": {"gc": 2.0, "nogc": 37.6},
-        "gc_layer_h": 51.2,
-        # the same working set with the MLP run in chunks (train.tiled_mlp), and what stays on the GPU per
-        # token once layer inputs are offloaded (copies in flight); fitted on 16k-131k-token rows
-        # (benchmarks/results/h200_long.json)
-        "gc_layer_h_tiled": 23.6,
-        "offload_extra_h": 4.4,
-        # host <-> GPU for the offloaded checkpoints, each way, as measured in one-step probes (synchronous
-        # copies plus the first allocation of pinned memory)
-        "offload_gb_per_s": 3.5,
-        "logit_bytes_liger": 0.0, "logit_bytes": 14.0,  # per token and vocabulary entry without liger (not fitted)
-        "static_extra_gb": 0.0,
-    },
-}
-DEFAULT_GPU = "NVIDIA H200"
-# The share of GPU memory the "auto" switches plan to fill; the rest absorbs fragmentation and the estimate's error.
-GPU_MEMORY_FRACTION = 0.85
-
-
-@dataclass
-class Plan:
-    """What one optimizer step of a config does, in the terms the estimate needs."""
-    tokens_per_micro: float        # real tokens in one micro-batch (padded ones count when padding)
-    micro_per_step: int
-    gradient_checkpointing: bool
-    liger: bool
-    mean_row_len: float            # for the attention term
-    lora_dtype_bytes: int = 2      # TRL keeps QLoRA adapters in bf16
-    upcast_fp32: bool = False
-    optim_state_bytes: int = 8     # two fp32 AdamW moments; 2 for 8-bit optimizers
-    tiled_mlp: bool = False
-    offload_layers: int = 0        # decoder layers whose checkpointed inputs live in CPU RAM
-
-
-def model_numbers(mconf, lora_r: int, targets) -> dict:
-    h, nl, inter, vocab = mconf.hidden_size, mconf.num_hidden_layers, mconf.intermediate_size, mconf.vocab_size
-    heads = mconf.num_attention_heads
-    kv = getattr(mconf, "num_key_value_heads", heads) or heads
-    hd = getattr(mconf, "head_dim", None) or h // heads
-    shapes = {"q_proj": (h, heads * hd), "k_proj": (h, kv * hd), "v_proj": (h, kv * hd), "o_proj": (heads * hd, h),
-              "gate_proj": (h, inter), "up_proj": (h, inter), "down_proj": (inter, h)}
-    linear = nl * sum(a * b for a, b in shapes.values())
-    tgt = shapes if targets == "all-linear" else {k: v for k, v in shapes.items() if k in targets}
-    lora = nl * lora_r * sum(a + b for a, b in tgt.values())
-    tied = bool(getattr(mconf, "tie_word_embeddings", False))
-    embed = vocab * h * (1 if tied else 2)
-    mlp = nl * sum(a * b for k, (a, b) in shapes.items() if k.endswith(("gate_proj", "up_proj", "down_proj")))
-    return {"hidden": h, "layers": nl, "vocab": vocab, "head_dim": hd, "heads": heads, "linear": linear,
-            "embed": embed, "lora": lora, "params": linear + embed + nl * 2 * h + h, "mlp_share": mlp / linear}
-
-
-def estimate(nums: dict, plan: Plan, gpu: str = DEFAULT_GPU) -> dict:
-    c = CALIB.get(gpu) or CALIB[DEFAULT_GPU]
-    mode = "gc" if plan.gradient_checkpointing else "nogc"
-    h, nl = nums["hidden"], nums["layers"]
-    # static: NF4 weights (0.5 byte + double-quantized absmax, ~0.127 bit), bf16 (or fp32) embeddings and
-    # head, LoRA weights + their gradients + two fp32 AdamW moments
-    static = nums["linear"] * (0.5 + 0.127 / 8) + nums["embed"] * (4 if plan.upcast_fp32 else 2)
-    static += nums["lora"] * (2 * plan.lora_dtype_bytes + plan.optim_state_bytes)
-    t = plan.tokens_per_micro
-    host = 0.0
-    if plan.gradient_checkpointing:
-        on_gpu = nl - plan.offload_layers
-        layer = c["gc_layer_h_tiled"] if plan.tiled_mlp else c["gc_layer_h"]
-        act = t * (on_gpu * c["act_per_layer_h"]["gc"] * h + layer * h
-                   + (c["offload_extra_h"] * h if plan.offload_layers else 0.0))
-        host = t * plan.offload_layers * c["act_per_layer_h"]["gc"] * h
-    else:
-        act = t * nl * c["act_per_layer_h"]["nogc"] * h
-    act += t * (c["logit_bytes_liger"] if plan.liger else c["logit_bytes"] * nums["vocab"])
-    peak = static + act + c["static_extra_gb"] * 2**30
-    fpt = (6 if plan.gradient_checkpointing else 4) * nums["params"]
-    if plan.tiled_mlp:
-        # the MLP forward runs a third time (its own recompute inside the layer's); the MLP is `mlp_share`
-        # of the linear work
-        fpt += 2 * nums["mlp_share"] * nums["params"]
-    tokens = t * plan.micro_per_step
-    # causal attention: QK^T and PV, 2 * 2 * L/2 * heads*head_dim per token and layer forward; x(3 or 4)
-    attn = tokens * nl * 2 * plan.mean_row_len * nums["heads"] * nums["head_dim"] * (4.5 if plan.gradient_checkpointing else 3.5)
-    gpu_micro = (c["gpu_fixed_s"][mode] + t * fpt / (c["rate_tflops"] * 1e12)
-                 + attn / plan.micro_per_step / (c["attn_tflops"] * 1e12)
-                 + 2 * host / (c["offload_gb_per_s"] * 1e9))  # copied out and back, not overlapped
-    step = plan.micro_per_step * max(c["cpu_floor_s"][mode], gpu_micro)
-    return {"gpu": gpu if gpu in CALIB else f"{DEFAULT_GPU} (constants; {gpu} not calibrated)",
-            "predicted_peak_gb": round(peak / 1e9, 2), "predicted_step_s": round(step, 3),
-            "predicted_tokens_per_s": round(tokens / step, 1), "flops_per_token": fpt,
-            "static_gb": round(static / 1e9, 2), "activations_gb": round(act / 1e9, 2),
-            "host_offload_gb": round(host / 1e9, 2)}
-
-
-def lr_scale(rows_per_step: float, reference_rows: float, rule: str) -> float:
-    """Learning-rate factor when a step holds rows_per_step rows instead of the reference_rows the rate was
-    set for: square root (AdamW's usual rule), linear, or none."""
-    if rule == "none" or reference_rows <= 0 or rows_per_step <= 0:
-        return 1.0
-    r = rows_per_step / reference_rows
-    return math.sqrt(r) if rule == "sqrt" else r
-
-
-# -- resolving the "auto" switches -------------------------------------------------------------------
-def gpu_facts(device: str) -> tuple[str, float]:
-    """(name, total memory in bytes) of this process's GPU; the calibrated reference GPU on CPU."""
-    if device == "cuda":
-        import torch
-        i = torch.cuda.current_device()
-        return torch.cuda.get_device_name(i), float(torch.cuda.get_device_properties(i).total_memory)
-    return DEFAULT_GPU, 139 * 2**30
-
-
-def resolve(cfg, device: str, lengths: list[int], mconf, world_size: int = 1, gpu: tuple[str, float] | None = None,
-            fsdp: bool = False, check_host: bool = True) -> dict:
-    """Turn every "auto" in cfg.train into a value (in place) and return what was decided, with the plan and
-    estimate of one step. `lengths`: the token lengths of the training rows."""
-    t = cfg.train
-    cuda = device == "cuda"
-    name, total = gpu or gpu_facts(device)
-    if t.use_liger_kernel == "auto":
-        import importlib.util
-        t.use_liger_kernel = bool(cuda and importlib.util.find_spec("liger_kernel") is not None)
-    if t.packing == "auto":
-        t.packing = cuda
-    if t.padding_free == "auto":
-        # on everywhere: no pad tokens computed; on the 2-core CPU the demo trains 1.59x faster with it
-        # (benchmarks/README.md, "CPU"), on the GPU it is what packing builds on
-        t.padding_free = True
-    if t.packing:
-        t.padding_free = True
-    mean_len = sum(lengths) / max(1, len(lengths)) if lengths else cfg.data.max_length / 2
-    nums = model_numbers(mconf, cfg.lora.r, cfg.lora.target_modules)
-    if t.packing:
-        per_micro, rows_micro = float(t.pack_tokens), t.pack_tokens / mean_len
-    else:
-        # a data set smaller than one batch makes smaller batches
-        rows_micro = min(t.per_device_train_batch_size, len(lengths)) if lengths else t.per_device_train_batch_size
-        longest = max(lengths) if lengths else cfg.data.max_length
-        # padded batches cost up to the longest row of the batch for every row
-        per_micro = rows_micro * (mean_len if t.padding_free else min(longest, 2 * mean_len))
-    ref_rows = t.per_device_train_batch_size * t.gradient_accumulation_steps * world_size
-    step_rows = rows_micro * t.gradient_accumulation_steps * world_size
-    lr = t.learning_rate * (lr_scale(step_rows, ref_rows, t.lr_scaling) if t.packing else 1.0)
-
-    # Memory is decided on the largest micro-batch the data can make, not the typical one: a run that fits
-    # on average still dies on its longest batch.
-    if t.packing:
-        worst = float(t.pack_tokens)
-    elif lengths:
-        top = sorted(lengths, reverse=True)[:t.per_device_train_batch_size]
-        worst = float(sum(top) if t.padding_free else top[0] * len(top))
-    else:
-        worst = float(t.per_device_train_batch_size * cfg.data.max_length)
-    worst = max(worst, per_micro)
-
-    def plan(gc: bool, tiled: bool = False, offload: int = 0, tokens: float = per_micro) -> Plan:
-        return Plan(tokens_per_micro=tokens, micro_per_step=t.gradient_accumulation_steps,
-                    gradient_checkpointing=gc, liger=bool(t.use_liger_kernel), mean_row_len=mean_len,
-                    upcast_fp32=cfg.train.upcast_frozen_fp32, optim_state_bytes=2 if "8bit" in t.optim else 8,
-                    tiled_mlp=tiled, offload_layers=offload)
-
-    budget = GPU_MEMORY_FRACTION * total
-
-    def fits(p: Plan) -> bool:
-        return estimate(nums, p, name)["predicted_peak_gb"] * 1e9 <= budget
-    on = explicitly_on(t.activation_offloading)
-    if on and not cuda:
-        raise UserError("train.activation_offloading=true needs a CUDA GPU (it moves GPU memory to CPU RAM); "
-                        "set it to auto or false")
-    if on and fsdp:
-        raise UserError("train.activation_offloading is not supported with FSDP; use fsdp_offload_params in the "
-                        "accelerate config instead, or set train.activation_offloading=false")
-    if t.gradient_checkpointing == "auto":
-        # recompute costs ~1/3 more work: only when the step does not fit without it (or a switch needs it)
-        t.gradient_checkpointing = bool(cuda and not fits(plan(False, tokens=worst))) or on or t.tiled_mlp is True
-    gc = bool(t.gradient_checkpointing)
-    if t.tiled_mlp == "auto":
-        t.tiled_mlp = bool(cuda and gc and not fits(plan(True, tokens=worst)))
-    offload = 0
-    if t.activation_offloading is True:
-        offload = nums["layers"]
-    elif on:
-        offload = min(int(t.activation_offloading), nums["layers"])
-    elif t.activation_offloading == "auto" and cuda and gc and not fsdp:
-        # as few layers as make the step fit: each offloaded layer costs a copy out and back
-        offload = next((n for n in range(nums["layers"] + 1)
-                        if fits(plan(True, bool(t.tiled_mlp), n, worst))), nums["layers"])
-    t.activation_offloading = True if offload == nums["layers"] else offload if offload else False
-    worst_est = estimate(nums, plan(gc, bool(t.tiled_mlp), offload, worst), name)
-    if offload and check_host:
-        avail = host_memory_available()
-        need = worst_est["host_offload_gb"] * 1e9
-        if avail is not None and need > 0.9 * avail:
-            raise UserError(f"activation offloading needs {need / 1e9:.1f} GB of CPU RAM for the longest micro-batch "
-                            f"({worst:.0f} tokens) but {avail / 1e9:.1f} GB is available; lower data.max_length, "
-                            f"train.pack_tokens or train.per_device_train_batch_size")
-    est = estimate(nums, plan(gc, bool(t.tiled_mlp), offload), name)
-    return {"padding_free": t.padding_free, "packing": t.packing, "pack_tokens": t.pack_tokens if t.packing else None,
-            "use_liger_kernel": t.use_liger_kernel, "gradient_checkpointing": t.gradient_checkpointing,
-            "tiled_mlp": t.tiled_mlp, "offload_layers": offload,
-            "learning_rate": lr, "lr_factor": round(lr / t.learning_rate, 4), "rows_per_step": round(step_rows, 1),
-            "mean_row_tokens": round(mean_len, 1), "tokens_per_micro_batch": round(per_micro),
-            "largest_micro_batch_tokens": round(worst), "gpu": name, "gpu_memory_gb": round(total / 1e9, 1),
-            "estimate": est, "estimate_largest": worst_est}
-
-
-def host_memory_available() -> float | None:
-    """MemAvailable of /proc/meminfo in bytes (Linux), else None."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return float(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
 
 
 # -- long rows: tiled MLP and offloaded checkpoints --------------------------------------------------------

@@ -7,6 +7,8 @@ from benchmarks.train_throughput import LLAMA3_8B, TARGETS
 from conftest import REPO, run_script, tiny_overrides
 from ftkit import speed
 from ftkit.config import UserError, load_config
+from ftkit.estimate import StepShape, estimate, model_numbers
+from ftkit.plan import Hardware, make_plan
 
 H200 = ("NVIDIA H200", 150e9)
 
@@ -69,46 +71,52 @@ def test_tiled_mlp_and_offloading_give_the_same_loss_and_gradients(monkeypatch, 
         model(input_ids=ids)
 
 
-def resolved(tokens: int, device="cuda", **over):
+def planned(tokens: int, device="cuda", host=120e9, **over):
     cfg = load_config(REPO / "configs" / "llama3_alpaca_h200.yaml",
                       ["train.packing=false", "train.per_device_train_batch_size=1", "train.use_liger_kernel=true",
                        "train.gradient_accumulation_steps=1", *[f"{k}={v}" for k, v in over.items()]])
     from transformers import LlamaConfig
-    return cfg, speed.resolve(cfg, device, [tokens], LlamaConfig(**LLAMA3_8B), gpu=H200)
+    hw = Hardware(device=device, gpu_name=H200[0], gpu_memory=H200[1], liger_installed=True, host_memory=host)
+    return cfg, make_plan(cfg, hw, [tokens], LlamaConfig(**LLAMA3_8B))
 
 
-def test_auto_switches_follow_the_longest_row(monkeypatch):
-    monkeypatch.setattr(speed, "host_memory_available", lambda: 120e9)
-    _, short = resolved(2048)
-    assert (short["gradient_checkpointing"], short["tiled_mlp"], short["offload_layers"]) == (False, False, 0)
-    _, mid = resolved(120_000)  # fits with checkpointing alone
-    assert (mid["gradient_checkpointing"], mid["tiled_mlp"], mid["offload_layers"]) == (True, False, 0)
-    _, longer = resolved(300_000)  # needs the tiled MLP too
-    assert (longer["gradient_checkpointing"], longer["tiled_mlp"], longer["offload_layers"]) == (True, True, 0)
-    cfg, long = resolved(500_000)
-    assert long["gradient_checkpointing"] and long["tiled_mlp"]
-    assert 0 < long["offload_layers"] < 32
-    est = long["estimate_largest"]
+def test_auto_switches_follow_the_longest_row():
+    _, short = planned(2048)
+    assert (short.gradient_checkpointing, short.tiled_mlp, short.offload_layers) == (False, False, 0)
+    _, mid = planned(120_000)  # fits with checkpointing alone
+    assert (mid.gradient_checkpointing, mid.tiled_mlp, mid.offload_layers) == (True, False, 0)
+    _, longer = planned(300_000)  # needs the tiled MLP too
+    assert (longer.gradient_checkpointing, longer.tiled_mlp, longer.offload_layers) == (True, True, 0)
+    cfg, long = planned(500_000)
+    assert long.gradient_checkpointing and long.tiled_mlp
+    assert 0 < long.offload_layers < 32
+    est = long.estimate_largest
     assert est["predicted_peak_gb"] <= 0.85 * 150
     assert est["host_offload_gb"] > 0
-    # the saved config records the number of layers chosen, so a resume offloads the same ones
-    assert cfg.train.activation_offloading == long["offload_layers"]
+    # the plan, not the config, records the number of layers chosen (plan.json), and says why
+    assert cfg.train.activation_offloading == "auto"
+    assert any(c.key == "train.activation_offloading" and c.planned == long.offload_layers for c in long.changes)
     # one layer fewer would not fit
-    fewer = speed.estimate(speed.model_numbers(__import__("transformers").LlamaConfig(**LLAMA3_8B), 16, TARGETS),
-                           speed.Plan(500_000, 1, True, True, 500_000, tiled_mlp=True,
-                                      offload_layers=long["offload_layers"] - 1, optim_state_bytes=2), "NVIDIA H200")
+    fewer = estimate(model_numbers(__import__("transformers").LlamaConfig(**LLAMA3_8B), 16, TARGETS),
+                     StepShape(500_000, 1, True, True, 500_000, tiled_mlp=True,
+                               offload_layers=long.offload_layers - 1, optim_state_bytes=2), "NVIDIA H200")
     assert fewer["predicted_peak_gb"] > 0.85 * 150
 
 
-def test_offloading_refuses_what_the_host_cannot_hold(monkeypatch):
-    monkeypatch.setattr(speed, "host_memory_available", lambda: 8e9)
+def test_offloading_refuses_what_the_host_cannot_hold():
     with pytest.raises(UserError, match="CPU RAM"):
-        resolved(500_000)
+        planned(500_000, host=8e9)
+
+
+def test_a_plan_that_cannot_fit_is_refused():
+    # 4M tokens: even every layer offloaded leaves too much on the GPU
+    with pytest.raises(UserError, match="does not fit this GPU"):
+        planned(4_000_000, host=None)
 
 
 def test_offloading_needs_cuda_and_checkpointing():
     with pytest.raises(UserError, match="train.activation_offloading=true needs a CUDA GPU"):
-        resolved(1000, device="cpu", **{"train.activation_offloading": "true"})
+        planned(1000, device="cpu", **{"train.activation_offloading": "true", "train.use_liger_kernel": "auto"})
     with pytest.raises(UserError, match="train.tiled_mlp=true needs gradient checkpointing"):
         load_config(REPO / "configs" / "demo.yaml", ["train.tiled_mlp=true", "train.gradient_checkpointing=false"])
     cfg = load_config(REPO / "configs" / "demo.yaml", ["train.activation_offloading=3", "train.gradient_checkpointing=auto"])

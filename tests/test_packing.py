@@ -10,6 +10,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from ftkit import speed  # noqa: E402
+from ftkit.estimate import lr_scale  # noqa: E402
 
 LENGTHS = (7, 12, 5, 9)
 
@@ -97,6 +98,6 @@ def test_padded_batches_unchanged():
 
 
 def test_lr_scale():
-    assert speed.lr_scale(64, 16, "sqrt") == pytest.approx(2.0)
-    assert speed.lr_scale(64, 16, "linear") == pytest.approx(4.0)
-    assert speed.lr_scale(64, 16, "none") == 1.0
+    assert lr_scale(64, 16, "sqrt") == pytest.approx(2.0)
+    assert lr_scale(64, 16, "linear") == pytest.approx(4.0)
+    assert lr_scale(64, 16, "none") == 1.0

@@ -1,0 +1,316 @@
+"""The training plan: every value a run decides for itself (rows and tokens per micro-batch, accumulation,
+learning rate, packing, attention, checkpointing, kernels, long-row switches and the memory/speed estimate),
+decided once from the config, the data's token lengths and the hardware, then frozen and saved as plan.json.
+
+The rule the plan keeps: by default the optimizer sees the rows a step the YAML asks for
+(per_device_train_batch_size x gradient_accumulation_steps x processes) at the YAML's learning rate. Speed
+comes from how those rows are run (padding-free rows, no recompute where memory allows, fused kernels, fewer
+and larger micro-batches in place of accumulation), never from a different batch. The one exception is the
+throughput mode, `train.packing: true`, which the user asks for by name: token packs of `train.pack_tokens`,
+with the learning rate rescaled by `train.lr_scaling` (benchmarks/README.md, "Time to quality").
+Every value that differs from the YAML is a `Change` with its reason; finetune.py logs them in one block.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+from .config import Config, UserError, explicitly_on
+from .estimate import (DEFAULT_GPU, GPU_MEMORY_FRACTION, StepShape, estimate, gpu_facts, host_memory_available,
+                       lr_scale, model_numbers)
+
+# The attention that keeps padding-free rows apart on the SDPA path (ftkit/speed.py registers it).
+VARLEN_ATTN = "sdpa_varlen"
+
+
+@dataclass(frozen=True)
+class Hardware:
+    """What the plan needs to know of the machine."""
+    device: str                          # "cuda" or "cpu"
+    gpu_name: str = DEFAULT_GPU          # the calibrated reference GPU when there is none
+    gpu_memory: float = 139 * 2**30      # bytes
+    world_size: int = 1
+    fsdp: bool = False
+    fsdp_activation_checkpointing: bool = False  # the accelerate config already recomputes activations
+    liger_installed: bool = False
+    host_memory: float | None = None     # available CPU RAM (bytes) for offloaded checkpoints; None: unchecked
+
+    @property
+    def cuda(self) -> bool:
+        return self.device == "cuda"
+
+
+def detect_hardware(device: str, world_size: int = 1, fsdp: bool = False,
+                    fsdp_activation_checkpointing: bool = False) -> Hardware:
+    name, total = gpu_facts(device)
+    return Hardware(device=device, gpu_name=name, gpu_memory=total, world_size=world_size, fsdp=fsdp,
+                    fsdp_activation_checkpointing=fsdp_activation_checkpointing,
+                    liger_installed=importlib.util.find_spec("liger_kernel") is not None,
+                    host_memory=host_memory_available() if device == "cuda" else None)
+
+
+def reference_hardware(world_size: int = 1, fsdp: bool = False) -> Hardware:
+    """The calibrated GPU host, for predictions made on a machine without a GPU (its image has liger-kernel)."""
+    return Hardware(device="cuda", world_size=world_size, fsdp=fsdp, liger_installed=True)
+
+
+@dataclass(frozen=True)
+class Change:
+    """One planned value that differs from what the YAML says, and why."""
+    key: str
+    asked: Any
+    planned: Any
+    reason: str
+
+
+@dataclass(frozen=True)
+class TrainPlan:
+    device: str
+    world_size: int
+    fsdp: bool
+    rows_per_step: float             # rows the optimizer sees a step, all processes (a mean when packing)
+    rows_per_micro_batch: float      # per process (a mean when packing)
+    gradient_accumulation_steps: int
+    tokens_per_micro_batch: int      # real tokens of a typical micro-batch (padded ones count when padding)
+    largest_micro_batch_tokens: int  # what memory is planned for
+    learning_rate: float
+    lr_factor: float                 # learning_rate / the YAML's
+    packing: bool                    # the throughput mode: token packs instead of rows
+    pack_tokens: int | None
+    padding_free: bool
+    attn_implementation: str         # what training runs with
+    gradient_checkpointing: bool
+    use_liger_kernel: bool
+    upcast_frozen_fp32: bool
+    tiled_mlp: bool
+    offload_layers: int
+    mean_row_tokens: float
+    gpu: str
+    gpu_memory_gb: float
+    estimate: dict                   # a typical step on `gpu` (CPU runs: what that GPU would do)
+    estimate_largest: dict           # the largest micro-batch
+    changes: tuple[Change, ...] = ()
+
+    @property
+    def per_device_train_batch_size(self) -> int:
+        """The micro-batch the Trainer gets: one packed row when packing, else the planned rows."""
+        return 1 if self.packing else int(self.rows_per_micro_batch)
+
+    @property
+    def fits(self) -> bool:
+        return self.estimate_largest["predicted_peak_gb"] * 1e9 <= GPU_MEMORY_FRACTION * self.gpu_memory_gb * 1e9
+
+    def to_json(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["per_device_train_batch_size"] = self.per_device_train_batch_size
+        d["changes"] = [dataclasses.asdict(c) for c in self.changes]
+        return d
+
+    def describe(self) -> str:
+        """The plan in one readable block: what runs, then every value that differs from the YAML and why."""
+        if self.packing:
+            batch = (f"~{self.rows_per_step:g} rows a step (packs of {self.pack_tokens} tokens x "
+                     f"{self.gradient_accumulation_steps} accumulation x {self.world_size} process(es))")
+        else:
+            batch = (f"{self.rows_per_step:g} rows a step ({self.per_device_train_batch_size} rows a micro-batch x "
+                     f"{self.gradient_accumulation_steps} accumulation x {self.world_size} process(es))")
+        lines = [f"training plan: {batch}, learning rate {self.learning_rate:.3g}, padding_free={self.padding_free}, "
+                 f"attention={self.attn_implementation}, gradient_checkpointing={self.gradient_checkpointing}, "
+                 f"liger={self.use_liger_kernel}, tiled_mlp={self.tiled_mlp}, offloaded_layers={self.offload_layers}"]
+        if self.changes:
+            lines.append("values that differ from the YAML (the saved config.yaml keeps what you asked; plan.json "
+                         "has what runs):")
+            for c in self.changes:
+                lines.append(f"  {c.key}: {c.asked} -> {c.planned}  ({c.reason})")
+        else:
+            lines.append("every value runs as the YAML says")
+        return "\n".join(lines)
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def make_plan(cfg: Config, hw: Hardware, lengths: Sequence[int], mconf, *, strict: bool = True) -> TrainPlan:
+    """Decide the plan. `lengths`: the token lengths of the training rows (this process's view of the whole
+    set); `mconf`: the model's config (no weights needed). Raises UserError, before any model loads, for a
+    plan that cannot fit the GPU (unless `strict` is off, as for --dry-run) and for a throughput mode the data
+    cannot fill. Reads cfg, never writes it."""
+    t, cuda, W = cfg.train, hw.cuda, hw.world_size
+    changes: list[Change] = []
+
+    def change(key: str, asked, planned, reason: str):
+        if asked != planned:
+            changes.append(Change(key, asked, planned, reason))
+        return planned
+
+    # -- kernels ------------------------------------------------------------------------------------
+    if t.use_liger_kernel == "auto":
+        liger = change("train.use_liger_kernel", "auto", cuda and hw.liger_installed,
+                       "fused RMSNorm/RoPE/SwiGLU kernels, on with a GPU when liger-kernel is installed"
+                       if cuda and hw.liger_installed else
+                       "liger's kernels need a CUDA GPU" if not cuda else "liger-kernel is not installed")
+    else:
+        liger = t.use_liger_kernel
+        if liger and not cuda:
+            raise UserError("train.use_liger_kernel=true needs a CUDA GPU (its kernels are Triton GPU code); "
+                            "set train.use_liger_kernel=auto or false")
+        if liger and not hw.liger_installed:
+            raise UserError("train.use_liger_kernel=true but the liger-kernel package is not installed; "
+                            "pip install liger-kernel, or set train.use_liger_kernel=auto")
+    packing = t.packing is True
+    if t.padding_free == "auto" or packing:
+        padding_free = change("train.padding_free", t.padding_free, True,
+                              "packed rows are always padding-free" if packing else
+                              "no pad tokens computed: 1.59x the padded batches on the 2-core CPU demo, and what "
+                              "varlen attention builds on with a GPU")
+    else:
+        padding_free = t.padding_free
+    attn = cfg.model.attn_implementation
+    if padding_free and attn == "sdpa":
+        attn = change("model.attn_implementation", "sdpa", VARLEN_ATTN,
+                      "padding-free rows through varlen flash attention (SDPA row by row on CPU): each row "
+                      "attends to itself only, at the cost of its own length")
+    upcast = t.upcast_frozen_fp32
+    if not cuda and not upcast and (cfg.quant.load_in_4bit or cfg.quant.load_in_8bit) and not hw.fsdp:
+        upcast = change("train.upcast_frozen_fp32", False, True,
+                        "on CPU bf16 elementwise work is slow; the frozen norms and embeddings run in float32")
+
+    # -- rows, micro-batches, checkpointing -----------------------------------------------------------
+    lengths = list(lengths)
+    mean_len = sum(lengths) / len(lengths) if lengths else cfg.data.max_length / 2
+    longest = max(lengths) if lengths else cfg.data.max_length
+    nums = model_numbers(mconf, cfg.lora.r, cfg.lora.target_modules)
+    B, A = t.per_device_train_batch_size, t.gradient_accumulation_steps
+    asked_rows = B * A * W
+    budget = GPU_MEMORY_FRACTION * hw.gpu_memory
+    optim_bytes = 2 if "8bit" in t.optim else 8
+
+    def shape(tokens: float, micro: int, gc: bool, tiled: bool = False, offload: int = 0) -> StepShape:
+        return StepShape(tokens_per_micro=tokens, micro_per_step=micro, gradient_checkpointing=gc, liger=bool(liger),
+                         mean_row_len=mean_len, upcast_fp32=upcast, optim_state_bytes=optim_bytes,
+                         tiled_mlp=tiled, offload_layers=offload)
+
+    def est(s: StepShape) -> dict:
+        return estimate(nums, s, hw.gpu_name)
+
+    def fits(s: StepShape) -> bool:
+        return est(s)["predicted_peak_gb"] * 1e9 <= budget
+
+    if hw.fsdp_activation_checkpointing:
+        gc_options = [False]  # FSDP recomputes the wrapped layers itself; transformers refuses both at once
+    elif t.gradient_checkpointing == "auto":
+        gc_options = [False, True] if cuda else [False]
+    else:
+        gc_options = [bool(t.gradient_checkpointing)]
+
+    if packing:
+        rows_micro, accum = t.pack_tokens / mean_len, A
+        typical = worst = float(t.pack_tokens)
+        total = sum(lengths)
+        if lengths and total < t.pack_tokens * A * W:
+            raise UserError(f"train.packing=true (the throughput mode) fills each step with {A * W} pack(s) of "
+                            f"{t.pack_tokens} tokens, but the training data holds only {total} tokens; lower "
+                            f"train.pack_tokens (e.g. {max(64, total // (A * W) // 2)}) or set train.packing=false")
+        gc = next((g for g in gc_options if not cuda or fits(shape(worst, accum, g))), gc_options[-1])
+        step_rows = rows_micro * A * W
+        lr = t.learning_rate * lr_scale(step_rows, asked_rows, t.lr_scaling)
+        change("rows a step", asked_rows, round(step_rows, 1),
+               f"train.packing=true, the throughput mode: each micro-batch is one pack of {t.pack_tokens} tokens "
+               f"(~{rows_micro:.0f} rows of {mean_len:.0f} tokens)")
+        change("train.learning_rate", t.learning_rate, lr,
+               f"train.lr_scaling={t.lr_scaling} for {step_rows:.0f} rows a step instead of {asked_rows}")
+        change("train.per_device_train_batch_size", B, 1, "one packed row a micro-batch")
+    else:
+        R = B * A
+        sizes = _divisors(R) if (cuda and t.regroup_micro_batches) else [B]
+
+        def micro_tokens(m: int) -> tuple[float, float]:
+            """(typical, largest) tokens of an m-row micro-batch; padded batches pay the longest row."""
+            top = sorted(lengths, reverse=True)[:m] if lengths else [cfg.data.max_length] * m
+            if padding_free:
+                return m * mean_len, float(sum(top))
+            return m * min(longest, 2 * mean_len), float(top[0] * len(top))
+
+        options = []
+        for m in sizes:
+            typ, big = micro_tokens(m)
+            for g in gc_options:
+                if not cuda or fits(shape(big, R // m, g)):
+                    options.append((est(shape(typ, R // m, g))["predicted_step_s"], -m, g))
+        if options:
+            _, neg_m, gc = min(options)
+            rows_micro = -neg_m
+        else:  # nothing fits as is: the long-row switches below get their chance on the smallest micro-batch
+            rows_micro, gc = min(sizes), gc_options[-1]
+        accum = R // rows_micro
+        typical, worst = micro_tokens(rows_micro)
+        lr, step_rows = t.learning_rate, float(asked_rows)
+        if rows_micro != B:
+            why = (f"the same {asked_rows} rows a step as {accum} micro-batch(es) of {rows_micro} instead of {A} of {B}:"
+                   f" predicted {est(shape(typical, accum, gc))['predicted_step_s']} s a step" if cuda else "")
+            if rows_micro > B:
+                why += " (fewer, larger micro-batches; train.regroup_micro_batches=false keeps the YAML's split)"
+            else:
+                why += " (the YAML's micro-batch does not fit the GPU)"
+            change("train.per_device_train_batch_size", B, rows_micro, why)
+            change("train.gradient_accumulation_steps", A, accum, "see train.per_device_train_batch_size")
+        typical = max(typical, 1.0)
+
+    if t.gradient_checkpointing == "auto" or hw.fsdp_activation_checkpointing:
+        gc = bool(gc) or explicitly_on(t.activation_offloading) or t.tiled_mlp is True
+        change("train.gradient_checkpointing", t.gradient_checkpointing, gc,
+               "the FSDP accelerate config recomputes activations itself" if hw.fsdp_activation_checkpointing else
+               "no recompute: the largest micro-batch fits without it" if not gc else
+               "the largest micro-batch does not fit without recompute")
+
+    # -- long rows: tiled MLP, then offloaded checkpoints --------------------------------------------------
+    offload_on = explicitly_on(t.activation_offloading)
+    if offload_on and not cuda:
+        raise UserError("train.activation_offloading=true needs a CUDA GPU (it moves GPU memory to CPU RAM); "
+                        "set it to auto or false")
+    if offload_on and hw.fsdp:
+        raise UserError("train.activation_offloading is not supported with FSDP; use fsdp_offload_params in the "
+                        "accelerate config instead, or set train.activation_offloading=false")
+    if t.tiled_mlp == "auto":
+        tiled = change("train.tiled_mlp", "auto", bool(cuda and gc and not fits(shape(worst, accum, True))),
+                       "the largest micro-batch does not fit with checkpointing alone" if cuda and gc else
+                       "not needed")
+    else:
+        tiled = t.tiled_mlp
+    layers = nums["layers"]
+    if t.activation_offloading is True:
+        offload = layers
+    elif offload_on:
+        offload = min(int(t.activation_offloading), layers)
+    elif t.activation_offloading == "auto" and cuda and gc and not hw.fsdp:
+        # as few layers as make the step fit: each offloaded layer costs a copy out and back
+        offload = next((n for n in range(layers + 1) if fits(shape(worst, accum, True, tiled, n))), layers)
+    else:
+        offload = 0
+    if t.activation_offloading == "auto":
+        change("train.activation_offloading", "auto", offload,
+               "the largest micro-batch fits without it" if not offload else
+               f"the checkpointed inputs of {offload} layer(s) go to CPU RAM so the largest micro-batch fits")
+    big = est(shape(worst, accum, gc, tiled, offload))
+    if offload and hw.host_memory is not None and big["host_offload_gb"] * 1e9 > 0.9 * hw.host_memory:
+        raise UserError(f"activation offloading needs {big['host_offload_gb']:.1f} GB of CPU RAM for the longest "
+                        f"micro-batch ({worst:.0f} tokens) but {hw.host_memory / 1e9:.1f} GB is available; lower "
+                        f"data.max_length, train.pack_tokens or train.per_device_train_batch_size")
+    if strict and cuda and big["predicted_peak_gb"] * 1e9 > budget:
+        raise UserError(f"the plan does not fit this GPU: its largest micro-batch ({worst:.0f} tokens) is predicted "
+                        f"to need {big['predicted_peak_gb']} GB, {GPU_MEMORY_FRACTION:.0%} of {hw.gpu_name}'s "
+                        f"{hw.gpu_memory / 1e9:.0f} GB is {budget / 1e9:.0f} GB; lower data.max_length, "
+                        f"train.per_device_train_batch_size or train.pack_tokens, or set "
+                        f"train.gradient_checkpointing=auto (finetune.py --dry-run shows the plan)")
+    return TrainPlan(
+        device=hw.device, world_size=W, fsdp=hw.fsdp, rows_per_step=round(step_rows, 1),
+        rows_per_micro_batch=round(rows_micro, 2), gradient_accumulation_steps=accum,
+        tokens_per_micro_batch=round(typical), largest_micro_batch_tokens=round(worst), learning_rate=lr,
+        lr_factor=round(lr / t.learning_rate, 4), packing=packing, pack_tokens=t.pack_tokens if packing else None,
+        padding_free=bool(padding_free), attn_implementation=attn, gradient_checkpointing=bool(gc),
+        use_liger_kernel=bool(liger), upcast_frozen_fp32=bool(upcast), tiled_mlp=bool(tiled), offload_layers=offload,
+        mean_row_tokens=round(mean_len, 1), gpu=hw.gpu_name, gpu_memory_gb=round(hw.gpu_memory / 1e9, 1),
+        estimate=est(shape(typical, accum, gc, tiled, offload)), estimate_largest=big, changes=tuple(changes))
