@@ -241,6 +241,10 @@ def apply_speed_switches(plan: TrainPlan, model) -> None:
     from ftkit import speed
     if plan.attn_implementation == speed.VARLEN_ATTN:
         speed.use_varlen_attention(model)  # packed rows attend only within themselves, at their own length
+    else:
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        if base.config._attn_implementation != plan.attn_implementation:
+            base.set_attn_implementation(plan.attn_implementation)
     if plan.tiled_mlp:
         log.info("tiled MLP: %d layers run their MLP in chunks of %d tokens", speed.use_tiled_mlp(model),
                  model.config.hidden_size)

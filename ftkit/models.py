@@ -78,12 +78,7 @@ def hub_mode(repo_id: str, what: str, key: str) -> bool:
 
 
 def convert_gguf(source: str, dest: Path) -> None:
-    """Dequantize a GGUF shipped inside a Python package into a safetensors checkpoint, once."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from .paths import atomic_dir
-
+    """Dequantize a GGUF shipped inside a Python package ("<package>/<file>") into a checkpoint, once."""
     pkg, _, fname = source.partition("/")
     spec = importlib.util.find_spec(pkg)
     if spec is None or not spec.submodule_search_locations:
@@ -92,10 +87,19 @@ def convert_gguf(source: str, dest: Path) -> None:
     folder = Path(list(spec.submodule_search_locations)[0])
     if not (folder / fname).is_file():
         raise UserError(f"'{fname}' is not in package '{pkg}' ({folder}); fix model.gguf_source")
-    log.info("converting %s once into a standard HF checkpoint at %s", folder / fname, dest)
+    convert_gguf_file(folder / fname, dest, source)
+
+
+def convert_gguf_file(gguf: Path, dest: Path, source: str | None = None) -> None:
+    """Dequantize one GGUF file into a safetensors checkpoint (bf16) with its tokenizer, written atomically."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .paths import atomic_dir
+    log.info("converting %s once into a standard HF checkpoint at %s", gguf, dest)
     t0 = time.time()
-    tok = AutoTokenizer.from_pretrained(folder, gguf_file=fname)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=fname, dtype=torch.bfloat16)
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.bfloat16)
     # save_pretrained refuses a config that still claims GGUF quantization; the weights are dequantized now.
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
@@ -104,7 +108,7 @@ def convert_gguf(source: str, dest: Path) -> None:
     with atomic_dir(dest) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
-        (tmp / "SOURCE.json").write_text(json.dumps({"gguf_source": source}, indent=2) + "\n")
+        (tmp / "SOURCE.json").write_text(json.dumps({"gguf_source": source or str(gguf)}, indent=2) + "\n")
     log.info("converted in %.0fs", time.time() - t0)
 
 

@@ -208,3 +208,18 @@ def check_free_space(path: Path, need_bytes: int, what: str) -> tuple[Path, int]
         raise UserError(f"not enough disk space in '{probe}' for {what}: about {need_bytes / 1e9:.1f} GB needed, "
                         f"{free / 1e9:.1f} GB free; free space or point paths.output_dir elsewhere")
     return probe, free
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """The rows of a JSONL log the project wrote (train_log.jsonl): a line cut off by a kill is skipped."""
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict):
+            out.append(row)
+    return out

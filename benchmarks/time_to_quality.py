@@ -1,0 +1,185 @@
+"""Time to quality: the plain QLoRA recipe against the project's default for configs/llama3_alpaca.yaml (and
+the throughput mode, `train.packing=true`, under each learning-rate rule), on real weights
+(SmolLM2-135M-Instruct), the same rows and the same held-out split.
+
+Each variant is a real `finetune.py` run (a subprocess, as a user runs it) of --epochs epochs that evaluates
+the held-out rows' response loss --evals-per-epoch times an epoch. From its train_log.jsonl (eval_loss,
+elapsed_s, eval_runtime) this reports: held-out loss at epoch 1 and at the last epoch (interpolated linearly
+between the two evaluations around an epoch boundary), training time with evaluations taken out, and the
+training time each variant needs to reach the plain recipe's 1-epoch held-out loss.
+
+  plain       the YAML with every speed switch of the project off: padded batches of the YAML's 8 x 2 rows,
+              gradient checkpointing, fp32 upcast of the frozen weights (prepare_model_for_kbit_training),
+              plain SDPA, no liger: what a careful user of plain TRL/PEFT runs
+  default     configs/llama3_alpaca.yaml as shipped: the same 16 rows a step and learning rate, run as the
+              training plan decides (padding-free rows, varlen attention, recompute only if needed, liger,
+              fewer larger micro-batches)
+  packed_*    the throughput mode: 16k-token packs, learning rate rescaled by none / sqrt / linear
+
+CPU (this 2-core machine; a smaller split so that it ends in about half an hour):
+    python benchmarks/time_to_quality.py --out benchmarks/results/ttq_cpu.json --train-rows 360 \
+        --eval-rows 60 --evals-per-epoch 2 --variants plain,default
+GPU (nvidia-h200; benchmarks/README.md "Time to quality" has the full recipe):
+    python3 benchmarks/time_to_quality.py --out $OUT/ttq_h200.json --model /tmp/smollm2 \
+        --data .bench/alpaca_en_1k.json --variants plain,default,packed_none,packed_sqrt,packed_linear
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from ftkit.paths import read_jsonl  # noqa: E402
+
+CONFIG = ROOT / "configs" / "llama3_alpaca.yaml"
+VARIANTS = {
+    "plain": ["train.padding_free=false", "train.gradient_checkpointing=true", "train.use_liger_kernel=false",
+              "train.regroup_micro_batches=false", "train.upcast_frozen_fp32=true"],
+    "default": [],
+    "packed_none": ["train.packing=true", "train.lr_scaling=none"],
+    "packed_sqrt": ["train.packing=true", "train.lr_scaling=sqrt"],
+    "packed_linear": ["train.packing=true", "train.lr_scaling=linear"],
+}
+
+
+def eval_points(log_rows: list[dict]) -> list[dict]:
+    """(training seconds, epoch, held-out loss) at each evaluation; evaluation time taken out."""
+    out, eval_s = [], 0.0
+    for r in log_rows:
+        if "eval_loss" in r:
+            eval_s += float(r.get("eval_runtime", 0.0))
+            out.append({"train_s": round(float(r["elapsed_s"]) - eval_s, 2), "epoch": float(r["epoch"]),
+                        "step": int(r["step"]), "eval_loss": float(r["eval_loss"])})
+    return out
+
+
+def loss_at_epoch(points: list[dict], epoch: float) -> float | None:
+    """Held-out loss at `epoch`, linear between the evaluations around it."""
+    for a, b in zip(points, points[1:]):
+        if a["epoch"] <= epoch <= b["epoch"]:
+            if b["epoch"] == a["epoch"]:
+                return b["eval_loss"]
+            w = (epoch - a["epoch"]) / (b["epoch"] - a["epoch"])
+            return a["eval_loss"] + w * (b["eval_loss"] - a["eval_loss"])
+    close = [p for p in points if abs(p["epoch"] - epoch) < 0.02]
+    return close[-1]["eval_loss"] if close else None
+
+
+def time_to_loss(points: list[dict], target: float) -> float | None:
+    """Training seconds until the held-out loss first reaches `target` (linear between evaluations; the first
+    evaluation's time when it is already there, an upper bound)."""
+    prev = None
+    for p in points:
+        if p["eval_loss"] <= target:
+            if prev is None:
+                return p["train_s"]
+            w = (prev["eval_loss"] - target) / (prev["eval_loss"] - p["eval_loss"])
+            return round(prev["train_s"] + w * (p["train_s"] - prev["train_s"]), 2)
+        prev = p
+    return None
+
+
+def run_variant(name: str, a, data: Path, work: Path) -> dict:
+    run = work / name
+    steps_per_epoch = -(-a.train_rows // 16)
+    every = 1 if name.startswith("packed") else max(1, steps_per_epoch // a.evals_per_epoch)
+    over = [f"model.name_or_path={a.model}", f"data.path={data}", f"data.eval_size={a.eval_rows}",
+            "data.prompt_template=alpaca", f"train.num_train_epochs={a.epochs}", f"train.eval_steps={every}",
+            "train.save_steps=100000", "train.logging_steps=5", f"train.optim={a.optim}", "train.warmup_steps=0.03",
+            f"paths.output_dir={run}", f"paths.latest={work / 'latest'}", *a.extra, *VARIANTS[name]]
+    cmd = [sys.executable, str(ROOT / "finetune.py"), "--config", str(CONFIG), *over]
+    print(f"\n=== {name}: {' '.join(over)}", flush=True)
+    t0 = time.time()
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    wall = time.time() - t0
+    if r.returncode != 0:
+        print(r.stderr[-4000:], flush=True)
+        return {"error": r.stderr.strip().splitlines()[-1] if r.stderr.strip() else f"exit {r.returncode}",
+                "wall_s": round(wall, 1)}
+    plan = json.loads((run / "plan.json").read_text())
+    summary = json.loads((run / "run_summary.json").read_text())
+    points = eval_points(read_jsonl(run / "train_log.jsonl"))
+    last = points[-1]
+    return {"rows_per_step": plan["rows_per_step"], "learning_rate": plan["learning_rate"],
+            "micro_batch": plan["per_device_train_batch_size"], "accumulation": plan["gradient_accumulation_steps"],
+            "gradient_checkpointing": plan["gradient_checkpointing"], "padding_free": plan["padding_free"],
+            "attention": plan["attn_implementation"], "liger": plan["use_liger_kernel"],
+            "steps": summary["steps"], "epochs": summary["epochs"], "process_wall_s": round(wall, 1),
+            "train_s": last["train_s"], "train_s_per_epoch": round(last["train_s"] / max(summary["epochs"], 1e-9), 2),
+            "eval_loss_epoch1": loss_at_epoch(points, 1.0), f"eval_loss_epoch{a.epochs:g}": last["eval_loss"],
+            "points": points, "changes": plan["changes"]}
+
+
+def summarize(res: dict, epochs: float) -> dict:
+    v = res["variants"]
+    plain = v.get("plain", {})
+    target = plain.get("eval_loss_epoch1")
+    s = {"target_loss_plain_epoch1": target}
+    if target is None:
+        return s
+    t_plain = time_to_loss(plain["points"], target)
+    for n, r in v.items():
+        if "points" not in r:
+            continue
+        t = time_to_loss(r["points"], target)
+        s[n] = {"time_to_plain_epoch1_loss_s": t, "speedup_to_quality": round(t_plain / t, 2) if t else None,
+                "loss_epoch1_vs_plain": round(r["eval_loss_epoch1"] / target, 4) if r["eval_loss_epoch1"] else None,
+                f"loss_epoch{epochs:g}_vs_plain": round(r[f"eval_loss_epoch{epochs:g}"] /
+                                                        plain[f"eval_loss_epoch{epochs:g}"], 4)
+                if plain.get(f"eval_loss_epoch{epochs:g}") else None,
+                "epochs_to_plain_epoch1_loss": next((p["epoch"] for p in r["points"] if p["eval_loss"] <= target), None)}
+    return s
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True)
+    p.add_argument("--model", default=str(ROOT / ".cache" / "models" / "SmolLM2-135M-Instruct"))
+    p.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "alpaca_en_1k.json"))
+    p.add_argument("--gguf", help="convert this GGUF file to --model first (when --model does not exist yet)")
+    p.add_argument("--train-rows", type=int, default=850)
+    p.add_argument("--eval-rows", type=int, default=150)
+    p.add_argument("--epochs", type=float, default=3)
+    p.add_argument("--evals-per-epoch", type=int, default=4)
+    p.add_argument("--optim", default="adamw_torch", help="the same optimizer for every variant")
+    p.add_argument("--variants", default="plain,default")
+    p.add_argument("--extra", nargs="*", default=[], help="more overrides for every variant")
+    a = p.parse_args(argv)
+    if a.gguf and not Path(a.model).exists():
+        from ftkit.models import convert_gguf_file
+        convert_gguf_file(Path(a.gguf), Path(a.model))
+    rows = json.loads(Path(a.data).read_text(encoding="utf-8"))[: a.train_rows + a.eval_rows]
+    out = Path(a.out)
+    res = {"model": a.model, "data": a.data, "train_rows": a.train_rows, "eval_rows": a.eval_rows,
+           "epochs": a.epochs, "optim": a.optim, "config": str(CONFIG.relative_to(ROOT)), "host": platform.node(),
+           "cpu_count": os.cpu_count(), "command": " ".join(sys.argv), "variants": {}}
+    try:
+        import torch
+        res["device"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu ({os.cpu_count()} cores)"
+        res["torch"] = torch.__version__
+    except ImportError:
+        pass
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        data = work / "rows.json"
+        data.write_text(json.dumps(rows))
+        for name in a.variants.split(","):
+            res["variants"][name] = run_variant(name, a, data, work)
+            res["summary"] = summarize(res, a.epochs)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(res, indent=2) + "\n")
+            print(name, json.dumps({k: v for k, v in res["variants"][name].items() if k != "points"}), flush=True)
+    print(json.dumps(res["summary"], indent=1))
+
+
+if __name__ == "__main__":
+    main()
