@@ -115,29 +115,43 @@ def run_variant(name: str, a, data: Path, work: Path) -> dict:
             "attention": plan["attn_implementation"], "liger": plan["use_liger_kernel"],
             "steps": summary["steps"], "epochs": summary["epochs"], "process_wall_s": round(wall, 1),
             "train_s": last["train_s"], "train_s_per_epoch": round(last["train_s"] / max(summary["epochs"], 1e-9), 2),
-            "eval_loss_epoch1": loss_at_epoch(points, 1.0), f"eval_loss_epoch{a.epochs:g}": last["eval_loss"],
-            "points": points, "changes": plan["changes"]}
+            "eval_loss_by_epoch": {str(e): loss_at_epoch(points, float(e)) for e in range(1, int(a.epochs) + 1)},
+            "schedule_epochs": a.epochs, "points": points, "changes": plan["changes"]}
 
 
-def summarize(res: dict, epochs: float) -> dict:
-    v = res["variants"]
-    plain = v.get("plain", {})
-    target = plain.get("eval_loss_epoch1")
+def summarize(variants: dict) -> dict:
+    """Each variant against the plain recipe: held-out loss at equal epochs, and the training time to reach
+    the plain recipe's 1-epoch held-out loss."""
+    plain = variants.get("plain", {})
+    target = plain.get("eval_loss_by_epoch", {}).get("1")
     s = {"target_loss_plain_epoch1": target}
     if target is None:
         return s
     t_plain = time_to_loss(plain["points"], target)
-    for n, r in v.items():
+    for n, r in variants.items():
         if "points" not in r:
             continue
         t = time_to_loss(r["points"], target)
         s[n] = {"time_to_plain_epoch1_loss_s": t, "speedup_to_quality": round(t_plain / t, 2) if t else None,
-                "loss_epoch1_vs_plain": round(r["eval_loss_epoch1"] / target, 4) if r["eval_loss_epoch1"] else None,
-                f"loss_epoch{epochs:g}_vs_plain": round(r[f"eval_loss_epoch{epochs:g}"] /
-                                                        plain[f"eval_loss_epoch{epochs:g}"], 4)
-                if plain.get(f"eval_loss_epoch{epochs:g}") else None,
-                "epochs_to_plain_epoch1_loss": next((p["epoch"] for p in r["points"] if p["eval_loss"] <= target), None)}
+                "epochs_to_plain_epoch1_loss": next((round(p["epoch"], 3) for p in r["points"]
+                                                     if p["eval_loss"] <= target), None),
+                "schedule_epochs": r.get("schedule_epochs"), "train_s_per_epoch": r["train_s_per_epoch"],
+                "loss_vs_plain_at_epoch": {e: round(x / plain["eval_loss_by_epoch"][e], 4)
+                                           for e, x in r["eval_loss_by_epoch"].items()
+                                           if x and plain["eval_loss_by_epoch"].get(e)}}
     return s
+
+
+def merge(files: list[str], out: Path) -> None:
+    """One result file from several runs (later files win per variant), with the summary recomputed."""
+    res: dict = {"merged_from": files, "variants": {}}
+    for f in files:
+        d = json.loads(Path(f).read_text())
+        res.update({k: v for k, v in d.items() if k not in ("variants", "summary")})
+        res["variants"].update(d["variants"])
+    res["summary"] = summarize(res["variants"])
+    out.write_text(json.dumps(res, indent=2) + "\n")
+    print(json.dumps(res["summary"], indent=1))
 
 
 def main(argv=None) -> None:
@@ -153,7 +167,10 @@ def main(argv=None) -> None:
     p.add_argument("--optim", default="adamw_torch", help="the same optimizer for every variant")
     p.add_argument("--variants", default="plain,default")
     p.add_argument("--extra", nargs="*", default=[], help="more overrides for every variant")
+    p.add_argument("--merge", nargs="+", metavar="JSON", help="merge earlier result files into --out and stop")
     a = p.parse_args(argv)
+    if a.merge:
+        return merge(a.merge, Path(a.out))
     if a.gguf and not Path(a.model).exists():
         from ftkit.models import convert_gguf_file
         convert_gguf_file(Path(a.gguf), Path(a.model))
@@ -174,7 +191,7 @@ def main(argv=None) -> None:
         data.write_text(json.dumps(rows))
         for name in a.variants.split(","):
             res["variants"][name] = run_variant(name, a, data, work)
-            res["summary"] = summarize(res, a.epochs)
+            res["summary"] = summarize(res["variants"])
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(json.dumps(res, indent=2) + "\n")
             print(name, json.dumps({k: v for k, v in res["variants"][name].items() if k != "points"}), flush=True)

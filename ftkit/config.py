@@ -215,7 +215,7 @@ class TrainCfg(Section):
     # what it costs in quality). Off: the optimizer sees exactly the YAML's rows a step. Implies padding_free.
     packing: bool = False
     pack_tokens: int = Field(16384, ge=64)
-    lr_scaling: Literal["sqrt", "linear", "none"] = "sqrt"
+    lr_scaling: Literal["sqrt", "linear", "none"] = "linear"
     # With a GPU, run the YAML's rows a step as fewer, larger micro-batches (less accumulation) when the
     # estimate says they fit and are faster; the rows a step and the learning rate do not change.
     regroup_micro_batches: bool = True
