@@ -300,11 +300,13 @@ def make_plan(cfg: Config, hw: Hardware, lengths: Sequence[int], mconf, *, stric
                         f"micro-batch ({worst:.0f} tokens) but {hw.host_memory / 1e9:.1f} GB is available; lower "
                         f"data.max_length, train.pack_tokens or train.per_device_train_batch_size")
     if strict and cuda and big["predicted_peak_gb"] * 1e9 > budget:
+        fixes = ["lower data.max_length", "train.pack_tokens" if packing else "train.per_device_train_batch_size"]
+        if t.gradient_checkpointing is False:
+            fixes.append("set train.gradient_checkpointing=auto")
         raise UserError(f"the plan does not fit this GPU: its largest micro-batch ({worst:.0f} tokens) is predicted "
-                        f"to need {big['predicted_peak_gb']} GB, {GPU_MEMORY_FRACTION:.0%} of {hw.gpu_name}'s "
-                        f"{hw.gpu_memory / 1e9:.0f} GB is {budget / 1e9:.0f} GB; lower data.max_length, "
-                        f"train.per_device_train_batch_size or train.pack_tokens, or set "
-                        f"train.gradient_checkpointing=auto (finetune.py --dry-run shows the plan)")
+                        f"to need {big['predicted_peak_gb']} GB, and {GPU_MEMORY_FRACTION:.0%} of {hw.gpu_name}'s "
+                        f"{hw.gpu_memory / 1e9:.0f} GB is {budget / 1e9:.1f} GB; {', or '.join(fixes)} "
+                        f"(finetune.py --dry-run shows the plan)")
     return TrainPlan(
         device=hw.device, world_size=W, fsdp=hw.fsdp, rows_per_step=round(step_rows, 1),
         rows_per_micro_batch=round(rows_micro, 2), gradient_accumulation_steps=accum,

@@ -20,7 +20,7 @@ def test_tiny_chain_from_the_command_line(tmp_path, tiny_llama, alpaca_file):
     assert r.returncode == 0, r.stderr
     r = run_script("finetune.py", *args, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
-    for f in ("config.yaml", "manifest.json", "prompt_template.json", "dataset_report.json", "train_log.jsonl",
+    for f in ("config.yaml", "plan.json", "manifest.json", "prompt_template.json", "dataset_report.json", "train_log.jsonl",
               "run_summary.json", "eval_rows.jsonl", "adapter/adapter_model.safetensors",
               "adapter/adapter_config.json", "adapter/tokenizer.json"):
         assert (run / f).is_file(), f
@@ -29,6 +29,15 @@ def test_tiny_chain_from_the_command_line(tmp_path, tiny_llama, alpaca_file):
     assert summary["steps"] == 4 and summary["trained_tokens"] > 0 and summary["tokens_per_s"] > 0
     assert summary["final_eval_loss"] is not None and summary["trainable_params"] < summary["total_params"]
     assert "trainable parameters" in r.stderr and "resolved config" in r.stderr
+    # plan.json says what ran; config.yaml keeps what was asked ("auto" stays "auto")
+    plan = json.loads((run / "plan.json").read_text())
+    for key in ("rows_per_step", "learning_rate", "tokens_per_micro_batch", "gradient_accumulation_steps", "packing",
+                "gradient_checkpointing", "estimate", "changes"):
+        assert key in plan, key
+    assert plan["rows_per_step"] == 4 and plan["learning_rate"] == 1e-3 and plan["packing"] is False
+    assert "gradient_checkpointing: false" in (run / "config.yaml").read_text()
+    assert "padding_free: auto" in (run / "config.yaml").read_text() and plan["padding_free"] is True
+    assert "training plan: 4 rows a step" in r.stderr and "train.padding_free: auto -> True" in r.stderr
     losses = [row["loss"] for row in read_log(run) if "loss" in row]
     assert len(losses) == 4 and all(l == l and l > 0 for l in losses)
     manifest = json.loads((run / "manifest.json").read_text())
