@@ -238,20 +238,20 @@ def apply_lora(cfg: Config, plan: TrainPlan, model):
 
 def apply_speed_switches(plan: TrainPlan, model) -> None:
     """The model-side switches the plan decided: attention for padding-free rows, tiled MLP, offloading."""
-    from ftkit import speed
-    if plan.attn_implementation == speed.VARLEN_ATTN:
-        speed.use_varlen_attention(model)  # packed rows attend only within themselves, at their own length
+    from ftkit import attention, patches
+    if plan.attn_implementation == attention.VARLEN_ATTN:
+        attention.use_varlen_attention(model)  # packed rows attend only within themselves, at their own length
     else:
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         if base.config._attn_implementation != plan.attn_implementation:
             base.set_attn_implementation(plan.attn_implementation)
     if plan.tiled_mlp:
-        log.info("tiled MLP: %d layers run their MLP in chunks of %d tokens", speed.use_tiled_mlp(model),
+        log.info("tiled MLP: %d layers run their MLP in chunks of %d tokens", patches.use_tiled_mlp(model),
                  model.config.hidden_size)
     if plan.offload_layers:
-        n = speed.offload_layer_inputs(model, plan.offload_layers)
+        n = patches.offload_layer_inputs(model, plan.offload_layers)
         log.info("activation offloading: the checkpointed inputs of %d of %d layers go to CPU RAM (~%.1f GB for "
-                 "the largest micro-batch)", n, len(speed.decoder_layers(model)),
+                 "the largest micro-batch)", n, len(patches.decoder_layers(model)),
                  plan.estimate_largest["host_offload_gb"])
 
 

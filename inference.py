@@ -101,7 +101,7 @@ def load_for_inference(cfg: Config, run: RunDir, use: str, adapter: Path | None 
     return model, tok, template, use
 
 
-FAST_DEVICES = ("cuda",)  # where batch_runner uses ftkit.speed (graph_generate)
+FAST_DEVICES = ("cuda",)  # where batch_runner uses ftkit.generation (graph_generate)
 STATIC_CACHE_STEP = 256  # static KV caches are sized in steps of this many tokens: few sizes, few recompiles
 
 
@@ -135,20 +135,20 @@ def reusable_cache(model, kw: dict):
 def batch_runner(model, icfg: InferenceCfg, kw: dict, fast: bool = True):
     """run(ids, attention_mask) -> output ids (prompt + new tokens) for one left-padded batch, given kw from
     generation_kwargs (+ max_cache_len when static). Greedy decoding with the static cache on CUDA (the default
-    there) goes through ftkit.speed (graph_generate): the whole decode step (compiled when inference.compile resolves on) is one
+    there) goes through ftkit.generation (graph_generate): the whole decode step (compiled when inference.compile resolves on) is one
     CUDA graph, no per-step host work, the same tokens as model.generate. Anything else (sampling,
     repetition_penalty, the dynamic cache, CPU) goes through model.generate, one static cache reused across calls."""
     import torch
     kw = dict(kw)
     if (fast and kw.get("cache_implementation") == "static" and not kw["do_sample"]
             and kw["repetition_penalty"] == 1.0 and model.device.type in FAST_DEVICES):
-        from ftkit import speed
+        from ftkit import generation
         eos = kw["eos_token_id"]
         eos = [] if eos is None else list(eos) if isinstance(eos, (list, tuple)) else [eos]
         pad = kw["pad_token_id"] if kw["pad_token_id"] is not None else (eos[0] if eos else 0)
 
         def run_fast(ids, mask):
-            return speed.graph_generate(model, ids, mask,  # moved to the model's device there
+            return generation.graph_generate(model, ids, mask,  # moved to the model's device there
                                     max_new_tokens=kw["max_new_tokens"], eos_token_ids=eos,
                                     pad_token_id=pad, max_cache_len=kw["max_cache_len"],
                                     min_new_tokens=kw.get("min_new_tokens") or 0,

@@ -8,7 +8,7 @@ GPU (the issue's benchmark; see benchmarks/README.md for the exact command and t
     plain:       model.generate as shipped (dynamic KV cache, eager);
     project:     inference.batch_runner with the product's defaults (inference.cache_implementation and
                  inference.compile "auto"), as inference.generate calls it: static KV cache sized by
-                 inference.static_cache_len, greedy decoding through ftkit.speed.graph_generate (the decode step compiled and
+                 inference.static_cache_len, greedy decoding through ftkit.generation.graph_generate (the decode step compiled and
                  captured as one CUDA graph);
     hf_compiled: the same settings through model.generate (static cache, transformers' own torch.compile of
                  the forward, mode "reduce-overhead"), for comparison.
@@ -113,7 +113,7 @@ PLAIN = {"cache_implementation": "dynamic", "compile": False}
 
 def run_variant(model, name: str, mode: str, batch: int, args, device: str, reps: int) -> dict:
     """mode: "plain" (model.generate, dynamic cache), "project" (inference.batch_runner with the product's
-    defaults: ftkit.speed.graph_generate on CUDA), "hf_compiled" (the same settings through model.generate: static cache,
+    defaults: ftkit.generation.graph_generate on CUDA), "hf_compiled" (the same settings through model.generate: static cache,
     transformers' own compile of the forward, mode reduce-overhead)."""
     import torch
     from inference import batch_runner

@@ -8,7 +8,7 @@ GPU (the issue's benchmark; see benchmarks/README.md for the exact command and t
   quantization_utils.build_bnb_config), then trains, on the same base:
     (a) plain: TRL SFTTrainer defaults, per-batch padding, SDPA, gradient checkpointing, LoRA r=16 on all
         seven projections, batch 2 x accumulation 4;
-    (b) project: finetune.apply_lora + finetune.sft_config + ftkit.speed (padding-free rows with varlen
+    (b) project: finetune.apply_lora + finetune.sft_config + ftkit.plan (padding-free rows with varlen
         attention, liger kernels, no fp32 upcast, packing, checkpointing only where needed), at the same
         8 rows per step and at its own packed default;
   on Alpaca-shaped rows (the token lengths of --data under the Alpaca template) and on fixed 2048-token rows;
@@ -155,7 +155,7 @@ def reset_base(base) -> None:
             pass
     for p in base.parameters():
         p.requires_grad_(False)
-    for m in base.modules():  # ftkit.speed's tiled MLP and offloading (swapped-in subclasses), undone
+    for m in base.modules():  # ftkit.patches' tiled MLP and offloading (swapped-in subclasses), undone
         if getattr(type(m), "_ftkit_offload", False) or getattr(type(m), "_ftkit_tiled", False):
             m.__class__ = type(m).__mro__[1]
     base.train()
@@ -411,9 +411,9 @@ def contamination_check(base, rows):
     the kernel noise floor (a row alone through SDPA vs through the varlen kernel) and a contaminated control
     (the packed row under plain causal SDPA with an all-ones mask: rows attend across boundaries)."""
     import torch
-    from ftkit import speed
+    from ftkit import attention
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
-    speed.use_varlen_attention(base)
+    attention.use_varlen_attention(base)
     base.eval()
     coll = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True)
     batch = {k: (v.cuda() if torch.is_tensor(v) else v) for k, v in coll(
@@ -444,7 +444,7 @@ def contamination_check(base, rows):
         base.set_attn_implementation("sdpa")
         mixed = row_losses(base.model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
                                       attention_mask=torch.ones_like(batch["input_ids"])).last_hidden_state[0])
-        speed.use_varlen_attention(base)
+        attention.use_varlen_attention(base)
     base.train()
 
     def rel(a, b):

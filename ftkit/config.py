@@ -192,7 +192,7 @@ class TrainCfg(Section):
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float = Field(1.0, gt=0)
     optim: str = "paged_adamw_8bit"
-    # "auto": off when the estimate (ftkit/speed.py) says the step fits in 85% of the GPU without it
+    # "auto": off when the estimate (ftkit/estimate.py) says the step fits in 85% of the GPU without it
     # (recompute costs ~1/3 more work), on otherwise; off on CPU.
     gradient_checkpointing: bool | Literal["auto"] = "auto"
     logging_steps: int = Field(1, ge=1)
@@ -206,7 +206,7 @@ class TrainCfg(Section):
     # "auto": CPU when no CUDA device is visible.
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # Padding-free batches: rows concatenated with position_ids restarting per row, no pad tokens computed;
-    # attention stays within each row (ftkit/speed.py "sdpa_varlen"). "auto": on (measured faster on CPU and GPU).
+    # attention stays within each row (ftkit/attention.py "sdpa_varlen"). "auto": on (measured faster on CPU and GPU).
     padding_free: bool | Literal["auto"] = "auto"
     # The throughput mode, an explicit opt-in: pack rows (TRL best-fit-decreasing) into micro-batches of
     # `pack_tokens` tokens instead of per_device_train_batch_size rows. A step then holds more rows than the
@@ -304,7 +304,7 @@ class InferenceCfg(Section):
     # "dynamic": grows token by token (transformers' default). "auto": static on CUDA, dynamic on CPU.
     cache_implementation: Literal["auto", "dynamic", "static"] = "auto"
     # torch.compile the decode step; needs the static cache. On CUDA, greedy decoding (no repetition_penalty)
-    # runs through ftkit/speed.py: the whole step is one CUDA graph (173 vs 12 tokens/s at batch 1 for an 8B
+    # runs through ftkit/generation.py: the whole step is one CUDA graph (173 vs 12 tokens/s at batch 1 for an 8B
     # model on an H200, benchmarks/README.md); other settings through generate (mode "reduce-overhead").
     # The first batch of a process pays the compile (~40 s for an 8B model). "auto": on with CUDA, off on CPU.
     compile: bool | Literal["auto"] = "auto"

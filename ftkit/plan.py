@@ -21,7 +21,7 @@ from .config import Config, UserError, explicitly_on
 from .estimate import (DEFAULT_GPU, GPU_MEMORY_FRACTION, StepShape, estimate, gpu_facts, host_memory_available,
                        lr_scale, model_numbers)
 
-# The attention that keeps padding-free rows apart on the SDPA path (ftkit/speed.py registers it).
+# The attention that keeps padding-free rows apart on the SDPA path (ftkit/attention.py registers it).
 VARLEN_ATTN = "sdpa_varlen"
 
 

@@ -1,4 +1,4 @@
-"""ftkit.speed.graph_generate (the CUDA-graph greedy decoder behind inference.batch_runner) gives model.generate's tokens.
+"""ftkit.generation.graph_generate (the CUDA-graph greedy decoder behind inference.batch_runner) gives model.generate's tokens.
 
 On the CPU the same step code runs without the graph (and without torch.compile); on a GPU the `gpu` test
 runs it captured. Tiny random Llama in float32, left-padded rows of different lengths, EOS ends rows at
@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ftkit import speed
+from ftkit import generation
 from ftkit.config import InferenceCfg, load_config
 from ftkit.config import UserError
 
@@ -52,7 +52,7 @@ def check_same_as_generate(device, compile_):
     for eos, min_new in cases:
         want = reference(model, ids, mask, n, eos, min_new)
         for _ in range(2):  # the decoder is reused across calls
-            got = speed.graph_generate(model, ids, mask, max_new_tokens=n, eos_token_ids=eos, pad_token_id=0,
+            got = generation.graph_generate(model, ids, mask, max_new_tokens=n, eos_token_ids=eos, pad_token_id=0,
                                    max_cache_len=64, min_new_tokens=min_new, compile=compile_)
             assert got.shape == want.shape and torch.equal(got, want), (eos, min_new)
     assert want.shape[1] < w + n  # the last case did stop early

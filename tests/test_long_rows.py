@@ -1,11 +1,11 @@
 """Long rows: the tiled MLP and the offloaded checkpoints change where activations live, never the numbers;
-and the "auto" switches turn them on only when the longest micro-batch would not fit (ftkit/speed.py)."""
+and the "auto" switches turn them on only when the longest micro-batch would not fit (ftkit/plan.py, ftkit/patches.py)."""
 import pytest
 import torch
 
 from benchmarks.train_throughput import LLAMA3_8B, TARGETS
 from conftest import REPO, run_script, tiny_overrides
-from ftkit import speed
+from ftkit import patches
 from ftkit.config import UserError, load_config
 from ftkit.estimate import StepShape, estimate, model_numbers
 from ftkit.plan import Hardware, make_plan
@@ -42,7 +42,7 @@ def test_tiled_mlp_and_offloading_give_the_same_loss_and_gradients(monkeypatch, 
     ref_loss, ref = loss_and_grads(model, ids)
 
     seen = []  # token counts reaching the MLP's first projection
-    for layer in speed.decoder_layers(model):
+    for layer in patches.decoder_layers(model):
         layer.mlp.gate_proj.register_forward_hook(lambda m, a, o: seen.append(a[0].shape[-2]))
     entered = []
     real = torch.autograd.graph.save_on_cpu
@@ -52,9 +52,9 @@ def test_tiled_mlp_and_offloading_give_the_same_loss_and_gradients(monkeypatch, 
         return real(*a, **kw)
     monkeypatch.setattr(torch.autograd.graph, "save_on_cpu", counting)
 
-    assert speed.use_tiled_mlp(model, chunk_tokens=48) == 3
-    assert speed.offload_layer_inputs(model, 2) == 2
-    assert [type(x).__name__ for x in speed.decoder_layers(model)] == ["LlamaDecoderLayer"] * 3
+    assert patches.use_tiled_mlp(model, chunk_tokens=48) == 3
+    assert patches.offload_layer_inputs(model, 2) == 2
+    assert [type(x).__name__ for x in patches.decoder_layers(model)] == ["LlamaDecoderLayer"] * 3
     loss, grads = loss_and_grads(model, ids)
 
     assert loss == pytest.approx(ref_loss, rel=1e-6)

@@ -9,7 +9,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from ftkit import speed  # noqa: E402
+from ftkit import attention  # noqa: E402
 from ftkit.estimate import lr_scale  # noqa: E402
 
 LENGTHS = (7, 12, 5, 9)
@@ -59,8 +59,8 @@ def collate():
 
 
 def test_packed_rows_match_rows_alone():
-    speed.register()
-    model = tiny_model(speed.VARLEN_ATTN)
+    attention.register()
+    model = tiny_model(attention.VARLEN_ATTN)
     alone = per_row_alone(model)
     batch = collate()
     assert "cu_seq_lens_q" in batch and batch["input_ids"].shape == (1, sum(LENGTHS))
@@ -86,11 +86,11 @@ def test_check_detects_contamination():
 
 def test_padded_batches_unchanged():
     """Batches with padding take SDPA's ordinary masked path: same logits as "sdpa"."""
-    speed.register()
+    attention.register()
     ids = torch.randint(0, 101, (2, 10), generator=torch.Generator().manual_seed(3))
     mask = torch.ones_like(ids)
     mask[1, 6:] = 0
-    ref, var = tiny_model("sdpa"), tiny_model(speed.VARLEN_ATTN)
+    ref, var = tiny_model("sdpa"), tiny_model(attention.VARLEN_ATTN)
     with torch.no_grad():
         a = ref(input_ids=ids, attention_mask=mask).logits
         b = var(input_ids=ids, attention_mask=mask).logits
