@@ -130,7 +130,8 @@ class TrainPlan:
 
 
 def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
+    small = [d for d in range(1, int(n ** 0.5) + 1) if n % d == 0]
+    return sorted(set(small + [n // d for d in small]))
 
 
 def make_plan(cfg: Config, hw: Hardware, lengths: Sequence[int], mconf, *, strict: bool = True) -> TrainPlan:
@@ -227,12 +228,18 @@ def make_plan(cfg: Config, hw: Hardware, lengths: Sequence[int], mconf, *, stric
         R = B * A
         sizes = _divisors(R) if (cuda and t.regroup_micro_batches) else [B]
 
+        by_length = sorted(lengths, reverse=True)
+        prefix = [0]
+        for n in by_length:
+            prefix.append(prefix[-1] + n)
+
         def micro_tokens(m: int) -> tuple[float, float]:
             """(typical, largest) tokens of an m-row micro-batch; padded batches pay the longest row."""
-            top = sorted(lengths, reverse=True)[:m] if lengths else [cfg.data.max_length] * m
+            k = min(m, len(by_length)) if by_length else m
+            top_sum = prefix[k] if by_length else m * cfg.data.max_length
             if padding_free:
-                return m * mean_len, float(sum(top))
-            return m * min(longest, 2 * mean_len), float(top[0] * len(top))
+                return m * mean_len, float(top_sum)
+            return m * min(longest, 2 * mean_len), float(longest * k)
 
         options = []
         for m in sizes:
@@ -248,6 +255,10 @@ def make_plan(cfg: Config, hw: Hardware, lengths: Sequence[int], mconf, *, stric
         accum = R // rows_micro
         typical, worst = micro_tokens(rows_micro)
         lr, step_rows = t.learning_rate, float(asked_rows)
+        if lengths and len(lengths) < asked_rows:
+            step_rows = float(change("rows a step", asked_rows, len(lengths),
+                                     f"the training data holds only {len(lengths)} rows, fewer than one step's "
+                                     f"{asked_rows}: every step is the whole set (lower the batch to keep more steps)"))
         if rows_micro != B:
             why = (f"the same {asked_rows} rows a step as {accum} micro-batch(es) of {rows_micro} instead of {A} of {B}:"
                    f" predicted {est(shape(typical, accum, gc))['predicted_step_s']} s a step" if cuda else "")

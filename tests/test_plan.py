@@ -124,3 +124,15 @@ def test_plans_that_cannot_run_are_refused_before_any_model_loads(hw, over, mess
 def test_config_refuses_unknown_modes(over, message):
     with pytest.raises(UserError, match=message):
         load_config(REPO / "configs" / "llama3_alpaca.yaml", over)
+
+
+def test_data_smaller_than_one_step_is_said():
+    p = plan_for(CPU, lengths=[100] * 5)
+    c = changed(p, "rows a step")
+    assert p.rows_per_step == 5 and c.asked == 16 and "only 5 rows" in c.reason
+
+
+def test_huge_batches_plan_quickly():
+    p = plan_for(H200, "train.per_device_train_batch_size=100000", "train.gradient_accumulation_steps=100000",
+                 "data.max_length=16", lengths=[])
+    assert p.rows_per_step == 1e10
