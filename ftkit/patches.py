@@ -1,9 +1,19 @@
-"""Every runtime patch of a library object the project makes, in one place. Each says why, which library
-version it was written against, and which test fails once the library no longer needs it (so it can go).
+"""Every runtime patch of a library object the project makes, in one place. Each entry says why, which
+library version it was written against, and which test in tests/test_patches.py fails once the library
+no longer needs it (then delete the patch and its test).
 
-  class swaps of decoder modules   transformers 5.17   tiled MLP and offloaded checkpoints for long rows
-                                                       (tests/test_long_rows.py: numbers unchanged; the
-                                                       patch test below fails when transformers ships both)
+  patch                                  written against        tripwire test
+  class swaps of decoder modules         transformers 5.17      test_transformers_has_no_tiled_mlp
+    (tiled MLP, offloaded checkpoints:     (long rows; liger replaces forward, so __call__ is wrapped)
+    use_tiled_mlp, offload_layer_inputs)
+  torch.serialization location "cpu:N"   torch 2.13,            test_torch_still_refuses_indexed_cpu_locations
+    (allow_indexed_cpu_locations)          transformers 5.17
+  collator class swap (log_first_batch)  transformers 5.17      test_callbacks_still_do_not_see_the_batch
+  LoRA weights back to fp32 after TRL    trl 1.16, peft 0.21    test_trl_still_casts_qlora_adapters_to_bf16
+    (keep_lora_fp32)
+
+Not patches: the "sdpa_varlen" attention (ftkit/attention.py) goes through transformers' public
+AttentionInterface.register, and liger-kernel's kernels are applied by the Trainer itself.
 """
 from __future__ import annotations
 
@@ -82,3 +92,53 @@ def _wrap_call(module, marker: str, wrap) -> None:
     module.__class__ = _WRAPPED_CLASSES[cls, marker]
 
 
+
+
+# -- resume under multi-process CPU training ---------------------------------------------------------------
+def allow_indexed_cpu_locations() -> None:
+    """The Trainer loads the optimizer state with map_location=args.device, which is "cpu:<rank>" under several
+    CPU processes, and torch.load knows only "cpu": teach torch's location registry that "cpu:N" is the CPU.
+    (On GPUs the location is "cuda:N", which torch knows.)"""
+    import torch.serialization as ser
+
+    def restore(obj, location):
+        if location.startswith("cpu:"):
+            return obj.cpu()
+        return None
+    if not getattr(ser, "_ftkit_cpu_index", False):
+        taken = {entry[0] for entry in ser._package_registry}
+        ser.register_package(next(n for n in range(90, 200) if n not in taken), lambda obj: None, restore)
+        ser._ftkit_cpu_index = True
+
+
+# -- which rows a rank's first batch holds ---------------------------------------------------------------------
+def log_first_batch(collator, log_fn) -> None:
+    """Call log_fn(rows) once with a short hash of every row of the first batch this collator builds: under DDP
+    the ranks must take different shards, and two runs with the same seed must start on the same rows. No
+    Trainer callback sees a batch's inputs, so the collator's class is swapped for a subclass (isinstance checks
+    in TRL still hold)."""
+    base = type(collator)
+
+    class FirstBatchLogged(base):
+        def __call__(self, features, *args, **kwargs):
+            if not getattr(self, "_first_logged", False):
+                self._first_logged = True
+                import zlib
+                log_fn([f"{zlib.crc32(str(list(f['input_ids'])).encode()):08x}" for f in features])
+            return base.__call__(self, features, *args, **kwargs)
+
+    collator.__class__ = FirstBatchLogged
+
+
+# -- QLoRA adapters in fp32 ------------------------------------------------------------------------------------
+def keep_lora_fp32(model) -> int:
+    """Undo TRL's cast of a quantized model's LoRA weights to bf16 (SFTTrainer.__init__): a resume reloads them
+    through PEFT in fp32, so without this the resumed run would train in another dtype than the first one
+    (PEFT issue 2889: autocast_adapter_dtype=False is not supported for quantized models). bf16 autocast still
+    runs the matmuls in bf16. Returns the number of tensors recast."""
+    n = 0
+    for p in model.parameters():
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()
+            n += 1
+    return n
