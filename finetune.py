@@ -531,9 +531,9 @@ def main(cfg: Config, overwrite: bool = False, resume: bool = False) -> dict:
     model, trainable, total = apply_lora(cfg, plan, model)
     n_lora = sum(1 for p in model.parameters() if p.requires_grad)
     apply_speed_switches(plan, model)
-    log.info("device %s, world size %d%s, micro-batch %s x accumulation %d x %d processes = %g rows a step",
-             device, info["world_size"], " (FSDP)" if info["fsdp"] else "",
-             f"{plan.pack_tokens} tokens" if plan.packing else f"{plan.per_device_train_batch_size} rows",
+    log.info("device %s, world size %d%s, per-device batch %s x accumulation %d x %d processes = global batch %g "
+             "rows a step", device, info["world_size"], " (FSDP)" if info["fsdp"] else "",
+             f"{plan.pack_tokens} tokens" if plan.packing else plan.per_device_train_batch_size,
              plan.gradient_accumulation_steps, info["world_size"], plan.rows_per_step)
 
     if is_main():

@@ -152,7 +152,7 @@ def test_two_processes_split_the_batch_and_match_one_process(single, ddp):
     (run1, err1), (run2, err2, _) = single, ddp
     assert "world size 2" in err2 and "global batch 4" in err2 and "per-device batch 2" in err2
     summary = json.loads((run2 / "run_summary.json").read_text())
-    assert summary["world_size"] == 2 and summary["global_batch"] == 4 and summary["steps"] == STEPS
+    assert summary["world_size"] == 2 and summary["rows_per_step"] == 4 and summary["steps"] == STEPS
 
     # Different shards on the two ranks, together the rows one process takes in its first step.
     b1, b2 = first_batches(err1), first_batches(err2)
