@@ -122,8 +122,10 @@ class TrainPlan:
         if self.changes:
             lines.append("values that differ from the YAML (the saved config.yaml keeps what you asked; plan.json "
                          "has what runs):")
+            def show(v):
+                return f"{v:.3g}" if isinstance(v, float) else str(v)
             for c in self.changes:
-                lines.append(f"  {c.key}: {c.asked} -> {c.planned}  ({c.reason})")
+                lines.append(f"  {c.key}: {show(c.asked)} -> {show(c.planned)}  ({c.reason})")
         else:
             lines.append("every value runs as the YAML says")
         return "\n".join(lines)
@@ -287,8 +289,9 @@ def make_plan(cfg: Config, hw: Hardware, lengths: Sequence[int], mconf, *, stric
                         "accelerate config instead, or set train.activation_offloading=false")
     if t.tiled_mlp == "auto":
         tiled = change("train.tiled_mlp", "auto", bool(cuda and gc and not fits(shape(worst, accum, True))),
-                       "the largest micro-batch does not fit with checkpointing alone" if cuda and gc else
-                       "not needed")
+                       "the largest micro-batch does not fit with checkpointing alone"
+                       if cuda and gc and not fits(shape(worst, accum, True)) else
+                       "the largest micro-batch fits without it")
     else:
         tiled = t.tiled_mlp
     layers = nums["layers"]
