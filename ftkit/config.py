@@ -85,6 +85,20 @@ class RedactTokens(logging.Filter):
         return True
 
 
+def _close_progress_bars() -> None:
+    """An error raised mid-training leaves the Trainer's tqdm bars open; closed at exit they would print
+    after the error line, which must be the last line on stderr."""
+    tqdm_mod = sys.modules.get("tqdm.std") or sys.modules.get("tqdm")
+    bars = getattr(getattr(tqdm_mod, "tqdm", None), "_instances", None)
+    for bar in list(bars or ()):
+        try:
+            bar.leave = False
+            bar.close()
+        except Exception:  # a bar half torn down by the exception: nothing left to print
+            pass
+    sys.stderr.flush()
+
+
 def run_main(main: Callable[[Sequence[str]], int | None], argv: Sequence[str] | None = None) -> None:
     """Call a stage's CLI main; turn UserError into one line and exit code 2 unless --debug is given."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -95,6 +109,7 @@ def run_main(main: Callable[[Sequence[str]], int | None], argv: Sequence[str] | 
     except UserError as e:
         if debug:
             raise
+        _close_progress_bars()
         print(f"error: {redact(str(e))}", file=sys.stderr)
         sys.exit(EXIT_USAGE)
     except KeyboardInterrupt:

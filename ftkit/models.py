@@ -162,6 +162,7 @@ def causal_lm_config(cfg: Config, source: str, offline: bool):
     from transformers import AutoConfig
     warn_remote_code(cfg, source)
     check_safetensors(source)
+    check_weight_files(source)
     kw = dict(revision=cfg.model.revision, local_files_only=offline, trust_remote_code=cfg.model.trust_remote_code)
     try:
         mconf = AutoConfig.from_pretrained(source, **kw)
@@ -198,7 +199,6 @@ def load_causal_lm(cfg: Config, source: str, offline: bool, *, quantization_conf
     from transformers import AutoModelForCausalLM
     mconf = causal_lm_config(cfg, source, offline)
     kw = dict(revision=cfg.model.revision, local_files_only=offline, trust_remote_code=cfg.model.trust_remote_code)
-    check_weight_files(source)
     try:
         return AutoModelForCausalLM.from_pretrained(
             source, config=mconf, dtype=dtype or torch_dtype(cfg.model.dtype), quantization_config=quantization_config,
