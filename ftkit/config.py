@@ -89,13 +89,15 @@ def _close_progress_bars() -> None:
     """An error raised mid-training leaves the Trainer's tqdm bars open; closed at exit they would print
     after the error line, which must be the last line on stderr."""
     tqdm_mod = sys.modules.get("tqdm.std") or sys.modules.get("tqdm")
-    bars = getattr(getattr(tqdm_mod, "tqdm", None), "_instances", None)
-    for bar in list(bars or ()):
+    bars = list(getattr(getattr(tqdm_mod, "tqdm", None), "_instances", None) or ())
+    for bar in bars:
         try:
             bar.leave = False
             bar.close()
         except Exception:  # a bar half torn down by the exception: nothing left to print
             pass
+    if bars:
+        sys.stderr.write("\n")  # a closed bar leaves the cursor mid-line
     sys.stderr.flush()
 
 
