@@ -214,7 +214,7 @@ CASES = [
     Case("resume-changed-lora-r", "finetune.py", ft("lora.r=4", "--resume"), "lora.r (saved", GOOD, setup="run"),
     Case("resume-changed-targets", "finetune.py", ft("lora.target_modules=[q_proj]", "--resume"),
          "lora.target_modules", GOOD, setup="run"),
-    Case("resume-changed-template", "finetune.py", ft("data.prompt_template=chat", "--resume"),
+    Case("resume-changed-template", "finetune.py", ft("data.prompt_template=alpaca", "--resume"),
          "data.prompt_template", GOOD, setup="run"),
     Case("resume-changed-data", "finetune.py", ft("--resume"), "changed since the run started",
          {"data.json": json.dumps(ROWS[::-1])}, setup="run"),
