@@ -290,8 +290,8 @@ def make_callbacks(run: RunDir, stop_flag: dict):
             good = whole(run.checkpoints)
             keep = (f"the last good checkpoint is {good[-1]}; resume from it with a lower train.learning_rate "
                     f"(python finetune.py --config {run.config} --resume train.learning_rate=...)" if good else
-                    "no checkpoint was saved before it; lower train.learning_rate (or raise train.max_grad_norm "
-                    "clipping: lower it) and start again")
+                    "no checkpoint was saved before it; lower train.learning_rate (or train.max_grad_norm) and "
+                    "start again")
             raise UserError(f"training diverged at step {state.global_step}: {what} is not finite (inf or NaN); "
                             f"{keep}")
 

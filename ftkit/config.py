@@ -101,6 +101,14 @@ def _close_progress_bars() -> None:
     sys.stderr.flush()
 
 
+_BEFORE_ERROR: list[Callable[[], None]] = []
+
+
+def before_error_line(fn: Callable[[], None]) -> None:
+    """Run `fn` before the one-line error is printed (it may log), so that the error stays the last line."""
+    _BEFORE_ERROR.append(fn)
+
+
 def run_main(main: Callable[[Sequence[str]], int | None], argv: Sequence[str] | None = None) -> None:
     """Call a stage's CLI main; turn UserError into one line and exit code 2 unless --debug is given."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -112,6 +120,8 @@ def run_main(main: Callable[[Sequence[str]], int | None], argv: Sequence[str] | 
         if debug:
             raise
         _close_progress_bars()
+        for fn in _BEFORE_ERROR:
+            fn()
         print(f"error: {redact(str(e))}", file=sys.stderr)
         sys.exit(EXIT_USAGE)
     except KeyboardInterrupt:

@@ -21,7 +21,7 @@ import re
 import shutil
 from pathlib import Path
 
-from .config import UserError, log
+from .config import UserError, before_error_line, log
 
 LOCK_NAME = ".lock"
 # What finetune.py, merge_adapter.py, evaluate.py and export_gguf.py put in a run directory. A folder that
@@ -289,6 +289,7 @@ def start_run(root: Path, overwrite: bool, what: str = "finetune.py") -> RunStar
     rs.created = created or aside is not None
     _ACTIVE[root.resolve()] = rs
     atexit.register(rs.finish)
+    before_error_line(rs.finish)  # restoring the old run logs a line; the error line must come last
     return rs
 
 

@@ -192,7 +192,8 @@ def test_a_second_writer_is_refused_and_a_stale_lock_is_taken_over(tmp_path, tin
             assert slow.poll() is None, slow.stderr.read()[-2000:]
             assert time.time() < deadline
             time.sleep(0.2)
-        before = tree(run / "checkpoints" / "checkpoint-2")
+        files = ("config.yaml", "manifest.json", "prompt_template.json", "dataset_report.json", ".lock")
+        before = {f: (run / f).read_bytes() for f in files}
         for extra in (["--resume"], ["--overwrite"], []):
             r = run_script("finetune.py", *ft_args(tiny_llama, data, run, **{"train.max_steps": 400}), *extra)
             last = r.stderr.strip().splitlines()[-1]
@@ -200,7 +201,7 @@ def test_a_second_writer_is_refused_and_a_stale_lock_is_taken_over(tmp_path, tin
             assert f"pid {slow.pid}" in last or "already holds a run" in last, last
         r = run_script("merge_adapter.py", "--config", str(run / "config.yaml"))
         assert r.returncode == 2 and "in use by another process" in r.stderr, r.stderr[-2000:]
-        assert slow.poll() is None and tree(run / "checkpoints" / "checkpoint-2") == before
+        assert slow.poll() is None and {f: (run / f).read_bytes() for f in files} == before
     finally:
         slow.send_signal(signal.SIGKILL)
         slow.wait()
