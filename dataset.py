@@ -310,6 +310,14 @@ def print_report(rep: dict) -> None:
               f"{ex['trained_on']}")
 
 
+def _own_report(path: Path) -> bool:
+    try:
+        rep = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(rep, dict) and {"rows_in_file", "train_rows", "length_histogram"} <= rep.keys()
+
+
 def main(cfg: Config) -> dict:
     run = RunDir(Path(cfg.paths.output_dir))
     if is_project_run(run.root):
@@ -318,6 +326,9 @@ def main(cfg: Config) -> dict:
         raise UserError(f"'{run.root}' holds a training run, whose dataset_report.json describes the data it trained "
                         "on; set paths.output_dir to a new folder to write this report")
     check_unlocked(run.root)
+    if run.dataset_report.exists() and not _own_report(run.dataset_report):
+        raise UserError(f"'{run.dataset_report}' exists and was not written by dataset.py; it is left untouched: set "
+                        "paths.output_dir to a new folder")
     if run.root.exists() and not run.root.is_dir():
         raise UserError(f"paths.output_dir '{run.root}' is a file, not a folder; choose a new folder")
     loaded = load_clean_split(cfg.data)  # data errors first: they need no tokenizer

@@ -24,6 +24,7 @@ written the way llama.cpp reads them.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -35,7 +36,7 @@ from typing import Any, Iterator
 from ftkit.config import Config, InferenceCfg, build_parser, parse_args
 from ftkit.config import UserError, log, run_main
 from ftkit.paths import RunDir, atomic_write_text, check_free_space, stage_config
-from ftkit.runlock import clean_tmp_leftovers
+from ftkit.runlock import RunLock, check_unlocked, clean_tmp_leftovers
 from ftkit.prompts import PromptTemplate
 
 # --type -> (GGML type for matrices, llama.cpp file type). Vectors (norms) are always float32, as in llama.cpp.
@@ -620,6 +621,8 @@ def main(cfg: Config, run: RunDir | None, qtype: str = "f16", outfile: Path | No
     if outfile.is_dir():
         raise UserError(f"--outfile '{outfile}' is a folder; give a file path ending in .gguf")
     check_own_outputs(outfile)
+    if run is not None:
+        check_unlocked(run.root)
     clean_tmp_leftovers(outfile.parent, names=(outfile.name, "Modelfile"))
     outfile.parent.mkdir(parents=True, exist_ok=True)
     total = sum(p.nbytes for p in plans)
@@ -629,8 +632,10 @@ def main(cfg: Config, run: RunDir | None, qtype: str = "f16", outfile: Path | No
                                str(src))  # built before writing: a template problem leaves nothing behind
     log.info("exporting %s -> %s (%s, %.2f GB, %d tensors, tokenizer pre '%s')", src, outfile, qtype,
              total / 1e9, len(plans), vocab.pre)
-    write_gguf(ckpt, plans, vocab, qtype, name, outfile)
-    atomic_write_text(outfile.parent / "Modelfile", modelfile)
+    inside_run = run is not None and outfile.resolve().is_relative_to(run.root.resolve())
+    with RunLock(run.root, "export_gguf.py") if inside_run else contextlib.nullcontext():
+        write_gguf(ckpt, plans, vocab, qtype, name, outfile)
+        atomic_write_text(outfile.parent / "Modelfile", modelfile)
     log.info("wrote %s and %s", outfile, outfile.parent / "Modelfile")
     return outfile
 

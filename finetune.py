@@ -44,8 +44,8 @@ from ftkit import runlock
 from ftkit.config import Config, build_parser, check_library_options, load_config, parse_args
 from ftkit.config import UserError, log, run_main
 from ftkit.models import load_causal_lm, load_tokenizer, model_skeleton, pick_device, resolve_model, torch_dtype
-from ftkit.paths import (RunDir, atomic_dir, atomic_write_json, atomic_write_text, check_free_space, check_resume,
-                         save_resolved_config, write_latest, write_manifest)
+from ftkit.paths import (RunDir, atomic_dir, atomic_write_json, atomic_write_text, check_free_space,
+                         check_latest_pointer, check_resume, save_resolved_config, write_latest, write_manifest)
 
 import dataset as data_stage
 from quantization_utils import build_bnb_config, linear_module_names, output_head_name, validate_target_modules
@@ -492,6 +492,7 @@ def preflight(cfg: Config, run: RunDir, overwrite: bool, resume: bool) -> None:
     # A killed earlier run's leftovers (a replaced run kept aside, temporary files) are settled first.
     runlock.recover_leftovers(run.root)
     runlock.check_run_target(run.root, overwrite, resume)
+    check_latest_pointer(cfg.paths.latest)
     check_library_options(cfg)
     if resume:
         done = complete_checkpoints(run.checkpoints)

@@ -45,6 +45,7 @@ from ftkit.config import UserError, log, run_main
 from ftkit.jsonl import fail_if_bad, parse_jsonl, read_text
 from ftkit.models import check_finite_weights, load_causal_lm, load_tokenizer, pick_device, resolve_model, torch_dtype
 from ftkit.paths import RunDir, atomic_write_json, atomic_write_text, stage_config
+from ftkit.runlock import clean_tmp_leftovers
 from ftkit.prompts import PromptTemplate
 
 
@@ -357,7 +358,8 @@ def read_done(path: Path) -> dict[str, dict]:
         except json.JSONDecodeError:
             row = None
         if not isinstance(row, dict) or "id" not in row or "response" not in row:
-            raise UserError(f"{not_ours.split(';')[0]} (line {n}); it is left untouched: move it away or pass "
+            raise UserError(f"--output-file '{path}' is not an answer file written by inference.py: line {n} is not an "
+                            "answer row (JSON with 'id' and 'response'); it is left untouched: move it away or pass "
                             "another --output-file")
         done[json.dumps(row["id"])] = row
     if tail.strip():
@@ -391,6 +393,7 @@ def answer_file(cfg: Config, run: RunDir, input_file: Path, output_file: Path | 
     if not os.access(probe, os.W_OK):
         raise UserError(f"cannot write to '{probe}'; choose a writable --output-file")
     done = read_done(output_file)
+    clean_tmp_leftovers(output_file.parent, names=(output_file.name,))  # a killed final rewrite's temporary file
     todo = [r for r in rows if r["key"] not in done]
     log.info("%d prompts in %s: %d already answered in %s, %d to go", len(rows), input_file, len(rows) - len(todo),
              output_file, len(todo))

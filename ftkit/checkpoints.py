@@ -96,7 +96,7 @@ def complete_checkpoints(ckpt_dir: Path) -> list[Path]:
     for c in sorted(ckpt_dir.glob("checkpoint-*"), key=checkpoint_step):
         missing = checkpoint_missing(c)
         if missing:
-            log.warning("skipping incomplete or corrupt checkpoint %s (%s); an older complete one is used",
+            log.warning("skipping incomplete checkpoint %s (missing or cut off: %s); an older complete one is used",
                         c, ", ".join(missing))
             continue
         out.append(c)

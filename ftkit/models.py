@@ -83,7 +83,9 @@ def convert_gguf(source: str, dest: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .paths import atomic_dir
+    from .runlock import clean_tmp_leftovers
 
+    clean_tmp_leftovers(dest.parent, names=(dest.name,))  # a conversion killed mid-save
     pkg, _, fname = source.partition("/")
     spec = importlib.util.find_spec(pkg)
     if spec is None or not spec.submodule_search_locations:
@@ -221,7 +223,8 @@ def check_weight_files(source: str) -> None:
     for f in sorted(p.glob("*.safetensors")):
         why = safetensors_problem(f)
         if why:
-            raise UserError(f"weights file '{f}' is {why}; re-run the stage that wrote it, or re-download the model")
+            raise UserError(f"the weights in '{p}' are corrupt: '{f}' is {why}; re-run the stage that wrote them, or "
+                            "re-download the model")
 
 
 def first_nonfinite(model, trainable_only: bool = False) -> str | None:

@@ -101,7 +101,27 @@ def save_resolved_config(cfg: Config, path: Path) -> None:
     atomic_write_text(path, "# resolved config: exactly what ran\n" + redact(cfg.to_yaml()))
 
 
+def check_latest_pointer(path: str | Path) -> None:
+    """paths.latest is replaced by every run: it must be absent or a pointer written by write_latest (one
+    line naming a folder), never a file of the user's that happens to sit there."""
+    p = Path(path)
+    if p.is_dir():
+        raise UserError(f"paths.latest '{p}' is a folder; it must name a file (the pointer to the newest run), "
+                        "e.g. runs/latest")
+    if not p.is_file():
+        return
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        text = ""
+    lines = text.splitlines()
+    if len(lines) != 1 or not Path(lines[0]).is_absolute() or p.stat().st_size > 4096:
+        raise UserError(f"paths.latest '{p}' exists and is not a pointer written by finetune.py; it is left untouched: "
+                        "set paths.latest to another file, e.g. runs/latest")
+
+
 def write_latest(cfg: Config, run: RunDir) -> None:
+    check_latest_pointer(cfg.paths.latest)
     atomic_write_text(Path(cfg.paths.latest), str(run.root.resolve()) + "\n")
 
 

@@ -273,7 +273,7 @@ def test_resume_skips_a_corrupt_newest_checkpoint_and_stops_at_max_steps(tmp_pat
     assert (run / "config.yaml").read_bytes() == saved
     r = run_script("finetune.py", "--config", str(run / "config.yaml"), "train.max_steps=4", "--resume")
     assert r.returncode == 0, r.stderr[-2000:]
-    assert "checkpoint-3" in r.stderr and "corrupt" in r.stderr
+    assert "skipping incomplete checkpoint" in r.stderr and "checkpoint-3 (missing or cut off" in r.stderr
     summary = json.loads((run / "run_summary.json").read_text())
     assert summary["resumed_from"].endswith("checkpoint-2") and summary["steps"] == 4
     r = run_script("finetune.py", "--config", str(run / "config.yaml"), "train.max_steps=4", "--resume")
@@ -325,3 +325,21 @@ def test_inference_resumes_its_own_cut_off_answer_file_but_never_truncates_a_use
     with pytest.raises(UserError, match="not an answer file"):
         inference.read_done(mine)
     assert mine.read_bytes() == json.dumps(ROWS).encode()
+
+
+def test_tilde_in_paths_is_the_home_folder(monkeypatch, tmp_path):
+    from ftkit.config import load_config
+    monkeypatch.setenv("HOME", str(tmp_path))
+    cfg = load_config(REPO / "configs" / "demo.yaml", ["paths.output_dir=~/runs/x", "paths.latest=~/runs/latest"])
+    assert cfg.paths.output_dir == str(tmp_path / "runs" / "x") and cfg.paths.latest == str(tmp_path / "runs" / "latest")
+
+
+@pytest.mark.parametrize("script, extra", [("dataset.py", []), ("quantization_utils.py", ["--list-modules"])])
+def test_remote_code_warning_in_every_stage_that_loads_a_model(tmp_path, tiny_llama, script, extra):
+    d = tmp_path / "d.json"
+    d.write_text(json.dumps(ROWS))
+    r = run_script(script, "--config", "configs/demo.yaml",
+                   *tiny_overrides(tiny_llama, d, tmp_path / "run", **{"model.trust_remote_code": "true",
+                                                                        "data.eval_size": 0}), *extra)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert f"model.trust_remote_code is on: Python code from '{tiny_llama}' will run on this machine" in r.stderr
