@@ -548,7 +548,7 @@ def main(cfg: Config, overwrite: bool = False, resume: bool = False) -> dict:
 
     if is_main():
         # Locked for the rest of the process; with --overwrite the old run stays aside until a checkpoint.
-        runlock.start_run(run.root, overwrite=overwrite and not resume)
+        runlock.start_run(run.root, overwrite=overwrite, resume=resume)
         save_resolved_config(cfg, run.config)
         write_manifest(cfg, run, prep.data_hash, {"world_size": info["world_size"], "fsdp": info["fsdp"],
                                                   "device": device, "resumed": resume})

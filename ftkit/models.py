@@ -164,13 +164,13 @@ def causal_lm_config(cfg: Config, source: str, offline: bool):
     from transformers import AutoConfig
     warn_remote_code(cfg, source)
     check_safetensors(source)
-    check_weight_files(source)
     kw = dict(revision=cfg.model.revision, local_files_only=offline, trust_remote_code=cfg.model.trust_remote_code)
     try:
         mconf = AutoConfig.from_pretrained(source, **kw)
     except (OSError, ValueError) as e:
         raise UserError(f"cannot read a model config from '{source}': {str(e).splitlines()[0]}; "
                         "fix model.name_or_path") from None
+    check_weight_files(source)
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
     # model_type alone lets encoders through (bert has a causal-LM head class); the saved architecture
     # says what the checkpoint holds.

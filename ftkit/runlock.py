@@ -259,16 +259,17 @@ class RunStart:
 _ACTIVE: dict[Path, RunStart] = {}
 
 
-def start_run(root: Path, overwrite: bool, what: str = "finetune.py") -> RunStart:
+def start_run(root: Path, overwrite: bool, resume: bool = False, what: str = "finetune.py") -> RunStart:
     """Create the run directory and lock it for the rest of the process; with `overwrite`, move the
-    existing run aside first (check_replaceable must have passed)."""
+    existing run aside first (check_replaceable must have passed). The checks done before the model was
+    loaded are done again under the lock: another process may have started a run here since."""
     root = Path(root)
     prev = _ACTIVE.pop(root.resolve(), None)
     if prev is not None:  # an earlier main() in this process (tests, notebooks) has returned
         prev.finish()
     aside = None
     created = not root.exists()
-    if overwrite and root.is_dir() and is_project_run(root):
+    if overwrite and not resume and root.is_dir() and is_project_run(root):
         check_replaceable(root)
         old = RunLock(root, what).acquire()  # nobody may be writing the run that is replaced
         aside = _aside_path(root, os.getpid())
@@ -285,6 +286,11 @@ def start_run(root: Path, overwrite: bool, what: str = "finetune.py") -> RunStar
         if aside is not None and not root.exists():
             os.replace(aside, root)
         raise
+    if aside is None and not resume and is_project_run(root):
+        lock.release()
+        raise UserError(f"run directory '{root}' now holds a run that another process started after this one "
+                        "checked it; pass --resume to continue it, --overwrite to replace it, or set paths.output_dir "
+                        "to a new folder")
     rs = RunStart(root, lock, aside)
     rs.created = created or aside is not None
     _ACTIVE[root.resolve()] = rs
