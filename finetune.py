@@ -484,13 +484,15 @@ def preflight(cfg: Config, run: RunDir, overwrite: bool, resume: bool) -> None:
                         f"'{run.root}' or --overwrite to start it over")
     if run.root.exists() and not run.root.is_dir():
         raise UserError(f"paths.output_dir '{run.root}' is a file, not a folder; choose a new folder")
+    # A killed earlier run's leftovers (a replaced run kept aside, temporary files) are settled first, by
+    # one process only.
+    if is_main():
+        runlock.recover_leftovers(run.root)
     if run.holds_run() and not (overwrite or resume):
         raise UserError(f"run directory '{run.root}' already holds a run; pass --resume to continue it, "
                         "--overwrite to replace it, or set paths.output_dir to a new folder")
     if resume and not run.config.is_file():
         raise UserError(f"--resume: '{run.root}' holds no run to resume; drop --resume to start one")
-    # A killed earlier run's leftovers (a replaced run kept aside, temporary files) are settled first.
-    runlock.recover_leftovers(run.root)
     runlock.check_run_target(run.root, overwrite, resume)
     check_latest_pointer(cfg.paths.latest)
     check_library_options(cfg)

@@ -126,8 +126,10 @@ def merged_is_whole(merged: Path) -> bool:
 def test_sigkill_merge_at_random_points(tmp_path, finished_run):
     from ftkit.runlock import clean_tmp_leftovers
     run = copy_run(finished_run, tmp_path / "run")
-    inputs = lambda: tree(run, skip=lambda rel: rel.parts[0] == "merged" or ".merged." in rel.parts[0]
-                          or rel.name == ".lock")
+
+    def inputs() -> dict:  # the run without merge's own outputs
+        return tree(run, skip=lambda rel: rel.parts[0] == "merged" or ".merged." in rel.parts[0]
+                    or rel.name == ".lock")
     before = inputs()
     args = ["--config", str(run / "config.yaml")]
     t0 = time.time()
