@@ -428,6 +428,15 @@ def answer_file(cfg: Config, run: RunDir, input_file: Path, output_file: Path | 
     return ordered
 
 
+def is_transcript(path: Path) -> bool:
+    """A file /save wrote (and may replace): JSON with the transcript's keys."""
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(obj, dict) and {"saved", "messages", "template"} <= obj.keys()
+
+
 # -- chat --------------------------------------------------------------------------------------------------------
 CHAT_HELP = ("commands: /reset (forget the conversation), /system TEXT (set the system prompt; /system alone "
              "restores the training one), /save PATH (transcript as JSON), /quit. Ctrl+C stops an answer.")
@@ -522,7 +531,7 @@ class ChatSession:
         self.history.append({"role": "assistant", "content": answer, **({"interrupted": True} if interrupted else {})})
         return answer, interrupted
 
-    def transcript(self) -> dict:
+    def transcript(self) -> dict:  # is_transcript recognises these keys
         return {"saved": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "model": self.what, "template": self.template.kind,
                 "system": self.system, "messages": self.history, "settings": self.icfg.model_dump(mode="json")}
 
@@ -549,6 +558,10 @@ class ChatSession:
                 self.print("usage: /save PATH")
                 return True
             path = Path(arg).expanduser()
+            if path.exists() and not is_transcript(path):
+                self.print(f"({path} exists and is not a transcript saved by /save; it is left untouched: pick "
+                           "another PATH)")
+                return True
             try:
                 atomic_write_json(path, self.transcript())
                 self.print(f"(saved {len(self.history)} messages to {path})")

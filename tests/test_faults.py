@@ -345,3 +345,24 @@ def test_remote_code_warning_in_every_stage_that_loads_a_model(tmp_path, tiny_ll
                                                                         "data.eval_size": 0}), *extra)
     assert r.returncode == 0, r.stderr[-2000:]
     assert f"model.trust_remote_code is on: Python code from '{tiny_llama}' will run on this machine" in r.stderr
+
+
+def test_chat_save_never_replaces_a_file_that_is_not_a_transcript(tmp_path):
+    import io
+
+    import inference
+    from ftkit.config import InferenceCfg
+    from ftkit.prompts import PromptTemplate
+    template = PromptTemplate(kind="alpaca")
+    out = io.StringIO()
+    chat = inference.ChatSession(model=None, tok=None, template=template, icfg=InferenceCfg(), out=out)
+    chat.history = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    mine = tmp_path / "notes.json"
+    mine.write_text('{"my": "data"}')
+    chat.handle(f"/save {mine}")
+    assert mine.read_text() == '{"my": "data"}' and "left untouched" in out.getvalue()
+    saved = tmp_path / "chat.json"
+    chat.handle(f"/save {saved}")
+    chat.history.append({"role": "user", "content": "again"})
+    chat.handle(f"/save {saved}")  # its own earlier transcript may be replaced
+    assert len(json.loads(saved.read_text())["messages"]) == 3
