@@ -466,6 +466,8 @@ def parse_override(item: str) -> tuple[str, Any]:
     key = key.strip()
     if key.count(".") != 1:
         raise UserError(f"override key '{key}' must be section.key, for example train.max_steps{_suggest(key)}")
+    if key.startswith("paths.") and value.strip() == "~":
+        return key, "~"  # YAML reads a lone ~ as null; for a path it means the home folder
     try:
         # YAML typing makes `10` an int, `1e-4` a float, `[q_proj,v_proj]` a list, `null` None.
         parsed = yaml.load(value, Loader=_StrictLoader) if value.strip() else ""
