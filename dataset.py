@@ -23,7 +23,9 @@ from typing import Any
 from ftkit.config import Config, DataCfg, build_parser, load_config, parse_args
 from ftkit.config import UserError, log, run_main
 from ftkit.models import hub_mode, load_tokenizer
+from ftkit.jsonl import fail_if_bad, parse_jsonl
 from ftkit.paths import RunDir, atomic_write_json, file_sha256
+from ftkit.runlock import RunLock, check_unlocked, is_project_run
 from ftkit.prompts import IGNORE_INDEX, PromptTemplate
 
 LOCAL_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
@@ -47,21 +49,23 @@ def _read_json(p: Path, text: str) -> list:
     return data
 
 
+class Records(list):
+    """Rows as read, with the file line each came from (JSONL, CSV) so errors can name it."""
+    lines: list[int] | None = None
+
+
 def _read_jsonl(p: Path, text: str) -> list:
-    rows = []
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError as e:
-            raise UserError(f"{p}: malformed JSON on line {n} ({e.msg}); fix or delete that line") from None
+    pairs, bad = parse_jsonl(p, text)
+    fail_if_bad(p, bad)
+    rows = Records(v for _, v in pairs)
+    rows.lines = [n for n, _ in pairs]
     return rows
 
 
 def _read_csv(p: Path, text: str) -> list:
     reader = csv.DictReader(text.splitlines(keepends=True))
-    rows = []
+    rows = Records()
+    rows.lines = []
     try:
         for r in reader:
             # DictReader files surplus cells under None and fills missing ones with None.
@@ -70,6 +74,7 @@ def _read_csv(p: Path, text: str) -> list:
                                 f"{'more' if None in r else 'fewer'} cells than the header "
                                 f"({', '.join(reader.fieldnames or [])}); quote cells that hold commas")
             rows.append(r)
+            rows.lines.append(reader.line_num)
     except csv.Error as e:
         raise UserError(f"{p}: malformed CSV on line {reader.line_num} ({e}); fix the quoting") from None
     return rows
@@ -79,6 +84,9 @@ def load_records(d: DataCfg) -> tuple[list[dict], str]:
     """Records as dicts, and a hash of their source for the run manifest."""
     p = Path(d.path).expanduser()
     if p.suffix.lower() in LOCAL_SUFFIXES or p.exists():
+        if p.is_dir():
+            raise UserError(f"data.path '{p}' is a folder, not a file; point data.path at a .json/.jsonl/.csv/.parquet "
+                            "file")
         if not p.is_file():
             raise UserError(f"dataset file '{p}' not found; fix data.path")
         suffix = p.suffix.lower()
@@ -129,26 +137,30 @@ def clean_records(records: list, d: DataCfg, source: str) -> tuple[list[dict], C
     if not records:
         raise UserError(f"dataset '{source}' has no rows; point data.path at a non-empty file")
     out, seen = [], set()
+    lines = getattr(records, "lines", None)
     for i, r in enumerate(records, 1):
+        at = f"line {lines[i - 1]}" if lines else f"row {i}"
         if not isinstance(r, dict):
-            raise UserError(f"{source}: row {i} is a {type(r).__name__}, not an object with instruction/output")
+            raise UserError(f"{source}: {at} is a {type(r).__name__}, not an object with instruction/output")
         for key in ("instruction", "output"):
             if key not in r:
                 have = ", ".join(sorted(map(str, r))) or "nothing"
-                raise UserError(f"{source}: row {i} has no '{key}' field (it has: {have}); Alpaca rows need "
+                raise UserError(f"{source}: {at} has no '{key}' field (it has: {have}); Alpaca rows need "
                                 "instruction, output and optionally input")
         for key in ("instruction", "input", "output"):
             v = r.get(key)
+            if v is None and key != "input":
+                raise UserError(f"{source}: {at} field '{key}' is null; give it text, or delete the row")
             if v is not None and not isinstance(v, str):
-                raise UserError(f"{source}: row {i} field '{key}' is {type(v).__name__}, not text; "
+                raise UserError(f"{source}: {at} field '{key}' is {type(v).__name__}, not text; "
                                 "store it as a string")
         inst, inp, outp = r["instruction"].strip(), (r.get("input") or "").strip(), r["output"].strip()
         if not inst:
-            raise UserError(f"{source}: row {i} has an empty instruction; fill it in or delete the row")
+            raise UserError(f"{source}: {at} has an empty instruction; fill it in or delete the row")
         if not outp:
             st.empty_output += 1
             if d.empty_output == "fail":
-                raise UserError(f"{source}: row {i} has an empty output; fill it in, delete it, "
+                raise UserError(f"{source}: {at} has an empty output; fill it in, delete it, "
                                 "or set data.empty_output=drop")
             continue
         key = (inst, inp, outp)
@@ -298,13 +310,34 @@ def print_report(rep: dict) -> None:
               f"{ex['trained_on']}")
 
 
+def _own_report(path: Path) -> bool:
+    try:
+        rep = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(rep, dict) and {"rows_in_file", "train_rows", "length_histogram"} <= rep.keys()
+
+
 def main(cfg: Config) -> dict:
+    run = RunDir(Path(cfg.paths.output_dir))
+    if is_project_run(run.root):
+        # Its dataset_report.json describes the data that run trained on; a report of other settings there
+        # would misdescribe the run.
+        raise UserError(f"'{run.root}' holds a training run, whose dataset_report.json describes the data it trained "
+                        "on; set paths.output_dir to a new folder to write this report")
+    check_unlocked(run.root)
+    if run.dataset_report.exists() and not _own_report(run.dataset_report):
+        raise UserError(f"'{run.dataset_report}' exists and was not written by dataset.py; it is left untouched: set "
+                        "paths.output_dir to a new folder")
+    if run.root.exists() and not run.root.is_dir():
+        raise UserError(f"paths.output_dir '{run.root}' is a file, not a folder; choose a new folder")
     loaded = load_clean_split(cfg.data)  # data errors first: they need no tokenizer
     tok = load_tokenizer(cfg)
     prep = prepare(cfg, tok, loaded)
     print_report(prep.report)
-    run = RunDir(Path(cfg.paths.output_dir))
-    atomic_write_json(run.dataset_report, prep.report)
+    run.root.mkdir(parents=True, exist_ok=True)
+    with RunLock(run.root, "dataset.py"):
+        atomic_write_json(run.dataset_report, prep.report)
     log.info("wrote %s", run.dataset_report)
     return prep.report
 

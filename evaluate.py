@@ -36,7 +36,9 @@ from pathlib import Path
 from ftkit.config import Config, build_parser, parse_args
 from ftkit.config import UserError, log, run_main
 from ftkit.models import resolve_model
+from ftkit.jsonl import read_jsonl
 from ftkit.paths import REPO_ROOT, RunDir, atomic_dir, stage_config
+from ftkit.runlock import RunLock, check_unlocked, clean_tmp_leftovers
 from ftkit.prompts import IGNORE_INDEX, PromptTemplate
 
 # Verifiable answers are short; an answer this many tokens longer than the longest reference cannot match.
@@ -87,17 +89,11 @@ def rouge_l(prediction: str, reference: str) -> float:
 # -- input -----------------------------------------------------------------------------------------
 def read_rows(path: Path) -> list[dict]:
     """Held-out rows, checked: each needs an instruction and a non-empty reference answer (`output`)."""
-    if not path.is_file():
+    if not path.exists():
         raise UserError(f"'{path}' is missing; train with data.eval_size above 0 (finetune.py writes it) "
                         "or pass --rows FILE")
     rows = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            r = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}: malformed JSON on line {n} ({e.msg}); fix or delete that line") from None
+    for n, r in read_jsonl(path, "rows file", "pass a .jsonl file of held-out rows with --rows"):
         if not isinstance(r, dict) or not isinstance(r.get("instruction"), str) or not r["instruction"].strip():
             raise UserError(f"{path}: line {n} has no instruction; each row needs instruction, input, output")
         if not isinstance(r.get("output"), str) or not r["output"].strip():
@@ -401,6 +397,8 @@ def _quote(text: str) -> str:
 def main(cfg: Config, run: RunDir, use: str | None = None, rows_path: Path | None = None) -> dict:
     t0 = time.time()
     rows_path = rows_path or run.root / "eval_rows.jsonl"
+    check_unlocked(run.root)
+    clean_tmp_leftovers(run.root, names=("eval",))
     rows, tuned_use = preflight(cfg, run, use or cfg.inference.use, rows_path)
     log.info("evaluating %d held-out rows (%d verifiable) with the base and the fine-tuned model",
              len(rows), sum(map(is_verifiable, rows)))
@@ -440,7 +438,7 @@ def main(cfg: Config, run: RunDir, use: str | None = None, rows_path: Path | Non
             if v is None or not math.isfinite(v):
                 raise UserError(f"the {name} model's {key} is {v}: no response tokens were scored; "
                                 "check data.max_length against the held-out rows")
-    with atomic_dir(run.eval) as tmp:
+    with RunLock(run.root, "evaluate.py"), atomic_dir(run.eval) as tmp:
         has_curves = plot_loss_curves(read_train_log(run.train_log), tmp / "loss_curves.png",
                                       report["overall"]["base"]["eval_loss"])
         plot_before_after(report, tmp / "before_after.png")

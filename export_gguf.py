@@ -24,6 +24,7 @@ written the way llama.cpp reads them.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -35,6 +36,7 @@ from typing import Any, Iterator
 from ftkit.config import Config, InferenceCfg, build_parser, parse_args
 from ftkit.config import UserError, log, run_main
 from ftkit.paths import RunDir, atomic_write_text, check_free_space, stage_config
+from ftkit.runlock import RunLock, check_unlocked, clean_tmp_leftovers
 from ftkit.prompts import PromptTemplate
 
 # --type -> (GGML type for matrices, llama.cpp file type). Vectors (norms) are always float32, as in llama.cpp.
@@ -469,7 +471,7 @@ def modelfile_text(gguf_name: str, tok, template: PromptTemplate, icfg: Inferenc
                    source: str) -> str:
     go, system, style = ollama_template(tok, template, add_bos)
     stops = [tok.convert_ids_to_tokens(i) for i in template.stop_token_ids] + list(template.stop_strings)
-    lines = [f"# Ollama Modelfile written by export_gguf.py for {source}",
+    lines = [f"{MODELFILE_HEADER} for {source}",
              f"# Prompt: the {template.kind} template used in training ({style}).",
              "#   ollama create NAME -f Modelfile && ollama run NAME",
              f"FROM ./{gguf_name}",
@@ -566,6 +568,24 @@ def load_template(run: RunDir | None, tok) -> PromptTemplate:
     return PromptTemplate.from_config(kind, tok)
 
 
+def check_own_outputs(outfile: Path) -> None:
+    """A file already at --outfile, or a Modelfile beside it, is replaced only when export_gguf.py wrote it (a
+    GGUF; a Modelfile with our header): anything else is the user's and stays byte for byte."""
+    if outfile.is_file():
+        with open(outfile, "rb") as f:
+            magic = f.read(4)
+        if magic != b"GGUF":
+            raise UserError(f"--outfile '{outfile}' exists and is not a GGUF file; it is left untouched: choose "
+                            "another --outfile")
+    mf = outfile.parent / "Modelfile"
+    if mf.is_dir() or (mf.is_file() and not mf.read_bytes().startswith(MODELFILE_HEADER.encode())):
+        raise UserError(f"'{mf}' exists and was not written by export_gguf.py; it is left untouched: move it or "
+                        "choose an --outfile in another folder")
+
+
+MODELFILE_HEADER = "# Ollama Modelfile written by export_gguf.py"
+
+
 def main(cfg: Config, run: RunDir | None, qtype: str = "f16", outfile: Path | None = None,
          model_dir: Path | None = None) -> Path:
     """Export <run>/merged (or model_dir) to `outfile` as GGUF of type `qtype`, plus a Modelfile beside it."""
@@ -600,6 +620,10 @@ def main(cfg: Config, run: RunDir | None, qtype: str = "f16", outfile: Path | No
         raise UserError(f"--outfile '{outfile}' should end in .gguf")
     if outfile.is_dir():
         raise UserError(f"--outfile '{outfile}' is a folder; give a file path ending in .gguf")
+    check_own_outputs(outfile)
+    if run is not None:
+        check_unlocked(run.root)
+    clean_tmp_leftovers(outfile.parent, names=(outfile.name, "Modelfile"))
     outfile.parent.mkdir(parents=True, exist_ok=True)
     total = sum(p.nbytes for p in plans)
     check_free_space(outfile.parent, int(total * 1.05) + (64 << 20), f"the {qtype} GGUF")
@@ -608,8 +632,10 @@ def main(cfg: Config, run: RunDir | None, qtype: str = "f16", outfile: Path | No
                                str(src))  # built before writing: a template problem leaves nothing behind
     log.info("exporting %s -> %s (%s, %.2f GB, %d tensors, tokenizer pre '%s')", src, outfile, qtype,
              total / 1e9, len(plans), vocab.pre)
-    write_gguf(ckpt, plans, vocab, qtype, name, outfile)
-    atomic_write_text(outfile.parent / "Modelfile", modelfile)
+    inside_run = run is not None and outfile.resolve().is_relative_to(run.root.resolve())
+    with RunLock(run.root, "export_gguf.py") if inside_run else contextlib.nullcontext():
+        write_gguf(ckpt, plans, vocab, qtype, name, outfile)
+        atomic_write_text(outfile.parent / "Modelfile", modelfile)
     log.info("wrote %s and %s", outfile, outfile.parent / "Modelfile")
     return outfile
 

@@ -36,22 +36,23 @@ import math
 import os
 import resource
 import signal
-import shutil
 import sys
 import time
 from pathlib import Path
 
-from ftkit.config import Config, build_parser, load_config, parse_args
+from ftkit import checkpoints as ftkit_checkpoints
+from ftkit import runlock
+from ftkit.config import Config, build_parser, check_library_options, load_config, parse_args
 from ftkit.config import UserError, log, run_main
 from ftkit.models import load_causal_lm, load_tokenizer, model_skeleton, pick_device, resolve_model, torch_dtype
 from ftkit.plan import TrainPlan, detect_hardware, make_plan, reference_hardware
 from ftkit.paths import (RunDir, atomic_dir, atomic_write_json, atomic_write_text, check_free_space,
-                         save_resolved_config, write_latest, write_manifest)
+                         check_latest_pointer, check_resume, save_resolved_config, write_latest, write_manifest)
 
 import dataset as data_stage
 from quantization_utils import build_bnb_config, linear_module_names, output_head_name, validate_target_modules
 
-CHECKPOINT_FILES = ("adapter_model.safetensors", "trainer_state.json", "optimizer.pt", "scheduler.pt")
+CHECKPOINT_FILES = ftkit_checkpoints.CHECKPOINT_FILES
 
 
 # -- distributed facts -----------------------------------------------------------------------------
@@ -136,39 +137,14 @@ def allow_indexed_cpu_locations() -> None:
 
 # -- checkpoints -----------------------------------------------------------------------------------
 def checkpoint_missing(c: Path) -> list[str]:
-    """What a checkpoint lacks for a resume. trainer_state.json is written last, so with it parseable the
-    rest is there. FSDP writes the model and optimizer as sharded folders instead of single files."""
-    missing = []
-    for f in CHECKPOINT_FILES:
-        if (c / f).is_file():
-            continue
-        sharded = {"adapter_model.safetensors": "pytorch_model_fsdp_*", "optimizer.pt": "optimizer_*"}.get(f)
-        if sharded and any(p.is_dir() for p in c.glob(sharded)):
-            continue
-        missing.append(f)
-    if not any(c.glob("rng_state*.pth")):
-        missing.append("rng_state.pth")
-    if "trainer_state.json" not in missing:
-        try:
-            json.loads((c / "trainer_state.json").read_text())
-        except (json.JSONDecodeError, OSError, UnicodeDecodeError):
-            missing.append("trainer_state.json (cut off)")
-    return missing
+    """What a checkpoint lacks for a resume, or what of it is cut off (ftkit/checkpoints.py)."""
+    return ftkit_checkpoints.checkpoint_missing(c)
 
 
 def complete_checkpoints(ckpt_dir: Path) -> list[Path]:
-    """Checkpoints that hold every file a resume needs, oldest first; cut-off ones are skipped loudly."""
-    out = []
-    if not ckpt_dir.is_dir():
-        return out
-    for c in sorted(ckpt_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1])
-                    if p.name.split("-")[-1].isdigit() else -1):
-        missing = checkpoint_missing(c)
-        if missing:
-            log.warning("skipping incomplete checkpoint %s (missing %s)", c, ", ".join(missing))
-            continue
-        out.append(c)
-    return out
+    """Checkpoints that hold every file a resume needs, oldest first; cut-off or corrupt ones are skipped
+    loudly, so a resume falls back to the newest whole one."""
+    return ftkit_checkpoints.complete_checkpoints(ckpt_dir)
 
 
 def truncate_train_log(path: Path, step: int) -> int:
@@ -306,7 +282,44 @@ def make_callbacks(run: RunDir, stop_flag: dict):
             if state.is_world_process_zero:
                 (Path(args.output_dir) / f"checkpoint-{state.global_step}" / "training_args.bin").unlink(missing_ok=True)
 
-    return [TrainLog(), Interrupt(), NoPickledArgs()]
+    class FirstCheckpoint(TrainerCallback):
+        """With --overwrite the replaced run is kept aside until the new run can be resumed; now it can."""
+
+        def on_save(self, args, state, control, **kw):
+            if state.is_world_process_zero:
+                runlock.checkpoint_saved(run.root)
+
+    class NonFinite(TrainerCallback):
+        """Stop at the first inf/NaN in the loss, the gradient norm or the LoRA weights, before a save could
+        keep it: a run that goes on trains nothing but NaN and would exit 0 with an unusable adapter. The
+        weights are checked on each step that logs or saves (DefaultFlowCallback, called first, has decided
+        that), and the error names the newest checkpoint saved before, which holds finite weights."""
+
+        def _fail(self, state, what: str):
+            from ftkit.checkpoints import complete_checkpoints as whole
+            good = whole(run.checkpoints)
+            keep = (f"the last good checkpoint is {good[-1]}; resume from it with a lower train.learning_rate "
+                    f"(python finetune.py --config {run.config} --resume train.learning_rate=...)" if good else
+                    "no checkpoint was saved before it; lower train.learning_rate (or train.max_grad_norm) and "
+                    "start again")
+            raise UserError(f"training diverged at step {state.global_step}: {what} is not finite (inf or NaN); "
+                            f"{keep}")
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            for k in ("loss", "grad_norm", "eval_loss"):
+                v = (logs or {}).get(k)
+                if isinstance(v, (int, float)) and not math.isfinite(v):
+                    self._fail(state, f"the {k.replace('_', ' ')} ({v})")
+
+        def on_step_end(self, args, state, control, model=None, **kw):
+            if model is None or not (control.should_log or control.should_save or control.should_training_stop):
+                return
+            from ftkit.models import first_nonfinite
+            bad = first_nonfinite(model, trainable_only=True)
+            if bad:
+                self._fail(state, f"LoRA weight {bad}")
+
+    return [TrainLog(), NonFinite(), Interrupt(), NoPickledArgs(), FirstCheckpoint()]
 
 
 def log_first_batch(collator) -> None:
@@ -481,11 +494,21 @@ def preflight(cfg: Config, run: RunDir, overwrite: bool, resume: bool) -> None:
                         f"'{run.root}' or --overwrite to start it over")
     if run.root.exists() and not run.root.is_dir():
         raise UserError(f"paths.output_dir '{run.root}' is a file, not a folder; choose a new folder")
+    # A killed earlier run's leftovers (a replaced run kept aside, temporary files) are settled first, by
+    # one process only.
+    if is_main():
+        runlock.recover_leftovers(run.root)
     if run.holds_run() and not (overwrite or resume):
         raise UserError(f"run directory '{run.root}' already holds a run; pass --resume to continue it, "
                         "--overwrite to replace it, or set paths.output_dir to a new folder")
     if resume and not run.config.is_file():
         raise UserError(f"--resume: '{run.root}' holds no run to resume; drop --resume to start one")
+    runlock.check_run_target(run.root, overwrite, resume)
+    check_latest_pointer(cfg.paths.latest)
+    check_library_options(cfg)
+    if resume:
+        done = complete_checkpoints(run.checkpoints)
+        check_resume(cfg, run, ftkit_checkpoints.trained_step(done[-1]) if done else None)
 
 
 def main(cfg: Config, overwrite: bool = False, resume: bool = False) -> dict:
@@ -537,10 +560,8 @@ def main(cfg: Config, overwrite: bool = False, resume: bool = False) -> dict:
              plan.gradient_accumulation_steps, info["world_size"], plan.rows_per_step)
 
     if is_main():
-        if run.root.exists() and overwrite and not resume:
-            log.warning("--overwrite: removing the previous run in %s", run.root)
-            shutil.rmtree(run.root)
-        run.root.mkdir(parents=True, exist_ok=True)
+        # Locked for the rest of the process; with --overwrite the old run stays aside until a checkpoint.
+        runlock.start_run(run.root, overwrite=overwrite, resume=resume)
         save_resolved_config(cfg, run.config)
         atomic_write_json(run.plan, plan.to_json())
         write_manifest(cfg, run, prep.data_hash, {"world_size": info["world_size"], "fsdp": info["fsdp"],

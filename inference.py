@@ -42,8 +42,10 @@ from typing import Callable
 
 from ftkit.config import Config, InferenceCfg, build_parser, parse_args
 from ftkit.config import UserError, log, run_main
-from ftkit.models import load_causal_lm, load_tokenizer, pick_device, resolve_model, torch_dtype
+from ftkit.jsonl import fail_if_bad, parse_jsonl, read_text
+from ftkit.models import check_finite_weights, load_causal_lm, load_tokenizer, pick_device, resolve_model, torch_dtype
 from ftkit.paths import RunDir, atomic_write_json, atomic_write_text, stage_config
+from ftkit.runlock import clean_tmp_leftovers
 from ftkit.prompts import PromptTemplate
 
 
@@ -92,6 +94,7 @@ def load_for_inference(cfg: Config, run: RunDir, use: str, adapter: Path | None 
     except SafetensorError as e:
         raise UserError(f"the weights in '{where}' are corrupt ({str(e).splitlines()[0][:120]}); re-run the stage "
                         "that wrote them (merge_adapter.py or finetune.py), or re-download the base") from None
+    check_finite_weights(model, where)
     model.eval()
     cache, compiled = decode_settings(cfg.inference)
     log.info("decoding with a %s KV cache%s", cache, ", decode step compiled (CUDA graphs on CUDA; the first batch "
@@ -298,23 +301,11 @@ def read_prompt_file(path: Path) -> list[dict]:
     Each row: {"key": canonical id, "id": its id (given, else the 0-based row index), "instruction",
     "input", "row": the object as read, "line": its line number}.
     """
-    if not path.is_file():
-        raise UserError(f"input file '{path}' not found; pass JSON lines with an 'instruction' per line")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise UserError(f"'{path}' is not UTF-8 text; save it as UTF-8 JSON lines") from None
-    rows, bad, seen = [], [], {}
-    index = 0
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        rid, index = index, index + 1
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            bad.append(f"line {n} is not valid JSON ({e.msg})")
-            continue
+    text = read_text(path, "input file", "pass JSON lines with an 'instruction' per line")
+    parsed, bad = parse_jsonl(path, text)
+    rows, seen = [], {}
+    for index, (n, obj) in enumerate(parsed):
+        rid = index
         if not isinstance(obj, dict):
             bad.append(f"line {n} is not a JSON object")
             continue
@@ -338,9 +329,8 @@ def read_prompt_file(path: Path) -> list[dict]:
         seen[key] = n
         rows.append({"key": key, "id": rid, "instruction": instruction, "input": input_text or None, "row": obj,
                      "line": n})
-    if bad:
-        more = f" (and {len(bad) - 3} more)" if len(bad) > 3 else ""
-        raise UserError(f"{path}: {'; '.join(bad[:3])}{more}; fix or remove the line(s) and run again")
+    bad.sort(key=lambda b: int(b.split()[1].rstrip(":")))  # malformed and invalid lines, in file order
+    fail_if_bad(path, bad)
     if not rows:
         raise UserError(f"'{path}' holds no prompts; write one JSON object per line with an 'instruction'")
     return rows
@@ -355,16 +345,12 @@ def read_done(path: Path) -> dict[str, dict]:
         raise UserError(f"--output-file '{path}' is not a file")
     data = path.read_bytes()
     cut = data.rfind(b"\n") + 1
-    if cut < len(data):
-        log.warning("'%s' ends in a line cut short by an interrupted write; dropping it (that row is answered "
-                    "again)", path)
-        with open(path, "r+b") as f:
-            f.truncate(cut)
-            f.flush()
-            os.fsync(f.fileno())
-        data = data[:cut]
+    tail = data[cut:]
+    not_ours = (f"--output-file '{path}' is not an answer file written by inference.py (JSON lines with 'id' and "
+                "'response'); it is left untouched: move it away or pass another --output-file")
     done: dict[str, dict] = {}
-    for n, line in enumerate(data.decode("utf-8", errors="replace").splitlines(), 1):
+    # Every complete line is checked before anything is changed: the file may be the user's own data.
+    for n, line in enumerate(data[:cut].decode("utf-8", errors="replace").splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -372,9 +358,21 @@ def read_done(path: Path) -> dict[str, dict]:
         except json.JSONDecodeError:
             row = None
         if not isinstance(row, dict) or "id" not in row or "response" not in row:
-            raise UserError(f"{path} line {n} is not an answer row written by inference.py (JSON with 'id' and "
-                            "'response'); move the file away or pass another --output-file")
+            raise UserError(f"--output-file '{path}' is not an answer file written by inference.py: line {n} is not an "
+                            "answer row (JSON with 'id' and 'response'); it is left untouched: move it away or pass "
+                            "another --output-file")
         done[json.dumps(row["id"])] = row
+    if tail.strip():
+        # answer_row puts "id" first, so a line of ours cut short starts like this. Anything else, or a file
+        # with no complete answer before the cut, is not a crashed answer file.
+        if not done or not tail.startswith(b'{"id": '):
+            raise UserError(not_ours)
+        log.warning("'%s' ends in a line cut short by an interrupted write; dropping it (that row is answered "
+                    "again)", path)
+        with open(path, "r+b") as f:
+            f.truncate(cut)
+            f.flush()
+            os.fsync(f.fileno())
     return done
 
 
@@ -395,6 +393,7 @@ def answer_file(cfg: Config, run: RunDir, input_file: Path, output_file: Path | 
     if not os.access(probe, os.W_OK):
         raise UserError(f"cannot write to '{probe}'; choose a writable --output-file")
     done = read_done(output_file)
+    clean_tmp_leftovers(output_file.parent, names=(output_file.name,))  # a killed final rewrite's temporary file
     todo = [r for r in rows if r["key"] not in done]
     log.info("%d prompts in %s: %d already answered in %s, %d to go", len(rows), input_file, len(rows) - len(todo),
              output_file, len(todo))
@@ -427,6 +426,15 @@ def answer_file(cfg: Config, run: RunDir, input_file: Path, output_file: Path | 
     atomic_write_text(output_file, "".join(json.dumps(o, ensure_ascii=False) + "\n" for o in ordered + extra))
     log.info("wrote %d answers to %s", len(ordered), output_file)
     return ordered
+
+
+def is_transcript(path: Path) -> bool:
+    """A file /save wrote (and may replace): JSON with the transcript's keys."""
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(obj, dict) and {"saved", "messages", "template"} <= obj.keys()
 
 
 # -- chat --------------------------------------------------------------------------------------------------------
@@ -523,7 +531,7 @@ class ChatSession:
         self.history.append({"role": "assistant", "content": answer, **({"interrupted": True} if interrupted else {})})
         return answer, interrupted
 
-    def transcript(self) -> dict:
+    def transcript(self) -> dict:  # is_transcript recognises these keys
         return {"saved": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "model": self.what, "template": self.template.kind,
                 "system": self.system, "messages": self.history, "settings": self.icfg.model_dump(mode="json")}
 
@@ -550,6 +558,10 @@ class ChatSession:
                 self.print("usage: /save PATH")
                 return True
             path = Path(arg).expanduser()
+            if path.exists() and not is_transcript(path):
+                self.print(f"({path} exists and is not a transcript saved by /save; it is left untouched: pick "
+                           "another PATH)")
+                return True
             try:
                 atomic_write_json(path, self.transcript())
                 self.print(f"(saved {len(self.history)} messages to {path})")
@@ -628,6 +640,8 @@ def cli(argv) -> None:
         raise UserError(f"{' and '.join(modes)} do different things; pass one of them")
     if a.output_file is not None and a.input_file is None:
         raise UserError("--output-file needs --input-file (the prompts to answer)")
+    if a.prompt is not None and not a.prompt.strip():
+        raise UserError("the prompt is empty; pass some text with --prompt")
     if a.input_file is not None:
         read_prompt_file(a.input_file)  # a bad line fails before any run or model is looked at
     cfg, run = stage_config(a.config, a.overrides)

@@ -19,7 +19,9 @@ from pathlib import Path
 from ftkit.config import Config, build_parser, parse_args
 from ftkit.config import UserError, log, run_main
 from ftkit.models import load_causal_lm, load_tokenizer, model_skeleton, pick_device, resolve_model, torch_dtype
+from ftkit.checkpoints import safetensors_problem
 from ftkit.paths import RunDir, atomic_dir, check_free_space, save_resolved_config, stage_config
+from ftkit.runlock import RunLock, check_unlocked, clean_tmp_leftovers
 from ftkit.prompts import PromptTemplate
 
 
@@ -27,7 +29,18 @@ def read_adapter_config(adapter: Path) -> dict:
     if not (adapter / "adapter_config.json").is_file() or not (adapter / "adapter_model.safetensors").is_file():
         raise UserError(f"'{adapter}' is not a complete adapter (needs adapter_config.json and "
                         "adapter_model.safetensors); finish training first or fix paths.output_dir")
-    return json.loads((adapter / "adapter_config.json").read_text())
+    try:
+        cfg = json.loads((adapter / "adapter_config.json").read_text(encoding="utf-8"))
+    except (ValueError, OSError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise UserError(f"'{adapter / 'adapter_config.json'}' is cut off or corrupt ({str(e)[:80]}); it is not a "
+                        "complete adapter: train again, or copy the adapter folder again") from None
+    if not isinstance(cfg, dict):
+        raise UserError(f"'{adapter / 'adapter_config.json'}' is not a JSON object; it is not a complete adapter")
+    why = safetensors_problem(adapter / "adapter_model.safetensors")
+    if why:
+        raise UserError(f"'{adapter / 'adapter_model.safetensors'}' is {why}; it is not a complete adapter: train "
+                        "again, or copy the adapter folder again")
+    return cfg
 
 
 def check_same_base(adapter_cfg: dict, base_name: str) -> None:
@@ -90,6 +103,9 @@ def main(cfg: Config, run: RunDir) -> dict:
     device = pick_device(cfg.merge.device)
     dtype = torch_dtype(cfg.merge.compute_dtype)
     template = PromptTemplate.load(run.prompt_template)
+    check_unlocked(run.root)
+    # A merge killed mid-save leaves a .merged.tmp-PID as big as the model: found and removed here.
+    clean_tmp_leftovers(run.root, names=("merged",))
     preflight(cfg, run)
     peft_model, source, offline = load_base_with_adapter(cfg, run, dtype, device)
     tok = load_tokenizer(cfg, str(run.adapter), True)
@@ -98,9 +114,12 @@ def main(cfg: Config, run: RunDir) -> dict:
     refs = reference_logits(peft_model, tok, template, cfg.merge.check_prompts)
     merged = peft_model.merge_and_unload()
     max_diff, agree, total = 0.0, 0, 0
+    finite = True
     with torch.no_grad():
         for ids, ref in refs:
             got = merged(input_ids=ids).logits.float().cpu()
+            # max() of a number and NaN keeps the number: NaN logits must fail the check on their own.
+            finite = finite and bool(torch.isfinite(got).all()) and bool(torch.isfinite(ref).all())
             max_diff = max(max_diff, (got - ref).abs().max().item())
             agree += (got.argmax(-1) == ref.argmax(-1)).sum().item()
             total += ids.numel()
@@ -110,6 +129,10 @@ def main(cfg: Config, run: RunDir) -> dict:
              "prompts": cfg.merge.check_prompts}
     log.info("merge check: max logit diff %.4f, greedy-token agreement %.3f over %d positions",
              check["max_logit_diff"], check["token_agreement"], total)
+    if not finite:
+        raise UserError("the model gives non-finite logits (inf or NaN) on the check prompts; nothing was written. "
+                        "The adapter's weights are broken (a diverged run): train again with a lower "
+                        "train.learning_rate")
     if max_diff > cfg.merge.max_logit_diff or check["token_agreement"] < cfg.merge.min_token_agreement:
         raise UserError(f"the merged model disagrees with base+adapter (max logit diff {max_diff:.3f}, agreement "
                         f"{check['token_agreement']:.3f}); nothing was written. Check that the adapter matches the base, "
@@ -121,7 +144,7 @@ def main(cfg: Config, run: RunDir) -> dict:
         stops = template.stop_token_ids
         merged.generation_config.eos_token_id = stops if len(stops) > 1 else (stops[0] if stops else None)
         merged.generation_config.pad_token_id = tok.pad_token_id
-    with atomic_dir(run.merged) as tmp:
+    with RunLock(run.root, "merge_adapter.py"), atomic_dir(run.merged) as tmp:
         merged.save_pretrained(tmp, safe_serialization=True, max_shard_size=cfg.merge.max_shard_size)
         tok.save_pretrained(tmp)
         (tmp / "merge_check.json").write_text(json.dumps(check, indent=2) + "\n")

@@ -16,7 +16,7 @@ from collections import Counter, OrderedDict
 
 from ftkit.config import Config, QuantCfg, build_parser, load_config, parse_args
 from ftkit.config import UserError, log, run_main
-from ftkit.models import resolve_model, torch_dtype
+from ftkit.models import resolve_model, torch_dtype, warn_remote_code
 
 
 def build_bnb_config(q: QuantCfg):
@@ -83,6 +83,7 @@ def empty_model(cfg: Config):
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
     src, offline = resolve_model(cfg.model)
+    warn_remote_code(cfg, src)
     mconf = AutoConfig.from_pretrained(src, local_files_only=offline, trust_remote_code=cfg.model.trust_remote_code)
     with init_empty_weights():
         return AutoModelForCausalLM.from_config(mconf, trust_remote_code=cfg.model.trust_remote_code)

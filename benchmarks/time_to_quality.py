@@ -38,7 +38,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from ftkit.paths import read_jsonl  # noqa: E402
+from ftkit.jsonl import read_log_rows  # noqa: E402
 
 CONFIG = ROOT / "configs" / "llama3_alpaca.yaml"
 VARIANTS = {
@@ -107,7 +107,7 @@ def run_variant(name: str, a, data: Path, work: Path) -> dict:
                 "wall_s": round(wall, 1)}
     plan = json.loads((run / "plan.json").read_text())
     summary = json.loads((run / "run_summary.json").read_text())
-    points = eval_points(read_jsonl(run / "train_log.jsonl"))
+    points = eval_points(read_log_rows(run / "train_log.jsonl"))
     last = points[-1]
     return {"rows_per_step": plan["rows_per_step"], "learning_rate": plan["learning_rate"],
             "micro_batch": plan["per_device_train_batch_size"], "accumulation": plan["gradient_accumulation_steps"],

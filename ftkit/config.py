@@ -85,6 +85,30 @@ class RedactTokens(logging.Filter):
         return True
 
 
+def _close_progress_bars() -> None:
+    """An error raised mid-training leaves the Trainer's tqdm bars open; closed at exit they would print
+    after the error line, which must be the last line on stderr."""
+    tqdm_mod = sys.modules.get("tqdm.std") or sys.modules.get("tqdm")
+    bars = list(getattr(getattr(tqdm_mod, "tqdm", None), "_instances", None) or ())
+    for bar in bars:
+        try:
+            bar.leave = False
+            bar.close()
+        except Exception:  # a bar half torn down by the exception: nothing left to print
+            pass
+    if bars:
+        sys.stderr.write("\n")  # a closed bar leaves the cursor mid-line
+    sys.stderr.flush()
+
+
+_BEFORE_ERROR: list[Callable[[], None]] = []
+
+
+def before_error_line(fn: Callable[[], None]) -> None:
+    """Run `fn` before the one-line error is printed (it may log), so that the error stays the last line."""
+    _BEFORE_ERROR.append(fn)
+
+
 def run_main(main: Callable[[Sequence[str]], int | None], argv: Sequence[str] | None = None) -> None:
     """Call a stage's CLI main; turn UserError into one line and exit code 2 unless --debug is given."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -95,6 +119,9 @@ def run_main(main: Callable[[Sequence[str]], int | None], argv: Sequence[str] | 
     except UserError as e:
         if debug:
             raise
+        _close_progress_bars()
+        for fn in _BEFORE_ERROR:
+            fn()
         print(f"error: {redact(str(e))}", file=sys.stderr)
         sys.exit(EXIT_USAGE)
     except KeyboardInterrupt:
@@ -108,8 +135,9 @@ DTYPES = Literal["bfloat16", "float16", "float32"]
 
 
 class Section(BaseModel):
-    # extra=forbid makes a typo an error instead of a silently ignored setting.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # extra=forbid makes a typo an error instead of a silently ignored setting; allow_inf_nan=False because
+    # an infinite learning rate or epoch count trains NaN weights or never ends, and YAML reads .inf/.nan.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class ModelCfg(Section):
@@ -251,6 +279,10 @@ class TrainCfg(Section):
 
     @model_validator(mode="after")
     def _consistent(self):
+        if self.max_steps == 0:
+            # The Trainer reads 0 as "not set" and trains by epochs instead.
+            raise ValueError("train.max_steps=0 would train nothing; set a positive number of steps, or -1 to "
+                             "train for train.num_train_epochs")
         if self.early_stopping_patience and not self.eval_steps:
             raise ValueError("train.early_stopping_patience needs train.eval_steps (evaluation every N steps)")
         if self.load_best_model_at_end and not self.eval_steps:
@@ -322,6 +354,20 @@ class PathsCfg(Section):
     # Written last by each training run; stages run without --config follow it.
     latest: str = "runs/latest"
 
+    @field_validator("output_dir", "latest")
+    @classmethod
+    def _usable_path(cls, v: str, info):
+        if not v.strip():
+            raise ValueError(f"paths.{info.field_name} is empty; name a folder, e.g. runs/my-run")
+        # A shell expands ~ only at the start of a word it sees; from YAML or key=~/x it arrives literal.
+        v = os.path.expanduser(v)
+        limit = 255
+        for part in Path(v).parts:
+            if len(part.encode()) > limit:
+                raise ValueError(f"paths.{info.field_name} has a folder name of {len(part.encode())} bytes "
+                                 f"('{part[:40]}...'); file systems allow {limit}; choose a shorter name")
+        return v
+
 
 class Config(Section):
     model: ModelCfg = Field(default_factory=ModelCfg)
@@ -380,12 +426,46 @@ def _check_unknown(raw: dict, where: str) -> None:
                 raise UserError(f"{where}: unknown config key '{sec}.{key}'{_suggest(f'{sec}.{key}')}")
 
 
+def short_repr(value: Any, limit: int = 80) -> str:
+    """repr for error messages, bounded: a YAML alias bomb is a few bytes of text that expands to billions
+    of nested items, and a plain repr would exhaust memory while building the message."""
+    import reprlib
+    r = reprlib.Repr()
+    r.maxlevel, r.maxlist, r.maxdict, r.maxstring, r.maxother = 2, 4, 4, limit, limit
+    return r.repr(value)[: limit + 20]
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping: YAML keeps the last silently, so a
+    forgotten earlier `learning_rate:` would win or lose by position alone."""
+
+
+def _construct_mapping(loader, node, deep=False):
+    loader.flatten_mapping(node)
+    seen: dict = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        try:
+            hash(key)
+        except TypeError:
+            raise yaml.constructor.ConstructorError(None, None, "a mapping key is not a plain value",
+                                                    key_node.start_mark) from None
+        if key in seen:
+            raise UserError(f"duplicate key '{key}' at line {key_node.start_mark.line + 1} (first at line "
+                            f"{seen[key]}); YAML keeps only one of them, so delete the other")
+        seen[key] = key_node.start_mark.line + 1
+    return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
 def _validation_message(err: ValidationError, where: str) -> str:
     e = err.errors()[0]
     key = ".".join(str(p) for p in e["loc"] if not str(p).startswith(("function-after", "literal", "list", "str")))
     key = key or "config"
     got = e.get("input")
-    got_s = repr(got) if not isinstance(got, dict) else "a mapping"
+    got_s = short_repr(got) if not isinstance(got, dict) else "a mapping"
     msg = e["msg"].removeprefix("Value error, ")
     if e["type"] == "value_error":
         return f"{where}: {msg}"
@@ -399,9 +479,13 @@ def parse_override(item: str) -> tuple[str, Any]:
     key = key.strip()
     if key.count(".") != 1:
         raise UserError(f"override key '{key}' must be section.key, for example train.max_steps{_suggest(key)}")
+    if key.startswith("paths.") and value.strip() == "~":
+        return key, "~"  # YAML reads a lone ~ as null; for a path it means the home folder
     try:
         # YAML typing makes `10` an int, `1e-4` a float, `[q_proj,v_proj]` a list, `null` None.
-        parsed = yaml.safe_load(value) if value.strip() else ""
+        parsed = yaml.load(value, Loader=_StrictLoader) if value.strip() else ""
+    except UserError as e:
+        raise UserError(f"override {key}: {e}") from None
     except yaml.YAMLError:
         parsed = value
     return key, parsed
@@ -413,10 +497,14 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Confi
     if path is not None:
         p = Path(path)
         where = str(p)
+        if p.is_dir():
+            raise UserError(f"config '{p}' is a folder, not a file; pass a YAML file, e.g. --config configs/demo.yaml")
         if not p.is_file():
             raise UserError(f"config file '{p}' not found; pass an existing YAML, e.g. --config configs/demo.yaml")
         try:
-            raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+            raw = yaml.load(p.read_text(encoding="utf-8"), Loader=_StrictLoader) or {}
+        except UserError as e:
+            raise UserError(f"{p}: {e}") from None
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -439,6 +527,108 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Confi
         return Config.model_validate(raw)
     except ValidationError as err:
         raise UserError(_validation_message(err, where)) from None
+
+
+# -- text options that only the libraries check ------------------------------------------------------
+# TRL and transformers check train.optim, train.lr_scheduler_type and train.report_to only when the
+# SFTConfig is built, which used to be after the run directory was written. The lists are read from the
+# installed transformers' own source (its enums and its integration table) without importing it: the import
+# pulls in torch (seconds), and these checks run before the data is even read.
+_REPORT_PACKAGES = {"wandb": ("wandb",), "tensorboard": ("tensorboard", "tensorboardX"), "mlflow": ("mlflow",),
+                    "comet_ml": ("comet_ml",), "neptune": ("neptune",), "clearml": ("clearml",),
+                    "dvclive": ("dvclive",), "codecarbon": ("codecarbon",), "azure_ml": ("azureml",),
+                    "flyte": ("flytekit",), "dagshub": ("dagshub",), "swanlab": ("swanlab",),
+                    "trackio": ("trackio",), "kubeflow": ("kubeflow",)}
+_ATTN_PACKAGES = {"flash_attention_2": "flash_attn"}
+
+
+def _transformers_source(rel: str):
+    import ast
+    import importlib.util
+    spec = importlib.util.find_spec("transformers")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    f = Path(list(spec.submodule_search_locations)[0]) / rel
+    return ast.parse(f.read_text(encoding="utf-8")) if f.is_file() else None
+
+
+def _enum_values(rel: str, cls: str) -> list[str] | None:
+    import ast
+    tree = _transformers_source(rel)
+    for node in getattr(tree, "body", []):
+        if isinstance(node, ast.ClassDef) and node.name == cls:
+            vals = [st.value.value for st in node.body if isinstance(st, ast.Assign)
+                    and isinstance(st.value, ast.Constant) and isinstance(st.value.value, str)]
+            return vals or None
+    return None
+
+
+def _dict_keys(rel: str, name: str) -> list[str] | None:
+    import ast
+    tree = _transformers_source(rel)
+    for node in getattr(tree, "body", []):
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == name for t in node.targets) \
+                and isinstance(node.value, ast.Dict):
+            keys = [k.value for k in node.value.keys if isinstance(k, ast.Constant)]
+            return keys or None
+    return None
+
+
+def library_values() -> dict[str, list[str]]:
+    """The values transformers accepts for optim, lr_scheduler_type and report_to; from its source when
+    that parses, else from the imported module (slower, same lists)."""
+    out = {"optim": _enum_values("training_args.py", "OptimizerNames"),
+           "lr_scheduler_type": _enum_values("trainer_utils.py", "SchedulerType"),
+           "report_to": _dict_keys("integrations/integration_utils.py", "INTEGRATION_TO_CALLBACK")}
+    if not out["optim"]:
+        from transformers.training_args import OptimizerNames
+        out["optim"] = [o.value for o in OptimizerNames]
+    if not out["lr_scheduler_type"]:
+        from transformers.trainer_utils import SchedulerType
+        out["lr_scheduler_type"] = [o.value for o in SchedulerType]
+    if not out["report_to"]:
+        from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
+        out["report_to"] = list(INTEGRATION_TO_CALLBACK)
+    return out
+
+
+def _one_of(key: str, value: str, valid: list[str]) -> str:
+    close = difflib.get_close_matches(value, valid, n=1, cutoff=0.6)
+    hint = f"did you mean '{close[0]}'? " if close else ""
+    return (f"{key}={value!r} is not a value transformers accepts; {hint}valid: {', '.join(valid[:24])}"
+            f"{', ...' if len(valid) > 24 else ''}")
+
+
+def check_library_options(cfg: "Config") -> None:
+    """The text options TRL/transformers/bitsandbytes check late, checked now, with the packages they need."""
+    import importlib.util
+    vals = library_values()
+    t = cfg.train
+    if t.optim not in vals["optim"]:
+        raise UserError(_one_of("train.optim", t.optim, vals["optim"]))
+    if ("8bit" in t.optim or "32bit" in t.optim or "bnb" in t.optim) and "torch" not in t.optim \
+            and importlib.util.find_spec("bitsandbytes") is None:
+        raise UserError(f"train.optim={t.optim} needs bitsandbytes, which is not installed; run `make install` or "
+                        "set train.optim=adamw_torch")
+    if t.lr_scheduler_type not in vals["lr_scheduler_type"]:
+        raise UserError(_one_of("train.lr_scheduler_type", t.lr_scheduler_type, vals["lr_scheduler_type"]))
+    targets = [x.strip() for x in t.report_to.split(",") if x.strip()]
+    for r in targets:
+        if r in ("none", "all"):
+            if len(targets) > 1:
+                raise UserError(f"train.report_to={t.report_to!r} mixes '{r}' with other values; use it alone")
+            continue
+        if r not in vals["report_to"]:
+            raise UserError(_one_of("train.report_to", r, ["none", "all", *vals["report_to"]]))
+        mods = _REPORT_PACKAGES.get(r, (r,))
+        if not any(importlib.util.find_spec(m) for m in mods):
+            raise UserError(f"train.report_to={r} needs the '{mods[0]}' package, which is not installed; "
+                            f"pip install {mods[0]}, or set train.report_to=none")
+    attn = cfg.model.attn_implementation
+    pkg = _ATTN_PACKAGES.get(attn)
+    if pkg and importlib.util.find_spec(pkg) is None:
+        raise UserError(f"model.attn_implementation={attn} needs the '{pkg}' package, which is not installed "
+                        "(it also needs a CUDA GPU); pip install flash-attn, or set model.attn_implementation=sdpa")
 
 
 def build_parser(description: str, config_required: bool = False) -> argparse.ArgumentParser:

@@ -96,6 +96,9 @@ def convert_gguf_file(gguf: Path, dest: Path, source: str | None = None) -> None
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .paths import atomic_dir
+    from .runlock import clean_tmp_leftovers
+
+    clean_tmp_leftovers(dest.parent, names=(dest.name,))  # a conversion killed mid-save
     log.info("converting %s once into a standard HF checkpoint at %s", gguf, dest)
     t0 = time.time()
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
@@ -135,9 +138,17 @@ def check_safetensors(path: str) -> None:
                         "to safetensors (save_pretrained(..., safe_serialization=True)) and point at that")
 
 
+def warn_remote_code(cfg: Config, source: str) -> None:
+    """Every stage that loads a model or tokenizer says so once, the same way, before remote code runs."""
+    if cfg.model.trust_remote_code and source not in _WARNED_REMOTE_CODE:
+        _WARNED_REMOTE_CODE.add(source)
+        log.warning("model.trust_remote_code is on: Python code from '%s' will run on this machine", source)
+
+
 def load_tokenizer(cfg: Config, source: str | None = None, offline: bool = True):
     from transformers import AutoTokenizer
     src = source or resolve_model(cfg.model)[0]
+    warn_remote_code(cfg, src)
     try:
         tok = AutoTokenizer.from_pretrained(src, revision=cfg.model.revision, local_files_only=offline,
                                             trust_remote_code=cfg.model.trust_remote_code)
@@ -156,9 +167,7 @@ _WARNED_REMOTE_CODE: set[str] = set()
 def causal_lm_config(cfg: Config, source: str, offline: bool):
     """The checkpoint's config, checked to be a causal LM stored as safetensors; no weights are read."""
     from transformers import AutoConfig
-    if cfg.model.trust_remote_code and source not in _WARNED_REMOTE_CODE:
-        _WARNED_REMOTE_CODE.add(source)
-        log.warning("model.trust_remote_code is on: Python code from '%s' will run on this machine", source)
+    warn_remote_code(cfg, source)
     check_safetensors(source)
     kw = dict(revision=cfg.model.revision, local_files_only=offline, trust_remote_code=cfg.model.trust_remote_code)
     try:
@@ -166,6 +175,7 @@ def causal_lm_config(cfg: Config, source: str, offline: bool):
     except (OSError, ValueError) as e:
         raise UserError(f"cannot read a model config from '{source}': {str(e).splitlines()[0]}; "
                         "fix model.name_or_path") from None
+    check_weight_files(source)
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
     # model_type alone lets encoders through (bert has a causal-LM head class); the saved architecture
     # says what the checkpoint holds.
@@ -192,6 +202,7 @@ def model_skeleton(cfg: Config, source: str, offline: bool):
 
 def load_causal_lm(cfg: Config, source: str, offline: bool, *, quantization_config=None, dtype=None,
                    device_map=None):
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
     mconf = causal_lm_config(cfg, source, offline)
     kw = dict(revision=cfg.model.revision, local_files_only=offline, trust_remote_code=cfg.model.trust_remote_code)
@@ -199,6 +210,48 @@ def load_causal_lm(cfg: Config, source: str, offline: bool, *, quantization_conf
         return AutoModelForCausalLM.from_pretrained(
             source, config=mconf, dtype=dtype or torch_dtype(cfg.model.dtype), quantization_config=quantization_config,
             device_map=device_map, attn_implementation=cfg.model.attn_implementation, use_safetensors=True, **kw)
+    except SafetensorError as e:
+        raise UserError(f"the weights in '{source}' are corrupt ({str(e).splitlines()[0][:120]}); re-run the stage "
+                        "that wrote them, or re-download the model") from None
     except OSError as e:
         raise UserError(f"cannot load model weights from '{source}': {str(e).splitlines()[0]}; "
                         "only safetensors checkpoints are loaded") from None
+
+
+def check_weight_files(source: str) -> None:
+    """A local checkpoint's .safetensors files are whole (headers only: a second even for 8B): a file cut
+    short by a full disk or an interrupted copy fails here with its name, not deep inside the loader."""
+    from .checkpoints import safetensors_problem
+    p = Path(source)
+    if not p.is_dir():
+        return
+    for f in sorted(p.glob("*.safetensors")):
+        why = safetensors_problem(f)
+        if why:
+            raise UserError(f"the weights in '{p}' are corrupt: '{f}' is {why}; re-run the stage that wrote them, or "
+                            "re-download the model")
+
+
+def first_nonfinite(model, trainable_only: bool = False) -> str | None:
+    """The name of the first parameter holding inf or NaN, or None. One device sync for the whole model
+    when all is well; the name is looked up only when something is wrong."""
+    import torch
+    params = [(n, p) for n, p in model.named_parameters()
+              if p.is_floating_point() and p.device.type != "meta" and (p.requires_grad or not trainable_only)]
+    if not params:
+        return None
+    dev = params[0][1].device
+    with torch.no_grad():
+        flags = torch.stack([torch.isfinite(p).all().to(dev) for _, p in params]).cpu()
+    for (n, _), ok in zip(params, flags):
+        if not bool(ok):
+            return n
+    return None
+
+
+def check_finite_weights(model, where) -> None:
+    """Refuse to answer with weights that hold inf/NaN: every answer would be empty or garbage, with exit 0."""
+    bad = first_nonfinite(model)
+    if bad:
+        raise UserError(f"the weights in '{where}' hold non-finite values (inf or NaN) in {bad}; the run that wrote "
+                        "them diverged: train again with a lower train.learning_rate")

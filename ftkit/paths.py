@@ -103,7 +103,27 @@ def save_resolved_config(cfg: Config, path: Path) -> None:
     atomic_write_text(path, "# resolved config: exactly what ran\n" + redact(cfg.to_yaml()))
 
 
+def check_latest_pointer(path: str | Path) -> None:
+    """paths.latest is replaced by every run: it must be absent or a pointer written by write_latest (one
+    line naming a folder), never a file of the user's that happens to sit there."""
+    p = Path(path)
+    if p.is_dir():
+        raise UserError(f"paths.latest '{p}' is a folder; it must name a file (the pointer to the newest run), "
+                        "e.g. runs/latest")
+    if not p.is_file():
+        return
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        text = ""
+    lines = text.splitlines()
+    if len(lines) != 1 or not Path(lines[0]).is_absolute() or p.stat().st_size > 4096:
+        raise UserError(f"paths.latest '{p}' exists and is not a pointer written by finetune.py; it is left untouched: "
+                        "set paths.latest to another file, e.g. runs/latest")
+
+
 def write_latest(cfg: Config, run: RunDir) -> None:
+    check_latest_pointer(cfg.paths.latest)
     atomic_write_text(Path(cfg.paths.latest), str(run.root.resolve()) + "\n")
 
 
@@ -210,16 +230,45 @@ def check_free_space(path: Path, need_bytes: int, what: str) -> tuple[Path, int]
     return probe, free
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    """The rows of a JSONL log the project wrote (train_log.jsonl): a line cut off by a kill is skipped."""
-    if not path.is_file():
-        return []
-    out = []
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(row, dict):
-            out.append(row)
-    return out
+# What a resumed run must share with the run it continues: another base, LoRA shape, data or prompt
+# template would load a checkpoint into a different model or train it on different rows.
+RESUME_KEYS = ("model.name_or_path", "model.revision", "lora.r", "lora.lora_alpha", "lora.target_modules",
+               "lora.bias", "lora.use_rslora", "data.prompt_template", "data.system_prompt")
+
+
+def local_data_hash(path: str) -> str | None:
+    """The data hash the manifest records (dataset.load_records), for a local file; None for a hub id."""
+    p = Path(path).expanduser()
+    return file_sha256(p) if p.is_file() else None
+
+
+def check_resume(cfg: Config, run: RunDir, newest_step: int | None) -> None:
+    """Before anything is written: the run to resume was made with this model, LoRA shape, template and
+    data, and has steps left to train. `newest_step`: the step of its newest complete checkpoint."""
+    from .config import short_repr
+    try:
+        saved = load_config(run.config)
+    except UserError as e:
+        raise UserError(f"--resume: the run's saved config cannot be read ({e}); start a new run in another "
+                        "paths.output_dir") from None
+    diffs = []
+    for key in RESUME_KEYS:
+        sec, leaf = key.split(".")
+        old, new = getattr(getattr(saved, sec), leaf), getattr(getattr(cfg, sec), leaf)
+        if old != new:
+            diffs.append(f"{key} (saved {short_repr(old, 40)}, now {short_repr(new, 40)})")
+    try:
+        recorded = json.loads(run.manifest.read_text()).get("data_sha256") if run.manifest.is_file() else None
+    except (OSError, ValueError):
+        recorded = None
+    now = local_data_hash(cfg.data.path)
+    if recorded and now and recorded != now:
+        diffs.append(f"the data in {cfg.data.path} (changed since the run started)")
+    if diffs:
+        raise UserError(f"--resume: the config differs from the run's saved one in {'; '.join(diffs)}; resume with "
+                        f"the saved config (python finetune.py --config {run.config} --resume) or start a new run "
+                        "in another paths.output_dir")
+    m = cfg.train.max_steps
+    if newest_step is not None and m > 0 and newest_step >= m:
+        raise UserError(f"--resume: the run in '{run.root}' already reached train.max_steps={m} (checkpoint at step "
+                        f"{newest_step}); raise train.max_steps to train further")

@@ -185,20 +185,22 @@ def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(tmp_path, tiny_llama, 
 def test_overwrite_replaces_a_run_and_tokens_never_leak(tmp_path, tiny_llama, data):
     run = tmp_path / "run"
     run.mkdir()
-    (run / "config.yaml").write_text("old: run\n")
-    (run / "old_marker.txt").write_text("from the old run")
+    old_config = "# resolved config: exactly what ran\nold: run\n"  # a run of this project, as --overwrite needs
+    (run / "config.yaml").write_text(old_config)
+    (run / "train_log.jsonl").write_text('{"step": 99, "from": "the old run"}\n')
     token = "hf_" + "AbCdEfGhIjKlMnOpQrStUvWxYz0123"
     over = overrides(tiny_llama, data, run, **{"train.max_steps": 2, "train.save_steps": 1,
                                                 "model.trust_remote_code": "true"})
     r = run_script("finetune.py", "--config", "configs/demo.yaml", *over, env={"HF_TOKEN": token})
     assert r.returncode == 2 and "already holds a run" in r.stderr
-    assert (run / "config.yaml").read_text() == "old: run\n"
+    assert (run / "config.yaml").read_text() == old_config
 
     # The token also shows up in the command line (as a careless user might pass it), and must still not leak.
     r = run_script("finetune.py", "--config", "configs/demo.yaml", *over, f"data.system_prompt=token {token}",
                    "--overwrite", env={"HF_TOKEN": token})
     assert r.returncode == 0, r.stderr
-    assert not (run / "old_marker.txt").exists() and (run / "adapter" / "adapter_model.safetensors").is_file()
+    assert "the old run" not in (run / "train_log.jsonl").read_text()
+    assert (run / "adapter" / "adapter_model.safetensors").is_file()
     assert "trust_remote_code is on" in r.stderr
     assert token not in r.stdout + r.stderr
     for f in run.rglob("*"):

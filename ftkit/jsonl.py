@@ -1,0 +1,67 @@
+"""The one JSON-lines reader: every stage that reads a .jsonl file (training data, held-out rows, prompt
+files) gets the same errors, each naming the file and its line numbers (not row numbers: blank lines are
+allowed, so the two differ, and an editor jumps to a line)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .config import UserError
+
+
+def read_text(path: Path, what: str, fix: str) -> str:
+    """The file as UTF-8 text; a folder, a missing file or another encoding is a one-line error. `what`
+    names the file's role ("data.path", "--rows"), `fix` what to pass instead."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{what} '{path}' is a folder, not a file; {fix}")
+    if not path.is_file():
+        raise UserError(f"{what} '{path}' not found; {fix}")
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text (bad byte at offset {e.start}); re-save the file as UTF-8") from None
+
+
+def parse_jsonl(path: Path, text: str) -> tuple[list[tuple[int, object]], list[str]]:
+    """(line number, value) for each non-blank line, and one problem per malformed line. Callers add their
+    own per-row problems to the same list and end with `fail_if_bad`, so every reader reports every bad line
+    of a file the same way in one run of the command."""
+    rows, bad = [], []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append((n, json.loads(line)))
+        except json.JSONDecodeError as e:
+            bad.append(f"line {n} is not valid JSON ({e.msg})")
+    return rows, bad
+
+
+def fail_if_bad(path: Path, bad: list[str]) -> None:
+    if bad:
+        more = f" (and {len(bad) - 3} more)" if len(bad) > 3 else ""
+        raise UserError(f"{path}: {'; '.join(bad[:3])}{more}; fix or remove the line(s) and run again")
+
+
+def read_jsonl(path: Path, what: str, fix: str) -> list[tuple[int, object]]:
+    """Every line parsed, or one error naming the bad lines."""
+    rows, bad = parse_jsonl(Path(path), read_text(path, what, fix))
+    fail_if_bad(path, bad)
+    return rows
+
+
+def read_log_rows(path: Path) -> list[dict]:
+    """The rows of a JSON-lines file this project wrote (train_log.jsonl): a missing file is empty, and a line
+    cut off by a kill is skipped rather than an error, since the file is ours and the rest of it is sound."""
+    if not Path(path).is_file():
+        return []
+    out = []
+    for line in Path(path).read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict):
+            out.append(row)
+    return out
