@@ -20,8 +20,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ftkit.config import Config, DataCfg, build_parser, load_config, parse_args
-from ftkit.config import UserError, log, run_main
+from ftkit.config import Config, DataCfg, load_config
+
+from ftkit.cli import build_parser, parse_args
+from ftkit.cli import UserError, log, run_main
 from ftkit.models import hub_mode, load_tokenizer
 from ftkit.jsonl import fail_if_bad, parse_jsonl
 from ftkit.paths import RunDir, atomic_write_json, file_sha256

@@ -33,8 +33,10 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-from ftkit.config import Config, build_parser, parse_args
-from ftkit.config import UserError, log, run_main
+from ftkit.config import Config
+
+from ftkit.cli import build_parser, parse_args
+from ftkit.cli import UserError, log, run_main
 from ftkit.models import resolve_model
 from ftkit.jsonl import read_jsonl
 from ftkit.paths import REPO_ROOT, RunDir, atomic_dir, stage_config

@@ -33,8 +33,10 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterator
 
-from ftkit.config import Config, InferenceCfg, build_parser, parse_args
-from ftkit.config import UserError, log, run_main
+from ftkit.config import Config, InferenceCfg
+
+from ftkit.cli import build_parser, parse_args
+from ftkit.cli import UserError, log, run_main
 from ftkit.paths import RunDir, atomic_write_text, check_free_space, stage_config
 from ftkit.runlock import RunLock, check_unlocked, clean_tmp_leftovers
 from ftkit.prompts import PromptTemplate

@@ -42,8 +42,9 @@ from pathlib import Path
 
 from ftkit import checkpoints as ftkit_checkpoints
 from ftkit import runlock
-from ftkit.config import Config, build_parser, check_library_options, load_config, parse_args
-from ftkit.config import UserError, log, run_main
+from ftkit.config import Config, check_library_options, load_config
+from ftkit.cli import build_parser, parse_args
+from ftkit.cli import UserError, log, run_main
 from ftkit.models import load_causal_lm, load_tokenizer, model_skeleton, pick_device, resolve_model, torch_dtype
 from ftkit.plan import TrainPlan, detect_hardware, make_plan, reference_hardware
 from ftkit.paths import (RunDir, atomic_dir, atomic_write_json, atomic_write_text, check_free_space,

@@ -40,8 +40,10 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
-from ftkit.config import Config, InferenceCfg, build_parser, parse_args
-from ftkit.config import UserError, log, run_main
+from ftkit.config import Config, InferenceCfg
+
+from ftkit.cli import build_parser, parse_args
+from ftkit.cli import UserError, log, run_main
 from ftkit.jsonl import fail_if_bad, parse_jsonl, read_text
 from ftkit.models import check_finite_weights, load_causal_lm, load_tokenizer, pick_device, resolve_model, torch_dtype
 from ftkit.paths import RunDir, atomic_write_json, atomic_write_text, stage_config

@@ -16,8 +16,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ftkit.config import Config, build_parser, parse_args
-from ftkit.config import UserError, log, run_main
+from ftkit.config import Config
+
+from ftkit.cli import build_parser, parse_args
+from ftkit.cli import UserError, log, run_main
 from ftkit.models import load_causal_lm, load_tokenizer, model_skeleton, pick_device, resolve_model, torch_dtype
 from ftkit.checkpoints import safetensors_problem
 from ftkit.paths import RunDir, atomic_dir, check_free_space, save_resolved_config, stage_config

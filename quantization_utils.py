@@ -14,8 +14,10 @@ from __future__ import annotations
 
 from collections import Counter, OrderedDict
 
-from ftkit.config import Config, QuantCfg, build_parser, load_config, parse_args
-from ftkit.config import UserError, log, run_main
+from ftkit.config import Config, QuantCfg, load_config
+
+from ftkit.cli import build_parser, parse_args
+from ftkit.cli import UserError, log, run_main
 from ftkit.models import resolve_model, torch_dtype, warn_remote_code
 
 

@@ -17,7 +17,7 @@ import inspect
 
 import torch
 
-from .config import log
+from .cli import log
 from .plan import VARLEN_ATTN
 
 _registered = False

@@ -7,7 +7,7 @@ import struct
 import zipfile
 from pathlib import Path
 
-from .config import log
+from .cli import log
 
 CHECKPOINT_FILES = ("adapter_model.safetensors", "trainer_state.json", "optimizer.pt", "scheduler.pt")
 

@@ -5,7 +5,7 @@ from typing import Sequence
 
 import torch
 
-from .config import log
+from .cli import log
 
 # -- generation: greedy decoding as one CUDA graph ----------------------------------------
 # Greedy decoding with the whole decode step captured as one CUDA graph.

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .config import UserError
+from .cli import UserError
 
 
 def read_text(path: Path, what: str, fix: str) -> str:

@@ -12,7 +12,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from .config import Config, ModelCfg
-from .config import UserError, log
+from .cli import UserError, log
 
 
 def pick_device(pref: str) -> str:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from .config import Config, load_config
-from .config import UserError, log, redact
+from .cli import UserError, log, redact
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 

@@ -17,7 +17,9 @@ import importlib.util
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from .config import Config, UserError, explicitly_on
+from .config import Config, explicitly_on
+
+from .cli import UserError
 from .estimate import (DEFAULT_GPU, GPU_MEMORY_FRACTION, StepShape, estimate, gpu_facts, host_memory_available,
                        lr_scale, model_numbers)
 

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import UserError
+from .cli import UserError
 
 IGNORE_INDEX = -100  # the label value that torch's cross-entropy skips
 

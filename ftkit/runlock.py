@@ -21,7 +21,7 @@ import re
 import shutil
 from pathlib import Path
 
-from .config import UserError, before_error_line, log
+from .cli import UserError, before_error_line, log
 
 LOCK_NAME = ".lock"
 # What finetune.py, merge_adapter.py, evaluate.py and export_gguf.py put in a run directory. A folder that

@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 
 from ftkit.config import VALID_KEYS, load_config
-from ftkit.config import UserError
+from ftkit.cli import UserError
 
 REPO = Path(__file__).resolve().parent.parent
 SHIPPED = sorted(p for p in (REPO / "configs").glob("*.yaml"))

@@ -202,7 +202,7 @@ def test_several_gpus_without_a_launcher_is_refused(tmp_path, tiny_llama, data):
     """Can't be run for real without GPUs; check the decision itself."""
     import finetune
     from ftkit.config import load_config
-    from ftkit.config import UserError
+    from ftkit.cli import UserError
     cfg = load_config(REPO / "configs" / "demo.yaml", tiny_overrides(tiny_llama, data, tmp_path / "r"))
     orig = torch.cuda.device_count
     torch.cuda.device_count = lambda: 4

@@ -13,7 +13,7 @@ import pytest
 from conftest import REPO, run_script, tiny_overrides
 
 import evaluate as ev
-from ftkit.config import UserError
+from ftkit.cli import UserError
 from ftkit.paths import stage_config
 
 DEMO = str(REPO / "configs" / "demo.yaml")

@@ -25,7 +25,7 @@ from test_inference import make_run
 
 import export_gguf
 from ftkit.config import load_config
-from ftkit.config import UserError
+from ftkit.cli import UserError
 from ftkit.prompts import PromptTemplate
 
 TEXTS = ["Hello world! 12345 67 ünïcödé 你好 🤗", "<|im_start|>user\nWhat is 2+2?<|im_end|>\n", "  two spaces\n\n\ttab",

@@ -11,7 +11,7 @@ import torch
 
 from ftkit import generation
 from ftkit.config import InferenceCfg, load_config
-from ftkit.config import UserError
+from ftkit.cli import UserError
 
 
 def tiny_llama(device="cpu"):

@@ -15,7 +15,7 @@ from conftest import REPO, run_script, tiny_overrides
 
 import inference
 from ftkit.config import load_config
-from ftkit.config import UserError
+from ftkit.cli import UserError
 from ftkit.paths import RunDir, atomic_write_json, save_resolved_config
 from ftkit.prompts import PromptTemplate
 

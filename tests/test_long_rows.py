@@ -6,7 +6,8 @@ import torch
 from benchmarks.train_throughput import LLAMA3_8B, TARGETS
 from conftest import REPO, run_script, tiny_overrides
 from ftkit import patches
-from ftkit.config import UserError, load_config
+from ftkit.config import load_config
+from ftkit.cli import UserError
 from ftkit.estimate import StepShape, estimate, model_numbers
 from ftkit.plan import Hardware, make_plan
 

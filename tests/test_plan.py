@@ -10,7 +10,8 @@ from transformers import LlamaConfig
 
 from benchmarks.train_throughput import LLAMA3_8B
 from conftest import REPO
-from ftkit.config import UserError, load_config
+from ftkit.config import load_config
+from ftkit.cli import UserError
 from ftkit.plan import Hardware, make_plan
 
 LLAMA = LlamaConfig(**LLAMA3_8B)

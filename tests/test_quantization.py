@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from ftkit.config import QuantCfg, load_config
-from ftkit.config import UserError
+from ftkit.cli import UserError
 from quantization_utils import build_bnb_config, linear_module_names, validate_target_modules
 
 

@@ -1,0 +1,139 @@
+"""The contract every entry point keeps with the user: the one user-facing error type (one line on stderr,
+exit code 2), the shared argument parser, logging, and the redaction of hub tokens from all output."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import re
+import sys
+from typing import Callable, Sequence
+
+# -- logging and errors ------------------------------------------------------------------------------
+# Every entry point runs through `run_main`, so that a mistake the user can fix (a typo in the config, a
+# missing file) ends as one line on stderr and exit code 2, while a real bug still shows its traceback.
+
+log = logging.getLogger("ftkit")
+
+# Exit code for bad input, distinct from 1 (crash) so that scripts and CI can tell the two apart.
+EXIT_USAGE = 2
+
+
+class UserError(Exception):
+    """A problem in the user's input: config, data, paths, model choice. The message names the fix."""
+
+
+def setup_logging(debug: bool = False) -> None:
+    level = logging.DEBUG if debug else logging.INFO
+    # Whatever reaches the terminal (our logs, print, library output) passes through `redact` first.
+    for name in ("stdout", "stderr"):
+        if not isinstance(getattr(sys, name), RedactStream):
+            setattr(sys, name, RedactStream(getattr(sys, name)))
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S",
+                        stream=sys.stderr, force=True)
+    # Library chatter drowns the lines a user acts on; keep it at warning unless debugging.
+    for noisy in ("transformers", "datasets", "accelerate", "peft", "trl", "bitsandbytes", "httpx", "urllib3",
+                  "filelock"):
+        logging.getLogger(noisy).setLevel(logging.DEBUG if debug else logging.WARNING)
+    # bitsandbytes warns on every CPU import that an optional hub kernel is absent; it falls back fine.
+    logging.getLogger("bitsandbytes").setLevel(logging.DEBUG if debug else logging.ERROR)
+    if not debug:
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    logging.getLogger().addFilter(RedactTokens())
+
+
+_TOKEN_RE = re.compile(r"\bhf_[A-Za-z0-9]{10,}\b")
+
+
+def redact(text: str) -> str:
+    """Hide anything shaped like a hub token, and the value of HF_TOKEN itself, wherever text goes out."""
+    tok = os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN")
+    if tok:
+        text = text.replace(tok, "***")
+    return _TOKEN_RE.sub("hf_***", text)
+
+
+class RedactStream:
+    """sys.stdout/sys.stderr wrapper that redacts tokens from everything printed, libraries' output too."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def write(self, text):
+        return self._stream.write(redact(text) if isinstance(text, str) else text)
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
+class RedactTokens(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg = redact(str(record.msg))
+        if record.args:
+            record.args = tuple(redact(str(a)) if isinstance(a, str) else a for a in record.args)
+        return True
+
+
+def _close_progress_bars() -> None:
+    """An error raised mid-training leaves the Trainer's tqdm bars open; closed at exit they would print
+    after the error line, which must be the last line on stderr."""
+    tqdm_mod = sys.modules.get("tqdm.std") or sys.modules.get("tqdm")
+    bars = list(getattr(getattr(tqdm_mod, "tqdm", None), "_instances", None) or ())
+    for bar in bars:
+        try:
+            bar.leave = False
+            bar.close()
+        except Exception:  # a bar half torn down by the exception: nothing left to print
+            pass
+    if bars:
+        sys.stderr.write("\n")  # a closed bar leaves the cursor mid-line
+    sys.stderr.flush()
+
+
+_BEFORE_ERROR: list[Callable[[], None]] = []
+
+
+def before_error_line(fn: Callable[[], None]) -> None:
+    """Run `fn` before the one-line error is printed (it may log), so that the error stays the last line."""
+    _BEFORE_ERROR.append(fn)
+
+
+def run_main(main: Callable[[Sequence[str]], int | None], argv: Sequence[str] | None = None) -> None:
+    """Call a stage's CLI main; turn UserError into one line and exit code 2 unless --debug is given."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    setup_logging(debug)
+    try:
+        rc = main(argv)
+    except UserError as e:
+        if debug:
+            raise
+        _close_progress_bars()
+        for fn in _BEFORE_ERROR:
+            fn()
+        print(f"error: {redact(str(e))}", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    sys.exit(rc or 0)
+
+
+def build_parser(description: str, config_required: bool = False) -> argparse.ArgumentParser:
+    """The CLI every stage shares: --config, dotted overrides, --debug; stages add their own flags."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=config_required,
+                   help="YAML config; without it, the most recent run's saved config is used")
+    p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value",
+                   help="dotted overrides applied after the YAML, e.g. train.max_steps=10")
+    return p
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argparse.Namespace:
+    # argparse exits 2 on its own errors already; keep its message one line and name the fix.
+    def error(message: str):
+        raise UserError(f"{message}; see --help")
+    parser.error = error  # type: ignore[method-assign]
+    return parser.parse_args(list(argv))
