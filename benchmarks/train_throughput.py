@@ -4,11 +4,11 @@ GPU (the issue's benchmark; see benchmarks/README.md for the exact command and t
     python benchmarks/train_throughput.py --out benchmarks/results/h200.json \
         --tokenizer .bench/tokenizer --data .bench/alpaca_en_1k.json
   builds Llama-3-8B's exact architecture with random weights once (safetensors, --model-dir), loads it in
-  4-bit NF4 + double quant through finetune.py's own loader (ftkit.models.load_causal_lm +
+  4-bit NF4 + double quant through finetune.py's own loader (ftkit.train.load_quantized_base:
   quantization_utils.build_bnb_config), then trains, on the same base:
     (a) plain: TRL SFTTrainer defaults, per-batch padding, SDPA, gradient checkpointing, LoRA r=16 on all
         seven projections, batch 2 x accumulation 4;
-    (b) project: finetune.apply_lora + finetune.sft_config + ftkit.plan (padding-free rows with varlen
+    (b) project: ftkit.train (apply_lora, sft_config) + ftkit.plan (padding-free rows with varlen
         attention, liger kernels, no fp32 upcast, packing, checkpointing only where needed), at the same
         8 rows per step and at its own packed default;
   on Alpaca-shaped rows (the token lengths of --data under the Alpaca template) and on fixed 2048-token rows;
@@ -186,7 +186,7 @@ def project_trainer(base, tok, rows, lengths, steps: int, device: str, overrides
     from datasets import Dataset
     from trl import SFTTrainer
 
-    import finetune
+    from ftkit import train
     from ftkit.config import load_config
     from ftkit.paths import RunDir
     from ftkit.plan import detect_hardware, make_plan
@@ -195,9 +195,9 @@ def project_trainer(base, tok, rows, lengths, steps: int, device: str, overrides
     plan = make_plan(cfg, detect_hardware(device), lengths, base.config)
     if plan_override:
         plan = dataclasses.replace(plan, **plan_override)
-    model, _, _ = finetune.apply_lora(cfg, plan, base)
-    finetune.apply_speed_switches(plan, model)
-    args = finetune.sft_config(cfg, RunDir(Path(tempfile.mkdtemp())), plan, 0)
+    model, _, _ = train.apply_lora(cfg, plan, base)
+    train.apply_speed_switches(plan, model)
+    args = train.sft_config(cfg, RunDir(Path(tempfile.mkdtemp())), plan, 0)
     args.disable_tqdm = True
     trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok)
     return trainer, plan.to_json()
@@ -233,8 +233,8 @@ def variant(name: str, base, fn, *a, **kw) -> dict | None:
 # -- GPU benchmark ------------------------------------------------------------------------------------
 def gpu_main(a) -> None:
     import torch
-    import finetune
-    import dataset as data_stage
+    from ftkit import data as data_stage
+    from ftkit import train
     from ftkit import estimate
     from ftkit.config import load_config
     from ftkit.models import load_tokenizer, resolve_model
@@ -255,7 +255,7 @@ def gpu_main(a) -> None:
     RESULTS["data"] = {"source": a.data, "rows": len(rows), "mean_tokens": round(sum(lengths) / len(lengths), 1),
                        "max_tokens": max(lengths), "tokenizer": "SmolLM2-135M-Instruct BPE (49152 ids; model vocab 128256)"}
     t0 = time.time()
-    base = finetune.load_quantized_base(cfg, source, offline, "cuda")
+    base = train.load_quantized_base(cfg, source, offline, "cuda")
     RESULTS["load_4bit_s"] = round(time.time() - t0, 1)
     nums = estimate.model_numbers(base.config, 16, TARGETS)
     RESULTS["params"] = nums["params"]
@@ -581,8 +581,8 @@ def versions() -> dict:
 # -- CPU: the demo config -------------------------------------------------------------------------------
 def cpu_main(a) -> None:
     import torch
-    import finetune
-    import dataset as data_stage
+    from ftkit import data as data_stage
+    from ftkit import train
     from ftkit.config import load_config
     from ftkit.models import load_tokenizer, resolve_model
     torch.set_num_threads(max(1, os.cpu_count() or 1))
@@ -594,7 +594,7 @@ def cpu_main(a) -> None:
     prep = data_stage.prepare(cfg, tok)
     rows, lengths = prep.train.rows, prep.train.lengths
     RESULTS["data"] = {"source": cfg.data.path, "rows": len(rows), "mean_tokens": round(sum(lengths) / len(lengths), 1)}
-    base = finetune.load_quantized_base(cfg, source, offline, "cpu")
+    base = train.load_quantized_base(cfg, source, offline, "cpu")
     W, S = a.warmup, a.steps
     bs, ga = cfg.train.per_device_train_batch_size, cfg.train.gradient_accumulation_steps
 

@@ -112,15 +112,14 @@ class TrainPlan:
 
     def describe(self) -> str:
         """The plan in one readable block: what runs, then every value that differs from the YAML and why."""
-        if self.packing:
-            batch = (f"~{self.rows_per_step:g} rows a step (packs of {self.pack_tokens} tokens x "
-                     f"{self.gradient_accumulation_steps} accumulation x {self.world_size} process(es))")
-        else:
-            batch = (f"{self.rows_per_step:g} rows a step ({self.per_device_train_batch_size} rows a micro-batch x "
-                     f"{self.gradient_accumulation_steps} accumulation x {self.world_size} process(es))")
-        lines = [f"training plan: {batch}, learning rate {self.learning_rate:.3g}, padding_free={self.padding_free}, "
-                 f"attention={self.attn_implementation}, gradient_checkpointing={self.gradient_checkpointing}, "
-                 f"liger={self.use_liger_kernel}, tiled_mlp={self.tiled_mlp}, offloaded_layers={self.offload_layers}"]
+        per_device = f"{self.pack_tokens} tokens" if self.packing else str(self.per_device_train_batch_size)
+        lines = [f"training plan: device {self.device}, world size {self.world_size}{' (FSDP)' if self.fsdp else ''}, "
+                 f"per-device batch {per_device} x accumulation {self.gradient_accumulation_steps} x "
+                 f"{self.world_size} processes = global batch {self.rows_per_step:g} rows a step"
+                 f"{' (a mean: packs hold whole rows)' if self.packing else ''}, learning rate {self.learning_rate:.3g}",
+                 f"  padding_free={self.padding_free}, attention={self.attn_implementation}, "
+                 f"gradient_checkpointing={self.gradient_checkpointing}, liger={self.use_liger_kernel}, "
+                 f"tiled_mlp={self.tiled_mlp}, offloaded_layers={self.offload_layers}"]
         if self.changes:
             lines.append("values that differ from the YAML (the saved config.yaml keeps what you asked; plan.json "
                          "has what runs):")
@@ -130,6 +129,28 @@ class TrainPlan:
                 lines.append(f"  {c.key}: {show(c.asked)} -> {show(c.planned)}  ({c.reason})")
         else:
             lines.append("every value runs as the YAML says")
+        return "\n".join(lines)
+
+    def prediction(self) -> str:
+        """describe() with the estimate: what --dry-run prints."""
+        est, big = self.estimate, self.estimate_largest
+        lines = [self.describe(),
+                 f"  rows: mean {self.mean_row_tokens} tokens; a typical micro-batch {self.tokens_per_micro_batch} "
+                 f"tokens, the largest {self.largest_micro_batch_tokens}",
+                 f"  predicted peak GPU memory {est['predicted_peak_gb']} GB (weights and optimizer {est['static_gb']} "
+                 f"GB, activations {est['activations_gb']} GB) of {self.gpu_memory_gb} GB",
+                 f"  predicted {est['predicted_tokens_per_s']:.0f} real tokens/s, {est['predicted_step_s']} s a step "
+                 f"({est['flops_per_token'] / 1e9:.1f} GFLOP a token)"]
+        if self.largest_micro_batch_tokens > self.tokens_per_micro_batch:
+            host = f", {big['host_offload_gb']} GB in CPU RAM" if big["host_offload_gb"] else ""
+            lines.append(f"  largest micro-batch ({self.largest_micro_batch_tokens} tokens): predicted peak "
+                         f"{big['predicted_peak_gb']} GB{host}")
+        elif est["host_offload_gb"]:
+            lines.append(f"  offloaded checkpoints: {est['host_offload_gb']} GB in CPU RAM")
+        if not self.fits:
+            lines.append(f"  warning: the largest micro-batch is predicted not to fit in {GPU_MEMORY_FRACTION:.0%} of "
+                         "the GPU (finetune.py would refuse it); lower data.max_length, train.pack_tokens or "
+                         "train.per_device_train_batch_size")
         return "\n".join(lines)
 
 

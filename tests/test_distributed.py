@@ -200,7 +200,7 @@ def test_merge_and_inference_take_the_ddp_adapter(ddp):
 
 def test_several_gpus_without_a_launcher_is_refused(tmp_path, tiny_llama, data):
     """Can't be run for real without GPUs; check the decision itself."""
-    import finetune
+    from ftkit import checkpoints, distributed, train  # noqa: F401
     from ftkit.config import load_config
     from ftkit.cli import UserError
     cfg = load_config(REPO / "configs" / "demo.yaml", tiny_overrides(tiny_llama, data, tmp_path / "r"))
@@ -208,7 +208,7 @@ def test_several_gpus_without_a_launcher_is_refused(tmp_path, tiny_llama, data):
     torch.cuda.device_count = lambda: 4
     try:
         with pytest.raises(UserError, match="4 GPUs are visible.*accelerate launch"):
-            finetune.check_distributed(cfg, "cuda")
+            distributed.check_distributed(cfg, "cuda")
     finally:
         torch.cuda.device_count = orig
 
@@ -238,10 +238,10 @@ def test_ctrl_c_under_accelerate_launch_saves_and_resumes(tmp_path, tiny_llama, 
     assert m, out[-4000:]
     step = int(m.group(1))
     assert 1 <= step < CTRL_C_STEPS
-    import finetune
+    from ftkit import checkpoints, distributed, train  # noqa: F401
     ck = run / "checkpoints" / f"checkpoint-{step}"
-    assert ck.is_dir() and finetune.checkpoint_missing(ck) == [], finetune.checkpoint_missing(ck)
-    assert finetune.complete_checkpoints(run / "checkpoints")[-1] == ck
+    assert ck.is_dir() and checkpoints.checkpoint_missing(ck) == [], checkpoints.checkpoint_missing(ck)
+    assert checkpoints.complete_checkpoints(run / "checkpoints")[-1] == ck
     assert (ck / "rng_state_0.pth").is_file() and (ck / "rng_state_1.pth").is_file()
     assert not (run / "adapter").exists() and not (run / "run_summary.json").exists()
 
@@ -258,7 +258,7 @@ def test_sigterm_to_every_process_is_one_stop_request(tmp_path, tiny_llama, data
     and once more when the launcher forwards its own copy. That repeat is the same stop request, not a
     second Ctrl+C, and must not abort the checkpoint save in flight. Made deterministic here: the workers
     get the signal first, the launcher once both have started stopping, while the step (6 micro-batches of
-    accumulation) is still running. Needs on_signal in finetune.py to ignore, under torchrun, a repeat of the
+    accumulation) is still running. Needs ftkit.train.StopRequest to ignore, under torchrun, a repeat of the
     signal it is already handling (without that the repeat raises KeyboardInterrupt and no checkpoint is saved)."""
     run = tmp_path / "run"
     args = ["--config", str(REPO / "configs" / "demo.yaml"),
@@ -282,9 +282,9 @@ def test_sigterm_to_every_process_is_one_stop_request(tmp_path, tiny_llama, data
     assert "KeyboardInterrupt" not in out and "interrupted\n" not in out, out[-4000:]
     m = re.search(r"stopped at step (\d+); checkpoint saved", out)
     assert m, out[-4000:]
-    import finetune
+    from ftkit import checkpoints, distributed, train  # noqa: F401
     ck = run / "checkpoints" / f"checkpoint-{m.group(1)}"
-    assert ck.is_dir() and finetune.checkpoint_missing(ck) == [], finetune.checkpoint_missing(ck)
+    assert ck.is_dir() and checkpoints.checkpoint_missing(ck) == [], checkpoints.checkpoint_missing(ck)
 
 
 @pytest.mark.gpu
@@ -327,10 +327,10 @@ def test_adapter_tensors_from_a_full_state_dict_match_peft(tiny_llama):
     from peft.utils import get_peft_model_state_dict
     from transformers import AutoModelForCausalLM
 
-    import finetune
+    from ftkit import checkpoints, distributed, train  # noqa: F401
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_llama),
                            LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False))
-    ours, peft = finetune.adapter_tensors(model, model.state_dict()), get_peft_model_state_dict(model)
+    ours, peft = train.adapter_tensors(model, model.state_dict()), get_peft_model_state_dict(model)
     assert ours.keys() == peft.keys() and len(ours) == 2 * 3 * 2
     for k in peft:
         assert torch.equal(ours[k], peft[k]), k

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import signal
 from pathlib import Path
 
 import pytest
@@ -73,9 +72,7 @@ TASKS = ([{"instruction": f"What is {a} + {b}?", "input": "", "output": str(a + 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, tiny_llama):
-    """A tiny run trained for 2 steps in-process; tests copy it before changing anything."""
-    import finetune
-    from ftkit.config import load_config
+    """A tiny run trained for 2 steps; tests copy it before changing anything."""
     root = tmp_path_factory.mktemp("evalrun")
     data = root / "tasks.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in TASKS))
@@ -84,11 +81,8 @@ def trained(tmp_path_factory, tiny_llama):
         "data.eval_size": 8, "train.max_steps": 2, "train.eval_steps": 1, "train.save_steps": 1,
         "train.load_best_model_at_end": "true", "train.early_stopping_patience": 3, "train.save_total_limit": 1,
         "train.per_device_train_batch_size": 4, "inference.max_new_tokens": 6, "inference.batch_size": 4})
-    sigint = signal.getsignal(signal.SIGINT)
-    try:
-        finetune.main(load_config(DEMO, over))
-    finally:
-        signal.signal(signal.SIGINT, sigint)  # finetune installs its own Ctrl+C handler
+    r = run_script("finetune.py", "--config", str(DEMO), *over)
+    assert r.returncode == 0, r.stderr[-3000:]
     return root / "run", over
 
 
@@ -213,9 +207,9 @@ def test_in_loop_eval_keeps_the_best_checkpoint(trained):
      "needs held-out rows"),
 ])
 def test_keeping_the_best_checkpoint_needs_matching_steps(tmp_path, over, message):
-    import finetune
+    from ftkit import train
     from ftkit.config import load_config
     cfg = load_config(DEMO, tiny_overrides(tmp_path / "model", tmp_path / "data.json", tmp_path / "run", **over))
     with pytest.raises(UserError) as e:
-        finetune.check_eval_settings(cfg, 0 if over.get("data.eval_size") == 0 else 4)
+        train.check_eval_settings(cfg, 0 if over.get("data.eval_size") == 0 else 4)
     assert message in str(e.value)

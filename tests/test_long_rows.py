@@ -153,7 +153,7 @@ def test_dry_run_plans_for_the_longest_row(tmp_path, embedded_model):
     assert r.returncode == 0, r.stderr[-3000:]
     out = r.stdout
     assert "gradient_checkpointing=True" in out and "tiled_mlp=True" in out, out
-    assert "training plan: 1 rows a step" in out and "train.activation_offloading: auto ->" in out, out
+    assert "per-device batch 1 x accumulation 1 x 1 processes = global batch 1 rows a step" in out and "train.activation_offloading: auto ->" in out, out
     assert not (model / "plan.json").exists() and not any(tmp_path.glob("runs*"))  # a dry run writes nothing
     layers = int(out.split("offloaded_layers=")[1].split()[0])
     assert 0 < layers < 32, out

@@ -37,7 +37,7 @@ def test_tiny_chain_from_the_command_line(tmp_path, tiny_llama, alpaca_file):
     assert plan["rows_per_step"] == 4 and plan["learning_rate"] == 1e-3 and plan["packing"] is False
     assert "gradient_checkpointing: false" in (run / "config.yaml").read_text()
     assert "padding_free: auto" in (run / "config.yaml").read_text() and plan["padding_free"] is True
-    assert "training plan: 4 rows a step" in r.stderr and "train.padding_free: auto -> True" in r.stderr
+    assert "global batch 4 rows a step" in r.stderr and "train.padding_free: auto -> True" in r.stderr
     losses = [row["loss"] for row in read_log(run) if "loss" in row]
     assert len(losses) == 4 and all(l == l and l > 0 for l in losses)
     manifest = json.loads((run / "manifest.json").read_text())

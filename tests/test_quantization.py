@@ -4,7 +4,7 @@ import torch
 
 from ftkit.config import QuantCfg, load_config
 from ftkit.cli import UserError
-from quantization_utils import build_bnb_config, linear_module_names, validate_target_modules
+from ftkit.quant import build_bnb_config, linear_module_names, validate_target_modules
 
 
 def test_nf4_double_quant_bf16():
