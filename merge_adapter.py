@@ -14,53 +14,16 @@ Run:
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 from ftkit.config import Config
 
 from ftkit.cli import build_parser, parse_args
 from ftkit.cli import UserError, log, run_main
-from ftkit.models import load_causal_lm, load_tokenizer, model_skeleton, pick_device, resolve_model, torch_dtype
-from ftkit.checkpoints import safetensors_problem
+from ftkit.models import (attach_adapter, check_same_base, load_causal_lm, load_tokenizer, model_skeleton, pick_device,
+                          read_adapter_config, resolve_model, torch_dtype)
 from ftkit.paths import RunDir, atomic_dir, check_free_space, save_resolved_config, stage_config
 from ftkit.runlock import RunLock, check_unlocked, clean_tmp_leftovers
 from ftkit.prompts import PromptTemplate
-
-
-def read_adapter_config(adapter: Path) -> dict:
-    if not (adapter / "adapter_config.json").is_file() or not (adapter / "adapter_model.safetensors").is_file():
-        raise UserError(f"'{adapter}' is not a complete adapter (needs adapter_config.json and "
-                        "adapter_model.safetensors); finish training first or fix paths.output_dir")
-    try:
-        cfg = json.loads((adapter / "adapter_config.json").read_text(encoding="utf-8"))
-    except (ValueError, OSError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        raise UserError(f"'{adapter / 'adapter_config.json'}' is cut off or corrupt ({str(e)[:80]}); it is not a "
-                        "complete adapter: train again, or copy the adapter folder again") from None
-    if not isinstance(cfg, dict):
-        raise UserError(f"'{adapter / 'adapter_config.json'}' is not a JSON object; it is not a complete adapter")
-    why = safetensors_problem(adapter / "adapter_model.safetensors")
-    if why:
-        raise UserError(f"'{adapter / 'adapter_model.safetensors'}' is {why}; it is not a complete adapter: train "
-                        "again, or copy the adapter folder again")
-    return cfg
-
-
-def check_same_base(adapter_cfg: dict, base_name: str) -> None:
-    """An adapter only means something on the base it was trained on: compare names and layer shapes."""
-    trained_on = adapter_cfg.get("base_model_name_or_path")
-    if trained_on and Path(trained_on).name != Path(base_name).name:
-        raise UserError(f"the adapter was trained on '{trained_on}' but model.name_or_path is '{base_name}'; "
-                        "merge into the base it was trained on")
-
-
-def attach_adapter(base, adapter: Path):
-    from peft import PeftModel
-    try:
-        return PeftModel.from_pretrained(base, str(adapter), is_trainable=False)
-    except (RuntimeError, ValueError, KeyError) as e:
-        # Shape mismatches land here: the names matched but the architecture did not.
-        raise UserError(f"the adapter in '{adapter}' does not fit base model '{base.config._name_or_path}' "
-                        f"({str(e).splitlines()[0][:200]}); merge into the base it was trained on") from None
 
 
 def load_base_with_adapter(cfg: Config, run: RunDir, dtype, device: str):

@@ -90,7 +90,7 @@ def gen_kwargs(settings: dict, new_tokens: int, prompt_len: int, device: str, li
     """(icfg, kw) as inference.generate makes them: inference.generation_kwargs over InferenceCfg(**settings)
     ({}: the product's defaults), plus the static cache length it would pick."""
     from ftkit.config import InferenceCfg
-    from inference import generation_kwargs, static_cache_len
+    from ftkit.generation import generation_kwargs, static_cache_len
     icfg = InferenceCfg(max_new_tokens=new_tokens, do_sample=False, device=device, **settings)
     kw = generation_kwargs(icfg, SimpleNamespace(stop_token_ids=[eos]), SimpleNamespace(pad_token_id=eos,
                                                                                         eos_token_id=eos))
@@ -116,7 +116,7 @@ def run_variant(model, name: str, mode: str, batch: int, args, device: str, reps
     defaults: ftkit.generation.graph_generate on CUDA), "hf_compiled" (the same settings through model.generate: static cache,
     transformers' own compile of the forward, mode reduce-overhead)."""
     import torch
-    from inference import batch_runner
+    from ftkit.generation import batch_runner
     res: dict = {"batch": batch, "prompt_tokens": args.prompt_len, "new_tokens": args.new_tokens, "mode": mode}
     RESULTS["variants"][name] = res
     settings = PLAIN if mode == "plain" else json.loads(args.project_settings)

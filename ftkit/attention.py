@@ -40,7 +40,6 @@ def _load_varlen():
 
 def _segments(kwargs: dict, length: int):
     """(cu_seq_lens int32 tensor, max row length) of a packed row, or None when the row is not packed."""
-    import torch
     cu, mx = kwargs.get("cu_seq_lens_q"), kwargs.get("max_length_q")
     if cu is not None:
         return cu.to(torch.int32), int(mx) if mx is not None else None
@@ -56,7 +55,6 @@ def _segments(kwargs: dict, length: int):
 
 def _rowwise_sdpa(q, k, v, cu, scaling):
     """(1, H, L, D) tensors; causal SDPA on each row [cu[i], cu[i+1]) separately."""
-    import torch
     import torch.nn.functional as F
     bounds = cu.tolist()
     rep = q.shape[1] // k.shape[1]

@@ -1,11 +1,20 @@
-"""Generation helpers shared by inference, evaluation and the benchmarks: greedy decoding as one CUDA graph."""
+"""Generation for every stage that answers prompts (inference, evaluation, the merge check's prompts, the
+benchmarks): loading a run's weights (merged, or base + adapter) with its frozen prompt template, batched and
+streamed generation, the static KV cache, and greedy decoding as one CUDA graph on GPUs."""
 from __future__ import annotations
 
-from typing import Sequence
+import sys
+from pathlib import Path
+from typing import Callable, Sequence
 
 import torch
 
-from .cli import log
+from .cli import UserError, log
+from .config import Config, InferenceCfg
+from .models import (attach_adapter, check_finite_weights, check_same_base, load_causal_lm, load_tokenizer, pick_device,
+                     read_adapter_config, resolve_model, torch_dtype)
+from .paths import RunDir
+from .prompts import PromptTemplate
 
 # -- generation: greedy decoding as one CUDA graph ----------------------------------------
 # Greedy decoding with the whole decode step captured as one CUDA graph.
@@ -175,3 +184,224 @@ def graph_generate(model, ids: torch.Tensor, attn: torch.Tensor, *, max_new_toke
     d = _decoder(model, ids.shape[0], max_cache_len, n_eos, compile)
     return d.generate(ids, attn, max_new_tokens, eos_token_ids, pad_token_id, min_new_tokens)
 
+
+
+# -- loading a run for generation, and batched / streamed generation ---------------------------------------
+
+
+def choose_weights(cfg: Config, run: RunDir, use: str, adapter: Path | None = None) -> str:
+    if adapter is not None:
+        use = "adapter"
+    adapter = adapter or run.adapter
+    if use == "auto":
+        use = "merged" if (run.merged / "config.json").is_file() else "adapter"
+    if use == "merged" and not (run.merged / "config.json").is_file():
+        raise UserError(f"no merged model in '{run.merged}'; run merge_adapter.py first or pass --adapter")
+    if use == "adapter" and not (adapter / "adapter_config.json").is_file():
+        raise UserError(f"no adapter in '{adapter}'; run finetune.py first (or check paths.output_dir"
+                        f"{' and --adapter DIR' if adapter != run.adapter else ''})")
+    return use
+
+
+def load_for_inference(cfg: Config, run: RunDir, use: str, adapter: Path | None = None):
+    """(model, tokenizer, template, what) for generation; `what` says which weights answered.
+
+    `adapter`: another adapter folder to put over the base instead of <run>/adapter (implies use="adapter");
+    its own run's prompt_template.json is used when it sits beside it.
+    """
+    from safetensors import SafetensorError
+    use = choose_weights(cfg, run, use, adapter)
+    adapter = adapter or run.adapter
+    device = pick_device(cfg.inference.device)
+    dtype = torch_dtype(cfg.model.dtype)
+    own_template = adapter.parent / "prompt_template.json"
+    template = PromptTemplate.load(own_template if use == "adapter" and own_template.is_file()
+                                   else run.prompt_template)
+    where = run.merged if use == "merged" else cfg.model.name_or_path
+    try:
+        if use == "merged":
+            model = load_causal_lm(cfg, str(run.merged), True, dtype=dtype, device_map={"": device})
+            tok = load_tokenizer(cfg, str(run.merged), True)
+        else:
+            source, offline = resolve_model(cfg.model)
+            model = load_causal_lm(cfg, source, offline, dtype=dtype, device_map={"": device})
+            tok = load_tokenizer(cfg, source, offline)
+            if use == "adapter":
+                where = adapter
+                check_same_base(read_adapter_config(adapter), cfg.model.name_or_path)
+                model = attach_adapter(model, adapter)
+    except SafetensorError as e:
+        raise UserError(f"the weights in '{where}' are corrupt ({str(e).splitlines()[0][:120]}); re-run the stage "
+                        "that wrote them (merge_adapter.py or finetune.py), or re-download the base") from None
+    check_finite_weights(model, where)
+    model.eval()
+    cache, compiled = decode_settings(cfg.inference)
+    log.info("decoding with a %s KV cache%s", cache, ", decode step compiled (CUDA graphs on CUDA; the first batch "
+             "compiles)" if compiled else "")
+    log.info("answering with %s", {"merged": run.merged, "adapter": f"base + {adapter}",
+                                   "base": f"base model {cfg.model.name_or_path}"}[use])
+    return model, tok, template, use
+
+
+FAST_DEVICES = ("cuda",)  # where batch_runner uses ftkit.generation (graph_generate)
+
+
+STATIC_CACHE_STEP = 256  # static KV caches are sized in steps of this many tokens: few sizes, few recompiles
+
+
+def decode_settings(icfg: InferenceCfg) -> tuple[str, bool]:
+    """(cache_implementation, compile) with "auto" resolved for the device the model is loaded on: static cache +
+    compiled decode step (CUDA graphs) on CUDA, dynamic cache + eager on CPU."""
+    cuda = pick_device(icfg.device) == "cuda"
+    cache = icfg.cache_implementation
+    if cache == "auto":
+        cache = "static" if cuda or icfg.compile is True else "dynamic"
+    compiled = (cuda and cache == "static") if icfg.compile == "auto" else bool(icfg.compile)
+    return cache, compiled
+
+
+def static_cache_len(longest_prompt: int, max_new_tokens: int, limit: int | None) -> int:
+    n = -(-(longest_prompt + max_new_tokens) // STATIC_CACHE_STEP) * STATIC_CACHE_STEP
+    return min(n, limit) if limit else n
+
+
+def reusable_cache(model, kw: dict):
+    """With a static cache (kw from generation_kwargs plus max_cache_len): one StaticCache built here, taken out of
+    kw, to pass as past_key_values and reset before each call. The same tensors every call keep the CUDA graphs
+    captured on the first batch replaying, where a new cache per call would be captured again each time."""
+    if kw.get("cache_implementation") != "static":
+        return None
+    from transformers import StaticCache
+    del kw["cache_implementation"]
+    return StaticCache(config=model.config, max_cache_len=kw.pop("max_cache_len"))
+
+
+def batch_runner(model, icfg: InferenceCfg, kw: dict, fast: bool = True):
+    """run(ids, attention_mask) -> output ids (prompt + new tokens) for one left-padded batch, given kw from
+    generation_kwargs (+ max_cache_len when static). Greedy decoding with the static cache on CUDA (the default
+    there) goes through ftkit.generation (graph_generate): the whole decode step (compiled when inference.compile resolves on) is one
+    CUDA graph, no per-step host work, the same tokens as model.generate. Anything else (sampling,
+    repetition_penalty, the dynamic cache, CPU) goes through model.generate, one static cache reused across calls."""
+    import torch
+    kw = dict(kw)
+    if (fast and kw.get("cache_implementation") == "static" and not kw["do_sample"]
+            and kw["repetition_penalty"] == 1.0 and model.device.type in FAST_DEVICES):
+        from ftkit import generation
+        eos = kw["eos_token_id"]
+        eos = [] if eos is None else list(eos) if isinstance(eos, (list, tuple)) else [eos]
+        pad = kw["pad_token_id"] if kw["pad_token_id"] is not None else (eos[0] if eos else 0)
+
+        def run_fast(ids, mask):
+            return generation.graph_generate(model, ids, mask,  # moved to the model's device there
+                                    max_new_tokens=kw["max_new_tokens"], eos_token_ids=eos,
+                                    pad_token_id=pad, max_cache_len=kw["max_cache_len"],
+                                    min_new_tokens=kw.get("min_new_tokens") or 0,
+                                    compile=decode_settings(icfg)[1])
+        return run_fast
+    cache = reusable_cache(model, kw)
+
+    def run(ids, mask):
+        extra = {}
+        if cache is not None:
+            cache.reset()
+            extra["past_key_values"] = cache
+        with torch.no_grad():
+            return model.generate(input_ids=ids.to(model.device), attention_mask=mask.to(model.device), **kw, **extra)
+    return run
+
+
+def generation_kwargs(icfg: InferenceCfg, template: PromptTemplate, tok) -> dict:
+    kw = dict(max_new_tokens=icfg.max_new_tokens, do_sample=icfg.do_sample,
+              repetition_penalty=icfg.repetition_penalty, pad_token_id=tok.pad_token_id,
+              eos_token_id=template.stop_token_ids or tok.eos_token_id)
+    if icfg.do_sample:
+        kw.update(temperature=icfg.temperature, top_p=icfg.top_p, top_k=icfg.top_k)
+    else:  # keep generation_config's sampling defaults from warning about being ignored
+        kw.update(temperature=None, top_p=None, top_k=None)
+    cache, compiled = decode_settings(icfg)
+    if cache == "static":
+        # With a static cache, transformers compiles the decode step itself on CUDA (CompileConfig defaults:
+        # inductor, mode "reduce-overhead" = CUDA graphs); the prefill stays eager. Callers add max_cache_len.
+        kw["cache_implementation"] = "static"
+        if not compiled:
+            kw["disable_compile"] = True
+        elif pick_device(icfg.device) != "cuda":  # compile=true on CPU: no CUDA graphs there
+            from transformers import CompileConfig
+            cc = CompileConfig(mode="default")
+            cc._compile_all_devices = True
+            kw["compile_config"] = cc
+    return kw
+
+
+def context_limit(model) -> int | None:
+    return getattr(model.config, "max_position_embeddings", None)
+
+
+def encode_prompts(tok, template: PromptTemplate, rows: list[tuple[str, str | None]], limit: int | None,
+                   max_new_tokens: int) -> list[list[int]]:
+    out = []
+    for instruction, input_text in rows:
+        if not instruction or not instruction.strip():
+            raise UserError("the prompt is empty; pass some text with --prompt")
+        ids = template.prompt_ids(tok, instruction, input_text or None)
+        if limit and len(ids) + max_new_tokens > limit:
+            raise UserError(f"the prompt is {len(ids)} tokens; with inference.max_new_tokens={max_new_tokens} it "
+                            f"exceeds the model's context of {limit}; shorten it or lower inference.max_new_tokens")
+        out.append(ids)
+    return out
+
+
+def generate(model, tok, template: PromptTemplate, rows: list[tuple[str, str | None]], icfg: InferenceCfg,
+             progress: bool = False, on_batch: Callable[[list[int], list[str]], None] | None = None) -> list[str]:
+    """Batched greedy/sampled generation: prompts sorted by length (less padding), left-padded.
+
+    on_batch(indices, answers) is called after each batch with the row indices it answered (for writing
+    results out as they come); progress shows a bar counted in prompts.
+    """
+    import torch
+    from tqdm import tqdm
+    encoded = encode_prompts(tok, template, rows, context_limit(model), icfg.max_new_tokens)
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+    answers: list[str] = [""] * len(encoded)
+    kw = generation_kwargs(icfg, template, tok)
+    batches = [order[i:i + icfg.batch_size] for i in range(0, len(order), icfg.batch_size)]
+    static = kw.get("cache_implementation") == "static"
+    if static:  # one cache, sized for the whole input, so the decode step is compiled and captured once
+        kw["max_cache_len"] = static_cache_len(max(map(len, encoded), default=0), icfg.max_new_tokens,
+                                               context_limit(model))
+    run_batch = batch_runner(model, icfg, kw)
+    bar = tqdm(total=len(encoded), desc="generating", unit="prompt", disable=not progress, file=sys.stderr)
+    for batch in batches:
+        width = max(len(encoded[i]) for i in batch)
+        # A short last batch is filled up with copies of its first row (answers dropped): a new batch size
+        # would cost a recompile, the extra rows almost nothing (decoding is bound by reading the weights).
+        fill = icfg.batch_size - len(batch) if static and len(batches) > 1 else 0
+        # Left padding keeps every prompt's last token at the end, where generation continues from.
+        ids = torch.full((len(batch) + fill, width), tok.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(batch) + fill, width), dtype=torch.long)
+        for row, i in enumerate(batch + [batch[0]] * fill):
+            n = len(encoded[i])
+            ids[row, width - n:] = torch.tensor(encoded[i])
+            mask[row, width - n:] = 1
+        out = run_batch(ids, mask)
+        for row, i in enumerate(batch):
+            answers[i] = tok.decode(out[row, width:], skip_special_tokens=True).strip()
+        if on_batch is not None:
+            on_batch(list(batch), [answers[i] for i in batch])
+        bar.update(len(batch))
+    bar.close()
+    return answers
+
+
+def stream_one(model, tok, template: PromptTemplate, instruction: str, input_text: str | None,
+               icfg: InferenceCfg) -> str:
+    import torch
+    from transformers import TextStreamer
+    ids = encode_prompts(tok, template, [(instruction, input_text)], context_limit(model), icfg.max_new_tokens)[0]
+    streamer = TextStreamer(tok, skip_prompt=True, skip_special_tokens=True)
+    kw = generation_kwargs(icfg, template, tok)
+    if kw.get("cache_implementation") == "static":  # transformers keeps the largest size seen: few recompiles
+        kw["max_cache_len"] = static_cache_len(len(ids), icfg.max_new_tokens, context_limit(model))
+    with torch.no_grad():
+        out = model.generate(input_ids=torch.tensor([ids], device=model.device), streamer=streamer, **kw)
+    return tok.decode(out[0, len(ids):], skip_special_tokens=True).strip()

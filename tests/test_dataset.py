@@ -4,7 +4,7 @@ import json
 import pytest
 
 from ftkit.data import clean_records, encode_rows, load_records, split_records
-from ftkit.config import DataCfg, load_config
+from ftkit.config import DataCfg
 from ftkit.cli import UserError
 from ftkit.prompts import ALPACA_NO_INPUT, ALPACA_WITH_INPUT, IGNORE_INDEX, PromptTemplate
 

@@ -12,6 +12,7 @@ import pytest
 from conftest import REPO, run_script, tiny_overrides
 
 import evaluate as ev
+from ftkit import scoring
 from ftkit.cli import UserError
 from ftkit.paths import stage_config
 
@@ -24,15 +25,15 @@ DEMO = str(REPO / "configs" / "demo.yaml")
     ("The answer is 42.", "42", 0.0), ("", "42", 0.0), ("421", "42", 0.0), ("30, 96, 64", "30, 64, 96", 0.0),
 ])
 def test_exact_match(pred, ref, want):
-    assert ev.exact_match(pred, ref) == want
+    assert scoring.exact_match(pred, ref) == want
 
 
 def test_rouge_l():
-    assert ev.rouge_l("the cat sat on the mat", "the cat sat on the mat") == pytest.approx(1.0)
-    assert ev.rouge_l("dogs bark loudly", "the cat sat on the mat") == 0.0
+    assert scoring.rouge_l("the cat sat on the mat", "the cat sat on the mat") == pytest.approx(1.0)
+    assert scoring.rouge_l("dogs bark loudly", "the cat sat on the mat") == 0.0
     # LCS "the cat sat" = 3 words: precision 3/3, recall 3/6, F1 = 2/3.
-    assert ev.rouge_l("the cat sat", "the cat sat on the mat") == pytest.approx(2 / 3)
-    assert ev.rouge_l("", "anything") == 0.0
+    assert scoring.rouge_l("the cat sat", "the cat sat on the mat") == pytest.approx(2 / 3)
+    assert scoring.rouge_l("", "anything") == 0.0
 
 
 def test_aggregate_by_family():
@@ -44,7 +45,7 @@ def test_aggregate_by_family():
         return {"rows": [{"score": s, "nll_sum": a, "tokens": t, "answer": ""} for s, a, t in zip(scores, nll, tokens)]}
     base = measured([0, 0, 1, 0.2, 0.4], [4.0, 4.0, 4.0, 6.0, 2.0], [2, 2, 2, 3, 1])
     tuned = measured([1, 1, 1, 0.5, 0.6], [1.0, 1.0, 1.0, 3.0, 1.0], [2, 2, 2, 3, 1])
-    agg = ev.aggregate(rows, base, tuned)
+    agg = scoring.aggregate(rows, base, tuned)
     math_ = agg["families"]["math"]
     assert math_["metric"] == "exact_match" and math_["rows"] == 3
     assert math_["base"]["exact_match"] == pytest.approx(33.33) and math_["fine_tuned"]["exact_match"] == 100.0

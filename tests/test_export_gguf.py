@@ -24,6 +24,7 @@ from conftest import REPO, run_script
 from test_inference import make_run
 
 import export_gguf
+from ftkit import gguf
 from ftkit.config import load_config
 from ftkit.cli import UserError
 from ftkit.prompts import PromptTemplate
@@ -100,7 +101,7 @@ def check_tokenizer(src: Path, gguf: Path) -> None:
 def test_rope_row_interleave_is_what_llama_cpp_and_transformers_expect():
     from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
     w = torch.randn(4 * 16, 8)
-    out = export_gguf.interleave_rope_rows(w, 4)
+    out = gguf.interleave_rope_rows(w, 4)
     # Row i of each head moves to 2i, row i + d/2 to 2i + 1 (adjacent pairs rotate together in llama.cpp).
     assert torch.equal(out[0], w[0]) and torch.equal(out[1], w[8]) and torch.equal(out[2], w[1])
     assert torch.equal(out[16 + 3], w[16 + 8 + 1])
@@ -108,7 +109,7 @@ def test_rope_row_interleave_is_what_llama_cpp_and_transformers_expect():
     assert np.array_equal(undo, w.numpy())
     b = torch.randn(2 * 16)  # biases move with their rows
     assert np.array_equal(LlamaTensorProcessor()._reverse_permute_weights(
-        export_gguf.interleave_rope_rows(b, 2).numpy(), 4, 2), b.numpy())
+        gguf.interleave_rope_rows(b, 2).numpy(), 4, 2), b.numpy())
 
 
 def test_llama3_rope_factors_match_transformers():
@@ -119,7 +120,7 @@ def test_llama3_rope_factors_match_transformers():
         "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})
     inv_freq, _ = ROPE_INIT_FUNCTIONS["llama3"](cfg, "cpu")
     base = 1.0 / 500000.0 ** (torch.arange(0, 128, 2, dtype=torch.float64) / 128)
-    factors = torch.tensor(export_gguf.llama3_rope_factors(cfg), dtype=torch.float64)
+    factors = torch.tensor(gguf.llama3_rope_factors(cfg), dtype=torch.float64)
     assert factors.shape == (64,) and factors[0] == 1.0 and factors[-1] == 8.0
     assert torch.allclose(base / factors, inv_freq.double(), rtol=1e-5)
 
@@ -262,7 +263,7 @@ def test_modelfile_renders_the_training_prompt(tmp_path, tiny_llama, monkeypatch
             {"role": "user", "content": "What is 2+2?"}]
 
     chat = PromptTemplate.from_config("chat", tok)  # SmolLM2: ChatML with a built-in default system prompt
-    mf = parse_modelfile(export_gguf.modelfile_text("m.gguf", tok, chat, icfg, False, "src"))
+    mf = parse_modelfile(gguf.modelfile_text("m.gguf", tok, chat, icfg, False, "src"))
     assert mf["from"] == "./m.gguf" and "<|im_end|>" in mf["stops"]
     assert mf["system"].startswith("You are a helpful AI assistant named SmolLM")
     # Ollama hands the template the Modelfile's SYSTEM (or the user's) and the messages, system ones included.
@@ -277,7 +278,7 @@ def test_modelfile_renders_the_training_prompt(tmp_path, tiny_llama, monkeypatch
 
     # A chat template of no known style: a single-turn template cut from the training render itself.
     monkeypatch.setattr(export_gguf, "chat_style", lambda tok, t: None)
-    mf = parse_modelfile(export_gguf.modelfile_text("m.gguf", tok, chat, icfg, False, "src"))
+    mf = parse_modelfile(gguf.modelfile_text("m.gguf", tok, chat, icfg, False, "src"))
     assert go_render(mf["template"], {"Prompt": "Hi!", "System": ""}) == chat.render_prompt(tok, "Hi!")
     assert go_render(mf["template"], {"Prompt": "Hi!", "System": "Be brief."}) == \
         PromptTemplate.from_config("chat", tok, system_prompt="Be brief.").render_prompt(tok, "Hi!")
@@ -285,11 +286,11 @@ def test_modelfile_renders_the_training_prompt(tmp_path, tiny_llama, monkeypatch
 
     for system in (None, "You answer tersely."):
         alpaca = PromptTemplate.from_config("alpaca", tok, system_prompt=system)
-        mf = parse_modelfile(export_gguf.modelfile_text("m.gguf", tok, alpaca, icfg, False, "src"))
+        mf = parse_modelfile(gguf.modelfile_text("m.gguf", tok, alpaca, icfg, False, "src"))
         want = alpaca.render_prompt(tok, "Name a colour.")
         assert go_render(mf["template"], {"Prompt": "Name a colour.", "System": mf["system"]}) == want
         # The GGUF's Jinja chat template (what llama.cpp's chat mode uses) renders the same prompt.
-        jinja = export_gguf.gguf_chat_template(alpaca)
+        jinja = gguf.gguf_chat_template(alpaca)
         msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": "Name a colour."}]
         assert tok.apply_chat_template(msgs, chat_template=jinja, tokenize=False, add_generation_prompt=True) == want
         assert mf["stops"] == [tok.eos_token]
@@ -315,10 +316,10 @@ def test_modelfile_for_a_llama3_chat_template(tmp_path):
     tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<|begin_of_text|>", eos_token="<|end_of_text|>")
     tok.chat_template = LLAMA3_JINJA
     template = PromptTemplate.from_config("chat", tok)
-    assert export_gguf.chat_style(tok, template) == "llama3"
-    vocab = export_gguf.read_vocab(tok, template, 300)
+    assert gguf.chat_style(tok, template) == "llama3"
+    vocab = gguf.read_vocab(tok, template, 300)
     assert vocab.add_bos and vocab.eos_id == vocab.eot_id == tok.convert_tokens_to_ids("<|eot_id|>")
-    mf = parse_modelfile(export_gguf.modelfile_text("m.gguf", tok, template, load_config(None).inference,
+    mf = parse_modelfile(gguf.modelfile_text("m.gguf", tok, template, load_config(None).inference,
                                                     vocab.add_bos, "src"))
     assert "<|eot_id|>" in mf["stops"] and mf["system"] == ""
     conv = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi!"},
@@ -363,7 +364,7 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, tiny_llama, monkeypa
         export_gguf.main(cfg_run, run, "f16")
 
     # A failure in the middle of writing the weights leaves no file (and no temporary file) behind.
-    real = export_gguf.iter_tensor_data
+    real = gguf.iter_tensor_data
 
     def dying(ckpt, plans):
         yield next(iter(real(ckpt, plans)))

@@ -317,15 +317,15 @@ def test_a_replaced_run_left_aside_by_a_kill_comes_back(tmp_path, finished_run):
 
 
 def test_inference_resumes_its_own_cut_off_answer_file_but_never_truncates_a_users(tmp_path):
-    import inference
+    from ftkit import answers
     from ftkit.cli import UserError
     own = tmp_path / "a.jsonl"
     own.write_bytes(b'{"id": 0, "instruction": "x", "response": "y"}\n{"id": 1, "instr')
-    assert list(inference.read_done(own)) == ["0"] and own.read_bytes().endswith(b'"y"}\n')
+    assert list(answers.read_done(own)) == ["0"] and own.read_bytes().endswith(b'"y"}\n')
     mine = tmp_path / "mydata.json"
     mine.write_bytes(json.dumps(ROWS).encode())
     with pytest.raises(UserError, match="not an answer file"):
-        inference.read_done(mine)
+        answers.read_done(mine)
     assert mine.read_bytes() == json.dumps(ROWS).encode()
 
 
@@ -350,12 +350,12 @@ def test_remote_code_warning_in_every_stage_that_loads_a_model(tmp_path, tiny_ll
 def test_chat_save_never_replaces_a_file_that_is_not_a_transcript(tmp_path):
     import io
 
-    import inference
+    from ftkit import chat as chat_mod
     from ftkit.config import InferenceCfg
     from ftkit.prompts import PromptTemplate
     template = PromptTemplate(kind="alpaca")
     out = io.StringIO()
-    chat = inference.ChatSession(model=None, tok=None, template=template, icfg=InferenceCfg(), out=out)
+    chat = chat_mod.ChatSession(model=None, tok=None, template=template, icfg=InferenceCfg(), out=out)
     chat.history = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
     mine = tmp_path / "notes.json"
     mine.write_text('{"my": "data"}')

@@ -1,4 +1,4 @@
-"""ftkit.generation.graph_generate (the CUDA-graph greedy decoder behind inference.batch_runner) gives model.generate's tokens.
+"""ftkit.generation.graph_generate (the CUDA-graph greedy decoder behind generation.batch_runner) gives model.generate's tokens.
 
 On the CPU the same step code runs without the graph (and without torch.compile); on a GPU the `gpu` test
 runs it captured. Tiny random Llama in float32, left-padded rows of different lengths, EOS ends rows at
@@ -71,26 +71,26 @@ def test_fastgen_matches_generate_cuda_graph():
 
 
 def test_batch_runner_fast_path_same_answers(monkeypatch):
-    """inference.batch_runner: the fastgen path and the model.generate path give the same ids."""
-    import inference
+    """generation.batch_runner: the fastgen path and the model.generate path give the same ids."""
+    from ftkit import generation
     model = tiny_llama()
     ids, mask = batch([5, 9])
     icfg = InferenceCfg(max_new_tokens=12, cache_implementation="static", compile=False, device="cpu")
     kw = dict(max_new_tokens=12, do_sample=False, repetition_penalty=1.0, pad_token_id=0, eos_token_id=[2],
               temperature=None, top_p=None, top_k=None, cache_implementation="static", disable_compile=True,
-              max_cache_len=inference.static_cache_len(9, 12, 512))
-    slow = inference.batch_runner(model, icfg, kw, fast=False)
-    monkeypatch.setattr(inference, "FAST_DEVICES", ("cuda", "cpu"))
-    fast = inference.batch_runner(model, icfg, kw)
+              max_cache_len=generation.static_cache_len(9, 12, 512))
+    slow = generation.batch_runner(model, icfg, kw, fast=False)
+    monkeypatch.setattr(generation, "FAST_DEVICES", ("cuda", "cpu"))
+    fast = generation.batch_runner(model, icfg, kw)
     assert fast.__name__ == "run_fast" and slow.__name__ == "run"
     assert torch.equal(fast(ids, mask), slow(ids, mask))
 
 
 def test_decode_settings_and_config():
-    import inference
-    assert inference.decode_settings(InferenceCfg(device="cpu")) == ("dynamic", False)
-    assert inference.decode_settings(InferenceCfg(device="cpu", compile=True)) == ("static", True)
-    assert inference.decode_settings(InferenceCfg(device="cpu", cache_implementation="static")) == ("static", False)
-    assert inference.static_cache_len(128, 128, 8192) == 256 and inference.static_cache_len(300, 256, 512) == 512
+    from ftkit import generation
+    assert generation.decode_settings(InferenceCfg(device="cpu")) == ("dynamic", False)
+    assert generation.decode_settings(InferenceCfg(device="cpu", compile=True)) == ("static", True)
+    assert generation.decode_settings(InferenceCfg(device="cpu", cache_implementation="static")) == ("static", False)
+    assert generation.static_cache_len(128, 128, 8192) == 256 and generation.static_cache_len(300, 256, 512) == 512
     with pytest.raises(UserError, match="needs a static KV cache"):
-        load_config(None, ["inference.compile=true", "inference.cache_implementation=dynamic"])
+        load_config(None, ["generation.compile=true", "generation.cache_implementation=dynamic"])

@@ -14,6 +14,7 @@ import torch
 from conftest import REPO, run_script, tiny_overrides
 
 import inference
+from ftkit import answers, chat, generation
 from ftkit.config import load_config
 from ftkit.cli import UserError
 from ftkit.paths import RunDir, atomic_write_json, save_resolved_config
@@ -66,7 +67,7 @@ def test_answer_file_batched_resumable_and_crash_safe(tmp_path, talky_llama, mon
     src = write_jsonl(tmp_path / "prompts.jsonl", PROMPTS[:3] + [""] + PROMPTS[3:])  # a blank line is skipped
     out = tmp_path / "out" / "answers.jsonl"
     calls: list[int] = []
-    real_generate = inference.generate
+    real_generate = generation.generate
 
     def crashing(*a, on_batch=None, **kw):
         def first_then_die(idx, answers):
@@ -76,7 +77,7 @@ def test_answer_file_batched_resumable_and_crash_safe(tmp_path, talky_llama, mon
         return real_generate(*a, on_batch=first_then_die, **kw)
     monkeypatch.setattr(inference, "generate", crashing)
     with pytest.raises(KeyboardInterrupt):
-        inference.answer_file(cfg, run, src, out)
+        answers.answer_file(cfg, run, src, out)
     first = read_jsonl(out)  # every line that made it out is complete JSON
     assert len(first) == 3 and all(isinstance(r["response"], str) for r in first)
     # Length-sorted batches: the shortest three prompts went first.
@@ -86,7 +87,7 @@ def test_answer_file_batched_resumable_and_crash_safe(tmp_path, talky_llama, mon
     with open(out, "a") as f:
         f.write('{"id": 2, "instruction": "A much lon')
     monkeypatch.setattr(inference, "generate", lambda *a, **kw: (calls.append(len(a[3])), real_generate(*a, **kw))[1])
-    rows = inference.answer_file(cfg, run, src, out)
+    rows = answers.answer_file(cfg, run, src, out)
     assert calls == [7, 4]
     final = read_jsonl(out)
     assert final == rows
@@ -99,7 +100,7 @@ def test_answer_file_batched_resumable_and_crash_safe(tmp_path, talky_llama, mon
     # Everything answered: a third run loads no model and changes nothing.
     before = out.read_text()
     monkeypatch.setattr(inference, "load_for_inference", lambda *a, **kw: pytest.fail("loaded a model"))
-    inference.answer_file(cfg, run, src, out)
+    answers.answer_file(cfg, run, src, out)
     assert out.read_text() == before
 
 
@@ -108,11 +109,11 @@ def test_answers_match_one_by_one_generation(tmp_path, talky_llama):
     cfg, run = make_run(tmp_path / "run", talky_llama, **{"inference.batch_size": 4,
                                                           "inference.max_new_tokens": 5})
     src = write_jsonl(tmp_path / "p.jsonl", PROMPTS)
-    rows = inference.answer_file(cfg, run, src, tmp_path / "a.jsonl")
-    model, tok, template, what = inference.load_for_inference(cfg, run, "auto")
+    rows = answers.answer_file(cfg, run, src, tmp_path / "a.jsonl")
+    model, tok, template, what = generation.load_for_inference(cfg, run, "auto")
     assert what == "merged"
     one = cfg.inference.model_copy(update={"batch_size": 1})
-    alone = inference.generate(model, tok, template, [(r.get("instruction") or r["prompt"], r.get("input"))
+    alone = generation.generate(model, tok, template, [(r.get("instruction") or r["prompt"], r.get("input"))
                                                       for r in PROMPTS], one)
     assert [r["response"] for r in rows] == alone
 
@@ -140,25 +141,25 @@ def test_cli_answers_a_file_with_the_most_recent_run(tmp_path, talky_llama):
 def test_bad_input_is_a_one_line_user_error(tmp_path, talky_llama):
     cfg, run = make_run(tmp_path / "run", talky_llama)
     with pytest.raises(UserError, match="holds no prompts"):
-        inference.read_prompt_file(write_jsonl(tmp_path / "empty.jsonl", ["", "  "]))
+        answers.read_prompt_file(write_jsonl(tmp_path / "empty.jsonl", ["", "  "]))
     with pytest.raises(UserError, match="not found"):
-        inference.read_prompt_file(tmp_path / "nope.jsonl")
+        answers.read_prompt_file(tmp_path / "nope.jsonl")
     (tmp_path / "latin1.jsonl").write_bytes(b'{"instruction": "caf\xe9"}\n')
     with pytest.raises(UserError, match="not UTF-8"):
-        inference.read_prompt_file(tmp_path / "latin1.jsonl")
+        answers.read_prompt_file(tmp_path / "latin1.jsonl")
     with pytest.raises(UserError, match="line 1: 'id' must be"):
-        inference.read_prompt_file(write_jsonl(tmp_path / "id.jsonl", [{"instruction": "x", "id": [1]}]))
+        answers.read_prompt_file(write_jsonl(tmp_path / "id.jsonl", [{"instruction": "x", "id": [1]}]))
     src = write_jsonl(tmp_path / "p.jsonl", PROMPTS[:1])
     with pytest.raises(UserError, match="is the input file"):
-        inference.answer_file(cfg, run, src, src)
+        answers.answer_file(cfg, run, src, src)
     # An output file that is not ours is never appended to.
     foreign = write_jsonl(tmp_path / "foreign.jsonl", [{"text": "x"}])
     with pytest.raises(UserError, match="line 1 is not an answer row"):
-        inference.answer_file(cfg, run, src, foreign)
+        answers.answer_file(cfg, run, src, foreign)
     # A prompt longer than the context is named by its line, before anything is generated.
     long = write_jsonl(tmp_path / "long.jsonl", [PROMPTS[0], {"instruction": "word " * 600}])
     with pytest.raises(UserError, match=r"long.jsonl line 2: the prompt is \d+ tokens"):
-        inference.answer_file(cfg, run, long, tmp_path / "long.out.jsonl")
+        answers.answer_file(cfg, run, long, tmp_path / "long.out.jsonl")
     assert not (tmp_path / "long.out.jsonl").exists()
     with pytest.raises(UserError, match="the prompt is empty"):
         inference.main(cfg, run, "   ")
@@ -166,15 +167,15 @@ def test_bad_input_is_a_one_line_user_error(tmp_path, talky_llama):
     # Missing and corrupt models.
     shutil.rmtree(run.merged)
     with pytest.raises(UserError, match="no merged model"):
-        inference.load_for_inference(cfg, run, "merged")
+        generation.load_for_inference(cfg, run, "merged")
     shutil.copytree(talky_llama, run.merged)
     with open(run.merged / "model.safetensors", "r+b") as f:
         f.truncate(100_000)
     with pytest.raises(UserError, match="are corrupt"):
-        inference.load_for_inference(cfg, run, "merged")
+        generation.load_for_inference(cfg, run, "merged")
     (run.merged / "config.json").write_text("{ not json")
     with pytest.raises(UserError, match="cannot read a model config"):
-        inference.load_for_inference(cfg, run, "merged")
+        generation.load_for_inference(cfg, run, "merged")
 
 
 def test_corrupt_model_from_the_command_line(tmp_path, talky_llama):
@@ -194,7 +195,7 @@ def test_another_adapter_over_the_same_base(tmp_path, talky_llama, monkeypatch):
     torch.manual_seed(3)
     peft = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
     peft.save_pretrained(other)
-    model, tok, template, what = inference.load_for_inference(cfg, run, "auto", adapter=other)
+    model, tok, template, what = generation.load_for_inference(cfg, run, "auto", adapter=other)
     assert what == "adapter" and isinstance(model, PeftModel)
     ids = torch.tensor([[1, 400, 500, 600]])
     ref = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(talky_llama, dtype=torch.float32), other)
@@ -203,7 +204,7 @@ def test_another_adapter_over_the_same_base(tmp_path, talky_llama, monkeypatch):
         got, want, no_adapter = model(ids).logits, ref(ids).logits, plain(ids).logits
     assert torch.allclose(got, want, atol=1e-5) and not torch.allclose(got, no_adapter, atol=1e-3)
     with pytest.raises(UserError, match="no adapter in"):
-        inference.load_for_inference(cfg, run, "auto", adapter=tmp_path / "nowhere")
+        generation.load_for_inference(cfg, run, "auto", adapter=tmp_path / "nowhere")
 
     # The flag: `--adapter` alone, `--adapter DIR`, and an override right after `--adapter`.
     seen = []
@@ -227,7 +228,7 @@ def test_chat_renders_the_conversation_in_the_training_format(tmp_path, talky_ll
     icfg = load_config(None, ["inference.max_new_tokens=4"]).inference
     for kind in ("chat", "alpaca"):
         template = PromptTemplate.from_config(kind, tok)
-        s = inference.ChatSession(model, tok, template, icfg, out=open(os.devnull, "w"))
+        s = chat.ChatSession(model, tok, template, icfg, out=open(os.devnull, "w"))
         a1, stopped = s.reply("First question?")
         assert not stopped and s.history[-1] == {"role": "assistant", "content": a1}
         s.handle("/system Be brief.")
@@ -254,7 +255,7 @@ def test_chat_ctrl_c_keeps_the_partial_answer(tmp_path, talky_llama, monkeypatch
     tok = AutoTokenizer.from_pretrained(talky_llama)
     model = AutoModelForCausalLM.from_pretrained(talky_llama, dtype=torch.float32)
     icfg = load_config(None, ["inference.max_new_tokens=200"]).inference
-    s = inference.ChatSession(model, tok, PromptTemplate.from_config("chat", tok), icfg)
+    s = chat.ChatSession(model, tok, PromptTemplate.from_config("chat", tok), icfg)
 
     class InterruptingStreamer(transformers.TextStreamer):
         n = 0

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ALPACA_ROWS, REPO, run_script, tiny_overrides
+from conftest import REPO, run_script, tiny_overrides
 
 
 def read_log(run: Path) -> list[dict]:

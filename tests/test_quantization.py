@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from ftkit.config import QuantCfg, load_config
+from ftkit.config import QuantCfg
 from ftkit.cli import UserError
 from ftkit.quant import build_bnb_config, linear_module_names, validate_target_modules
 

@@ -1,0 +1,540 @@
+"""Writing a Llama checkpoint as GGUF with no build step: tensors mapped and (for q8_0) quantized through the
+`gguf` package, the tokenizer and chat template as llama.cpp expects them, an Ollama Modelfile, and a
+read-back check of what was written."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Iterator
+
+from .cli import UserError, log
+from .config import InferenceCfg
+from .prompts import PromptTemplate
+
+
+# --type -> (GGML type for matrices, llama.cpp file type). Vectors (norms) are always float32, as in llama.cpp.
+TYPES = {"f32": ("F32", "ALL_F32"), "f16": ("F16", "MOSTLY_F16"), "bf16": ("BF16", "MOSTLY_BF16"),
+         "q8_0": ("Q8_0", "MOSTLY_Q8_0")}
+
+
+ARCH = "llama"
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    config: Any                                   # transformers LlamaConfig
+    files: dict[str, Path]                        # HF tensor name -> safetensors file
+    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+
+
+def read_checkpoint(path: Path) -> Checkpoint:
+    """Open a HF checkpoint folder without loading weights; every problem is a UserError before any writing."""
+    from transformers import AutoConfig
+    if not path.is_dir():
+        raise UserError(f"model folder '{path}' does not exist; run merge_adapter.py first or pass --model DIR")
+    if not (path / "config.json").is_file():
+        raise UserError(f"'{path}' has no config.json, so it is not a HF checkpoint; run merge_adapter.py "
+                        "again (an interrupted merge leaves no merged/ folder) or pass --model DIR")
+    try:
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read '{path / 'config.json'}': {str(e).splitlines()[0][:200]}; "
+                        "re-run merge_adapter.py") from None
+    if config.model_type != ARCH:
+        raise UserError(f"'{path}' is a '{config.model_type}' model; export_gguf.py writes the Llama architecture "
+                        "only (model_type 'llama': Llama 2/3, SmolLM2, TinyLlama); convert other architectures "
+                        "with llama.cpp's convert_hf_to_gguf.py")
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise UserError(f"'{index}' is not a valid shard index; re-run merge_adapter.py") from None
+        files = {name: path / f for name, f in weight_map.items()}
+    else:
+        shards = sorted(path.glob("*.safetensors"))
+        if not shards:
+            what = "only pickle (.bin) weights, which are not loaded" if any(path.glob("*.bin")) else "no weights"
+            raise UserError(f"'{path}' holds {what}; export needs a safetensors checkpoint (merge_adapter.py "
+                            "writes one)")
+        files = {name: shard for shard in shards for name in safetensors_header(shard)}
+    ckpt = Checkpoint(path, config, files)
+    for shard in sorted(set(files.values())):
+        header = safetensors_header(shard)
+        for name, info in header.items():
+            if files.get(name) == shard:
+                ckpt.shapes[name] = tuple(info["shape"])
+    missing = [n for n in files if n not in ckpt.shapes]
+    if missing:
+        raise UserError(f"tensor '{missing[0]}' is listed in the shard index but not in its file; re-run merge_adapter.py")
+    return ckpt
+
+
+def safetensors_header(shard: Path) -> dict[str, dict]:
+    """The tensor table of a .safetensors file, checked against the file size (a truncated copy fails here)."""
+    if not shard.is_file():
+        raise UserError(f"weights file '{shard}' is missing; re-run merge_adapter.py")
+    size = shard.stat().st_size
+    try:
+        with open(shard, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if size < 8 or n <= 0 or 8 + n > size:
+                raise ValueError("header length past the end of the file")
+            header = json.loads(f.read(n))
+        header.pop("__metadata__", None)
+        end = max((v["data_offsets"][1] for v in header.values()), default=0)
+        if 8 + n + end > size:
+            raise ValueError(f"{size} bytes, but its header lists {8 + n + end}: truncated")
+        for v in header.values():
+            if not isinstance(v.get("shape"), list):
+                raise ValueError("bad tensor entry")
+    except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as e:
+        raise UserError(f"weights file '{shard}' is corrupt ({str(e)[:120]}); re-run merge_adapter.py") from None
+    return header
+
+
+def interleave_rope_rows(w, n_heads: int):
+    """Reorder q_proj/k_proj output rows from HF's rotary layout to llama.cpp's.
+
+    HF rotates each head's vector as two halves: element i pairs with element i + d/2 (`rotate_half`).
+    llama.cpp's Llama RoPE rotates adjacent pairs (2i, 2i + 1). Moving row i of each head to 2i and row
+    i + d/2 to 2i + 1 makes the two compute the same attention scores. Per head: view the d rows as
+    (2, d/2) = (half, i), swap to (i, half), flatten. transformers' GGUF loader applies the inverse.
+    Works for weights (rows x in) and biases (rows).
+    """
+    rows = w.shape[0]
+    d = rows // n_heads
+    if rows % n_heads or d % 2:
+        raise UserError(f"cannot split {rows} attention rows into {n_heads} heads of even size; the config "
+                        "does not match the weights")
+    return w.reshape(n_heads, 2, d // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def llama3_rope_factors(config) -> list[float]:
+    """llama.cpp's rope_freqs for Llama-3.1 "llama3" RoPE scaling: the divisor of each base frequency.
+
+    HF scales frequency f_i to f_i / factor for long wavelengths, keeps short ones, and blends linearly in
+    between; llama.cpp divides the base frequency by rope_freqs[i], so rope_freqs[i] = f_i / f_i'.
+    """
+    rp = rope_params(config)
+    base, dim = rp["rope_theta"], head_dim(config)
+    factor = rp["factor"]
+    low, high = rp.get("low_freq_factor", 1.0), rp.get("high_freq_factor", 4.0)
+    old_ctx = rp.get("original_max_position_embeddings") or config.max_position_embeddings
+    low_wavelen, high_wavelen = old_ctx / low, old_ctx / high
+    out = []
+    for i in range(0, dim, 2):
+        freq = 1.0 / base ** (i / dim)
+        wavelen = 2 * math.pi / freq
+        if wavelen < high_wavelen:
+            scaled = freq
+        elif wavelen > low_wavelen:
+            scaled = freq / factor
+        else:
+            smooth = (old_ctx / wavelen - low) / (high - low)
+            scaled = (1 - smooth) * freq / factor + smooth * freq
+        out.append(freq / scaled)
+    return out
+
+
+def rope_params(config) -> dict:
+    rp = dict(getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {})
+    rp.setdefault("rope_theta", getattr(config, "rope_theta", 10000.0))
+    rp["rope_type"] = rp.get("rope_type") or rp.get("type") or "default"
+    return rp
+
+
+def head_dim(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+@dataclass
+class TensorPlan:
+    hf_name: str | None             # None: computed here (rope_freqs)
+    gguf_name: str
+    shape: tuple[int, ...]
+    qtype: str                      # GGML type name
+    permute_heads: int = 0          # >0: apply interleave_rope_rows with this many heads
+    values: list[float] | None = None
+
+    @property
+    def nbytes(self) -> int:
+        import gguf
+        block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[self.qtype]]
+        n = math.prod(self.shape)
+        return n // block * size
+
+
+def plan_tensors(ckpt: Checkpoint, qtype: str) -> list[TensorPlan]:
+    """Map every HF tensor to its GGUF name and storage type; unknown tensors are an error, not dropped."""
+    import gguf
+    cfg = ckpt.config
+    name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, cfg.num_hidden_layers)
+    tied = bool(getattr(cfg, "tie_word_embeddings", False))
+    plans = []
+    matrix_type = TYPES[qtype][0]
+    block = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[matrix_type]][0]
+    for hf_name, shape in sorted(ckpt.shapes.items(), key=lambda kv: _order(kv[0])):
+        if hf_name.endswith("rotary_emb.inv_freq") or (tied and hf_name == "lm_head.weight"):
+            continue
+        base, dot, suffix = hf_name.rpartition(".")
+        gname = name_map.get_name(base) if suffix in ("weight", "bias") else None
+        if gname is None:
+            raise UserError(f"tensor '{hf_name}' has no place in a llama GGUF; this checkpoint is not a plain Llama "
+                            "(extra modules?), which export_gguf.py does not support")
+        if len(shape) == 1:
+            t = "F32"
+        elif shape[-1] % block:
+            t = "F16"  # quantized blocks need rows that are a multiple of the block size; llama.cpp falls back too
+        else:
+            t = matrix_type
+        heads = 0
+        if base.endswith("self_attn.q_proj"):
+            heads = cfg.num_attention_heads
+        elif base.endswith("self_attn.k_proj"):
+            heads = cfg.num_key_value_heads or cfg.num_attention_heads
+        plans.append(TensorPlan(hf_name, f"{gname}.{suffix}", tuple(shape), t, heads))
+    names = {p.gguf_name for p in plans}
+    need = ["token_embd.weight", "output_norm.weight"] + [
+        f"blk.{i}.{n}.weight" for i in range(cfg.num_hidden_layers)
+        for n in ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate", "ffn_up", "ffn_down")]
+    if not tied:
+        need.append("output.weight")
+    lost = [n for n in need if n not in names]
+    if lost:
+        raise UserError(f"the checkpoint in '{ckpt.path}' lacks tensor '{lost[0]}' ({len(lost)} missing); it is "
+                        "incomplete: re-run merge_adapter.py")
+    if plans[0].gguf_name != "token_embd.weight" or plans[0].shape[0] != cfg.vocab_size:
+        raise UserError(f"token embedding has {plans[0].shape[0]} rows but config.json says vocab_size "
+                        f"{cfg.vocab_size}; the checkpoint is inconsistent")
+    rp = rope_params(cfg)
+    if rp["rope_type"] == "llama3":
+        factors = llama3_rope_factors(cfg)
+        plans.insert(1, TensorPlan(None, "rope_freqs.weight", (len(factors),), "F32", values=factors))
+    return plans
+
+
+def _order(name: str) -> tuple:
+    # llama.cpp's order: embeddings, blocks by number, final norm, output head.
+    m = re.search(r"layers\.(\d+)\.", name)
+    if m:
+        return (1, int(m.group(1)), name)
+    return (0 if "embed_tokens" in name else 2, 0, name)
+
+
+def iter_tensor_data(ckpt: Checkpoint, plans: list[TensorPlan]) -> Iterator[tuple[TensorPlan, Any]]:
+    """One converted numpy array at a time, so memory stays at one tensor plus the open mmap."""
+    import numpy as np
+    import torch
+    import gguf
+    from safetensors import safe_open
+    handles: dict[Path, Any] = {}
+    try:
+        for p in plans:
+            if p.values is not None:
+                yield p, np.asarray(p.values, dtype=np.float32)
+                continue
+            f = ckpt.files[p.hf_name]
+            if f not in handles:
+                handles[f] = safe_open(f, framework="pt").__enter__()
+            t = handles[f].get_tensor(p.hf_name).float()
+            if p.permute_heads:
+                t = interleave_rope_rows(t, p.permute_heads)
+            if p.qtype == "F32":
+                arr = t.numpy()
+            elif p.qtype == "F16":
+                h = t.to(torch.float16)
+                if torch.isinf(h).any():
+                    raise UserError(f"tensor '{p.hf_name}' has values beyond float16's range (65504); "
+                                    "export with --type bf16 instead")
+                arr = h.numpy()
+            elif p.qtype == "BF16":
+                arr = t.to(torch.bfloat16).contiguous().view(torch.uint8).numpy()
+            else:
+                arr = gguf.quants.quantize(t.numpy(), gguf.GGMLQuantizationType[p.qtype])
+            yield p, arr
+    finally:
+        for h in handles.values():
+            h.__exit__(None, None, None)
+
+
+@dataclass
+class Vocab:
+    tokens: list[str]
+    types: list[int]
+    merges: list[str]
+    pre: str
+    bos_id: int | None
+    eos_id: int | None
+    eot_id: int | None
+    pad_id: int | None
+    unk_id: int | None
+    add_bos: bool
+    chat_template: str | None
+
+
+def _types_in(node: Any) -> list[dict]:
+    if not isinstance(node, dict):
+        return []
+    inner = node.get("pretokenizers") or node.get("decoders") or []
+    return [node] + [n for sub in inner for n in _types_in(sub)]
+
+
+def pre_tokenizer_name(tj: dict) -> str:
+    """llama.cpp picks its pre-tokenizer regex by name; name the one this tokenizer.json actually uses."""
+    parts = [n for n in _types_in(tj.get("pre_tokenizer")) if n.get("type") != "Sequence"]
+    kinds = [n.get("type") for n in parts]
+    if kinds == ["ByteLevel"] and parts[0].get("use_regex", True):
+        return "gpt-2"
+    if kinds == ["Digits", "ByteLevel"] and parts[0].get("individual_digits") and parts[1].get("use_regex", True):
+        return "smollm"
+    if kinds == ["Split", "ByteLevel"] and parts[0].get("pattern", {}).get("Regex") == LLAMA3_SPLIT:
+        return "llama-bpe"
+    log.warning("unrecognised pre-tokenizer %s; writing 'default' (llama.cpp may split text differently)", kinds)
+    return "default"
+
+
+LLAMA3_SPLIT = ("(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*"
+                "|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+")
+
+
+def read_vocab(tok, template: PromptTemplate, vocab_size: int) -> Vocab:
+    """Byte-level BPE vocabulary in llama.cpp's 'gpt2' layout, from the HF fast tokenizer."""
+    import gguf
+    backend = getattr(tok, "backend_tokenizer", None)
+    if backend is None:
+        raise UserError("the tokenizer has no fast (tokenizer.json) form; export needs a byte-level BPE tokenizer")
+    tj = json.loads(backend.to_str())
+    model = tj.get("model", {})
+    byte_level = any(n.get("type") == "ByteLevel" for n in _types_in(tj.get("pre_tokenizer")) + _types_in(tj.get("decoder")))
+    if model.get("type") != "BPE" or not byte_level:
+        raise UserError(f"the tokenizer is {model.get('type')}{'' if byte_level else ' without byte-level encoding'}; "
+                        "export_gguf.py writes byte-level BPE tokenizers (Llama 3, SmolLM2, GPT-2 style) only; "
+                        "use llama.cpp's convert_hf_to_gguf.py for SentencePiece (Llama 2) models")
+    by_id: dict[int, str] = {i: t for t, i in model["vocab"].items()}
+    special: dict[int, bool] = {}
+    for added in tj.get("added_tokens", []):
+        by_id[added["id"]] = added["content"]
+        special[added["id"]] = bool(added.get("special"))
+    n = max(by_id) + 1
+    if n > vocab_size:
+        raise UserError(f"the tokenizer has {n} tokens but the model's embedding only {vocab_size} rows; "
+                        "the tokenizer does not belong to this model")
+    tokens, types = [], []
+    for i in range(vocab_size):
+        if i not in by_id:  # embedding rows beyond the tokenizer (padding to a multiple): never produced
+            tokens.append(f"[PAD{i}]")
+            types.append(gguf.TokenType.UNUSED)
+        else:
+            tokens.append(by_id[i])
+            types.append(gguf.TokenType.CONTROL if special.get(i) else
+                         gguf.TokenType.USER_DEFINED if i in special else gguf.TokenType.NORMAL)
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    probe = tok("a", add_special_tokens=True)["input_ids"]
+    add_bos = tok.bos_token_id is not None and probe[:1] == [tok.bos_token_id] and len(probe) > 1
+    eos, eot = tok.eos_token_id, None
+    if template.kind == "chat":
+        end = chat_end_token_id(tok, template)
+        if end is not None:
+            eos = eot = end  # a chat model ends its turn with this token; llama.cpp must stop there
+    unk = model.get("unk_token")
+    return Vocab(tokens=tokens, types=[int(t) for t in types], merges=merges, pre=pre_tokenizer_name(tj),
+                 bos_id=tok.bos_token_id, eos_id=eos, eot_id=eot,
+                 pad_id=tok.pad_token_id if tok.pad_token_id is not None else eos,
+                 unk_id=model["vocab"].get(unk) if unk else None, add_bos=add_bos,
+                 chat_template=gguf_chat_template(template))
+
+
+def chat_end_token_id(tok, template: PromptTemplate) -> int | None:
+    """The token that closes an assistant turn in the chat template (<|im_end|>, <|eot_id|>, ...)."""
+    if template.kind != "chat":
+        return None
+    tail = template._chat_response_text(tok, "q", None, "OK").rstrip()
+    ids = tok(tail[tail.index("OK") + 2:], add_special_tokens=False)["input_ids"] if "OK" in tail else []
+    return ids[-1] if ids else None
+
+
+def gguf_chat_template(template: PromptTemplate) -> str | None:
+    """The Jinja template stored in the GGUF (llama.cpp's chat mode and server render prompts with it).
+
+    chat: the tokenizer's template frozen at training time. alpaca: a template that renders the Alpaca
+    prompt used in training from the last user message (single turn; a system message is put in front,
+    exactly as PromptTemplate.render_prompt does).
+    """
+    if template.kind == "chat":
+        return template.chat_template
+    body = template.prompt_no_input.replace("{instruction}", "\x00")
+    head, _, tail = body.partition("\x00")
+    system = template.system_prompt
+    return ("{%- set ns = namespace(system=" + json.dumps(system or "") + ", user='') -%}" +
+            "{%- for m in messages -%}{%- if m['role'] == 'system' -%}{%- set ns.system = m['content'] -%}"
+            "{%- elif m['role'] == 'user' -%}{%- set ns.user = m['content'] -%}{%- endif -%}{%- endfor -%}"
+            "{%- if ns.system -%}{{ ns.system + '\\n\\n' }}{%- endif -%}"
+            "{{ " + json.dumps(head) + " + ns.user + " + json.dumps(tail) + " }}"
+            "{%- if messages[-1]['role'] == 'assistant' -%}{{ messages[-1]['content'] }}{%- endif -%}")
+
+
+CHATML_GO = ('{{- if .System }}<|im_start|>system\n{{ .System }}<|im_end|>\n{{ end }}'
+             '{{- range .Messages }}{{- if ne .Role "system" }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n'
+             '{{ end }}{{- end }}<|im_start|>assistant\n')
+
+
+LLAMA3_GO = ('{{- if .System }}<|start_header_id|>system<|end_header_id|>\n\n{{ .System }}<|eot_id|>{{ end }}'
+             '{{- range .Messages }}{{- if ne .Role "system" }}<|start_header_id|>{{ .Role }}<|end_header_id|>\n\n'
+             '{{ .Content }}<|eot_id|>{{ end }}{{- end }}<|start_header_id|>assistant<|end_header_id|>\n\n')
+
+
+SYSTEM_RE = {"chatml": r"<\|im_start\|>system\n(.*?)<\|im_end\|>",
+             "llama3": r"<\|start_header_id\|>system<\|end_header_id\|>\n\n(.*?)<\|eot_id\|>"}
+
+
+def _go_literal(text: str) -> str:
+    # Text outside actions is copied verbatim by Go templates, except an opening delimiter.
+    return text.replace("{{", '{{ "{{" }}')
+
+
+def chat_style(tok, template: PromptTemplate) -> str | None:
+    """ChatML or Llama-3, told apart by the stop tokens, and confirmed by how the template renders a turn."""
+    if template.kind != "chat":
+        return None
+    stops = {tok.convert_ids_to_tokens(i) for i in template.stop_token_ids}
+    rendered = template.render_prompt(tok, "\x01")
+    if "<|im_end|>" in stops and "<|im_start|>user\n\x01<|im_end|>\n<|im_start|>assistant\n" in rendered:
+        return "chatml"
+    if "<|eot_id|>" in stops and ("<|start_header_id|>user<|end_header_id|>\n\n\x01<|eot_id|>"
+                                  "<|start_header_id|>assistant<|end_header_id|>\n\n") in rendered:
+        return "llama3"
+    return None
+
+
+def default_system(tok, template: PromptTemplate, style: str | None) -> str | None:
+    """The system prompt training used: the configured one, else the one the chat template adds by itself."""
+    if template.system_prompt:
+        return template.system_prompt
+    if style is None:
+        return None
+    m = re.search(SYSTEM_RE[style], template.render_prompt(tok, "\x01"), re.S)
+    return m.group(1) if m else None
+
+
+def ollama_template(tok, template: PromptTemplate, add_bos: bool) -> tuple[str, str | None, str]:
+    """(Go TEMPLATE, SYSTEM, style). ChatML and Llama-3 get multi-turn templates over .Messages; anything else
+    a single-turn template cut from the training render itself, with .System and .Prompt in place."""
+    style = chat_style(tok, template)
+    system = default_system(tok, template, style)
+    if style == "chatml":
+        return CHATML_GO, system, style
+    if style == "llama3":
+        return LLAMA3_GO, system, style
+    bos = tok.bos_token if add_bos else None
+
+    def cut(t: PromptTemplate) -> str:
+        text = t.render_prompt(tok, "\x01")
+        if bos and text.startswith(bos):
+            text = text[len(bos):]  # llama.cpp adds BOS itself
+        return _go_literal(text).replace("\x01", "{{ .Prompt }}").replace("\x02", "{{ .System }}")
+
+    no_sys = cut(replace(template, system_prompt=None))
+    with_sys = cut(replace(template, system_prompt="\x02"))
+    if "{{ .System }}" not in with_sys:
+        return no_sys, system, "raw"
+    return "{{ if .System }}" + with_sys + "{{ else }}" + no_sys + "{{ end }}", system, "raw"
+
+
+def modelfile_text(gguf_name: str, tok, template: PromptTemplate, icfg: InferenceCfg, add_bos: bool,
+                   source: str) -> str:
+    go, system, style = ollama_template(tok, template, add_bos)
+    stops = [tok.convert_ids_to_tokens(i) for i in template.stop_token_ids] + list(template.stop_strings)
+    lines = [f"{MODELFILE_HEADER} for {source}",
+             f"# Prompt: the {template.kind} template used in training ({style}).",
+             "#   ollama create NAME -f Modelfile && ollama run NAME",
+             f"FROM ./{gguf_name}",
+             f'TEMPLATE """{go}"""']
+    if system:
+        lines.append(f'SYSTEM """{system}"""')
+    for s in dict.fromkeys(stops):
+        lines.append(f"PARAMETER stop {json.dumps(s)}")
+    lines += [f"PARAMETER temperature {icfg.temperature if icfg.do_sample else 0}",
+              f"PARAMETER top_p {icfg.top_p}", f"PARAMETER top_k {icfg.top_k}",
+              f"PARAMETER repeat_penalty {icfg.repetition_penalty}",
+              f"PARAMETER num_predict {icfg.max_new_tokens}"]
+    return "\n".join(lines) + "\n"
+
+
+def write_gguf(ckpt: Checkpoint, plans: list[TensorPlan], vocab: Vocab, qtype: str, name: str, out: Path) -> None:
+    import gguf
+    cfg = ckpt.config
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    w = gguf.GGUFWriter(tmp, ARCH)
+    try:
+        w.add_type("model")
+        w.add_name(name)
+        w.add_context_length(cfg.max_position_embeddings)
+        w.add_embedding_length(cfg.hidden_size)
+        w.add_block_count(cfg.num_hidden_layers)
+        w.add_feed_forward_length(cfg.intermediate_size)
+        w.add_head_count(cfg.num_attention_heads)
+        w.add_head_count_kv(cfg.num_key_value_heads or cfg.num_attention_heads)
+        w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+        rp = rope_params(cfg)
+        w.add_rope_freq_base(rp["rope_theta"])
+        w.add_rope_dimension_count(head_dim(cfg))
+        if head_dim(cfg) != cfg.hidden_size // cfg.num_attention_heads:
+            w.add_key_length(head_dim(cfg))
+            w.add_value_length(head_dim(cfg))
+        if rp["rope_type"] == "linear":
+            w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+            w.add_rope_scaling_factor(rp["factor"])
+        w.add_vocab_size(cfg.vocab_size)
+        w.add_file_type(gguf.LlamaFileType[TYPES[qtype][1]])
+        if qtype == "q8_0":
+            w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre(vocab.pre)
+        w.add_token_list(vocab.tokens)
+        w.add_token_types(vocab.types)
+        w.add_token_merges(vocab.merges)
+        for key, val in (("bos", vocab.bos_id), ("eos", vocab.eos_id), ("eot", vocab.eot_id),
+                         ("unk", vocab.unk_id), ("pad", vocab.pad_id)):
+            if val is not None:
+                getattr(w, f"add_{key}_token_id")(int(val))
+        w.add_add_bos_token(vocab.add_bos)
+        w.add_add_eos_token(False)
+        w.add_add_space_prefix(False)  # byte-level BPE encodes spaces itself; readers must not add or strip one
+        if vocab.chat_template:
+            w.add_chat_template(vocab.chat_template)
+        import numpy as np
+        for p in plans:
+            w.add_tensor_info(p.gguf_name, p.shape, np.dtype(np.float32), p.nbytes,
+                              raw_dtype=gguf.GGMLQuantizationType[p.qtype])
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        from tqdm import tqdm
+        for p, arr in tqdm(iter_tensor_data(ckpt, plans), total=len(plans), desc=f"writing {qtype}", unit="tensor"):
+            w.write_tensor_data(arr)
+        w.flush()
+        for f in w.fout or []:
+            os.fsync(f.fileno())
+        w.close()
+        check_written(tmp, plans)
+        os.replace(tmp, out)
+    except BaseException:
+        w.close()
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def check_written(path: Path, plans: list[TensorPlan]) -> None:
+    """A cheap check that every tensor byte reached the disk (the writer checked each tensor's size)."""
+    data = sum(-(-p.nbytes // 32) * 32 for p in plans)  # GGUF aligns each tensor to 32 bytes
+    if path.stat().st_size < data:
+        raise RuntimeError(f"{path} is {path.stat().st_size} bytes, less than its {data} bytes of tensor data")
+
+
+MODELFILE_HEADER = "# Ollama Modelfile written by export_gguf.py"

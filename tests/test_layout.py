@@ -1,0 +1,67 @@
+"""The house rules, checked: stages are recipes over the ftkit package and never import each other (or are
+imported by it); every ftkit module says in its docstring what it holds; runtime patches of library objects
+live in ftkit/patches.py only."""
+import ast
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+STAGES = ["dataset", "quantization_utils", "finetune", "merge_adapter", "inference", "evaluate", "export_gguf"]
+PACKAGE = sorted((REPO / "ftkit").glob("*.py"))
+
+
+def imported_modules(path: Path) -> set[str]:
+    """Every module a file imports, at any depth (imports inside functions count)."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            names.update(a.name.split(".")[0] for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_no_stage_imports_another_stage(stage):
+    bad = imported_modules(REPO / f"{stage}.py") & (set(STAGES) - {stage})
+    assert not bad, f"{stage}.py imports the stage(s) {sorted(bad)}; move what it needs into ftkit/"
+
+
+@pytest.mark.parametrize("path", PACKAGE, ids=lambda p: p.name)
+def test_the_package_depends_on_no_stage_and_says_what_it_holds(path):
+    assert not imported_modules(path) & set(STAGES), f"ftkit/{path.name} imports a stage"
+    doc = ast.get_docstring(ast.parse(path.read_text(encoding="utf-8")))
+    assert path.name == "__init__.py" or (doc and len(doc) > 40), f"ftkit/{path.name} has no docstring"
+
+
+@pytest.mark.parametrize("path", [*PACKAGE, *(REPO / f"{s}.py" for s in STAGES)], ids=lambda p: p.name)
+def test_runtime_patches_live_in_one_module(path):
+    if path.name == "patches.py":
+        return
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Assign):
+            for t in node.targets:
+                assert not (isinstance(t, ast.Attribute) and t.attr == "__class__"), \
+                    f"{path.name}:{node.lineno} swaps a class at runtime; do it in ftkit/patches.py"
+        if isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "register_package":
+            raise AssertionError(f"{path.name}:{node.lineno} patches torch.serialization; do it in ftkit/patches.py")
+
+
+def test_benchmarks_and_tests_use_the_package_not_stage_internals():
+    """Tests may run a stage (its cli/main, or a subprocess); everything else they use comes from ftkit."""
+    for path in [*(REPO / "benchmarks").glob("*.py"), *(REPO / "tests").glob("*.py")]:
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        aliases = {}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                for a in node.names:
+                    if a.name in STAGES:
+                        aliases[a.asname or a.name] = a.name
+            elif isinstance(node, ast.ImportFrom) and node.module in STAGES:
+                raise AssertionError(f"{path.name}:{node.lineno} imports names from the stage {node.module}")
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in aliases:
+                assert node.attr in ("cli", "main", "__doc__"), \
+                    f"{path.name}:{node.lineno} uses {aliases[node.value.id]}.{node.attr}; import it from ftkit"
