@@ -11,9 +11,9 @@ from pathlib import Path
 from .cli import UserError, log
 from .config import Config
 from .jsonl import fail_if_bad, parse_jsonl, read_text
-from .paths import RunDir, atomic_write_text
+from .paths import RunDir, atomic_write_text, check_writable
 from .runlock import clean_tmp_leftovers
-from .generation import generate, load_for_inference, context_limit
+from .generation import check_fits_context, generate, load_for_inference
 
 
 def read_prompt_file(path: Path) -> list[dict]:
@@ -108,11 +108,7 @@ def answer_file(cfg: Config, run: RunDir, input_file: Path, output_file: Path | 
     output_file = output_file or input_file.with_name(input_file.stem + ".answers.jsonl")
     if output_file.resolve() == input_file.resolve():
         raise UserError(f"--output-file '{output_file}' is the input file; write the answers elsewhere")
-    probe = output_file.parent
-    while not probe.exists():
-        probe = probe.parent
-    if not os.access(probe, os.W_OK):
-        raise UserError(f"cannot write to '{probe}'; choose a writable --output-file")
+    check_writable(output_file.parent, "--output-file")
     done = read_done(output_file)
     clean_tmp_leftovers(output_file.parent, names=(output_file.name,))  # a killed final rewrite's temporary file
     todo = [r for r in rows if r["key"] not in done]
@@ -120,13 +116,9 @@ def answer_file(cfg: Config, run: RunDir, input_file: Path, output_file: Path | 
              output_file, len(todo))
     if todo:
         model, tok, template, _ = load_for_inference(cfg, run, use or cfg.inference.use, adapter)
-        limit, new = context_limit(model), cfg.inference.max_new_tokens
         for r in todo:  # name the line before any generation starts
-            n = len(template.prompt_ids(tok, r["instruction"], r["input"]))
-            if limit and n + new > limit:
-                raise UserError(f"{input_file} line {r['line']}: the prompt is {n} tokens; with "
-                                f"inference.max_new_tokens={new} it exceeds the model's context of {limit}; "
-                                "shorten it or lower inference.max_new_tokens")
+            check_fits_context(model, len(template.prompt_ids(tok, r["instruction"], r["input"])),
+                               cfg.inference.max_new_tokens, f"{input_file} line {r['line']}: the prompt")
         output_file.parent.mkdir(parents=True, exist_ok=True)
         with open(output_file, "a", encoding="utf-8") as f:
             def write(indices: list[int], answers: list[str]) -> None:

@@ -16,7 +16,8 @@ from .cli import UserError
 from .config import Config, InferenceCfg
 from .paths import RunDir, atomic_write_json
 from .prompts import PromptTemplate
-from .generation import load_for_inference, generation_kwargs, context_limit, static_cache_len
+from .generation import (check_fits_context, context_limit, fits_context, generation_kwargs, load_for_inference,
+                         static_cache_len)
 
 
 def is_transcript(path: Path) -> bool:
@@ -89,15 +90,13 @@ class ChatSession:
 
     def fit(self, message: str) -> tuple[list[int], int]:
         """Prompt ids for the next turn, dropping the oldest turns until prompt + answer fit the context."""
-        limit, new = context_limit(self.model), self.icfg.max_new_tokens
+        new = self.icfg.max_new_tokens
         history, dropped = list(self.history), 0
         ids = self.prompt_ids(message, history)
-        while limit and len(ids) + new > limit and history:
+        while not fits_context(self.model, len(ids), new) and history:
             history, dropped = history[2:], dropped + 1
             ids = self.prompt_ids(message, history)
-        if limit and len(ids) + new > limit:
-            raise UserError(f"the message is {len(ids)} tokens; with inference.max_new_tokens={new} it does not fit "
-                            f"the model's context of {limit}; send something shorter")
+        check_fits_context(self.model, len(ids), new, "the message", "send something shorter")
         return ids, dropped
 
     def reply(self, message: str) -> tuple[str, bool]:

@@ -337,16 +337,27 @@ def context_limit(model) -> int | None:
     return getattr(model.config, "max_position_embeddings", None)
 
 
-def encode_prompts(tok, template: PromptTemplate, rows: list[tuple[str, str | None]], limit: int | None,
+def fits_context(model, prompt_tokens: int, max_new_tokens: int) -> bool:
+    limit = context_limit(model)
+    return not limit or prompt_tokens + max_new_tokens <= limit
+
+
+def check_fits_context(model, prompt_tokens: int, max_new_tokens: int, what: str = "the prompt",
+                       fix: str = "shorten it or lower inference.max_new_tokens") -> None:
+    """The one-line error for a prompt that leaves no room for its answer in the model's context."""
+    if not fits_context(model, prompt_tokens, max_new_tokens):
+        raise UserError(f"{what} is {prompt_tokens} tokens; with inference.max_new_tokens={max_new_tokens} it "
+                        f"exceeds the model's context of {context_limit(model)}; {fix}")
+
+
+def encode_prompts(model, tok, template: PromptTemplate, rows: list[tuple[str, str | None]],
                    max_new_tokens: int) -> list[list[int]]:
     out = []
     for instruction, input_text in rows:
         if not instruction or not instruction.strip():
             raise UserError("the prompt is empty; pass some text with --prompt")
         ids = template.prompt_ids(tok, instruction, input_text or None)
-        if limit and len(ids) + max_new_tokens > limit:
-            raise UserError(f"the prompt is {len(ids)} tokens; with inference.max_new_tokens={max_new_tokens} it "
-                            f"exceeds the model's context of {limit}; shorten it or lower inference.max_new_tokens")
+        check_fits_context(model, len(ids), max_new_tokens)
         out.append(ids)
     return out
 
@@ -360,7 +371,7 @@ def generate(model, tok, template: PromptTemplate, rows: list[tuple[str, str | N
     """
     import torch
     from tqdm import tqdm
-    encoded = encode_prompts(tok, template, rows, context_limit(model), icfg.max_new_tokens)
+    encoded = encode_prompts(model, tok, template, rows, icfg.max_new_tokens)
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
     answers: list[str] = [""] * len(encoded)
     kw = generation_kwargs(icfg, template, tok)
@@ -397,7 +408,7 @@ def stream_one(model, tok, template: PromptTemplate, instruction: str, input_tex
                icfg: InferenceCfg) -> str:
     import torch
     from transformers import TextStreamer
-    ids = encode_prompts(tok, template, [(instruction, input_text)], context_limit(model), icfg.max_new_tokens)[0]
+    ids = encode_prompts(model, tok, template, [(instruction, input_text)], icfg.max_new_tokens)[0]
     streamer = TextStreamer(tok, skip_prompt=True, skip_special_tokens=True)
     kw = generation_kwargs(icfg, template, tok)
     if kw.get("cache_implementation") == "static":  # transformers keeps the largest size seen: few recompiles

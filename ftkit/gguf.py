@@ -339,7 +339,7 @@ def read_vocab(tok, template: PromptTemplate, vocab_size: int) -> Vocab:
     add_bos = tok.bos_token_id is not None and probe[:1] == [tok.bos_token_id] and len(probe) > 1
     eos, eot = tok.eos_token_id, None
     if template.kind == "chat":
-        end = chat_end_token_id(tok, template)
+        end = template.end_of_turn_id(tok)
         if end is not None:
             eos = eot = end  # a chat model ends its turn with this token; llama.cpp must stop there
     unk = model.get("unk_token")
@@ -348,15 +348,6 @@ def read_vocab(tok, template: PromptTemplate, vocab_size: int) -> Vocab:
                  pad_id=tok.pad_token_id if tok.pad_token_id is not None else eos,
                  unk_id=model["vocab"].get(unk) if unk else None, add_bos=add_bos,
                  chat_template=gguf_chat_template(template))
-
-
-def chat_end_token_id(tok, template: PromptTemplate) -> int | None:
-    """The token that closes an assistant turn in the chat template (<|im_end|>, <|eot_id|>, ...)."""
-    if template.kind != "chat":
-        return None
-    tail = template._chat_response_text(tok, "q", None, "OK").rstrip()
-    ids = tok(tail[tail.index("OK") + 2:], add_special_tokens=False)["input_ids"] if "OK" in tail else []
-    return ids[-1] if ids else None
 
 
 def gguf_chat_template(template: PromptTemplate) -> str | None:

@@ -204,14 +204,14 @@ def write_manifest(cfg: Config, run: RunDir, data_hash: str | None, extra: dict 
     atomic_write_json(run.manifest, manifest)
 
 
-def check_free_space(path: Path, need_bytes: int, what: str) -> tuple[Path, int]:
-    """Fail before hours of work when the disk cannot hold the result. Returns the existing folder that
-    was checked and its free bytes, for callers that plan further writes there."""
+def check_writable(path: Path, key: str = "paths.output_dir") -> Path:
+    """The nearest existing folder at or above `path`, after checking that a file can really be created there
+    (`key` names the setting to change). Returns it."""
     probe = path
     while not probe.exists():
         probe = probe.parent
     if not probe.is_dir():
-        raise UserError(f"'{probe}' is a file, so '{path}' cannot be created; choose another paths.output_dir")
+        raise UserError(f"'{probe}' is a file, so '{path}' cannot be created; choose another {key}")
     writable = os.access(probe, os.W_OK)
     if writable:
         # os.access says yes to root everywhere, even on a read-only mount; a real file says the truth.
@@ -222,7 +222,14 @@ def check_free_space(path: Path, need_bytes: int, what: str) -> tuple[Path, int]
         except OSError:
             writable = False
     if not writable:
-        raise UserError(f"cannot write to '{probe}'; choose a writable paths.output_dir")
+        raise UserError(f"cannot write to '{probe}'; choose a writable {key}")
+    return probe
+
+
+def check_free_space(path: Path, need_bytes: int, what: str) -> tuple[Path, int]:
+    """Fail before hours of work when the disk cannot hold the result. Returns the existing folder that
+    was checked and its free bytes, for callers that plan further writes there."""
+    probe = check_writable(path)
     free = shutil.disk_usage(probe).free
     if free < need_bytes:
         raise UserError(f"not enough disk space in '{probe}' for {what}: about {need_bytes / 1e9:.1f} GB needed, "

@@ -43,10 +43,8 @@ class PromptTemplate:
                                 "use data.prompt_template=alpaca for a base (non-instruct) model")
             t = cls(kind="chat", system_prompt=system_prompt, chat_template=tokenizer.chat_template)
             # The end-of-turn token closes an assistant reply; generation must stop there too.
-            probe = t._chat_response_text(tokenizer, "q", None, "OK").rstrip()
-            suffix = probe[probe.index("OK") + 2:] if "OK" in probe else ""
-            end_ids = tokenizer(suffix, add_special_tokens=False)["input_ids"] if suffix else []
-            stops = set(end_ids[-1:])
+            end = t.end_of_turn_id(tokenizer)
+            stops = {end} if end is not None else set()
         else:
             t = cls(kind="alpaca", system_prompt=system_prompt)
             stops = set()
@@ -54,6 +52,16 @@ class PromptTemplate:
             stops.add(int(tokenizer.eos_token_id))
         t.stop_token_ids = sorted(int(s) for s in stops)
         return t
+
+    def end_of_turn_id(self, tokenizer) -> int | None:
+        """The token that closes an assistant turn in the chat template (<|im_end|>, <|eot_id|>, ...): the last
+        token after a probe answer; None for Alpaca prompts."""
+        if self.kind != "chat":
+            return None
+        tail = self._chat_response_text(tokenizer, "q", None, "OK").rstrip()
+        suffix = tail[tail.index("OK") + 2:] if "OK" in tail else ""
+        ids = tokenizer(suffix, add_special_tokens=False)["input_ids"] if suffix else []
+        return ids[-1] if ids else None
 
     # -- rendering ---------------------------------------------------------------------------------
     def _messages(self, instruction: str, input_text: str | None) -> list[dict[str, str]]:
