@@ -30,7 +30,7 @@ from pathlib import Path
 from ftkit.config import Config
 
 from ftkit.cli import build_parser, parse_args
-from ftkit.cli import UserError, log, run_main
+from ftkit.cli import UserError, log, run_main, user_errors
 from ftkit.paths import RunDir, atomic_write_text, check_free_space, stage_config
 from ftkit.runlock import RunLock, check_unlocked, clean_tmp_leftovers
 from ftkit.gguf import (MODELFILE_HEADER, TYPES, modelfile_text, plan_tensors, read_checkpoint, read_vocab, rope_params,
@@ -79,11 +79,8 @@ def main(cfg: Config, run: RunDir | None, qtype: str = "f16", outfile: Path | No
     if rp["rope_type"] not in ("default", "llama3", "linear"):
         raise UserError(f"RoPE scaling '{rp['rope_type']}' is not supported by export_gguf.py (default, linear "
                         "and llama3 are); use llama.cpp's convert_hf_to_gguf.py")
-    try:
+    with user_errors(f"cannot load the tokenizer in '{src}'", "re-run merge_adapter.py (it saves the tokenizer)"):
         tok = AutoTokenizer.from_pretrained(src, local_files_only=True)
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot load the tokenizer in '{src}': {str(e).splitlines()[0][:200]}; "
-                        "re-run merge_adapter.py (it saves the tokenizer)") from None
     template = load_template(run if model_dir is None else None, tok)
     plans = plan_tensors(ckpt, qtype)
     vocab = read_vocab(tok, template, ckpt.config.vocab_size)

@@ -3,6 +3,7 @@ exit code 2), the shared argument parser, logging, and the redaction of hub toke
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import re
@@ -21,6 +22,16 @@ EXIT_USAGE = 2
 
 class UserError(Exception):
     """A problem in the user's input: config, data, paths, model choice. The message names the fix."""
+
+
+@contextlib.contextmanager
+def user_errors(what: str, fix: str, types: tuple[type[BaseException], ...] = (OSError, ValueError)):
+    """Turn a library's exception of `types` inside the block into one line: "<what>: <its first line>; <fix>".
+    A library's message is often many lines (a traceback's worth); its first line says what went wrong."""
+    try:
+        yield
+    except types as e:
+        raise UserError(f"{what}: {str(e).splitlines()[0][:200] if str(e) else type(e).__name__}; {fix}") from None
 
 
 def setup_logging(debug: bool = False) -> None:

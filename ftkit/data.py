@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .cli import UserError
+from .cli import UserError, user_errors
 from .config import Config, DataCfg
 from .jsonl import fail_if_bad, parse_jsonl
 from .models import hub_mode
@@ -103,13 +103,12 @@ def load_records(d: DataCfg) -> tuple[list[dict], str]:
     # A hub dataset id.
     offline = hub_mode(d.path, "dataset", "data.path")
     import datasets
-    try:
+    # datasets raises many types; the user needs the message, not the class
+    with user_errors(f"cannot load dataset '{d.path}' (split {d.split})",
+                     "fix data.path or point it at a local .json/.jsonl file", (Exception,)):
         ds = datasets.load_dataset(d.path, split=d.split, download_mode=None,
                                    **({"download_config": datasets.DownloadConfig(local_files_only=True)}
                                       if offline else {}))
-    except Exception as e:  # datasets raises many types; the user needs the message, not the class
-        raise UserError(f"cannot load dataset '{d.path}' (split {d.split}): {str(e).splitlines()[0]}; "
-                        "fix data.path or point it at a local .json/.jsonl file") from None
     return [dict(r) for r in ds], hashlib.sha256(f"{d.path}@{ds._fingerprint}".encode()).hexdigest()
 
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterator
 
-from .cli import UserError, log
+from .cli import UserError, log, user_errors
 from .config import InferenceCfg
 from .prompts import PromptTemplate
 
@@ -40,11 +40,8 @@ def read_checkpoint(path: Path) -> Checkpoint:
     if not (path / "config.json").is_file():
         raise UserError(f"'{path}' has no config.json, so it is not a HF checkpoint; run merge_adapter.py "
                         "again (an interrupted merge leaves no merged/ folder) or pass --model DIR")
-    try:
+    with user_errors(f"cannot read '{path / 'config.json'}'", "re-run merge_adapter.py"):
         config = AutoConfig.from_pretrained(path, local_files_only=True)
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot read '{path / 'config.json'}': {str(e).splitlines()[0][:200]}; "
-                        "re-run merge_adapter.py") from None
     if config.model_type != ARCH:
         raise UserError(f"'{path}' is a '{config.model_type}' model; export_gguf.py writes the Llama architecture "
                         "only (model_type 'llama': Llama 2/3, SmolLM2, TinyLlama); convert other architectures "

@@ -12,7 +12,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from .config import Config, ModelCfg
-from .cli import UserError, log
+from .cli import UserError, log, user_errors
 
 
 def pick_device(pref: str) -> str:
@@ -149,12 +149,10 @@ def load_tokenizer(cfg: Config, source: str | None = None, offline: bool = True)
     from transformers import AutoTokenizer
     src = source or resolve_model(cfg.model)[0]
     warn_remote_code(cfg, src)
-    try:
+    with user_errors(f"cannot load a tokenizer from '{src}'",
+                     "point model.name_or_path at a checkpoint with tokenizer files"):
         tok = AutoTokenizer.from_pretrained(src, revision=cfg.model.revision, local_files_only=offline,
                                             trust_remote_code=cfg.model.trust_remote_code)
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot load a tokenizer from '{src}': {str(e).splitlines()[0]}; "
-                        "point model.name_or_path at a checkpoint with tokenizer files") from None
     if tok.pad_token is None:
         # Padding positions are masked from the loss and attention, so reusing EOS as pad is safe.
         tok.pad_token = tok.eos_token
@@ -170,11 +168,8 @@ def causal_lm_config(cfg: Config, source: str, offline: bool):
     warn_remote_code(cfg, source)
     check_safetensors(source)
     kw = dict(revision=cfg.model.revision, local_files_only=offline, trust_remote_code=cfg.model.trust_remote_code)
-    try:
+    with user_errors(f"cannot read a model config from '{source}'", "fix model.name_or_path"):
         mconf = AutoConfig.from_pretrained(source, **kw)
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot read a model config from '{source}': {str(e).splitlines()[0]}; "
-                        "fix model.name_or_path") from None
     check_weight_files(source)
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
     # model_type alone lets encoders through (bert has a causal-LM head class); the saved architecture
