@@ -33,21 +33,14 @@ from types import SimpleNamespace
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.train_throughput import LLAMA3_8B  # noqa: E402  (one definition of the shape)
+from benchmarks.common import LLAMA3_8B, Results, versions  # noqa: E402
 
 TINY = dict(LLAMA3_8B, vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, bos_token_id=1, eos_token_id=2)
 HBM_TBPS = 4.8  # H200 spec; ~4.3 TB/s measured device-to-device (.library KINDS.md)
 
-RESULTS: dict = {"variants": {}}
-OUT: Path | None = None
+RESULTS = Results(variants={})
 T0 = time.time()
-
-
-def save():
-    if OUT:
-        OUT.parent.mkdir(parents=True, exist_ok=True)
-        OUT.write_text(json.dumps(RESULTS, indent=2) + "\n")
 
 
 def sync():
@@ -167,7 +160,7 @@ def run_variant(model, name: str, mode: str, batch: int, args, device: str, reps
         # The decode step reads at least the weights: bytes / step time, against ~4.3-4.8 TB/s of HBM.
         res["decode_bandwidth_tbps"] = round(RESULTS["model"]["params"] * 2 / (decode_ms / 1e3) / 1e12, 2)
     res["first_row_tokens"] = outs[0, args.prompt_len:args.prompt_len + 32].tolist()
-    save()
+    RESULTS.save()
     print(f"[{time.time() - T0:6.0f}s] {name}: {res['tokens_per_s']} tok/s, decode {res['decode_ms_per_step']} "
           f"ms/step, warm-up {warm}" + (f", cuda_graph {res.get('cuda_graph')}" if fast else ""), flush=True)
     return res
@@ -185,7 +178,6 @@ def reset_compiled(model):
 
 
 def main(argv=None):
-    global OUT
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True)
     ap.add_argument("--tiny", action="store_true", help="2-layer model on the CPU: a smoke run of this script")
@@ -200,24 +192,16 @@ def main(argv=None):
     ap.add_argument("--budget-s", type=float, default=1e9,
                     help="skip variants that would not finish within this many seconds of the start")
     args = ap.parse_args(argv)
-    OUT = Path(args.out)
+    RESULTS.out = Path(args.out)
     import torch
-    import transformers
     device = "cpu" if args.tiny else "cuda"
     RESULTS.update({
         "command": "python " + " ".join([sys.argv[0]] + sys.argv[1:]) if argv is None else str(argv),
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
-                     "python": platform.python_version(),
-                     "triton": getattr(sys.modules.get("triton"), "__version__", None)},
+        "versions": versions(),
         "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
     })
-    try:
-        import triton
-        RESULTS["versions"]["triton"] = triton.__version__
-    except ImportError:
-        pass
     model = build_model(args.tiny, device)
-    save()
+    RESULTS.save()
     batches = [int(b) for b in args.batches.split(",")]
     # Project first (the compile is the long part), then plain, then transformers' own compiled generate for
     # comparison; skipped when the budget would run out. Each compiled variant starts from a clean dynamo state.
@@ -230,7 +214,7 @@ def main(argv=None):
         need = (compile_s * 1.2 + 10) if mode != "plain" else (12 + 0.3 * b)
         if left < need:
             RESULTS["variants"][name] = {"skipped": f"{left:.0f} s of budget left, ~{need:.0f} s needed"}
-            save()
+            RESULTS.save()
             continue
         reset_compiled(model)
         try:
@@ -239,7 +223,7 @@ def main(argv=None):
                 compile_s = max(compile_s, r["warmup_s"][0])
         except Exception as e:  # keep what was measured so far
             RESULTS["variants"][name]["error"] = f"{type(e).__name__}: {e}"[:3000]
-            save()
+            RESULTS.save()
             print(f"{name} failed: {type(e).__name__}: {str(e)[:1500]}", flush=True)
     v = RESULTS["variants"]
 
@@ -266,7 +250,7 @@ def main(argv=None):
             summary[f"b{b}"]["target_met"] = summary[f"b{b}"]["project_tok_s"] >= t
     RESULTS["summary"] = summary
     RESULTS["wall_s"] = round(time.time() - T0, 1)
-    save()
+    RESULTS.save()
     print("\n| batch | plain tok/s | HF static+compile tok/s | project tok/s | speedup | project decode ms/step "
           "| compile+capture s |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")

@@ -19,10 +19,8 @@ CPU (configs/demo.yaml, a few steps of each):
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
-import platform
 import shutil
 import sys
 import tempfile
@@ -33,29 +31,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-LLAMA3_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                 num_attention_heads=32, num_key_value_heads=8, rope_theta=500000.0, max_position_embeddings=8192,
-                 rms_norm_eps=1e-5, bos_token_id=128000, eos_token_id=128001, tie_word_embeddings=False,
-                 hidden_act="silu", attention_bias=False, mlp_bias=False, initializer_range=0.02)
+from benchmarks.common import LLAMA3_8B, Results, free, versions  # noqa: E402
+
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 PEAK_TFLOPS = 790.0  # bf16 dense matmul measured on the H200 (.library KINDS.md); the MFU denominator
 
-RESULTS: dict = {}
-OUT: Path | None = None
-
-
-def save():
-    if OUT:
-        OUT.parent.mkdir(parents=True, exist_ok=True)
-        OUT.write_text(json.dumps(RESULTS, indent=2) + "\n")
-
-
-def free():
-    import torch
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
+RESULTS = Results()
 
 
 def build_model(model_dir: Path, tokenizer_dir: Path) -> None:
@@ -225,7 +206,7 @@ def variant(name: str, base, fn, *a, **kw) -> dict | None:
     RESULTS.setdefault("variants", {})[name] = res if res is not None else {"error": err}
     RESULTS["variants"][name]["elapsed_s"] = round(time.time() - t0, 1)
     print(name, json.dumps(RESULTS["variants"][name]), flush=True)
-    save()
+    RESULTS.save()
     free()
     return res
 
@@ -260,7 +241,7 @@ def gpu_main(a) -> None:
     nums = estimate.model_numbers(base.config, 16, TARGETS)
     RESULTS["params"] = nums["params"]
     RESULTS["static_gb_after_load"] = round(torch.cuda.memory_allocated() / 1e9, 3)
-    save()
+    RESULTS.save()
     N = nums["params"]
     g = torch.Generator().manual_seed(7)
     fixed = [{"input_ids": ids, "labels": ids} for ids in
@@ -548,7 +529,7 @@ def summarize() -> None:
         s["ablation_tokens_per_s"] = {n.removeprefix("project_yaml_"): tps(n) for n in v
                                       if n.startswith("project_yaml_")}
     RESULTS["summary"] = s
-    save()
+    RESULTS.save()
     print("\nvariant                              tok/s    step_s  peak_GB   MFU")
     for n, r in v.items():
         print(f"{n:34s} {r.get('real_tokens_per_s', '-')!s:>8} {r.get('step_s', '-')!s:>8} "
@@ -565,17 +546,6 @@ def host_pinned_peak(reset: bool = False) -> float | None:
         return float(torch.cuda.memory.host_memory_stats()["allocated_bytes.peak"])
     except Exception:  # a torch without host allocator statistics
         return None
-
-
-def versions() -> dict:
-    out = {"python": platform.python_version()}
-    from importlib.metadata import version
-    for m in ("torch", "transformers", "trl", "peft", "bitsandbytes", "liger-kernel", "triton", "datasets"):
-        try:
-            out[m] = version(m)
-        except Exception as e:
-            out[m] = f"missing ({type(e).__name__})"
-    return out
 
 
 # -- CPU: the demo config -------------------------------------------------------------------------------
@@ -624,12 +594,11 @@ def cpu_main(a) -> None:
     p = med["plain_demo"]
     RESULTS["summary"] = {"median_tokens_per_s": med, "repeats": a.repeat,
                           "ratio_to_plain": {n: round(x / p, 3) for n, x in med.items() if p and x}}
-    save()
+    RESULTS.save()
     print(json.dumps(RESULTS["summary"]))
 
 
 def main(argv=None) -> None:
-    global OUT
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True)
     p.add_argument("--cpu", action="store_true", help="the CPU demo comparison")
@@ -655,7 +624,7 @@ def main(argv=None) -> None:
                    help="merge the variants of earlier result files (later ones win) and write the summary to --out")
     p.add_argument("--exclude", default="", help="with --summarize: comma list of variants to leave out")
     a = p.parse_args(argv)
-    OUT = Path(a.out)
+    RESULTS.out = Path(a.out)
     os.chdir(ROOT)
     if a.summarize:
         drop = set(filter(None, a.exclude.split(",")))

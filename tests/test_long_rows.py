@@ -3,7 +3,8 @@ and the "auto" switches turn them on only when the longest micro-batch would not
 import pytest
 import torch
 
-from benchmarks.train_throughput import LLAMA3_8B, TARGETS
+from benchmarks.common import LLAMA3_8B
+from benchmarks.train_throughput import TARGETS
 from conftest import REPO, run_script, tiny_overrides
 from ftkit import patches
 from ftkit.config import load_config

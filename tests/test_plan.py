@@ -8,7 +8,7 @@ rows a step and the learning rate only when asked for (train.packing=true), and 
 import pytest
 from transformers import LlamaConfig
 
-from benchmarks.train_throughput import LLAMA3_8B
+from benchmarks.common import LLAMA3_8B
 from conftest import REPO
 from ftkit.config import load_config
 from ftkit.cli import UserError
