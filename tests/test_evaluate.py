@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, run_script, tiny_overrides
+from helpers import REPO, run_script, tiny_overrides
 
 import evaluate as ev
 from ftkit import scoring

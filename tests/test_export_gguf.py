@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, run_script
+from helpers import REPO, run_script
 from test_inference import make_run
 
 import export_gguf
@@ -277,7 +277,7 @@ def test_modelfile_renders_the_training_prompt(tmp_path, tiny_llama, monkeypatch
         tok.apply_chat_template(sys_conv, tokenize=False, add_generation_prompt=True)
 
     # A chat template of no known style: a single-turn template cut from the training render itself.
-    monkeypatch.setattr(export_gguf, "chat_style", lambda tok, t: None)
+    monkeypatch.setattr(gguf, "chat_style", lambda tok, t: None)
     mf = parse_modelfile(gguf.modelfile_text("m.gguf", tok, chat, icfg, False, "src"))
     assert go_render(mf["template"], {"Prompt": "Hi!", "System": ""}) == chat.render_prompt(tok, "Hi!")
     assert go_render(mf["template"], {"Prompt": "Hi!", "System": "Be brief."}) == \
@@ -369,7 +369,7 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, tiny_llama, monkeypa
     def dying(ckpt, plans):
         yield next(iter(real(ckpt, plans)))
         raise OSError("disk on fire")
-    monkeypatch.setattr(export_gguf, "iter_tensor_data", dying)
+    monkeypatch.setattr(gguf, "iter_tensor_data", dying)
     with pytest.raises(OSError, match="disk on fire"):
         export_gguf.main(cfg, None, "f16", out, tiny_llama)
     assert not out.parent.exists() or list(out.parent.iterdir()) == []

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ALPACA_ROWS, REPO, run_script, tiny_overrides
+from helpers import ALPACA_ROWS, REPO, run_script, tiny_overrides
 
 ROWS = [dict(r, instruction=f"{r['instruction']} (variant {k})") for k in range(4) for r in ALPACA_ROWS]
 SEEDS = range(10)

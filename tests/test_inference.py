@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, run_script, tiny_overrides
+from helpers import REPO, run_script, tiny_overrides
 
 import inference
 from ftkit import answers, chat, generation
@@ -25,7 +25,7 @@ from ftkit.prompts import PromptTemplate
 def talky_llama(tmp_path_factory, embedded_model) -> Path:
     """A 2-layer random Llama with an untied output head whose greedy answers are visible words (the shared
     tiny_llama answers newlines only, which strip to nothing)."""
-    from conftest import build_tiny_llama
+    from helpers import build_tiny_llama
     return build_tiny_llama(tmp_path_factory.mktemp("talky-llama"), embedded_model, seed=1, tied=False, bf16=False)
 
 
@@ -75,7 +75,7 @@ def test_answer_file_batched_resumable_and_crash_safe(tmp_path, talky_llama, mon
             raise KeyboardInterrupt  # as if Ctrl+C or a crash hit after the first batch was written
         calls.append(len(a[3]))
         return real_generate(*a, on_batch=first_then_die, **kw)
-    monkeypatch.setattr(inference, "generate", crashing)
+    monkeypatch.setattr(answers, "generate", crashing)
     with pytest.raises(KeyboardInterrupt):
         answers.answer_file(cfg, run, src, out)
     first = read_jsonl(out)  # every line that made it out is complete JSON
@@ -86,7 +86,7 @@ def test_answer_file_batched_resumable_and_crash_safe(tmp_path, talky_llama, mon
     # A crash in the middle of a write leaves a cut line; resuming drops it and answers only what is missing.
     with open(out, "a") as f:
         f.write('{"id": 2, "instruction": "A much lon')
-    monkeypatch.setattr(inference, "generate", lambda *a, **kw: (calls.append(len(a[3])), real_generate(*a, **kw))[1])
+    monkeypatch.setattr(answers, "generate", lambda *a, **kw: (calls.append(len(a[3])), real_generate(*a, **kw))[1])
     rows = answers.answer_file(cfg, run, src, out)
     assert calls == [7, 4]
     final = read_jsonl(out)
@@ -99,7 +99,7 @@ def test_answer_file_batched_resumable_and_crash_safe(tmp_path, talky_llama, mon
 
     # Everything answered: a third run loads no model and changes nothing.
     before = out.read_text()
-    monkeypatch.setattr(inference, "load_for_inference", lambda *a, **kw: pytest.fail("loaded a model"))
+    monkeypatch.setattr(answers, "load_for_inference", lambda *a, **kw: pytest.fail("loaded a model"))
     answers.answer_file(cfg, run, src, out)
     assert out.read_text() == before
 

@@ -5,7 +5,7 @@ import torch
 
 from benchmarks.common import LLAMA3_8B
 from benchmarks.train_throughput import TARGETS
-from conftest import REPO, run_script, tiny_overrides
+from helpers import REPO, run_script, tiny_overrides
 from ftkit import patches
 from ftkit.config import load_config
 from ftkit.cli import UserError

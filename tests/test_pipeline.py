@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, run_script, tiny_overrides
+from helpers import REPO, run_script, tiny_overrides
 
 
 def read_log(run: Path) -> list[dict]:

@@ -9,7 +9,7 @@ import pytest
 from transformers import LlamaConfig
 
 from benchmarks.common import LLAMA3_8B
-from conftest import REPO
+from helpers import REPO
 from ftkit.config import load_config
 from ftkit.cli import UserError
 from ftkit.plan import Hardware, make_plan

@@ -46,7 +46,7 @@ def test_target_validation(model):
 
 
 def test_list_modules_cli(tiny_llama):
-    from conftest import run_script
+    from helpers import run_script
     r = run_script("quantization_utils.py", "--config", "configs/demo.yaml", "--list-modules",
                    f"model.name_or_path={tiny_llama}", "model.gguf_source=null")
     assert r.returncode == 0, r.stderr

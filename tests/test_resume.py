@@ -19,7 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, run_script, tiny_overrides
+from helpers import REPO, run_script, tiny_overrides
 
 STEPS = 12
 
@@ -66,7 +66,7 @@ def adapter(run: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    from conftest import ALPACA_ROWS
+    from helpers import ALPACA_ROWS
     p = tmp_path_factory.mktemp("data") / "rows.json"
     rows = [dict(r, instruction=f"{r['instruction']} (variant {k})") for k in range(8) for r in ALPACA_ROWS]
     p.write_text(json.dumps(rows))
