@@ -16,9 +16,9 @@ training time each variant needs to reach the plain recipe's 1-epoch held-out lo
               fewer larger micro-batches)
   packed_*    the throughput mode: 16k-token packs, learning rate rescaled by none / sqrt / linear
 
-CPU (this 2-core machine; a smaller split so that it ends in about half an hour):
-    python benchmarks/time_to_quality.py --out benchmarks/results/ttq_cpu.json --train-rows 360 \
-        --eval-rows 60 --evals-per-epoch 2 --variants plain,default
+CPU (this 2-core machine; a small split so that it ends in about 20 minutes):
+    python benchmarks/time_to_quality.py --out benchmarks/results/ttq_cpu.json --train-rows 48 --eval-rows 16 \
+        --eval-every 1 --epochs 3 --variants default,plain --extra data.max_length=256
 GPU (nvidia-h200; benchmarks/README.md "Time to quality" has the full recipe):
     python3 benchmarks/time_to_quality.py --out $OUT/ttq_h200.json --model /tmp/smollm2 \
         --data .bench/alpaca_en_1k.json --variants plain,default,packed_none,packed_sqrt,packed_linear
@@ -91,7 +91,7 @@ def time_to_loss(points: list[dict], target: float) -> float | None:
 def run_variant(name: str, a, data: Path, work: Path) -> dict:
     run = work / name
     steps_per_epoch = -(-a.train_rows // 16)
-    every = 1 if name.startswith("packed") else max(1, steps_per_epoch // a.evals_per_epoch)
+    every = a.eval_every or (1 if name.startswith("packed") else max(1, steps_per_epoch // a.evals_per_epoch))
     over = [f"model.name_or_path={a.model}", f"data.path={data}", f"data.eval_size={a.eval_rows}",
             "data.prompt_template=alpaca", f"train.num_train_epochs={a.epochs}", f"train.eval_steps={every}",
             "train.save_steps=100000", "train.logging_steps=5", f"train.optim={a.optim}", "train.warmup_steps=0.03",
@@ -164,6 +164,7 @@ def main(argv=None) -> None:
     p.add_argument("--eval-rows", type=int, default=150)
     p.add_argument("--epochs", type=float, default=3)
     p.add_argument("--evals-per-epoch", type=int, default=4)
+    p.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (default: --evals-per-epoch)")
     p.add_argument("--optim", default="adamw_torch", help="the same optimizer for every variant")
     p.add_argument("--variants", default="plain,default")
     p.add_argument("--extra", nargs="*", default=[], help="more overrides for every variant")
