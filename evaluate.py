@@ -204,7 +204,7 @@ def _quote(text: str) -> str:
 # -- the stage -------------------------------------------------------------------------------------
 def main(cfg: Config, run: RunDir, use: str | None = None, rows_path: Path | None = None) -> dict:
     t0 = time.time()
-    rows_path = rows_path or run.root / "eval_rows.jsonl"
+    rows_path = rows_path or run.eval_rows
     check_unlocked(run.root)
     clean_tmp_leftovers(run.root, names=("eval",))
     rows, tuned_use = preflight(cfg, run, use or cfg.inference.use, rows_path)

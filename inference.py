@@ -44,7 +44,7 @@ from ftkit.paths import RunDir, stage_config
 
 def held_out_rows(run: RunDir, n: int) -> list[dict]:
     import json
-    path = run.root / "eval_rows.jsonl"
+    path = run.eval_rows
     if not path.is_file():
         raise UserError(f"'{path}' is missing; --compare needs a run made by finetune.py")
     rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]

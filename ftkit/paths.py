@@ -52,6 +52,14 @@ class RunDir:
     def eval(self) -> Path: return self.root / "eval"
     @property
     def export(self) -> Path: return self.root / "export"
+    @property
+    def eval_rows(self) -> Path: return self.root / "eval_rows.jsonl"
+
+    @classmethod
+    def entry_names(cls) -> frozenset[str]:
+        """Every name a stage writes into a run directory (what --overwrite may replace)."""
+        probe = cls(Path("."))
+        return frozenset(getattr(probe, n).name for n, v in vars(cls).items() if isinstance(v, property))
 
     def holds_run(self) -> bool:
         # dataset.py may leave a report here before training; only training artifacts make it a run.

@@ -22,13 +22,12 @@ import shutil
 from pathlib import Path
 
 from .cli import UserError, before_error_line, log
+from .paths import RunDir
 
 LOCK_NAME = ".lock"
-# What finetune.py, merge_adapter.py, evaluate.py and export_gguf.py put in a run directory. A folder that
-# holds anything else is not only a run, so --overwrite refuses it.
-RUN_ENTRIES = frozenset({
-    "config.yaml", "manifest.json", "prompt_template.json", "dataset_report.json", "eval_rows.jsonl",
-    "checkpoints", "adapter", "train_log.jsonl", "run_summary.json", "merged", "eval", "export", LOCK_NAME})
+# What finetune.py, merge_adapter.py, evaluate.py and export_gguf.py put in a run directory (RunDir names
+# them all). A folder that holds anything else is not only a run, so --overwrite refuses it.
+RUN_ENTRIES = RunDir.entry_names() | {LOCK_NAME}
 # The temporary siblings written by ftkit.paths.atomic_write_text / atomic_dir and by export_gguf.py.
 _TMP_RE = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-(?P<pid>\d+)$")
 CONFIG_MARK = "# resolved config"

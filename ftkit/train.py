@@ -362,7 +362,7 @@ def write_run_start(cfg: Config, run: RunDir, plan: TrainPlan, prep, overwrite: 
                                                   "device": plan.device, "resumed": resume})
         atomic_write_json(run.prompt_template, prep.template.to_json())
         atomic_write_json(run.dataset_report, prep.report)
-        atomic_write_text(run.root / "eval_rows.jsonl", "".join(json.dumps(r) + "\n" for r in prep.eval_records))
+        atomic_write_text(run.eval_rows, "".join(json.dumps(r) + "\n" for r in prep.eval_records))
         log.info("resolved config:\n%s", cfg.to_yaml())
     barrier()
 

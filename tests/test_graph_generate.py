@@ -93,4 +93,4 @@ def test_decode_settings_and_config():
     assert generation.decode_settings(InferenceCfg(device="cpu", cache_implementation="static")) == ("static", False)
     assert generation.static_cache_len(128, 128, 8192) == 256 and generation.static_cache_len(300, 256, 512) == 512
     with pytest.raises(UserError, match="needs a static KV cache"):
-        load_config(None, ["generation.compile=true", "generation.cache_implementation=dynamic"])
+        load_config(None, ["inference.compile=true", "inference.cache_implementation=dynamic"])
