@@ -6,7 +6,7 @@ CONFIG ?= configs/demo.yaml
 # A new run directory per demo, so a second `make demo` never overwrites the first.
 RUN    := runs/demo-$(shell date +%Y%m%d-%H%M%S)
 
-.PHONY: install demo test clean-runs
+.PHONY: install demo test lint clean-runs
 
 $(STAMP): requirements.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -31,7 +31,12 @@ demo: install
 	# Base vs fine-tuned on the held-out rows: prints the table, writes $(RUN)/eval/eval_report.md + plots.
 	$(PY) evaluate.py
 
-test: install
+# ruff first: a formatting slip fails in seconds, not after the 15-minute suite.
+lint: install
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check .
+
+test: lint
 	$(PY) -m pytest -q tests
 
 clean-runs:

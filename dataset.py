@@ -9,6 +9,7 @@ Run:
     python dataset.py --config configs/demo.yaml
     python dataset.py --config configs/llama3_alpaca.yaml data.path=/data/alpaca.json data.max_length=1024
 """
+
 from __future__ import annotations
 
 import json
@@ -35,12 +36,16 @@ def main(cfg: Config) -> dict:
     if is_project_run(run.root):
         # Its dataset_report.json describes the data that run trained on; a report of other settings there
         # would misdescribe the run.
-        raise UserError(f"'{run.root}' holds a training run, whose dataset_report.json describes the data it trained "
-                        "on; set paths.output_dir to a new folder to write this report")
+        raise UserError(
+            f"'{run.root}' holds a training run, whose dataset_report.json describes the data it trained "
+            "on; set paths.output_dir to a new folder to write this report"
+        )
     check_unlocked(run.root)
     if run.dataset_report.exists() and not _own_report(run.dataset_report):
-        raise UserError(f"'{run.dataset_report}' exists and was not written by dataset.py; it is left untouched: set "
-                        "paths.output_dir to a new folder")
+        raise UserError(
+            f"'{run.dataset_report}' exists and was not written by dataset.py; it is left untouched: set "
+            "paths.output_dir to a new folder"
+        )
     if run.root.exists() and not run.root.is_dir():
         raise UserError(f"paths.output_dir '{run.root}' is a file, not a folder; choose a new folder")
     loaded = load_clean_split(cfg.data)  # data errors first: they need no tokenizer

@@ -24,6 +24,7 @@ Run:
     python evaluate.py --config configs/demo.yaml        # the run in that config's paths.output_dir
     python evaluate.py --adapter inference.batch_size=8  # base + adapter even when merged/ exists
 """
+
 from __future__ import annotations
 
 import json
@@ -31,22 +32,22 @@ import math
 import time
 from pathlib import Path
 
+from ftkit.cli import UserError, build_parser, log, parse_args, run_main
 from ftkit.config import Config
-
-from ftkit.cli import build_parser, parse_args
-from ftkit.cli import UserError, log, run_main
-from ftkit.models import resolve_model
 from ftkit.jsonl import read_jsonl, read_log_rows
-from ftkit.scoring import aggregate, family_of, is_verifiable, measure, pick_examples
+from ftkit.models import resolve_model
 from ftkit.paths import RunDir, atomic_dir, stage_config
-from ftkit.runlock import RunLock, check_unlocked, clean_tmp_leftovers
 from ftkit.prompts import PromptTemplate
+from ftkit.runlock import RunLock, check_unlocked, clean_tmp_leftovers
+from ftkit.scoring import aggregate, family_of, is_verifiable, measure, pick_examples
+
 
 def read_rows(path: Path) -> list[dict]:
     """Held-out rows, checked: each needs an instruction and a non-empty reference answer (`output`)."""
     if not path.exists():
-        raise UserError(f"'{path}' is missing; train with data.eval_size above 0 (finetune.py writes it) "
-                        "or pass --rows FILE")
+        raise UserError(
+            f"'{path}' is missing; train with data.eval_size above 0 (finetune.py writes it) or pass --rows FILE"
+        )
     rows = []
     for n, r in read_jsonl(path, "rows file", "pass a .jsonl file of held-out rows with --rows"):
         if not isinstance(r, dict) or not isinstance(r.get("instruction"), str) or not r["instruction"].strip():
@@ -65,6 +66,7 @@ def preflight(cfg: Config, run: RunDir, use: str, rows_path: Path) -> tuple[list
         raise UserError("inference.use=base would compare the base model with itself; use auto, merged or adapter")
     from ftkit.generation import choose_weights
     from ftkit.models import read_adapter_config
+
     PromptTemplate.load(run.prompt_template)  # a finished run has one; raises otherwise
     rows = read_rows(rows_path)
     use = choose_weights(cfg, run, use)
@@ -81,8 +83,10 @@ def _fmt(v, spec=".1f") -> str:
 
 def table_lines(report: dict) -> list[str]:
     """The before/after table, as Markdown (it prints readably as plain text too)."""
-    lines = ["| family | rows | metric | base | fine-tuned | change | eval loss base | eval loss fine-tuned |",
-             "|---|---:|---|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| family | rows | metric | base | fine-tuned | change | eval loss base | eval loss fine-tuned |",
+        "|---|---:|---|---:|---:|---:|---:|---:|",
+    ]
 
     def line(name: str, b: dict, metric: str) -> str:
         if metric == "mixed":
@@ -90,8 +94,10 @@ def table_lines(report: dict) -> list[str]:
         label = {"exact_match": "exact match %", "rouge_l": "ROUGE-L"}[metric]
         base, tuned = b["base"][metric], b["fine_tuned"][metric]
         change = None if base is None or tuned is None else tuned - base
-        return (f"| {name} | {b['rows']} | {label} | {_fmt(base)} | {_fmt(tuned)} | {_fmt(change, '+.1f')} | "
-                f"{_fmt(b['base']['eval_loss'], '.3f')} | {_fmt(b['fine_tuned']['eval_loss'], '.3f')} |")
+        return (
+            f"| {name} | {b['rows']} | {label} | {_fmt(base)} | {_fmt(tuned)} | {_fmt(change, '+.1f')} | "
+            f"{_fmt(b['base']['eval_loss'], '.3f')} | {_fmt(b['fine_tuned']['eval_loss'], '.3f')} |"
+        )
 
     for fam, b in report["families"].items():
         lines.append(line(fam, b, b["metric"]))
@@ -100,17 +106,21 @@ def table_lines(report: dict) -> list[str]:
         lines.append(line("**all verifiable**", report["verifiable"], "exact_match"))
     if o["rows"] - o["verifiable_rows"]:
         lines.append(line("**all open-ended**", report["open_ended"], "rouge_l"))
-    lines.append(f"| **all rows** | {o['rows']} | perplexity | {_fmt(o['base']['perplexity'], '.2f')} | "
-                 f"{_fmt(o['fine_tuned']['perplexity'], '.2f')} | "
-                 f"{_fmt(o['delta']['perplexity'], '+.2f')} | {_fmt(o['base']['eval_loss'], '.3f')} | "
-                 f"{_fmt(o['fine_tuned']['eval_loss'], '.3f')} |")
+    lines.append(
+        f"| **all rows** | {o['rows']} | perplexity | {_fmt(o['base']['perplexity'], '.2f')} | "
+        f"{_fmt(o['fine_tuned']['perplexity'], '.2f')} | "
+        f"{_fmt(o['delta']['perplexity'], '+.2f')} | {_fmt(o['base']['eval_loss'], '.3f')} | "
+        f"{_fmt(o['fine_tuned']['eval_loss'], '.3f')} |"
+    )
     return lines
 
 
 def plot_loss_curves(log_rows: list[dict], dest: Path, base_loss: float | None = None) -> bool:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     train = [(r["step"], r["loss"]) for r in log_rows if "loss" in r]
     ev = [(r["step"], r["eval_loss"]) for r in log_rows if "eval_loss" in r]
     if not train and not ev:
@@ -121,8 +131,13 @@ def plot_loss_curves(log_rows: list[dict], dest: Path, base_loss: float | None =
     if ev:
         ax.plot(*zip(*ev), label="eval loss (held-out rows)", color="tab:orange", marker="o")
     if base_loss is not None:
-        ax.axhline(base_loss, color="tab:gray", linestyle="--", linewidth=1,
-                   label=f"base model eval loss ({base_loss:.3f}, evaluate.py)")
+        ax.axhline(
+            base_loss,
+            color="tab:gray",
+            linestyle="--",
+            linewidth=1,
+            label=f"base model eval loss ({base_loss:.3f}, evaluate.py)",
+        )
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss (response tokens)")
     ax.set_title("Training and eval loss")
@@ -136,16 +151,19 @@ def plot_loss_curves(log_rows: list[dict], dest: Path, base_loss: float | None =
 
 def plot_before_after(report: dict, dest: Path) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     names, base, tuned = [], [], []
     for fam, b in report["families"].items():
         metric = "exact_match" if b["metric"] != "rouge_l" else "rouge_l"
         names.append(f"{fam}\n({'EM' if metric == 'exact_match' else 'ROUGE-L'})")
         base.append(b["base"][metric] or 0.0)
         tuned.append(b["fine_tuned"][metric] or 0.0)
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(max(8, 1.3 * len(names) + 4), 4.5),
-                                   gridspec_kw={"width_ratios": [max(2, len(names)), 1.3]})
+    fig, (ax1, ax2) = plt.subplots(
+        1, 2, figsize=(max(8, 1.3 * len(names) + 4), 4.5), gridspec_kw={"width_ratios": [max(2, len(names)), 1.3]}
+    )
     x = range(len(names))
     w = 0.38
     ax1.bar([i - w / 2 for i in x], base, w, label="base", color="tab:gray")
@@ -172,12 +190,16 @@ def markdown(report: dict, has_curves: bool) -> str:
     m = report["models"]
     caps = report["settings"]["max_new_tokens"]
     budget = " / ".join(f"{n} ({k.replace('_', '-')} rows)" for k, n in caps.items())
-    lines = ["# Evaluation: base vs fine-tuned", "",
-             f"Run `{report['run']}`; {report['overall']['rows']} held-out rows from `{report['rows_file']}`.  ",
-             f"Base: `{m['base']}`. Fine-tuned: `{m['fine_tuned']}` ({m['fine_tuned_weights']}).  ",
-             f"Greedy decoding, at most {budget} new tokens (longer answers are cut off). "
-             "Exact match is after normalization (whitespace, case, a final period); ROUGE-L is F1 x100; "
-             "eval loss is the mean cross-entropy over response tokens.", ""]
+    lines = [
+        "# Evaluation: base vs fine-tuned",
+        "",
+        f"Run `{report['run']}`; {report['overall']['rows']} held-out rows from `{report['rows_file']}`.  ",
+        f"Base: `{m['base']}`. Fine-tuned: `{m['fine_tuned']}` ({m['fine_tuned_weights']}).  ",
+        f"Greedy decoding, at most {budget} new tokens (longer answers are cut off). "
+        "Exact match is after normalization (whitespace, case, a final period); ROUGE-L is F1 x100; "
+        "eval loss is the mean cross-entropy over response tokens.",
+        "",
+    ]
     lines += table_lines(report)
     lines += [""]
     if has_curves:
@@ -190,9 +212,13 @@ def markdown(report: dict, has_curves: bool) -> str:
         lines += [f"### {k}. {ex['family']}", "", f"**Instruction:** {ex['instruction']}  "]
         if ex["input"]:
             lines += [f"**Input:** {ex['input']}  "]
-        lines += [f"**Reference:** {ex['reference']}", "",
-                  f"- base ({score} {ex['base_score']:.2f}): {_quote(ex['base'])}",
-                  f"- fine-tuned ({score} {ex['fine_tuned_score']:.2f}): {_quote(ex['fine_tuned'])}", ""]
+        lines += [
+            f"**Reference:** {ex['reference']}",
+            "",
+            f"- base ({score} {ex['base_score']:.2f}): {_quote(ex['base'])}",
+            f"- fine-tuned ({score} {ex['fine_tuned_score']:.2f}): {_quote(ex['fine_tuned'])}",
+            "",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -208,8 +234,11 @@ def main(cfg: Config, run: RunDir, use: str | None = None, rows_path: Path | Non
     check_unlocked(run.root)
     clean_tmp_leftovers(run.root, names=("eval",))
     rows, tuned_use = preflight(cfg, run, use or cfg.inference.use, rows_path)
-    log.info("evaluating %d held-out rows (%d verifiable) with the base and the fine-tuned model",
-             len(rows), sum(map(is_verifiable, rows)))
+    log.info(
+        "evaluating %d held-out rows (%d verifiable) with the base and the fine-tuned model",
+        len(rows),
+        sum(map(is_verifiable, rows)),
+    )
     base = measure(cfg, run, "base", rows)
     tuned = measure(cfg, run, tuned_use, rows)
 
@@ -222,33 +251,63 @@ def main(cfg: Config, run: RunDir, use: str | None = None, rows_path: Path | Non
             return None
         pick = lambda m: {"rows": [m["rows"][i] for i in idx]}
         return aggregate([rows[i] for i in idx], pick(base), pick(tuned))["overall"]
+
     report = {
-        "run": str(run.root), "rows_file": str(rows_path),
-        "models": {"base": cfg.model.name_or_path,
-                   "fine_tuned": str(run.merged if tuned_use == "merged" else run.adapter),
-                   "fine_tuned_weights": tuned_use},
-        "settings": {"dtype": cfg.model.dtype, "greedy": True, "batch_size": cfg.inference.batch_size,
-                     "max_new_tokens": base["max_new_tokens"], "max_length": cfg.data.max_length},
-        "overall": agg["overall"], "verifiable": sub(ver), "open_ended": sub(opn), "families": agg["families"],
+        "run": str(run.root),
+        "rows_file": str(rows_path),
+        "models": {
+            "base": cfg.model.name_or_path,
+            "fine_tuned": str(run.merged if tuned_use == "merged" else run.adapter),
+            "fine_tuned_weights": tuned_use,
+        },
+        "settings": {
+            "dtype": cfg.model.dtype,
+            "greedy": True,
+            "batch_size": cfg.inference.batch_size,
+            "max_new_tokens": base["max_new_tokens"],
+            "max_length": cfg.data.max_length,
+        },
+        "overall": agg["overall"],
+        "verifiable": sub(ver),
+        "open_ended": sub(opn),
+        "families": agg["families"],
         "examples": pick_examples(rows, base, tuned),
-        "rows": [{"family": family_of(r), "verifiable": is_verifiable(r), "instruction": r["instruction"],
-                  "input": r.get("input") or "", "reference": r["output"],
-                  "base": {"answer": b["answer"], "score": b["score"], "tokens": b["tokens"],
-                           "loss": round(b["nll_sum"] / b["tokens"], 4) if b["tokens"] else None},
-                  "fine_tuned": {"answer": t["answer"], "score": t["score"], "tokens": t["tokens"],
-                                 "loss": round(t["nll_sum"] / t["tokens"], 4) if t["tokens"] else None}}
-                 for r, b, t in zip(rows, base["rows"], tuned["rows"])],
+        "rows": [
+            {
+                "family": family_of(r),
+                "verifiable": is_verifiable(r),
+                "instruction": r["instruction"],
+                "input": r.get("input") or "",
+                "reference": r["output"],
+                "base": {
+                    "answer": b["answer"],
+                    "score": b["score"],
+                    "tokens": b["tokens"],
+                    "loss": round(b["nll_sum"] / b["tokens"], 4) if b["tokens"] else None,
+                },
+                "fine_tuned": {
+                    "answer": t["answer"],
+                    "score": t["score"],
+                    "tokens": t["tokens"],
+                    "loss": round(t["nll_sum"] / t["tokens"], 4) if t["tokens"] else None,
+                },
+            }
+            for r, b, t in zip(rows, base["rows"], tuned["rows"])
+        ],
         "seconds": {"base": base["seconds"], "fine_tuned": tuned["seconds"], "total": round(time.time() - t0, 1)},
     }
     for key in ("eval_loss", "perplexity"):
         for name in ("base", "fine_tuned"):
             v = report["overall"][name][key]
             if v is None or not math.isfinite(v):
-                raise UserError(f"the {name} model's {key} is {v}: no response tokens were scored; "
-                                "check data.max_length against the held-out rows")
+                raise UserError(
+                    f"the {name} model's {key} is {v}: no response tokens were scored; "
+                    "check data.max_length against the held-out rows"
+                )
     with RunLock(run.root, "evaluate.py"), atomic_dir(run.eval) as tmp:
-        has_curves = plot_loss_curves(read_log_rows(run.train_log), tmp / "loss_curves.png",
-                                      report["overall"]["base"]["eval_loss"])
+        has_curves = plot_loss_curves(
+            read_log_rows(run.train_log), tmp / "loss_curves.png", report["overall"]["base"]["eval_loss"]
+        )
         plot_before_after(report, tmp / "before_after.png")
         report["plots"] = ["loss_curves.png"] * has_curves + ["before_after.png"]
         (tmp / "eval_report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
@@ -261,8 +320,12 @@ def main(cfg: Config, run: RunDir, use: str | None = None, rows_path: Path | Non
 
 def cli(argv) -> None:
     p = build_parser(__doc__)
-    p.add_argument("--rows", type=Path, default=None,
-                   help="a .jsonl of rows to evaluate instead of <run>/eval_rows.jsonl (keep them out of training)")
+    p.add_argument(
+        "--rows",
+        type=Path,
+        default=None,
+        help="a .jsonl of rows to evaluate instead of <run>/eval_rows.jsonl (keep them out of training)",
+    )
     g = p.add_mutually_exclusive_group()
     g.add_argument("--merged", dest="use", action="store_const", const="merged", help="fine-tuned = <run>/merged")
     g.add_argument("--adapter", dest="use", action="store_const", const="adapter", help="fine-tuned = base + adapter")

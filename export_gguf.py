@@ -22,27 +22,37 @@ Supported: the Llama architecture (`model_type: llama`: Llama 2/3, SmolLM2, Tiny
 byte-level BPE tokenizer (Llama 3, SmolLM2, GPT-2 style). Llama-3.1 "llama3" and linear RoPE scaling are
 written the way llama.cpp reads them.
 """
+
 from __future__ import annotations
 
 import contextlib
 from pathlib import Path
 
+from ftkit.cli import UserError, build_parser, log, parse_args, run_main, user_errors
 from ftkit.config import Config
-
-from ftkit.cli import build_parser, parse_args
-from ftkit.cli import UserError, log, run_main, user_errors
+from ftkit.gguf import (
+    MODELFILE_HEADER,
+    TYPES,
+    modelfile_text,
+    plan_tensors,
+    read_checkpoint,
+    read_vocab,
+    rope_params,
+    write_gguf,
+)
 from ftkit.paths import RunDir, atomic_write_text, check_free_space, stage_config
-from ftkit.runlock import RunLock, check_unlocked, clean_tmp_leftovers
-from ftkit.gguf import (MODELFILE_HEADER, TYPES, modelfile_text, plan_tensors, read_checkpoint, read_vocab, rope_params,
-                        write_gguf)
 from ftkit.prompts import PromptTemplate
+from ftkit.runlock import RunLock, check_unlocked, clean_tmp_leftovers
+
 
 def load_template(run: RunDir | None, tok) -> PromptTemplate:
     if run is not None and run.prompt_template.is_file():
         return PromptTemplate.load(run.prompt_template)
     kind = "chat" if getattr(tok, "chat_template", None) else "alpaca"
-    log.info("no prompt_template.json from training; using the tokenizer's %s template",
-             "chat" if kind == "chat" else "(none: Alpaca)")
+    log.info(
+        "no prompt_template.json from training; using the tokenizer's %s template",
+        "chat" if kind == "chat" else "(none: Alpaca)",
+    )
     return PromptTemplate.from_config(kind, tok)
 
 
@@ -53,19 +63,25 @@ def check_own_outputs(outfile: Path) -> None:
         with open(outfile, "rb") as f:
             magic = f.read(4)
         if magic != b"GGUF":
-            raise UserError(f"--outfile '{outfile}' exists and is not a GGUF file; it is left untouched: choose "
-                            "another --outfile")
+            raise UserError(
+                f"--outfile '{outfile}' exists and is not a GGUF file; it is left untouched: choose another --outfile"
+            )
     mf = outfile.parent / "Modelfile"
     if mf.is_dir() or (mf.is_file() and not mf.read_bytes().startswith(MODELFILE_HEADER.encode())):
-        raise UserError(f"'{mf}' exists and was not written by export_gguf.py; it is left untouched: move it or "
-                        "choose an --outfile in another folder")
+        raise UserError(
+            f"'{mf}' exists and was not written by export_gguf.py; it is left untouched: move it or "
+            "choose an --outfile in another folder"
+        )
 
 
-def main(cfg: Config, run: RunDir | None, qtype: str = "f16", outfile: Path | None = None,
-         model_dir: Path | None = None) -> Path:
+def main(
+    cfg: Config, run: RunDir | None, qtype: str = "f16", outfile: Path | None = None, model_dir: Path | None = None
+) -> Path:
     """Export <run>/merged (or model_dir) to `outfile` as GGUF of type `qtype`, plus a Modelfile beside it."""
     import logging
+
     from transformers import AutoTokenizer
+
     logging.getLogger("gguf").setLevel(logging.WARNING)  # the writer logs every step at INFO
     if qtype not in TYPES:
         raise UserError(f"--type {qtype} is not supported; choose one of {', '.join(TYPES)}")
@@ -77,8 +93,10 @@ def main(cfg: Config, run: RunDir | None, qtype: str = "f16", outfile: Path | No
     ckpt = read_checkpoint(src)
     rp = rope_params(ckpt.config)
     if rp["rope_type"] not in ("default", "llama3", "linear"):
-        raise UserError(f"RoPE scaling '{rp['rope_type']}' is not supported by export_gguf.py (default, linear "
-                        "and llama3 are); use llama.cpp's convert_hf_to_gguf.py")
+        raise UserError(
+            f"RoPE scaling '{rp['rope_type']}' is not supported by export_gguf.py (default, linear "
+            "and llama3 are); use llama.cpp's convert_hf_to_gguf.py"
+        )
     with user_errors(f"cannot load the tokenizer in '{src}'", "re-run merge_adapter.py (it saves the tokenizer)"):
         tok = AutoTokenizer.from_pretrained(src, local_files_only=True)
     template = load_template(run if model_dir is None else None, tok)
@@ -100,10 +118,18 @@ def main(cfg: Config, run: RunDir | None, qtype: str = "f16", outfile: Path | No
     total = sum(p.nbytes for p in plans)
     check_free_space(outfile.parent, int(total * 1.05) + (64 << 20), f"the {qtype} GGUF")
     name = (run.root.name if run is not None and model_dir is None else src.name) or "model"
-    modelfile = modelfile_text(outfile.name, tok, template, cfg.inference, vocab.add_bos,
-                               str(src))  # built before writing: a template problem leaves nothing behind
-    log.info("exporting %s -> %s (%s, %.2f GB, %d tensors, tokenizer pre '%s')", src, outfile, qtype,
-             total / 1e9, len(plans), vocab.pre)
+    modelfile = modelfile_text(
+        outfile.name, tok, template, cfg.inference, vocab.add_bos, str(src)
+    )  # built before writing: a template problem leaves nothing behind
+    log.info(
+        "exporting %s -> %s (%s, %.2f GB, %d tensors, tokenizer pre '%s')",
+        src,
+        outfile,
+        qtype,
+        total / 1e9,
+        len(plans),
+        vocab.pre,
+    )
     inside_run = run is not None and outfile.resolve().is_relative_to(run.root.resolve())
     with RunLock(run.root, "export_gguf.py") if inside_run else contextlib.nullcontext():
         write_gguf(ckpt, plans, vocab, qtype, name, outfile)
@@ -120,6 +146,7 @@ def cli(argv) -> None:
     a = parse_args(p, argv)
     if a.model is not None and a.config is None:
         from ftkit.config import load_config
+
         cfg, run = load_config(None, a.overrides), None
     else:
         cfg, run = stage_config(a.config, a.overrides)

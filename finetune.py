@@ -3,7 +3,8 @@
 Reads:  the YAML config; `model.name_or_path` (hub id or local folder); `data.path`.
 Writes: a new run directory, <paths.output_dir>/:
           config.yaml (what you asked: YAML + overrides), plan.json (what runs: every value decided from the
-          config, the data and the hardware; the values that differ from the YAML are logged with reasons), manifest.json (versions, git commit, data hash, seed),
+          config, the data and the hardware; the values that differ from the YAML are logged with reasons),
+          manifest.json (versions, git commit, data hash, seed),
           prompt_template.json, dataset_report.json, eval_rows.jsonl (held-out rows),
           checkpoints/checkpoint-N/ (resumable), train_log.jsonl (loss, lr, tokens per step),
           adapter/ (PEFT adapter, safetensors, + tokenizer; written atomically), run_summary.json,
@@ -29,6 +30,7 @@ TORCH_ELASTIC_SHUTDOWN_TIMEOUT seconds (default 30) after the first signal: rais
 checkpoint save take longer.
 Exit codes: 0 done, 2 bad input (one line on stderr), 130/143 interrupted with a checkpoint saved.
 """
+
 from __future__ import annotations
 
 import time
@@ -89,7 +91,11 @@ def dry_run(cfg: Config) -> dict:
     except UserError as e:
         note = f" (data not readable: {e}; rows assumed {cfg.data.max_length // 2} tokens)"
     world = dist_info()["world_size"]
-    hw = detect_hardware(device, world, fsdp_enabled()) if device == "cuda" else reference_hardware(world, fsdp_enabled())
+    hw = (
+        detect_hardware(device, world, fsdp_enabled())
+        if device == "cuda"
+        else reference_hardware(world, fsdp_enabled())
+    )
     plan = make_plan(cfg, hw, lengths, mconf, strict=False)
     where = plan.gpu if device == "cuda" else f"{plan.gpu} (no GPU detected here; the calibrated reference)"
     print(f"dry run: {cfg.model.name_or_path} on {where}{note}")
@@ -99,11 +105,17 @@ def dry_run(cfg: Config) -> dict:
 
 def cli(argv) -> int:
     p = build_parser(__doc__, config_required=True)
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace an existing run (kept aside until the new run's first checkpoint)")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing run (kept aside until the new run's first checkpoint)",
+    )
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
-    p.add_argument("--dry-run", action="store_true",
-                   help="print the training plan with its predicted peak GPU memory and tokens/s, then stop")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the training plan with its predicted peak GPU memory and tokens/s, then stop",
+    )
     a = parse_args(p, argv)
     if a.dry_run:
         return dry_run(load_config(a.config, a.overrides))["exit_code"]

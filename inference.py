@@ -28,22 +28,22 @@ Run:
     python inference.py --input-file prompts.jsonl --output-file answers.jsonl inference.batch_size=32
     python inference.py --chat
 """
+
 from __future__ import annotations
 
 from pathlib import Path
 
-from ftkit.config import Config
-
-from ftkit.cli import build_parser, parse_args
-from ftkit.cli import UserError, run_main
 from ftkit.answers import answer_file, read_prompt_file
 from ftkit.chat import chat
+from ftkit.cli import UserError, build_parser, parse_args, run_main
+from ftkit.config import Config
 from ftkit.generation import generate, load_for_inference, stream_one
 from ftkit.paths import RunDir, stage_config
 
 
 def held_out_rows(run: RunDir, n: int) -> list[dict]:
     import json
+
     path = run.eval_rows
     if not path.is_file():
         raise UserError(f"'{path}' is missing; --compare needs a run made by finetune.py")
@@ -66,13 +66,27 @@ def compare(cfg: Config, run: RunDir, n: int) -> list[dict]:
     for r, b, t in zip(rows, results["base"], results["tuned"]):
         prompt = r["instruction"] + (f"\n  input: {r['input']}" if r.get("input") else "")
         print(f"\n### {prompt}\n  reference : {r['output'][:200]}\n  base      : {b}\n  fine-tuned: {t}")
-        out.append({"instruction": r["instruction"], "input": r.get("input", ""), "reference": r["output"],
-                    "base": b, "fine_tuned": t})
+        out.append(
+            {
+                "instruction": r["instruction"],
+                "input": r.get("input", ""),
+                "reference": r["output"],
+                "base": b,
+                "fine_tuned": t,
+            }
+        )
     return out
 
+
 # -- answering a file of prompts ---------------------------------------------------------------------------------
-def main(cfg: Config, run: RunDir, prompt: str, input_text: str | None = None, use: str | None = None,
-         adapter: Path | None = None) -> str:
+def main(
+    cfg: Config,
+    run: RunDir,
+    prompt: str,
+    input_text: str | None = None,
+    use: str | None = None,
+    adapter: Path | None = None,
+) -> str:
     """Answer one prompt, streamed to stdout (see the module docstring for what is read)."""
     if not prompt or not prompt.strip():
         raise UserError("the prompt is empty; pass some text with --prompt")
@@ -83,17 +97,31 @@ def main(cfg: Config, run: RunDir, prompt: str, input_text: str | None = None, u
 def cli(argv) -> None:
     p = build_parser(__doc__)
     p.add_argument("--prompt", help="the instruction")
-    p.add_argument("--compare", type=int, metavar="N",
-                   help="answer N held-out rows with the base and the fine-tuned model, side by side")
+    p.add_argument(
+        "--compare",
+        type=int,
+        metavar="N",
+        help="answer N held-out rows with the base and the fine-tuned model, side by side",
+    )
     p.add_argument("--input", default=None, help="Alpaca's optional input field")
     p.add_argument("--input-file", type=Path, metavar="JSONL", help="answer every prompt in this JSON-lines file")
-    p.add_argument("--output-file", type=Path, metavar="JSONL",
-                   help="where --input-file's answers go (default <input>.answers.jsonl); resumed if it exists")
+    p.add_argument(
+        "--output-file",
+        type=Path,
+        metavar="JSONL",
+        help="where --input-file's answers go (default <input>.answers.jsonl); resumed if it exists",
+    )
     p.add_argument("--chat", action="store_true", help="interactive multi-turn chat in the terminal")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--merged", dest="use", action="store_const", const="merged", help="use <run>/merged")
-    g.add_argument("--adapter", nargs="?", const=True, default=None, metavar="DIR",
-                   help="base + <run>/adapter, unmerged; or base + the adapter in DIR (trained on the same base)")
+    g.add_argument(
+        "--adapter",
+        nargs="?",
+        const=True,
+        default=None,
+        metavar="DIR",
+        help="base + <run>/adapter, unmerged; or base + the adapter in DIR (trained on the same base)",
+    )
     g.add_argument("--base", dest="use", action="store_const", const="base", help="the base model alone")
     a = parse_args(p, argv)
     adapter = None
@@ -104,8 +132,16 @@ def cli(argv) -> None:
                 a.overrides.insert(0, a.adapter)  # `--adapter section.key=value`: an override, not a folder
             else:
                 adapter = Path(a.adapter).expanduser()
-    modes = [m for m, on in (("--prompt", a.prompt is not None), ("--compare", bool(a.compare)),
-                             ("--input-file", a.input_file is not None), ("--chat", a.chat)) if on]
+    modes = [
+        m
+        for m, on in (
+            ("--prompt", a.prompt is not None),
+            ("--compare", bool(a.compare)),
+            ("--input-file", a.input_file is not None),
+            ("--chat", a.chat),
+        )
+        if on
+    ]
     if len(modes) > 1:
         raise UserError(f"{' and '.join(modes)} do different things; pass one of them")
     if a.output_file is not None and a.input_file is None:

@@ -11,19 +11,27 @@ Run:
     python merge_adapter.py                          # the most recent run
     python merge_adapter.py --config configs/demo.yaml merge.dtype=float16
 """
+
 from __future__ import annotations
 
 import json
 
+from ftkit.cli import UserError, build_parser, log, parse_args, run_main
 from ftkit.config import Config
-
-from ftkit.cli import build_parser, parse_args
-from ftkit.cli import UserError, log, run_main
-from ftkit.models import (attach_adapter, check_same_base, load_causal_lm, load_tokenizer, model_skeleton, pick_device,
-                          read_adapter_config, resolve_model, torch_dtype)
+from ftkit.models import (
+    attach_adapter,
+    check_same_base,
+    load_causal_lm,
+    load_tokenizer,
+    model_skeleton,
+    pick_device,
+    read_adapter_config,
+    resolve_model,
+    torch_dtype,
+)
 from ftkit.paths import RunDir, atomic_dir, check_free_space, save_resolved_config, stage_config
-from ftkit.runlock import RunLock, check_unlocked, clean_tmp_leftovers
 from ftkit.prompts import PromptTemplate
+from ftkit.runlock import RunLock, check_unlocked, clean_tmp_leftovers
 
 
 def load_base_with_adapter(cfg: Config, run: RunDir, dtype, device: str):
@@ -37,6 +45,7 @@ def load_base_with_adapter(cfg: Config, run: RunDir, dtype, device: str):
 
 def reference_logits(model, tok, template: PromptTemplate, prompts: list[str]) -> list:
     import torch
+
     out = []
     with torch.no_grad():
         for p in prompts:
@@ -49,22 +58,27 @@ def preflight(cfg: Config, run: RunDir) -> None:
     """Everything that can be known before the base is loaded: a complete adapter trained on this base, a
     full-precision base (not a pre-quantized checkpoint), and room on disk for the merged model."""
     import torch
+
     check_same_base(read_adapter_config(run.adapter), cfg.model.name_or_path)
     source, offline = resolve_model(cfg.model)
     skeleton = model_skeleton(cfg, source, offline)
     q = getattr(skeleton.config, "quantization_config", None)
     if q:
         method = q.get("quant_method", "quantized") if isinstance(q, dict) else getattr(q, "quant_method", "quantized")
-        raise UserError(f"model.name_or_path '{source}' is a {method} checkpoint; merging into quantized weights "
-                        "would round the adapter away. Merge into the full-precision base the 4-bit model was made "
-                        "from (finetune.py quantizes it on the fly)")
+        raise UserError(
+            f"model.name_or_path '{source}' is a {method} checkpoint; merging into quantized weights "
+            "would round the adapter away. Merge into the full-precision base the 4-bit model was made "
+            "from (finetune.py quantizes it on the fly)"
+        )
     n_params = sum(p.numel() for p in skeleton.parameters())
-    check_free_space(run.root, int(n_params * torch.finfo(torch_dtype(cfg.merge.dtype)).bits / 8 * 1.1),
-                     "the merged model")
+    check_free_space(
+        run.root, int(n_params * torch.finfo(torch_dtype(cfg.merge.dtype)).bits / 8 * 1.1), "the merged model"
+    )
 
 
 def main(cfg: Config, run: RunDir) -> dict:
     import torch
+
     device = pick_device(cfg.merge.device)
     dtype = torch_dtype(cfg.merge.compute_dtype)
     template = PromptTemplate.load(run.prompt_template)
@@ -88,20 +102,33 @@ def main(cfg: Config, run: RunDir) -> dict:
             max_diff = max(max_diff, (got - ref).abs().max().item())
             agree += (got.argmax(-1) == ref.argmax(-1)).sum().item()
             total += ids.numel()
-    check = {"max_logit_diff": round(max_diff, 5), "token_agreement": round(agree / total, 5), "positions": total,
-             "compute_dtype": cfg.merge.compute_dtype, "saved_dtype": cfg.merge.dtype, "tolerance": {"max_logit_diff": cfg.merge.max_logit_diff,
-                                                     "min_token_agreement": cfg.merge.min_token_agreement},
-             "prompts": cfg.merge.check_prompts}
-    log.info("merge check: max logit diff %.4f, greedy-token agreement %.3f over %d positions",
-             check["max_logit_diff"], check["token_agreement"], total)
+    check = {
+        "max_logit_diff": round(max_diff, 5),
+        "token_agreement": round(agree / total, 5),
+        "positions": total,
+        "compute_dtype": cfg.merge.compute_dtype,
+        "saved_dtype": cfg.merge.dtype,
+        "tolerance": {"max_logit_diff": cfg.merge.max_logit_diff, "min_token_agreement": cfg.merge.min_token_agreement},
+        "prompts": cfg.merge.check_prompts,
+    }
+    log.info(
+        "merge check: max logit diff %.4f, greedy-token agreement %.3f over %d positions",
+        check["max_logit_diff"],
+        check["token_agreement"],
+        total,
+    )
     if not finite:
-        raise UserError("the model gives non-finite logits (inf or NaN) on the check prompts; nothing was written. "
-                        "The adapter's weights are broken (a diverged run): train again with a lower "
-                        "train.learning_rate")
+        raise UserError(
+            "the model gives non-finite logits (inf or NaN) on the check prompts; nothing was written. "
+            "The adapter's weights are broken (a diverged run): train again with a lower "
+            "train.learning_rate"
+        )
     if max_diff > cfg.merge.max_logit_diff or check["token_agreement"] < cfg.merge.min_token_agreement:
-        raise UserError(f"the merged model disagrees with base+adapter (max logit diff {max_diff:.3f}, agreement "
-                        f"{check['token_agreement']:.3f}); nothing was written. Check that the adapter matches the base, "
-                        "or raise merge.max_logit_diff if this is float16/bfloat16 rounding")
+        raise UserError(
+            f"the merged model disagrees with base+adapter (max logit diff {max_diff:.3f}, agreement "
+            f"{check['token_agreement']:.3f}); nothing was written. Check that the adapter matches the base, "
+            "or raise merge.max_logit_diff if this is float16/bfloat16 rounding"
+        )
     merged = merged.to(torch_dtype(cfg.merge.dtype))
     merged.config.use_cache = True
     merged.config.name_or_path = str(run.merged)

@@ -10,6 +10,7 @@ Run:
 
 Pick `lora.target_modules` from the --list-modules output, or use `all-linear`.
 """
+
 from __future__ import annotations
 
 from ftkit.cli import build_parser, parse_args, run_main

@@ -23,6 +23,7 @@ GPU (nvidia-h200; benchmarks/README.md "Time to quality" has the full recipe):
     python3 benchmarks/time_to_quality.py --out $OUT/ttq_h200.json --model /tmp/smollm2 \
         --data .bench/alpaca_en_1k.json --variants plain,default,packed_none,packed_sqrt,packed_linear
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,8 +43,13 @@ from ftkit.jsonl import read_log_rows  # noqa: E402
 
 CONFIG = ROOT / "configs" / "llama3_alpaca.yaml"
 VARIANTS = {
-    "plain": ["train.padding_free=false", "train.gradient_checkpointing=true", "train.use_liger_kernel=false",
-              "train.regroup_micro_batches=false", "train.upcast_frozen_fp32=true"],
+    "plain": [
+        "train.padding_free=false",
+        "train.gradient_checkpointing=true",
+        "train.use_liger_kernel=false",
+        "train.regroup_micro_batches=false",
+        "train.upcast_frozen_fp32=true",
+    ],
     "default": [],
     "packed_none": ["train.packing=true", "train.lr_scaling=none"],
     "packed_sqrt": ["train.packing=true", "train.lr_scaling=sqrt"],
@@ -57,8 +63,14 @@ def eval_points(log_rows: list[dict]) -> list[dict]:
     for r in log_rows:
         if "eval_loss" in r:
             eval_s += float(r.get("eval_runtime", 0.0))
-            out.append({"train_s": round(float(r["elapsed_s"]) - eval_s, 2), "epoch": float(r["epoch"]),
-                        "step": int(r["step"]), "eval_loss": float(r["eval_loss"])})
+            out.append(
+                {
+                    "train_s": round(float(r["elapsed_s"]) - eval_s, 2),
+                    "epoch": float(r["epoch"]),
+                    "step": int(r["step"]),
+                    "eval_loss": float(r["eval_loss"]),
+                }
+            )
     return out
 
 
@@ -92,10 +104,22 @@ def run_variant(name: str, a, data: Path, work: Path) -> dict:
     run = work / name
     steps_per_epoch = -(-a.train_rows // 16)
     every = a.eval_every or (1 if name.startswith("packed") else max(1, steps_per_epoch // a.evals_per_epoch))
-    over = [f"model.name_or_path={a.model}", f"data.path={data}", f"data.eval_size={a.eval_rows}",
-            "data.prompt_template=alpaca", f"train.num_train_epochs={a.epochs}", f"train.eval_steps={every}",
-            "train.save_steps=100000", "train.logging_steps=5", f"train.optim={a.optim}", "train.warmup_steps=0.03",
-            f"paths.output_dir={run}", f"paths.latest={work / 'latest'}", *a.extra, *VARIANTS[name]]
+    over = [
+        f"model.name_or_path={a.model}",
+        f"data.path={data}",
+        f"data.eval_size={a.eval_rows}",
+        "data.prompt_template=alpaca",
+        f"train.num_train_epochs={a.epochs}",
+        f"train.eval_steps={every}",
+        "train.save_steps=100000",
+        "train.logging_steps=5",
+        f"train.optim={a.optim}",
+        "train.warmup_steps=0.03",
+        f"paths.output_dir={run}",
+        f"paths.latest={work / 'latest'}",
+        *a.extra,
+        *VARIANTS[name],
+    ]
     cmd = [sys.executable, str(ROOT / "finetune.py"), "--config", str(CONFIG), *over]
     print(f"\n=== {name}: {' '.join(over)}", flush=True)
     t0 = time.time()
@@ -103,20 +127,33 @@ def run_variant(name: str, a, data: Path, work: Path) -> dict:
     wall = time.time() - t0
     if r.returncode != 0:
         print(r.stderr[-4000:], flush=True)
-        return {"error": r.stderr.strip().splitlines()[-1] if r.stderr.strip() else f"exit {r.returncode}",
-                "wall_s": round(wall, 1)}
+        return {
+            "error": r.stderr.strip().splitlines()[-1] if r.stderr.strip() else f"exit {r.returncode}",
+            "wall_s": round(wall, 1),
+        }
     plan = json.loads((run / "plan.json").read_text())
     summary = json.loads((run / "run_summary.json").read_text())
     points = eval_points(read_log_rows(run / "train_log.jsonl"))
     last = points[-1]
-    return {"rows_per_step": plan["rows_per_step"], "learning_rate": plan["learning_rate"],
-            "micro_batch": plan["per_device_train_batch_size"], "accumulation": plan["gradient_accumulation_steps"],
-            "gradient_checkpointing": plan["gradient_checkpointing"], "padding_free": plan["padding_free"],
-            "attention": plan["attn_implementation"], "liger": plan["use_liger_kernel"],
-            "steps": summary["steps"], "epochs": summary["epochs"], "process_wall_s": round(wall, 1),
-            "train_s": last["train_s"], "train_s_per_epoch": round(last["train_s"] / max(summary["epochs"], 1e-9), 2),
-            "eval_loss_by_epoch": {str(e): loss_at_epoch(points, float(e)) for e in range(1, int(a.epochs) + 1)},
-            "schedule_epochs": a.epochs, "points": points, "changes": plan["changes"]}
+    return {
+        "rows_per_step": plan["rows_per_step"],
+        "learning_rate": plan["learning_rate"],
+        "micro_batch": plan["per_device_train_batch_size"],
+        "accumulation": plan["gradient_accumulation_steps"],
+        "gradient_checkpointing": plan["gradient_checkpointing"],
+        "padding_free": plan["padding_free"],
+        "attention": plan["attn_implementation"],
+        "liger": plan["use_liger_kernel"],
+        "steps": summary["steps"],
+        "epochs": summary["epochs"],
+        "process_wall_s": round(wall, 1),
+        "train_s": last["train_s"],
+        "train_s_per_epoch": round(last["train_s"] / max(summary["epochs"], 1e-9), 2),
+        "eval_loss_by_epoch": {str(e): loss_at_epoch(points, float(e)) for e in range(1, int(a.epochs) + 1)},
+        "schedule_epochs": a.epochs,
+        "points": points,
+        "changes": plan["changes"],
+    }
 
 
 def summarize(variants: dict) -> dict:
@@ -132,13 +169,20 @@ def summarize(variants: dict) -> dict:
         if "points" not in r:
             continue
         t = time_to_loss(r["points"], target)
-        s[n] = {"time_to_plain_epoch1_loss_s": t, "speedup_to_quality": round(t_plain / t, 2) if t else None,
-                "epochs_to_plain_epoch1_loss": next((round(p["epoch"], 3) for p in r["points"]
-                                                     if p["eval_loss"] <= target), None),
-                "schedule_epochs": r.get("schedule_epochs"), "train_s_per_epoch": r["train_s_per_epoch"],
-                "loss_vs_plain_at_epoch": {e: round(x / plain["eval_loss_by_epoch"][e], 4)
-                                           for e, x in r["eval_loss_by_epoch"].items()
-                                           if x and plain["eval_loss_by_epoch"].get(e)}}
+        s[n] = {
+            "time_to_plain_epoch1_loss_s": t,
+            "speedup_to_quality": round(t_plain / t, 2) if t else None,
+            "epochs_to_plain_epoch1_loss": next(
+                (round(p["epoch"], 3) for p in r["points"] if p["eval_loss"] <= target), None
+            ),
+            "schedule_epochs": r.get("schedule_epochs"),
+            "train_s_per_epoch": r["train_s_per_epoch"],
+            "loss_vs_plain_at_epoch": {
+                e: round(x / plain["eval_loss_by_epoch"][e], 4)
+                for e, x in r["eval_loss_by_epoch"].items()
+                if x and plain["eval_loss_by_epoch"].get(e)
+            },
+        }
     return s
 
 
@@ -174,14 +218,26 @@ def main(argv=None) -> None:
         return merge(a.merge, Path(a.out))
     if a.gguf and not Path(a.model).exists():
         from ftkit.models import convert_gguf_file
+
         convert_gguf_file(Path(a.gguf), Path(a.model))
     rows = json.loads(Path(a.data).read_text(encoding="utf-8"))[: a.train_rows + a.eval_rows]
     out = Path(a.out)
-    res = {"model": a.model, "data": a.data, "train_rows": a.train_rows, "eval_rows": a.eval_rows,
-           "epochs": a.epochs, "optim": a.optim, "config": str(CONFIG.relative_to(ROOT)), "host": platform.node(),
-           "cpu_count": os.cpu_count(), "command": " ".join(sys.argv), "variants": {}}
+    res = {
+        "model": a.model,
+        "data": a.data,
+        "train_rows": a.train_rows,
+        "eval_rows": a.eval_rows,
+        "epochs": a.epochs,
+        "optim": a.optim,
+        "config": str(CONFIG.relative_to(ROOT)),
+        "host": platform.node(),
+        "cpu_count": os.cpu_count(),
+        "command": " ".join(sys.argv),
+        "variants": {},
+    }
     try:
         import torch
+
         res["device"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu ({os.cpu_count()} cores)"
         res["torch"] = torch.__version__
     except ImportError:

@@ -16,6 +16,7 @@ GPU (the issue's benchmark; see benchmarks/README.md for the exact command and t
 CPU (configs/demo.yaml, a few steps of each):
     python benchmarks/train_throughput.py --cpu --out benchmarks/results/cpu_demo.json
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,6 +44,7 @@ def build_model(model_dir: Path, tokenizer_dir: Path) -> None:
     """Llama-3-8B's config with random weights, saved once as safetensors with a tokenizer."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
+
     if (model_dir / "config.json").is_file():
         return
     t0 = time.time()
@@ -85,11 +87,13 @@ def timer_callback(counter: Counter, sync: bool):
     class Timer(TrainerCallback):
         """A step's batches are fetched before on_step_begin, so steps are timed end to end: from one step's
         end to the next one's, which includes fetching and collating."""
+
         marks: list = []
 
         def on_step_end(self, args, state, control, **kw):
             if sync:
                 import torch
+
                 torch.cuda.synchronize()
             self.marks.append((time.perf_counter(), counter.tokens, counter.rows))
 
@@ -98,6 +102,7 @@ def timer_callback(counter: Counter, sync: bool):
 
 def run_trainer(trainer, warmup: int, device: str) -> dict:
     import torch
+
     counter = Counter(trainer.data_collator)
     trainer.data_collator = counter
     tm = timer_callback(counter, device == "cuda")
@@ -113,9 +118,15 @@ def run_trainer(trainer, warmup: int, device: str) -> dict:
     (ta, ka, ra), (tb, kb, rb) = m[warmup - 1], m[-1]
     n = len(m) - warmup
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    out = {"steps_timed": n, "step_s": round((tb - ta) / n, 4), "real_tokens_per_s": round((kb - ka) / (tb - ta), 1),
-           "real_tokens_per_step": round((kb - ka) / n, 1), "rows_per_step": round((rb - ra) / n, 2),
-           "first_losses": losses[:3], "wall_s": round(wall, 1)}
+    out = {
+        "steps_timed": n,
+        "step_s": round((tb - ta) / n, 4),
+        "real_tokens_per_s": round((kb - ka) / (tb - ta), 1),
+        "real_tokens_per_step": round((kb - ka) / n, 1),
+        "rows_per_step": round((rb - ra) / n, 2),
+        "first_losses": losses[:3],
+        "wall_s": round(wall, 1),
+    }
     if device == "cuda":
         out["peak_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 3)
         out["peak_reserved_gb"] = round(torch.cuda.max_memory_reserved() / 1e9, 3)
@@ -149,17 +160,37 @@ def plain_trainer(base, tok, rows, steps: int, device: str, batch=2, accum=4, ma
     from datasets import Dataset
     from peft import LoraConfig
     from trl import SFTConfig, SFTTrainer
-    args = SFTConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=batch,
-                     gradient_accumulation_steps=accum, max_steps=steps, logging_steps=1, save_strategy="no",
-                     report_to="none", seed=42, max_length=max_length, use_cpu=device == "cpu",
-                     disable_tqdm=True)
+
+    args = SFTConfig(
+        output_dir=tempfile.mkdtemp(),
+        per_device_train_batch_size=batch,
+        gradient_accumulation_steps=accum,
+        max_steps=steps,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        seed=42,
+        max_length=max_length,
+        use_cpu=device == "cpu",
+        disable_tqdm=True,
+    )
     lcfg = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS, task_type="CAUSAL_LM")
-    return SFTTrainer(model=base, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok,
-                      peft_config=lcfg)
+    return SFTTrainer(
+        model=base, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok, peft_config=lcfg
+    )
 
 
-def project_trainer(base, tok, rows, lengths, steps: int, device: str, overrides: list[str], config: str,
-                    plan_override: dict | None = None):
+def project_trainer(
+    base,
+    tok,
+    rows,
+    lengths,
+    steps: int,
+    device: str,
+    overrides: list[str],
+    config: str,
+    plan_override: dict | None = None,
+):
     """(b) finetune.py's path: its config, training plan, apply_lora, sft_config and speed switches.
     `plan_override` replaces planned values, for ablations the plan itself would never choose."""
     import dataclasses
@@ -171,8 +202,18 @@ def project_trainer(base, tok, rows, lengths, steps: int, device: str, overrides
     from ftkit.config import load_config
     from ftkit.paths import RunDir
     from ftkit.plan import detect_hardware, make_plan
-    cfg = load_config(config, [f"train.max_steps={steps}", "train.logging_steps=1", "train.save_steps=100000",
-                               "lora.lora_dropout=0.0", "train.eval_steps=null", *overrides])
+
+    cfg = load_config(
+        config,
+        [
+            f"train.max_steps={steps}",
+            "train.logging_steps=1",
+            "train.save_steps=100000",
+            "lora.lora_dropout=0.0",
+            "train.eval_steps=null",
+            *overrides,
+        ],
+    )
     plan = make_plan(cfg, detect_hardware(device), lengths, base.config)
     if plan_override:
         plan = dataclasses.replace(plan, **plan_override)
@@ -192,6 +233,7 @@ def mfu(tokens_per_s: float, n_params: int, recompute: bool) -> dict:
 def variant(name: str, base, fn, *a, **kw) -> dict | None:
     """Run one measurement on `base`; a failure is recorded, not fatal; the base is reset after it."""
     import torch
+
     t0 = time.time()
     print(f"\n=== {name}", flush=True)
     res, err = None, None
@@ -214,9 +256,9 @@ def variant(name: str, base, fn, *a, **kw) -> dict | None:
 # -- GPU benchmark ------------------------------------------------------------------------------------
 def gpu_main(a) -> None:
     import torch
+
     from ftkit import data as data_stage
-    from ftkit import train
-    from ftkit import estimate
+    from ftkit import estimate, train
     from ftkit.config import load_config
     from ftkit.models import load_tokenizer, resolve_model
 
@@ -226,15 +268,25 @@ def gpu_main(a) -> None:
     RESULTS["versions"] = versions()
     RESULTS["host_mem_available_gb"] = round((estimate.host_memory_available() or 0) / 1e9, 1)
     RESULTS["gpu_total_gb"] = round(torch.cuda.get_device_properties(0).total_memory / 1e9, 1)
-    base_over = [f"model.name_or_path={model_dir}", f"data.path={a.data}", "data.eval_size=0",
-                 "data.max_length=1024", "data.prompt_template=alpaca"]
+    base_over = [
+        f"model.name_or_path={model_dir}",
+        f"data.path={a.data}",
+        "data.eval_size=0",
+        "data.max_length=1024",
+        "data.prompt_template=alpaca",
+    ]
     cfg = load_config(a.config, base_over)
     source, offline = resolve_model(cfg.model)
     tok = load_tokenizer(cfg, source, offline)
     prep = data_stage.prepare(cfg, tok)
     rows, lengths = prep.train.rows, prep.train.lengths
-    RESULTS["data"] = {"source": a.data, "rows": len(rows), "mean_tokens": round(sum(lengths) / len(lengths), 1),
-                       "max_tokens": max(lengths), "tokenizer": "SmolLM2-135M-Instruct BPE (49152 ids; model vocab 128256)"}
+    RESULTS["data"] = {
+        "source": a.data,
+        "rows": len(rows),
+        "mean_tokens": round(sum(lengths) / len(lengths), 1),
+        "max_tokens": max(lengths),
+        "tokenizer": "SmolLM2-135M-Instruct BPE (49152 ids; model vocab 128256)",
+    }
     t0 = time.time()
     base = train.load_quantized_base(cfg, source, offline, "cuda")
     RESULTS["load_4bit_s"] = round(time.time() - t0, 1)
@@ -244,8 +296,10 @@ def gpu_main(a) -> None:
     RESULTS.save()
     N = nums["params"]
     g = torch.Generator().manual_seed(7)
-    fixed = [{"input_ids": ids, "labels": ids} for ids in
-             torch.randint(10, 49000, (a.fixed_rows, 2048), generator=g).tolist()]
+    fixed = [
+        {"input_ids": ids, "labels": ids}
+        for ids in torch.randint(10, 49000, (a.fixed_rows, 2048), generator=g).tolist()
+    ]
     W, S = a.warmup, a.steps
 
     def plain(base, data, batch, accum, max_length, steps):
@@ -274,9 +328,11 @@ def gpu_main(a) -> None:
             r = run_trainer(tr, W, "cuda")
         if liger_err:
             r["first_attempt_error"] = liger_err
-        r["kernels"] = {"lm_forward": getattr(base.forward, "__module__", "?"),
-                        "rmsnorm": type(base.model.norm).__module__ + "." + getattr(base.model.norm.forward, "__qualname__", "?"),
-                        "attn": base.config._attn_implementation}
+        r["kernels"] = {
+            "lm_forward": getattr(base.forward, "__module__", "?"),
+            "rmsnorm": type(base.model.norm).__module__ + "." + getattr(base.model.norm.forward, "__qualname__", "?"),
+            "attn": base.config._attn_implementation,
+        }
         r["switches"] = {k: v for k, v in info.items() if k not in ("estimate", "estimate_largest", "changes")}
         r["estimate"] = info["estimate"]
         r.update(mfu(r["real_tokens_per_s"], N, bool(info["gradient_checkpointing"])))
@@ -290,8 +346,11 @@ def gpu_main(a) -> None:
         t = time.perf_counter()
         tr.train()
         torch.cuda.synchronize()
-        return {"L": L, "peak_gb": round(torch.cuda.max_memory_allocated() / 1e9, 3),
-                "step_s": round(time.perf_counter() - t, 2)}
+        return {
+            "L": L,
+            "peak_gb": round(torch.cuda.max_memory_allocated() / 1e9, 3),
+            "step_s": round(time.perf_counter() - t, 2),
+        }
 
     def probe_project(base, L, overrides):
         row = [{"input_ids": torch.randint(10, 49000, (L,)).tolist()}]
@@ -302,12 +361,18 @@ def gpu_main(a) -> None:
         t = time.perf_counter()
         tr.train()
         torch.cuda.synchronize()
-        out = {"L": L, "peak_gb": round(torch.cuda.max_memory_allocated() / 1e9, 3),
-               "step_s": round(time.perf_counter() - t, 2), "gc": info["gradient_checkpointing"],
-               "tiled_mlp": info["tiled_mlp"], "offload_layers": info["offload_layers"],
-               "loss": tr.state.log_history[0].get("loss") if tr.state.log_history else None,
-               "pred_peak_gb": info["estimate"]["predicted_peak_gb"],
-               "pred_host_gb": info["estimate"]["host_offload_gb"], "pred_step_s": info["estimate"]["predicted_step_s"]}
+        out = {
+            "L": L,
+            "peak_gb": round(torch.cuda.max_memory_allocated() / 1e9, 3),
+            "step_s": round(time.perf_counter() - t, 2),
+            "gc": info["gradient_checkpointing"],
+            "tiled_mlp": info["tiled_mlp"],
+            "offload_layers": info["offload_layers"],
+            "loss": tr.state.log_history[0].get("loss") if tr.state.log_history else None,
+            "pred_peak_gb": info["estimate"]["predicted_peak_gb"],
+            "pred_host_gb": info["estimate"]["host_offload_gb"],
+            "pred_step_s": info["estimate"]["predicted_step_s"],
+        }
         if host0 is not None:
             out["host_pinned_peak_gb"] = round(host_pinned_peak() / 1e9, 3)
         return out
@@ -340,45 +405,108 @@ def gpu_main(a) -> None:
             "no_liger": (["train.use_liger_kernel=false"], None),
             "checkpointing": (["train.gradient_checkpointing=true"], None),
             "micro_b8x2": (["train.regroup_micro_batches=false"], None),
-            "micro_b8x2_checkpointing": (["train.regroup_micro_batches=false", "train.gradient_checkpointing=true"],
-                                         None),
+            "micro_b8x2_checkpointing": (
+                ["train.regroup_micro_batches=false", "train.gradient_checkpointing=true"],
+                None,
+            ),
             "padded": (["train.padding_free=false"], None),
         }
         for n, (over, po) in ablations.items():
             if not a.ablations or n in a.ablations.split(","):
                 variant(f"project_yaml_{n}", base, project, rows, lengths, yaml_over + over, W + S, yaml_cfg, po)
     if want("project_throughput"):
-        variant("project_throughput_pack16384", base, project, rows, lengths,
-                ["train.pack_tokens=16384", "train.gradient_accumulation_steps=1"], W + S)
+        variant(
+            "project_throughput_pack16384",
+            base,
+            project,
+            rows,
+            lengths,
+            ["train.pack_tokens=16384", "train.gradient_accumulation_steps=1"],
+            W + S,
+        )
     # (b) the project's path
     same = ["train.packing=false", "train.per_device_train_batch_size=8", "train.gradient_accumulation_steps=1"]
     if want("project_same"):
-        variant("project_alpaca_same_b8x1_gc", base, project, rows, lengths,
-                       same + ["train.gradient_checkpointing=true"], W + S)
-        variant("project_alpaca_same_b4x2_gc", base, project, rows, lengths,
-                ["train.packing=false", "train.per_device_train_batch_size=4", "train.gradient_accumulation_steps=2",
-                 "train.gradient_checkpointing=true"], W + S)
-        variant("project_alpaca_same_b8x1_nogc", base, project, rows, lengths,
-                       same + ["train.gradient_checkpointing=false"], W + S)
+        variant(
+            "project_alpaca_same_b8x1_gc",
+            base,
+            project,
+            rows,
+            lengths,
+            same + ["train.gradient_checkpointing=true"],
+            W + S,
+        )
+        variant(
+            "project_alpaca_same_b4x2_gc",
+            base,
+            project,
+            rows,
+            lengths,
+            [
+                "train.packing=false",
+                "train.per_device_train_batch_size=4",
+                "train.gradient_accumulation_steps=2",
+                "train.gradient_checkpointing=true",
+            ],
+            W + S,
+        )
+        variant(
+            "project_alpaca_same_b8x1_nogc",
+            base,
+            project,
+            rows,
+            lengths,
+            same + ["train.gradient_checkpointing=false"],
+            W + S,
+        )
     if want("project_default"):
         for pt in a.pack_tokens:
-            variant(f"project_alpaca_pack{pt}", base, project, rows, lengths,
-                           [f"train.pack_tokens={pt}", "train.gradient_accumulation_steps=1"], W + S)
+            variant(
+                f"project_alpaca_pack{pt}",
+                base,
+                project,
+                rows,
+                lengths,
+                [f"train.pack_tokens={pt}", "train.gradient_accumulation_steps=1"],
+                W + S,
+            )
     if want("project_fixed"):
-        variant("project_fixed2048_pack16384", base, project, fixed, [2048] * len(fixed),
-                       ["train.pack_tokens=16384", "train.gradient_accumulation_steps=1"], W + S)
+        variant(
+            "project_fixed2048_pack16384",
+            base,
+            project,
+            fixed,
+            [2048] * len(fixed),
+            ["train.pack_tokens=16384", "train.gradient_accumulation_steps=1"],
+            W + S,
+        )
     if want("project_long"):
         for L in a.project_probe:
-            variant(f"project_long_{L}", base, probe_project, L, ["train.gradient_checkpointing=true",
-                                                                 "train.tiled_mlp=false", "train.activation_offloading=false"])
+            variant(
+                f"project_long_{L}",
+                base,
+                probe_project,
+                L,
+                ["train.gradient_checkpointing=true", "train.tiled_mlp=false", "train.activation_offloading=false"],
+            )
     if want("project_long_tiled"):
         for L in a.project_probe:
-            variant(f"project_long_tiled_{L}", base, probe_project, L, [
-                "train.gradient_checkpointing=true", "train.tiled_mlp=true", "train.activation_offloading=false"])
+            variant(
+                f"project_long_tiled_{L}",
+                base,
+                probe_project,
+                L,
+                ["train.gradient_checkpointing=true", "train.tiled_mlp=true", "train.activation_offloading=false"],
+            )
     if want("project_long_offload"):
         for L in a.offload_probe:
-            variant(f"project_long_tiled_offload32_{L}", base, probe_project, L, [
-                "train.gradient_checkpointing=true", "train.tiled_mlp=true", "train.activation_offloading=true"])
+            variant(
+                f"project_long_tiled_offload32_{L}",
+                base,
+                probe_project,
+                L,
+                ["train.gradient_checkpointing=true", "train.tiled_mlp=true", "train.activation_offloading=true"],
+            )
     if want("project_long_auto"):
         for L in a.auto_probe:  # what finetune.py picks by itself for one row this long
             variant(f"project_long_auto_{L}", base, probe_project, L, [])
@@ -392,13 +520,17 @@ def contamination_check(base, rows):
     the kernel noise floor (a row alone through SDPA vs through the varlen kernel) and a contaminated control
     (the packed row under plain causal SDPA with an all-ones mask: rows attend across boundaries)."""
     import torch
-    from ftkit import attention
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    from ftkit import attention
+
     attention.use_varlen_attention(base)
     base.eval()
     coll = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True)
-    batch = {k: (v.cuda() if torch.is_tensor(v) else v) for k, v in coll(
-        [{"input_ids": r["input_ids"]} for r in rows]).items()}
+    batch = {
+        k: (v.cuda() if torch.is_tensor(v) else v)
+        for k, v in coll([{"input_ids": r["input_ids"]} for r in rows]).items()
+    }
     fwd = {k: v for k, v in batch.items() if k not in ("labels", "seq_idx")}
 
     def row_losses(hidden):
@@ -406,8 +538,9 @@ def contamination_check(base, rows):
         for r in rows:
             n = len(r["input_ids"])
             ids = torch.tensor(r["input_ids"], device="cuda")
-            out.append(torch.nn.functional.cross_entropy(base.lm_head(hidden[start:start + n - 1]).float(),
-                                                         ids[1:]).item())
+            out.append(
+                torch.nn.functional.cross_entropy(base.lm_head(hidden[start : start + n - 1]).float(), ids[1:]).item()
+            )
             start += n
         return out
 
@@ -419,25 +552,37 @@ def contamination_check(base, rows):
             n = ids.shape[1]
             alone += row_losses_one(base, ids)
             cu = torch.tensor([0, n], dtype=torch.int32, device="cuda")
-            h = base.model(input_ids=ids, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=n,
-                           max_length_k=n).last_hidden_state[0]
+            h = base.model(
+                input_ids=ids, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=n, max_length_k=n
+            ).last_hidden_state[0]
             alone_varlen.append(torch.nn.functional.cross_entropy(base.lm_head(h[:-1]).float(), ids[0, 1:]).item())
         base.set_attn_implementation("sdpa")
-        mixed = row_losses(base.model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
-                                      attention_mask=torch.ones_like(batch["input_ids"])).last_hidden_state[0])
+        mixed = row_losses(
+            base.model(
+                input_ids=batch["input_ids"],
+                position_ids=batch["position_ids"],
+                attention_mask=torch.ones_like(batch["input_ids"]),
+            ).last_hidden_state[0]
+        )
         attention.use_varlen_attention(base)
     base.train()
 
     def rel(a, b):
         return max(abs(x - y) / abs(x) for x, y in zip(a, b))
-    return {"loss_alone": alone, "loss_packed": packed, "loss_contaminated_control": mixed,
-            "max_rel_diff_packed_vs_alone": rel(alone, packed),
-            "max_rel_diff_noise_floor_sdpa_vs_varlen_alone": rel(alone, alone_varlen),
-            "max_rel_diff_contaminated_control": rel(alone[1:], mixed[1:])}
+
+    return {
+        "loss_alone": alone,
+        "loss_packed": packed,
+        "loss_contaminated_control": mixed,
+        "max_rel_diff_packed_vs_alone": rel(alone, packed),
+        "max_rel_diff_noise_floor_sdpa_vs_varlen_alone": rel(alone, alone_varlen),
+        "max_rel_diff_contaminated_control": rel(alone[1:], mixed[1:]),
+    }
 
 
 def row_losses_one(base, ids):
     import torch
+
     h = base.model(input_ids=ids).last_hidden_state[0]
     return [torch.nn.functional.cross_entropy(base.lm_head(h[:-1]).float(), ids[0, 1:]).item()]
 
@@ -456,18 +601,28 @@ def longest_rows(v: dict, usable_gb: float, host_gb: float) -> dict:
     row length L (flash attention keeps no L x L matrix), so max L = (usable - intercept) / slope. With
     offloading the host holds `c` GB per token and layer; offloading m of the layers moves m x c from GPU to
     host, and the best m is the one where neither side runs out first."""
-    modes = {"plain": "plain_long_", "checkpointing": "project_long_", "tiled_mlp": "project_long_tiled_",
-             "tiled_mlp_offload_all": "project_long_tiled_offload32_"}
+    modes = {
+        "plain": "plain_long_",
+        "checkpointing": "project_long_",
+        "tiled_mlp": "project_long_tiled_",
+        "tiled_mlp_offload_all": "project_long_tiled_offload32_",
+    }
     out, fits = {"usable_gpu_gb": usable_gb, "host_usable_gb": host_gb}, {}
     for mode, prefix in modes.items():
-        pts = [(r["L"], r["peak_gb"]) for n, r in v.items() if n.startswith(prefix) and n[len(prefix):].isdigit()
-               and r.get("peak_gb")]
+        pts = [
+            (r["L"], r["peak_gb"])
+            for n, r in v.items()
+            if n.startswith(prefix) and n[len(prefix) :].isdigit() and r.get("peak_gb")
+        ]
         if len(pts) >= 2:
             slope, icpt = fit_line(pts)
             fits[mode] = (slope, icpt)
-            out[mode] = {"gb_per_1k_tokens": round(slope * 1e3, 4), "intercept_gb": round(icpt, 2),
-                         "measured_lengths": sorted(x for x, _ in pts),
-                         "max_tokens_gpu_only": int((usable_gb - icpt) / slope)}
+            out[mode] = {
+                "gb_per_1k_tokens": round(slope * 1e3, 4),
+                "intercept_gb": round(icpt, 2),
+                "measured_lengths": sorted(x for x, _ in pts),
+                "max_tokens_gpu_only": int((usable_gb - icpt) / slope),
+            }
     if "tiled_mlp" in fits and "tiled_mlp_offload_all" in fits:
         a_t, b_t = fits["tiled_mlp"]
         a_o, _ = fits["tiled_mlp_offload_all"]
@@ -476,11 +631,19 @@ def longest_rows(v: dict, usable_gb: float, host_gb: float) -> dict:
         # GB per token a layer's offload takes on the host: its bf16 input, 2 bytes x hidden (the 16k probe's
         # pinned-memory peak is exactly that; later probes' peaks also count the previous probe's blocks)
         c_host = 2 * LLAMA3_8B["hidden_size"] / 1e9
-        best = max(((m, min((usable_gb - b_t) / (a_t - m * c), host_gb / (m * c_host) if m else float("inf")))
-                    for m in range(layers + 1)), key=lambda x: x[1])
-        out["partial_offload"] = {"gpu_gb_freed_per_1k_tokens_per_layer": round(c * 1e3, 5),
-                                  "host_gb_per_1k_tokens_per_layer": round(c_host * 1e3, 5),
-                                  "best_offloaded_layers": best[0], "max_tokens": int(best[1])}
+        best = max(
+            (
+                (m, min((usable_gb - b_t) / (a_t - m * c), host_gb / (m * c_host) if m else float("inf")))
+                for m in range(layers + 1)
+            ),
+            key=lambda x: x[1],
+        )
+        out["partial_offload"] = {
+            "gpu_gb_freed_per_1k_tokens_per_layer": round(c * 1e3, 5),
+            "host_gb_per_1k_tokens_per_layer": round(c_host * 1e3, 5),
+            "best_offloaded_layers": best[0],
+            "max_tokens": int(best[1]),
+        }
     plain = out.get("plain", {}).get("max_tokens_gpu_only")
     if plain:
         for mode in ("checkpointing", "tiled_mlp"):
@@ -494,21 +657,29 @@ def longest_rows(v: dict, usable_gb: float, host_gb: float) -> dict:
 def summarize() -> None:
     v = RESULTS.get("variants", {})
     if any(n.startswith(("plain_long_", "project_long_")) for n in v):
-        RESULTS["longest_rows"] = longest_rows(v, usable_gb=RESULTS.get("gpu_total_gb", 150.0) - 2.0,
-                                               host_gb=0.9 * RESULTS.get("host_mem_available_gb", 0.0))
+        RESULTS["longest_rows"] = longest_rows(
+            v,
+            usable_gb=RESULTS.get("gpu_total_gb", 150.0) - 2.0,
+            host_gb=0.9 * RESULTS.get("host_mem_available_gb", 0.0),
+        )
 
     def tps(n):
         return v.get(n, {}).get("real_tokens_per_s")
+
     plain = tps("plain_alpaca_b2x4")
     s = {}
     if plain:
-        cands = [n for n in ("project_alpaca_same_b8x1_gc", "project_alpaca_same_b4x2_gc") if tps(n)
-                 and v[n].get("peak_gb", 1e9) <= v["plain_alpaca_b2x4"].get("peak_gb", 0)]
+        cands = [
+            n
+            for n in ("project_alpaca_same_b8x1_gc", "project_alpaca_same_b4x2_gc")
+            if tps(n) and v[n].get("peak_gb", 1e9) <= v["plain_alpaca_b2x4"].get("peak_gb", 0)
+        ]
         s["same_batch_variant"] = max(cands, key=tps) if cands else "project_alpaca_same_b8x1_gc"
         same = tps(s["same_batch_variant"])
         s["ratio_same_batch"] = round(same / plain, 2) if same else None
-        s["ratio_same_batch_nogc"] = round(tps("project_alpaca_same_b8x1_nogc") / plain, 2) \
-            if tps("project_alpaca_same_b8x1_nogc") else None
+        s["ratio_same_batch_nogc"] = (
+            round(tps("project_alpaca_same_b8x1_nogc") / plain, 2) if tps("project_alpaca_same_b8x1_nogc") else None
+        )
         packs = {n: tps(n) for n in v if n.startswith("project_alpaca_pack") and tps(n)}
         if packs:
             best = max(packs, key=packs.get)
@@ -526,20 +697,24 @@ def summarize() -> None:
             s["ratio_yaml_default_vs_plain_b2x4"] = round(y / plain, 2)
         if tps("plain_trl_yaml_b8x2_gc"):
             s["ratio_yaml_default_vs_plain_trl_b8x2"] = round(y / tps("plain_trl_yaml_b8x2_gc"), 2)
-        s["ablation_tokens_per_s"] = {n.removeprefix("project_yaml_"): tps(n) for n in v
-                                      if n.startswith("project_yaml_")}
+        s["ablation_tokens_per_s"] = {
+            n.removeprefix("project_yaml_"): tps(n) for n in v if n.startswith("project_yaml_")
+        }
     RESULTS["summary"] = s
     RESULTS.save()
     print("\nvariant                              tok/s    step_s  peak_GB   MFU")
     for n, r in v.items():
-        print(f"{n:34s} {r.get('real_tokens_per_s', '-')!s:>8} {r.get('step_s', '-')!s:>8} "
-              f"{r.get('peak_gb', '-')!s:>8} {r.get('mfu', '-')!s:>6}  {r.get('error', '')}")
+        print(
+            f"{n:34s} {r.get('real_tokens_per_s', '-')!s:>8} {r.get('step_s', '-')!s:>8} "
+            f"{r.get('peak_gb', '-')!s:>8} {r.get('mfu', '-')!s:>6}  {r.get('error', '')}"
+        )
     print(json.dumps(s))
 
 
 def host_pinned_peak(reset: bool = False) -> float | None:
     """Peak bytes of pinned host memory torch allocated (the offloaded checkpoints) since the last reset."""
     import torch
+
     try:
         if reset:
             torch.cuda.memory.reset_peak_host_memory_stats()
@@ -551,10 +726,12 @@ def host_pinned_peak(reset: bool = False) -> float | None:
 # -- CPU: the demo config -------------------------------------------------------------------------------
 def cpu_main(a) -> None:
     import torch
+
     from ftkit import data as data_stage
     from ftkit import train
     from ftkit.config import load_config
     from ftkit.models import load_tokenizer, resolve_model
+
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     RESULTS["device"] = f"cpu ({os.cpu_count()} cores)"
     RESULTS["versions"] = versions()
@@ -580,8 +757,11 @@ def cpu_main(a) -> None:
 
     # The paths alternate (plain, default, padding-free, plain, ...) so that a slow spell of a shared CPU
     # does not land on one path only; the summary compares medians.
-    paths = {"plain_demo": (plain,), "project_demo_default": (project, []),
-             "project_demo_padding_free": (project, ["train.padding_free=true"])}
+    paths = {
+        "plain_demo": (plain,),
+        "project_demo_default": (project, []),
+        "project_demo_padding_free": (project, ["train.padding_free=true"]),
+    }
     for rep in range(a.repeat):
         for name, (fn, *args) in paths.items():
             variant(name if a.repeat == 1 else f"{name}_r{rep}", base, fn, *args)
@@ -590,10 +770,14 @@ def cpu_main(a) -> None:
     def median_tps(name):
         xs = sorted(r["real_tokens_per_s"] for n, r in v.items() if n.startswith(name) and r.get("real_tokens_per_s"))
         return xs[len(xs) // 2] if len(xs) % 2 else (xs[len(xs) // 2 - 1] + xs[len(xs) // 2]) / 2 if xs else None
+
     med = {name: median_tps(name) for name in paths}
     p = med["plain_demo"]
-    RESULTS["summary"] = {"median_tokens_per_s": med, "repeats": a.repeat,
-                          "ratio_to_plain": {n: round(x / p, 3) for n, x in med.items() if p and x}}
+    RESULTS["summary"] = {
+        "median_tokens_per_s": med,
+        "repeats": a.repeat,
+        "ratio_to_plain": {n: round(x / p, 3) for n, x in med.items() if p and x},
+    }
     RESULTS.save()
     print(json.dumps(RESULTS["summary"]))
 
@@ -616,12 +800,20 @@ def main(argv=None) -> None:
     p.add_argument("--offload-probe", type=lambda s: [int(x) for x in s.split(",")], default=[65536])
     p.add_argument("--auto-probe", type=lambda s: [int(x) for x in s.split(",") if x], default=[])
     p.add_argument("--ablations", default="", help="comma list of project_yaml ablations (default: all)")
-    p.add_argument("--only", default="", help="comma list of groups: plain_alpaca,plain_yaml,project_yaml,"
-                   "project_throughput,plain_fixed,plain_long,"
-                   "project_same,project_default,project_fixed,project_long,project_long_tiled,project_long_offload,"
-                   "project_long_auto,contamination")
-    p.add_argument("--summarize", nargs="+", metavar="JSON",
-                   help="merge the variants of earlier result files (later ones win) and write the summary to --out")
+    p.add_argument(
+        "--only",
+        default="",
+        help="comma list of groups: plain_alpaca,plain_yaml,project_yaml,"
+        "project_throughput,plain_fixed,plain_long,"
+        "project_same,project_default,project_fixed,project_long,project_long_tiled,project_long_offload,"
+        "project_long_auto,contamination",
+    )
+    p.add_argument(
+        "--summarize",
+        nargs="+",
+        metavar="JSON",
+        help="merge the variants of earlier result files (later ones win) and write the summary to --out",
+    )
     p.add_argument("--exclude", default="", help="with --summarize: comma list of variants to leave out")
     a = p.parse_args(argv)
     RESULTS.out = Path(a.out)

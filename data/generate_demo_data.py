@@ -13,6 +13,7 @@ Run:
     python data/generate_demo_data.py                      # rebuilds the shipped data/demo_tasks.jsonl
     python data/generate_demo_data.py --seed 1 --per-family 50 --out /tmp/tasks.jsonl
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,32 +49,204 @@ def _days(n: int) -> str:
 # -- word lists (written for this script) -----------------------------------------------------------
 # Plain lowercase words that tokenize simply; a 135M model must be able to copy and spell them.
 WORDS = [
-    "apple", "river", "stone", "cloud", "tiger", "green", "house", "bread", "chair", "music",
-    "ocean", "plant", "light", "water", "horse", "lemon", "table", "candle", "garden", "pencil",
-    "window", "button", "rabbit", "orange", "silver", "forest", "basket", "dragon", "planet", "mirror",
-    "cat", "dog", "sun", "map", "cup", "hat", "box", "pen", "bus", "egg",
-    "fox", "key", "owl", "jam", "kite", "lamp", "moon", "nest", "rose", "ship",
-    "tree", "wolf", "bell", "coin", "desk", "door", "fish", "frog", "gold", "leaf",
-    "milk", "rain", "salt", "sand", "seed", "snow", "star", "wind", "book", "boat",
-    "bird", "cake", "corn", "duck", "farm", "fire", "hill", "iron", "king", "lake",
-    "nose", "park", "ring", "road", "rock", "sock", "grape", "sheep", "truck", "piano",
-    "queen", "zebra", "violin", "jacket", "yellow", "winter", "summer", "bridge", "castle", "island",
+    "apple",
+    "river",
+    "stone",
+    "cloud",
+    "tiger",
+    "green",
+    "house",
+    "bread",
+    "chair",
+    "music",
+    "ocean",
+    "plant",
+    "light",
+    "water",
+    "horse",
+    "lemon",
+    "table",
+    "candle",
+    "garden",
+    "pencil",
+    "window",
+    "button",
+    "rabbit",
+    "orange",
+    "silver",
+    "forest",
+    "basket",
+    "dragon",
+    "planet",
+    "mirror",
+    "cat",
+    "dog",
+    "sun",
+    "map",
+    "cup",
+    "hat",
+    "box",
+    "pen",
+    "bus",
+    "egg",
+    "fox",
+    "key",
+    "owl",
+    "jam",
+    "kite",
+    "lamp",
+    "moon",
+    "nest",
+    "rose",
+    "ship",
+    "tree",
+    "wolf",
+    "bell",
+    "coin",
+    "desk",
+    "door",
+    "fish",
+    "frog",
+    "gold",
+    "leaf",
+    "milk",
+    "rain",
+    "salt",
+    "sand",
+    "seed",
+    "snow",
+    "star",
+    "wind",
+    "book",
+    "boat",
+    "bird",
+    "cake",
+    "corn",
+    "duck",
+    "farm",
+    "fire",
+    "hill",
+    "iron",
+    "king",
+    "lake",
+    "nose",
+    "park",
+    "ring",
+    "road",
+    "rock",
+    "sock",
+    "grape",
+    "sheep",
+    "truck",
+    "piano",
+    "queen",
+    "zebra",
+    "violin",
+    "jacket",
+    "yellow",
+    "winter",
+    "summer",
+    "bridge",
+    "castle",
+    "island",
 ]
 FIRST_NAMES = [
-    "Maria", "James", "Aisha", "Kenji", "Elena", "Omar", "Sofia", "Lucas", "Priya", "Daniel",
-    "Fatima", "Noah", "Ingrid", "Mateo", "Chloe", "Samuel", "Yara", "Victor", "Hannah", "Tomas",
-    "Leila", "Oscar", "Grace", "Ivan", "Nadia", "Felix", "Amara", "Hugo", "Clara", "Rafael",
+    "Maria",
+    "James",
+    "Aisha",
+    "Kenji",
+    "Elena",
+    "Omar",
+    "Sofia",
+    "Lucas",
+    "Priya",
+    "Daniel",
+    "Fatima",
+    "Noah",
+    "Ingrid",
+    "Mateo",
+    "Chloe",
+    "Samuel",
+    "Yara",
+    "Victor",
+    "Hannah",
+    "Tomas",
+    "Leila",
+    "Oscar",
+    "Grace",
+    "Ivan",
+    "Nadia",
+    "Felix",
+    "Amara",
+    "Hugo",
+    "Clara",
+    "Rafael",
 ]
 LAST_NAMES = [
-    "Lopez", "Smith", "Khan", "Tanaka", "Petrova", "Haddad", "Rossi", "Silva", "Patel", "Meyer",
-    "Okafor", "Brown", "Larsen", "Garcia", "Dubois", "Cohen", "Nguyen", "Novak", "Weber", "Costa",
-    "Moreau", "Fischer", "Kowalski", "Ali", "Jensen", "Murphy", "Santos", "Ito", "Kim", "Horvat",
+    "Lopez",
+    "Smith",
+    "Khan",
+    "Tanaka",
+    "Petrova",
+    "Haddad",
+    "Rossi",
+    "Silva",
+    "Patel",
+    "Meyer",
+    "Okafor",
+    "Brown",
+    "Larsen",
+    "Garcia",
+    "Dubois",
+    "Cohen",
+    "Nguyen",
+    "Novak",
+    "Weber",
+    "Costa",
+    "Moreau",
+    "Fischer",
+    "Kowalski",
+    "Ali",
+    "Jensen",
+    "Murphy",
+    "Santos",
+    "Ito",
+    "Kim",
+    "Horvat",
 ]
 CITIES = [
-    "Lisbon", "Toronto", "Nairobi", "Osaka", "Denver", "Oslo", "Cairo", "Lima", "Madrid", "Dublin",
-    "Prague", "Vienna", "Seoul", "Sydney", "Chicago", "Boston", "Berlin", "Athens", "Helsinki", "Warsaw",
-    "Mumbai", "Jakarta", "Montreal", "Auckland", "Budapest", "Havana", "Manila", "Edinburgh",
-    "Buenos Aires", "Cape Town", "New Delhi", "Mexico City",
+    "Lisbon",
+    "Toronto",
+    "Nairobi",
+    "Osaka",
+    "Denver",
+    "Oslo",
+    "Cairo",
+    "Lima",
+    "Madrid",
+    "Dublin",
+    "Prague",
+    "Vienna",
+    "Seoul",
+    "Sydney",
+    "Chicago",
+    "Boston",
+    "Berlin",
+    "Athens",
+    "Helsinki",
+    "Warsaw",
+    "Mumbai",
+    "Jakarta",
+    "Montreal",
+    "Auckland",
+    "Budapest",
+    "Havana",
+    "Manila",
+    "Edinburgh",
+    "Buenos Aires",
+    "Cape Town",
+    "New Delhi",
+    "Mexico City",
 ]
 # RFC 2606 example domains: the generated addresses can never belong to anyone.
 EMAIL_DOMAINS = ["example.com", "example.org", "example.net", "mail.example.com", "team.example.org"]
@@ -84,6 +257,7 @@ NUMBER_WORDS = {2: "two", 3: "three"}
 # -- verifiable families -----------------------------------------------------------------------------
 # Each takes the family's own Random and returns one (instruction, input, output); generate() retries
 # on duplicates, so a family only needs to make a random draw, not a distinct one.
+
 
 def arithmetic(rng: random.Random) -> Task:
     # A two-digit number and a one-digit one: a trial fine-tune (150 steps) got only 10-50% right with two
@@ -114,8 +288,9 @@ def unit_conversion(rng: random.Random) -> Task:
     one, many, to, factor, top = rng.choice(UNITS)
     v = rng.randint(1, top)
     qty = f"{v} {one if v == 1 else many}"
-    t = rng.choice(["Convert {qty} to {to}.", "How many {to} are in {qty}?",
-                    "Express {qty} in {to}. Give only the number."])
+    t = rng.choice(
+        ["Convert {qty} to {to}.", "How many {to} are in {qty}?", "Express {qty} in {to}. Give only the number."]
+    )
     return t.format(qty=qty, to=to), "", str(v * factor)
 
 
@@ -125,9 +300,13 @@ def sort_numbers(rng: random.Random) -> Task:
     # each comparison one digit.
     tens = rng.sample(range(1, 10), rng.choice([3, 4]))
     nums = [10 * t + rng.randint(0, 9) for t in tens]
-    t = rng.choice(["Sort these numbers from smallest to largest.",
-                    "Arrange the following numbers in ascending order.",
-                    "List these numbers in increasing order, separated by commas."])
+    t = rng.choice(
+        [
+            "Sort these numbers from smallest to largest.",
+            "Arrange the following numbers in ascending order.",
+            "List these numbers in increasing order, separated by commas.",
+        ]
+    )
     return t, ", ".join(map(str, nums)), ", ".join(map(str, sorted(nums)))
 
 
@@ -138,25 +317,49 @@ def word_ops(rng: random.Random) -> Task:
     op = rng.choice(["first_letter", "repeat", "hyphenate"])
     if op == "first_letter":
         w = rng.choice(WORDS)
-        t = rng.choice(['What is the first letter of the word "{w}"?',
-                        'Write only the first letter of "{w}".',
-                        'Which letter does the word "{w}" start with?'])
+        t = rng.choice(
+            [
+                'What is the first letter of the word "{w}"?',
+                'Write only the first letter of "{w}".',
+                'Which letter does the word "{w}" start with?',
+            ]
+        )
         return t.format(w=w), "", w[0]
     if op == "repeat":
         w, n = rng.choice(WORDS), rng.choice([2, 3])
         count = NUMBER_WORDS[n] if rng.random() < 0.5 else str(n)
-        t = rng.choice(['Write the word "{w}" {n} times, separated by spaces.',
-                        'Repeat "{w}" {n} times with a space between each.'])
+        t = rng.choice(
+            [
+                'Write the word "{w}" {n} times, separated by spaces.',
+                'Repeat "{w}" {n} times with a space between each.',
+            ]
+        )
         return t.format(w=w, n=count), "", " ".join([w] * n)
     ws = rng.sample(WORDS, rng.choice([2, 3, 4]))
-    t = rng.choice(["Join these words with hyphens.",
-                    "Connect the words with hyphens instead of spaces.",
-                    "Rewrite the words joined by hyphens, with no spaces."])
+    t = rng.choice(
+        [
+            "Join these words with hyphens.",
+            "Connect the words with hyphens instead of spaces.",
+            "Rewrite the words joined by hyphens, with no spaces.",
+        ]
+    )
     return t, " ".join(ws), "-".join(ws)
 
 
-MONTHS = ["January", "February", "March", "April", "May", "June", "July", "August", "September",
-          "October", "November", "December"]
+MONTHS = [
+    "January",
+    "February",
+    "March",
+    "April",
+    "May",
+    "June",
+    "July",
+    "August",
+    "September",
+    "October",
+    "November",
+    "December",
+]
 
 
 def date_arithmetic(rng: random.Random) -> Task:
@@ -164,21 +367,34 @@ def date_arithmetic(rng: random.Random) -> Task:
     kind = rng.choice(["weekday", "month", "add_days"])
     if kind == "weekday":
         n, day = rng.randint(1, 3), rng.choice(WEEKDAYS)
-        t = rng.choice(["What day of the week is {n} after {day}?",
-                        "If today is {day}, what day of the week will it be in {n}?",
-                        "Which weekday comes {n} after {day}?"])
+        t = rng.choice(
+            [
+                "What day of the week is {n} after {day}?",
+                "If today is {day}, what day of the week will it be in {n}?",
+                "Which weekday comes {n} after {day}?",
+            ]
+        )
         return t.format(n=_days(n), day=day), "", WEEKDAYS[(WEEKDAYS.index(day) + n) % 7]
     start = dt.date(rng.randint(2020, 2030), rng.randint(1, 12), rng.randint(1, 25))
     if kind == "month":
-        t = rng.choice(["In which month is the date {d}?", "Name the month of the date {d}.",
-                        "The date {d} is written as YYYY-MM-DD. Which month is it?"])
+        t = rng.choice(
+            [
+                "In which month is the date {d}?",
+                "Name the month of the date {d}.",
+                "The date {d} is written as YYYY-MM-DD. Which month is it?",
+            ]
+        )
         return t.format(d=start.isoformat()), "", MONTHS[start.month - 1]
     # Start days up to 25 plus at most 3 days never cross a month end, which keeps the rule learnable
     # (add to the day, copy year and month); the answer is still computed by the calendar.
     n = rng.randint(1, 3)
-    t = rng.choice(["What is the date {n} after {d}? Answer in YYYY-MM-DD format.",
-                    "Add {n} to {d}. Give the result as YYYY-MM-DD.",
-                    "If today is {d}, what will the date be in {n}? Use the YYYY-MM-DD format."])
+    t = rng.choice(
+        [
+            "What is the date {n} after {d}? Answer in YYYY-MM-DD format.",
+            "Add {n} to {d}. Give the result as YYYY-MM-DD.",
+            "If today is {d}, what will the date be in {n}? Use the YYYY-MM-DD format.",
+        ]
+    )
     return t.format(n=_days(n), d=start.isoformat()), "", (start + dt.timedelta(days=n)).isoformat()
 
 
@@ -223,25 +439,41 @@ def extraction(rng: random.Random) -> Task:
     if kind == "email":
         local = rng.choice([f"{first}.{last}", f"{first[0]}{last}", f"{first}{rng.randint(1, 99)}"]).lower()
         email = f"{local}@{rng.choice(EMAIL_DOMAINS)}"
-        t = rng.choice(["Extract the email address from the text.",
-                        "What email address is mentioned in the text?",
-                        "Find the email address in the sentence. Reply with the address only."])
+        t = rng.choice(
+            [
+                "Extract the email address from the text.",
+                "What email address is mentioned in the text?",
+                "Find the email address in the sentence. Reply with the address only.",
+            ]
+        )
         return t, rng.choice(EMAIL_SENTENCES).format(name=name, email=email), email
     if kind == "name":
-        t = rng.choice(["Extract the person's name from the text.",
-                        "Who is mentioned in the sentence? Reply with the full name only.",
-                        "What is the name of the person in the text?"])
+        t = rng.choice(
+            [
+                "Extract the person's name from the text.",
+                "Who is mentioned in the sentence? Reply with the full name only.",
+                "What is the name of the person in the text?",
+            ]
+        )
         return t, rng.choice(NAME_SENTENCES).format(name=name), name
     if kind == "number":
         n = rng.randint(2, 999)
-        t = rng.choice(["Extract the number from the text.",
-                        "What number appears in the sentence?",
-                        "Find the number in the text. Reply with the digits only."])
+        t = rng.choice(
+            [
+                "Extract the number from the text.",
+                "What number appears in the sentence?",
+                "Find the number in the text. Reply with the digits only.",
+            ]
+        )
         return t, rng.choice(NUMBER_SENTENCES).format(n=n), str(n)
     city = rng.choice(CITIES)
-    t = rng.choice(["Extract the city from the text.",
-                    "Which city is mentioned in the sentence?",
-                    "Name the city that appears in the text."])
+    t = rng.choice(
+        [
+            "Extract the city from the text.",
+            "Which city is mentioned in the sentence?",
+            "Name the city that appears in the text.",
+        ]
+    )
     return t, rng.choice(CITY_SENTENCES).format(city=city), city
 
 
@@ -286,48 +518,98 @@ OPEN_ENDED: list[Task] = [
     ("What is the plural of child?", "", "Children"),
     ("What is the past tense of go?", "", "Went"),
     ("What is the past tense of run?", "", "Ran"),
-    ("Explain what photosynthesis is in one sentence.", "",
-     "Photosynthesis is the process by which plants use sunlight, water, and carbon dioxide to make sugar "
-     "and release oxygen."),
-    ("Explain what gravity is in one sentence.", "",
-     "Gravity is the force by which objects with mass attract one another, which is why things fall "
-     "toward the Earth."),
-    ("Explain what evaporation is in one sentence.", "",
-     "Evaporation is the process in which a liquid turns into a gas, such as a puddle drying in the sun."),
+    (
+        "Explain what photosynthesis is in one sentence.",
+        "",
+        "Photosynthesis is the process by which plants use sunlight, water, and carbon dioxide to make sugar "
+        "and release oxygen.",
+    ),
+    (
+        "Explain what gravity is in one sentence.",
+        "",
+        "Gravity is the force by which objects with mass attract one another, which is why things fall "
+        "toward the Earth.",
+    ),
+    (
+        "Explain what evaporation is in one sentence.",
+        "",
+        "Evaporation is the process in which a liquid turns into a gas, such as a puddle drying in the sun.",
+    ),
     ("Explain what a noun is in one sentence.", "", "A noun is a word that names a person, place, thing, or idea."),
     ("Explain what a verb is in one sentence.", "", "A verb is a word that describes an action, state, or occurrence."),
-    ("Describe the water cycle in one sentence.", "",
-     "Water evaporates, condenses into clouds, falls as precipitation, and collects in rivers, lakes, and "
-     "oceans before evaporating again."),
-    ("Explain what a prime number is in one sentence.", "",
-     "A prime number is a whole number greater than 1 whose only divisors are 1 and itself."),
-    ("Explain what democracy is in one sentence.", "",
-     "Democracy is a system of government in which citizens choose their leaders, usually by voting."),
-    ("Explain what inflation is in one sentence.", "",
-     "Inflation is the general rise in prices over time, which reduces how much a unit of money can buy."),
+    (
+        "Describe the water cycle in one sentence.",
+        "",
+        "Water evaporates, condenses into clouds, falls as precipitation, and collects in rivers, lakes, and "
+        "oceans before evaporating again.",
+    ),
+    (
+        "Explain what a prime number is in one sentence.",
+        "",
+        "A prime number is a whole number greater than 1 whose only divisors are 1 and itself.",
+    ),
+    (
+        "Explain what democracy is in one sentence.",
+        "",
+        "Democracy is a system of government in which citizens choose their leaders, usually by voting.",
+    ),
+    (
+        "Explain what inflation is in one sentence.",
+        "",
+        "Inflation is the general rise in prices over time, which reduces how much a unit of money can buy.",
+    ),
     ("What does a thermometer measure?", "", "Temperature"),
-    ("Explain what recycling is in one sentence.", "",
-     "Recycling is turning used materials into new products instead of throwing them away."),
-    ("Explain what an ecosystem is in one sentence.", "",
-     "An ecosystem is a community of living things interacting with each other and with their physical "
-     "environment."),
-    ("Explain what a vaccine does in one sentence.", "",
-     "A vaccine trains the immune system to recognize and fight a specific disease."),
-    ("Explain what the internet is in one sentence.", "",
-     "The internet is a global network of connected computers that exchange information."),
-    ("Explain what an atom is in one sentence.", "",
-     "An atom is the smallest unit of a chemical element, made of a nucleus surrounded by electrons."),
-    ("Explain what a budget is in one sentence.", "",
-     "A budget is a plan for how to spend and save money over a period of time."),
-    ("Explain what erosion is in one sentence.", "",
-     "Erosion is the gradual wearing away of rock or soil by wind, water, or ice."),
-    ("Explain what a metaphor is in one sentence.", "",
-     "A metaphor is a figure of speech that describes something by saying it is something else, as in "
-     "\"time is a thief.\""),
-    ("Explain what friction is in one sentence.", "",
-     "Friction is the force that resists motion when two surfaces rub against each other."),
-    ("Explain what an algorithm is in one sentence.", "",
-     "An algorithm is a step-by-step set of instructions for solving a problem or completing a task."),
+    (
+        "Explain what recycling is in one sentence.",
+        "",
+        "Recycling is turning used materials into new products instead of throwing them away.",
+    ),
+    (
+        "Explain what an ecosystem is in one sentence.",
+        "",
+        "An ecosystem is a community of living things interacting with each other and with their physical environment.",
+    ),
+    (
+        "Explain what a vaccine does in one sentence.",
+        "",
+        "A vaccine trains the immune system to recognize and fight a specific disease.",
+    ),
+    (
+        "Explain what the internet is in one sentence.",
+        "",
+        "The internet is a global network of connected computers that exchange information.",
+    ),
+    (
+        "Explain what an atom is in one sentence.",
+        "",
+        "An atom is the smallest unit of a chemical element, made of a nucleus surrounded by electrons.",
+    ),
+    (
+        "Explain what a budget is in one sentence.",
+        "",
+        "A budget is a plan for how to spend and save money over a period of time.",
+    ),
+    (
+        "Explain what erosion is in one sentence.",
+        "",
+        "Erosion is the gradual wearing away of rock or soil by wind, water, or ice.",
+    ),
+    (
+        "Explain what a metaphor is in one sentence.",
+        "",
+        "A metaphor is a figure of speech that describes something by saying it is something else, as in "
+        '"time is a thief."',
+    ),
+    (
+        "Explain what friction is in one sentence.",
+        "",
+        "Friction is the force that resists motion when two surfaces rub against each other.",
+    ),
+    (
+        "Explain what an algorithm is in one sentence.",
+        "",
+        "An algorithm is a step-by-step set of instructions for solving a problem or completing a task.",
+    ),
     ("What is the capital of France?", "", "Paris"),
     ("What is the capital of Japan?", "", "Tokyo"),
     ("What is the capital of Italy?", "", "Rome"),
@@ -342,39 +624,56 @@ OPEN_ENDED: list[Task] = [
     ("At what temperature does water boil at sea level, in degrees Celsius?", "", "100 degrees Celsius"),
     ("Which organ pumps blood through the human body?", "", "The heart"),
     ("How many sides does a hexagon have?", "", "Six"),
-    ("Rewrite the sentence in the past tense.", "She walks to school every morning.",
-     "She walked to school every morning."),
+    (
+        "Rewrite the sentence in the past tense.",
+        "She walks to school every morning.",
+        "She walked to school every morning.",
+    ),
     ("Fix the grammar in this sentence.", "He don't like apples.", "He doesn't like apples."),
     ("Fix the grammar in this sentence.", "They was late for the bus.", "They were late for the bus."),
-    ("Rewrite this request to sound more formal.", "Can you send me the file?",
-     "Could you please send me the file?"),
+    ("Rewrite this request to sound more formal.", "Can you send me the file?", "Could you please send me the file?"),
     ("Turn this sentence into a question.", "The train leaves at noon.", "Does the train leave at noon?"),
-    ("Classify the sentiment of this review as positive or negative.",
-     "The food was cold and the service was slow.", "Negative"),
-    ("Classify the sentiment of this review as positive or negative.",
-     "The staff were friendly and the room was spotless.", "Positive"),
-    ("Summarize the text in one sentence.",
-     "The town library will close for two weeks in July while workers replace the roof. Books can still be "
-     "returned through the drop box, and the reading room will reopen on August 1.",
-     "The library closes for two weeks in July for roof repairs but the drop box stays open."),
-    ("Summarize the text in one sentence.",
-     "Regular exercise strengthens the heart and muscles. It also improves sleep and mood, and even short "
-     "daily walks can make a difference.",
-     "Regular exercise, even short daily walks, improves physical health, sleep, and mood."),
+    (
+        "Classify the sentiment of this review as positive or negative.",
+        "The food was cold and the service was slow.",
+        "Negative",
+    ),
+    (
+        "Classify the sentiment of this review as positive or negative.",
+        "The staff were friendly and the room was spotless.",
+        "Positive",
+    ),
+    (
+        "Summarize the text in one sentence.",
+        "The town library will close for two weeks in July while workers replace the roof. Books can still be "
+        "returned through the drop box, and the reading room will reopen on August 1.",
+        "The library closes for two weeks in July for roof repairs but the drop box stays open.",
+    ),
+    (
+        "Summarize the text in one sentence.",
+        "Regular exercise strengthens the heart and muscles. It also improves sleep and mood, and even short "
+        "daily walks can make a difference.",
+        "Regular exercise, even short daily walks, improves physical health, sleep, and mood.",
+    ),
     ("Translate into French.", "Thank you", "Merci"),
     ("Translate into French.", "Good morning", "Bonjour"),
     ("Translate into Spanish.", "Hello", "Hola"),
     ("Translate into Spanish.", "Thank you", "Gracias"),
-    ("Write a one-sentence thank-you note to a neighbor who watered your plants.", "",
-     "Thank you so much for watering my plants while I was away; they look wonderful!"),
+    (
+        "Write a one-sentence thank-you note to a neighbor who watered your plants.",
+        "",
+        "Thank you so much for watering my plants while I was away; they look wonderful!",
+    ),
     ("Suggest a name for a pet goldfish.", "", "Bubbles"),
-    ("Give one tip for sleeping better.", "",
-     "Go to bed and wake up at the same time every day, even on weekends."),
+    ("Give one tip for sleeping better.", "", "Go to bed and wake up at the same time every day, even on weekends."),
     ("Give one tip for saving money.", "", "Set aside a fixed part of each paycheck before spending on anything else."),
     ("Write a haiku about rain.", "", "Soft rain on the roof\nwhispers to the sleeping town\npuddles hold the sky"),
     ("Name the three primary colors used in painting.", "", "Red, yellow, and blue"),
-    ("Write a short, friendly greeting for the start of an email to a colleague.", "",
-     "Hi Sam, I hope your week is going well."),
+    (
+        "Write a short, friendly greeting for the start of an email to a colleague.",
+        "",
+        "Hi Sam, I hope your week is going well.",
+    ),
     ("Suggest a title for a children's story about a lost kitten.", "", "The Kitten Who Found Her Way Home"),
     ("Name a fruit that is yellow when ripe.", "", "Banana"),
     ("Name an animal that lives in the ocean.", "", "Dolphin"),
@@ -408,8 +707,9 @@ def generate(seed: int = DEFAULT_SEED, per_family: int = DEFAULT_PER_FAMILY) -> 
                 # Long runs of repeats mean the family's space is used up, not bad luck.
                 misses += 1
                 if misses > 10_000:
-                    raise ValueError(f"family {family!r} cannot make {per_family} distinct rows "
-                                     f"(it made {made}); lower --per-family")
+                    raise ValueError(
+                        f"family {family!r} cannot make {per_family} distinct rows (it made {made}); lower --per-family"
+                    )
                 continue
             misses = 0
             seen.add((inst, inp))
@@ -444,8 +744,12 @@ def write_atomic(path: Path, text: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seed", type=int, default=DEFAULT_SEED, help=f"random seed (default {DEFAULT_SEED})")
-    ap.add_argument("--per-family", type=int, default=DEFAULT_PER_FAMILY,
-                    help=f"rows per verifiable family (default {DEFAULT_PER_FAMILY})")
+    ap.add_argument(
+        "--per-family",
+        type=int,
+        default=DEFAULT_PER_FAMILY,
+        help=f"rows per verifiable family (default {DEFAULT_PER_FAMILY})",
+    )
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output .jsonl (default: the shipped file)")
     args = ap.parse_args(argv)
     try:

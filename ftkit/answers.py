@@ -1,19 +1,19 @@
 """Answering a JSON-lines file of prompts in resumable batches: the rows read with line-numbered errors, the
 answers appended and flushed batch by batch, a restart skipping what is answered, the file rewritten in input
 order at the end, and a user's own file never truncated or replaced."""
+
 from __future__ import annotations
 
 import json
 import os
 from pathlib import Path
 
-
 from .cli import UserError, log
 from .config import Config
+from .generation import check_fits_context, generate, load_for_inference
 from .jsonl import fail_if_bad, parse_jsonl, read_text
 from .paths import RunDir, atomic_write_text, check_writable
 from .runlock import clean_tmp_leftovers
-from .generation import check_fits_context, generate, load_for_inference
 
 
 def read_prompt_file(path: Path) -> list[dict]:
@@ -48,8 +48,9 @@ def read_prompt_file(path: Path) -> list[dict]:
             bad.append(f"line {n} repeats the id {key} of line {seen[key]}")
             continue
         seen[key] = n
-        rows.append({"key": key, "id": rid, "instruction": instruction, "input": input_text or None, "row": obj,
-                     "line": n})
+        rows.append(
+            {"key": key, "id": rid, "instruction": instruction, "input": input_text or None, "row": obj, "line": n}
+        )
     bad.sort(key=lambda b: int(b.split()[1].rstrip(":")))  # malformed and invalid lines, in file order
     fail_if_bad(path, bad)
     if not rows:
@@ -67,8 +68,10 @@ def read_done(path: Path) -> dict[str, dict]:
     data = path.read_bytes()
     cut = data.rfind(b"\n") + 1
     tail = data[cut:]
-    not_ours = (f"--output-file '{path}' is not an answer file written by inference.py (JSON lines with 'id' and "
-                "'response'); it is left untouched: move it away or pass another --output-file")
+    not_ours = (
+        f"--output-file '{path}' is not an answer file written by inference.py (JSON lines with 'id' and "
+        "'response'); it is left untouched: move it away or pass another --output-file"
+    )
     done: dict[str, dict] = {}
     # Every complete line is checked before anything is changed: the file may be the user's own data.
     for n, line in enumerate(data[:cut].decode("utf-8", errors="replace").splitlines(), 1):
@@ -79,17 +82,20 @@ def read_done(path: Path) -> dict[str, dict]:
         except json.JSONDecodeError:
             row = None
         if not isinstance(row, dict) or "id" not in row or "response" not in row:
-            raise UserError(f"--output-file '{path}' is not an answer file written by inference.py: line {n} is not an "
-                            "answer row (JSON with 'id' and 'response'); it is left untouched: move it away or pass "
-                            "another --output-file")
+            raise UserError(
+                f"--output-file '{path}' is not an answer file written by inference.py: line {n} is not an "
+                "answer row (JSON with 'id' and 'response'); it is left untouched: move it away or pass "
+                "another --output-file"
+            )
         done[json.dumps(row["id"])] = row
     if tail.strip():
         # answer_row puts "id" first, so a line of ours cut short starts like this. Anything else, or a file
         # with no complete answer before the cut, is not a crashed answer file.
         if not done or not tail.startswith(b'{"id": '):
             raise UserError(not_ours)
-        log.warning("'%s' ends in a line cut short by an interrupted write; dropping it (that row is answered "
-                    "again)", path)
+        log.warning(
+            "'%s' ends in a line cut short by an interrupted write; dropping it (that row is answered again)", path
+        )
         with open(path, "r+b") as f:
             f.truncate(cut)
             f.flush()
@@ -101,8 +107,14 @@ def answer_row(r: dict, answer: str) -> dict:
     return {"id": r["id"], **{k: v for k, v in r["row"].items() if k != "id"}, "response": answer}
 
 
-def answer_file(cfg: Config, run: RunDir, input_file: Path, output_file: Path | None = None, use: str | None = None,
-                adapter: Path | None = None) -> list[dict]:
+def answer_file(
+    cfg: Config,
+    run: RunDir,
+    input_file: Path,
+    output_file: Path | None = None,
+    use: str | None = None,
+    adapter: Path | None = None,
+) -> list[dict]:
     """Answer every row of `input_file` into `output_file` (JSONL), resumably; returns the rows in input order."""
     rows = read_prompt_file(input_file)
     output_file = output_file or input_file.with_name(input_file.stem + ".answers.jsonl")
@@ -112,15 +124,26 @@ def answer_file(cfg: Config, run: RunDir, input_file: Path, output_file: Path | 
     done = read_done(output_file)
     clean_tmp_leftovers(output_file.parent, names=(output_file.name,))  # a killed final rewrite's temporary file
     todo = [r for r in rows if r["key"] not in done]
-    log.info("%d prompts in %s: %d already answered in %s, %d to go", len(rows), input_file, len(rows) - len(todo),
-             output_file, len(todo))
+    log.info(
+        "%d prompts in %s: %d already answered in %s, %d to go",
+        len(rows),
+        input_file,
+        len(rows) - len(todo),
+        output_file,
+        len(todo),
+    )
     if todo:
         model, tok, template, _ = load_for_inference(cfg, run, use or cfg.inference.use, adapter)
         for r in todo:  # name the line before any generation starts
-            check_fits_context(model, len(template.prompt_ids(tok, r["instruction"], r["input"])),
-                               cfg.inference.max_new_tokens, f"{input_file} line {r['line']}: the prompt")
+            check_fits_context(
+                model,
+                len(template.prompt_ids(tok, r["instruction"], r["input"])),
+                cfg.inference.max_new_tokens,
+                f"{input_file} line {r['line']}: the prompt",
+            )
         output_file.parent.mkdir(parents=True, exist_ok=True)
         with open(output_file, "a", encoding="utf-8") as f:
+
             def write(indices: list[int], answers: list[str]) -> None:
                 # One write per batch, then flush + fsync: a crash can only cut the batch in flight short.
                 out = [answer_row(todo[i], a) for i, a in zip(indices, answers)]
@@ -128,8 +151,16 @@ def answer_file(cfg: Config, run: RunDir, input_file: Path, output_file: Path | 
                 f.flush()
                 os.fsync(f.fileno())
                 done.update((json.dumps(o["id"]), o) for o in out)
-            generate(model, tok, template, [(r["instruction"], r["input"]) for r in todo], cfg.inference,
-                     progress=True, on_batch=write)
+
+            generate(
+                model,
+                tok,
+                template,
+                [(r["instruction"], r["input"]) for r in todo],
+                cfg.inference,
+                progress=True,
+                on_batch=write,
+            )
     ordered = [done[r["key"]] for r in rows]
     keys = {r["key"] for r in rows}
     extra = [row for key, row in done.items() if key not in keys]

@@ -11,6 +11,7 @@ position_ids) and runs torch's variable-length flash attention (torch.nn.attenti
 row attends only to itself, at the cost of its own length. On CPU (and wherever that kernel is missing) it
 runs SDPA row by row. Batches that are not packed (generation, padded batches) take the ordinary SDPA path.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -31,6 +32,7 @@ def _load_varlen():
     if _varlen_fn is None:
         try:
             from torch.nn.attention.varlen import varlen_attn
+
             _varlen_fn = varlen_attn
             _varlen_params = set(inspect.signature(varlen_attn).parameters)
         except Exception:  # older torch: no varlen module
@@ -56,12 +58,16 @@ def _segments(kwargs: dict, length: int):
 def _rowwise_sdpa(q, k, v, cu, scaling):
     """(1, H, L, D) tensors; causal SDPA on each row [cu[i], cu[i+1]) separately."""
     import torch.nn.functional as F
+
     bounds = cu.tolist()
     rep = q.shape[1] // k.shape[1]
     if rep > 1:
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-    outs = [F.scaled_dot_product_attention(q[:, :, s:e], k[:, :, s:e], v[:, :, s:e], is_causal=True, scale=scaling)
-            for s, e in zip(bounds[:-1], bounds[1:]) if e > s]
+    outs = [
+        F.scaled_dot_product_attention(q[:, :, s:e], k[:, :, s:e], v[:, :, s:e], is_causal=True, scale=scaling)
+        for s, e in zip(bounds[:-1], bounds[1:])
+        if e > s
+    ]
     return torch.cat(outs, dim=2)
 
 
@@ -84,18 +90,21 @@ def _flash_varlen(q, k, v, cu, max_len, scaling):
     return fn(qt, kt, vt, cu, cu, max_len, max_len, **kw)
 
 
-def varlen_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
-                             is_causal=None, **kwargs):
+def varlen_attention_forward(
+    module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, is_causal=None, **kwargs
+):
     """An attention function for transformers' AttentionInterface (same signature as sdpa's)."""
     global _varlen_broken
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
     b, _, length, _ = query.shape
     seg = None
     if attention_mask is None and b == 1 and length > 1 and getattr(module, "is_causal", True):
         seg = _segments(kwargs, length)
     if seg is None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      is_causal=is_causal, **kwargs)
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
+        )
     cu, max_len = seg
     cu = cu.to(query.device)
     if query.is_cuda and not _varlen_broken and _load_varlen():
@@ -112,6 +121,7 @@ def varlen_mask(*args, **kwargs):
     """The mask for "sdpa_varlen": none for unpadded batches (packed rows are separated by the attention
     itself, so no L x L mask is built), else SDPA's own mask."""
     from transformers.masking_utils import sdpa_mask
+
     am = kwargs.get("attention_mask")
     if am is None or (am.dim() == 2 and bool(am.all())):
         return None
@@ -123,6 +133,7 @@ def register() -> str:
     if not _registered:
         from transformers import AttentionInterface
         from transformers.masking_utils import AttentionMaskInterface
+
         AttentionInterface.register(VARLEN_ATTN, varlen_attention_forward)
         AttentionMaskInterface.register(VARLEN_ATTN, varlen_mask)
         _registered = True

@@ -1,5 +1,6 @@
 """The interactive chat REPL: multi-turn, streamed, with /reset, /system, /save and /help; Ctrl+C stops an
 answer and keeps the partial text; transcripts are saved as JSON and never replace another file."""
+
 from __future__ import annotations
 
 import contextlib
@@ -11,13 +12,18 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
-
 from .cli import UserError
 from .config import Config, InferenceCfg
+from .generation import (
+    check_fits_context,
+    context_limit,
+    fits_context,
+    generation_kwargs,
+    load_for_inference,
+    static_cache_len,
+)
 from .paths import RunDir, atomic_write_json
 from .prompts import PromptTemplate
-from .generation import (check_fits_context, context_limit, fits_context, generation_kwargs, load_for_inference,
-                         static_cache_len)
 
 
 def is_transcript(path: Path) -> bool:
@@ -29,8 +35,10 @@ def is_transcript(path: Path) -> bool:
     return isinstance(obj, dict) and {"saved", "messages", "template"} <= obj.keys()
 
 
-CHAT_HELP = ("commands: /reset (forget the conversation), /system TEXT (set the system prompt; /system alone "
-             "restores the training one), /save PATH (transcript as JSON), /quit. Ctrl+C stops an answer.")
+CHAT_HELP = (
+    "commands: /reset (forget the conversation), /system TEXT (set the system prompt; /system alone "
+    "restores the training one), /save PATH (transcript as JSON), /quit. Ctrl+C stops an answer."
+)
 
 
 class StopFlag:
@@ -42,11 +50,13 @@ class StopFlag:
     def criteria(self):
         import torch
         from transformers import StoppingCriteria, StoppingCriteriaList
+
         flag = self
 
         class _Stop(StoppingCriteria):
             def __call__(self, input_ids, scores, **kwargs):
                 return torch.full((input_ids.shape[0],), flag.stop, dtype=torch.bool, device=input_ids.device)
+
         return StoppingCriteriaList([_Stop()])
 
     @contextlib.contextmanager
@@ -81,8 +91,12 @@ class ChatSession:
         turns = [{"role": m["role"], "content": m["content"]} for m in history]
         if self.template.kind == "chat":
             msgs = ([{"role": "system", "content": self.system}] if self.system else []) + turns
-            text = self.tok.apply_chat_template(msgs + [{"role": "user", "content": message}], tokenize=False,
-                                                add_generation_prompt=True, chat_template=self.template.chat_template)
+            text = self.tok.apply_chat_template(
+                msgs + [{"role": "user", "content": message}],
+                tokenize=False,
+                add_generation_prompt=True,
+                chat_template=self.template.chat_template,
+            )
             return self.tok(text, add_special_tokens=False)["input_ids"]
         # Alpaca was trained on single turns: the earlier turns become the Input field.
         context = "\n".join(f"{'User' if m['role'] == 'user' else 'Assistant'}: {m['content']}" for m in turns)
@@ -103,6 +117,7 @@ class ChatSession:
         """Stream the answer to `message`; (answer, interrupted). Both turns are added to the history."""
         import torch
         from transformers import TextStreamer
+
         ids, dropped = self.fit(message)
         if dropped:
             self.print(f"(the oldest {dropped} exchange(s) no longer fit the context and are left out)")
@@ -111,18 +126,28 @@ class ChatSession:
             kw["max_cache_len"] = static_cache_len(len(ids), self.icfg.max_new_tokens, context_limit(self.model))
         streamer = TextStreamer(self.tok, skip_prompt=True, skip_special_tokens=True)
         with self.flag.on_sigint(), torch.no_grad():
-            out = self.model.generate(input_ids=torch.tensor([ids], device=self.model.device), streamer=streamer,
-                                      stopping_criteria=self.flag.criteria(), **kw)
+            out = self.model.generate(
+                input_ids=torch.tensor([ids], device=self.model.device),
+                streamer=streamer,
+                stopping_criteria=self.flag.criteria(),
+                **kw,
+            )
         interrupted = self.flag.stop
-        answer = self.tok.decode(out[0, len(ids):], skip_special_tokens=True).strip()
+        answer = self.tok.decode(out[0, len(ids) :], skip_special_tokens=True).strip()
         self.print("\n[stopped; the partial answer is kept]" if interrupted else "")
         self.history.append({"role": "user", "content": message})
         self.history.append({"role": "assistant", "content": answer, **({"interrupted": True} if interrupted else {})})
         return answer, interrupted
 
     def transcript(self) -> dict:  # is_transcript recognises these keys
-        return {"saved": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "model": self.what, "template": self.template.kind,
-                "system": self.system, "messages": self.history, "settings": self.icfg.model_dump(mode="json")}
+        return {
+            "saved": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "model": self.what,
+            "template": self.template.kind,
+            "system": self.system,
+            "messages": self.history,
+            "settings": self.icfg.model_dump(mode="json"),
+        }
 
     def handle(self, line: str) -> bool:
         """One line typed by the user; False when the session should end."""
@@ -148,8 +173,9 @@ class ChatSession:
                 return True
             path = Path(arg).expanduser()
             if path.exists() and not is_transcript(path):
-                self.print(f"({path} exists and is not a transcript saved by /save; it is left untouched: pick "
-                           "another PATH)")
+                self.print(
+                    f"({path} exists and is not a transcript saved by /save; it is left untouched: pick another PATH)"
+                )
                 return True
             try:
                 atomic_write_json(path, self.transcript())
@@ -163,8 +189,9 @@ class ChatSession:
         return True
 
 
-def chat(cfg: Config, run: RunDir, use: str | None = None, adapter: Path | None = None,
-         read: Callable[[str], str] = input) -> ChatSession:
+def chat(
+    cfg: Config, run: RunDir, use: str | None = None, adapter: Path | None = None, read: Callable[[str], str] = input
+) -> ChatSession:
     """The interactive REPL: read a line, answer it streamed, until /quit or end of input."""
     model, tok, template, what = load_for_inference(cfg, run, use or cfg.inference.use, adapter)
     session = ChatSession(model, tok, template, cfg.inference, what=what)

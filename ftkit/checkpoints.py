@@ -1,5 +1,6 @@
 """Is a checkpoint (or a weights file) whole? Cheap structural checks that read headers, not tensors, so a
 file cut off by a kill or a full disk is found before a resume or a load trips over it."""
+
 from __future__ import annotations
 
 import json
@@ -96,8 +97,11 @@ def complete_checkpoints(ckpt_dir: Path) -> list[Path]:
     for c in sorted(ckpt_dir.glob("checkpoint-*"), key=checkpoint_step):
         missing = checkpoint_missing(c)
         if missing:
-            log.warning("skipping incomplete checkpoint %s (missing or cut off: %s); an older complete one is used",
-                        c, ", ".join(missing))
+            log.warning(
+                "skipping incomplete checkpoint %s (missing or cut off: %s); an older complete one is used",
+                c,
+                ", ".join(missing),
+            )
             continue
         out.append(c)
     return out

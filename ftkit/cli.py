@@ -1,5 +1,6 @@
 """The contract every entry point keeps with the user: the one user-facing error type (one line on stderr,
 exit code 2), the shared argument parser, logging, and the redaction of hub tokens from all output."""
+
 from __future__ import annotations
 
 import argparse
@@ -40,11 +41,21 @@ def setup_logging(debug: bool = False) -> None:
     for name in ("stdout", "stderr"):
         if not isinstance(getattr(sys, name), RedactStream):
             setattr(sys, name, RedactStream(getattr(sys, name)))
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S",
-                        stream=sys.stderr, force=True)
+    logging.basicConfig(
+        level=level, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr, force=True
+    )
     # Library chatter drowns the lines a user acts on; keep it at warning unless debugging.
-    for noisy in ("transformers", "datasets", "accelerate", "peft", "trl", "bitsandbytes", "httpx", "urllib3",
-                  "filelock"):
+    for noisy in (
+        "transformers",
+        "datasets",
+        "accelerate",
+        "peft",
+        "trl",
+        "bitsandbytes",
+        "httpx",
+        "urllib3",
+        "filelock",
+    ):
         logging.getLogger(noisy).setLevel(logging.DEBUG if debug else logging.WARNING)
     # bitsandbytes warns on every CPU import that an optional hub kernel is absent; it falls back fine.
     logging.getLogger("bitsandbytes").setLevel(logging.DEBUG if debug else logging.ERROR)
@@ -134,11 +145,16 @@ def run_main(main: Callable[[Sequence[str]], int | None], argv: Sequence[str] | 
 def build_parser(description: str, config_required: bool = False) -> argparse.ArgumentParser:
     """The CLI every stage shares: --config, dotted overrides, --debug; stages add their own flags."""
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", required=config_required,
-                   help="YAML config; without it, the most recent run's saved config is used")
+    p.add_argument(
+        "--config", required=config_required, help="YAML config; without it, the most recent run's saved config is used"
+    )
     p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
-    p.add_argument("overrides", nargs="*", metavar="section.key=value",
-                   help="dotted overrides applied after the YAML, e.g. train.max_steps=10")
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="section.key=value",
+        help="dotted overrides applied after the YAML, e.g. train.max_steps=10",
+    )
     return p
 
 
@@ -146,5 +162,6 @@ def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argparse
     # argparse exits 2 on its own errors already; keep its message one line and name the fix.
     def error(message: str):
         raise UserError(f"{message}; see --help")
+
     parser.error = error  # type: ignore[method-assign]
     return parser.parse_args(list(argv))

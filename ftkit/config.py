@@ -5,6 +5,7 @@ Key names follow the Hugging Face / PEFT / bitsandbytes argument they feed (`lor
 `LoraConfig(r=...)`, `train.learning_rate` is `SFTConfig(learning_rate=...)`), so that a user who knows
 those libraries can read a config without a glossary.
 """
+
 from __future__ import annotations
 
 import difflib
@@ -51,8 +52,10 @@ class QuantCfg(Section):
     @model_validator(mode="after")
     def _one_mode(self):
         if self.load_in_4bit and self.load_in_8bit:
-            raise ValueError("quant.load_in_4bit and quant.load_in_8bit are both true; pick one "
-                             "(or neither for a full-precision base)")
+            raise ValueError(
+                "quant.load_in_4bit and quant.load_in_8bit are both true; pick one "
+                "(or neither for a full-precision base)"
+            )
         return self
 
 
@@ -62,7 +65,8 @@ class LoraCfg(Section):
     lora_dropout: float = Field(0.05, ge=0, lt=1)
     # A list of module names, or "all-linear" (every linear layer but the output head).
     target_modules: list[str] | Literal["all-linear"] = Field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
     bias: Literal["none", "all", "lora_only"] = "none"
     use_rslora: bool = False
 
@@ -159,17 +163,21 @@ class TrainCfg(Section):
     @classmethod
     def _packing_no_auto(cls, v):
         if v == "auto":
-            raise ValueError("train.packing=auto is gone: by default a step now holds exactly the YAML's rows "
-                             "(padding-free, so no speed is lost); set train.packing=false, or train.packing=true "
-                             "for the throughput mode")
+            raise ValueError(
+                "train.packing=auto is gone: by default a step now holds exactly the YAML's rows "
+                "(padding-free, so no speed is lost); set train.packing=false, or train.packing=true "
+                "for the throughput mode"
+            )
         return v
 
     @model_validator(mode="after")
     def _consistent(self):
         if self.max_steps == 0:
             # The Trainer reads 0 as "not set" and trains by epochs instead.
-            raise ValueError("train.max_steps=0 would train nothing; set a positive number of steps, or -1 to "
-                             "train for train.num_train_epochs")
+            raise ValueError(
+                "train.max_steps=0 would train nothing; set a positive number of steps, or -1 to "
+                "train for train.num_train_epochs"
+            )
         if self.early_stopping_patience and not self.eval_steps:
             raise ValueError("train.early_stopping_patience needs train.eval_steps (evaluation every N steps)")
         if self.load_best_model_at_end and not self.eval_steps:
@@ -177,8 +185,10 @@ class TrainCfg(Section):
         for k in ("tiled_mlp", "activation_offloading"):
             v = getattr(self, k)
             if explicitly_on(v) and self.gradient_checkpointing is False:
-                raise ValueError(f"train.{k}={str(v).lower()} needs gradient checkpointing; set train.gradient_checkpointing "
-                                 f"to true or auto")
+                raise ValueError(
+                    f"train.{k}={str(v).lower()} needs gradient checkpointing; set train.gradient_checkpointing "
+                    f"to true or auto"
+                )
         return self
 
 
@@ -190,18 +200,22 @@ class MergeCfg(Section):
     @classmethod
     def _not_quantized(cls, v):
         if isinstance(v, str) and any(q in v.lower() for q in ("4bit", "8bit", "int4", "int8", "nf4", "fp4")):
-            raise ValueError(f"merge.dtype={v}: merging into 4-bit or 8-bit weights would round the adapter's small "
-                             "updates away, so merges are into a bfloat16/float16 base; set merge.dtype=bfloat16 and "
-                             "quantize the merged model afterwards (export_gguf.py)")
+            raise ValueError(
+                f"merge.dtype={v}: merging into 4-bit or 8-bit weights would round the adapter's small "
+                "updates away, so merges are into a bfloat16/float16 base; set merge.dtype=bfloat16 and "
+                "quantize the merged model afterwards (export_gguf.py)"
+            )
         return v
+
     # The dtype the merge and its check run in. float32 makes the check exact (it then tests the merge,
     # not bf16 rounding) and rounds W + BA once; it needs 4 bytes a parameter of memory.
     compute_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     max_shard_size: str = "5GB"
     # The merge checks itself on these prompts: merged vs base+adapter.
-    check_prompts: list[str] = Field(default_factory=lambda: [
-        "Give three tips for staying healthy.", "What is the capital of France?"])
+    check_prompts: list[str] = Field(
+        default_factory=lambda: ["Give three tips for staying healthy.", "What is the capital of France?"]
+    )
     # Merged vs base+adapter, both in compute_dtype. In float32 they agree to ~1e-4; in bf16 expect ~1.
     max_logit_diff: float = Field(0.05, gt=0)
     min_token_agreement: float = Field(0.99, ge=0, le=1)
@@ -231,8 +245,10 @@ class InferenceCfg(Section):
     @model_validator(mode="after")
     def _compile_needs_static(self):
         if self.compile is True and self.cache_implementation == "dynamic":
-            raise ValueError("inference.compile=true needs a static KV cache; set inference.cache_implementation="
-                             "static (or auto), or inference.compile=false")
+            raise ValueError(
+                "inference.compile=true needs a static KV cache; set inference.cache_implementation="
+                "static (or auto), or inference.compile=false"
+            )
         return self
 
 
@@ -251,8 +267,10 @@ class PathsCfg(Section):
         limit = 255
         for part in Path(v).parts:
             if len(part.encode()) > limit:
-                raise ValueError(f"paths.{info.field_name} has a folder name of {len(part.encode())} bytes "
-                                 f"('{part[:40]}...'); file systems allow {limit}; choose a shorter name")
+                raise ValueError(
+                    f"paths.{info.field_name} has a folder name of {len(part.encode())} bytes "
+                    f"('{part[:40]}...'); file systems allow {limit}; choose a shorter name"
+                )
         return v
 
 
@@ -317,6 +335,7 @@ def short_repr(value: Any, limit: int = 80) -> str:
     """repr for error messages, bounded: a YAML alias bomb is a few bytes of text that expands to billions
     of nested items, and a plain repr would exhaust memory while building the message."""
     import reprlib
+
     r = reprlib.Repr()
     r.maxlevel, r.maxlist, r.maxdict, r.maxstring, r.maxother = 2, 4, 4, limit, limit
     return r.repr(value)[: limit + 20]
@@ -335,11 +354,14 @@ def _construct_mapping(loader, node, deep=False):
         try:
             hash(key)
         except TypeError:
-            raise yaml.constructor.ConstructorError(None, None, "a mapping key is not a plain value",
-                                                    key_node.start_mark) from None
+            raise yaml.constructor.ConstructorError(
+                None, None, "a mapping key is not a plain value", key_node.start_mark
+            ) from None
         if key in seen:
-            raise UserError(f"duplicate key '{key}' at line {key_node.start_mark.line + 1} (first at line "
-                            f"{seen[key]}); YAML keeps only one of them, so delete the other")
+            raise UserError(
+                f"duplicate key '{key}' at line {key_node.start_mark.line + 1} (first at line "
+                f"{seen[key]}); YAML keeps only one of them, so delete the other"
+            )
         seen[key] = key_node.start_mark.line + 1
     return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
 
@@ -421,17 +443,29 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Confi
 # SFTConfig is built, which used to be after the run directory was written. The lists are read from the
 # installed transformers' own source (its enums and its integration table) without importing it: the import
 # pulls in torch (seconds), and these checks run before the data is even read.
-_REPORT_PACKAGES = {"wandb": ("wandb",), "tensorboard": ("tensorboard", "tensorboardX"), "mlflow": ("mlflow",),
-                    "comet_ml": ("comet_ml",), "neptune": ("neptune",), "clearml": ("clearml",),
-                    "dvclive": ("dvclive",), "codecarbon": ("codecarbon",), "azure_ml": ("azureml",),
-                    "flyte": ("flytekit",), "dagshub": ("dagshub",), "swanlab": ("swanlab",),
-                    "trackio": ("trackio",), "kubeflow": ("kubeflow",)}
+_REPORT_PACKAGES = {
+    "wandb": ("wandb",),
+    "tensorboard": ("tensorboard", "tensorboardX"),
+    "mlflow": ("mlflow",),
+    "comet_ml": ("comet_ml",),
+    "neptune": ("neptune",),
+    "clearml": ("clearml",),
+    "dvclive": ("dvclive",),
+    "codecarbon": ("codecarbon",),
+    "azure_ml": ("azureml",),
+    "flyte": ("flytekit",),
+    "dagshub": ("dagshub",),
+    "swanlab": ("swanlab",),
+    "trackio": ("trackio",),
+    "kubeflow": ("kubeflow",),
+}
 _ATTN_PACKAGES = {"flash_attention_2": "flash_attn"}
 
 
 def _transformers_source(rel: str):
     import ast
     import importlib.util
+
     spec = importlib.util.find_spec("transformers")
     if spec is None or not spec.submodule_search_locations:
         return None
@@ -441,21 +475,29 @@ def _transformers_source(rel: str):
 
 def _enum_values(rel: str, cls: str) -> list[str] | None:
     import ast
+
     tree = _transformers_source(rel)
     for node in getattr(tree, "body", []):
         if isinstance(node, ast.ClassDef) and node.name == cls:
-            vals = [st.value.value for st in node.body if isinstance(st, ast.Assign)
-                    and isinstance(st.value, ast.Constant) and isinstance(st.value.value, str)]
+            vals = [
+                st.value.value
+                for st in node.body
+                if isinstance(st, ast.Assign) and isinstance(st.value, ast.Constant) and isinstance(st.value.value, str)
+            ]
             return vals or None
     return None
 
 
 def _dict_keys(rel: str, name: str) -> list[str] | None:
     import ast
+
     tree = _transformers_source(rel)
     for node in getattr(tree, "body", []):
-        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == name for t in node.targets) \
-                and isinstance(node.value, ast.Dict):
+        if (
+            isinstance(node, ast.Assign)
+            and any(getattr(t, "id", None) == name for t in node.targets)
+            and isinstance(node.value, ast.Dict)
+        ):
             keys = [k.value for k in node.value.keys if isinstance(k, ast.Constant)]
             return keys or None
     return None
@@ -464,17 +506,22 @@ def _dict_keys(rel: str, name: str) -> list[str] | None:
 def library_values() -> dict[str, list[str]]:
     """The values transformers accepts for optim, lr_scheduler_type and report_to; from its source when
     that parses, else from the imported module (slower, same lists)."""
-    out = {"optim": _enum_values("training_args.py", "OptimizerNames"),
-           "lr_scheduler_type": _enum_values("trainer_utils.py", "SchedulerType"),
-           "report_to": _dict_keys("integrations/integration_utils.py", "INTEGRATION_TO_CALLBACK")}
+    out = {
+        "optim": _enum_values("training_args.py", "OptimizerNames"),
+        "lr_scheduler_type": _enum_values("trainer_utils.py", "SchedulerType"),
+        "report_to": _dict_keys("integrations/integration_utils.py", "INTEGRATION_TO_CALLBACK"),
+    }
     if not out["optim"]:
         from transformers.training_args import OptimizerNames
+
         out["optim"] = [o.value for o in OptimizerNames]
     if not out["lr_scheduler_type"]:
         from transformers.trainer_utils import SchedulerType
+
         out["lr_scheduler_type"] = [o.value for o in SchedulerType]
     if not out["report_to"]:
         from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
+
         out["report_to"] = list(INTEGRATION_TO_CALLBACK)
     return out
 
@@ -482,21 +529,29 @@ def library_values() -> dict[str, list[str]]:
 def _one_of(key: str, value: str, valid: list[str]) -> str:
     close = difflib.get_close_matches(value, valid, n=1, cutoff=0.6)
     hint = f"did you mean '{close[0]}'? " if close else ""
-    return (f"{key}={value!r} is not a value transformers accepts; {hint}valid: {', '.join(valid[:24])}"
-            f"{', ...' if len(valid) > 24 else ''}")
+    return (
+        f"{key}={value!r} is not a value transformers accepts; {hint}valid: {', '.join(valid[:24])}"
+        f"{', ...' if len(valid) > 24 else ''}"
+    )
 
 
 def check_library_options(cfg: "Config") -> None:
     """The text options TRL/transformers/bitsandbytes check late, checked now, with the packages they need."""
     import importlib.util
+
     vals = library_values()
     t = cfg.train
     if t.optim not in vals["optim"]:
         raise UserError(_one_of("train.optim", t.optim, vals["optim"]))
-    if ("8bit" in t.optim or "32bit" in t.optim or "bnb" in t.optim) and "torch" not in t.optim \
-            and importlib.util.find_spec("bitsandbytes") is None:
-        raise UserError(f"train.optim={t.optim} needs bitsandbytes, which is not installed; run `make install` or "
-                        "set train.optim=adamw_torch")
+    if (
+        ("8bit" in t.optim or "32bit" in t.optim or "bnb" in t.optim)
+        and "torch" not in t.optim
+        and importlib.util.find_spec("bitsandbytes") is None
+    ):
+        raise UserError(
+            f"train.optim={t.optim} needs bitsandbytes, which is not installed; run `make install` or "
+            "set train.optim=adamw_torch"
+        )
     if t.lr_scheduler_type not in vals["lr_scheduler_type"]:
         raise UserError(_one_of("train.lr_scheduler_type", t.lr_scheduler_type, vals["lr_scheduler_type"]))
     targets = [x.strip() for x in t.report_to.split(",") if x.strip()]
@@ -509,10 +564,14 @@ def check_library_options(cfg: "Config") -> None:
             raise UserError(_one_of("train.report_to", r, ["none", "all", *vals["report_to"]]))
         mods = _REPORT_PACKAGES.get(r, (r,))
         if not any(importlib.util.find_spec(m) for m in mods):
-            raise UserError(f"train.report_to={r} needs the '{mods[0]}' package, which is not installed; "
-                            f"pip install {mods[0]}, or set train.report_to=none")
+            raise UserError(
+                f"train.report_to={r} needs the '{mods[0]}' package, which is not installed; "
+                f"pip install {mods[0]}, or set train.report_to=none"
+            )
     attn = cfg.model.attn_implementation
     pkg = _ATTN_PACKAGES.get(attn)
     if pkg and importlib.util.find_spec(pkg) is None:
-        raise UserError(f"model.attn_implementation={attn} needs the '{pkg}' package, which is not installed "
-                        "(it also needs a CUDA GPU); pip install flash-attn, or set model.attn_implementation=sdpa")
+        raise UserError(
+            f"model.attn_implementation={attn} needs the '{pkg}' package, which is not installed "
+            "(it also needs a CUDA GPU); pip install flash-attn, or set model.attn_implementation=sdpa"
+        )

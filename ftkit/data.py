@@ -1,5 +1,6 @@
 """Alpaca data: load records (local JSON/JSONL/CSV/Parquet or a hub dataset), check and clean them, split
 train/eval with a seed, render prompts, tokenize with the prompt masked from the loss, and the report."""
+
 from __future__ import annotations
 
 import csv
@@ -26,13 +27,17 @@ def _read_json(p: Path, text: str) -> list:
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
-        raise UserError(f"{p}: malformed JSON at line {e.lineno}, column {e.colno}: {e.msg}; fix the file "
-                        "(a .jsonl file holds one JSON object per line)") from None
+        raise UserError(
+            f"{p}: malformed JSON at line {e.lineno}, column {e.colno}: {e.msg}; fix the file "
+            "(a .jsonl file holds one JSON object per line)"
+        ) from None
     if isinstance(data, dict):  # {"train": [...]} or {"data": [...]}, as some exports write
         lists = [v for v in data.values() if isinstance(v, list)]
         if len(lists) != 1:
-            raise UserError(f"{p}: expected a JSON list of records, got an object; store a list of "
-                            "{instruction, input, output} objects")
+            raise UserError(
+                f"{p}: expected a JSON list of records, got an object; store a list of "
+                "{instruction, input, output} objects"
+            )
         data = lists[0]
     if not isinstance(data, list):
         raise UserError(f"{p}: expected a JSON list of records, got {type(data).__name__}")
@@ -41,6 +46,7 @@ def _read_json(p: Path, text: str) -> list:
 
 class Records(list):
     """Rows as read, with the file line each came from (JSONL, CSV) so errors can name it."""
+
     lines: list[int] | None = None
 
 
@@ -60,9 +66,11 @@ def _read_csv(p: Path, text: str) -> list:
         for r in reader:
             # DictReader files surplus cells under None and fills missing ones with None.
             if None in r or any(v is None for v in r.values()):
-                raise UserError(f"{p}: malformed CSV on line {reader.line_num}: it has "
-                                f"{'more' if None in r else 'fewer'} cells than the header "
-                                f"({', '.join(reader.fieldnames or [])}); quote cells that hold commas")
+                raise UserError(
+                    f"{p}: malformed CSV on line {reader.line_num}: it has "
+                    f"{'more' if None in r else 'fewer'} cells than the header "
+                    f"({', '.join(reader.fieldnames or [])}); quote cells that hold commas"
+                )
             rows.append(r)
             rows.lines.append(reader.line_num)
     except csv.Error as e:
@@ -75,8 +83,9 @@ def load_records(d: DataCfg) -> tuple[list[dict], str]:
     p = Path(d.path).expanduser()
     if p.suffix.lower() in LOCAL_SUFFIXES or p.exists():
         if p.is_dir():
-            raise UserError(f"data.path '{p}' is a folder, not a file; point data.path at a .json/.jsonl/.csv/.parquet "
-                            "file")
+            raise UserError(
+                f"data.path '{p}' is a folder, not a file; point data.path at a .json/.jsonl/.csv/.parquet file"
+            )
         if not p.is_file():
             raise UserError(f"dataset file '{p}' not found; fix data.path")
         suffix = p.suffix.lower()
@@ -85,6 +94,7 @@ def load_records(d: DataCfg) -> tuple[list[dict], str]:
         digest = file_sha256(p)
         if suffix == ".parquet":
             import pyarrow.parquet as pq
+
             try:
                 return pq.read_table(p).to_pylist(), digest
             except Exception as e:  # pyarrow raises several types for a corrupt file
@@ -103,12 +113,19 @@ def load_records(d: DataCfg) -> tuple[list[dict], str]:
     # A hub dataset id.
     offline = hub_mode(d.path, "dataset", "data.path")
     import datasets
+
     # datasets raises many types; the user needs the message, not the class
-    with user_errors(f"cannot load dataset '{d.path}' (split {d.split})",
-                     "fix data.path or point it at a local .json/.jsonl file", (Exception,)):
-        ds = datasets.load_dataset(d.path, split=d.split, download_mode=None,
-                                   **({"download_config": datasets.DownloadConfig(local_files_only=True)}
-                                      if offline else {}))
+    with user_errors(
+        f"cannot load dataset '{d.path}' (split {d.split})",
+        "fix data.path or point it at a local .json/.jsonl file",
+        (Exception,),
+    ):
+        ds = datasets.load_dataset(
+            d.path,
+            split=d.split,
+            download_mode=None,
+            **({"download_config": datasets.DownloadConfig(local_files_only=True)} if offline else {}),
+        )
     return [dict(r) for r in ds], hashlib.sha256(f"{d.path}@{ds._fingerprint}".encode()).hexdigest()
 
 
@@ -134,37 +151,47 @@ def clean_records(records: list, d: DataCfg, source: str) -> tuple[list[dict], C
         for key in ("instruction", "output"):
             if key not in r:
                 have = ", ".join(sorted(map(str, r))) or "nothing"
-                raise UserError(f"{source}: {at} has no '{key}' field (it has: {have}); Alpaca rows need "
-                                "instruction, output and optionally input")
+                raise UserError(
+                    f"{source}: {at} has no '{key}' field (it has: {have}); Alpaca rows need "
+                    "instruction, output and optionally input"
+                )
         for key in ("instruction", "input", "output"):
             v = r.get(key)
             if v is None and key != "input":
                 raise UserError(f"{source}: {at} field '{key}' is null; give it text, or delete the row")
             if v is not None and not isinstance(v, str):
-                raise UserError(f"{source}: {at} field '{key}' is {type(v).__name__}, not text; "
-                                "store it as a string")
+                raise UserError(f"{source}: {at} field '{key}' is {type(v).__name__}, not text; store it as a string")
         inst, inp, outp = r["instruction"].strip(), (r.get("input") or "").strip(), r["output"].strip()
         if not inst:
             raise UserError(f"{source}: {at} has an empty instruction; fill it in or delete the row")
         if not outp:
             st.empty_output += 1
             if d.empty_output == "fail":
-                raise UserError(f"{source}: {at} has an empty output; fill it in, delete it, "
-                                "or set data.empty_output=drop")
+                raise UserError(
+                    f"{source}: {at} has an empty output; fill it in, delete it, or set data.empty_output=drop"
+                )
             continue
         key = (inst, inp, outp)
         if key in seen and d.drop_duplicates:
             st.duplicates += 1
             continue
         seen.add(key)
-        out.append({**{k: v for k, v in r.items() if k not in ("instruction", "input", "output")},
-                    "instruction": inst, "input": inp, "output": outp})
+        out.append(
+            {
+                **{k: v for k, v in r.items() if k not in ("instruction", "input", "output")},
+                "instruction": inst,
+                "input": inp,
+                "output": outp,
+            }
+        )
     if d.max_samples:
         out = out[: d.max_samples]
     st.kept = len(out)
     if not out:
-        raise UserError(f"{source}: no usable rows left ({st.empty_output} empty outputs, {st.duplicates} "
-                        "duplicates); check the file")
+        raise UserError(
+            f"{source}: no usable rows left ({st.empty_output} empty outputs, {st.duplicates} "
+            "duplicates); check the file"
+        )
     return out, st
 
 
@@ -194,21 +221,25 @@ class Encoded:
 
 def encode_rows(rows: list[dict], template: PromptTemplate, tok, d: DataCfg, source: str) -> Encoded:
     enc = Encoded()
-    for i, r in enumerate(rows):
+    for r in rows:
         ids, labels, status = template.encode(tok, r["instruction"], r["input"] or None, r["output"], d.max_length)
         if status == "fully_masked":
             # The prompt alone fills max_length: nothing would be learned from this row.
             enc.fully_masked += 1
             if d.too_long == "fail":
-                raise UserError(f"{source}: a row's prompt alone exceeds data.max_length={d.max_length} "
-                                f"(instruction starts {r['instruction'][:40]!r}); raise data.max_length or "
-                                "set data.too_long=drop")
+                raise UserError(
+                    f"{source}: a row's prompt alone exceeds data.max_length={d.max_length} "
+                    f"(instruction starts {r['instruction'][:40]!r}); raise data.max_length or "
+                    "set data.too_long=drop"
+                )
             continue
         if status == "truncated":
             if d.too_long == "fail":
-                raise UserError(f"{source}: a row is longer than data.max_length={d.max_length} tokens "
-                                f"(instruction starts {r['instruction'][:40]!r}); raise data.max_length or "
-                                "set data.too_long=drop|truncate")
+                raise UserError(
+                    f"{source}: a row is longer than data.max_length={d.max_length} tokens "
+                    f"(instruction starts {r['instruction'][:40]!r}); raise data.max_length or "
+                    "set data.too_long=drop|truncate"
+                )
             if d.too_long == "drop":
                 enc.dropped_too_long += 1
                 continue
@@ -224,8 +255,10 @@ def histogram(lengths: list[int], bins: int = 10) -> list[dict[str, int]]:
     lo, hi = min(lengths), max(lengths)
     width = max(1, -(-(hi - lo + 1) // bins))
     counts = Counter((n - lo) // width for n in lengths)
-    return [{"from": lo + b * width, "to": lo + (b + 1) * width - 1, "rows": counts.get(b, 0)}
-            for b in range(-(-(hi - lo + 1) // width))]
+    return [
+        {"from": lo + b * width, "to": lo + (b + 1) * width - 1, "rows": counts.get(b, 0)}
+        for b in range(-(-(hi - lo + 1) // width))
+    ]
 
 
 def show_example(tok, ids: list[int], labels: list[int]) -> dict[str, str]:
@@ -249,7 +282,11 @@ def load_clean_split(d: DataCfg) -> tuple[list[dict], list[dict], CleanStats, st
     """Read, check and split the rows: every data error that needs no tokenizer, in a second."""
     records, digest = load_records(d)
     rows, st = clean_records(records, d, d.path)
-    note = f" ({st.duplicates} duplicate rows were dropped; data.drop_duplicates=false keeps them)" if st.duplicates else ""
+    note = (
+        f" ({st.duplicates} duplicate rows were dropped; data.drop_duplicates=false keeps them)"
+        if st.duplicates
+        else ""
+    )
     train_rows, eval_rows = split_records(rows, d.eval_size, d.seed, note)
     return train_rows, eval_rows, st, digest
 
@@ -263,18 +300,30 @@ def prepare(cfg: Config, tok, loaded: tuple | None = None) -> Prepared:
     tr = encode_rows(train_rows, template, tok, d, d.path)
     ev = encode_rows(eval_rows, template, tok, d, d.path)
     if not tr.rows:
-        raise UserError(f"no training rows left after applying data.too_long={d.too_long} at data.max_length="
-                        f"{d.max_length}; raise data.max_length")
+        raise UserError(
+            f"no training rows left after applying data.too_long={d.too_long} at data.max_length="
+            f"{d.max_length}; raise data.max_length"
+        )
     n_tokens = [sum(1 for x in r["labels"] if x != IGNORE_INDEX) for r in tr.rows]
     report = {
-        "source": d.path, "data_sha256": digest, "prompt_template": d.prompt_template, "max_length": d.max_length,
-        "rows_in_file": st.rows_in, "empty_output": st.empty_output, "duplicates": st.duplicates,
-        "rows_kept": st.kept, "train_rows": len(tr.rows), "eval_rows": len(ev.rows),
-        "truncated": tr.truncated + ev.truncated, "dropped_too_long": tr.dropped_too_long + ev.dropped_too_long,
+        "source": d.path,
+        "data_sha256": digest,
+        "prompt_template": d.prompt_template,
+        "max_length": d.max_length,
+        "rows_in_file": st.rows_in,
+        "empty_output": st.empty_output,
+        "duplicates": st.duplicates,
+        "rows_kept": st.kept,
+        "train_rows": len(tr.rows),
+        "eval_rows": len(ev.rows),
+        "truncated": tr.truncated + ev.truncated,
+        "dropped_too_long": tr.dropped_too_long + ev.dropped_too_long,
         "fully_masked": tr.fully_masked + ev.fully_masked,
         "policy": {"too_long": d.too_long, "empty_output": d.empty_output, "drop_duplicates": d.drop_duplicates},
-        "train_tokens": sum(tr.lengths), "train_response_tokens": sum(n_tokens),
-        "mean_length": round(sum(tr.lengths) / len(tr.lengths), 1), "max_length_seen": max(tr.lengths),
+        "train_tokens": sum(tr.lengths),
+        "train_response_tokens": sum(n_tokens),
+        "mean_length": round(sum(tr.lengths) / len(tr.lengths), 1),
+        "max_length_seen": max(tr.lengths),
         "length_histogram": histogram(tr.lengths + ev.lengths),
         "examples": [show_example(tok, r["input_ids"], r["labels"]) for r in tr.rows[:2]],
     }
@@ -284,16 +333,24 @@ def prepare(cfg: Config, tok, loaded: tuple | None = None) -> Prepared:
 
 def print_report(rep: dict) -> None:
     print(f"dataset {rep['source']}  ({rep['prompt_template']} template, max_length {rep['max_length']})")
-    print(f"  rows in file {rep['rows_in_file']}, kept {rep['rows_kept']} -> train {rep['train_rows']}, "
-          f"eval {rep['eval_rows']}")
-    print(f"  empty output {rep['empty_output']}, duplicates {rep['duplicates']}, truncated {rep['truncated']}, "
-          f"dropped as too long {rep['dropped_too_long']}, fully masked {rep['fully_masked']}")
-    print(f"  train tokens {rep['train_tokens']} (response {rep['train_response_tokens']}), mean length "
-          f"{rep['mean_length']}, longest {rep['max_length_seen']}")
+    print(
+        f"  rows in file {rep['rows_in_file']}, kept {rep['rows_kept']} -> train {rep['train_rows']}, "
+        f"eval {rep['eval_rows']}"
+    )
+    print(
+        f"  empty output {rep['empty_output']}, duplicates {rep['duplicates']}, truncated {rep['truncated']}, "
+        f"dropped as too long {rep['dropped_too_long']}, fully masked {rep['fully_masked']}"
+    )
+    print(
+        f"  train tokens {rep['train_tokens']} (response {rep['train_response_tokens']}), mean length "
+        f"{rep['mean_length']}, longest {rep['max_length_seen']}"
+    )
     print("  token lengths:")
     top = max((b["rows"] for b in rep["length_histogram"]), default=1) or 1
     for b in rep["length_histogram"]:
         print(f"    {b['from']:>5}-{b['to']:<5} {b['rows']:>6} {'#' * round(40 * b['rows'] / top)}")
     for i, ex in enumerate(rep["examples"], 1):
-        print(f"\n  example {i}, as rendered:\n{ex['text']}\n  example {i}, trained-on tokens ('·' = masked):\n"
-              f"{ex['trained_on']}")
+        print(
+            f"\n  example {i}, as rendered:\n{ex['text']}\n  example {i}, trained-on tokens ('·' = masked):\n"
+            f"{ex['trained_on']}"
+        )

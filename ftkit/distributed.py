@@ -1,5 +1,6 @@
 """Who and where this process is: world size, rank, FSDP, the device, and the checks that refuse a setup
 which would quietly train on fewer devices than the user has."""
+
 from __future__ import annotations
 
 import os
@@ -12,8 +13,11 @@ from .plan import Hardware, detect_hardware
 
 def dist_info() -> dict:
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    return {"world_size": world, "rank": int(os.environ.get("RANK", "0")),
-            "local_rank": int(os.environ.get("LOCAL_RANK", "0"))}
+    return {
+        "world_size": world,
+        "rank": int(os.environ.get("RANK", "0")),
+        "local_rank": int(os.environ.get("LOCAL_RANK", "0")),
+    }
 
 
 def is_main() -> bool:
@@ -23,6 +27,7 @@ def is_main() -> bool:
 def barrier() -> None:
     if dist_info()["world_size"] > 1:
         from accelerate import PartialState
+
         PartialState().wait_for_everyone()
 
 
@@ -38,37 +43,52 @@ def check_distributed(cfg: Config, device: str) -> dict:
     if info["fsdp"]:
         q = cfg.quant
         if q.load_in_8bit:
-            raise UserError("FSDP cannot shard 8-bit bitsandbytes weights; set quant.load_in_4bit=true "
-                            "quant.load_in_8bit=false, or launch with configs/accelerate/ddp.yaml")
+            raise UserError(
+                "FSDP cannot shard 8-bit bitsandbytes weights; set quant.load_in_4bit=true "
+                "quant.load_in_8bit=false, or launch with configs/accelerate/ddp.yaml"
+            )
         if q.load_in_4bit and q.bnb_4bit_quant_storage != q.bnb_4bit_compute_dtype:
-            raise UserError(f"FSDP shards the 4-bit weights only when they are stored in the compute dtype: set "
-                            f"quant.bnb_4bit_quant_storage={q.bnb_4bit_compute_dtype} (now "
-                            f"{q.bnb_4bit_quant_storage}, quant.bnb_4bit_compute_dtype={q.bnb_4bit_compute_dtype})")
+            raise UserError(
+                f"FSDP shards the 4-bit weights only when they are stored in the compute dtype: set "
+                f"quant.bnb_4bit_quant_storage={q.bnb_4bit_compute_dtype} (now "
+                f"{q.bnb_4bit_quant_storage}, quant.bnb_4bit_compute_dtype={q.bnb_4bit_compute_dtype})"
+            )
         if q.load_in_4bit and cfg.model.dtype != q.bnb_4bit_quant_storage:
-            raise UserError(f"FSDP needs one dtype for every weight: set model.dtype={q.bnb_4bit_quant_storage} "
-                            f"to match quant.bnb_4bit_quant_storage (now model.dtype={cfg.model.dtype})")
+            raise UserError(
+                f"FSDP needs one dtype for every weight: set model.dtype={q.bnb_4bit_quant_storage} "
+                f"to match quant.bnb_4bit_quant_storage (now model.dtype={cfg.model.dtype})"
+            )
         if "8bit" in cfg.train.optim:
-            raise UserError(f"train.optim={cfg.train.optim} fails when FSDP saves a checkpoint (a known PEFT/bitsandbytes "
-                            "limit); use train.optim=adamw_torch under FSDP")
+            raise UserError(
+                f"train.optim={cfg.train.optim} fails when FSDP saves a checkpoint (a known PEFT/bitsandbytes "
+                "limit); use train.optim=adamw_torch under FSDP"
+            )
         if device != "cuda":
             raise UserError("FSDP needs CUDA GPUs; on CPU launch with configs/accelerate/ddp.yaml instead")
         # Both recompute activations and transformers refuses the pair; the plan turns ours off (and says so).
-        info["fsdp_activation_checkpointing"] = os.environ.get("FSDP_ACTIVATION_CHECKPOINTING",
-                                                               "false").lower() == "true"
+        info["fsdp_activation_checkpointing"] = (
+            os.environ.get("FSDP_ACTIVATION_CHECKPOINTING", "false").lower() == "true"
+        )
     if device == "cuda":
         import torch
+
         n = torch.cuda.device_count()
         if info["world_size"] == 1 and n > 1:
-            raise UserError(f"{n} GPUs are visible but finetune.py runs as a single process, which trains on one GPU "
-                            f"only; use all of them with `accelerate launch --config_file configs/accelerate/ddp.yaml "
-                            f"--num_processes {n} finetune.py ...`, or choose one with CUDA_VISIBLE_DEVICES=0")
+            raise UserError(
+                f"{n} GPUs are visible but finetune.py runs as a single process, which trains on one GPU "
+                f"only; use all of them with `accelerate launch --config_file configs/accelerate/ddp.yaml "
+                f"--num_processes {n} finetune.py ...`, or choose one with CUDA_VISIBLE_DEVICES=0"
+            )
         if info["world_size"] > 1 and info["local_rank"] >= n:
-            raise UserError(f"process LOCAL_RANK={info['local_rank']} has no GPU of its own (this machine shows {n}); "
-                            f"launch at most {n} processes per machine (accelerate launch --num_processes)")
+            raise UserError(
+                f"process LOCAL_RANK={info['local_rank']} has no GPU of its own (this machine shows {n}); "
+                f"launch at most {n} processes per machine (accelerate launch --num_processes)"
+            )
     if info["world_size"] > 1 or "LOCAL_RANK" in os.environ:
         # Start the process group now: model loading and the barriers below need it, and under FSDP
         # transformers loads the weights on local rank 0 only once it sees the group.
         from accelerate import PartialState
+
         PartialState(cpu=device == "cpu")
     return info
 
@@ -78,9 +98,12 @@ def setup(cfg: Config) -> Hardware:
     device = pick_device(cfg.train.device)
     if cfg.train.bf16 and device == "cuda":
         import torch
+
         if not torch.cuda.is_bf16_supported():
-            raise UserError("train.bf16 is on but this GPU has no bf16; set train.bf16=false and "
-                            "quant.bnb_4bit_compute_dtype=float16")
+            raise UserError(
+                "train.bf16 is on but this GPU has no bf16; set train.bf16=false and "
+                "quant.bnb_4bit_compute_dtype=float16"
+            )
     info = check_distributed(cfg, device)
     barrier()
     return detect_hardware(device, info["world_size"], info["fsdp"], info.get("fsdp_activation_checkpointing", False))

@@ -1,6 +1,7 @@
 """Generation for every stage that answers prompts (inference, evaluation, the merge check's prompts, the
 benchmarks): loading a run's weights (merged, or base + adapter) with its frozen prompt template, batched and
 streamed generation, the static KV cache, and greedy decoding as one CUDA graph on GPUs."""
+
 from __future__ import annotations
 
 import sys
@@ -11,8 +12,17 @@ import torch
 
 from .cli import UserError, log
 from .config import Config, InferenceCfg
-from .models import (attach_adapter, check_finite_weights, check_same_base, load_causal_lm, load_tokenizer, pick_device,
-                     read_adapter_config, resolve_model, torch_dtype)
+from .models import (
+    attach_adapter,
+    check_finite_weights,
+    check_same_base,
+    load_causal_lm,
+    load_tokenizer,
+    pick_device,
+    read_adapter_config,
+    resolve_model,
+    torch_dtype,
+)
 from .paths import RunDir
 from .prompts import PromptTemplate
 
@@ -37,9 +47,11 @@ from .prompts import PromptTemplate
 class GraphDecoder:
     """Fixed batch size and cache length; reused across calls (the CUDA graph and compiled code stay valid)."""
 
-    def __init__(self, model, batch_size: int, max_cache_len: int, *, compile: bool = True,
-                 cuda_graph: bool | None = None):
+    def __init__(
+        self, model, batch_size: int, max_cache_len: int, *, compile: bool = True, cuda_graph: bool | None = None
+    ):
         from transformers import StaticCache
+
         self.model, self.b, self.L = model, batch_size, max_cache_len
         dev = model.device
         self.dev = dev
@@ -47,8 +59,8 @@ class GraphDecoder:
         z = dict(device=dev, dtype=torch.long)
         self.tok = torch.zeros(batch_size, 1, **z)
         self.posid = torch.zeros(batch_size, 1, **z)
-        self.pos = torch.zeros(1, **z)            # cache slot of the token being decoded
-        self.n = torch.zeros(1, **z)              # index of the token being produced
+        self.pos = torch.zeros(1, **z)  # cache slot of the token being decoded
+        self.n = torch.zeros(1, **z)  # index of the token being produced
         self.done = torch.zeros(batch_size, dtype=torch.bool, device=dev)
         self.mask = torch.zeros(batch_size, 1, 1, max_cache_len, dtype=torch.bool, device=dev)
         self.vocab = model.config.get_text_config().vocab_size
@@ -76,8 +88,14 @@ class GraphDecoder:
 
     def _step(self) -> None:
         self.mask.index_fill_(3, self.pos, True)
-        logits = self.model(input_ids=self.tok, attention_mask=self.mask, position_ids=self.posid,
-                            past_key_values=self.cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+        logits = self.model(
+            input_ids=self.tok,
+            attention_mask=self.mask,
+            position_ids=self.posid,
+            past_key_values=self.cache,
+            use_cache=True,
+            logits_to_keep=1,
+        ).logits[:, -1]
         self._select(logits)
         self.posid += 1
         self.pos += 1
@@ -88,8 +106,14 @@ class GraphDecoder:
         self.cache.reset()
         w = ids.shape[1]
         position_ids = (attn.long().cumsum(-1) - 1).masked_fill(attn == 0, 1)
-        logits = self.model(input_ids=ids, attention_mask=attn, position_ids=position_ids,
-                            past_key_values=self.cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+        logits = self.model(
+            input_ids=ids,
+            attention_mask=attn,
+            position_ids=position_ids,
+            past_key_values=self.cache,
+            use_cache=True,
+            logits_to_keep=1,
+        ).logits[:, -1]
         self.mask.zero_()
         self.mask[:, 0, 0, :w] = attn.bool()
         self.posid.copy_(attn.long().sum(-1, keepdim=True))
@@ -130,20 +154,31 @@ class GraphDecoder:
                 self.graph = graph
             except Exception as e:  # still right, only slower: the step runs un-captured
                 self.capture_error = f"{type(e).__name__}: {e}"
-                log.warning("CUDA graph capture of the decode step failed (%s); decoding without it",
-                            self.capture_error.splitlines()[0][:300])
+                log.warning(
+                    "CUDA graph capture of the decode step failed (%s); decoding without it",
+                    self.capture_error.splitlines()[0][:300],
+                )
         else:
             self.step_fn()
         self.ready = True
 
     # -- public -------------------------------------------------------------------------------------
     @torch.no_grad()
-    def generate(self, ids: torch.Tensor, attn: torch.Tensor, max_new_tokens: int, eos_token_ids: Sequence[int],
-                 pad_token_id: int, min_new_tokens: int = 0, check_every: int = 8) -> torch.Tensor:
+    def generate(
+        self,
+        ids: torch.Tensor,
+        attn: torch.Tensor,
+        max_new_tokens: int,
+        eos_token_ids: Sequence[int],
+        pad_token_id: int,
+        min_new_tokens: int = 0,
+        check_every: int = 8,
+    ) -> torch.Tensor:
         b, w = ids.shape
         if b != self.b or w + max_new_tokens > self.L:
-            raise ValueError(f"batch {b} x {w}+{max_new_tokens} tokens does not fit this decoder "
-                             f"(batch {self.b}, cache {self.L})")
+            raise ValueError(
+                f"batch {b} x {w}+{max_new_tokens} tokens does not fit this decoder (batch {self.b}, cache {self.L})"
+            )
         ids, attn = ids.to(self.dev), attn.to(self.dev)
         self._set_tokens(eos_token_ids, pad_token_id, min_new_tokens)
         if not self.ready:
@@ -177,13 +212,22 @@ def _decoder(model, batch_size: int, max_cache_len: int, n_eos: int, compile: bo
     return store[key]
 
 
-def graph_generate(model, ids: torch.Tensor, attn: torch.Tensor, *, max_new_tokens: int, eos_token_ids: Sequence[int],
-             pad_token_id: int, max_cache_len: int, min_new_tokens: int = 0, compile: bool = True) -> torch.Tensor:
+def graph_generate(
+    model,
+    ids: torch.Tensor,
+    attn: torch.Tensor,
+    *,
+    max_new_tokens: int,
+    eos_token_ids: Sequence[int],
+    pad_token_id: int,
+    max_cache_len: int,
+    min_new_tokens: int = 0,
+    compile: bool = True,
+) -> torch.Tensor:
     """`model.generate(input_ids=ids, attention_mask=attn, do_sample=False, ...)`, one CUDA graph a step."""
     n_eos = max(1, len({int(e) for e in eos_token_ids}))
     d = _decoder(model, ids.shape[0], max_cache_len, n_eos, compile)
     return d.generate(ids, attn, max_new_tokens, eos_token_ids, pad_token_id, min_new_tokens)
-
 
 
 # -- loading a run for generation, and batched / streamed generation ---------------------------------------
@@ -198,8 +242,10 @@ def choose_weights(cfg: Config, run: RunDir, use: str, adapter: Path | None = No
     if use == "merged" and not (run.merged / "config.json").is_file():
         raise UserError(f"no merged model in '{run.merged}'; run merge_adapter.py first or pass --adapter")
     if use == "adapter" and not (adapter / "adapter_config.json").is_file():
-        raise UserError(f"no adapter in '{adapter}'; run finetune.py first (or check paths.output_dir"
-                        f"{' and --adapter DIR' if adapter != run.adapter else ''})")
+        raise UserError(
+            f"no adapter in '{adapter}'; run finetune.py first (or check paths.output_dir"
+            f"{' and --adapter DIR' if adapter != run.adapter else ''})"
+        )
     return use
 
 
@@ -210,13 +256,13 @@ def load_for_inference(cfg: Config, run: RunDir, use: str, adapter: Path | None 
     its own run's prompt_template.json is used when it sits beside it.
     """
     from safetensors import SafetensorError
+
     use = choose_weights(cfg, run, use, adapter)
     adapter = adapter or run.adapter
     device = pick_device(cfg.inference.device)
     dtype = torch_dtype(cfg.model.dtype)
     own_template = adapter.parent / "prompt_template.json"
-    template = PromptTemplate.load(own_template if use == "adapter" and own_template.is_file()
-                                   else run.prompt_template)
+    template = PromptTemplate.load(own_template if use == "adapter" and own_template.is_file() else run.prompt_template)
     where = run.merged if use == "merged" else cfg.model.name_or_path
     try:
         if use == "merged":
@@ -231,15 +277,22 @@ def load_for_inference(cfg: Config, run: RunDir, use: str, adapter: Path | None 
                 check_same_base(read_adapter_config(adapter), cfg.model.name_or_path)
                 model = attach_adapter(model, adapter)
     except SafetensorError as e:
-        raise UserError(f"the weights in '{where}' are corrupt ({str(e).splitlines()[0][:120]}); re-run the stage "
-                        "that wrote them (merge_adapter.py or finetune.py), or re-download the base") from None
+        raise UserError(
+            f"the weights in '{where}' are corrupt ({str(e).splitlines()[0][:120]}); re-run the stage "
+            "that wrote them (merge_adapter.py or finetune.py), or re-download the base"
+        ) from None
     check_finite_weights(model, where)
     model.eval()
     cache, compiled = decode_settings(cfg.inference)
-    log.info("decoding with a %s KV cache%s", cache, ", decode step compiled (CUDA graphs on CUDA; the first batch "
-             "compiles)" if compiled else "")
-    log.info("answering with %s", {"merged": run.merged, "adapter": f"base + {adapter}",
-                                   "base": f"base model {cfg.model.name_or_path}"}[use])
+    log.info(
+        "decoding with a %s KV cache%s",
+        cache,
+        ", decode step compiled (CUDA graphs on CUDA; the first batch compiles)" if compiled else "",
+    )
+    log.info(
+        "answering with %s",
+        {"merged": run.merged, "adapter": f"base + {adapter}", "base": f"base model {cfg.model.name_or_path}"}[use],
+    )
     return model, tok, template, use
 
 
@@ -272,6 +325,7 @@ def reusable_cache(model, kw: dict):
     if kw.get("cache_implementation") != "static":
         return None
     from transformers import StaticCache
+
     del kw["cache_implementation"]
     return StaticCache(config=model.config, max_cache_len=kw.pop("max_cache_len"))
 
@@ -279,24 +333,38 @@ def reusable_cache(model, kw: dict):
 def batch_runner(model, icfg: InferenceCfg, kw: dict, fast: bool = True):
     """run(ids, attention_mask) -> output ids (prompt + new tokens) for one left-padded batch, given kw from
     generation_kwargs (+ max_cache_len when static). Greedy decoding with the static cache on CUDA (the default
-    there) goes through ftkit.generation (graph_generate): the whole decode step (compiled when inference.compile resolves on) is one
-    CUDA graph, no per-step host work, the same tokens as model.generate. Anything else (sampling,
+    there) goes through graph_generate: the whole decode step (compiled when inference.compile resolves on)
+    is one CUDA graph, no per-step host work, the same tokens as model.generate. Anything else (sampling,
     repetition_penalty, the dynamic cache, CPU) goes through model.generate, one static cache reused across calls."""
     import torch
+
     kw = dict(kw)
-    if (fast and kw.get("cache_implementation") == "static" and not kw["do_sample"]
-            and kw["repetition_penalty"] == 1.0 and model.device.type in FAST_DEVICES):
+    if (
+        fast
+        and kw.get("cache_implementation") == "static"
+        and not kw["do_sample"]
+        and kw["repetition_penalty"] == 1.0
+        and model.device.type in FAST_DEVICES
+    ):
         from ftkit import generation
+
         eos = kw["eos_token_id"]
         eos = [] if eos is None else list(eos) if isinstance(eos, (list, tuple)) else [eos]
         pad = kw["pad_token_id"] if kw["pad_token_id"] is not None else (eos[0] if eos else 0)
 
         def run_fast(ids, mask):
-            return generation.graph_generate(model, ids, mask,  # moved to the model's device there
-                                    max_new_tokens=kw["max_new_tokens"], eos_token_ids=eos,
-                                    pad_token_id=pad, max_cache_len=kw["max_cache_len"],
-                                    min_new_tokens=kw.get("min_new_tokens") or 0,
-                                    compile=decode_settings(icfg)[1])
+            return generation.graph_generate(
+                model,
+                ids,
+                mask,  # moved to the model's device there
+                max_new_tokens=kw["max_new_tokens"],
+                eos_token_ids=eos,
+                pad_token_id=pad,
+                max_cache_len=kw["max_cache_len"],
+                min_new_tokens=kw.get("min_new_tokens") or 0,
+                compile=decode_settings(icfg)[1],
+            )
+
         return run_fast
     cache = reusable_cache(model, kw)
 
@@ -307,13 +375,18 @@ def batch_runner(model, icfg: InferenceCfg, kw: dict, fast: bool = True):
             extra["past_key_values"] = cache
         with torch.no_grad():
             return model.generate(input_ids=ids.to(model.device), attention_mask=mask.to(model.device), **kw, **extra)
+
     return run
 
 
 def generation_kwargs(icfg: InferenceCfg, template: PromptTemplate, tok) -> dict:
-    kw = dict(max_new_tokens=icfg.max_new_tokens, do_sample=icfg.do_sample,
-              repetition_penalty=icfg.repetition_penalty, pad_token_id=tok.pad_token_id,
-              eos_token_id=template.stop_token_ids or tok.eos_token_id)
+    kw = dict(
+        max_new_tokens=icfg.max_new_tokens,
+        do_sample=icfg.do_sample,
+        repetition_penalty=icfg.repetition_penalty,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=template.stop_token_ids or tok.eos_token_id,
+    )
     if icfg.do_sample:
         kw.update(temperature=icfg.temperature, top_p=icfg.top_p, top_k=icfg.top_k)
     else:  # keep generation_config's sampling defaults from warning about being ignored
@@ -327,6 +400,7 @@ def generation_kwargs(icfg: InferenceCfg, template: PromptTemplate, tok) -> dict
             kw["disable_compile"] = True
         elif pick_device(icfg.device) != "cuda":  # compile=true on CPU: no CUDA graphs there
             from transformers import CompileConfig
+
             cc = CompileConfig(mode="default")
             cc._compile_all_devices = True
             kw["compile_config"] = cc
@@ -342,16 +416,24 @@ def fits_context(model, prompt_tokens: int, max_new_tokens: int) -> bool:
     return not limit or prompt_tokens + max_new_tokens <= limit
 
 
-def check_fits_context(model, prompt_tokens: int, max_new_tokens: int, what: str = "the prompt",
-                       fix: str = "shorten it or lower inference.max_new_tokens") -> None:
+def check_fits_context(
+    model,
+    prompt_tokens: int,
+    max_new_tokens: int,
+    what: str = "the prompt",
+    fix: str = "shorten it or lower inference.max_new_tokens",
+) -> None:
     """The one-line error for a prompt that leaves no room for its answer in the model's context."""
     if not fits_context(model, prompt_tokens, max_new_tokens):
-        raise UserError(f"{what} is {prompt_tokens} tokens; with inference.max_new_tokens={max_new_tokens} it "
-                        f"exceeds the model's context of {context_limit(model)}; {fix}")
+        raise UserError(
+            f"{what} is {prompt_tokens} tokens; with inference.max_new_tokens={max_new_tokens} it "
+            f"exceeds the model's context of {context_limit(model)}; {fix}"
+        )
 
 
-def encode_prompts(model, tok, template: PromptTemplate, rows: list[tuple[str, str | None]],
-                   max_new_tokens: int) -> list[list[int]]:
+def encode_prompts(
+    model, tok, template: PromptTemplate, rows: list[tuple[str, str | None]], max_new_tokens: int
+) -> list[list[int]]:
     out = []
     for instruction, input_text in rows:
         if not instruction or not instruction.strip():
@@ -362,8 +444,15 @@ def encode_prompts(model, tok, template: PromptTemplate, rows: list[tuple[str, s
     return out
 
 
-def generate(model, tok, template: PromptTemplate, rows: list[tuple[str, str | None]], icfg: InferenceCfg,
-             progress: bool = False, on_batch: Callable[[list[int], list[str]], None] | None = None) -> list[str]:
+def generate(
+    model,
+    tok,
+    template: PromptTemplate,
+    rows: list[tuple[str, str | None]],
+    icfg: InferenceCfg,
+    progress: bool = False,
+    on_batch: Callable[[list[int], list[str]], None] | None = None,
+) -> list[str]:
     """Batched greedy/sampled generation: prompts sorted by length (less padding), left-padded.
 
     on_batch(indices, answers) is called after each batch with the row indices it answered (for writing
@@ -371,15 +460,17 @@ def generate(model, tok, template: PromptTemplate, rows: list[tuple[str, str | N
     """
     import torch
     from tqdm import tqdm
+
     encoded = encode_prompts(model, tok, template, rows, icfg.max_new_tokens)
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
     answers: list[str] = [""] * len(encoded)
     kw = generation_kwargs(icfg, template, tok)
-    batches = [order[i:i + icfg.batch_size] for i in range(0, len(order), icfg.batch_size)]
+    batches = [order[i : i + icfg.batch_size] for i in range(0, len(order), icfg.batch_size)]
     static = kw.get("cache_implementation") == "static"
     if static:  # one cache, sized for the whole input, so the decode step is compiled and captured once
-        kw["max_cache_len"] = static_cache_len(max(map(len, encoded), default=0), icfg.max_new_tokens,
-                                               context_limit(model))
+        kw["max_cache_len"] = static_cache_len(
+            max(map(len, encoded), default=0), icfg.max_new_tokens, context_limit(model)
+        )
     run_batch = batch_runner(model, icfg, kw)
     bar = tqdm(total=len(encoded), desc="generating", unit="prompt", disable=not progress, file=sys.stderr)
     for batch in batches:
@@ -392,8 +483,8 @@ def generate(model, tok, template: PromptTemplate, rows: list[tuple[str, str | N
         mask = torch.zeros((len(batch) + fill, width), dtype=torch.long)
         for row, i in enumerate(batch + [batch[0]] * fill):
             n = len(encoded[i])
-            ids[row, width - n:] = torch.tensor(encoded[i])
-            mask[row, width - n:] = 1
+            ids[row, width - n :] = torch.tensor(encoded[i])
+            mask[row, width - n :] = 1
         out = run_batch(ids, mask)
         for row, i in enumerate(batch):
             answers[i] = tok.decode(out[row, width:], skip_special_tokens=True).strip()
@@ -404,10 +495,12 @@ def generate(model, tok, template: PromptTemplate, rows: list[tuple[str, str | N
     return answers
 
 
-def stream_one(model, tok, template: PromptTemplate, instruction: str, input_text: str | None,
-               icfg: InferenceCfg) -> str:
+def stream_one(
+    model, tok, template: PromptTemplate, instruction: str, input_text: str | None, icfg: InferenceCfg
+) -> str:
     import torch
     from transformers import TextStreamer
+
     ids = encode_prompts(model, tok, template, [(instruction, input_text)], icfg.max_new_tokens)[0]
     streamer = TextStreamer(tok, skip_prompt=True, skip_special_tokens=True)
     kw = generation_kwargs(icfg, template, tok)
@@ -415,4 +508,4 @@ def stream_one(model, tok, template: PromptTemplate, instruction: str, input_tex
         kw["max_cache_len"] = static_cache_len(len(ids), icfg.max_new_tokens, context_limit(model))
     with torch.no_grad():
         out = model.generate(input_ids=torch.tensor([ids], device=model.device), streamer=streamer, **kw)
-    return tok.decode(out[0, len(ids):], skip_special_tokens=True).strip()
+    return tok.decode(out[0, len(ids) :], skip_special_tokens=True).strip()

@@ -1,6 +1,7 @@
 """Writing a Llama checkpoint as GGUF with no build step: tensors mapped and (for q8_0) quantized through the
 `gguf` package, the tokenizer and chat template as llama.cpp expects them, an Ollama Modelfile, and a
 read-back check of what was written."""
+
 from __future__ import annotations
 
 import json
@@ -15,10 +16,13 @@ from .cli import UserError, log, user_errors
 from .config import InferenceCfg
 from .prompts import PromptTemplate
 
-
 # --type -> (GGML type for matrices, llama.cpp file type). Vectors (norms) are always float32, as in llama.cpp.
-TYPES = {"f32": ("F32", "ALL_F32"), "f16": ("F16", "MOSTLY_F16"), "bf16": ("BF16", "MOSTLY_BF16"),
-         "q8_0": ("Q8_0", "MOSTLY_Q8_0")}
+TYPES = {
+    "f32": ("F32", "ALL_F32"),
+    "f16": ("F16", "MOSTLY_F16"),
+    "bf16": ("BF16", "MOSTLY_BF16"),
+    "q8_0": ("Q8_0", "MOSTLY_Q8_0"),
+}
 
 
 ARCH = "llama"
@@ -27,25 +31,30 @@ ARCH = "llama"
 @dataclass
 class Checkpoint:
     path: Path
-    config: Any                                   # transformers LlamaConfig
-    files: dict[str, Path]                        # HF tensor name -> safetensors file
+    config: Any  # transformers LlamaConfig
+    files: dict[str, Path]  # HF tensor name -> safetensors file
     shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
 
 def read_checkpoint(path: Path) -> Checkpoint:
     """Open a HF checkpoint folder without loading weights; every problem is a UserError before any writing."""
     from transformers import AutoConfig
+
     if not path.is_dir():
         raise UserError(f"model folder '{path}' does not exist; run merge_adapter.py first or pass --model DIR")
     if not (path / "config.json").is_file():
-        raise UserError(f"'{path}' has no config.json, so it is not a HF checkpoint; run merge_adapter.py "
-                        "again (an interrupted merge leaves no merged/ folder) or pass --model DIR")
+        raise UserError(
+            f"'{path}' has no config.json, so it is not a HF checkpoint; run merge_adapter.py "
+            "again (an interrupted merge leaves no merged/ folder) or pass --model DIR"
+        )
     with user_errors(f"cannot read '{path / 'config.json'}'", "re-run merge_adapter.py"):
         config = AutoConfig.from_pretrained(path, local_files_only=True)
     if config.model_type != ARCH:
-        raise UserError(f"'{path}' is a '{config.model_type}' model; export_gguf.py writes the Llama architecture "
-                        "only (model_type 'llama': Llama 2/3, SmolLM2, TinyLlama); convert other architectures "
-                        "with llama.cpp's convert_hf_to_gguf.py")
+        raise UserError(
+            f"'{path}' is a '{config.model_type}' model; export_gguf.py writes the Llama architecture "
+            "only (model_type 'llama': Llama 2/3, SmolLM2, TinyLlama); convert other architectures "
+            "with llama.cpp's convert_hf_to_gguf.py"
+        )
     index = path / "model.safetensors.index.json"
     if index.is_file():
         try:
@@ -57,8 +66,9 @@ def read_checkpoint(path: Path) -> Checkpoint:
         shards = sorted(path.glob("*.safetensors"))
         if not shards:
             what = "only pickle (.bin) weights, which are not loaded" if any(path.glob("*.bin")) else "no weights"
-            raise UserError(f"'{path}' holds {what}; export needs a safetensors checkpoint (merge_adapter.py "
-                            "writes one)")
+            raise UserError(
+                f"'{path}' holds {what}; export needs a safetensors checkpoint (merge_adapter.py writes one)"
+            )
         files = {name: shard for shard in shards for name in safetensors_header(shard)}
     ckpt = Checkpoint(path, config, files)
     for shard in sorted(set(files.values())):
@@ -68,7 +78,9 @@ def read_checkpoint(path: Path) -> Checkpoint:
                 ckpt.shapes[name] = tuple(info["shape"])
     missing = [n for n in files if n not in ckpt.shapes]
     if missing:
-        raise UserError(f"tensor '{missing[0]}' is listed in the shard index but not in its file; re-run merge_adapter.py")
+        raise UserError(
+            f"tensor '{missing[0]}' is listed in the shard index but not in its file; re-run merge_adapter.py"
+        )
     return ckpt
 
 
@@ -107,8 +119,10 @@ def interleave_rope_rows(w, n_heads: int):
     rows = w.shape[0]
     d = rows // n_heads
     if rows % n_heads or d % 2:
-        raise UserError(f"cannot split {rows} attention rows into {n_heads} heads of even size; the config "
-                        "does not match the weights")
+        raise UserError(
+            f"cannot split {rows} attention rows into {n_heads} heads of even size; the config "
+            "does not match the weights"
+        )
     return w.reshape(n_heads, 2, d // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
@@ -152,16 +166,17 @@ def head_dim(config) -> int:
 
 @dataclass
 class TensorPlan:
-    hf_name: str | None             # None: computed here (rope_freqs)
+    hf_name: str | None  # None: computed here (rope_freqs)
     gguf_name: str
     shape: tuple[int, ...]
-    qtype: str                      # GGML type name
-    permute_heads: int = 0          # >0: apply interleave_rope_rows with this many heads
+    qtype: str  # GGML type name
+    permute_heads: int = 0  # >0: apply interleave_rope_rows with this many heads
     values: list[float] | None = None
 
     @property
     def nbytes(self) -> int:
         import gguf
+
         block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[self.qtype]]
         n = math.prod(self.shape)
         return n // block * size
@@ -170,6 +185,7 @@ class TensorPlan:
 def plan_tensors(ckpt: Checkpoint, qtype: str) -> list[TensorPlan]:
     """Map every HF tensor to its GGUF name and storage type; unknown tensors are an error, not dropped."""
     import gguf
+
     cfg = ckpt.config
     name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, cfg.num_hidden_layers)
     tied = bool(getattr(cfg, "tie_word_embeddings", False))
@@ -182,8 +198,10 @@ def plan_tensors(ckpt: Checkpoint, qtype: str) -> list[TensorPlan]:
         base, dot, suffix = hf_name.rpartition(".")
         gname = name_map.get_name(base) if suffix in ("weight", "bias") else None
         if gname is None:
-            raise UserError(f"tensor '{hf_name}' has no place in a llama GGUF; this checkpoint is not a plain Llama "
-                            "(extra modules?), which export_gguf.py does not support")
+            raise UserError(
+                f"tensor '{hf_name}' has no place in a llama GGUF; this checkpoint is not a plain Llama "
+                "(extra modules?), which export_gguf.py does not support"
+            )
         if len(shape) == 1:
             t = "F32"
         elif shape[-1] % block:
@@ -198,17 +216,33 @@ def plan_tensors(ckpt: Checkpoint, qtype: str) -> list[TensorPlan]:
         plans.append(TensorPlan(hf_name, f"{gname}.{suffix}", tuple(shape), t, heads))
     names = {p.gguf_name for p in plans}
     need = ["token_embd.weight", "output_norm.weight"] + [
-        f"blk.{i}.{n}.weight" for i in range(cfg.num_hidden_layers)
-        for n in ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate", "ffn_up", "ffn_down")]
+        f"blk.{i}.{n}.weight"
+        for i in range(cfg.num_hidden_layers)
+        for n in (
+            "attn_norm",
+            "attn_q",
+            "attn_k",
+            "attn_v",
+            "attn_output",
+            "ffn_norm",
+            "ffn_gate",
+            "ffn_up",
+            "ffn_down",
+        )
+    ]
     if not tied:
         need.append("output.weight")
     lost = [n for n in need if n not in names]
     if lost:
-        raise UserError(f"the checkpoint in '{ckpt.path}' lacks tensor '{lost[0]}' ({len(lost)} missing); it is "
-                        "incomplete: re-run merge_adapter.py")
+        raise UserError(
+            f"the checkpoint in '{ckpt.path}' lacks tensor '{lost[0]}' ({len(lost)} missing); it is "
+            "incomplete: re-run merge_adapter.py"
+        )
     if plans[0].gguf_name != "token_embd.weight" or plans[0].shape[0] != cfg.vocab_size:
-        raise UserError(f"token embedding has {plans[0].shape[0]} rows but config.json says vocab_size "
-                        f"{cfg.vocab_size}; the checkpoint is inconsistent")
+        raise UserError(
+            f"token embedding has {plans[0].shape[0]} rows but config.json says vocab_size "
+            f"{cfg.vocab_size}; the checkpoint is inconsistent"
+        )
     rp = rope_params(cfg)
     if rp["rope_type"] == "llama3":
         factors = llama3_rope_factors(cfg)
@@ -226,10 +260,11 @@ def _order(name: str) -> tuple:
 
 def iter_tensor_data(ckpt: Checkpoint, plans: list[TensorPlan]) -> Iterator[tuple[TensorPlan, Any]]:
     """One converted numpy array at a time, so memory stays at one tensor plus the open mmap."""
+    import gguf
     import numpy as np
     import torch
-    import gguf
     from safetensors import safe_open
+
     handles: dict[Path, Any] = {}
     try:
         for p in plans:
@@ -247,8 +282,10 @@ def iter_tensor_data(ckpt: Checkpoint, plans: list[TensorPlan]) -> Iterator[tupl
             elif p.qtype == "F16":
                 h = t.to(torch.float16)
                 if torch.isinf(h).any():
-                    raise UserError(f"tensor '{p.hf_name}' has values beyond float16's range (65504); "
-                                    "export with --type bf16 instead")
+                    raise UserError(
+                        f"tensor '{p.hf_name}' has values beyond float16's range (65504); "
+                        "export with --type bf16 instead"
+                    )
                 arr = h.numpy()
             elif p.qtype == "BF16":
                 arr = t.to(torch.bfloat16).contiguous().view(torch.uint8).numpy()
@@ -296,23 +333,30 @@ def pre_tokenizer_name(tj: dict) -> str:
     return "default"
 
 
-LLAMA3_SPLIT = ("(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*"
-                "|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+")
+LLAMA3_SPLIT = (
+    "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*"
+    "|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+"
+)
 
 
 def read_vocab(tok, template: PromptTemplate, vocab_size: int) -> Vocab:
     """Byte-level BPE vocabulary in llama.cpp's 'gpt2' layout, from the HF fast tokenizer."""
     import gguf
+
     backend = getattr(tok, "backend_tokenizer", None)
     if backend is None:
         raise UserError("the tokenizer has no fast (tokenizer.json) form; export needs a byte-level BPE tokenizer")
     tj = json.loads(backend.to_str())
     model = tj.get("model", {})
-    byte_level = any(n.get("type") == "ByteLevel" for n in _types_in(tj.get("pre_tokenizer")) + _types_in(tj.get("decoder")))
+    byte_level = any(
+        n.get("type") == "ByteLevel" for n in _types_in(tj.get("pre_tokenizer")) + _types_in(tj.get("decoder"))
+    )
     if model.get("type") != "BPE" or not byte_level:
-        raise UserError(f"the tokenizer is {model.get('type')}{'' if byte_level else ' without byte-level encoding'}; "
-                        "export_gguf.py writes byte-level BPE tokenizers (Llama 3, SmolLM2, GPT-2 style) only; "
-                        "use llama.cpp's convert_hf_to_gguf.py for SentencePiece (Llama 2) models")
+        raise UserError(
+            f"the tokenizer is {model.get('type')}{'' if byte_level else ' without byte-level encoding'}; "
+            "export_gguf.py writes byte-level BPE tokenizers (Llama 3, SmolLM2, GPT-2 style) only; "
+            "use llama.cpp's convert_hf_to_gguf.py for SentencePiece (Llama 2) models"
+        )
     by_id: dict[int, str] = {i: t for t, i in model["vocab"].items()}
     special: dict[int, bool] = {}
     for added in tj.get("added_tokens", []):
@@ -320,8 +364,10 @@ def read_vocab(tok, template: PromptTemplate, vocab_size: int) -> Vocab:
         special[added["id"]] = bool(added.get("special"))
     n = max(by_id) + 1
     if n > vocab_size:
-        raise UserError(f"the tokenizer has {n} tokens but the model's embedding only {vocab_size} rows; "
-                        "the tokenizer does not belong to this model")
+        raise UserError(
+            f"the tokenizer has {n} tokens but the model's embedding only {vocab_size} rows; "
+            "the tokenizer does not belong to this model"
+        )
     tokens, types = [], []
     for i in range(vocab_size):
         if i not in by_id:  # embedding rows beyond the tokenizer (padding to a multiple): never produced
@@ -329,8 +375,13 @@ def read_vocab(tok, template: PromptTemplate, vocab_size: int) -> Vocab:
             types.append(gguf.TokenType.UNUSED)
         else:
             tokens.append(by_id[i])
-            types.append(gguf.TokenType.CONTROL if special.get(i) else
-                         gguf.TokenType.USER_DEFINED if i in special else gguf.TokenType.NORMAL)
+            types.append(
+                gguf.TokenType.CONTROL
+                if special.get(i)
+                else gguf.TokenType.USER_DEFINED
+                if i in special
+                else gguf.TokenType.NORMAL
+            )
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
     probe = tok("a", add_special_tokens=True)["input_ids"]
     add_bos = tok.bos_token_id is not None and probe[:1] == [tok.bos_token_id] and len(probe) > 1
@@ -340,11 +391,19 @@ def read_vocab(tok, template: PromptTemplate, vocab_size: int) -> Vocab:
         if end is not None:
             eos = eot = end  # a chat model ends its turn with this token; llama.cpp must stop there
     unk = model.get("unk_token")
-    return Vocab(tokens=tokens, types=[int(t) for t in types], merges=merges, pre=pre_tokenizer_name(tj),
-                 bos_id=tok.bos_token_id, eos_id=eos, eot_id=eot,
-                 pad_id=tok.pad_token_id if tok.pad_token_id is not None else eos,
-                 unk_id=model["vocab"].get(unk) if unk else None, add_bos=add_bos,
-                 chat_template=gguf_chat_template(template))
+    return Vocab(
+        tokens=tokens,
+        types=[int(t) for t in types],
+        merges=merges,
+        pre=pre_tokenizer_name(tj),
+        bos_id=tok.bos_token_id,
+        eos_id=eos,
+        eot_id=eot,
+        pad_id=tok.pad_token_id if tok.pad_token_id is not None else eos,
+        unk_id=model["vocab"].get(unk) if unk else None,
+        add_bos=add_bos,
+        chat_template=gguf_chat_template(template),
+    )
 
 
 def gguf_chat_template(template: PromptTemplate) -> str | None:
@@ -359,26 +418,36 @@ def gguf_chat_template(template: PromptTemplate) -> str | None:
     body = template.prompt_no_input.replace("{instruction}", "\x00")
     head, _, tail = body.partition("\x00")
     system = template.system_prompt
-    return ("{%- set ns = namespace(system=" + json.dumps(system or "") + ", user='') -%}" +
-            "{%- for m in messages -%}{%- if m['role'] == 'system' -%}{%- set ns.system = m['content'] -%}"
-            "{%- elif m['role'] == 'user' -%}{%- set ns.user = m['content'] -%}{%- endif -%}{%- endfor -%}"
-            "{%- if ns.system -%}{{ ns.system + '\\n\\n' }}{%- endif -%}"
-            "{{ " + json.dumps(head) + " + ns.user + " + json.dumps(tail) + " }}"
-            "{%- if messages[-1]['role'] == 'assistant' -%}{{ messages[-1]['content'] }}{%- endif -%}")
+    return (
+        "{%- set ns = namespace(system="
+        + json.dumps(system or "")
+        + ", user='') -%}"
+        + "{%- for m in messages -%}{%- if m['role'] == 'system' -%}{%- set ns.system = m['content'] -%}"
+        "{%- elif m['role'] == 'user' -%}{%- set ns.user = m['content'] -%}{%- endif -%}{%- endfor -%}"
+        "{%- if ns.system -%}{{ ns.system + '\\n\\n' }}{%- endif -%}"
+        "{{ " + json.dumps(head) + " + ns.user + " + json.dumps(tail) + " }}"
+        "{%- if messages[-1]['role'] == 'assistant' -%}{{ messages[-1]['content'] }}{%- endif -%}"
+    )
 
 
-CHATML_GO = ('{{- if .System }}<|im_start|>system\n{{ .System }}<|im_end|>\n{{ end }}'
-             '{{- range .Messages }}{{- if ne .Role "system" }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n'
-             '{{ end }}{{- end }}<|im_start|>assistant\n')
+CHATML_GO = (
+    "{{- if .System }}<|im_start|>system\n{{ .System }}<|im_end|>\n{{ end }}"
+    '{{- range .Messages }}{{- if ne .Role "system" }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n'
+    "{{ end }}{{- end }}<|im_start|>assistant\n"
+)
 
 
-LLAMA3_GO = ('{{- if .System }}<|start_header_id|>system<|end_header_id|>\n\n{{ .System }}<|eot_id|>{{ end }}'
-             '{{- range .Messages }}{{- if ne .Role "system" }}<|start_header_id|>{{ .Role }}<|end_header_id|>\n\n'
-             '{{ .Content }}<|eot_id|>{{ end }}{{- end }}<|start_header_id|>assistant<|end_header_id|>\n\n')
+LLAMA3_GO = (
+    "{{- if .System }}<|start_header_id|>system<|end_header_id|>\n\n{{ .System }}<|eot_id|>{{ end }}"
+    '{{- range .Messages }}{{- if ne .Role "system" }}<|start_header_id|>{{ .Role }}<|end_header_id|>\n\n'
+    "{{ .Content }}<|eot_id|>{{ end }}{{- end }}<|start_header_id|>assistant<|end_header_id|>\n\n"
+)
 
 
-SYSTEM_RE = {"chatml": r"<\|im_start\|>system\n(.*?)<\|im_end\|>",
-             "llama3": r"<\|start_header_id\|>system<\|end_header_id\|>\n\n(.*?)<\|eot_id\|>"}
+SYSTEM_RE = {
+    "chatml": r"<\|im_start\|>system\n(.*?)<\|im_end\|>",
+    "llama3": r"<\|start_header_id\|>system<\|end_header_id\|>\n\n(.*?)<\|eot_id\|>",
+}
 
 
 def _go_literal(text: str) -> str:
@@ -394,8 +463,14 @@ def chat_style(tok, template: PromptTemplate) -> str | None:
     rendered = template.render_prompt(tok, "\x01")
     if "<|im_end|>" in stops and "<|im_start|>user\n\x01<|im_end|>\n<|im_start|>assistant\n" in rendered:
         return "chatml"
-    if "<|eot_id|>" in stops and ("<|start_header_id|>user<|end_header_id|>\n\n\x01<|eot_id|>"
-                                  "<|start_header_id|>assistant<|end_header_id|>\n\n") in rendered:
+    if (
+        "<|eot_id|>" in stops
+        and (
+            "<|start_header_id|>user<|end_header_id|>\n\n\x01<|eot_id|>"
+            "<|start_header_id|>assistant<|end_header_id|>\n\n"
+        )
+        in rendered
+    ):
         return "llama3"
     return None
 
@@ -424,7 +499,7 @@ def ollama_template(tok, template: PromptTemplate, add_bos: bool) -> tuple[str, 
     def cut(t: PromptTemplate) -> str:
         text = t.render_prompt(tok, "\x01")
         if bos and text.startswith(bos):
-            text = text[len(bos):]  # llama.cpp adds BOS itself
+            text = text[len(bos) :]  # llama.cpp adds BOS itself
         return _go_literal(text).replace("\x01", "{{ .Prompt }}").replace("\x02", "{{ .System }}")
 
     no_sys = cut(replace(template, system_prompt=None))
@@ -434,28 +509,35 @@ def ollama_template(tok, template: PromptTemplate, add_bos: bool) -> tuple[str, 
     return "{{ if .System }}" + with_sys + "{{ else }}" + no_sys + "{{ end }}", system, "raw"
 
 
-def modelfile_text(gguf_name: str, tok, template: PromptTemplate, icfg: InferenceCfg, add_bos: bool,
-                   source: str) -> str:
+def modelfile_text(
+    gguf_name: str, tok, template: PromptTemplate, icfg: InferenceCfg, add_bos: bool, source: str
+) -> str:
     go, system, style = ollama_template(tok, template, add_bos)
     stops = [tok.convert_ids_to_tokens(i) for i in template.stop_token_ids] + list(template.stop_strings)
-    lines = [f"{MODELFILE_HEADER} for {source}",
-             f"# Prompt: the {template.kind} template used in training ({style}).",
-             "#   ollama create NAME -f Modelfile && ollama run NAME",
-             f"FROM ./{gguf_name}",
-             f'TEMPLATE """{go}"""']
+    lines = [
+        f"{MODELFILE_HEADER} for {source}",
+        f"# Prompt: the {template.kind} template used in training ({style}).",
+        "#   ollama create NAME -f Modelfile && ollama run NAME",
+        f"FROM ./{gguf_name}",
+        f'TEMPLATE """{go}"""',
+    ]
     if system:
         lines.append(f'SYSTEM """{system}"""')
     for s in dict.fromkeys(stops):
         lines.append(f"PARAMETER stop {json.dumps(s)}")
-    lines += [f"PARAMETER temperature {icfg.temperature if icfg.do_sample else 0}",
-              f"PARAMETER top_p {icfg.top_p}", f"PARAMETER top_k {icfg.top_k}",
-              f"PARAMETER repeat_penalty {icfg.repetition_penalty}",
-              f"PARAMETER num_predict {icfg.max_new_tokens}"]
+    lines += [
+        f"PARAMETER temperature {icfg.temperature if icfg.do_sample else 0}",
+        f"PARAMETER top_p {icfg.top_p}",
+        f"PARAMETER top_k {icfg.top_k}",
+        f"PARAMETER repeat_penalty {icfg.repetition_penalty}",
+        f"PARAMETER num_predict {icfg.max_new_tokens}",
+    ]
     return "\n".join(lines) + "\n"
 
 
 def write_gguf(ckpt: Checkpoint, plans: list[TensorPlan], vocab: Vocab, qtype: str, name: str, out: Path) -> None:
     import gguf
+
     cfg = ckpt.config
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     w = gguf.GGUFWriter(tmp, ARCH)
@@ -487,8 +569,13 @@ def write_gguf(ckpt: Checkpoint, plans: list[TensorPlan], vocab: Vocab, qtype: s
         w.add_token_list(vocab.tokens)
         w.add_token_types(vocab.types)
         w.add_token_merges(vocab.merges)
-        for key, val in (("bos", vocab.bos_id), ("eos", vocab.eos_id), ("eot", vocab.eot_id),
-                         ("unk", vocab.unk_id), ("pad", vocab.pad_id)):
+        for key, val in (
+            ("bos", vocab.bos_id),
+            ("eos", vocab.eos_id),
+            ("eot", vocab.eot_id),
+            ("unk", vocab.unk_id),
+            ("pad", vocab.pad_id),
+        ):
             if val is not None:
                 getattr(w, f"add_{key}_token_id")(int(val))
         w.add_add_bos_token(vocab.add_bos)
@@ -497,14 +584,17 @@ def write_gguf(ckpt: Checkpoint, plans: list[TensorPlan], vocab: Vocab, qtype: s
         if vocab.chat_template:
             w.add_chat_template(vocab.chat_template)
         import numpy as np
+
         for p in plans:
-            w.add_tensor_info(p.gguf_name, p.shape, np.dtype(np.float32), p.nbytes,
-                              raw_dtype=gguf.GGMLQuantizationType[p.qtype])
+            w.add_tensor_info(
+                p.gguf_name, p.shape, np.dtype(np.float32), p.nbytes, raw_dtype=gguf.GGMLQuantizationType[p.qtype]
+            )
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()
         from tqdm import tqdm
-        for p, arr in tqdm(iter_tensor_data(ckpt, plans), total=len(plans), desc=f"writing {qtype}", unit="tensor"):
+
+        for _, arr in tqdm(iter_tensor_data(ckpt, plans), total=len(plans), desc=f"writing {qtype}", unit="tensor"):
             w.write_tensor_data(arr)
         w.flush()
         for f in w.fout or []:

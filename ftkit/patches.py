@@ -15,14 +15,17 @@ no longer needs it (then delete the patch and its test).
 Not patches: the "sdpa_varlen" attention (ftkit/attention.py) goes through transformers' public
 AttentionInterface.register, and liger-kernel's kernels are applied by the Trainer itself.
 """
+
 from __future__ import annotations
 
 import torch
+
 
 # -- long rows: tiled MLP and offloaded checkpoints --------------------------------------------------------
 def decoder_layers(model) -> list:
     """The repeated blocks that gradient checkpointing wraps (transformers' GradientCheckpointingLayer)."""
     from transformers.modeling_layers import GradientCheckpointingLayer
+
     return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
 
 
@@ -60,8 +63,12 @@ def _tiled_call(call):
         if args or kwargs or not torch.is_grad_enabled() or x.shape[-2] <= self._ftkit_chunk:
             return call(self, x, *args, **kwargs)
         import torch.utils.checkpoint as tc
-        return torch.cat([tc.checkpoint(call, self, part, use_reentrant=False)
-                          for part in x.split(self._ftkit_chunk, dim=-2)], dim=-2)
+
+        return torch.cat(
+            [tc.checkpoint(call, self, part, use_reentrant=False) for part in x.split(self._ftkit_chunk, dim=-2)],
+            dim=-2,
+        )
+
     return __call__
 
 
@@ -73,6 +80,7 @@ def _offloading_call(call):
         # (kept for the recompute), copied back when backward reaches this layer.
         with torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available()):
             return call(self, *args, **kwargs)
+
     return __call__
 
 
@@ -87,11 +95,10 @@ def _wrap_call(module, marker: str, wrap) -> None:
     if getattr(cls, marker, False):
         return
     if (cls, marker) not in _WRAPPED_CLASSES:
-        _WRAPPED_CLASSES[cls, marker] = type(cls.__name__, (cls,), {"__call__": wrap(cls.__call__), marker: True,
-                                                                    "__module__": cls.__module__})
+        _WRAPPED_CLASSES[cls, marker] = type(
+            cls.__name__, (cls,), {"__call__": wrap(cls.__call__), marker: True, "__module__": cls.__module__}
+        )
     module.__class__ = _WRAPPED_CLASSES[cls, marker]
-
-
 
 
 # -- resume under multi-process CPU training ---------------------------------------------------------------
@@ -105,6 +112,7 @@ def allow_indexed_cpu_locations() -> None:
         if location.startswith("cpu:"):
             return obj.cpu()
         return None
+
     if not getattr(ser, "_ftkit_cpu_index", False):
         taken = {entry[0] for entry in ser._package_registry}
         ser.register_package(next(n for n in range(90, 200) if n not in taken), lambda obj: None, restore)
@@ -124,6 +132,7 @@ def log_first_batch(collator, log_fn) -> None:
             if not getattr(self, "_first_logged", False):
                 self._first_logged = True
                 import zlib
+
                 log_fn([f"{zlib.crc32(str(list(f['input_ids'])).encode()):08x}" for f in features])
             return base.__call__(self, features, *args, **kwargs)
 

@@ -4,6 +4,7 @@ leaves something that looks complete but is not.
     runs/<name>/config.yaml, plan.json, manifest.json, prompt_template.json, dataset_report.json,
                 checkpoints/, adapter/, train_log.jsonl, run_summary.json, merged/, eval/, export/
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -18,8 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from .config import Config, load_config
 from .cli import UserError, log, redact
+from .config import Config, load_config
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -29,31 +30,56 @@ class RunDir:
     root: Path
 
     @property
-    def config(self) -> Path: return self.root / "config.yaml"
+    def config(self) -> Path:
+        return self.root / "config.yaml"
+
     @property
-    def plan(self) -> Path: return self.root / "plan.json"
+    def plan(self) -> Path:
+        return self.root / "plan.json"
+
     @property
-    def manifest(self) -> Path: return self.root / "manifest.json"
+    def manifest(self) -> Path:
+        return self.root / "manifest.json"
+
     @property
-    def prompt_template(self) -> Path: return self.root / "prompt_template.json"
+    def prompt_template(self) -> Path:
+        return self.root / "prompt_template.json"
+
     @property
-    def dataset_report(self) -> Path: return self.root / "dataset_report.json"
+    def dataset_report(self) -> Path:
+        return self.root / "dataset_report.json"
+
     @property
-    def checkpoints(self) -> Path: return self.root / "checkpoints"
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
     @property
-    def adapter(self) -> Path: return self.root / "adapter"
+    def adapter(self) -> Path:
+        return self.root / "adapter"
+
     @property
-    def train_log(self) -> Path: return self.root / "train_log.jsonl"
+    def train_log(self) -> Path:
+        return self.root / "train_log.jsonl"
+
     @property
-    def summary(self) -> Path: return self.root / "run_summary.json"
+    def summary(self) -> Path:
+        return self.root / "run_summary.json"
+
     @property
-    def merged(self) -> Path: return self.root / "merged"
+    def merged(self) -> Path:
+        return self.root / "merged"
+
     @property
-    def eval(self) -> Path: return self.root / "eval"
+    def eval(self) -> Path:
+        return self.root / "eval"
+
     @property
-    def export(self) -> Path: return self.root / "export"
+    def export(self) -> Path:
+        return self.root / "export"
+
     @property
-    def eval_rows(self) -> Path: return self.root / "eval_rows.jsonl"
+    def eval_rows(self) -> Path:
+        return self.root / "eval_rows.jsonl"
 
     @classmethod
     def entry_names(cls) -> frozenset[str]:
@@ -116,8 +142,9 @@ def check_latest_pointer(path: str | Path) -> None:
     line naming a folder), never a file of the user's that happens to sit there."""
     p = Path(path)
     if p.is_dir():
-        raise UserError(f"paths.latest '{p}' is a folder; it must name a file (the pointer to the newest run), "
-                        "e.g. runs/latest")
+        raise UserError(
+            f"paths.latest '{p}' is a folder; it must name a file (the pointer to the newest run), e.g. runs/latest"
+        )
     if not p.is_file():
         return
     try:
@@ -126,8 +153,10 @@ def check_latest_pointer(path: str | Path) -> None:
         text = ""
     lines = text.splitlines()
     if len(lines) != 1 or not Path(lines[0]).is_absolute() or p.stat().st_size > 4096:
-        raise UserError(f"paths.latest '{p}' exists and is not a pointer written by finetune.py; it is left untouched: "
-                        "set paths.latest to another file, e.g. runs/latest")
+        raise UserError(
+            f"paths.latest '{p}' exists and is not a pointer written by finetune.py; it is left untouched: "
+            "set paths.latest to another file, e.g. runs/latest"
+        )
 
 
 def write_latest(cfg: Config, run: RunDir) -> None:
@@ -175,12 +204,17 @@ def file_sha256(path: Path, limit: int | None = None) -> str:
 
 def git_commit() -> str | None:
     try:
-        out = subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "HEAD"], capture_output=True,
-                             text=True, timeout=5)
+        out = subprocess.run(
+            ["git", "-C", str(REPO_ROOT), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5
+        )
         if out.returncode != 0:
             return None
-        dirty = subprocess.run(["git", "-C", str(REPO_ROOT), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=5).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(REPO_ROOT), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+        ).stdout.strip()
         return out.stdout.strip() + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return None
@@ -188,9 +222,19 @@ def git_commit() -> str | None:
 
 def package_versions() -> dict[str, str]:
     from importlib import metadata
+
     out = {"python": sys.version.split()[0]}
-    for name in ("torch", "transformers", "peft", "trl", "bitsandbytes", "accelerate", "datasets",
-                 "liger-kernel", "gguf"):
+    for name in (
+        "torch",
+        "transformers",
+        "peft",
+        "trl",
+        "bitsandbytes",
+        "accelerate",
+        "datasets",
+        "liger-kernel",
+        "gguf",
+    ):
         try:
             out[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
@@ -225,6 +269,7 @@ def check_writable(path: Path, key: str = "paths.output_dir") -> Path:
         # os.access says yes to root everywhere, even on a read-only mount; a real file says the truth.
         try:
             import tempfile
+
             with tempfile.TemporaryFile(dir=probe):
                 pass
         except OSError:
@@ -240,15 +285,26 @@ def check_free_space(path: Path, need_bytes: int, what: str) -> tuple[Path, int]
     probe = check_writable(path)
     free = shutil.disk_usage(probe).free
     if free < need_bytes:
-        raise UserError(f"not enough disk space in '{probe}' for {what}: about {need_bytes / 1e9:.1f} GB needed, "
-                        f"{free / 1e9:.1f} GB free; free space or point paths.output_dir elsewhere")
+        raise UserError(
+            f"not enough disk space in '{probe}' for {what}: about {need_bytes / 1e9:.1f} GB needed, "
+            f"{free / 1e9:.1f} GB free; free space or point paths.output_dir elsewhere"
+        )
     return probe, free
 
 
 # What a resumed run must share with the run it continues: another base, LoRA shape, data or prompt
 # template would load a checkpoint into a different model or train it on different rows.
-RESUME_KEYS = ("model.name_or_path", "model.revision", "lora.r", "lora.lora_alpha", "lora.target_modules",
-               "lora.bias", "lora.use_rslora", "data.prompt_template", "data.system_prompt")
+RESUME_KEYS = (
+    "model.name_or_path",
+    "model.revision",
+    "lora.r",
+    "lora.lora_alpha",
+    "lora.target_modules",
+    "lora.bias",
+    "lora.use_rslora",
+    "data.prompt_template",
+    "data.system_prompt",
+)
 
 
 def local_data_hash(path: str) -> str | None:
@@ -261,11 +317,13 @@ def check_resume(cfg: Config, run: RunDir, newest_step: int | None) -> None:
     """Before anything is written: the run to resume was made with this model, LoRA shape, template and
     data, and has steps left to train. `newest_step`: the step of its newest complete checkpoint."""
     from .config import short_repr
+
     try:
         saved = load_config(run.config)
     except UserError as e:
-        raise UserError(f"--resume: the run's saved config cannot be read ({e}); start a new run in another "
-                        "paths.output_dir") from None
+        raise UserError(
+            f"--resume: the run's saved config cannot be read ({e}); start a new run in another paths.output_dir"
+        ) from None
     diffs = []
     for key in RESUME_KEYS:
         sec, leaf = key.split(".")
@@ -280,10 +338,14 @@ def check_resume(cfg: Config, run: RunDir, newest_step: int | None) -> None:
     if recorded and now and recorded != now:
         diffs.append(f"the data in {cfg.data.path} (changed since the run started)")
     if diffs:
-        raise UserError(f"--resume: the config differs from the run's saved one in {'; '.join(diffs)}; resume with "
-                        f"the saved config (python finetune.py --config {run.config} --resume) or start a new run "
-                        "in another paths.output_dir")
+        raise UserError(
+            f"--resume: the config differs from the run's saved one in {'; '.join(diffs)}; resume with "
+            f"the saved config (python finetune.py --config {run.config} --resume) or start a new run "
+            "in another paths.output_dir"
+        )
     m = cfg.train.max_steps
     if newest_step is not None and m > 0 and newest_step >= m:
-        raise UserError(f"--resume: the run in '{run.root}' already reached train.max_steps={m} (checkpoint at step "
-                        f"{newest_step}); raise train.max_steps to train further")
+        raise UserError(
+            f"--resume: the run in '{run.root}' already reached train.max_steps={m} (checkpoint at step "
+            f"{newest_step}); raise train.max_steps to train further"
+        )

@@ -10,6 +10,7 @@ throughput mode, `train.packing: true`, which the user asks for by name: token p
 with the learning rate rescaled by `train.lr_scaling` (benchmarks/README.md, "Time to quality").
 Every value that differs from the YAML is a `Change` with its reason; finetune.py logs them in one block.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -17,11 +18,18 @@ import importlib.util
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from .config import Config, explicitly_on
-
 from .cli import UserError
-from .estimate import (DEFAULT_GPU, GPU_MEMORY_FRACTION, StepShape, estimate, gpu_facts, host_memory_available,
-                       lr_scale, model_numbers)
+from .config import Config, explicitly_on
+from .estimate import (
+    DEFAULT_GPU,
+    GPU_MEMORY_FRACTION,
+    StepShape,
+    estimate,
+    gpu_facts,
+    host_memory_available,
+    lr_scale,
+    model_numbers,
+)
 
 # The attention that keeps padding-free rows apart on the SDPA path (ftkit/attention.py registers it).
 VARLEN_ATTN = "sdpa_varlen"
@@ -30,27 +38,35 @@ VARLEN_ATTN = "sdpa_varlen"
 @dataclass(frozen=True)
 class Hardware:
     """What the plan needs to know of the machine."""
-    device: str                          # "cuda" or "cpu"
-    gpu_name: str = DEFAULT_GPU          # the calibrated reference GPU when there is none
-    gpu_memory: float = 139 * 2**30      # bytes
+
+    device: str  # "cuda" or "cpu"
+    gpu_name: str = DEFAULT_GPU  # the calibrated reference GPU when there is none
+    gpu_memory: float = 139 * 2**30  # bytes
     world_size: int = 1
     fsdp: bool = False
     fsdp_activation_checkpointing: bool = False  # the accelerate config already recomputes activations
     liger_installed: bool = False
-    host_memory: float | None = None     # available CPU RAM (bytes) for offloaded checkpoints; None: unchecked
+    host_memory: float | None = None  # available CPU RAM (bytes) for offloaded checkpoints; None: unchecked
 
     @property
     def cuda(self) -> bool:
         return self.device == "cuda"
 
 
-def detect_hardware(device: str, world_size: int = 1, fsdp: bool = False,
-                    fsdp_activation_checkpointing: bool = False) -> Hardware:
+def detect_hardware(
+    device: str, world_size: int = 1, fsdp: bool = False, fsdp_activation_checkpointing: bool = False
+) -> Hardware:
     name, total = gpu_facts(device)
-    return Hardware(device=device, gpu_name=name, gpu_memory=total, world_size=world_size, fsdp=fsdp,
-                    fsdp_activation_checkpointing=fsdp_activation_checkpointing,
-                    liger_installed=importlib.util.find_spec("liger_kernel") is not None,
-                    host_memory=host_memory_available() if device == "cuda" else None)
+    return Hardware(
+        device=device,
+        gpu_name=name,
+        gpu_memory=total,
+        world_size=world_size,
+        fsdp=fsdp,
+        fsdp_activation_checkpointing=fsdp_activation_checkpointing,
+        liger_installed=importlib.util.find_spec("liger_kernel") is not None,
+        host_memory=host_memory_available() if device == "cuda" else None,
+    )
 
 
 def reference_hardware(world_size: int = 1, fsdp: bool = False) -> Hardware:
@@ -61,6 +77,7 @@ def reference_hardware(world_size: int = 1, fsdp: bool = False) -> Hardware:
 @dataclass(frozen=True)
 class Change:
     """One planned value that differs from what the YAML says, and why."""
+
     key: str
     asked: Any
     planned: Any
@@ -72,17 +89,17 @@ class TrainPlan:
     device: str
     world_size: int
     fsdp: bool
-    rows_per_step: float             # rows the optimizer sees a step, all processes (a mean when packing)
-    rows_per_micro_batch: float      # per process (a mean when packing)
+    rows_per_step: float  # rows the optimizer sees a step, all processes (a mean when packing)
+    rows_per_micro_batch: float  # per process (a mean when packing)
     gradient_accumulation_steps: int
-    tokens_per_micro_batch: int      # real tokens of a typical micro-batch (padded ones count when padding)
+    tokens_per_micro_batch: int  # real tokens of a typical micro-batch (padded ones count when padding)
     largest_micro_batch_tokens: int  # what memory is planned for
     learning_rate: float
-    lr_factor: float                 # learning_rate / the YAML's
-    packing: bool                    # the throughput mode: token packs instead of rows
+    lr_factor: float  # learning_rate / the YAML's
+    packing: bool  # the throughput mode: token packs instead of rows
     pack_tokens: int | None
     padding_free: bool
-    attn_implementation: str         # what training runs with
+    attn_implementation: str  # what training runs with
     gradient_checkpointing: bool
     use_liger_kernel: bool
     upcast_frozen_fp32: bool
@@ -91,8 +108,8 @@ class TrainPlan:
     mean_row_tokens: float
     gpu: str
     gpu_memory_gb: float
-    estimate: dict                   # a typical step on `gpu` (CPU runs: what that GPU would do)
-    estimate_largest: dict           # the largest micro-batch
+    estimate: dict  # a typical step on `gpu` (CPU runs: what that GPU would do)
+    estimate_largest: dict  # the largest micro-batch
     changes: tuple[Change, ...] = ()
 
     @property
@@ -113,18 +130,24 @@ class TrainPlan:
     def describe(self) -> str:
         """The plan in one readable block: what runs, then every value that differs from the YAML and why."""
         per_device = f"{self.pack_tokens} tokens" if self.packing else str(self.per_device_train_batch_size)
-        lines = [f"training plan: device {self.device}, world size {self.world_size}{' (FSDP)' if self.fsdp else ''}, "
-                 f"per-device batch {per_device} x accumulation {self.gradient_accumulation_steps} x "
-                 f"{self.world_size} processes = global batch {self.rows_per_step:g} rows a step"
-                 f"{' (a mean: packs hold whole rows)' if self.packing else ''}, learning rate {self.learning_rate:.3g}",
-                 f"  padding_free={self.padding_free}, attention={self.attn_implementation}, "
-                 f"gradient_checkpointing={self.gradient_checkpointing}, liger={self.use_liger_kernel}, "
-                 f"tiled_mlp={self.tiled_mlp}, offloaded_layers={self.offload_layers}"]
+        lines = [
+            f"training plan: device {self.device}, world size {self.world_size}{' (FSDP)' if self.fsdp else ''}, "
+            f"per-device batch {per_device} x accumulation {self.gradient_accumulation_steps} x "
+            f"{self.world_size} processes = global batch {self.rows_per_step:g} rows a step"
+            f"{' (a mean: packs hold whole rows)' if self.packing else ''}, learning rate {self.learning_rate:.3g}",
+            f"  padding_free={self.padding_free}, attention={self.attn_implementation}, "
+            f"gradient_checkpointing={self.gradient_checkpointing}, liger={self.use_liger_kernel}, "
+            f"tiled_mlp={self.tiled_mlp}, offloaded_layers={self.offload_layers}",
+        ]
         if self.changes:
-            lines.append("values that differ from the YAML (the saved config.yaml keeps what you asked; plan.json "
-                         "has what runs):")
+            lines.append(
+                "values that differ from the YAML (the saved config.yaml keeps what you asked; plan.json "
+                "has what runs):"
+            )
+
             def show(v):
                 return f"{v:.3g}" if isinstance(v, float) else str(v)
+
             for c in self.changes:
                 lines.append(f"  {c.key}: {show(c.asked)} -> {show(c.planned)}  ({c.reason})")
         else:
@@ -134,28 +157,34 @@ class TrainPlan:
     def prediction(self) -> str:
         """describe() with the estimate: what --dry-run prints."""
         est, big = self.estimate, self.estimate_largest
-        lines = [self.describe(),
-                 f"  rows: mean {self.mean_row_tokens} tokens; a typical micro-batch {self.tokens_per_micro_batch} "
-                 f"tokens, the largest {self.largest_micro_batch_tokens}",
-                 f"  predicted peak GPU memory {est['predicted_peak_gb']} GB (weights and optimizer {est['static_gb']} "
-                 f"GB, activations {est['activations_gb']} GB) of {self.gpu_memory_gb} GB",
-                 f"  predicted {est['predicted_tokens_per_s']:.0f} real tokens/s, {est['predicted_step_s']} s a step "
-                 f"({est['flops_per_token'] / 1e9:.1f} GFLOP a token)"]
+        lines = [
+            self.describe(),
+            f"  rows: mean {self.mean_row_tokens} tokens; a typical micro-batch {self.tokens_per_micro_batch} "
+            f"tokens, the largest {self.largest_micro_batch_tokens}",
+            f"  predicted peak GPU memory {est['predicted_peak_gb']} GB (weights and optimizer {est['static_gb']} "
+            f"GB, activations {est['activations_gb']} GB) of {self.gpu_memory_gb} GB",
+            f"  predicted {est['predicted_tokens_per_s']:.0f} real tokens/s, {est['predicted_step_s']} s a step "
+            f"({est['flops_per_token'] / 1e9:.1f} GFLOP a token)",
+        ]
         if self.largest_micro_batch_tokens > self.tokens_per_micro_batch:
             host = f", {big['host_offload_gb']} GB in CPU RAM" if big["host_offload_gb"] else ""
-            lines.append(f"  largest micro-batch ({self.largest_micro_batch_tokens} tokens): predicted peak "
-                         f"{big['predicted_peak_gb']} GB{host}")
+            lines.append(
+                f"  largest micro-batch ({self.largest_micro_batch_tokens} tokens): predicted peak "
+                f"{big['predicted_peak_gb']} GB{host}"
+            )
         elif est["host_offload_gb"]:
             lines.append(f"  offloaded checkpoints: {est['host_offload_gb']} GB in CPU RAM")
         if not self.fits:
-            lines.append(f"  warning: the largest micro-batch is predicted not to fit in {GPU_MEMORY_FRACTION:.0%} of "
-                         "the GPU (finetune.py would refuse it); lower data.max_length, train.pack_tokens or "
-                         "train.per_device_train_batch_size")
+            lines.append(
+                f"  warning: the largest micro-batch is predicted not to fit in {GPU_MEMORY_FRACTION:.0%} of "
+                "the GPU (finetune.py would refuse it); lower data.max_length, train.pack_tokens or "
+                "train.per_device_train_batch_size"
+            )
         return "\n".join(lines)
 
 
 def _divisors(n: int) -> list[int]:
-    small = [d for d in range(1, int(n ** 0.5) + 1) if n % d == 0]
+    small = [d for d in range(1, int(n**0.5) + 1) if n % d == 0]
     return sorted(set(small + [n // d for d in small]))
 
 
@@ -174,35 +203,58 @@ def make_plan(cfg: Config, hw: Hardware, lengths: Sequence[int], mconf, *, stric
 
     # -- kernels ------------------------------------------------------------------------------------
     if t.use_liger_kernel == "auto":
-        liger = change("train.use_liger_kernel", "auto", cuda and hw.liger_installed,
-                       "fused RMSNorm/RoPE/SwiGLU kernels, on with a GPU when liger-kernel is installed"
-                       if cuda and hw.liger_installed else
-                       "liger's kernels need a CUDA GPU" if not cuda else "liger-kernel is not installed")
+        liger = change(
+            "train.use_liger_kernel",
+            "auto",
+            cuda and hw.liger_installed,
+            "fused RMSNorm/RoPE/SwiGLU kernels, on with a GPU when liger-kernel is installed"
+            if cuda and hw.liger_installed
+            else "liger's kernels need a CUDA GPU"
+            if not cuda
+            else "liger-kernel is not installed",
+        )
     else:
         liger = t.use_liger_kernel
         if liger and not cuda:
-            raise UserError("train.use_liger_kernel=true needs a CUDA GPU (its kernels are Triton GPU code); "
-                            "set train.use_liger_kernel=auto or false")
+            raise UserError(
+                "train.use_liger_kernel=true needs a CUDA GPU (its kernels are Triton GPU code); "
+                "set train.use_liger_kernel=auto or false"
+            )
         if liger and not hw.liger_installed:
-            raise UserError("train.use_liger_kernel=true but the liger-kernel package is not installed; "
-                            "pip install liger-kernel, or set train.use_liger_kernel=auto")
+            raise UserError(
+                "train.use_liger_kernel=true but the liger-kernel package is not installed; "
+                "pip install liger-kernel, or set train.use_liger_kernel=auto"
+            )
     packing = t.packing is True
     if t.padding_free == "auto" or packing:
-        padding_free = change("train.padding_free", t.padding_free, True,
-                              "packed rows are always padding-free" if packing else
-                              "no pad tokens computed: 1.59x the padded batches on the 2-core CPU demo, and what "
-                              "varlen attention builds on with a GPU")
+        padding_free = change(
+            "train.padding_free",
+            t.padding_free,
+            True,
+            "packed rows are always padding-free"
+            if packing
+            else "no pad tokens computed: 1.59x the padded batches on the 2-core CPU demo, and what "
+            "varlen attention builds on with a GPU",
+        )
     else:
         padding_free = t.padding_free
     attn = cfg.model.attn_implementation
     if padding_free and attn == "sdpa":
-        attn = change("model.attn_implementation", "sdpa", VARLEN_ATTN,
-                      "padding-free rows through varlen flash attention (SDPA row by row on CPU): each row "
-                      "attends to itself only, at the cost of its own length")
+        attn = change(
+            "model.attn_implementation",
+            "sdpa",
+            VARLEN_ATTN,
+            "padding-free rows through varlen flash attention (SDPA row by row on CPU): each row "
+            "attends to itself only, at the cost of its own length",
+        )
     upcast = t.upcast_frozen_fp32
     if not cuda and not upcast and (cfg.quant.load_in_4bit or cfg.quant.load_in_8bit) and not hw.fsdp:
-        upcast = change("train.upcast_frozen_fp32", False, True,
-                        "on CPU bf16 elementwise work is slow; the frozen norms and embeddings run in float32")
+        upcast = change(
+            "train.upcast_frozen_fp32",
+            False,
+            True,
+            "on CPU bf16 elementwise work is slow; the frozen norms and embeddings run in float32",
+        )
 
     # -- rows, micro-batches, checkpointing -----------------------------------------------------------
     lengths = list(lengths)
@@ -215,9 +267,17 @@ def make_plan(cfg: Config, hw: Hardware, lengths: Sequence[int], mconf, *, stric
     optim_bytes = 2 if "8bit" in t.optim else 8
 
     def shape(tokens: float, micro: int, gc: bool, tiled: bool = False, offload: int = 0) -> StepShape:
-        return StepShape(tokens_per_micro=tokens, micro_per_step=micro, gradient_checkpointing=gc, liger=bool(liger),
-                         mean_row_len=mean_len, upcast_fp32=upcast, optim_state_bytes=optim_bytes,
-                         tiled_mlp=tiled, offload_layers=offload)
+        return StepShape(
+            tokens_per_micro=tokens,
+            micro_per_step=micro,
+            gradient_checkpointing=gc,
+            liger=bool(liger),
+            mean_row_len=mean_len,
+            upcast_fp32=upcast,
+            optim_state_bytes=optim_bytes,
+            tiled_mlp=tiled,
+            offload_layers=offload,
+        )
 
     def est(s: StepShape) -> dict:
         return estimate(nums, s, hw.gpu_name)
@@ -237,17 +297,27 @@ def make_plan(cfg: Config, hw: Hardware, lengths: Sequence[int], mconf, *, stric
         typical = worst = float(t.pack_tokens)
         total = sum(lengths)
         if lengths and total < t.pack_tokens * A * W:
-            raise UserError(f"train.packing=true (the throughput mode) fills each step with {A * W} pack(s) of "
-                            f"{t.pack_tokens} tokens, but the training data holds only {total} tokens; lower "
-                            f"train.pack_tokens (e.g. {max(64, total // (A * W) // 2)}) or set train.packing=false")
+            raise UserError(
+                f"train.packing=true (the throughput mode) fills each step with {A * W} pack(s) of "
+                f"{t.pack_tokens} tokens, but the training data holds only {total} tokens; lower "
+                f"train.pack_tokens (e.g. {max(64, total // (A * W) // 2)}) or set train.packing=false"
+            )
         gc = next((g for g in gc_options if not cuda or fits(shape(worst, accum, g))), gc_options[-1])
         step_rows = rows_micro * A * W
         lr = t.learning_rate * lr_scale(step_rows, asked_rows, t.lr_scaling)
-        change("rows a step", asked_rows, round(step_rows, 1),
-               f"train.packing=true, the throughput mode: each micro-batch is one pack of {t.pack_tokens} tokens "
-               f"(~{rows_micro:.0f} rows of {mean_len:.0f} tokens)")
-        change("train.learning_rate", t.learning_rate, lr,
-               f"train.lr_scaling={t.lr_scaling} for {step_rows:.0f} rows a step instead of {asked_rows}")
+        change(
+            "rows a step",
+            asked_rows,
+            round(step_rows, 1),
+            f"train.packing=true, the throughput mode: each micro-batch is one pack of {t.pack_tokens} tokens "
+            f"(~{rows_micro:.0f} rows of {mean_len:.0f} tokens)",
+        )
+        change(
+            "train.learning_rate",
+            t.learning_rate,
+            lr,
+            f"train.lr_scaling={t.lr_scaling} for {step_rows:.0f} rows a step instead of {asked_rows}",
+        )
         change("train.per_device_train_batch_size", B, 1, "one packed row a micro-batch")
     else:
         R = B * A
@@ -281,12 +351,22 @@ def make_plan(cfg: Config, hw: Hardware, lengths: Sequence[int], mconf, *, stric
         typical, worst = micro_tokens(rows_micro)
         lr, step_rows = t.learning_rate, float(asked_rows)
         if lengths and len(lengths) < asked_rows:
-            step_rows = float(change("rows a step", asked_rows, len(lengths),
-                                     f"the training data holds only {len(lengths)} rows, fewer than one step's "
-                                     f"{asked_rows}: every step is the whole set (lower the batch to keep more steps)"))
+            step_rows = float(
+                change(
+                    "rows a step",
+                    asked_rows,
+                    len(lengths),
+                    f"the training data holds only {len(lengths)} rows, fewer than one step's "
+                    f"{asked_rows}: every step is the whole set (lower the batch to keep more steps)",
+                )
+            )
         if rows_micro != B:
-            why = (f"the same {asked_rows} rows a step as {accum} micro-batch(es) of {rows_micro} instead of {A} of {B}:"
-                   f" predicted {est(shape(typical, accum, gc))['predicted_step_s']} s a step" if cuda else "")
+            why = (
+                f"the same {asked_rows} rows a step as {accum} micro-batch(es) of {rows_micro} instead of {A} of {B}:"
+                f" predicted {est(shape(typical, accum, gc))['predicted_step_s']} s a step"
+                if cuda
+                else ""
+            )
             if rows_micro > B:
                 why += " (fewer, larger micro-batches; train.regroup_micro_batches=false keeps the YAML's split)"
             else:
@@ -297,24 +377,38 @@ def make_plan(cfg: Config, hw: Hardware, lengths: Sequence[int], mconf, *, stric
 
     if t.gradient_checkpointing == "auto" or hw.fsdp_activation_checkpointing:
         gc = bool(gc) or explicitly_on(t.activation_offloading) or t.tiled_mlp is True
-        change("train.gradient_checkpointing", t.gradient_checkpointing, gc,
-               "the FSDP accelerate config recomputes activations itself" if hw.fsdp_activation_checkpointing else
-               "no recompute: the largest micro-batch fits without it" if not gc else
-               "the largest micro-batch does not fit without recompute")
+        change(
+            "train.gradient_checkpointing",
+            t.gradient_checkpointing,
+            gc,
+            "the FSDP accelerate config recomputes activations itself"
+            if hw.fsdp_activation_checkpointing
+            else "no recompute: the largest micro-batch fits without it"
+            if not gc
+            else "the largest micro-batch does not fit without recompute",
+        )
 
     # -- long rows: tiled MLP, then offloaded checkpoints --------------------------------------------------
     offload_on = explicitly_on(t.activation_offloading)
     if offload_on and not cuda:
-        raise UserError("train.activation_offloading=true needs a CUDA GPU (it moves GPU memory to CPU RAM); "
-                        "set it to auto or false")
+        raise UserError(
+            "train.activation_offloading=true needs a CUDA GPU (it moves GPU memory to CPU RAM); "
+            "set it to auto or false"
+        )
     if offload_on and hw.fsdp:
-        raise UserError("train.activation_offloading is not supported with FSDP; use fsdp_offload_params in the "
-                        "accelerate config instead, or set train.activation_offloading=false")
+        raise UserError(
+            "train.activation_offloading is not supported with FSDP; use fsdp_offload_params in the "
+            "accelerate config instead, or set train.activation_offloading=false"
+        )
     if t.tiled_mlp == "auto":
-        tiled = change("train.tiled_mlp", "auto", bool(cuda and gc and not fits(shape(worst, accum, True))),
-                       "the largest micro-batch does not fit with checkpointing alone"
-                       if cuda and gc and not fits(shape(worst, accum, True)) else
-                       "the largest micro-batch fits without it")
+        tiled = change(
+            "train.tiled_mlp",
+            "auto",
+            bool(cuda and gc and not fits(shape(worst, accum, True))),
+            "the largest micro-batch does not fit with checkpointing alone"
+            if cuda and gc and not fits(shape(worst, accum, True))
+            else "the largest micro-batch fits without it",
+        )
     else:
         tiled = t.tiled_mlp
     layers = nums["layers"]
@@ -328,28 +422,55 @@ def make_plan(cfg: Config, hw: Hardware, lengths: Sequence[int], mconf, *, stric
     else:
         offload = 0
     if t.activation_offloading == "auto":
-        change("train.activation_offloading", "auto", offload,
-               "the largest micro-batch fits without it" if not offload else
-               f"the checkpointed inputs of {offload} layer(s) go to CPU RAM so the largest micro-batch fits")
+        change(
+            "train.activation_offloading",
+            "auto",
+            offload,
+            "the largest micro-batch fits without it"
+            if not offload
+            else f"the checkpointed inputs of {offload} layer(s) go to CPU RAM so the largest micro-batch fits",
+        )
     big = est(shape(worst, accum, gc, tiled, offload))
     if offload and hw.host_memory is not None and big["host_offload_gb"] * 1e9 > 0.9 * hw.host_memory:
-        raise UserError(f"activation offloading needs {big['host_offload_gb']:.1f} GB of CPU RAM for the longest "
-                        f"micro-batch ({worst:.0f} tokens) but {hw.host_memory / 1e9:.1f} GB is available; lower "
-                        f"data.max_length, train.pack_tokens or train.per_device_train_batch_size")
+        raise UserError(
+            f"activation offloading needs {big['host_offload_gb']:.1f} GB of CPU RAM for the longest "
+            f"micro-batch ({worst:.0f} tokens) but {hw.host_memory / 1e9:.1f} GB is available; lower "
+            f"data.max_length, train.pack_tokens or train.per_device_train_batch_size"
+        )
     if strict and cuda and big["predicted_peak_gb"] * 1e9 > budget:
         fixes = ["lower data.max_length", "train.pack_tokens" if packing else "train.per_device_train_batch_size"]
         if t.gradient_checkpointing is False:
             fixes.append("set train.gradient_checkpointing=auto")
-        raise UserError(f"the plan does not fit this GPU: its largest micro-batch ({worst:.0f} tokens) is predicted "
-                        f"to need {big['predicted_peak_gb']} GB, and {GPU_MEMORY_FRACTION:.0%} of {hw.gpu_name}'s "
-                        f"{hw.gpu_memory / 1e9:.0f} GB is {budget / 1e9:.1f} GB; {', or '.join(fixes)} "
-                        f"(finetune.py --dry-run shows the plan)")
+        raise UserError(
+            f"the plan does not fit this GPU: its largest micro-batch ({worst:.0f} tokens) is predicted "
+            f"to need {big['predicted_peak_gb']} GB, and {GPU_MEMORY_FRACTION:.0%} of {hw.gpu_name}'s "
+            f"{hw.gpu_memory / 1e9:.0f} GB is {budget / 1e9:.1f} GB; {', or '.join(fixes)} "
+            f"(finetune.py --dry-run shows the plan)"
+        )
     return TrainPlan(
-        device=hw.device, world_size=W, fsdp=hw.fsdp, rows_per_step=round(step_rows, 1),
-        rows_per_micro_batch=round(rows_micro, 2), gradient_accumulation_steps=accum,
-        tokens_per_micro_batch=round(typical), largest_micro_batch_tokens=round(worst), learning_rate=lr,
-        lr_factor=round(lr / t.learning_rate, 4), packing=packing, pack_tokens=t.pack_tokens if packing else None,
-        padding_free=bool(padding_free), attn_implementation=attn, gradient_checkpointing=bool(gc),
-        use_liger_kernel=bool(liger), upcast_frozen_fp32=bool(upcast), tiled_mlp=bool(tiled), offload_layers=offload,
-        mean_row_tokens=round(mean_len, 1), gpu=hw.gpu_name, gpu_memory_gb=round(hw.gpu_memory / 1e9, 1),
-        estimate=est(shape(typical, accum, gc, tiled, offload)), estimate_largest=big, changes=tuple(changes))
+        device=hw.device,
+        world_size=W,
+        fsdp=hw.fsdp,
+        rows_per_step=round(step_rows, 1),
+        rows_per_micro_batch=round(rows_micro, 2),
+        gradient_accumulation_steps=accum,
+        tokens_per_micro_batch=round(typical),
+        largest_micro_batch_tokens=round(worst),
+        learning_rate=lr,
+        lr_factor=round(lr / t.learning_rate, 4),
+        packing=packing,
+        pack_tokens=t.pack_tokens if packing else None,
+        padding_free=bool(padding_free),
+        attn_implementation=attn,
+        gradient_checkpointing=bool(gc),
+        use_liger_kernel=bool(liger),
+        upcast_frozen_fp32=bool(upcast),
+        tiled_mlp=bool(tiled),
+        offload_layers=offload,
+        mean_row_tokens=round(mean_len, 1),
+        gpu=hw.gpu_name,
+        gpu_memory_gb=round(hw.gpu_memory / 1e9, 1),
+        estimate=est(shape(typical, accum, gc, tiled, offload)),
+        estimate_largest=big,
+        changes=tuple(changes),
+    )

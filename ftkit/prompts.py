@@ -4,6 +4,7 @@ Training saves the template it used (`prompt_template.json`); inference, evaluat
 file instead of re-deriving it, so that the prompt a model was trained on and the prompt it is asked
 with can never drift apart.
 """
+
 from __future__ import annotations
 
 import json
@@ -18,11 +19,13 @@ IGNORE_INDEX = -100  # the label value that torch's cross-entropy skips
 ALPACA_WITH_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further context. "
     "Write a response that appropriately completes the request.\n\n"
-    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n")
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
 ALPACA_NO_INPUT = (
     "Below is an instruction that describes a task. "
     "Write a response that appropriately completes the request.\n\n"
-    "### Instruction:\n{instruction}\n\n### Response:\n")
+    "### Instruction:\n{instruction}\n\n### Response:\n"
+)
 
 
 @dataclass
@@ -39,8 +42,10 @@ class PromptTemplate:
     def from_config(cls, kind: str, tokenizer, system_prompt: str | None = None) -> "PromptTemplate":
         if kind == "chat":
             if not getattr(tokenizer, "chat_template", None):
-                raise UserError("data.prompt_template is 'chat' but the tokenizer has no chat template; "
-                                "use data.prompt_template=alpaca for a base (non-instruct) model")
+                raise UserError(
+                    "data.prompt_template is 'chat' but the tokenizer has no chat template; "
+                    "use data.prompt_template=alpaca for a base (non-instruct) model"
+                )
             t = cls(kind="chat", system_prompt=system_prompt, chat_template=tokenizer.chat_template)
             # The end-of-turn token closes an assistant reply; generation must stop there too.
             end = t.end_of_turn_id(tokenizer)
@@ -59,7 +64,7 @@ class PromptTemplate:
         if self.kind != "chat":
             return None
         tail = self._chat_response_text(tokenizer, "q", None, "OK").rstrip()
-        suffix = tail[tail.index("OK") + 2:] if "OK" in tail else ""
+        suffix = tail[tail.index("OK") + 2 :] if "OK" in tail else ""
         ids = tokenizer(suffix, add_special_tokens=False)["input_ids"] if suffix else []
         return ids[-1] if ids else None
 
@@ -72,30 +77,42 @@ class PromptTemplate:
     def render_prompt(self, tokenizer, instruction: str, input_text: str | None = None) -> str:
         """The text the model sees before its answer."""
         if self.kind == "chat":
-            return tokenizer.apply_chat_template(self._messages(instruction, input_text), tokenize=False,
-                                                 add_generation_prompt=True, chat_template=self.chat_template)
-        body = (self.prompt_with_input.format(instruction=instruction, input=input_text) if input_text
-                else self.prompt_no_input.format(instruction=instruction))
+            return tokenizer.apply_chat_template(
+                self._messages(instruction, input_text),
+                tokenize=False,
+                add_generation_prompt=True,
+                chat_template=self.chat_template,
+            )
+        body = (
+            self.prompt_with_input.format(instruction=instruction, input=input_text)
+            if input_text
+            else self.prompt_no_input.format(instruction=instruction)
+        )
         return f"{self.system_prompt}\n\n{body}" if self.system_prompt else body
 
     def _chat_response_text(self, tokenizer, instruction: str, input_text: str | None, output: str) -> str:
         msgs = self._messages(instruction, input_text)
-        prompt = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True,
-                                               chat_template=self.chat_template)
-        full = tokenizer.apply_chat_template(msgs + [{"role": "assistant", "content": output}], tokenize=False,
-                                             chat_template=self.chat_template)
+        prompt = tokenizer.apply_chat_template(
+            msgs, tokenize=False, add_generation_prompt=True, chat_template=self.chat_template
+        )
+        full = tokenizer.apply_chat_template(
+            msgs + [{"role": "assistant", "content": output}], tokenize=False, chat_template=self.chat_template
+        )
         if not full.startswith(prompt):
-            raise UserError("the chat template renders the prompt differently with and without the answer, so "
-                            "prompt tokens cannot be masked; use data.prompt_template=alpaca")
-        return full[len(prompt):]
+            raise UserError(
+                "the chat template renders the prompt differently with and without the answer, so "
+                "prompt tokens cannot be masked; use data.prompt_template=alpaca"
+            )
+        return full[len(prompt) :]
 
     def prompt_ids(self, tokenizer, instruction: str, input_text: str | None = None) -> list[int]:
         text = self.render_prompt(tokenizer, instruction, input_text)
         # A chat template writes its own BOS into the text; the Alpaca text relies on the tokenizer's.
         return tokenizer(text, add_special_tokens=self.kind != "chat")["input_ids"]
 
-    def encode(self, tokenizer, instruction: str, input_text: str | None, output: str,
-               max_length: int) -> tuple[list[int], list[int], str]:
+    def encode(
+        self, tokenizer, instruction: str, input_text: str | None, output: str, max_length: int
+    ) -> tuple[list[int], list[int], str]:
         """Token ids and labels for one row; labels are IGNORE_INDEX on the prompt.
 
         Prompt and answer are tokenized apart and joined as ids, so the mask boundary is exact even where
@@ -128,8 +145,10 @@ class PromptTemplate:
     @classmethod
     def load(cls, path: Path) -> "PromptTemplate":
         if not path.is_file():
-            raise UserError(f"'{path}' is missing; this run did not finish training. Re-run finetune.py "
-                            "or point --config at a finished run")
+            raise UserError(
+                f"'{path}' is missing; this run did not finish training. Re-run finetune.py "
+                "or point --config at a finished run"
+            )
         try:
             return cls(**json.loads(path.read_text(encoding="utf-8")))
         except (json.JSONDecodeError, TypeError) as e:

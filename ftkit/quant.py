@@ -1,5 +1,6 @@
 """The 4-bit bitsandbytes setup (BitsAndBytesConfig from the quant section) and a model's linear layers, from
 which LoRA's target_modules are picked and checked."""
+
 from __future__ import annotations
 
 from collections import Counter, OrderedDict
@@ -16,9 +17,12 @@ def build_bnb_config(q: QuantCfg):
     try:
         import bitsandbytes  # noqa: F401  (fail here, with a fix, rather than deep inside from_pretrained)
     except ImportError:
-        raise UserError("quant.load_in_4bit/8bit needs bitsandbytes, which is not installed; "
-                        "run `make install`, or set quant.load_in_4bit=false") from None
+        raise UserError(
+            "quant.load_in_4bit/8bit needs bitsandbytes, which is not installed; "
+            "run `make install`, or set quant.load_in_4bit=false"
+        ) from None
     from transformers import BitsAndBytesConfig
+
     if q.load_in_8bit:
         return BitsAndBytesConfig(load_in_8bit=True)
     return BitsAndBytesConfig(
@@ -63,6 +67,8 @@ def validate_target_modules(model, targets) -> list[str] | str:
     unknown = [t for t in targets if t not in names]
     if unknown:
         valid = ", ".join(n for n in names if n != head)
-        raise UserError(f"lora.target_modules has unknown module(s) {unknown}; valid linear layers of this model: "
-                        f"{valid} (or 'all-linear'); see python quantization_utils.py --list-modules")
+        raise UserError(
+            f"lora.target_modules has unknown module(s) {unknown}; valid linear layers of this model: "
+            f"{valid} (or 'all-linear'); see python quantization_utils.py --list-modules"
+        )
     return list(targets)

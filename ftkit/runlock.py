@@ -11,6 +11,7 @@
 - `recover_leftovers` / `clean_tmp_leftovers`: temporary files and folders of a killed stage
   (`.merged.tmp-PID`, `.x.gguf.tmp-PID`, ...) are reported and removed on that stage's next run.
 """
+
 from __future__ import annotations
 
 import atexit
@@ -70,9 +71,11 @@ class RunLock:
             os.close(fd)
             if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
                 raise
-            raise UserError(f"run directory '{self.root}' is in use by another process (pid "
-                            f"{_holder_pid(self.path)}); wait for it to finish, or set paths.output_dir to "
-                            "another folder") from None
+            raise UserError(
+                f"run directory '{self.root}' is in use by another process (pid "
+                f"{_holder_pid(self.path)}); wait for it to finish, or set paths.output_dir to "
+                "another folder"
+            ) from None
         previous = _read_holder(self.path)
         pid = previous.split()[0] if previous != "unknown" else ""
         if pid.isdigit() and int(pid) != os.getpid():
@@ -114,8 +117,10 @@ def check_unlocked(root: Path) -> None:
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
     except OSError:
-        raise UserError(f"run directory '{root}' is in use by another process (pid {_holder_pid(p)}); wait for "
-                        "it to finish, or set paths.output_dir to another folder") from None
+        raise UserError(
+            f"run directory '{root}' is in use by another process (pid {_holder_pid(p)}); wait for "
+            "it to finish, or set paths.output_dir to another folder"
+        ) from None
     finally:
         os.close(fd)
 
@@ -140,6 +145,7 @@ def _is_run_entry(name: str) -> bool:
 def protected_reason(root: Path) -> str | None:
     """Why a folder may never be deleted as a whole, or None."""
     from .paths import REPO_ROOT
+
     r = Path(root).expanduser().resolve()
     cwd = Path.cwd().resolve()
     if r == cwd:
@@ -171,16 +177,22 @@ def check_replaceable(root: Path) -> None:
     root = Path(root)
     why = protected_reason(root)
     if why:
-        raise UserError(f"--overwrite refuses to replace '{root}': {why}; set paths.output_dir to the run folder "
-                        "itself (e.g. runs/my-run)")
+        raise UserError(
+            f"--overwrite refuses to replace '{root}': {why}; set paths.output_dir to the run folder "
+            "itself (e.g. runs/my-run)"
+        )
     foreign = _foreign(root)
     if foreign and not is_project_run(root):
-        raise UserError(f"--overwrite refuses to replace '{root}': it does not hold a run made by finetune.py but "
-                        f"{_foreign_text(foreign)}; set paths.output_dir to a new folder")
+        raise UserError(
+            f"--overwrite refuses to replace '{root}': it does not hold a run made by finetune.py but "
+            f"{_foreign_text(foreign)}; set paths.output_dir to a new folder"
+        )
     if foreign:
-        raise UserError(f"--overwrite refuses to replace '{root}': besides the run it holds "
-                        f"{_foreign_text(foreign)}, which no stage wrote; move them out or set paths.output_dir "
-                        "to a new folder")
+        raise UserError(
+            f"--overwrite refuses to replace '{root}': besides the run it holds "
+            f"{_foreign_text(foreign)}, which no stage wrote; move them out or set paths.output_dir "
+            "to a new folder"
+        )
 
 
 def check_run_target(root: Path, overwrite: bool, resume: bool) -> None:
@@ -195,8 +207,10 @@ def check_run_target(root: Path, overwrite: bool, resume: bool) -> None:
         return
     foreign = _foreign(root)
     if foreign:
-        raise UserError(f"paths.output_dir '{root}' already holds {_foreign_text(foreign)}, which no stage wrote; "
-                        "a run needs a folder of its own: set paths.output_dir to a new folder")
+        raise UserError(
+            f"paths.output_dir '{root}' already holds {_foreign_text(foreign)}, which no stage wrote; "
+            "a run needs a folder of its own: set paths.output_dir to a new folder"
+        )
 
 
 def has_progress(root: Path) -> bool:
@@ -249,8 +263,9 @@ class RunStart:
             if self.root.exists():
                 shutil.rmtree(self.root, ignore_errors=True)
             os.replace(self.aside, self.root)
-            log.warning("the new run stopped before its first checkpoint; the previous run in '%s' is restored",
-                        self.root)
+            log.warning(
+                "the new run stopped before its first checkpoint; the previous run in '%s' is restored", self.root
+            )
             self.aside = None
         self.lock.release()
 
@@ -276,8 +291,11 @@ def start_run(root: Path, overwrite: bool, resume: bool = False, what: str = "fi
             shutil.rmtree(aside)
         os.replace(root, aside)
         old.release()
-        log.warning("--overwrite: the previous run in '%s' is kept aside as '%s' until the new run's first "
-                    "checkpoint", root, aside.name)
+        log.warning(
+            "--overwrite: the previous run in '%s' is kept aside as '%s' until the new run's first checkpoint",
+            root,
+            aside.name,
+        )
     root.mkdir(parents=True, exist_ok=True)
     try:
         lock = RunLock(root, what).acquire()
@@ -287,9 +305,11 @@ def start_run(root: Path, overwrite: bool, resume: bool = False, what: str = "fi
         raise
     if aside is None and not resume and is_project_run(root):
         lock.release()
-        raise UserError(f"run directory '{root}' now holds a run that another process started after this one "
-                        "checked it; pass --resume to continue it, --overwrite to replace it, or set paths.output_dir "
-                        "to a new folder")
+        raise UserError(
+            f"run directory '{root}' now holds a run that another process started after this one "
+            "checked it; pass --resume to continue it, --overwrite to replace it, or set paths.output_dir "
+            "to a new folder"
+        )
     rs = RunStart(root, lock, aside)
     rs.created = created or aside is not None
     _ACTIVE[root.resolve()] = rs
@@ -319,18 +339,28 @@ def recover_leftovers(root: Path) -> list[str]:
                 continue
             if root.exists() and has_progress(root):
                 shutil.rmtree(p, ignore_errors=True)
-                done.append(f"removed '{p}', the previous run a killed --overwrite (pid {m.group('pid')}) had kept "
-                            "aside; the new run had already checkpointed")
-            elif not root.exists() or is_project_run(root) or not any(root.iterdir()) or all(
-                    _is_run_entry(q.name) for q in root.iterdir()):
+                done.append(
+                    f"removed '{p}', the previous run a killed --overwrite (pid {m.group('pid')}) had kept "
+                    "aside; the new run had already checkpointed"
+                )
+            elif (
+                not root.exists()
+                or is_project_run(root)
+                or not any(root.iterdir())
+                or all(_is_run_entry(q.name) for q in root.iterdir())
+            ):
                 if root.exists():
                     shutil.rmtree(root)
                 os.replace(p, root)
-                done.append(f"restored the previous run into '{root}' from '{p.name}': a killed --overwrite (pid "
-                            f"{m.group('pid')}) had not reached its first checkpoint")
+                done.append(
+                    f"restored the previous run into '{root}' from '{p.name}': a killed --overwrite (pid "
+                    f"{m.group('pid')}) had not reached its first checkpoint"
+                )
             else:
-                done.append(f"'{p}' holds a previous run a killed --overwrite kept aside; '{root}' holds other files "
-                            "now, so it was left for you to move back")
+                done.append(
+                    f"'{p}' holds a previous run a killed --overwrite kept aside; '{root}' holds other files "
+                    "now, so it was left for you to move back"
+                )
     for line in done:
         log.warning("%s", line)
     if root.is_dir():

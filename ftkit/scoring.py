@@ -1,5 +1,6 @@
 """Scoring a model on held-out rows: response-token loss with the prompt masked as in training, greedy answers,
 exact match (normalized) for verifiable rows and ROUGE-L F1 for the rest, per task family, base vs fine-tuned."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -12,7 +13,6 @@ from .config import Config
 from .generation import generate, load_for_inference
 from .paths import REPO_ROOT, RunDir
 from .prompts import IGNORE_INDEX, PromptTemplate
-
 
 # Verifiable answers are short; an answer this many tokens longer than the longest reference cannot match.
 VERIFIABLE_MARGIN_TOKENS = 8
@@ -58,6 +58,7 @@ def rouge_l(prediction: str, reference: str) -> float:
         return 0.0
     if _scorer is None:
         from rouge_score import rouge_scorer
+
         _scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
     return float(_scorer.score(reference, prediction)["rougeL"].fmeasure)
 
@@ -70,18 +71,19 @@ def is_verifiable(row: dict) -> bool:
     return bool(row.get("verifiable", False))
 
 
-def response_nll(model, tok, template: PromptTemplate, rows: list[dict], max_length: int,
-                 batch_size: int) -> list[tuple[float, int]]:
+def response_nll(
+    model, tok, template: PromptTemplate, rows: list[dict], max_length: int, batch_size: int
+) -> list[tuple[float, int]]:
     """(summed cross-entropy, token count) over each row's response tokens, the prompt masked as in training."""
     import torch
     import torch.nn.functional as F
-    enc = [template.encode(tok, r["instruction"], r.get("input") or None, r["output"], max_length)[:2]
-           for r in rows]
+
+    enc = [template.encode(tok, r["instruction"], r.get("input") or None, r["output"], max_length)[:2] for r in rows]
     out: list[tuple[float, int]] = [(0.0, 0)] * len(rows)
     order = sorted(range(len(enc)), key=lambda i: len(enc[i][0]))
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     for start in range(0, len(order), batch_size):
-        batch = order[start:start + batch_size]
+        batch = order[start : start + batch_size]
         width = max(len(enc[i][0]) for i in batch)
         ids = torch.full((len(batch), width), pad, dtype=torch.long)
         labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
@@ -98,7 +100,8 @@ def response_nll(model, tok, template: PromptTemplate, rows: list[dict], max_len
         # Only the response positions are upcast: the full float32 logits would be batch x length x vocab.
         nll = F.cross_entropy(logits[:, :-1][keep].float(), target[keep], reduction="none")
         per_row = torch.zeros(len(batch), dtype=torch.float64).index_add_(
-            0, keep.nonzero()[:, 0].cpu(), nll.double().cpu())
+            0, keep.nonzero()[:, 0].cpu(), nll.double().cpu()
+        )
         for row, i in enumerate(batch):
             out[i] = (per_row[row].item(), int(keep[row].sum()))
     return out
@@ -121,11 +124,20 @@ def measure(cfg: Config, run: RunDir, use: str, rows: list[dict]) -> dict:
         idx = [i for i, r in enumerate(rows) if is_verifiable(r) == verifiable]
         if not idx:
             continue
-        n_new = (generation_budget(tok, [rows[i] for i in idx], greedy.max_new_tokens) if verifiable
-                 else greedy.max_new_tokens)
+        n_new = (
+            generation_budget(tok, [rows[i] for i in idx], greedy.max_new_tokens)
+            if verifiable
+            else greedy.max_new_tokens
+        )
         budgets["verifiable" if verifiable else "open_ended"] = n_new
-        got = generate(model, tok, template, [(rows[i]["instruction"], rows[i].get("input") or None) for i in idx],
-                       greedy.model_copy(update={"max_new_tokens": n_new}), progress=True)
+        got = generate(
+            model,
+            tok,
+            template,
+            [(rows[i]["instruction"], rows[i].get("input") or None) for i in idx],
+            greedy.model_copy(update={"max_new_tokens": n_new}),
+            progress=True,
+        )
         for i, a in zip(idx, got):
             answers[i] = a
     del model
@@ -147,6 +159,7 @@ def _loss(parts: list[dict]) -> tuple[float | None, float | None]:
 
 def aggregate(rows: list[dict], base: dict, tuned: dict) -> dict:
     """Overall and per-family metrics for both models: eval loss/perplexity, exact match %, ROUGE-L x100."""
+
     def block(idx: list[int]) -> dict:
         out = {}
         for name, m in (("base", base), ("fine_tuned", tuned)):
@@ -154,14 +167,22 @@ def aggregate(rows: list[dict], base: dict, tuned: dict) -> dict:
             loss, ppl = _loss(parts)
             ver = [parts[k]["score"] for k, i in enumerate(idx) if is_verifiable(rows[i])]
             opn = [parts[k]["score"] for k, i in enumerate(idx) if not is_verifiable(rows[i])]
-            out[name] = {"eval_loss": loss, "perplexity": ppl,
-                         "exact_match": round(100 * sum(ver) / len(ver), 2) if ver else None,
-                         "rouge_l": round(100 * sum(opn) / len(opn), 2) if opn else None}
+            out[name] = {
+                "eval_loss": loss,
+                "perplexity": ppl,
+                "exact_match": round(100 * sum(ver) / len(ver), 2) if ver else None,
+                "rouge_l": round(100 * sum(opn) / len(opn), 2) if opn else None,
+            }
         out["rows"] = len(idx)
         out["verifiable_rows"] = sum(1 for i in idx if is_verifiable(rows[i]))
-        out["delta"] = {k: (round(out["fine_tuned"][k] - out["base"][k], 4)
-                            if out["base"][k] is not None and out["fine_tuned"][k] is not None else None)
-                        for k in ("eval_loss", "perplexity", "exact_match", "rouge_l")}
+        out["delta"] = {
+            k: (
+                round(out["fine_tuned"][k] - out["base"][k], 4)
+                if out["base"][k] is not None and out["fine_tuned"][k] is not None
+                else None
+            )
+            for k in ("eval_loss", "perplexity", "exact_match", "rouge_l")
+        }
         return out
 
     fams = defaultdict(list)
@@ -170,8 +191,11 @@ def aggregate(rows: list[dict], base: dict, tuned: dict) -> dict:
     families = {}
     for fam in sorted(fams, key=lambda f: (not all(is_verifiable(rows[i]) for i in fams[f]), f)):
         b = block(fams[fam])
-        b["metric"] = "exact_match" if b["verifiable_rows"] == b["rows"] else (
-            "rouge_l" if b["verifiable_rows"] == 0 else "mixed")
+        b["metric"] = (
+            "exact_match"
+            if b["verifiable_rows"] == b["rows"]
+            else ("rouge_l" if b["verifiable_rows"] == 0 else "mixed")
+        )
         families[fam] = b
     return {"overall": block(list(range(len(rows)))), "families": families}
 
@@ -187,8 +211,17 @@ def pick_examples(rows: list[dict], base: dict, tuned: dict, n: int = N_EXAMPLES
     out = []
     for i in sorted(picked[:n]):
         r = rows[i]
-        out.append({"family": family_of(r), "verifiable": is_verifiable(r), "instruction": r["instruction"],
-                    "input": r.get("input") or "", "reference": r["output"],
-                    "base": base["rows"][i]["answer"], "fine_tuned": tuned["rows"][i]["answer"],
-                    "base_score": base["rows"][i]["score"], "fine_tuned_score": tuned["rows"][i]["score"]})
+        out.append(
+            {
+                "family": family_of(r),
+                "verifiable": is_verifiable(r),
+                "instruction": r["instruction"],
+                "input": r.get("input") or "",
+                "reference": r["output"],
+                "base": base["rows"][i]["answer"],
+                "fine_tuned": tuned["rows"][i]["answer"],
+                "base_score": base["rows"][i]["score"],
+                "fine_tuned_score": tuned["rows"][i]["score"],
+            }
+        )
     return out

@@ -1,6 +1,7 @@
 """Training from a plan: the 4-bit base with LoRA and the planned speed switches, TRL's SFTConfig and trainer,
 the callbacks (log, Ctrl+C, divergence, checkpoint hygiene), resume points, the run's start and end files,
 and the adapter save (FSDP-aware, count-checked). finetune.py reads as the list of these steps."""
+
 from __future__ import annotations
 
 import json
@@ -19,8 +20,18 @@ from .cli import UserError, log
 from .config import Config, check_library_options
 from .distributed import barrier, dist_info, fsdp_enabled, is_main
 from .models import load_causal_lm, load_tokenizer, model_skeleton, torch_dtype
-from .paths import (RunDir, atomic_dir, atomic_write_json, atomic_write_text, check_free_space, check_latest_pointer,
-                    check_resume, save_resolved_config, write_latest, write_manifest)
+from .paths import (
+    RunDir,
+    atomic_dir,
+    atomic_write_json,
+    atomic_write_text,
+    check_free_space,
+    check_latest_pointer,
+    check_resume,
+    save_resolved_config,
+    write_latest,
+    write_manifest,
+)
 from .plan import TrainPlan
 from .quant import build_bnb_config, linear_module_names, output_head_name, validate_target_modules
 
@@ -33,8 +44,10 @@ def open_run(cfg: Config, overwrite: bool, resume: bool) -> tuple[RunDir, bool]:
     run = RunDir(Path(cfg.paths.output_dir))
     resume = resume or (cfg.train.resume == "auto" and not overwrite and run.config.is_file())
     if overwrite and resume:
-        raise UserError("--overwrite and --resume contradict each other; pass --resume to continue the run in "
-                        f"'{run.root}' or --overwrite to start it over")
+        raise UserError(
+            "--overwrite and --resume contradict each other; pass --resume to continue the run in "
+            f"'{run.root}' or --overwrite to start it over"
+        )
     if run.root.exists() and not run.root.is_dir():
         raise UserError(f"paths.output_dir '{run.root}' is a file, not a folder; choose a new folder")
     # A killed earlier run's leftovers (a replaced run kept aside, temporary files) are settled first, by
@@ -42,8 +55,10 @@ def open_run(cfg: Config, overwrite: bool, resume: bool) -> tuple[RunDir, bool]:
     if is_main():
         runlock.recover_leftovers(run.root)
     if run.holds_run() and not (overwrite or resume):
-        raise UserError(f"run directory '{run.root}' already holds a run; pass --resume to continue it, "
-                        "--overwrite to replace it, or set paths.output_dir to a new folder")
+        raise UserError(
+            f"run directory '{run.root}' already holds a run; pass --resume to continue it, "
+            "--overwrite to replace it, or set paths.output_dir to a new folder"
+        )
     if resume and not run.config.is_file():
         raise UserError(f"--resume: '{run.root}' holds no run to resume; drop --resume to start one")
     runlock.check_run_target(run.root, overwrite, resume)
@@ -71,17 +86,26 @@ def check_run_inputs(cfg: Config, run: RunDir, skeleton, n_train: int, n_eval: i
 def check_eval_settings(cfg: Config, n_eval: int) -> None:
     """Keeping the best checkpoint needs evaluations, and a checkpoint saved at every evaluated step."""
     t = cfg.train
-    key = ("train.load_best_model_at_end" if t.load_best_model_at_end else
-           "train.early_stopping_patience" if t.early_stopping_patience else None)
+    key = (
+        "train.load_best_model_at_end"
+        if t.load_best_model_at_end
+        else "train.early_stopping_patience"
+        if t.early_stopping_patience
+        else None
+    )
     if key is None or not t.eval_steps:
         return
     if n_eval == 0:
-        raise UserError(f"{key} needs held-out rows to evaluate on, but data.eval_size leaves none; "
-                        f"set data.eval_size above 0 or turn {key} off")
+        raise UserError(
+            f"{key} needs held-out rows to evaluate on, but data.eval_size leaves none; "
+            f"set data.eval_size above 0 or turn {key} off"
+        )
     if t.save_steps % t.eval_steps:
         fix = max(1, round(t.save_steps / t.eval_steps)) * t.eval_steps
-        raise UserError(f"{key} keeps the checkpoint with the best eval loss, so train.save_steps ({t.save_steps}) "
-                        f"must be a multiple of train.eval_steps ({t.eval_steps}); set train.save_steps={fix}")
+        raise UserError(
+            f"{key} keeps the checkpoint with the best eval loss, so train.save_steps ({t.save_steps}) "
+            f"must be a multiple of train.eval_steps ({t.eval_steps}); set train.save_steps={fix}"
+        )
 
 
 def output_sizes(cfg: Config, skeleton, n_train_rows: int, world_size: int) -> dict[str, int]:
@@ -105,19 +129,29 @@ def output_sizes(cfg: Config, skeleton, n_train_rows: int, world_size: int) -> d
     saves = steps // t.save_steps + 1  # +1: the save when stopping early or at the end
     kept = min(saves, t.save_total_limit + 1) if t.save_total_limit else saves  # +1: rotation deletes after saving
     adapter = lora * 4 + 32 * 2**20
-    return {"lora_params": lora, "params": n_params, "checkpoints": kept * ckpt, "adapter": adapter,
-            "merged": n_params * 2}
+    return {
+        "lora_params": lora,
+        "params": n_params,
+        "checkpoints": kept * ckpt,
+        "adapter": adapter,
+        "merged": n_params * 2,
+    }
 
 
 def check_disk(cfg: Config, run: RunDir, sizes: dict[str, int]) -> None:
     """Fail now if checkpoints and the adapter cannot fit; warn if the merged model later will not."""
     need = sizes["checkpoints"] + sizes["adapter"]
-    probe, free = check_free_space(run.root, need,
-                                   f"{sizes['checkpoints'] / 1e9:.2f} GB of checkpoints and the adapter")
+    probe, free = check_free_space(
+        run.root, need, f"{sizes['checkpoints'] / 1e9:.2f} GB of checkpoints and the adapter"
+    )
     if free < need + sizes["merged"]:
-        log.warning("after training, '%s' will have about %.1f GB free, but merge_adapter.py needs about %.1f GB "
-                    "for the merged model; free space before merging", probe, (free - need) / 1e9,
-                    sizes["merged"] / 1e9)
+        log.warning(
+            "after training, '%s' will have about %.1f GB free, but merge_adapter.py needs about %.1f GB "
+            "for the merged model; free space before merging",
+            probe,
+            (free - need) / 1e9,
+            sizes["merged"] / 1e9,
+        )
 
 
 # -- the model -------------------------------------------------------------------------------------------------
@@ -131,6 +165,7 @@ class Params:
 def build_model(cfg: Config, plan: TrainPlan, source: str, offline: bool):
     """The quantized base with LoRA and the planned model-side switches; (model, Params)."""
     from transformers import set_seed
+
     set_seed(cfg.train.seed)
     model = load_quantized_base(cfg, source, offline, plan.device)
     model, trainable, total = apply_lora(cfg, plan, model)
@@ -156,14 +191,17 @@ def load_quantized_base(cfg: Config, source: str, offline: bool, device: str):
 
 def apply_lora(cfg: Config, plan: TrainPlan, model):
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
     targets = validate_target_modules(model, cfg.lora.target_modules)
     fsdp = fsdp_enabled()
     if (cfg.quant.load_in_4bit or cfg.quant.load_in_8bit) and not fsdp and plan.upcast_frozen_fp32:
         # Casts norms to fp32 and enables input grads so checkpointing works through frozen 4-bit layers.
         # Not under FSDP: it needs one dtype per wrapped unit; the Trainer enables checkpointing there.
         model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=plan.gradient_checkpointing,
-            gradient_checkpointing_kwargs={"use_reentrant": False})
+            model,
+            use_gradient_checkpointing=plan.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
     elif (cfg.quant.load_in_4bit or cfg.quant.load_in_8bit) and not fsdp:
         # The same without the float32 upcast (train.upcast_frozen_fp32): frozen weights stay in model.dtype.
         for p in model.parameters():
@@ -171,9 +209,15 @@ def apply_lora(cfg: Config, plan: TrainPlan, model):
         if plan.gradient_checkpointing:
             model.enable_input_require_grads()
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    lcfg = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.lora_alpha, lora_dropout=cfg.lora.lora_dropout,
-                      target_modules=targets, bias=cfg.lora.bias, use_rslora=cfg.lora.use_rslora,
-                      task_type="CAUSAL_LM")
+    lcfg = LoraConfig(
+        r=cfg.lora.r,
+        lora_alpha=cfg.lora.lora_alpha,
+        lora_dropout=cfg.lora.lora_dropout,
+        target_modules=targets,
+        bias=cfg.lora.bias,
+        use_rslora=cfg.lora.use_rslora,
+        task_type="CAUSAL_LM",
+    )
     # Under FSDP the LoRA weights stay in the base's dtype instead of fp32, for the same reason.
     model = get_peft_model(model, lcfg, autocast_adapter_dtype=not fsdp)
     trainable, total = model.get_nb_trainable_parameters()
@@ -184,6 +228,7 @@ def apply_lora(cfg: Config, plan: TrainPlan, model):
 def apply_speed_switches(plan: TrainPlan, model) -> None:
     """The model-side switches the plan decided: attention for padding-free rows, tiled MLP, offloading."""
     from ftkit import attention, patches
+
     if plan.attn_implementation == attention.VARLEN_ATTN:
         attention.use_varlen_attention(model)  # packed rows attend only within themselves, at their own length
     else:
@@ -191,48 +236,75 @@ def apply_speed_switches(plan: TrainPlan, model) -> None:
         if base.config._attn_implementation != plan.attn_implementation:
             base.set_attn_implementation(plan.attn_implementation)
     if plan.tiled_mlp:
-        log.info("tiled MLP: %d layers run their MLP in chunks of %d tokens", patches.use_tiled_mlp(model),
-                 model.config.hidden_size)
+        log.info(
+            "tiled MLP: %d layers run their MLP in chunks of %d tokens",
+            patches.use_tiled_mlp(model),
+            model.config.hidden_size,
+        )
     if plan.offload_layers:
         n = patches.offload_layer_inputs(model, plan.offload_layers)
-        log.info("activation offloading: the checkpointed inputs of %d of %d layers go to CPU RAM (~%.1f GB for "
-                 "the largest micro-batch)", n, len(patches.decoder_layers(model)),
-                 plan.estimate_largest["host_offload_gb"])
+        log.info(
+            "activation offloading: the checkpointed inputs of %d of %d layers go to CPU RAM (~%.1f GB for "
+            "the largest micro-batch)",
+            n,
+            len(patches.decoder_layers(model)),
+            plan.estimate_largest["host_offload_gb"],
+        )
 
 
 # -- the trainer -------------------------------------------------------------------------------------------------
 def sft_config(cfg: Config, run: RunDir, plan: TrainPlan, n_eval: int):
     """TRL's arguments: the batch, learning rate and switches from the plan, everything else from the YAML."""
     from trl import SFTConfig
+
     t = cfg.train
     packing = plan.packing
     do_eval = bool(t.eval_steps) and n_eval > 0
     return SFTConfig(
         output_dir=str(run.checkpoints),
-        learning_rate=plan.learning_rate, max_steps=t.max_steps, num_train_epochs=t.num_train_epochs,
+        learning_rate=plan.learning_rate,
+        max_steps=t.max_steps,
+        num_train_epochs=t.num_train_epochs,
         # packed: one micro-batch is one packed row of train.pack_tokens tokens
         per_device_train_batch_size=plan.per_device_train_batch_size,
         per_device_eval_batch_size=1 if packing else t.per_device_eval_batch_size,
-        gradient_accumulation_steps=plan.gradient_accumulation_steps, warmup_steps=t.warmup_steps,
-        lr_scheduler_type=t.lr_scheduler_type, weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm,
-        optim=t.optim, gradient_checkpointing=plan.gradient_checkpointing,
+        gradient_accumulation_steps=plan.gradient_accumulation_steps,
+        warmup_steps=t.warmup_steps,
+        lr_scheduler_type=t.lr_scheduler_type,
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        optim=t.optim,
+        gradient_checkpointing=plan.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False} if plan.gradient_checkpointing else None,
-        logging_steps=t.logging_steps, save_strategy="steps", save_steps=t.save_steps,
-        save_total_limit=t.save_total_limit, eval_strategy="steps" if do_eval else "no",
+        logging_steps=t.logging_steps,
+        save_strategy="steps",
+        save_steps=t.save_steps,
+        save_total_limit=t.save_total_limit,
+        eval_strategy="steps" if do_eval else "no",
         eval_steps=t.eval_steps if do_eval else None,
         load_best_model_at_end=t.load_best_model_at_end or bool(t.early_stopping_patience),
-        metric_for_best_model="eval_loss" if do_eval else None, greater_is_better=False if do_eval else None,
-        seed=t.seed, data_seed=t.seed, bf16=t.bf16, use_cpu=plan.device == "cpu",
+        metric_for_best_model="eval_loss" if do_eval else None,
+        greater_is_better=False if do_eval else None,
+        seed=t.seed,
+        data_seed=t.seed,
+        bf16=t.bf16,
+        use_cpu=plan.device == "cpu",
         # Rows arrive truncated to data.max_length; TRL refuses max_length with padding_free and no packing.
         max_length=t.pack_tokens if packing else (None if plan.padding_free else cfg.data.max_length),
-        packing=packing, packing_strategy="bfd", padding_free=plan.padding_free,
-        use_liger_kernel=plan.use_liger_kernel, dataloader_num_workers=t.dataloader_num_workers,
-        report_to=t.report_to, include_num_input_tokens_seen="non_padding",
-        save_only_model=False, disable_tqdm=not is_main(),
+        packing=packing,
+        packing_strategy="bfd",
+        padding_free=plan.padding_free,
+        use_liger_kernel=plan.use_liger_kernel,
+        dataloader_num_workers=t.dataloader_num_workers,
+        report_to=t.report_to,
+        include_num_input_tokens_seen="non_padding",
+        save_only_model=False,
+        disable_tqdm=not is_main(),
         # Every LoRA weight gets a gradient on every step; searching for unused ones costs a graph walk.
         ddp_find_unused_parameters=False if dist_info()["world_size"] > 1 else None,
         # The dataset arrives tokenized with labels; TRL must not re-template it.
-        dataset_kwargs={"skip_prepare_dataset": False}, remove_unused_columns=True,
+        dataset_kwargs={"skip_prepare_dataset": False},
+        remove_unused_columns=True,
     )
 
 
@@ -241,18 +313,25 @@ def make_trainer(cfg: Config, run: RunDir, plan: TrainPlan, model, tok, prep, ar
     from datasets import Dataset
     from transformers import EarlyStoppingCallback
     from trl import SFTTrainer
+
     callbacks = make_callbacks(run, stop)
     if cfg.train.early_stopping_patience:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=cfg.train.early_stopping_patience))
-    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(prep.train.rows),
-                         eval_dataset=Dataset.from_list(prep.eval.rows) if prep.eval.rows else None,
-                         processing_class=tok, callbacks=callbacks)
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_list(prep.train.rows),
+        eval_dataset=Dataset.from_list(prep.eval.rows) if prep.eval.rows else None,
+        processing_class=tok,
+        callbacks=callbacks,
+    )
     if not plan.fsdp:  # under FSDP the LoRA weights stay in the storage dtype, which FSDP and its resume need
         patches.keep_lora_fp32(trainer.model)
     world = dist_info()
 
     def first_rows(rows):
         log.info("rank %d of %d: first batch rows %s", world["rank"], world["world_size"], ",".join(rows))
+
     patches.log_first_batch(trainer.data_collator, first_rows)
     if plan.device == "cpu" and plan.world_size > 1:
         patches.allow_indexed_cpu_locations()
@@ -275,9 +354,14 @@ def make_callbacks(run: RunDir, stop: "StopRequest"):
                 return
             # elapsed_s: since this process began training (evaluations included; eval rows carry
             # eval_runtime), so time-to-quality can be read off the log.
-            row = {"step": state.global_step, "epoch": round(state.epoch or 0, 4), "time": round(time.time(), 2),
-                   "elapsed_s": round(time.time() - self.t0, 2),
-                   "tokens_seen": state.num_input_tokens_seen, **logs}
+            row = {
+                "step": state.global_step,
+                "epoch": round(state.epoch or 0, 4),
+                "time": round(time.time(), 2),
+                "elapsed_s": round(time.time() - self.t0, 2),
+                "tokens_seen": state.num_input_tokens_seen,
+                **logs,
+            }
             with open(run.train_log, "a", encoding="utf-8") as f:
                 f.write(json.dumps(row) + "\n")
 
@@ -292,6 +376,7 @@ def make_callbacks(run: RunDir, stop: "StopRequest"):
             if dist_info()["world_size"] > 1:
                 import torch
                 import torch.distributed as tdist
+
                 flag = torch.tensor([float(stop.hit or 0)], device=args.device)  # the signal number
                 tdist.all_reduce(flag, op=tdist.ReduceOp.MAX)
                 stop.hit = int(flag.item()) or stop.hit
@@ -307,7 +392,9 @@ def make_callbacks(run: RunDir, stop: "StopRequest"):
 
         def on_save(self, args, state, control, **kw):
             if state.is_world_process_zero:
-                (Path(args.output_dir) / f"checkpoint-{state.global_step}" / "training_args.bin").unlink(missing_ok=True)
+                (Path(args.output_dir) / f"checkpoint-{state.global_step}" / "training_args.bin").unlink(
+                    missing_ok=True
+                )
 
     class FirstCheckpoint(TrainerCallback):
         """With --overwrite the replaced run is kept aside until the new run can be resumed; now it can."""
@@ -324,13 +411,16 @@ def make_callbacks(run: RunDir, stop: "StopRequest"):
 
         def _fail(self, state, what: str):
             from ftkit.checkpoints import complete_checkpoints as whole
+
             good = whole(run.checkpoints)
-            keep = (f"the last good checkpoint is {good[-1]}; resume from it with a lower train.learning_rate "
-                    f"(python finetune.py --config {run.config} --resume train.learning_rate=...)" if good else
-                    "no checkpoint was saved before it; lower train.learning_rate (or train.max_grad_norm) and "
-                    "start again")
-            raise UserError(f"training diverged at step {state.global_step}: {what} is not finite (inf or NaN); "
-                            f"{keep}")
+            keep = (
+                f"the last good checkpoint is {good[-1]}; resume from it with a lower train.learning_rate "
+                f"(python finetune.py --config {run.config} --resume train.learning_rate=...)"
+                if good
+                else "no checkpoint was saved before it; lower train.learning_rate (or train.max_grad_norm) and "
+                "start again"
+            )
+            raise UserError(f"training diverged at step {state.global_step}: {what} is not finite (inf or NaN); {keep}")
 
         def on_log(self, args, state, control, logs=None, **kw):
             for k in ("loss", "grad_norm", "eval_loss"):
@@ -342,6 +432,7 @@ def make_callbacks(run: RunDir, stop: "StopRequest"):
             if model is None or not (control.should_log or control.should_save or control.should_training_stop):
                 return
             from ftkit.models import first_nonfinite
+
             bad = first_nonfinite(model, trainable_only=True)
             if bad:
                 self._fail(state, f"LoRA weight {bad}")
@@ -358,8 +449,12 @@ def write_run_start(cfg: Config, run: RunDir, plan: TrainPlan, prep, overwrite: 
         runlock.start_run(run.root, overwrite=overwrite, resume=resume)
         save_resolved_config(cfg, run.config)
         atomic_write_json(run.plan, plan.to_json())
-        write_manifest(cfg, run, prep.data_hash, {"world_size": plan.world_size, "fsdp": plan.fsdp,
-                                                  "device": plan.device, "resumed": resume})
+        write_manifest(
+            cfg,
+            run,
+            prep.data_hash,
+            {"world_size": plan.world_size, "fsdp": plan.fsdp, "device": plan.device, "resumed": resume},
+        )
         atomic_write_json(run.prompt_template, prep.template.to_json())
         atomic_write_json(run.dataset_report, prep.report)
         atomic_write_text(run.eval_rows, "".join(json.dumps(r) + "\n" for r in prep.eval_records))
@@ -426,9 +521,13 @@ class StopRequest:
             raise KeyboardInterrupt  # a second Ctrl+C means now
         self.hit = signum
         timeout = os.environ.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "30")
-        log.warning("%s: saving a checkpoint after this step, then stopping (Ctrl+C again to abort%s)",
-                    signal.Signals(signum).name, f"; the launcher kills the workers after {timeout} s "
-                    "(TORCH_ELASTIC_SHUTDOWN_TIMEOUT)" if self.launched else "")
+        log.warning(
+            "%s: saving a checkpoint after this step, then stopping (Ctrl+C again to abort%s)",
+            signal.Signals(signum).name,
+            f"; the launcher kills the workers after {timeout} s (TORCH_ELASTIC_SHUTDOWN_TIMEOUT)"
+            if self.launched
+            else "",
+        )
 
     def __enter__(self):
         # SIGTERM too: schedulers (SLURM, Kubernetes) send it before they kill a job.
@@ -447,15 +546,19 @@ def interrupted(run: RunDir, plan: TrainPlan, trainer, stop: StopRequest) -> dic
     step = trainer.state.global_step
     if is_main():
         launcher = "accelerate launch --config_file <the same accelerate config> " if plan.world_size > 1 else "python "
-        print(f"stopped at step {step}; checkpoint saved in {run.checkpoints}. Resume with:\n"
-              f"  {launcher}finetune.py --config {run.config} --resume", file=sys.stderr)
+        print(
+            f"stopped at step {step}; checkpoint saved in {run.checkpoints}. Resume with:\n"
+            f"  {launcher}finetune.py --config {run.config} --resume",
+            file=sys.stderr,
+        )
     barrier()
     return {"interrupted": True, "step": step, "exit_code": 128 + int(stop.hit)}
 
 
 # -- the end -------------------------------------------------------------------------------------------------------
-def finish(cfg: Config, run: RunDir, plan: TrainPlan, trainer, result, params: Params, wall: float,
-           resumed_from: str | None) -> dict:
+def finish(
+    cfg: Config, run: RunDir, plan: TrainPlan, trainer, result, params: Params, wall: float, resumed_from: str | None
+) -> dict:
     """A final evaluation if the last step had none, the adapter (atomically), run_summary.json, and the
     latest-run pointer, written last."""
     state = trainer.state
@@ -465,16 +568,28 @@ def finish(cfg: Config, run: RunDir, plan: TrainPlan, trainer, result, params: P
         eval_loss = trainer.evaluate()["eval_loss"]
     tokens = int(state.num_input_tokens_seen or 0)
     summary = {
-        "steps": state.global_step, "epochs": round(state.epoch or 0, 4), "wall_time_s": round(wall, 2),
-        "trained_tokens": tokens, "tokens_per_s": round(tokens / wall, 1) if wall > 0 else None,
+        "steps": state.global_step,
+        "epochs": round(state.epoch or 0, 4),
+        "wall_time_s": round(wall, 2),
+        "trained_tokens": tokens,
+        "tokens_per_s": round(tokens / wall, 1) if wall > 0 else None,
         "peak_memory_gb": peak_memory_gb(plan.device),
         "peak_memory_kind": "cuda_allocated" if plan.device == "cuda" else "cpu_rss",
         "first_train_loss": next((h["loss"] for h in state.log_history if "loss" in h), None),
-        "final_train_loss": train_loss, "final_eval_loss": eval_loss, "train_loss_mean": result.training_loss,
-        "best_checkpoint": state.best_model_checkpoint, "best_metric": state.best_metric,
-        "trainable_params": params.trainable, "total_params": params.total, "rows_per_step": plan.rows_per_step,
-        "learning_rate": plan.learning_rate, "world_size": plan.world_size, "fsdp": plan.fsdp,
-        "device": plan.device, "resumed_from": resumed_from, "plan": "plan.json",
+        "final_train_loss": train_loss,
+        "final_eval_loss": eval_loss,
+        "train_loss_mean": result.training_loss,
+        "best_checkpoint": state.best_model_checkpoint,
+        "best_metric": state.best_metric,
+        "trainable_params": params.trainable,
+        "total_params": params.total,
+        "rows_per_step": plan.rows_per_step,
+        "learning_rate": plan.learning_rate,
+        "world_size": plan.world_size,
+        "fsdp": plan.fsdp,
+        "device": plan.device,
+        "resumed_from": resumed_from,
+        "plan": "plan.json",
     }
     save_adapter(trainer, run, params.lora_tensors)
     if is_main():
@@ -490,8 +605,9 @@ def adapter_tensors(model, full_state: dict) -> dict:
     ("...q_proj.lora_A.weight": the adapter name dropped)."""
     name = model.active_adapter if isinstance(model.active_adapter, str) else model.active_adapter[0]
     tag = f".{name}."
-    return {k.replace(tag, "."): v.detach().contiguous() for k, v in full_state.items()
-            if tag in k and ".lora_" in k}  # lora_A/B, lora_embedding_A/B, lora_magnitude_vector (DoRA)
+    return {
+        k.replace(tag, "."): v.detach().contiguous() for k, v in full_state.items() if tag in k and ".lora_" in k
+    }  # lora_A/B, lora_embedding_A/B, lora_magnitude_vector (DoRA)
 
 
 def save_adapter(trainer, run: RunDir, n_lora: int) -> None:
@@ -513,6 +629,7 @@ def save_adapter(trainer, run: RunDir, n_lora: int) -> None:
     if is_main():
         from safetensors import safe_open
         from safetensors.torch import save_file
+
         with atomic_dir(run.adapter) as tmp:
             if tensors is None:
                 model.save_pretrained(str(tmp), safe_serialization=True)
@@ -534,6 +651,7 @@ def save_adapter(trainer, run: RunDir, n_lora: int) -> None:
 def peak_memory_gb(device: str) -> float:
     if device == "cuda":
         import torch
+
         return round(torch.cuda.max_memory_allocated() / 2**30, 3)
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)  # KiB -> GiB (Linux)
 

@@ -1,5 +1,6 @@
 """Shared fixtures (the embedded SmolLM2 checkpoint, a tiny random Llama, a tiny Alpaca file) and the test
 markers; plain helpers live in tests/helpers.py."""
+
 from __future__ import annotations
 
 import json
@@ -22,6 +23,7 @@ def pytest_configure(config):
 
 def pytest_collection_modifyitems(config, items):
     import torch
+
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")
@@ -34,6 +36,7 @@ def pytest_collection_modifyitems(config, items):
 def embedded_model() -> Path:
     """The demo model as a HF checkpoint; converted from the packaged GGUF on first use."""
     from ftkit.models import resolve_model
+
     cfg = load_config(REPO / "configs" / "demo.yaml")
     path = Path(cfg.model.name_or_path)
     if not path.is_absolute():
@@ -61,4 +64,3 @@ def alpaca_file(tmp_path) -> Path:
     rows = [dict(r, instruction=f"{r['instruction']} (variant {k})") for k in range(4) for r in ALPACA_ROWS]
     p.write_text(json.dumps(rows))
     return p
-

@@ -1,5 +1,6 @@
 """What tests share besides fixtures: the repo path, the tiny random Llama builders, a tiny Alpaca table, the
 overrides that make the demo config a seconds-long run, and running a stage script as a user does."""
+
 from __future__ import annotations
 
 import os
@@ -15,18 +16,36 @@ if str(REPO) not in sys.path:
 def build_tiny_llama(out: Path, tokenizer_from: Path, seed: int, tied: bool, bf16: bool) -> Path:
     """A 2-layer random Llama saved with the SmolLM2 tokenizer (so chat templates work)."""
     from transformers import AutoTokenizer
-    return save_random_llama(out, AutoTokenizer.from_pretrained(tokenizer_from), seed, tied, bf16,
-                             hidden_size=64, intermediate_size=128, num_hidden_layers=2, max_position_embeddings=512)
+
+    return save_random_llama(
+        out,
+        AutoTokenizer.from_pretrained(tokenizer_from),
+        seed,
+        tied,
+        bf16,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        max_position_embeddings=512,
+    )
 
 
 def save_random_llama(out: Path, tok, seed: int, tied: bool, bf16: bool, **sizes) -> Path:
     """A random Llama of the given sizes (4 heads, 2 KV heads) for `tok`, saved with it in `out`."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
+
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=len(tok), num_attention_heads=4, num_key_value_heads=2,
-                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                      tie_word_embeddings=tied, **sizes)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        tie_word_embeddings=tied,
+        **sizes,
+    )
     model = LlamaForCausalLM(cfg)
     if bf16:
         model = model.to(torch.bfloat16)
@@ -44,21 +63,39 @@ def build_offline_llama(out: Path, seed: int = 0, tied: bool = False) -> Path:
     from transformers import PreTrainedTokenizerFast
 
     from ftkit.prompts import ALPACA_NO_INPUT, ALPACA_WITH_INPUT
+
     bos, eos, pad = "<|begin_of_text|>", "<|end_of_text|>", "<|pad|>"
     core = Tokenizer(models.BPE())
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     core.decoder = decoders.ByteLevel()
     corpus = [ALPACA_WITH_INPUT, ALPACA_NO_INPUT] * 20 + [" ".join(r.values()) for r in ALPACA_ROWS] * 5
-    core.train_from_iterator(corpus, trainers.BpeTrainer(
-        vocab_size=512, special_tokens=[bos, eos, pad], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False))
+    core.train_from_iterator(
+        corpus,
+        trainers.BpeTrainer(
+            vocab_size=512,
+            special_tokens=[bos, eos, pad],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        ),
+    )
     # The Alpaca prompt relies on the tokenizer to add BOS (add_special_tokens=True), as Llama's does.
-    core.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
-                                                        special_tokens=[(bos, core.token_to_id(bos))])
-    tok = PreTrainedTokenizerFast(tokenizer_object=core, bos_token=bos, eos_token=eos, pad_token=pad,
-                                  model_max_length=2048)
-    return save_random_llama(out, tok, seed, tied, bf16=True, hidden_size=256, intermediate_size=512,
-                             num_hidden_layers=4, max_position_embeddings=2048)
+    core.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, core.token_to_id(bos))]
+    )
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=core, bos_token=bos, eos_token=eos, pad_token=pad, model_max_length=2048
+    )
+    return save_random_llama(
+        out,
+        tok,
+        seed,
+        tied,
+        bf16=True,
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=4,
+        max_position_embeddings=2048,
+    )
 
 
 ALPACA_ROWS = [
@@ -75,17 +112,35 @@ ALPACA_ROWS = [
 
 def tiny_overrides(model: Path, data: Path, out: Path, **extra) -> list[str]:
     """Overrides that turn configs/demo.yaml into a seconds-long run on the tiny model."""
-    o = {"model.name_or_path": str(model), "model.gguf_source": "null", "data.path": str(data),
-         "data.eval_size": 4, "data.max_length": 128, "train.max_steps": 4, "train.save_steps": 2,
-         "train.eval_steps": 2, "train.logging_steps": 1, "train.per_device_train_batch_size": 4,
-         "train.learning_rate": 1e-3, "paths.output_dir": str(out), "paths.latest": str(out.parent / "latest"),
-         "inference.max_new_tokens": 8}
+    o = {
+        "model.name_or_path": str(model),
+        "model.gguf_source": "null",
+        "data.path": str(data),
+        "data.eval_size": 4,
+        "data.max_length": 128,
+        "train.max_steps": 4,
+        "train.save_steps": 2,
+        "train.eval_steps": 2,
+        "train.logging_steps": 1,
+        "train.per_device_train_batch_size": 4,
+        "train.learning_rate": 1e-3,
+        "paths.output_dir": str(out),
+        "paths.latest": str(out.parent / "latest"),
+        "inference.max_new_tokens": 8,
+    }
     o.update(extra)
     return [f"{k}={v}" for k, v in o.items()]
 
 
-def run_script(script: str, *args: str, cwd: Path | None = None, env: dict | None = None,
-               timeout: int = 600) -> subprocess.CompletedProcess:
+def run_script(
+    script: str, *args: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 600
+) -> subprocess.CompletedProcess:
     e = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", **(env or {}))
-    return subprocess.run([sys.executable, str(REPO / script), *args], cwd=cwd or REPO, env=e,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, str(REPO / script), *args],
+        cwd=cwd or REPO,
+        env=e,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )

@@ -7,6 +7,7 @@ a finished run that merge/inference read is byte-for-byte unchanged (no merged/,
 The cheap cases fail before torch or a model is loaded (config and data: well under a second each); the
 model, merge and inference cases load at most a config, a tokenizer or the tiny 3M-parameter model.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -20,7 +21,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-
 from helpers import ALPACA_ROWS, REPO, run_script, tiny_overrides
 
 ROWS = [dict(r, instruction=f"{r['instruction']} (variant {k})") for k in range(4) for r in ALPACA_ROWS]
@@ -28,21 +28,24 @@ GOOD_JSON = json.dumps(ROWS)
 GOOD_JSONL = "".join(json.dumps(r) + "\n" for r in ROWS)
 LONG = " ".join(["word"] * 400)
 # 9 levels of 9 references: ~4e8 leaves once expanded, a few hundred bytes as YAML.
-ALIAS_BOMB = "[&a [x, x, x, x, x, x, x, x, x], " + ", ".join(
-    f"&{n} [{', '.join([f'*{p}'] * 9)}]" for p, n in zip("abcdefgh", "bcdefghi")) + "]"
+ALIAS_BOMB = (
+    "[&a [x, x, x, x, x, x, x, x, x], "
+    + ", ".join(f"&{n} [{', '.join([f'*{p}'] * 9)}]" for p, n in zip("abcdefgh", "bcdefghi"))
+    + "]"
+)
 
 
 @dataclass
 class Case:
     id: str
     script: str
-    args: list[str]            # placeholders: {tmp} {model} {run} {bert} {pickle} {other} {same_name} {quant4}
-    keyword: str               # must appear in the one-line error
-    files: dict = field(default_factory=dict)   # name under {tmp} -> str or bytes
+    args: list[str]  # placeholders: {tmp} {model} {run} {bert} {pickle} {other} {same_name} {quant4}
+    keyword: str  # must appear in the one-line error
+    files: dict = field(default_factory=dict)  # name under {tmp} -> str or bytes
     env: dict = field(default_factory=dict)
-    unset: tuple = ()          # environment variables to remove
+    unset: tuple = ()  # environment variables to remove
     max_s: float | None = None  # wall-clock bound, for the cases that must fail fast
-    setup: str = ""            # a prepared folder under {tmp}: see prepare() below
+    setup: str = ""  # a prepared folder under {tmp}: see prepare() below
 
 
 def ft(*extra: str, data: str = "{tmp}/data.json") -> list[str]:
@@ -59,15 +62,42 @@ GOOD = {"data.json": GOOD_JSON}
 
 CASES = [
     # -- config ----------------------------------------------------------------------------------------
-    Case("config-invalid-yaml", "finetune.py", ["--config", "{tmp}/c.yaml"], "invalid YAML at line",
-         {"c.yaml": "train:\n  max_steps: [1,\n"}),
-    Case("config-not-utf8", "finetune.py", ["--config", "{tmp}/c.yaml"], "UTF-8", {"c.yaml": b"train:\n  seed: \xff\xfe\n"}),
-    Case("config-top-level-list", "finetune.py", ["--config", "{tmp}/c.yaml"], "mapping of sections", {"c.yaml": "- a\n- b\n"}),
-    Case("config-section-not-mapping", "finetune.py", ["--config", "{tmp}/c.yaml"], "must be a mapping",
-         {"c.yaml": "lora: 5\n"}),
+    Case(
+        "config-invalid-yaml",
+        "finetune.py",
+        ["--config", "{tmp}/c.yaml"],
+        "invalid YAML at line",
+        {"c.yaml": "train:\n  max_steps: [1,\n"},
+    ),
+    Case(
+        "config-not-utf8",
+        "finetune.py",
+        ["--config", "{tmp}/c.yaml"],
+        "UTF-8",
+        {"c.yaml": b"train:\n  seed: \xff\xfe\n"},
+    ),
+    Case(
+        "config-top-level-list",
+        "finetune.py",
+        ["--config", "{tmp}/c.yaml"],
+        "mapping of sections",
+        {"c.yaml": "- a\n- b\n"},
+    ),
+    Case(
+        "config-section-not-mapping",
+        "finetune.py",
+        ["--config", "{tmp}/c.yaml"],
+        "must be a mapping",
+        {"c.yaml": "lora: 5\n"},
+    ),
     Case("config-missing-file", "finetune.py", ["--config", "{tmp}/nope.yaml"], "not found"),
-    Case("config-unknown-section", "finetune.py", ["--config", "{tmp}/c.yaml"], "unknown config section 'trian'",
-         {"c.yaml": "trian:\n  max_steps: 3\n"}),
+    Case(
+        "config-unknown-section",
+        "finetune.py",
+        ["--config", "{tmp}/c.yaml"],
+        "unknown config section 'trian'",
+        {"c.yaml": "trian:\n  max_steps: 3\n"},
+    ),
     Case("config-unknown-key", "finetune.py", ft("lora.rank=8"), "did you mean 'lora.r'", GOOD),
     Case("config-key-in-wrong-section", "finetune.py", ft("train.r=8"), "lora.r", GOOD),
     Case("config-wrong-type", "finetune.py", ft("lora.r=abc"), "lora.r", GOOD),
@@ -78,238 +108,664 @@ CASES = [
     Case("config-max-length-tiny", "finetune.py", ft("data.max_length=8"), "data.max_length", GOOD),
     Case("config-override-not-key-value", "finetune.py", ft("max_steps"), "KEY=VALUE", GOOD),
     Case("config-4bit-and-8bit", "finetune.py", ft("quant.load_in_8bit=true"), "load_in_8bit", GOOD),
-    Case("config-early-stopping-without-eval", "finetune.py",
-         ft("train.eval_steps=null", "train.early_stopping_patience=2"), "eval_steps", GOOD),
+    Case(
+        "config-early-stopping-without-eval",
+        "finetune.py",
+        ft("train.eval_steps=null", "train.early_stopping_patience=2"),
+        "eval_steps",
+        GOOD,
+    ),
     Case("config-overwrite-and-resume", "finetune.py", ft("--overwrite", "--resume"), "contradict", GOOD),
     Case("config-resume-without-run", "finetune.py", ft("--resume"), "no run to resume", GOOD),
     Case("config-eval-size-too-big", "finetune.py", ft("data.eval_size=1000"), "data.eval_size", GOOD),
-    Case("config-output-dir-is-a-file", "finetune.py", ft("paths.output_dir={tmp}/afile"), "is a file",
-         {**GOOD, "afile": "x"}),
-    Case("config-output-dir-under-a-file", "finetune.py", ft("paths.output_dir={tmp}/afile/run"), "is a file",
-         {**GOOD, "afile": "x"}),
-    Case("config-fsdp-storage-mismatch", "finetune.py", ft(), "quant.bnb_4bit_quant_storage", GOOD,
-         env={"ACCELERATE_USE_FSDP": "true"}),
-    Case("config-fsdp-on-cpu", "finetune.py",
-         ft("quant.bnb_4bit_quant_storage=bfloat16", "train.optim=adamw_torch"), "FSDP needs CUDA", GOOD,
-         env={"ACCELERATE_USE_FSDP": "true"}),
-    Case("config-max-length-below-prompt-fail", "finetune.py",
-         ft("data.max_length=16", "data.too_long=fail"), "prompt alone exceeds data.max_length", GOOD),
+    Case(
+        "config-output-dir-is-a-file",
+        "finetune.py",
+        ft("paths.output_dir={tmp}/afile"),
+        "is a file",
+        {**GOOD, "afile": "x"},
+    ),
+    Case(
+        "config-output-dir-under-a-file",
+        "finetune.py",
+        ft("paths.output_dir={tmp}/afile/run"),
+        "is a file",
+        {**GOOD, "afile": "x"},
+    ),
+    Case(
+        "config-fsdp-storage-mismatch",
+        "finetune.py",
+        ft(),
+        "quant.bnb_4bit_quant_storage",
+        GOOD,
+        env={"ACCELERATE_USE_FSDP": "true"},
+    ),
+    Case(
+        "config-fsdp-on-cpu",
+        "finetune.py",
+        ft("quant.bnb_4bit_quant_storage=bfloat16", "train.optim=adamw_torch"),
+        "FSDP needs CUDA",
+        GOOD,
+        env={"ACCELERATE_USE_FSDP": "true"},
+    ),
+    Case(
+        "config-max-length-below-prompt-fail",
+        "finetune.py",
+        ft("data.max_length=16", "data.too_long=fail"),
+        "prompt alone exceeds data.max_length",
+        GOOD,
+    ),
     Case("config-max-length-below-prompt-drop", "finetune.py", ft("data.max_length=16"), "no training rows left", GOOD),
-    Case("disk-too-small-for-checkpoints", "finetune.py",
-         ft("train.max_steps=100000000", "train.save_steps=2", "train.save_total_limit=null"), "not enough disk space",
-         GOOD),
+    Case(
+        "disk-too-small-for-checkpoints",
+        "finetune.py",
+        ft("train.max_steps=100000000", "train.save_steps=2", "train.save_total_limit=null"),
+        "not enough disk space",
+        GOOD,
+    ),
     # -- data ------------------------------------------------------------------------------------------
-    Case("data-malformed-json", "finetune.py", ft(), "line 3",
-         {"data.json": '[\n {"instruction": "a", "output": "b"},\n {"instruction": "c" "output": "d"}\n]'}),
-    Case("data-malformed-jsonl", "finetune.py", ft(data="{tmp}/d.jsonl"), "line 3",
-         {"d.jsonl": GOOD_JSONL.split("\n", 2)[0] + "\n" + GOOD_JSONL.split("\n", 2)[1] + "\n{broken\n"}),
-    Case("data-malformed-csv", "finetune.py", ft(data="{tmp}/d.csv"), "line 3",
-         {"d.csv": "instruction,input,output\nAdd,2 and 3,5\nName a color,,red,extra,cells\n"}),
-    Case("data-csv-missing-column", "finetune.py", ft(data="{tmp}/d.csv"), "'output'",
-         {"d.csv": "instruction,input\nAdd,2 and 3\n"}),
-    Case("data-latin1-encoding", "finetune.py", ft(), "UTF-8",
-         {"data.json": json.dumps([{"instruction": "caf\u00e9", "output": "x"}], ensure_ascii=False).encode("latin-1")}),
+    Case(
+        "data-malformed-json",
+        "finetune.py",
+        ft(),
+        "line 3",
+        {"data.json": '[\n {"instruction": "a", "output": "b"},\n {"instruction": "c" "output": "d"}\n]'},
+    ),
+    Case(
+        "data-malformed-jsonl",
+        "finetune.py",
+        ft(data="{tmp}/d.jsonl"),
+        "line 3",
+        {"d.jsonl": GOOD_JSONL.split("\n", 2)[0] + "\n" + GOOD_JSONL.split("\n", 2)[1] + "\n{broken\n"},
+    ),
+    Case(
+        "data-malformed-csv",
+        "finetune.py",
+        ft(data="{tmp}/d.csv"),
+        "line 3",
+        {"d.csv": "instruction,input,output\nAdd,2 and 3,5\nName a color,,red,extra,cells\n"},
+    ),
+    Case(
+        "data-csv-missing-column",
+        "finetune.py",
+        ft(data="{tmp}/d.csv"),
+        "'output'",
+        {"d.csv": "instruction,input\nAdd,2 and 3\n"},
+    ),
+    Case(
+        "data-latin1-encoding",
+        "finetune.py",
+        ft(),
+        "UTF-8",
+        {"data.json": json.dumps([{"instruction": "caf\u00e9", "output": "x"}], ensure_ascii=False).encode("latin-1")},
+    ),
     Case("data-utf16-encoding", "finetune.py", ft(), "UTF-8", {"data.json": GOOD_JSON.encode("utf-16")}),
-    Case("data-missing-field", "finetune.py", ft(), "no 'output' field",
-         {"data.json": json.dumps([{"instruction": "a", "response": "b"}])}),
-    Case("data-non-string-field", "finetune.py", ft(), "'output' is int",
-         {"data.json": json.dumps([{"instruction": "a", "output": 5}])}),
+    Case(
+        "data-missing-field",
+        "finetune.py",
+        ft(),
+        "no 'output' field",
+        {"data.json": json.dumps([{"instruction": "a", "response": "b"}])},
+    ),
+    Case(
+        "data-non-string-field",
+        "finetune.py",
+        ft(),
+        "'output' is int",
+        {"data.json": json.dumps([{"instruction": "a", "output": 5}])},
+    ),
     Case("data-row-not-object", "finetune.py", ft(), "not an object", {"data.json": json.dumps(["just text"])}),
     Case("data-not-a-list", "finetune.py", ft(), "expected a JSON list", {"data.json": "42"}),
-    Case("data-empty-instruction", "finetune.py", ft(), "empty instruction",
-         {"data.json": json.dumps(ROWS + [{"instruction": "  ", "output": "b"}])}),
-    Case("data-empty-output-fail", "finetune.py", ft("data.empty_output=fail"), "empty output",
-         {"data.json": json.dumps(ROWS + [{"instruction": "a", "output": ""}])}),
-    Case("data-all-outputs-empty", "finetune.py", ft(), "no usable rows",
-         {"data.json": json.dumps([{"instruction": f"q{i}", "output": ""} for i in range(5)])}),
-    Case("data-only-duplicates", "finetune.py", ft(), "duplicate",
-         {"data.json": json.dumps([ROWS[0]] * 20)}),
-    Case("data-too-long-fail", "finetune.py", ft("data.too_long=fail"), "longer than data.max_length",
-         {"data.json": json.dumps(ROWS + [{"instruction": "Repeat.", "output": LONG}])}),
+    Case(
+        "data-empty-instruction",
+        "finetune.py",
+        ft(),
+        "empty instruction",
+        {"data.json": json.dumps(ROWS + [{"instruction": "  ", "output": "b"}])},
+    ),
+    Case(
+        "data-empty-output-fail",
+        "finetune.py",
+        ft("data.empty_output=fail"),
+        "empty output",
+        {"data.json": json.dumps(ROWS + [{"instruction": "a", "output": ""}])},
+    ),
+    Case(
+        "data-all-outputs-empty",
+        "finetune.py",
+        ft(),
+        "no usable rows",
+        {"data.json": json.dumps([{"instruction": f"q{i}", "output": ""} for i in range(5)])},
+    ),
+    Case("data-only-duplicates", "finetune.py", ft(), "duplicate", {"data.json": json.dumps([ROWS[0]] * 20)}),
+    Case(
+        "data-too-long-fail",
+        "finetune.py",
+        ft("data.too_long=fail"),
+        "longer than data.max_length",
+        {"data.json": json.dumps(ROWS + [{"instruction": "Repeat.", "output": LONG}])},
+    ),
     Case("data-empty-file", "finetune.py", ft(), "empty", {"data.json": ""}),
     Case("data-missing-file", "finetune.py", ft(data="{tmp}/nope.json"), "not found"),
     Case("data-unsupported-extension", "finetune.py", ft(data="{tmp}/d.txt"), "unsupported extension", {"d.txt": "hi"}),
-    Case("data-dataset-stage-malformed", "dataset.py", ft(data="{tmp}/d.jsonl"), "line 2",
-         {"d.jsonl": GOOD_JSONL.split("\n", 1)[0] + "\nnot json\n"}),
+    Case(
+        "data-dataset-stage-malformed",
+        "dataset.py",
+        ft(data="{tmp}/d.jsonl"),
+        "line 2",
+        {"d.jsonl": GOOD_JSONL.split("\n", 1)[0] + "\nnot json\n"},
+    ),
     # -- model -----------------------------------------------------------------------------------------
     Case("model-missing-path", "finetune.py", ft("model.name_or_path={tmp}/no-model"), "does not exist", GOOD),
-    Case("model-folder-without-config", "finetune.py", ft("model.name_or_path={tmp}/empty-model"), "no config.json",
-         {**GOOD, "empty-model/README.md": "nothing here"}),
-    Case("model-hub-unreachable", "finetune.py", ft("model.name_or_path=meta-llama/Meta-Llama-3-8B"), "unreachable",
-         GOOD, env={"HF_ENDPOINT": "http://127.0.0.1:9", "HF_HOME": "{tmp}/hf"}, unset=("HF_HUB_OFFLINE",), max_s=30),
-    Case("model-hub-offline-not-cached", "finetune.py", ft("model.name_or_path=meta-llama/Meta-Llama-3-8B"),
-         "HF_HUB_OFFLINE", GOOD, env={"HF_HOME": "{tmp}/hf"}, max_s=30),
+    Case(
+        "model-folder-without-config",
+        "finetune.py",
+        ft("model.name_or_path={tmp}/empty-model"),
+        "no config.json",
+        {**GOOD, "empty-model/README.md": "nothing here"},
+    ),
+    Case(
+        "model-hub-unreachable",
+        "finetune.py",
+        ft("model.name_or_path=meta-llama/Meta-Llama-3-8B"),
+        "unreachable",
+        GOOD,
+        env={"HF_ENDPOINT": "http://127.0.0.1:9", "HF_HOME": "{tmp}/hf"},
+        unset=("HF_HUB_OFFLINE",),
+        max_s=30,
+    ),
+    Case(
+        "model-hub-offline-not-cached",
+        "finetune.py",
+        ft("model.name_or_path=meta-llama/Meta-Llama-3-8B"),
+        "HF_HUB_OFFLINE",
+        GOOD,
+        env={"HF_HOME": "{tmp}/hf"},
+        max_s=30,
+    ),
     Case("model-not-causal-lm", "finetune.py", ft("model.name_or_path={bert}"), "not a causal language model", GOOD),
     Case("model-pickle-only", "finetune.py", ft("model.name_or_path={pickle}"), "pickle", GOOD),
-    Case("model-unknown-target-modules", "finetune.py", ft("lora.target_modules=[q_proj,query_key_value]"),
-         "query_key_value", GOOD),
-    Case("model-gguf-package-missing", "finetune.py",
-         ft("model.name_or_path={tmp}/conv", "model.gguf_source=no_such_pkg/model.gguf"), "not installed", GOOD),
+    Case(
+        "model-unknown-target-modules",
+        "finetune.py",
+        ft("lora.target_modules=[q_proj,query_key_value]"),
+        "query_key_value",
+        GOOD,
+    ),
+    Case(
+        "model-gguf-package-missing",
+        "finetune.py",
+        ft("model.name_or_path={tmp}/conv", "model.gguf_source=no_such_pkg/model.gguf"),
+        "not installed",
+        GOOD,
+    ),
     # -- merge -----------------------------------------------------------------------------------------
-    Case("merge-adapter-from-another-base", "merge_adapter.py",
-         ["--config", "{run}/config.yaml", "model.name_or_path={other}"], "trained on"),
-    Case("merge-adapter-shape-mismatch", "merge_adapter.py",
-         ["--config", "{run}/config.yaml", "model.name_or_path={same_name}"], "does not fit"),
-    Case("merge-missing-adapter-files", "merge_adapter.py", ["--config", "{run}/config.yaml", "{hide_adapter}"],
-         "not a complete adapter"),
+    Case(
+        "merge-adapter-from-another-base",
+        "merge_adapter.py",
+        ["--config", "{run}/config.yaml", "model.name_or_path={other}"],
+        "trained on",
+    ),
+    Case(
+        "merge-adapter-shape-mismatch",
+        "merge_adapter.py",
+        ["--config", "{run}/config.yaml", "model.name_or_path={same_name}"],
+        "does not fit",
+    ),
+    Case(
+        "merge-missing-adapter-files",
+        "merge_adapter.py",
+        ["--config", "{run}/config.yaml", "{hide_adapter}"],
+        "not a complete adapter",
+    ),
     Case("merge-dtype-4bit", "merge_adapter.py", ["--config", "{run}/config.yaml", "merge.dtype=nf4"], "4-bit"),
-    Case("merge-into-prequantized-base", "merge_adapter.py",
-         ["--config", "{run}/config.yaml", "model.name_or_path={quant4}"], "bitsandbytes checkpoint"),
-    Case("merge-check-fails-writes-nothing", "merge_adapter.py",
-         ["--config", "{run}/config.yaml", "merge.max_logit_diff=1e-30", "merge.compute_dtype=bfloat16"],
-         "nothing was written"),
+    Case(
+        "merge-into-prequantized-base",
+        "merge_adapter.py",
+        ["--config", "{run}/config.yaml", "model.name_or_path={quant4}"],
+        "bitsandbytes checkpoint",
+    ),
+    Case(
+        "merge-check-fails-writes-nothing",
+        "merge_adapter.py",
+        ["--config", "{run}/config.yaml", "merge.max_logit_diff=1e-30", "merge.compute_dtype=bfloat16"],
+        "nothing was written",
+    ),
     Case("merge-no-recent-run", "merge_adapter.py", [], "no recent run"),
     # -- inference -------------------------------------------------------------------------------------
     Case("infer-empty-prompt", "inference.py", ["--config", "{run}/config.yaml", "--adapter", "--prompt", ""], "empty"),
-    Case("infer-blank-prompt", "inference.py", ["--config", "{run}/config.yaml", "--adapter", "--prompt", "  \n "],
-         "empty"),
-    Case("infer-prompt-longer-than-context", "inference.py",
-         ["--config", "{run}/config.yaml", "--adapter", "--prompt", LONG + " " + LONG], "context"),
-    Case("infer-temperature-zero", "inference.py",
-         ["--config", "{run}/config.yaml", "--prompt", "hi", "inference.temperature=0"], "inference.temperature"),
-    Case("infer-top-p-above-one", "inference.py",
-         ["--config", "{run}/config.yaml", "--prompt", "hi", "inference.top_p=1.5"], "inference.top_p"),
-    Case("infer-top-k-negative", "inference.py",
-         ["--config", "{run}/config.yaml", "--prompt", "hi", "inference.top_k=-1"], "inference.top_k"),
-    Case("infer-max-new-tokens-zero", "inference.py",
-         ["--config", "{run}/config.yaml", "--prompt", "hi", "inference.max_new_tokens=0"], "inference.max_new_tokens"),
+    Case(
+        "infer-blank-prompt",
+        "inference.py",
+        ["--config", "{run}/config.yaml", "--adapter", "--prompt", "  \n "],
+        "empty",
+    ),
+    Case(
+        "infer-prompt-longer-than-context",
+        "inference.py",
+        ["--config", "{run}/config.yaml", "--adapter", "--prompt", LONG + " " + LONG],
+        "context",
+    ),
+    Case(
+        "infer-temperature-zero",
+        "inference.py",
+        ["--config", "{run}/config.yaml", "--prompt", "hi", "inference.temperature=0"],
+        "inference.temperature",
+    ),
+    Case(
+        "infer-top-p-above-one",
+        "inference.py",
+        ["--config", "{run}/config.yaml", "--prompt", "hi", "inference.top_p=1.5"],
+        "inference.top_p",
+    ),
+    Case(
+        "infer-top-k-negative",
+        "inference.py",
+        ["--config", "{run}/config.yaml", "--prompt", "hi", "inference.top_k=-1"],
+        "inference.top_k",
+    ),
+    Case(
+        "infer-max-new-tokens-zero",
+        "inference.py",
+        ["--config", "{run}/config.yaml", "--prompt", "hi", "inference.max_new_tokens=0"],
+        "inference.max_new_tokens",
+    ),
     Case("infer-no-prompt", "inference.py", ["--config", "{run}/config.yaml"], "--prompt"),
-    Case("infer-merged-missing", "inference.py", ["--config", "{run}/config.yaml", "--merged", "--prompt", "hi"],
-         "no merged model"),
-
+    Case(
+        "infer-merged-missing",
+        "inference.py",
+        ["--config", "{run}/config.yaml", "--merged", "--prompt", "hi"],
+        "no merged model",
+    ),
     # -- issue 13: library-checked options, non-finite numbers, paths, YAML -----------------------------
-    Case("config-optim-typo", "finetune.py", ft("train.optim=adamw_troch"), "did you mean 'adamw_torch'", GOOD, max_s=60),
+    Case(
+        "config-optim-typo", "finetune.py", ft("train.optim=adamw_troch"), "did you mean 'adamw_torch'", GOOD, max_s=60
+    ),
     Case("config-scheduler-typo", "finetune.py", ft("train.lr_scheduler_type=cosin"), "train.lr_scheduler_type", GOOD),
     Case("config-report-to-unknown", "finetune.py", ft("train.report_to=wandbb"), "train.report_to", GOOD),
     Case("config-report-to-not-installed", "finetune.py", ft("train.report_to=wandb"), "'wandb' package", GOOD),
     Case("config-report-to-none-and-more", "finetune.py", ft("train.report_to=none,tensorboard"), "use it alone", GOOD),
-    Case("config-flash-attn-not-installed", "finetune.py", ft("model.attn_implementation=flash_attention_2"),
-         "flash_attn", GOOD),
+    Case(
+        "config-flash-attn-not-installed",
+        "finetune.py",
+        ft("model.attn_implementation=flash_attention_2"),
+        "flash_attn",
+        GOOD,
+    ),
     Case("config-lr-inf", "finetune.py", ft("train.learning_rate=.inf"), "train.learning_rate", GOOD),
     Case("config-lr-nan", "finetune.py", ft("train.learning_rate=.nan"), "train.learning_rate", GOOD),
-    Case("config-epochs-inf", "finetune.py", ft("train.max_steps=-1", "train.num_train_epochs=.inf"),
-         "train.num_train_epochs", GOOD),
+    Case(
+        "config-epochs-inf",
+        "finetune.py",
+        ft("train.max_steps=-1", "train.num_train_epochs=.inf"),
+        "train.num_train_epochs",
+        GOOD,
+    ),
     Case("config-grad-norm-inf", "finetune.py", ft("train.max_grad_norm=.inf"), "train.max_grad_norm", GOOD),
     Case("config-lora-alpha-nan", "finetune.py", ft("lora.lora_alpha=.nan"), "lora.lora_alpha", GOOD),
     Case("config-max-steps-zero", "finetune.py", ft("train.max_steps=0"), "train.max_steps=0", GOOD),
-    Case("config-duplicate-key", "finetune.py", ["--config", "{tmp}/c.yaml"], "duplicate key 'learning_rate'",
-         {"c.yaml": "train:\n  learning_rate: 1e-4\n  max_steps: 3\n  learning_rate: 1e-2\n"}),
-    Case("config-alias-bomb", "finetune.py", ["--config", "{tmp}/c.yaml"], "train.optim",
-         {"c.yaml": "train:\n  optim: " + ALIAS_BOMB + "\n"}, max_s=60),
+    Case(
+        "config-duplicate-key",
+        "finetune.py",
+        ["--config", "{tmp}/c.yaml"],
+        "duplicate key 'learning_rate'",
+        {"c.yaml": "train:\n  learning_rate: 1e-4\n  max_steps: 3\n  learning_rate: 1e-2\n"},
+    ),
+    Case(
+        "config-alias-bomb",
+        "finetune.py",
+        ["--config", "{tmp}/c.yaml"],
+        "train.optim",
+        {"c.yaml": "train:\n  optim: " + ALIAS_BOMB + "\n"},
+        max_s=60,
+    ),
     Case("config-output-dir-name-too-long", "finetune.py", ft("paths.output_dir={tmp}/" + "r" * 300), "bytes", GOOD),
     Case("config-is-a-folder", "finetune.py", ["--config", "{tmp}"], "is a folder"),
-    Case("config-override-duplicate-key", "finetune.py", ft("lora.target_modules={{a: 1, a: 2}}"), "duplicate key", GOOD),
+    Case(
+        "config-override-duplicate-key", "finetune.py", ft("lora.target_modules={{a: 1, a: 2}}"), "duplicate key", GOOD
+    ),
     # -- issue 13: what --overwrite and a new run may replace -----------------------------------------
-    Case("overwrite-data-folder", "finetune.py", ft("paths.output_dir={tmp}/mydata", "--overwrite"),
-         "does not hold a run", {**GOOD, "mydata/alpaca.json": GOOD_JSON, "mydata/make_data.py": "print(1)\n"}),
+    Case(
+        "overwrite-data-folder",
+        "finetune.py",
+        ft("paths.output_dir={tmp}/mydata", "--overwrite"),
+        "does not hold a run",
+        {**GOOD, "mydata/alpaca.json": GOOD_JSON, "mydata/make_data.py": "print(1)\n"},
+    ),
     Case("overwrite-dot", "finetune.py", ft("paths.output_dir=.", "--overwrite"), "working directory", GOOD),
-    Case("overwrite-parent-of-cwd", "finetune.py", ft("paths.output_dir=..", "--overwrite"),
-         "holds the working directory", GOOD),
+    Case(
+        "overwrite-parent-of-cwd",
+        "finetune.py",
+        ft("paths.output_dir=..", "--overwrite"),
+        "holds the working directory",
+        GOOD,
+    ),
     Case("overwrite-repository-root", "finetune.py", ft(f"paths.output_dir={REPO}", "--overwrite"), "repository", GOOD),
     Case("overwrite-run-holding-user-files", "finetune.py", ft("--overwrite"), "notes.txt", GOOD, setup="run-notes"),
-    Case("new-run-into-user-folder", "finetune.py", ft("paths.output_dir={tmp}/mydata"), "already holds",
-         {**GOOD, "mydata/alpaca.json": GOOD_JSON}),
+    Case(
+        "new-run-into-user-folder",
+        "finetune.py",
+        ft("paths.output_dir={tmp}/mydata"),
+        "already holds",
+        {**GOOD, "mydata/alpaca.json": GOOD_JSON},
+    ),
     Case("new-run-into-dot", "finetune.py", ft("paths.output_dir={tmp}"), "already holds", GOOD),
-    Case("new-run-into-tilde-home", "finetune.py", ft("paths.output_dir=~"), "already holds",
-         {**GOOD, "home/.bashrc": "export A=1\n"}, env={"HOME": "{tmp}/home"}),
-    Case("overwrite-tilde-home", "finetune.py", ft("paths.output_dir=~/", "--overwrite"), "home folder",
-         {**GOOD, "home/.bashrc": "export A=1\n"}, env={"HOME": "{tmp}/home"}),
-    Case("config-latest-is-user-file", "finetune.py", ft("paths.latest={tmp}/notes.txt"), "not a pointer",
-         {**GOOD, "notes.txt": "line one\nline two\n"}),
+    Case(
+        "new-run-into-tilde-home",
+        "finetune.py",
+        ft("paths.output_dir=~"),
+        "already holds",
+        {**GOOD, "home/.bashrc": "export A=1\n"},
+        env={"HOME": "{tmp}/home"},
+    ),
+    Case(
+        "overwrite-tilde-home",
+        "finetune.py",
+        ft("paths.output_dir=~/", "--overwrite"),
+        "home folder",
+        {**GOOD, "home/.bashrc": "export A=1\n"},
+        env={"HOME": "{tmp}/home"},
+    ),
+    Case(
+        "config-latest-is-user-file",
+        "finetune.py",
+        ft("paths.latest={tmp}/notes.txt"),
+        "not a pointer",
+        {**GOOD, "notes.txt": "line one\nline two\n"},
+    ),
     Case("config-latest-is-a-folder", "finetune.py", ft("paths.latest={tmp}/d"), "is a folder", {**GOOD, "d/x": "x"}),
-    Case("dataset-stage-report-is-users", "dataset.py", ft("paths.output_dir={tmp}/mine"), "not written by dataset.py",
-         {**GOOD, "mine/dataset_report.json": '{"mine": true}'}),
+    Case(
+        "dataset-stage-report-is-users",
+        "dataset.py",
+        ft("paths.output_dir={tmp}/mine"),
+        "not written by dataset.py",
+        {**GOOD, "mine/dataset_report.json": '{"mine": true}'},
+    ),
     # -- issue 13: --resume checks before anything is written -----------------------------------------
     Case("resume-changed-lora-r", "finetune.py", ft("lora.r=4", "--resume"), "lora.r (saved", GOOD, setup="run"),
-    Case("resume-changed-targets", "finetune.py", ft("lora.target_modules=[q_proj]", "--resume"),
-         "lora.target_modules", GOOD, setup="run"),
-    Case("resume-changed-template", "finetune.py", ft("data.prompt_template=alpaca", "--resume"),
-         "data.prompt_template", GOOD, setup="run"),
-    Case("resume-changed-data", "finetune.py", ft("--resume"), "changed since the run started",
-         {"data.json": json.dumps(ROWS[::-1])}, setup="run"),
-    Case("resume-changed-model", "finetune.py", ft("model.name_or_path={other}", "--resume"), "model.name_or_path",
-         GOOD, setup="run"),
-    Case("resume-finished-run", "finetune.py", ft("train.max_steps=2", "--resume"), "already reached", GOOD,
-         setup="run"),
-    Case("resume-auto-finished-run", "finetune.py", ft("train.max_steps=2", "train.resume=auto"), "already reached",
-         GOOD, setup="run"),
+    Case(
+        "resume-changed-targets",
+        "finetune.py",
+        ft("lora.target_modules=[q_proj]", "--resume"),
+        "lora.target_modules",
+        GOOD,
+        setup="run",
+    ),
+    Case(
+        "resume-changed-template",
+        "finetune.py",
+        ft("data.prompt_template=alpaca", "--resume"),
+        "data.prompt_template",
+        GOOD,
+        setup="run",
+    ),
+    Case(
+        "resume-changed-data",
+        "finetune.py",
+        ft("--resume"),
+        "changed since the run started",
+        {"data.json": json.dumps(ROWS[::-1])},
+        setup="run",
+    ),
+    Case(
+        "resume-changed-model",
+        "finetune.py",
+        ft("model.name_or_path={other}", "--resume"),
+        "model.name_or_path",
+        GOOD,
+        setup="run",
+    ),
+    Case(
+        "resume-finished-run", "finetune.py", ft("train.max_steps=2", "--resume"), "already reached", GOOD, setup="run"
+    ),
+    Case(
+        "resume-auto-finished-run",
+        "finetune.py",
+        ft("train.max_steps=2", "train.resume=auto"),
+        "already reached",
+        GOOD,
+        setup="run",
+    ),
     # -- issue 13: data ------------------------------------------------------------------------------
-    Case("data-null-instruction", "finetune.py", ft(), "'instruction' is null",
-         {"data.json": json.dumps(ROWS + [{"instruction": None, "output": "b"}])}),
-    Case("data-null-output", "finetune.py", ft(), "'output' is null",
-         {"data.json": json.dumps(ROWS + [{"instruction": "a", "output": None}])}),
-    Case("data-jsonl-error-names-the-line", "finetune.py", ft(data="{tmp}/d.jsonl"), "line 5 has no 'output'",
-         {"d.jsonl": GOOD_JSONL.split("\n", 1)[0] + "\n\n\n" + GOOD_JSONL.split("\n", 2)[1] + '\n{"instruction": "x"}\n'}),
-    Case("data-jsonl-several-bad-lines", "finetune.py", ft(data="{tmp}/d.jsonl"), "line 3 is not valid JSON",
-         {"d.jsonl": GOOD_JSONL.split("\n", 1)[0] + "\n\n{bad\n{worse\n"}),
+    Case(
+        "data-null-instruction",
+        "finetune.py",
+        ft(),
+        "'instruction' is null",
+        {"data.json": json.dumps(ROWS + [{"instruction": None, "output": "b"}])},
+    ),
+    Case(
+        "data-null-output",
+        "finetune.py",
+        ft(),
+        "'output' is null",
+        {"data.json": json.dumps(ROWS + [{"instruction": "a", "output": None}])},
+    ),
+    Case(
+        "data-jsonl-error-names-the-line",
+        "finetune.py",
+        ft(data="{tmp}/d.jsonl"),
+        "line 5 has no 'output'",
+        {
+            "d.jsonl": GOOD_JSONL.split("\n", 1)[0]
+            + "\n\n\n"
+            + GOOD_JSONL.split("\n", 2)[1]
+            + '\n{"instruction": "x"}\n'
+        },
+    ),
+    Case(
+        "data-jsonl-several-bad-lines",
+        "finetune.py",
+        ft(data="{tmp}/d.jsonl"),
+        "line 3 is not valid JSON",
+        {"d.jsonl": GOOD_JSONL.split("\n", 1)[0] + "\n\n{bad\n{worse\n"},
+    ),
     Case("data-path-is-a-folder", "finetune.py", ft(data="{tmp}/d.json"), "is a folder", {"d.json/x.json": GOOD_JSON}),
-    Case("data-csv-error-names-the-line", "finetune.py", ft(data="{tmp}/d.csv"), "line 3",
-         {"d.csv": "instruction,input,output\nAdd,2 and 3,5\n ,,x\n"}),
+    Case(
+        "data-csv-error-names-the-line",
+        "finetune.py",
+        ft(data="{tmp}/d.csv"),
+        "line 3",
+        {"d.csv": "instruction,input,output\nAdd,2 and 3,5\n ,,x\n"},
+    ),
     Case("dataset-stage-into-finished-run", "dataset.py", ft("paths.output_dir={run}"), "holds a training run", GOOD),
-    Case("dataset-stage-null-output", "dataset.py", ft(), "'output' is null",
-         {"data.json": json.dumps([{"instruction": "a", "output": None}])}),
-    Case("dataset-stage-output-dir-user-folder-remote", "dataset.py",
-         ft("paths.output_dir={run}", "model.trust_remote_code=true"), "holds a training run", GOOD),
+    Case(
+        "dataset-stage-null-output",
+        "dataset.py",
+        ft(),
+        "'output' is null",
+        {"data.json": json.dumps([{"instruction": "a", "output": None}])},
+    ),
+    Case(
+        "dataset-stage-output-dir-user-folder-remote",
+        "dataset.py",
+        ft("paths.output_dir={run}", "model.trust_remote_code=true"),
+        "holds a training run",
+        GOOD,
+    ),
     # -- issue 13: models ----------------------------------------------------------------------------
-    Case("model-corrupt-safetensors", "finetune.py", ft("model.name_or_path={tmp}/model"), "cut off", GOOD,
-         setup="corrupt-model"),
-    Case("model-safetensors-header-garbage", "finetune.py", ft("model.name_or_path={tmp}/model"), "model.safetensors",
-         GOOD, setup="garbage-model"),
+    Case(
+        "model-corrupt-safetensors",
+        "finetune.py",
+        ft("model.name_or_path={tmp}/model"),
+        "cut off",
+        GOOD,
+        setup="corrupt-model",
+    ),
+    Case(
+        "model-safetensors-header-garbage",
+        "finetune.py",
+        ft("model.name_or_path={tmp}/model"),
+        "model.safetensors",
+        GOOD,
+        setup="garbage-model",
+    ),
     # -- issue 13: merge -----------------------------------------------------------------------------
-    Case("merge-adapter-config-cut-off", "merge_adapter.py", ["--config", "{tmp}/run/config.yaml"], "cut off",
-         setup="run-cut-adapter-config"),
-    Case("merge-adapter-weights-cut-off", "merge_adapter.py", ["--config", "{tmp}/run/config.yaml"], "cut off",
-         setup="run-cut-adapter-weights"),
-    Case("merge-nan-adapter", "merge_adapter.py", ["--config", "{tmp}/run/config.yaml"], "non-finite",
-         setup="run-nan-adapter"),
+    Case(
+        "merge-adapter-config-cut-off",
+        "merge_adapter.py",
+        ["--config", "{tmp}/run/config.yaml"],
+        "cut off",
+        setup="run-cut-adapter-config",
+    ),
+    Case(
+        "merge-adapter-weights-cut-off",
+        "merge_adapter.py",
+        ["--config", "{tmp}/run/config.yaml"],
+        "cut off",
+        setup="run-cut-adapter-weights",
+    ),
+    Case(
+        "merge-nan-adapter",
+        "merge_adapter.py",
+        ["--config", "{tmp}/run/config.yaml"],
+        "non-finite",
+        setup="run-nan-adapter",
+    ),
     Case("merge-config-is-a-folder", "merge_adapter.py", ["--config", "{tmp}"], "is a folder"),
-    Case("merge-while-run-is-locked", "merge_adapter.py", ["--config", "{tmp}/run/config.yaml"], "in use by another",
-         setup="run-locked"),
+    Case(
+        "merge-while-run-is-locked",
+        "merge_adapter.py",
+        ["--config", "{tmp}/run/config.yaml"],
+        "in use by another",
+        setup="run-locked",
+    ),
     # -- issue 13: inference -------------------------------------------------------------------------
-    Case("infer-output-file-is-user-data", "inference.py",
-         ["--config", "{run}/config.yaml", "--input-file", "{tmp}/p.jsonl", "--output-file", "{tmp}/mydata.json"],
-         "not an answer file", {"p.jsonl": '{"instruction": "hi"}\n', "mydata.json": GOOD_JSON}),
-    Case("infer-output-file-is-user-jsonl", "inference.py",
-         ["--config", "{run}/config.yaml", "--input-file", "{tmp}/p.jsonl", "--output-file", "{tmp}/mine.jsonl"],
-         "not an answer file", {"p.jsonl": '{"instruction": "hi"}\n', "mine.jsonl": GOOD_JSONL + '{"instr'}),
-    Case("infer-nan-merged-model", "inference.py", ["--config", "{tmp}/run/config.yaml", "--merged", "--prompt", "hi"],
-         "non-finite", setup="run-nan-merged"),
-    Case("infer-nan-adapter", "inference.py", ["--config", "{tmp}/run/config.yaml", "--adapter", "--prompt", "hi"],
-         "non-finite", setup="run-nan-adapter"),
-    Case("infer-input-file-is-a-folder", "inference.py", ["--config", "{run}/config.yaml", "--input-file", "{tmp}/d"],
-         "is a folder", {"d/x.jsonl": "{}\n"}),
-    Case("infer-input-file-not-utf8", "inference.py", ["--config", "{run}/config.yaml", "--input-file", "{tmp}/p.jsonl"],
-         "UTF-8", {"p.jsonl": b'{"instruction": "caf\xe9"}\n'}),
-    Case("infer-input-file-malformed", "inference.py", ["--config", "{run}/config.yaml", "--input-file", "{tmp}/p.jsonl"],
-         "line 2 is not valid JSON", {"p.jsonl": '{"instruction": "hi"}\n{oops\n'}),
-    Case("infer-empty-prompt-merged", "inference.py", ["--config", "{run}/config.yaml", "--merged", "--prompt", ""],
-         "empty"),
+    Case(
+        "infer-output-file-is-user-data",
+        "inference.py",
+        ["--config", "{run}/config.yaml", "--input-file", "{tmp}/p.jsonl", "--output-file", "{tmp}/mydata.json"],
+        "not an answer file",
+        {"p.jsonl": '{"instruction": "hi"}\n', "mydata.json": GOOD_JSON},
+    ),
+    Case(
+        "infer-output-file-is-user-jsonl",
+        "inference.py",
+        ["--config", "{run}/config.yaml", "--input-file", "{tmp}/p.jsonl", "--output-file", "{tmp}/mine.jsonl"],
+        "not an answer file",
+        {"p.jsonl": '{"instruction": "hi"}\n', "mine.jsonl": GOOD_JSONL + '{"instr'},
+    ),
+    Case(
+        "infer-nan-merged-model",
+        "inference.py",
+        ["--config", "{tmp}/run/config.yaml", "--merged", "--prompt", "hi"],
+        "non-finite",
+        setup="run-nan-merged",
+    ),
+    Case(
+        "infer-nan-adapter",
+        "inference.py",
+        ["--config", "{tmp}/run/config.yaml", "--adapter", "--prompt", "hi"],
+        "non-finite",
+        setup="run-nan-adapter",
+    ),
+    Case(
+        "infer-input-file-is-a-folder",
+        "inference.py",
+        ["--config", "{run}/config.yaml", "--input-file", "{tmp}/d"],
+        "is a folder",
+        {"d/x.jsonl": "{}\n"},
+    ),
+    Case(
+        "infer-input-file-not-utf8",
+        "inference.py",
+        ["--config", "{run}/config.yaml", "--input-file", "{tmp}/p.jsonl"],
+        "UTF-8",
+        {"p.jsonl": b'{"instruction": "caf\xe9"}\n'},
+    ),
+    Case(
+        "infer-input-file-malformed",
+        "inference.py",
+        ["--config", "{run}/config.yaml", "--input-file", "{tmp}/p.jsonl"],
+        "line 2 is not valid JSON",
+        {"p.jsonl": '{"instruction": "hi"}\n{oops\n'},
+    ),
+    Case(
+        "infer-empty-prompt-merged",
+        "inference.py",
+        ["--config", "{run}/config.yaml", "--merged", "--prompt", ""],
+        "empty",
+    ),
     Case("infer-empty-prompt-default", "inference.py", ["--config", "{run}/config.yaml", "--prompt", ""], "empty"),
     # -- issue 13: evaluate --------------------------------------------------------------------------
-    Case("eval-rows-not-utf8", "evaluate.py", ["--config", "{run}/config.yaml", "--rows", "{tmp}/r.jsonl"], "UTF-8",
-         {"r.jsonl": b'{"instruction": "caf\xe9", "output": "x"}\n'}),
-    Case("eval-rows-is-a-folder", "evaluate.py", ["--config", "{run}/config.yaml", "--rows", "{tmp}/r"], "is a folder",
-         {"r/x.jsonl": "{}\n"}),
-    Case("eval-rows-malformed", "evaluate.py", ["--config", "{run}/config.yaml", "--rows", "{tmp}/r.jsonl"],
-         "line 2 is not valid JSON", {"r.jsonl": '{"instruction": "a", "output": "b"}\n{no\n'}),
-    Case("eval-rows-null-output", "evaluate.py", ["--config", "{run}/config.yaml", "--rows", "{tmp}/r.jsonl"],
-         "no reference answer", {"r.jsonl": '{"instruction": "a", "output": null}\n'}),
+    Case(
+        "eval-rows-not-utf8",
+        "evaluate.py",
+        ["--config", "{run}/config.yaml", "--rows", "{tmp}/r.jsonl"],
+        "UTF-8",
+        {"r.jsonl": b'{"instruction": "caf\xe9", "output": "x"}\n'},
+    ),
+    Case(
+        "eval-rows-is-a-folder",
+        "evaluate.py",
+        ["--config", "{run}/config.yaml", "--rows", "{tmp}/r"],
+        "is a folder",
+        {"r/x.jsonl": "{}\n"},
+    ),
+    Case(
+        "eval-rows-malformed",
+        "evaluate.py",
+        ["--config", "{run}/config.yaml", "--rows", "{tmp}/r.jsonl"],
+        "line 2 is not valid JSON",
+        {"r.jsonl": '{"instruction": "a", "output": "b"}\n{no\n'},
+    ),
+    Case(
+        "eval-rows-null-output",
+        "evaluate.py",
+        ["--config", "{run}/config.yaml", "--rows", "{tmp}/r.jsonl"],
+        "no reference answer",
+        {"r.jsonl": '{"instruction": "a", "output": null}\n'},
+    ),
     # -- issue 13: export ----------------------------------------------------------------------------
-    Case("export-outfile-is-user-file", "export_gguf.py", ["--model", "{model}", "--outfile", "{tmp}/mine.gguf"],
-         "not a GGUF file", {"mine.gguf": "my notes\n"}),
-    Case("export-modelfile-is-users", "export_gguf.py", ["--model", "{model}", "--outfile", "{tmp}/out/m.gguf"],
-         "Modelfile", {"out/Modelfile": "FROM llama3\n"}),
-    Case("export-outfile-is-a-folder", "export_gguf.py", ["--model", "{model}", "--outfile", "{tmp}/o.gguf"],
-         "is a folder", {"o.gguf/x": "x"}),
-    Case("export-corrupt-weights", "export_gguf.py", ["--model", "{tmp}/model", "--outfile", "{tmp}/m.gguf"],
-         "corrupt", setup="garbage-model"),
+    Case(
+        "export-outfile-is-user-file",
+        "export_gguf.py",
+        ["--model", "{model}", "--outfile", "{tmp}/mine.gguf"],
+        "not a GGUF file",
+        {"mine.gguf": "my notes\n"},
+    ),
+    Case(
+        "export-modelfile-is-users",
+        "export_gguf.py",
+        ["--model", "{model}", "--outfile", "{tmp}/out/m.gguf"],
+        "Modelfile",
+        {"out/Modelfile": "FROM llama3\n"},
+    ),
+    Case(
+        "export-outfile-is-a-folder",
+        "export_gguf.py",
+        ["--model", "{model}", "--outfile", "{tmp}/o.gguf"],
+        "is a folder",
+        {"o.gguf/x": "x"},
+    ),
+    Case(
+        "export-corrupt-weights",
+        "export_gguf.py",
+        ["--model", "{tmp}/model", "--outfile", "{tmp}/m.gguf"],
+        "corrupt",
+        setup="garbage-model",
+    ),
     Case("export-config-is-a-folder", "export_gguf.py", ["--config", "{tmp}"], "is a folder"),
     # -- issue 13: quantization_utils ----------------------------------------------------------------
-    Case("quant-list-modules-missing-model", "quantization_utils.py",
-         ["--config", str(REPO / "configs" / "demo.yaml"), "model.name_or_path={tmp}/nope", "model.gguf_source=null",
-          "--list-modules"], "does not exist"),
-    Case("quant-config-duplicate-key", "quantization_utils.py", ["--config", "{tmp}/c.yaml"], "duplicate key",
-         {"c.yaml": "quant:\n  load_in_4bit: true\n  load_in_4bit: false\n"}),
+    Case(
+        "quant-list-modules-missing-model",
+        "quantization_utils.py",
+        [
+            "--config",
+            str(REPO / "configs" / "demo.yaml"),
+            "model.name_or_path={tmp}/nope",
+            "model.gguf_source=null",
+            "--list-modules",
+        ],
+        "does not exist",
+    ),
+    Case(
+        "quant-config-duplicate-key",
+        "quantization_utils.py",
+        ["--config", "{tmp}/c.yaml"],
+        "duplicate key",
+        {"c.yaml": "quant:\n  load_in_4bit: true\n  load_in_4bit: false\n"},
+    ),
 ]
 
 
@@ -318,10 +774,12 @@ CASES = [
 def models(tmp_path_factory, tiny_llama) -> dict[str, Path]:
     import torch
     from transformers import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM
+
     root = tmp_path_factory.mktemp("models")
     bert = root / "tiny-bert"
-    BertModel(BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                         intermediate_size=37)).save_pretrained(bert)
+    BertModel(
+        BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=37)
+    ).save_pretrained(bert)
     pickle = root / "pickle-only"
     pickle.mkdir()
     shutil.copy(tiny_llama / "config.json", pickle / "config.json")
@@ -340,8 +798,14 @@ def models(tmp_path_factory, tiny_llama) -> dict[str, Path]:
     c = json.loads((quant4 / "config.json").read_text())
     c["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "nf4"}
     (quant4 / "config.json").write_text(json.dumps(c))
-    return {"model": tiny_llama, "bert": bert, "pickle": pickle, "other": other, "same_name": same_name,
-            "quant4": quant4}
+    return {
+        "model": tiny_llama,
+        "bert": bert,
+        "pickle": pickle,
+        "other": other,
+        "same_name": same_name,
+        "quant4": quant4,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -350,8 +814,17 @@ def trained_run(tmp_path_factory, tiny_llama) -> Path:
     data = root / "data.json"
     data.write_text(GOOD_JSON)
     run = root / "run"
-    r = run_script("finetune.py", "--config", "configs/demo.yaml",
-                   *tiny_overrides(tiny_llama, data, run, **{"train.max_steps": 2, "train.eval_steps": "null", "train.load_best_model_at_end": "false"}))
+    r = run_script(
+        "finetune.py",
+        "--config",
+        "configs/demo.yaml",
+        *tiny_overrides(
+            tiny_llama,
+            data,
+            run,
+            **{"train.max_steps": 2, "train.eval_steps": "null", "train.load_best_model_at_end": "false"},
+        ),
+    )
     assert r.returncode == 0, r.stderr
     return run
 
@@ -380,17 +853,23 @@ def copy_run(trained_run: Path, dest: Path) -> Path:
 def nan_weights(path: Path) -> None:
     import torch
     from safetensors.torch import load_file, save_file
+
     t = load_file(str(path))
-    save_file({k: torch.full_like(v, float("nan")) if v.is_floating_point() else v for k, v in t.items()}, str(path),
-              metadata={"format": "pt"})
+    save_file(
+        {k: torch.full_like(v, float("nan")) if v.is_floating_point() else v for k, v in t.items()},
+        str(path),
+        metadata={"format": "pt"},
+    )
 
 
-LOCK_HOLDER = ("import fcntl, os, sys, time\n"
-               "fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)\n"
-               "fcntl.flock(fd, fcntl.LOCK_EX)\n"
-               "os.ftruncate(fd, 0); os.write(fd, f'{os.getpid()} test\\n'.encode())\n"
-               "print('locked', flush=True)\n"
-               "time.sleep(600)\n")
+LOCK_HOLDER = (
+    "import fcntl, os, sys, time\n"
+    "fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)\n"
+    "fcntl.flock(fd, fcntl.LOCK_EX)\n"
+    "os.ftruncate(fd, 0); os.write(fd, f'{os.getpid()} test\\n'.encode())\n"
+    "print('locked', flush=True)\n"
+    "time.sleep(600)\n"
+)
 
 
 def prepare(setup: str, tmp: Path, trained_run: Path, models: dict) -> list:
@@ -412,8 +891,9 @@ def prepare(setup: str, tmp: Path, trained_run: Path, models: dict) -> list:
             shutil.copytree(models["model"], run / "merged")
             nan_weights(run / "merged" / "model.safetensors")
         elif setup == "run-locked":
-            pr = subprocess.Popen([sys.executable, "-c", LOCK_HOLDER, str(run / ".lock")], stdout=subprocess.PIPE,
-                                  text=True)
+            pr = subprocess.Popen(
+                [sys.executable, "-c", LOCK_HOLDER, str(run / ".lock")], stdout=subprocess.PIPE, text=True
+            )
             assert pr.stdout.readline().strip() == "locked"
             procs.append(pr)
     elif setup in ("corrupt-model", "garbage-model"):
@@ -444,14 +924,21 @@ def test_bad_input(case: Case, tmp_path, models, trained_run):
     cwd.mkdir()
     # The user's files and any prepared run: byte for byte the same afterwards, and nothing new beside them.
     before_tmp = snapshot(tmp_path, skip=("hf",))
-    env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1",
-               **{k: v.format(**subst) for k, v in case.env.items()})
+    env = dict(
+        os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", **{k: v.format(**subst) for k, v in case.env.items()}
+    )
     for k in case.unset:
         env.pop(k, None)
     t0 = time.time()
     try:
-        r = subprocess.run([sys.executable, str(REPO / case.script), *args], cwd=cwd, env=env, capture_output=True,
-                           text=True, timeout=300)
+        r = subprocess.run(
+            [sys.executable, str(REPO / case.script), *args],
+            cwd=cwd,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
     finally:
         for pr in procs:
             pr.kill()
@@ -477,20 +964,34 @@ def test_bad_input(case: Case, tmp_path, models, trained_run):
 def test_at_least_a_hundred_cases_across_every_stage():
     assert len(CASES) >= 100
     stages = {c.script for c in CASES}
-    assert stages == {"finetune.py", "dataset.py", "merge_adapter.py", "inference.py", "evaluate.py",
-                      "export_gguf.py", "quantization_utils.py"}
+    assert stages == {
+        "finetune.py",
+        "dataset.py",
+        "merge_adapter.py",
+        "inference.py",
+        "evaluate.py",
+        "export_gguf.py",
+        "quantization_utils.py",
+    }
 
 
 @pytest.mark.parametrize("too_long, kept_long", [("drop", 0), ("truncate", 1)])
 def test_rows_bad_only_in_part_follow_the_policy_and_are_counted(tmp_path, tiny_llama, too_long, kept_long):
     """Too long / empty output / duplicate rows: dropped (or truncated) by policy, never silently."""
-    rows = ROWS + [{"instruction": "Repeat.", "input": "", "output": LONG},
-                   {"instruction": "Say nothing.", "input": "", "output": "   "}, ROWS[0]]
+    rows = ROWS + [
+        {"instruction": "Repeat.", "input": "", "output": LONG},
+        {"instruction": "Say nothing.", "input": "", "output": "   "},
+        ROWS[0],
+    ]
     data = tmp_path / "d.json"
     data.write_text(json.dumps(rows))
     out = tmp_path / "run"
-    r = run_script("dataset.py", "--config", "configs/demo.yaml",
-                   *tiny_overrides(tiny_llama, data, out, **{"data.too_long": too_long, "data.eval_size": 0}))
+    r = run_script(
+        "dataset.py",
+        "--config",
+        "configs/demo.yaml",
+        *tiny_overrides(tiny_llama, data, out, **{"data.too_long": too_long, "data.eval_size": 0}),
+    )
     assert r.returncode == 0, r.stderr
     rep = json.loads((out / "dataset_report.json").read_text())
     assert rep["rows_in_file"] == len(rows) and rep["empty_output"] == 1 and rep["duplicates"] == 1

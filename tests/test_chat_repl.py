@@ -2,6 +2,7 @@
 pressing Ctrl+C mid-answer, and using /save, /system, /reset and /quit. The embedded SmolLM2 demo model
 answers (real text; slow enough on CPU to be interrupted). Skipped when tmux is not installed
 (`make install` installs it)."""
+
 from __future__ import annotations
 
 import json
@@ -15,7 +16,6 @@ import uuid
 from pathlib import Path
 
 import pytest
-
 from helpers import REPO
 from test_inference import make_run
 
@@ -27,8 +27,19 @@ class Terminal:
 
     def __init__(self, command: str, cwd: Path):
         self.sock = f"ftkit-test-{uuid.uuid4().hex[:8]}"
-        self.tmux("new-session", "-d", "-s", "t", "-x", "200", "-y", "60", "-c", str(cwd),
-                  f"{command}; echo EXITED rc=$?; sleep 600")
+        self.tmux(
+            "new-session",
+            "-d",
+            "-s",
+            "t",
+            "-x",
+            "200",
+            "-y",
+            "60",
+            "-c",
+            str(cwd),
+            f"{command}; echo EXITED rc=$?; sleep 600",
+        )
 
     def tmux(self, *args: str) -> str:
         return subprocess.run(["tmux", "-L", self.sock, *args], capture_output=True, text=True, check=True).stdout

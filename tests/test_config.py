@@ -1,10 +1,11 @@
 """The config: every shipped YAML loads, overrides apply, and mistakes name the key and the fix."""
+
 from pathlib import Path
 
 import pytest
 
-from ftkit.config import VALID_KEYS, load_config
 from ftkit.cli import UserError
+from ftkit.config import VALID_KEYS, load_config
 
 REPO = Path(__file__).resolve().parent.parent
 SHIPPED = sorted(p for p in (REPO / "configs").glob("*.yaml"))
@@ -29,24 +30,33 @@ def test_llama3_config_is_a_real_qlora_recipe():
 
 
 def test_overrides_are_typed_and_applied():
-    cfg = load_config(REPO / "configs" / "demo.yaml",
-                      ["train.max_steps=10", "train.learning_rate=1e-4", "lora.target_modules=[q_proj,v_proj]",
-                       "data.system_prompt=null"])
+    cfg = load_config(
+        REPO / "configs" / "demo.yaml",
+        [
+            "train.max_steps=10",
+            "train.learning_rate=1e-4",
+            "lora.target_modules=[q_proj,v_proj]",
+            "data.system_prompt=null",
+        ],
+    )
     assert cfg.train.max_steps == 10 and cfg.train.learning_rate == 1e-4
     assert cfg.lora.target_modules == ["q_proj", "v_proj"] and cfg.data.system_prompt is None
 
 
-@pytest.mark.parametrize("override, words", [
-    ("train.learning_rat=1e-4", ["train.learning_rat", "train.learning_rate"]),
-    ("lora.rank=8", ["lora.rank", "lora.r"]),
-    ("trian.max_steps=3", ["trian", "train"]),
-    ("train.r=8", ["train.r", "lora.r"]),
-    ("lora.r=abc", ["lora.r", "abc"]),
-    ("lora.r=0", ["lora.r", "greater than or equal to 1"]),
-    ("train.learning_rate=-1", ["train.learning_rate"]),
-    ("quant.load_in_8bit=true", ["load_in_4bit", "load_in_8bit"]),
-    ("max_steps=3", ["section.key"]),
-])
+@pytest.mark.parametrize(
+    "override, words",
+    [
+        ("train.learning_rat=1e-4", ["train.learning_rat", "train.learning_rate"]),
+        ("lora.rank=8", ["lora.rank", "lora.r"]),
+        ("trian.max_steps=3", ["trian", "train"]),
+        ("train.r=8", ["train.r", "lora.r"]),
+        ("lora.r=abc", ["lora.r", "abc"]),
+        ("lora.r=0", ["lora.r", "greater than or equal to 1"]),
+        ("train.learning_rate=-1", ["train.learning_rate"]),
+        ("quant.load_in_8bit=true", ["load_in_4bit", "load_in_8bit"]),
+        ("max_steps=3", ["section.key"]),
+    ],
+)
 def test_bad_override_names_key(override, words):
     with pytest.raises(UserError) as e:
         load_config(REPO / "configs" / "demo.yaml", [override])
@@ -76,10 +86,12 @@ def test_missing_config_file():
 
 
 def test_keys_match_library_arguments():
+    import inspect
+
     from peft import LoraConfig
     from transformers import BitsAndBytesConfig
     from trl import SFTConfig
-    import inspect
+
     lora = set(inspect.signature(LoraConfig).parameters)
     bnb = set(inspect.signature(BitsAndBytesConfig).parameters)
     sft = set(inspect.signature(SFTConfig).parameters)
@@ -89,6 +101,15 @@ def test_keys_match_library_arguments():
             assert leaf in lora, k
         if sec == "quant":
             assert leaf in bnb, k
-    for leaf in ("learning_rate", "max_steps", "save_steps", "seed", "per_device_train_batch_size",
-                 "gradient_accumulation_steps", "optim", "warmup_steps", "eval_steps"):
+    for leaf in (
+        "learning_rate",
+        "max_steps",
+        "save_steps",
+        "seed",
+        "per_device_train_batch_size",
+        "gradient_accumulation_steps",
+        "optim",
+        "warmup_steps",
+        "eval_steps",
+    ):
         assert leaf in sft

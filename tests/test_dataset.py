@@ -1,17 +1,19 @@
 """Prompt rendering and label masking on fixtures: what the model is trained on, token by token."""
+
 import json
 
 import pytest
 
-from ftkit.data import clean_records, encode_rows, load_records, split_records
-from ftkit.config import DataCfg
 from ftkit.cli import UserError
+from ftkit.config import DataCfg
+from ftkit.data import clean_records, encode_rows, load_records, split_records
 from ftkit.prompts import ALPACA_NO_INPUT, ALPACA_WITH_INPUT, IGNORE_INDEX, PromptTemplate
 
 
 @pytest.fixture(scope="module")
 def tok(embedded_model):
     from transformers import AutoTokenizer
+
     return AutoTokenizer.from_pretrained(embedded_model)
 
 
@@ -34,7 +36,7 @@ def test_labels_mask_prompt_and_train_answer_plus_eos(tok, kind):
     assert ids[: len(prompt)] == prompt
     assert all(lbl == IGNORE_INDEX for lbl in labels[: len(prompt)])
     trained = [i for i, lbl in zip(ids, labels) if lbl != IGNORE_INDEX]
-    assert trained == ids[len(prompt):]
+    assert trained == ids[len(prompt) :]
     # The answer, then the token that ends it: what teaches the model to stop.
     assert tok.decode(trained, skip_special_tokens=True).strip() == "cba"
     assert trained[-1] in t.stop_token_ids and tok.eos_token_id in t.stop_token_ids
@@ -43,9 +45,11 @@ def test_labels_mask_prompt_and_train_answer_plus_eos(tok, kind):
 def test_chat_template_is_the_tokenizers_own(tok):
     t = PromptTemplate.from_config("chat", tok, system_prompt="Be brief.")
     text = t.render_prompt(tok, "Hi")
-    assert text == tok.apply_chat_template([{"role": "system", "content": "Be brief."},
-                                            {"role": "user", "content": "Hi"}], tokenize=False,
-                                           add_generation_prompt=True)
+    assert text == tok.apply_chat_template(
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
+        tokenize=False,
+        add_generation_prompt=True,
+    )
     assert t.chat_template == tok.chat_template
 
 
@@ -72,20 +76,27 @@ def test_too_long_policies(tok):
 
 
 def test_clean_counts_empty_and_duplicates():
-    rows = [{"instruction": "a", "output": "1"}, {"instruction": "a", "output": "1"},
-            {"instruction": "b", "output": " "}, {"instruction": "c", "input": None, "output": "3"}]
+    rows = [
+        {"instruction": "a", "output": "1"},
+        {"instruction": "a", "output": "1"},
+        {"instruction": "b", "output": " "},
+        {"instruction": "c", "input": None, "output": "3"},
+    ]
     out, st = clean_records(rows, DataCfg(), "f")
     assert [r["instruction"] for r in out] == ["a", "c"] and st.duplicates == 1 and st.empty_output == 1
     with pytest.raises(UserError, match="row 3 has an empty output"):
         clean_records(rows, DataCfg(empty_output="fail"), "f")
 
 
-@pytest.mark.parametrize("rows, match", [
-    ([{"input": "x", "output": "y"}], "row 1 has no 'instruction'"),
-    ([{"instruction": "x"}], "row 1 has no 'output'"),
-    ([{"instruction": "x", "output": 3}], "field 'output' is int"),
-    ([], "no rows"),
-])
+@pytest.mark.parametrize(
+    "rows, match",
+    [
+        ([{"input": "x", "output": "y"}], "row 1 has no 'instruction'"),
+        ([{"instruction": "x"}], "row 1 has no 'output'"),
+        ([{"instruction": "x", "output": 3}], "field 'output' is int"),
+        ([], "no rows"),
+    ],
+)
 def test_clean_rejects_bad_rows(rows, match):
     with pytest.raises(UserError, match=match):
         clean_records(rows, DataCfg(), "f")
@@ -111,6 +122,7 @@ def test_local_formats_load_the_same_rows(tmp_path, suffix):
         p.write_text("".join(json.dumps(r) + "\n" for r in rows))
     elif suffix == ".csv":
         import csv
+
         with open(p, "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=["instruction", "input", "output"])
             w.writeheader()
@@ -118,6 +130,7 @@ def test_local_formats_load_the_same_rows(tmp_path, suffix):
     else:
         import pyarrow as pa
         import pyarrow.parquet as pq
+
         pq.write_table(pa.Table.from_pylist(rows), p)
     got, digest = load_records(DataCfg(path=str(p)))
     assert got == rows and len(digest) == 64
@@ -132,6 +145,7 @@ def test_malformed_jsonl_names_the_line(tmp_path):
 
 def test_dataset_report_cli(tmp_path, alpaca_file, tiny_llama):
     from helpers import run_script, tiny_overrides
+
     out = tmp_path / "run"
     r = run_script("dataset.py", "--config", "configs/demo.yaml", *tiny_overrides(tiny_llama, alpaca_file, out))
     assert r.returncode == 0, r.stderr

@@ -3,6 +3,7 @@
 The checks below re-derive answers from the row text with their own parsing and tables, so a bug in a
 generator function cannot also hide itself in the test.
 """
+
 from __future__ import annotations
 
 import datetime as dt
@@ -56,11 +57,13 @@ def test_shipped_file_is_the_default_output(tmp_path):
     # Run the real CLI in a fresh interpreter: also catches anything that depends on hash seeds or the
     # working directory.
     out = tmp_path / "tasks.jsonl"
-    res = subprocess.run([sys.executable, str(SCRIPT), "--out", str(out)], capture_output=True, text=True,
-                         cwd=tmp_path, timeout=60)
+    res = subprocess.run(
+        [sys.executable, str(SCRIPT), "--out", str(out)], capture_output=True, text=True, cwd=tmp_path, timeout=60
+    )
     assert res.returncode == 0, res.stderr
-    assert out.read_bytes() == SHIPPED.read_bytes(), \
+    assert out.read_bytes() == SHIPPED.read_bytes(), (
         "data/demo_tasks.jsonl is stale; run: python data/generate_demo_data.py"
+    )
     for family in gd.FAMILIES:
         assert family in res.stdout
     assert not list(tmp_path.glob(".*.tmp")), "temporary file left behind"
@@ -138,13 +141,21 @@ def test_arithmetic(rows):
 
 
 def test_unit_conversion(rows):
-    factor = {("kilometer", "meters"): 1000, ("meter", "centimeters"): 100,
-              ("centimeter", "millimeters"): 10, ("kilogram", "grams"): 1000, ("liter", "milliliters"): 1000,
-              ("dollar", "cents"): 100, ("decade", "years"): 10, ("centur", "years"): 100}
+    factor = {
+        ("kilometer", "meters"): 1000,
+        ("meter", "centimeters"): 100,
+        ("centimeter", "millimeters"): 10,
+        ("kilogram", "grams"): 1000,
+        ("liter", "milliliters"): 1000,
+        ("dollar", "cents"): 100,
+        ("decade", "years"): 10,
+        ("centur", "years"): 100,
+    }
     for r in by_family(rows, "unit_conversion"):
         m = re.search(r"(\d+) (kilometer|centimeter|meter|kilogram|liter|dollar|decade|centur)\w*", r["instruction"])
-        to = re.search(r"\b(meters|centimeters|millimeters|grams|milliliters|cents|years)\b",
-                       r["instruction"].replace(m[0], ""))
+        to = re.search(
+            r"\b(meters|centimeters|millimeters|grams|milliliters|cents|years)\b", r["instruction"].replace(m[0], "")
+        )
         assert m and to, r
         assert r["output"] == str(int(m[1]) * factor[(m[2], to[1])]), r
 
@@ -211,17 +222,31 @@ def test_every_family_is_checked_above():
 
 
 # -- scoring helper ----------------------------------------------------------------------------------
-@pytest.mark.parametrize("pred, gold", [
-    ("42", "42"), (" 42. ", "42"), ("Paris.", "paris"), ("New   Delhi", "new delhi"),
-    ("2024-03-15\n", "2024-03-15"), ("Tuesday.", "tuesday"), ("A.B.", "a.b"),
-])
+@pytest.mark.parametrize(
+    "pred, gold",
+    [
+        ("42", "42"),
+        (" 42. ", "42"),
+        ("Paris.", "paris"),
+        ("New   Delhi", "new delhi"),
+        ("2024-03-15\n", "2024-03-15"),
+        ("Tuesday.", "tuesday"),
+        ("A.B.", "a.b"),
+    ],
+)
 def test_normalize_answer_matches(pred, gold):
     assert gd.normalize_answer(pred) == gd.normalize_answer(gold)
 
 
-@pytest.mark.parametrize("pred, gold", [
-    ("The answer is 42.", "42"), ("4 2", "42"), ("42,", "42"), ("7, 19", "7,19"),
-])
+@pytest.mark.parametrize(
+    "pred, gold",
+    [
+        ("The answer is 42.", "42"),
+        ("4 2", "42"),
+        ("42,", "42"),
+        ("7, 19", "7,19"),
+    ],
+)
 def test_normalize_answer_keeps_differences(pred, gold):
     assert gd.normalize_answer(pred) != gd.normalize_answer(gold)
 

@@ -19,6 +19,7 @@ relative on the losses (30x margin). In bf16 the same comparison would need ~1e-
 4-bit bitsandbytes works under gloo DDP on the CPU (the frozen uint8 weights are broadcast like any
 parameter and requantized identically), so the proof runs the real QLoRA path.
 """
+
 import json
 import os
 import re
@@ -30,21 +31,37 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import ALPACA_ROWS, REPO, run_script, tiny_overrides
 from safetensors.torch import load_file
 
-from helpers import ALPACA_ROWS, REPO, run_script, tiny_overrides
-
 STEPS = 4
-FP32 = {"train.bf16": "false", "quant.bnb_4bit_compute_dtype": "float32", "model.dtype": "float32",
-        "lora.lora_dropout": 0.0, "train.max_steps": STEPS, "train.save_steps": 2, "train.eval_steps": "null", "train.load_best_model_at_end": "false",
-        "train.warmup_steps": 0}
+FP32 = {
+    "train.bf16": "false",
+    "quant.bnb_4bit_compute_dtype": "float32",
+    "model.dtype": "float32",
+    "lora.lora_dropout": 0.0,
+    "train.max_steps": STEPS,
+    "train.save_steps": 2,
+    "train.eval_steps": "null",
+    "train.load_best_model_at_end": "false",
+    "train.warmup_steps": 0,
+}
 
 
 def launch(config: str, args, nproc: int, env=None) -> tuple[list[str], dict]:
     """The `accelerate launch ... finetune.py` command line and its environment."""
     e = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", **(env or {}))
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / config),
-           "--num_processes", str(nproc), str(REPO / "finetune.py"), *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(REPO / config),
+        "--num_processes",
+        str(nproc),
+        str(REPO / "finetune.py"),
+        *args,
+    ]
     return cmd, e
 
 
@@ -110,8 +127,10 @@ def logged_steps(run: Path) -> int:
 
 
 def first_batches(stderr: str) -> dict[int, list[str]]:
-    return {int(m.group(1)): m.group(2).split(",")
-            for m in re.finditer(r"rank (\d+) of \d+: first batch rows ([0-9a-f,]+)", stderr)}
+    return {
+        int(m.group(1)): m.group(2).split(",")
+        for m in re.finditer(r"rank (\d+) of \d+: first batch rows ([0-9a-f,]+)", stderr)
+    }
 
 
 def losses(run: Path) -> dict[int, float]:
@@ -124,16 +143,21 @@ def losses(run: Path) -> dict[int, float]:
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     p = tmp_path_factory.mktemp("data") / "rows.json"
-    p.write_text(json.dumps([dict(r, instruction=f"{r['instruction']} (variant {k})")
-                             for k in range(4) for r in ALPACA_ROWS]))
+    p.write_text(
+        json.dumps([dict(r, instruction=f"{r['instruction']} (variant {k})") for k in range(4) for r in ALPACA_ROWS])
+    )
     return p
 
 
 @pytest.fixture(scope="module")
 def single(tmp_path_factory, tiny_llama, data):
     run = tmp_path_factory.mktemp("single") / "run"
-    r = run_script("finetune.py", "--config", "configs/demo.yaml",
-                   *tiny_overrides(tiny_llama, data, run, **FP32, **{"train.per_device_train_batch_size": 4}))
+    r = run_script(
+        "finetune.py",
+        "--config",
+        "configs/demo.yaml",
+        *tiny_overrides(tiny_llama, data, run, **FP32, **{"train.per_device_train_batch_size": 4}),
+    )
     assert r.returncode == 0, r.stderr
     return run, r.stderr
 
@@ -141,8 +165,11 @@ def single(tmp_path_factory, tiny_llama, data):
 @pytest.fixture(scope="module")
 def ddp(tmp_path_factory, tiny_llama, data):
     run = tmp_path_factory.mktemp("ddp") / "run"
-    args = ["--config", str(REPO / "configs" / "demo.yaml"),
-            *tiny_overrides(tiny_llama, data, run, **FP32, **{"train.per_device_train_batch_size": 2})]
+    args = [
+        "--config",
+        str(REPO / "configs" / "demo.yaml"),
+        *tiny_overrides(tiny_llama, data, run, **FP32, **{"train.per_device_train_batch_size": 2}),
+    ]
     r = accelerate("configs/accelerate/ddp.yaml", *args)
     assert r.returncode == 0, r.stderr[-4000:]
     return run, r.stderr, args
@@ -169,7 +196,10 @@ def test_two_processes_split_the_batch_and_match_one_process(single, ddp):
     # One adapter, written once (rank 0), a normal PEFT folder, equal to the one-process adapter.
     assert sorted(p.name for p in run2.parent.iterdir()) == ["latest", "run"]
     assert not [p for p in run2.rglob("*") if ".tmp-" in p.name or p.name.startswith(".adapter")]
-    a, b = load_file(run1 / "adapter" / "adapter_model.safetensors"), load_file(run2 / "adapter" / "adapter_model.safetensors")
+    a, b = (
+        load_file(run1 / "adapter" / "adapter_model.safetensors"),
+        load_file(run2 / "adapter" / "adapter_model.safetensors"),
+    )
     assert a.keys() == b.keys()
     diffs = {k: (a[k] - b[k]).abs().max().item() for k in a}
     assert max(diffs.values()) < 1e-4, diffs
@@ -201,8 +231,9 @@ def test_merge_and_inference_take_the_ddp_adapter(ddp):
 def test_several_gpus_without_a_launcher_is_refused(tmp_path, tiny_llama, data):
     """Can't be run for real without GPUs; check the decision itself."""
     from ftkit import checkpoints, distributed, train  # noqa: F401
-    from ftkit.config import load_config
     from ftkit.cli import UserError
+    from ftkit.config import load_config
+
     cfg = load_config(REPO / "configs" / "demo.yaml", tiny_overrides(tiny_llama, data, tmp_path / "r"))
     orig = torch.cuda.device_count
     torch.cuda.device_count = lambda: 4
@@ -222,9 +253,19 @@ def test_ctrl_c_under_accelerate_launch_saves_and_resumes(tmp_path, tiny_llama, 
     exit before the launcher's shutdown timeout (TORCH_ELASTIC_SHUTDOWN_TIMEOUT, 30 s) would SIGKILL them. The
     launcher itself then exits 1 with torchrun's SignalException, not 130: a non-zero code, so chains stop."""
     run = tmp_path / "run"
-    args = ["--config", str(REPO / "configs" / "demo.yaml"),
-            *tiny_overrides(tiny_llama, data, run, **dict(FP32, **{
-                "train.max_steps": CTRL_C_STEPS, "train.save_steps": 100, "train.per_device_train_batch_size": 2}))]
+    args = [
+        "--config",
+        str(REPO / "configs" / "demo.yaml"),
+        *tiny_overrides(
+            tiny_llama,
+            data,
+            run,
+            **dict(
+                FP32,
+                **{"train.max_steps": CTRL_C_STEPS, "train.save_steps": 100, "train.per_device_train_batch_size": 2},
+            ),
+        ),
+    ]
     log = tmp_path / "interrupted.log"
     proc = start_accelerate("configs/accelerate/ddp.yaml", *args, log=log)
     wait_until(lambda: logged_steps(run) >= 1, proc, "the first training step")
@@ -239,6 +280,7 @@ def test_ctrl_c_under_accelerate_launch_saves_and_resumes(tmp_path, tiny_llama, 
     step = int(m.group(1))
     assert 1 <= step < CTRL_C_STEPS
     from ftkit import checkpoints, distributed, train  # noqa: F401
+
     ck = run / "checkpoints" / f"checkpoint-{step}"
     assert ck.is_dir() and checkpoints.checkpoint_missing(ck) == [], checkpoints.checkpoint_missing(ck)
     assert checkpoints.complete_checkpoints(run / "checkpoints")[-1] == ck
@@ -261,10 +303,24 @@ def test_sigterm_to_every_process_is_one_stop_request(tmp_path, tiny_llama, data
     accumulation) is still running. Needs ftkit.train.StopRequest to ignore, under torchrun, a repeat of the
     signal it is already handling (without that the repeat raises KeyboardInterrupt and no checkpoint is saved)."""
     run = tmp_path / "run"
-    args = ["--config", str(REPO / "configs" / "demo.yaml"),
-            *tiny_overrides(tiny_llama, data, run, **dict(FP32, **{
-                "train.max_steps": 4, "train.save_steps": 100, "train.per_device_train_batch_size": 2,
-                "train.gradient_accumulation_steps": 6}))]
+    args = [
+        "--config",
+        str(REPO / "configs" / "demo.yaml"),
+        *tiny_overrides(
+            tiny_llama,
+            data,
+            run,
+            **dict(
+                FP32,
+                **{
+                    "train.max_steps": 4,
+                    "train.save_steps": 100,
+                    "train.per_device_train_batch_size": 2,
+                    "train.gradient_accumulation_steps": 6,
+                },
+            ),
+        ),
+    ]
     log = tmp_path / "sigterm.log"
     proc = start_accelerate("configs/accelerate/ddp.yaml", *args, log=log)
     wait_until(lambda: logged_steps(run) >= 1, proc, "the first training step")
@@ -274,7 +330,9 @@ def test_sigterm_to_every_process_is_one_stop_request(tmp_path, tiny_llama, data
         pytest.fail(f"expected 2 worker processes, found {workers}")
     for pid in workers:
         os.kill(pid, signal.SIGTERM)
-    wait_until(lambda: log.read_text().count("SIGTERM: saving a checkpoint") == 2, proc, "both workers to start stopping")
+    wait_until(
+        lambda: log.read_text().count("SIGTERM: saving a checkpoint") == 2, proc, "both workers to start stopping"
+    )
     os.kill(proc.pid, signal.SIGTERM)  # the launcher forwards SIGTERM to the workers again
     rc = finish(proc)
     out = log.read_text()
@@ -283,6 +341,7 @@ def test_sigterm_to_every_process_is_one_stop_request(tmp_path, tiny_llama, data
     m = re.search(r"stopped at step (\d+); checkpoint saved", out)
     assert m, out[-4000:]
     from ftkit import checkpoints, distributed, train  # noqa: F401
+
     ck = run / "checkpoints" / f"checkpoint-{m.group(1)}"
     assert ck.is_dir() and checkpoints.checkpoint_missing(ck) == [], checkpoints.checkpoint_missing(ck)
 
@@ -294,11 +353,23 @@ def test_fsdp_world_size_one_on_a_gpu(tmp_path, offline_llama):
     so it runs on a bare GPU machine; its byte-level tokenizer has no chat template, hence alpaca."""
     run = tmp_path / "fsdp"
     data = REPO / "data" / "demo_tasks.jsonl"
-    over = [f"model.name_or_path={offline_llama}", "model.gguf_source=null", "data.prompt_template=alpaca",
-            f"paths.output_dir={run}", f"paths.latest={tmp_path / 'latest'}", "quant.bnb_4bit_quant_storage=bfloat16",
-            "train.max_steps=6", "train.save_steps=3", "train.eval_steps=null", "train.load_best_model_at_end=false",
-            f"data.path={data}", "inference.max_new_tokens=8"]
-    r = accelerate("configs/accelerate/fsdp_qlora.yaml", "--config", str(REPO / "configs" / "demo.yaml"), *over, nproc=1)
+    over = [
+        f"model.name_or_path={offline_llama}",
+        "model.gguf_source=null",
+        "data.prompt_template=alpaca",
+        f"paths.output_dir={run}",
+        f"paths.latest={tmp_path / 'latest'}",
+        "quant.bnb_4bit_quant_storage=bfloat16",
+        "train.max_steps=6",
+        "train.save_steps=3",
+        "train.eval_steps=null",
+        "train.load_best_model_at_end=false",
+        f"data.path={data}",
+        "inference.max_new_tokens=8",
+    ]
+    r = accelerate(
+        "configs/accelerate/fsdp_qlora.yaml", "--config", str(REPO / "configs" / "demo.yaml"), *over, nproc=1
+    )
     assert r.returncode == 0, r.stderr[-12000:]
     assert "(FSDP)" in r.stderr
     assert (run / "adapter" / "adapter_model.safetensors").is_file()
@@ -308,8 +379,15 @@ def test_fsdp_world_size_one_on_a_gpu(tmp_path, offline_llama):
     assert all(torch.isfinite(t.float()).all() for t in adapter.values()), "non-finite adapter weights"
     assert any(t.abs().max() > 0 for k, t in adapter.items() if "lora_B" in k), "lora_B still zero: not trained"
     assert any((run / "checkpoints" / "checkpoint-6").glob("pytorch_model_fsdp_*"))
-    r = accelerate("configs/accelerate/fsdp_qlora.yaml", "--config", str(REPO / "configs" / "demo.yaml"), *over,
-                   "train.max_steps=9", "--resume", nproc=1)
+    r = accelerate(
+        "configs/accelerate/fsdp_qlora.yaml",
+        "--config",
+        str(REPO / "configs" / "demo.yaml"),
+        *over,
+        "train.max_steps=9",
+        "--resume",
+        nproc=1,
+    )
     assert r.returncode == 0, r.stderr[-12000:]
     assert json.loads((run / "run_summary.json").read_text())["steps"] == 9
     adapter = load_file(run / "adapter" / "adapter_model.safetensors")
@@ -328,8 +406,11 @@ def test_adapter_tensors_from_a_full_state_dict_match_peft(tiny_llama):
     from transformers import AutoModelForCausalLM
 
     from ftkit import checkpoints, distributed, train  # noqa: F401
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_llama),
-                           LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False))
+
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(tiny_llama),
+        LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False),
+    )
     ours, peft = train.adapter_tensors(model, model.state_dict()), get_peft_model_state_dict(model)
     assert ours.keys() == peft.keys() and len(ours) == 2 * 3 * 2
     for k in peft:

@@ -1,5 +1,6 @@
 """evaluate.py: the scoring functions on hand cases, the report's arithmetic, the stage end to end on a tiny
 random Llama trained for 2 steps, and bad input (one line, exit 2, nothing half-written)."""
+
 from __future__ import annotations
 
 import json
@@ -8,7 +9,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from helpers import REPO, run_script, tiny_overrides
 
 import evaluate as ev
@@ -20,10 +20,19 @@ DEMO = str(REPO / "configs" / "demo.yaml")
 
 
 # -- scoring on hand cases -------------------------------------------------------------------------
-@pytest.mark.parametrize("pred, ref, want", [
-    ("42", "42", 1.0), ("  42. ", "42", 1.0), ("Paris", "paris", 1.0), ("30,  64, 96", "30, 64, 96", 1.0),
-    ("The answer is 42.", "42", 0.0), ("", "42", 0.0), ("421", "42", 0.0), ("30, 96, 64", "30, 64, 96", 0.0),
-])
+@pytest.mark.parametrize(
+    "pred, ref, want",
+    [
+        ("42", "42", 1.0),
+        ("  42. ", "42", 1.0),
+        ("Paris", "paris", 1.0),
+        ("30,  64, 96", "30, 64, 96", 1.0),
+        ("The answer is 42.", "42", 0.0),
+        ("", "42", 0.0),
+        ("421", "42", 0.0),
+        ("30, 96, 64", "30, 64, 96", 0.0),
+    ],
+)
 def test_exact_match(pred, ref, want):
     assert scoring.exact_match(pred, ref) == want
 
@@ -37,12 +46,17 @@ def test_rouge_l():
 
 
 def test_aggregate_by_family():
-    rows = [{"family": "math", "verifiable": True, "output": "1"}, {"family": "math", "verifiable": True, "output": "2"},
-            {"family": "math", "verifiable": True, "output": "3"}, {"family": "open", "verifiable": False, "output": "x"},
-            {"output": "y"}]  # no family, no verifiable flag: open-ended, family "all"
+    rows = [
+        {"family": "math", "verifiable": True, "output": "1"},
+        {"family": "math", "verifiable": True, "output": "2"},
+        {"family": "math", "verifiable": True, "output": "3"},
+        {"family": "open", "verifiable": False, "output": "x"},
+        {"output": "y"},
+    ]  # no family, no verifiable flag: open-ended, family "all"
 
     def measured(scores, nll, tokens):
         return {"rows": [{"score": s, "nll_sum": a, "tokens": t, "answer": ""} for s, a, t in zip(scores, nll, tokens)]}
+
     base = measured([0, 0, 1, 0.2, 0.4], [4.0, 4.0, 4.0, 6.0, 2.0], [2, 2, 2, 3, 1])
     tuned = measured([1, 1, 1, 0.5, 0.6], [1.0, 1.0, 1.0, 3.0, 1.0], [2, 2, 2, 3, 1])
     agg = scoring.aggregate(rows, base, tuned)
@@ -55,20 +69,47 @@ def test_aggregate_by_family():
     assert list(agg["families"]) == ["math", "all", "open"]  # verifiable families first
     o = agg["overall"]
     # Token-weighted: (12 + 6 + 2) / 10 tokens; perplexity is exp of that.
-    assert o["base"]["eval_loss"] == pytest.approx(2.0) and o["base"]["perplexity"] == pytest.approx(math.e ** 2, rel=1e-3)
+    assert o["base"]["eval_loss"] == pytest.approx(2.0) and o["base"]["perplexity"] == pytest.approx(
+        math.e**2, rel=1e-3
+    )
     assert o["fine_tuned"]["eval_loss"] == pytest.approx(0.7)
     assert o["base"]["rouge_l"] == pytest.approx(30.0) and o["delta"]["exact_match"] == pytest.approx(66.67, abs=0.01)
     assert o["verifiable_rows"] == 3 and o["rows"] == 5
 
 
 # -- end to end on a tiny model --------------------------------------------------------------------
-TASKS = ([{"instruction": f"What is {a} + {b}?", "input": "", "output": str(a + b), "family": "arithmetic",
-           "verifiable": True} for a, b in [(1, 2), (3, 4), (5, 6), (7, 8), (2, 9), (4, 4), (6, 1), (8, 3),
-                                            (9, 9), (5, 2), (3, 3), (7, 1)]]
-         + [{"instruction": f"Reverse the letters of \"{w}\".", "input": "", "output": w[::-1], "family": "word_ops",
-             "verifiable": True} for w in ("cat", "sun", "map", "owl", "egg", "fox")]
-         + [{"instruction": f"Describe a {w} in one sentence.", "input": "", "output": f"A {w} is a common thing.",
-             "family": "open_ended", "verifiable": False} for w in ("tree", "lamp", "river", "cloud", "boat", "bell")])
+TASKS = (
+    [
+        {
+            "instruction": f"What is {a} + {b}?",
+            "input": "",
+            "output": str(a + b),
+            "family": "arithmetic",
+            "verifiable": True,
+        }
+        for a, b in [(1, 2), (3, 4), (5, 6), (7, 8), (2, 9), (4, 4), (6, 1), (8, 3), (9, 9), (5, 2), (3, 3), (7, 1)]
+    ]
+    + [
+        {
+            "instruction": f'Reverse the letters of "{w}".',
+            "input": "",
+            "output": w[::-1],
+            "family": "word_ops",
+            "verifiable": True,
+        }
+        for w in ("cat", "sun", "map", "owl", "egg", "fox")
+    ]
+    + [
+        {
+            "instruction": f"Describe a {w} in one sentence.",
+            "input": "",
+            "output": f"A {w} is a common thing.",
+            "family": "open_ended",
+            "verifiable": False,
+        }
+        for w in ("tree", "lamp", "river", "cloud", "boat", "bell")
+    ]
+)
 
 
 @pytest.fixture(scope="module")
@@ -77,11 +118,24 @@ def trained(tmp_path_factory, tiny_llama):
     root = tmp_path_factory.mktemp("evalrun")
     data = root / "tasks.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in TASKS))
-    over = tiny_overrides(tiny_llama, data, root / "run", **{
-        # In-loop eval every step, the best checkpoint kept and reloaded, early stopping armed.
-        "data.eval_size": 8, "train.max_steps": 2, "train.eval_steps": 1, "train.save_steps": 1,
-        "train.load_best_model_at_end": "true", "train.early_stopping_patience": 3, "train.save_total_limit": 1,
-        "train.per_device_train_batch_size": 4, "inference.max_new_tokens": 6, "inference.batch_size": 4})
+    over = tiny_overrides(
+        tiny_llama,
+        data,
+        root / "run",
+        **{
+            # In-loop eval every step, the best checkpoint kept and reloaded, early stopping armed.
+            "data.eval_size": 8,
+            "train.max_steps": 2,
+            "train.eval_steps": 1,
+            "train.save_steps": 1,
+            "train.load_best_model_at_end": "true",
+            "train.early_stopping_patience": 3,
+            "train.save_total_limit": 1,
+            "train.per_device_train_batch_size": 4,
+            "inference.max_new_tokens": 6,
+            "inference.batch_size": 4,
+        },
+    )
     r = run_script("finetune.py", "--config", str(DEMO), *over)
     assert r.returncode == 0, r.stderr[-3000:]
     return root / "run", over
@@ -125,6 +179,7 @@ def test_evaluate_end_to_end(trained, tmp_path, capsys):
 def test_merged_model_preferred_and_old_report_kept_on_failure(trained, tmp_path, capsys, monkeypatch):
     run, over = copy_run(trained, tmp_path)
     import merge_adapter
+
     cfg, rd = stage_config(DEMO, over)
     merge_adapter.main(cfg, rd)
     report = ev.main(cfg, rd)
@@ -133,6 +188,7 @@ def test_merged_model_preferred_and_old_report_kept_on_failure(trained, tmp_path
 
     def boom(*a, **k):
         raise RuntimeError("disk full")
+
     monkeypatch.setattr(ev, "plot_before_after", boom)
     with pytest.raises(RuntimeError):
         ev.main(cfg, rd)
@@ -140,14 +196,17 @@ def test_merged_model_preferred_and_old_report_kept_on_failure(trained, tmp_path
     assert not list(run.glob(".eval*"))
 
 
-@pytest.mark.parametrize("case, message", [
-    ("empty", "holds no rows"),
-    ("no_reference", "no reference answer"),
-    ("no_rows_file", "eval_rows.jsonl' is missing"),
-    ("no_adapter", "no adapter"),
-    ("no_base", "does not exist"),
-    ("base_vs_base", "compare the base model with itself"),
-])
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("empty", "holds no rows"),
+        ("no_reference", "no reference answer"),
+        ("no_rows_file", "eval_rows.jsonl' is missing"),
+        ("no_adapter", "no adapter"),
+        ("no_base", "does not exist"),
+        ("base_vs_base", "compare the base model with itself"),
+    ],
+)
 def test_bad_input(trained, tmp_path, case, message):
     run, over = copy_run(trained, tmp_path)
     rows = run / "eval_rows.jsonl"
@@ -186,6 +245,7 @@ def test_no_run_is_one_line_exit_2_from_the_command_line(tmp_path):
 # -- in-loop evaluation during training (finetune.py) ------------------------------------------------
 def test_in_loop_eval_keeps_the_best_checkpoint(trained):
     from safetensors.torch import load_file
+
     run, _ = trained
     log = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
     evals = {r["step"]: r["eval_loss"] for r in log if "eval_loss" in r}
@@ -200,16 +260,24 @@ def test_in_loop_eval_keeps_the_best_checkpoint(trained):
     assert best.keys() == final.keys() and all((best[k].float() - final[k].float()).abs().max() == 0 for k in best)
 
 
-@pytest.mark.parametrize("over, message", [
-    ({"train.load_best_model_at_end": "true", "train.eval_steps": 3, "train.save_steps": 10},
-     "must be a multiple of train.eval_steps (3); set train.save_steps=9"),
-    ({"train.early_stopping_patience": 2, "train.eval_steps": 4, "train.save_steps": 6}, "set train.save_steps=8"),
-    ({"train.load_best_model_at_end": "true", "train.eval_steps": 2, "train.save_steps": 4, "data.eval_size": 0},
-     "needs held-out rows"),
-])
+@pytest.mark.parametrize(
+    "over, message",
+    [
+        (
+            {"train.load_best_model_at_end": "true", "train.eval_steps": 3, "train.save_steps": 10},
+            "must be a multiple of train.eval_steps (3); set train.save_steps=9",
+        ),
+        ({"train.early_stopping_patience": 2, "train.eval_steps": 4, "train.save_steps": 6}, "set train.save_steps=8"),
+        (
+            {"train.load_best_model_at_end": "true", "train.eval_steps": 2, "train.save_steps": 4, "data.eval_size": 0},
+            "needs held-out rows",
+        ),
+    ],
+)
 def test_keeping_the_best_checkpoint_needs_matching_steps(tmp_path, over, message):
     from ftkit import train
     from ftkit.config import load_config
+
     cfg = load_config(DEMO, tiny_overrides(tmp_path / "model", tmp_path / "data.json", tmp_path / "run", **over))
     with pytest.raises(UserError) as e:
         train.check_eval_settings(cfg, 0 if over.get("data.eval_size") == 0 else 4)

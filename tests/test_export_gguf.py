@@ -9,6 +9,7 @@ Tolerances (max |logit difference| over every position of the fixed prompts, bot
         at least 90% identical overall (observed 94-97%), and the same 16-token greedy answer.
         Tiny random models (logits ~0.1 apart): max 0.02.
 """
+
 from __future__ import annotations
 
 import json
@@ -19,18 +20,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from helpers import REPO, run_script
 from test_inference import make_run
 
 import export_gguf
 from ftkit import gguf
-from ftkit.config import load_config
 from ftkit.cli import UserError
+from ftkit.config import load_config
 from ftkit.prompts import PromptTemplate
 
-TEXTS = ["Hello world! 12345 67 ünïcödé 你好 🤗", "<|im_start|>user\nWhat is 2+2?<|im_end|>\n", "  two spaces\n\n\ttab",
-         "def f(x):\n    return x ** 2  # square", "Give three tips for staying healthy."]
+TEXTS = [
+    "Hello world! 12345 67 ünïcödé 你好 🤗",
+    "<|im_start|>user\nWhat is 2+2?<|im_end|>\n",
+    "  two spaces\n\n\ttab",
+    "def f(x):\n    return x ** 2  # square",
+    "Give three tips for staying healthy.",
+]
 
 
 @pytest.fixture(scope="session")
@@ -40,27 +45,49 @@ def small_llama(tmp_path_factory, embedded_model) -> Path:
     Small vocabulary: transformers' GGUF reader parses every token in Python, ~5 s for SmolLM2's 49k."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
     out = tmp_path_factory.mktemp("small-llama")
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     bpe.decoder = decoders.ByteLevel()
-    bpe.train_from_iterator(TEXTS * 3 + [(REPO / "README.md").read_text()], trainers.BpeTrainer(
-        vocab_size=600, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<|im_start|>", eos_token="<|im_end|>",
-                                  unk_token="<|endoftext|>", pad_token="<|endoftext|>")
+    bpe.train_from_iterator(
+        TEXTS * 3 + [(REPO / "README.md").read_text()],
+        trainers.BpeTrainer(
+            vocab_size=600,
+            special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        ),
+    )
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=bpe,
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        unk_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+    )
     tok.chat_template = AutoTokenizer.from_pretrained(embedded_model).chat_template
     tok.save_pretrained(out)
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok) + 8, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, bos_token_id=1,
-                      eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
+    cfg = LlamaConfig(
+        vocab_size=len(tok) + 8,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        tie_word_embeddings=False,
+    )
     LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(out, safe_serialization=True)
     return out
 
 
 def load_pair(src: Path, gguf: Path):
     from transformers import AutoModelForCausalLM
+
     a = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
     b = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     return a.eval(), b.eval()
@@ -79,12 +106,17 @@ def logit_stats(a, b, id_lists: list[list[int]]) -> dict:
             n += len(ids)
             decisive_agree.append(same[(top2[:, 0] - top2[:, 1]) >= 1.0])
     d = torch.cat([x.flatten() for x in diffs])
-    return {"max": d.max().item(), "mean": d.mean().item(), "agreement": agree / n,
-            "decisive_agreement": torch.cat(decisive_agree).float().mean().item()}
+    return {
+        "max": d.max().item(),
+        "mean": d.mean().item(),
+        "agreement": agree / n,
+        "decisive_agreement": torch.cat(decisive_agree).float().mean().item(),
+    }
 
 
 def check_tokenizer(src: Path, gguf: Path) -> None:
     from transformers import AutoTokenizer
+
     ta = AutoTokenizer.from_pretrained(src)
     tb = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     for text in TEXTS:
@@ -93,13 +125,15 @@ def check_tokenizer(src: Path, gguf: Path) -> None:
         assert tb.decode(ia) == ta.decode(ia), text
     assert tb.chat_template == ta.chat_template
     msgs = [{"role": "user", "content": "Hi there"}]
-    assert tb.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False) == \
-        ta.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+    assert tb.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False) == ta.apply_chat_template(
+        msgs, add_generation_prompt=True, tokenize=False
+    )
 
 
 # -- the pieces -------------------------------------------------------------------------------------------------
 def test_rope_row_interleave_is_what_llama_cpp_and_transformers_expect():
     from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
+
     w = torch.randn(4 * 16, 8)
     out = gguf.interleave_rope_rows(w, 4)
     # Row i of each head moves to 2i, row i + d/2 to 2i + 1 (adjacent pairs rotate together in llama.cpp).
@@ -108,16 +142,28 @@ def test_rope_row_interleave_is_what_llama_cpp_and_transformers_expect():
     undo = LlamaTensorProcessor()._reverse_permute_weights(out.numpy(), 4, 4)
     assert np.array_equal(undo, w.numpy())
     b = torch.randn(2 * 16)  # biases move with their rows
-    assert np.array_equal(LlamaTensorProcessor()._reverse_permute_weights(
-        gguf.interleave_rope_rows(b, 2).numpy(), 4, 2), b.numpy())
+    assert np.array_equal(
+        LlamaTensorProcessor()._reverse_permute_weights(gguf.interleave_rope_rows(b, 2).numpy(), 4, 2), b.numpy()
+    )
 
 
 def test_llama3_rope_factors_match_transformers():
     from transformers import LlamaConfig
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-    cfg = LlamaConfig(hidden_size=4096, num_attention_heads=32, max_position_embeddings=131072, rope_parameters={
-        "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
-        "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})
+
+    cfg = LlamaConfig(
+        hidden_size=4096,
+        num_attention_heads=32,
+        max_position_embeddings=131072,
+        rope_parameters={
+            "rope_type": "llama3",
+            "rope_theta": 500000.0,
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },
+    )
     inv_freq, _ = ROPE_INIT_FUNCTIONS["llama3"](cfg, "cpu")
     base = 1.0 / 500000.0 ** (torch.arange(0, 128, 2, dtype=torch.float64) / 128)
     factors = torch.tensor(gguf.llama3_rope_factors(cfg), dtype=torch.float64)
@@ -141,11 +187,20 @@ def test_tiny_llama_round_trips(tmp_path, small_llama, qtype, tol):
 
 def test_smollm2_demo_model_round_trips(tmp_path, embedded_model):
     from transformers import AutoTokenizer
+
     tok = AutoTokenizer.from_pretrained(embedded_model)
-    questions = ["What is the capital of France?", "Give three tips for staying healthy.", "Write a haiku about the sea."]
-    prompts = [tok(tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
-                                           add_generation_prompt=True), add_special_tokens=False)["input_ids"]
-               for q in questions]
+    questions = [
+        "What is the capital of France?",
+        "Give three tips for staying healthy.",
+        "Write a haiku about the sea.",
+    ]
+    prompts = [
+        tok(
+            tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True),
+            add_special_tokens=False,
+        )["input_ids"]
+        for q in questions
+    ]
     cfg = load_config(None)
     for qtype in ("f16", "q8_0"):
         out = export_gguf.main(cfg, None, qtype, tmp_path / f"smol-{qtype}.gguf", model_dir=embedded_model)
@@ -160,7 +215,7 @@ def test_smollm2_demo_model_round_trips(tmp_path, embedded_model):
             ids = torch.tensor([prompts[0]])
             ga = a.generate(ids, max_new_tokens=16, do_sample=False, pad_token_id=2)
             gb = b.generate(ids, max_new_tokens=16, do_sample=False, pad_token_id=2)
-            assert torch.equal(ga, gb) and "Paris" in tok.decode(ga[0, ids.shape[1]:])
+            assert torch.equal(ga, gb) and "Paris" in tok.decode(ga[0, ids.shape[1] :])
         del a, b
     assert (tmp_path / "smol-f16.gguf").stat().st_size > 2 * 135e6 * 0.95
     assert (tmp_path / "smol-q8_0.gguf").stat().st_size < 0.6 * (tmp_path / "smol-f16.gguf").stat().st_size
@@ -168,6 +223,7 @@ def test_smollm2_demo_model_round_trips(tmp_path, embedded_model):
 
 def test_cli_exports_the_most_recent_run(tmp_path, small_llama):
     import gguf
+
     cfg, run = make_run(tmp_path / "runs" / "r", small_llama)
     r = run_script("export_gguf.py", "--type", "q8_0", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
@@ -184,7 +240,9 @@ def test_cli_exports_the_most_recent_run(tmp_path, small_llama):
     assert types[:3] == [gguf.TokenType.CONTROL] * 3 and types[3] == gguf.TokenType.NORMAL
     assert types[600] == gguf.TokenType.UNUSED and field("tokenizer.ggml.add_bos_token") is False
     types = {t.name: t.tensor_type.name for t in reader.tensors}
-    assert "output.weight" in types and types["blk.0.attn_q.weight"] == "Q8_0" and types["blk.0.attn_norm.weight"] == "F32"
+    assert (
+        "output.weight" in types and types["blk.0.attn_q.weight"] == "Q8_0" and types["blk.0.attn_norm.weight"] == "F32"
+    )
     assert types["output.weight"] == "Q8_0"  # untied head
     assert "FROM ./model-q8_0.gguf" in (run.export / "Modelfile").read_text()
 
@@ -198,7 +256,7 @@ def go_render(tpl: str, data: dict) -> str:
     (ne .X "lit"), range .Messages, and {{- / -}} whitespace trimming (Ollama renders with Go's engine)."""
     tokens, pos, trim_next = [], 0, False
     for m in GO_ACTION.finditer(tpl):
-        text = tpl[pos:m.start()]
+        text = tpl[pos : m.start()]
         text = text.lstrip(" \t\r\n") if trim_next else text
         tokens += [("text", text.rstrip(" \t\r\n") if m.group(1) else text), ("act", m.group(2))]
         pos, trim_next = m.end(), bool(m.group(3))
@@ -244,6 +302,7 @@ def go_render(tpl: str, data: dict) -> str:
             else:
                 out += "".join(run(n[2], item) for item in value(n[1], dot))
         return out
+
     return run(parse(0)[0], data)
 
 
@@ -251,16 +310,24 @@ def parse_modelfile(text: str) -> dict:
     m = re.search(r'^TEMPLATE """(.*?)"""$', text, re.S | re.M)
     s = re.search(r'^SYSTEM """(.*?)"""$', text, re.S | re.M)
     stops = [json.loads(x) for x in re.findall(r"^PARAMETER stop (.*)$", text, re.M)]
-    return {"template": m.group(1), "system": s.group(1) if s else "", "stops": stops,
-            "from": re.search(r"^FROM (.*)$", text, re.M).group(1)}
+    return {
+        "template": m.group(1),
+        "system": s.group(1) if s else "",
+        "stops": stops,
+        "from": re.search(r"^FROM (.*)$", text, re.M).group(1),
+    }
 
 
 def test_modelfile_renders_the_training_prompt(tmp_path, tiny_llama, monkeypatch):
     from transformers import AutoTokenizer
+
     tok = AutoTokenizer.from_pretrained(tiny_llama)
     icfg = load_config(None).inference
-    conv = [{"role": "user", "content": "Hi!"}, {"role": "assistant", "content": "Hello."},
-            {"role": "user", "content": "What is 2+2?"}]
+    conv = [
+        {"role": "user", "content": "Hi!"},
+        {"role": "assistant", "content": "Hello."},
+        {"role": "user", "content": "What is 2+2?"},
+    ]
 
     chat = PromptTemplate.from_config("chat", tok)  # SmolLM2: ChatML with a built-in default system prompt
     mf = parse_modelfile(gguf.modelfile_text("m.gguf", tok, chat, icfg, False, "src"))
@@ -270,18 +337,21 @@ def test_modelfile_renders_the_training_prompt(tmp_path, tiny_llama, monkeypatch
     go = lambda msgs: [{"Role": m["role"], "Content": m["content"]} for m in msgs]  # noqa: E731
     want = tok.apply_chat_template(conv, tokenize=False, add_generation_prompt=True)
     assert go_render(mf["template"], {"System": mf["system"], "Messages": go(conv)}) == want
-    assert go_render(mf["template"], {"System": mf["system"], "Messages": go(conv[:1])}) == \
-        chat.render_prompt(tok, "Hi!")
+    assert go_render(mf["template"], {"System": mf["system"], "Messages": go(conv[:1])}) == chat.render_prompt(
+        tok, "Hi!"
+    )
     sys_conv = [{"role": "system", "content": "Be brief."}] + conv
-    assert go_render(mf["template"], {"System": "Be brief.", "Messages": go(sys_conv)}) == \
-        tok.apply_chat_template(sys_conv, tokenize=False, add_generation_prompt=True)
+    assert go_render(mf["template"], {"System": "Be brief.", "Messages": go(sys_conv)}) == tok.apply_chat_template(
+        sys_conv, tokenize=False, add_generation_prompt=True
+    )
 
     # A chat template of no known style: a single-turn template cut from the training render itself.
     monkeypatch.setattr(gguf, "chat_style", lambda tok, t: None)
     mf = parse_modelfile(gguf.modelfile_text("m.gguf", tok, chat, icfg, False, "src"))
     assert go_render(mf["template"], {"Prompt": "Hi!", "System": ""}) == chat.render_prompt(tok, "Hi!")
-    assert go_render(mf["template"], {"Prompt": "Hi!", "System": "Be brief."}) == \
-        PromptTemplate.from_config("chat", tok, system_prompt="Be brief.").render_prompt(tok, "Hi!")
+    assert go_render(mf["template"], {"Prompt": "Hi!", "System": "Be brief."}) == PromptTemplate.from_config(
+        "chat", tok, system_prompt="Be brief."
+    ).render_prompt(tok, "Hi!")
     monkeypatch.undo()
 
     for system in (None, "You answer tersely."):
@@ -291,49 +361,66 @@ def test_modelfile_renders_the_training_prompt(tmp_path, tiny_llama, monkeypatch
         assert go_render(mf["template"], {"Prompt": "Name a colour.", "System": mf["system"]}) == want
         # The GGUF's Jinja chat template (what llama.cpp's chat mode uses) renders the same prompt.
         jinja = gguf.gguf_chat_template(alpaca)
-        msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": "Name a colour."}]
+        msgs = ([{"role": "system", "content": system}] if system else []) + [
+            {"role": "user", "content": "Name a colour."}
+        ]
         assert tok.apply_chat_template(msgs, chat_template=jinja, tokenize=False, add_generation_prompt=True) == want
         assert mf["stops"] == [tok.eos_token]
 
 
 # -- bad input -------------------------------------------------------------------------------------------------------
-LLAMA3_JINJA = ("{{ bos_token }}{% for message in messages %}{{ '<|start_header_id|>' + message['role'] + "
-                "'<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' }}{% endfor %}{% if "
-                "add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
+LLAMA3_JINJA = (
+    "{{ bos_token }}{% for message in messages %}{{ '<|start_header_id|>' + message['role'] + "
+    "'<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' }}{% endfor %}{% if "
+    "add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
 
 
 def test_modelfile_for_a_llama3_chat_template(tmp_path):
     """Llama-3 Instruct's template (its special tokens on a small byte-level BPE): multi-turn Go template."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
+
     specials = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    bpe.train_from_iterator(TEXTS, trainers.BpeTrainer(vocab_size=300, special_tokens=specials,
-                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    bpe.post_processor = processors.TemplateProcessing(single="<|begin_of_text|> $A",
-                                                       special_tokens=[("<|begin_of_text|>", 0)])
+    bpe.train_from_iterator(
+        TEXTS,
+        trainers.BpeTrainer(
+            vocab_size=300, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        ),
+    )
+    bpe.post_processor = processors.TemplateProcessing(
+        single="<|begin_of_text|> $A", special_tokens=[("<|begin_of_text|>", 0)]
+    )
     tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<|begin_of_text|>", eos_token="<|end_of_text|>")
     tok.chat_template = LLAMA3_JINJA
     template = PromptTemplate.from_config("chat", tok)
     assert gguf.chat_style(tok, template) == "llama3"
     vocab = gguf.read_vocab(tok, template, 300)
     assert vocab.add_bos and vocab.eos_id == vocab.eot_id == tok.convert_tokens_to_ids("<|eot_id|>")
-    mf = parse_modelfile(gguf.modelfile_text("m.gguf", tok, template, load_config(None).inference,
-                                                    vocab.add_bos, "src"))
+    mf = parse_modelfile(
+        gguf.modelfile_text("m.gguf", tok, template, load_config(None).inference, vocab.add_bos, "src")
+    )
     assert "<|eot_id|>" in mf["stops"] and mf["system"] == ""
-    conv = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi!"},
-            {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "What is 2+2?"}]
+    conv = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi!"},
+        {"role": "assistant", "content": "Hello."},
+        {"role": "user", "content": "What is 2+2?"},
+    ]
     go = [{"Role": m["role"], "Content": m["content"]} for m in conv]
     want = tok.apply_chat_template(conv, tokenize=False, add_generation_prompt=True)
     # llama.cpp adds <|begin_of_text|> itself (add_bos_token), so the Ollama template leaves it out.
     assert "<|begin_of_text|>" + go_render(mf["template"], {"System": "Be brief.", "Messages": go}) == want
-    assert "<|begin_of_text|>" + go_render(mf["template"], {"System": "", "Messages": go[1:]}) == \
-        tok.apply_chat_template(conv[1:], tokenize=False, add_generation_prompt=True)
+    assert "<|begin_of_text|>" + go_render(
+        mf["template"], {"System": "", "Messages": go[1:]}
+    ) == tok.apply_chat_template(conv[1:], tokenize=False, add_generation_prompt=True)
 
 
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, tiny_llama, monkeypatch):
     from transformers import GPT2Config, GPT2LMHeadModel
+
     cfg = load_config(None)
     out = tmp_path / "out" / "m.gguf"
     gpt2 = tmp_path / "gpt2"
@@ -369,6 +456,7 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, tiny_llama, monkeypa
     def dying(ckpt, plans):
         yield next(iter(real(ckpt, plans)))
         raise OSError("disk on fire")
+
     monkeypatch.setattr(gguf, "iter_tensor_data", dying)
     with pytest.raises(OSError, match="disk on fire"):
         export_gguf.main(cfg, None, "f16", out, tiny_llama)

@@ -7,6 +7,7 @@ within that time. After every kill it does what the stage's next run does first 
 and checks that nothing the user had is lost; the next run is the next kill, and a last run must succeed and
 leave no temporary file behind. All on the 3M-parameter tiny model.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -21,7 +22,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from helpers import ALPACA_ROWS, REPO, run_script, tiny_overrides
 
 ROWS = [dict(r, instruction=f"{r['instruction']} (variant {k})") for k in range(4) for r in ALPACA_ROWS]
@@ -31,8 +31,11 @@ SEEDS = range(10)
 def tree(root: Path, skip=lambda rel: False) -> dict:
     if not root.exists():
         return {}
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
-            for p in sorted(root.rglob("*")) if not skip(p.relative_to(root))}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+        for p in sorted(root.rglob("*"))
+        if not skip(p.relative_to(root))
+    }
 
 
 def leftovers(root: Path) -> list[Path]:
@@ -41,8 +44,14 @@ def leftovers(root: Path) -> list[Path]:
 
 def launch(script: str, *args: str, cwd: Path | None = None) -> subprocess.Popen:
     env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1")
-    return subprocess.Popen([sys.executable, str(REPO / script), *args], cwd=cwd or REPO, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, str(REPO / script), *args],
+        cwd=cwd or REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def kill_after(p: subprocess.Popen, delay: float) -> bool:
@@ -73,6 +82,7 @@ def ft_args(model: Path, data: Path, run: Path, **extra) -> list[str]:
 # -- SIGKILL --------------------------------------------------------------------------------------------
 def test_sigkill_finetune_overwrite_at_random_points(tmp_path, tiny_llama, data):
     from ftkit import runlock
+
     run = tmp_path / "runs" / "r"
     user = tree(data.parent)
     t0 = time.time()
@@ -118,18 +128,24 @@ def copy_run(src: Path, dest: Path) -> Path:
 
 def merged_is_whole(merged: Path) -> bool:
     from ftkit.checkpoints import safetensors_problem
+
     shards = list(merged.glob("*.safetensors"))
-    return ((merged / "config.json").is_file() and (merged / "merge_check.json").is_file() and bool(shards)
-            and all(safetensors_problem(s) is None for s in shards))
+    return (
+        (merged / "config.json").is_file()
+        and (merged / "merge_check.json").is_file()
+        and bool(shards)
+        and all(safetensors_problem(s) is None for s in shards)
+    )
 
 
 def test_sigkill_merge_at_random_points(tmp_path, finished_run):
     from ftkit.runlock import clean_tmp_leftovers
+
     run = copy_run(finished_run, tmp_path / "run")
 
     def inputs() -> dict:  # the run without merge's own outputs
-        return tree(run, skip=lambda rel: rel.parts[0] == "merged" or ".merged." in rel.parts[0]
-                    or rel.name == ".lock")
+        return tree(run, skip=lambda rel: rel.parts[0] == "merged" or ".merged." in rel.parts[0] or rel.name == ".lock")
+
     before = inputs()
     args = ["--config", str(run / "config.yaml")]
     t0 = time.time()
@@ -154,6 +170,7 @@ def test_sigkill_merge_at_random_points(tmp_path, finished_run):
 
 def gguf_is_whole(path: Path) -> bool:
     import gguf
+
     try:
         gguf.GGUFReader(str(path))
         return True
@@ -221,8 +238,11 @@ def test_two_writers_started_together(tmp_path, tiny_llama, data):
     assert sorted(codes) == [0, 2], (codes, [e[-1500:] for e in errs])
     loser = errs[codes.index(2)].strip().splitlines()[-1]
     assert loser.startswith("error: ") and ("in use by another process" in loser or "already holds" in loser), loser
-    steps = [json.loads(line)["step"] for line in (run / "train_log.jsonl").read_text().splitlines()
-             if "loss" in json.loads(line)]
+    steps = [
+        json.loads(line)["step"]
+        for line in (run / "train_log.jsonl").read_text().splitlines()
+        if "loss" in json.loads(line)
+    ]
     assert steps == sorted(set(steps)), steps  # one writer's log, each step once
     assert json.loads((run / "run_summary.json").read_text())["steps"] == 4
 
@@ -232,9 +252,16 @@ def test_overwrite_keeps_the_old_run_until_the_new_one_checkpoints(tmp_path, fin
     run = copy_run(finished_run, tmp_path / "run")
     before = tree(run, skip=lambda rel: rel.name == ".lock")
     # Diverges at once (eval every step), long before its first save: the old run must come back whole.
-    r = run_script("finetune.py", *ft_args(tiny_llama, data, run, **{
-        "train.learning_rate": 1e30, "train.save_steps": 100, "train.eval_steps": 1, "train.warmup_steps": 0}),
-        "--overwrite")
+    r = run_script(
+        "finetune.py",
+        *ft_args(
+            tiny_llama,
+            data,
+            run,
+            **{"train.learning_rate": 1e30, "train.save_steps": 100, "train.eval_steps": 1, "train.warmup_steps": 0},
+        ),
+        "--overwrite",
+    )
     assert r.returncode == 2 and "diverged" in r.stderr.strip().splitlines()[-1], r.stderr[-2000:]
     assert tree(run, skip=lambda rel: rel.name == ".lock") == before
     assert not leftovers(tmp_path)
@@ -243,10 +270,23 @@ def test_overwrite_keeps_the_old_run_until_the_new_one_checkpoints(tmp_path, fin
 def test_diverged_training_stops_and_keeps_the_last_good_checkpoint(tmp_path, tiny_llama, data):
     import torch
     from safetensors.torch import load_file
+
     run = tmp_path / "run"
-    r = run_script("finetune.py", *ft_args(tiny_llama, data, run, **{
-        "train.learning_rate": 1e30, "train.save_steps": 1, "train.eval_steps": 1, "train.warmup_steps": 2,
-        "train.save_total_limit": "null"}))
+    r = run_script(
+        "finetune.py",
+        *ft_args(
+            tiny_llama,
+            data,
+            run,
+            **{
+                "train.learning_rate": 1e30,
+                "train.save_steps": 1,
+                "train.eval_steps": 1,
+                "train.warmup_steps": 2,
+                "train.save_total_limit": "null",
+            },
+        ),
+    )
     last = r.stderr.strip().splitlines()[-1]
     assert r.returncode == 2 and last.startswith("error: training diverged at step"), r.stderr[-2000:]
     assert "Traceback" not in r.stderr
@@ -262,8 +302,9 @@ def test_diverged_training_stops_and_keeps_the_last_good_checkpoint(tmp_path, ti
 
 def test_resume_skips_a_corrupt_newest_checkpoint_and_stops_at_max_steps(tmp_path, tiny_llama, data):
     run = tmp_path / "run"
-    args = ft_args(tiny_llama, data, run, **{"train.max_steps": 3, "train.save_steps": 1,
-                                              "train.save_total_limit": "null"})
+    args = ft_args(
+        tiny_llama, data, run, **{"train.max_steps": 3, "train.save_steps": 1, "train.save_total_limit": "null"}
+    )
     r = run_script("finetune.py", *args)
     assert r.returncode == 0, r.stderr[-2000:]
     w = run / "checkpoints" / "checkpoint-3" / "adapter_model.safetensors"
@@ -287,11 +328,21 @@ def test_resume_skips_a_corrupt_newest_checkpoint_and_stops_at_max_steps(tmp_pat
 def test_run_lock_names_the_holder_and_takes_over_a_dead_ones(tmp_path):
     from ftkit.cli import UserError
     from ftkit.runlock import RunLock
-    holder = subprocess.Popen([sys.executable, "-c", (
-        "import fcntl, os, sys, time\n"
-        "fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT); fcntl.flock(fd, fcntl.LOCK_EX)\n"
-        "os.write(fd, f'{os.getpid()} x\\n'.encode()); print('ok', flush=True); time.sleep(60)\n"),
-        str(tmp_path / ".lock")], stdout=subprocess.PIPE, text=True)
+
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            (
+                "import fcntl, os, sys, time\n"
+                "fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT); fcntl.flock(fd, fcntl.LOCK_EX)\n"
+                "os.write(fd, f'{os.getpid()} x\\n'.encode()); print('ok', flush=True); time.sleep(60)\n"
+            ),
+            str(tmp_path / ".lock"),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     assert holder.stdout.readline().strip() == "ok"
     with pytest.raises(UserError, match=f"pid {holder.pid}"):
         RunLock(tmp_path, "test").acquire()
@@ -303,6 +354,7 @@ def test_run_lock_names_the_holder_and_takes_over_a_dead_ones(tmp_path):
 
 def test_a_replaced_run_left_aside_by_a_kill_comes_back(tmp_path, finished_run):
     from ftkit import runlock
+
     run = tmp_path / "run"
     aside = copy_run(finished_run, tmp_path / ".run.old-999999999")
     before = tree(aside)
@@ -319,6 +371,7 @@ def test_a_replaced_run_left_aside_by_a_kill_comes_back(tmp_path, finished_run):
 def test_inference_resumes_its_own_cut_off_answer_file_but_never_truncates_a_users(tmp_path):
     from ftkit import answers
     from ftkit.cli import UserError
+
     own = tmp_path / "a.jsonl"
     own.write_bytes(b'{"id": 0, "instruction": "x", "response": "y"}\n{"id": 1, "instr')
     assert list(answers.read_done(own)) == ["0"] and own.read_bytes().endswith(b'"y"}\n')
@@ -331,18 +384,25 @@ def test_inference_resumes_its_own_cut_off_answer_file_but_never_truncates_a_use
 
 def test_tilde_in_paths_is_the_home_folder(monkeypatch, tmp_path):
     from ftkit.config import load_config
+
     monkeypatch.setenv("HOME", str(tmp_path))
     cfg = load_config(REPO / "configs" / "demo.yaml", ["paths.output_dir=~/runs/x", "paths.latest=~/runs/latest"])
-    assert cfg.paths.output_dir == str(tmp_path / "runs" / "x") and cfg.paths.latest == str(tmp_path / "runs" / "latest")
+    assert cfg.paths.output_dir == str(tmp_path / "runs" / "x") and cfg.paths.latest == str(
+        tmp_path / "runs" / "latest"
+    )
 
 
 @pytest.mark.parametrize("script, extra", [("dataset.py", []), ("quantization_utils.py", ["--list-modules"])])
 def test_remote_code_warning_in_every_stage_that_loads_a_model(tmp_path, tiny_llama, script, extra):
     d = tmp_path / "d.json"
     d.write_text(json.dumps(ROWS))
-    r = run_script(script, "--config", "configs/demo.yaml",
-                   *tiny_overrides(tiny_llama, d, tmp_path / "run", **{"model.trust_remote_code": "true",
-                                                                        "data.eval_size": 0}), *extra)
+    r = run_script(
+        script,
+        "--config",
+        "configs/demo.yaml",
+        *tiny_overrides(tiny_llama, d, tmp_path / "run", **{"model.trust_remote_code": "true", "data.eval_size": 0}),
+        *extra,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     assert f"model.trust_remote_code is on: Python code from '{tiny_llama}' will run on this machine" in r.stderr
 
@@ -353,6 +413,7 @@ def test_chat_save_never_replaces_a_file_that_is_not_a_transcript(tmp_path):
     from ftkit import chat as chat_mod
     from ftkit.config import InferenceCfg
     from ftkit.prompts import PromptTemplate
+
     template = PromptTemplate(kind="alpaca")
     out = io.StringIO()
     chat = chat_mod.ChatSession(model=None, tok=None, template=template, icfg=InferenceCfg(), out=out)

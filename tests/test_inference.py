@@ -1,5 +1,6 @@
 """inference.py: answering a prompt file (batched, resumable, crash-safe), base + another adapter, the chat
 session's prompt rendering and Ctrl+C, and bad input. Tiny random models; a few seconds each."""
+
 from __future__ import annotations
 
 import json
@@ -10,13 +11,12 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from helpers import REPO, run_script, tiny_overrides
 
 import inference
 from ftkit import answers, chat, generation
-from ftkit.config import load_config
 from ftkit.cli import UserError
+from ftkit.config import load_config
 from ftkit.paths import RunDir, atomic_write_json, save_resolved_config
 from ftkit.prompts import PromptTemplate
 
@@ -26,6 +26,7 @@ def talky_llama(tmp_path_factory, embedded_model) -> Path:
     """A 2-layer random Llama with an untied output head whose greedy answers are visible words (the shared
     tiny_llama answers newlines only, which strip to nothing)."""
     from helpers import build_tiny_llama
+
     return build_tiny_llama(tmp_path_factory.mktemp("talky-llama"), embedded_model, seed=1, tied=False, bf16=False)
 
 
@@ -33,9 +34,11 @@ def make_run(root: Path, model: Path, kind: str = "chat", merged: bool = True, *
     """A run directory as finetune.py + merge_adapter.py leave it (config, prompt template, merged/), built
     around `model` without training. Returns (cfg, RunDir)."""
     from transformers import AutoTokenizer
+
     root.mkdir(parents=True, exist_ok=True)
-    over = tiny_overrides(model, root / "unused.json", root, **{"data.prompt_template": kind,
-                                                                "model.dtype": "float32", **extra})
+    over = tiny_overrides(
+        model, root / "unused.json", root, **{"data.prompt_template": kind, "model.dtype": "float32", **extra}
+    )
     cfg = load_config(REPO / "configs" / "demo.yaml", over)
     save_resolved_config(cfg, root / "config.yaml")
     tok = AutoTokenizer.from_pretrained(model)
@@ -55,15 +58,19 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-PROMPTS = [{"instruction": "Say hi.", "id": "greet"}, {"prompt": "Add the numbers.", "input": "2 and 3"},
-           {"instruction": "A much longer instruction, with many more words in it than the others have."},
-           {"instruction": "Name a colour.", "reference": "blue"}, {"instruction": "Count to three."},
-           {"instruction": "Reverse the word.", "input": "abc", "id": 17}, {"instruction": "Why?"}]
+PROMPTS = [
+    {"instruction": "Say hi.", "id": "greet"},
+    {"prompt": "Add the numbers.", "input": "2 and 3"},
+    {"instruction": "A much longer instruction, with many more words in it than the others have."},
+    {"instruction": "Name a colour.", "reference": "blue"},
+    {"instruction": "Count to three."},
+    {"instruction": "Reverse the word.", "input": "abc", "id": 17},
+    {"instruction": "Why?"},
+]
 
 
 def test_answer_file_batched_resumable_and_crash_safe(tmp_path, talky_llama, monkeypatch):
-    cfg, run = make_run(tmp_path / "run", talky_llama, **{"inference.batch_size": 3,
-                                                          "inference.max_new_tokens": 6})
+    cfg, run = make_run(tmp_path / "run", talky_llama, **{"inference.batch_size": 3, "inference.max_new_tokens": 6})
     src = write_jsonl(tmp_path / "prompts.jsonl", PROMPTS[:3] + [""] + PROMPTS[3:])  # a blank line is skipped
     out = tmp_path / "out" / "answers.jsonl"
     calls: list[int] = []
@@ -73,8 +80,10 @@ def test_answer_file_batched_resumable_and_crash_safe(tmp_path, talky_llama, mon
         def first_then_die(idx, answers):
             on_batch(idx, answers)
             raise KeyboardInterrupt  # as if Ctrl+C or a crash hit after the first batch was written
+
         calls.append(len(a[3]))
         return real_generate(*a, on_batch=first_then_die, **kw)
+
     monkeypatch.setattr(answers, "generate", crashing)
     with pytest.raises(KeyboardInterrupt):
         answers.answer_file(cfg, run, src, out)
@@ -106,15 +115,15 @@ def test_answer_file_batched_resumable_and_crash_safe(tmp_path, talky_llama, mon
 
 def test_answers_match_one_by_one_generation(tmp_path, talky_llama):
     """Left-padded, length-sorted batches give each prompt the answer it gets alone."""
-    cfg, run = make_run(tmp_path / "run", talky_llama, **{"inference.batch_size": 4,
-                                                          "inference.max_new_tokens": 5})
+    cfg, run = make_run(tmp_path / "run", talky_llama, **{"inference.batch_size": 4, "inference.max_new_tokens": 5})
     src = write_jsonl(tmp_path / "p.jsonl", PROMPTS)
     rows = answers.answer_file(cfg, run, src, tmp_path / "a.jsonl")
     model, tok, template, what = generation.load_for_inference(cfg, run, "auto")
     assert what == "merged"
     one = cfg.inference.model_copy(update={"batch_size": 1})
-    alone = generation.generate(model, tok, template, [(r.get("instruction") or r["prompt"], r.get("input"))
-                                                      for r in PROMPTS], one)
+    alone = generation.generate(
+        model, tok, template, [(r.get("instruction") or r["prompt"], r.get("input")) for r in PROMPTS], one
+    )
     assert [r["response"] for r in rows] == alone
 
 
@@ -127,14 +136,23 @@ def test_cli_answers_a_file_with_the_most_recent_run(tmp_path, talky_llama):
     assert [row["id"] for row in rows] == ["greet", 1] and "generating" in r.stderr  # the progress bar
 
     # Bad lines are named, nothing is loaded or written, exit 2 with one line.
-    write_jsonl(tmp_path / "bad.jsonl", [PROMPTS[0], "{not json", {"instruction": "  "}, {"id": "greet", "prompt": "x"},
-                                         ["a list"], {"instruction": "ok", "input": 3}])
+    write_jsonl(
+        tmp_path / "bad.jsonl",
+        [
+            PROMPTS[0],
+            "{not json",
+            {"instruction": "  "},
+            {"id": "greet", "prompt": "x"},
+            ["a list"],
+            {"instruction": "ok", "input": 3},
+        ],
+    )
     r = run_script("inference.py", "--input-file", "bad.jsonl", "--output-file", "out/a.jsonl", cwd=tmp_path)
     assert r.returncode == 2, r.stderr
     msg = r.stderr.strip().splitlines()
     assert len(msg) == 1 and "Traceback" not in r.stderr, r.stderr
     assert "line 2 is not valid JSON" in msg[0] and "line 3 has an empty" in msg[0]
-    assert "line 4 repeats the id \"greet\" of line 1" in msg[0] and "2 more" in msg[0]
+    assert 'line 4 repeats the id "greet" of line 1' in msg[0] and "2 more" in msg[0]
     assert not (tmp_path / "out").exists()
 
 
@@ -189,6 +207,7 @@ def test_corrupt_model_from_the_command_line(tmp_path, talky_llama):
 def test_another_adapter_over_the_same_base(tmp_path, talky_llama, monkeypatch):
     from peft import LoraConfig, PeftModel, get_peft_model
     from transformers import AutoModelForCausalLM
+
     cfg, run = make_run(tmp_path / "runs" / "a", talky_llama, merged=False)
     other = tmp_path / "runs" / "b" / "adapter"
     base = AutoModelForCausalLM.from_pretrained(talky_llama, dtype=torch.float32)
@@ -208,11 +227,17 @@ def test_another_adapter_over_the_same_base(tmp_path, talky_llama, monkeypatch):
 
     # The flag: `--adapter` alone, `--adapter DIR`, and an override right after `--adapter`.
     seen = []
-    monkeypatch.setattr(inference, "main", lambda cfg, run, prompt, inp, use, adapter: seen.append(
-        (use, adapter, cfg.inference.max_new_tokens)))
+    monkeypatch.setattr(
+        inference,
+        "main",
+        lambda cfg, run, prompt, inp, use, adapter: seen.append((use, adapter, cfg.inference.max_new_tokens)),
+    )
     monkeypatch.chdir(tmp_path)
-    for argv in (["--adapter", "--prompt", "x"], ["--adapter", str(other), "--prompt", "x"],
-                 ["--adapter", "inference.max_new_tokens=3", "--prompt", "x"]):
+    for argv in (
+        ["--adapter", "--prompt", "x"],
+        ["--adapter", str(other), "--prompt", "x"],
+        ["--adapter", "inference.max_new_tokens=3", "--prompt", "x"],
+    ):
         inference.cli(argv)
     assert seen == [("adapter", None, 8), ("adapter", other, 8), ("adapter", None, 3)]
     with pytest.raises(UserError, match="--chat and --input-file|--input-file and --chat"):
@@ -223,6 +248,7 @@ def test_another_adapter_over_the_same_base(tmp_path, talky_llama, monkeypatch):
 
 def test_chat_renders_the_conversation_in_the_training_format(tmp_path, talky_llama):
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
     tok = AutoTokenizer.from_pretrained(talky_llama)
     model = AutoModelForCausalLM.from_pretrained(talky_llama, dtype=torch.float32)
     icfg = load_config(None, ["inference.max_new_tokens=4"]).inference
@@ -234,10 +260,15 @@ def test_chat_renders_the_conversation_in_the_training_format(tmp_path, talky_ll
         s.handle("/system Be brief.")
         got = s.prompt_ids("Second?", s.history)
         if kind == "chat":
-            msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "First question?"},
-                    {"role": "assistant", "content": a1}, {"role": "user", "content": "Second?"}]
-            want = tok(tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True),
-                       add_special_tokens=False)["input_ids"]
+            msgs = [
+                {"role": "system", "content": "Be brief."},
+                {"role": "user", "content": "First question?"},
+                {"role": "assistant", "content": a1},
+                {"role": "user", "content": "Second?"},
+            ]
+            want = tok(
+                tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True), add_special_tokens=False
+            )["input_ids"]
         else:  # Alpaca: the new message is the instruction, the earlier turns the Input field
             t = PromptTemplate.from_config("alpaca", tok, system_prompt="Be brief.")
             want = t.prompt_ids(tok, "Second?", f"User: First question?\nAssistant: {a1}")
@@ -252,6 +283,7 @@ def test_chat_ctrl_c_keeps_the_partial_answer(tmp_path, talky_llama, monkeypatch
     """A real SIGINT during generation, as Ctrl+C sends it: generation stops, the partial answer stays."""
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
     tok = AutoTokenizer.from_pretrained(talky_llama)
     model = AutoModelForCausalLM.from_pretrained(talky_llama, dtype=torch.float32)
     icfg = load_config(None, ["inference.max_new_tokens=200"]).inference
@@ -265,6 +297,7 @@ def test_chat_ctrl_c_keeps_the_partial_answer(tmp_path, talky_llama, monkeypatch
             InterruptingStreamer.n += 1
             if InterruptingStreamer.n == 6:  # the prompt, then 5 tokens
                 os.kill(os.getpid(), signal.SIGINT)
+
     monkeypatch.setattr(transformers, "TextStreamer", InterruptingStreamer)
     # What SIGINT did before (a background CI job may inherit SIG_IGN); reply() must put it back.
     before = signal.getsignal(signal.SIGINT)

@@ -1,6 +1,7 @@
 """The house rules, checked: stages are recipes over the ftkit package and never import each other (or are
 imported by it); every ftkit module says in its docstring what it holds; runtime patches of library objects
 live in ftkit/patches.py only."""
+
 import ast
 from pathlib import Path
 
@@ -43,8 +44,9 @@ def test_runtime_patches_live_in_one_module(path):
     for node in ast.walk(tree):
         if isinstance(node, ast.Assign):
             for t in node.targets:
-                assert not (isinstance(t, ast.Attribute) and t.attr == "__class__"), \
+                assert not (isinstance(t, ast.Attribute) and t.attr == "__class__"), (
                     f"{path.name}:{node.lineno} swaps a class at runtime; do it in ftkit/patches.py"
+                )
         if isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "register_package":
             raise AssertionError(f"{path.name}:{node.lineno} patches torch.serialization; do it in ftkit/patches.py")
 
@@ -63,5 +65,6 @@ def test_benchmarks_and_tests_use_the_package_not_stage_internals():
                 raise AssertionError(f"{path.name}:{node.lineno} imports names from the stage {node.module}")
         for node in ast.walk(tree):
             if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in aliases:
-                assert node.attr in ("cli", "main", "__doc__"), \
+                assert node.attr in ("cli", "main", "__doc__"), (
                     f"{path.name}:{node.lineno} uses {aliases[node.value.id]}.{node.attr}; import it from ftkit"
+                )

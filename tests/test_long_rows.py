@@ -1,14 +1,16 @@
 """Long rows: the tiled MLP and the offloaded checkpoints change where activations live, never the numbers;
-and the "auto" switches turn them on only when the longest micro-batch would not fit (ftkit/plan.py, ftkit/patches.py)."""
+and the "auto" switches turn them on only when the longest micro-batch would not fit
+(ftkit/plan.py, ftkit/patches.py)."""
+
 import pytest
 import torch
+from helpers import REPO, run_script, tiny_overrides
 
 from benchmarks.common import LLAMA3_8B
 from benchmarks.train_throughput import TARGETS
-from helpers import REPO, run_script, tiny_overrides
 from ftkit import patches
-from ftkit.config import load_config
 from ftkit.cli import UserError
+from ftkit.config import load_config
 from ftkit.estimate import StepShape, estimate, model_numbers
 from ftkit.plan import Hardware, make_plan
 
@@ -18,14 +20,23 @@ H200 = ("NVIDIA H200", 150e9)
 def lora_llama(layers=3):
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
+
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=96, num_hidden_layers=layers,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024)
+    cfg = LlamaConfig(
+        vocab_size=300,
+        hidden_size=32,
+        intermediate_size=96,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+    )
     model = LlamaForCausalLM(cfg)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.enable_input_require_grads()
-    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, lora_dropout=0.0,
-                                             init_lora_weights=False))
+    model = get_peft_model(
+        model, LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, lora_dropout=0.0, init_lora_weights=False)
+    )
     model.train()
     return model
 
@@ -52,6 +63,7 @@ def test_tiled_mlp_and_offloading_give_the_same_loss_and_gradients(monkeypatch, 
     def counting(*a, **kw):
         entered.append(1)
         return real(*a, **kw)
+
     monkeypatch.setattr(torch.autograd.graph, "save_on_cpu", counting)
 
     assert patches.use_tiled_mlp(model, chunk_tokens=48) == 3
@@ -74,10 +86,18 @@ def test_tiled_mlp_and_offloading_give_the_same_loss_and_gradients(monkeypatch, 
 
 
 def planned(tokens: int, device="cuda", host=120e9, **over):
-    cfg = load_config(REPO / "configs" / "llama3_alpaca_h200.yaml",
-                      ["train.packing=false", "train.per_device_train_batch_size=1", "train.use_liger_kernel=true",
-                       "train.gradient_accumulation_steps=1", *[f"{k}={v}" for k, v in over.items()]])
+    cfg = load_config(
+        REPO / "configs" / "llama3_alpaca_h200.yaml",
+        [
+            "train.packing=false",
+            "train.per_device_train_batch_size=1",
+            "train.use_liger_kernel=true",
+            "train.gradient_accumulation_steps=1",
+            *[f"{k}={v}" for k, v in over.items()],
+        ],
+    )
     from transformers import LlamaConfig
+
     hw = Hardware(device=device, gpu_name=H200[0], gpu_memory=H200[1], liger_installed=True, host_memory=host)
     return cfg, make_plan(cfg, hw, [tokens], LlamaConfig(**LLAMA3_8B))
 
@@ -99,9 +119,13 @@ def test_auto_switches_follow_the_longest_row():
     assert cfg.train.activation_offloading == "auto"
     assert any(c.key == "train.activation_offloading" and c.planned == long.offload_layers for c in long.changes)
     # one layer fewer would not fit
-    fewer = estimate(model_numbers(__import__("transformers").LlamaConfig(**LLAMA3_8B), 16, TARGETS),
-                     StepShape(500_000, 1, True, True, 500_000, tiled_mlp=True,
-                               offload_layers=long.offload_layers - 1, optim_state_bytes=2), "NVIDIA H200")
+    fewer = estimate(
+        model_numbers(__import__("transformers").LlamaConfig(**LLAMA3_8B), 16, TARGETS),
+        StepShape(
+            500_000, 1, True, True, 500_000, tiled_mlp=True, offload_layers=long.offload_layers - 1, optim_state_bytes=2
+        ),
+        "NVIDIA H200",
+    )
     assert fewer["predicted_peak_gb"] > 0.85 * 150
 
 
@@ -121,15 +145,25 @@ def test_offloading_needs_cuda_and_checkpointing():
         planned(1000, device="cpu", **{"train.activation_offloading": "true", "train.use_liger_kernel": "auto"})
     with pytest.raises(UserError, match="train.tiled_mlp=true needs gradient checkpointing"):
         load_config(REPO / "configs" / "demo.yaml", ["train.tiled_mlp=true", "train.gradient_checkpointing=false"])
-    cfg = load_config(REPO / "configs" / "demo.yaml", ["train.activation_offloading=3", "train.gradient_checkpointing=auto"])
+    cfg = load_config(
+        REPO / "configs" / "demo.yaml", ["train.activation_offloading=3", "train.gradient_checkpointing=auto"]
+    )
     assert cfg.train.activation_offloading == 3
 
 
 def test_finetune_with_tiled_mlp_on_cpu(tmp_path, tiny_llama, alpaca_file):
     run = tmp_path / "run"
-    r = run_script("finetune.py", "--config", "configs/demo.yaml",
-                   *tiny_overrides(tiny_llama, alpaca_file, run, **{"train.max_steps": 2, "train.tiled_mlp": "true",
-                                                                    "train.gradient_checkpointing": "true"}))
+    r = run_script(
+        "finetune.py",
+        "--config",
+        "configs/demo.yaml",
+        *tiny_overrides(
+            tiny_llama,
+            alpaca_file,
+            run,
+            **{"train.max_steps": 2, "train.tiled_mlp": "true", "train.gradient_checkpointing": "true"},
+        ),
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert "tiled MLP: 2 layers run their MLP in chunks of 64 tokens" in r.stderr
     assert (run / "adapter" / "adapter_model.safetensors").is_file()
@@ -140,7 +174,9 @@ def test_dry_run_plans_for_the_longest_row(tmp_path, embedded_model):
     350k-token row: it turns on checkpointing, the tiled MLP and offloading of some layers, and prints the plan
     for the largest micro-batch within the GPU budget."""
     import json
+
     from transformers import AutoTokenizer, LlamaConfig
+
     model = tmp_path / "llama3-8b-shape"
     LlamaConfig(**LLAMA3_8B).save_pretrained(model)
     AutoTokenizer.from_pretrained(embedded_model).save_pretrained(model)
@@ -148,13 +184,26 @@ def test_dry_run_plans_for_the_longest_row(tmp_path, embedded_model):
     text = " ".join(words[i % len(words)] + str(i % 97) for i in range(120_000))
     data = tmp_path / "long.jsonl"
     data.write_text(json.dumps({"instruction": "Summarise.", "input": text, "output": "A fox."}) + "\n")
-    r = run_script("finetune.py", "--config", "configs/llama3_alpaca_h200.yaml", f"model.name_or_path={model}",
-                   f"data.path={data}", "data.eval_size=0", "data.max_length=1000000", "train.packing=false",
-                   "train.per_device_train_batch_size=1", "train.gradient_accumulation_steps=1", "--dry-run")
+    r = run_script(
+        "finetune.py",
+        "--config",
+        "configs/llama3_alpaca_h200.yaml",
+        f"model.name_or_path={model}",
+        f"data.path={data}",
+        "data.eval_size=0",
+        "data.max_length=1000000",
+        "train.packing=false",
+        "train.per_device_train_batch_size=1",
+        "train.gradient_accumulation_steps=1",
+        "--dry-run",
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     out = r.stdout
     assert "gradient_checkpointing=True" in out and "tiled_mlp=True" in out, out
-    assert "per-device batch 1 x accumulation 1 x 1 processes = global batch 1 rows a step" in out and "train.activation_offloading: auto ->" in out, out
+    assert (
+        "per-device batch 1 x accumulation 1 x 1 processes = global batch 1 rows a step" in out
+        and "train.activation_offloading: auto ->" in out
+    ), out
     assert not (model / "plan.json").exists() and not any(tmp_path.glob("runs*"))  # a dry run writes nothing
     layers = int(out.split("offloaded_layers=")[1].split()[0])
     assert 0 < layers < 32, out

@@ -4,6 +4,7 @@ A tiny random Llama on CPU (a few seconds). On the GPU the same attention functi
 kernel instead of the row-by-row SDPA used here; benchmarks/train_throughput.py repeats this check there on
 the 8B model.
 """
+
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -17,11 +18,20 @@ LENGTHS = (7, 12, 5, 9)
 
 def tiny_model(attn: str):
     from transformers import LlamaConfig, LlamaForCausalLM
+
     torch.manual_seed(0)
     # A large init makes attention matter: mixing rows would move the loss visibly.
-    cfg = LlamaConfig(vocab_size=101, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                      initializer_range=0.4, attn_implementation=attn)
+    cfg = LlamaConfig(
+        vocab_size=101,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        initializer_range=0.4,
+        attn_implementation=attn,
+    )
     return LlamaForCausalLM(cfg).eval()
 
 
@@ -46,7 +56,7 @@ def per_row_packed(model, batch: dict):
     tok_loss = torch.nn.functional.cross_entropy(logits[:-1], labels[1:], ignore_index=-100, reduction="none")
     out, start = [], 0
     for n in LENGTHS:
-        seg = tok_loss[start:start + n - 1]  # the targets of row i are its own tokens 1..n-1
+        seg = tok_loss[start : start + n - 1]  # the targets of row i are its own tokens 1..n-1
         out.append(seg.mean().item())
         start += n
     return out
@@ -54,6 +64,7 @@ def per_row_packed(model, batch: dict):
 
 def collate():
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
     c = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True)
     return c([{"input_ids": r.tolist()} for r in rows()])
 
@@ -77,8 +88,12 @@ def test_check_detects_contamination():
     model = tiny_model("eager")
     alone = per_row_alone(model)
     batch = collate()
-    batch = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "labels": batch["labels"],
-             "attention_mask": torch.ones_like(batch["input_ids"])}
+    batch = {
+        "input_ids": batch["input_ids"],
+        "position_ids": batch["position_ids"],
+        "labels": batch["labels"],
+        "attention_mask": torch.ones_like(batch["input_ids"]),
+    }
     mixed = per_row_packed(model, batch)
     assert mixed[0] == pytest.approx(alone[0], rel=1e-5)  # the first row sees nothing before it
     assert max(abs(a - b) for a, b in zip(mixed[1:], alone[1:])) > 1e-3

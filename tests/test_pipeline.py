@@ -1,10 +1,10 @@
 """The whole chain, as a user runs it: dataset -> finetune -> merge -> inference, in a temporary folder."""
+
 import json
 from pathlib import Path
 
 import pytest
 import torch
-
 from helpers import REPO, run_script, tiny_overrides
 
 
@@ -14,15 +14,28 @@ def read_log(run: Path) -> list[dict]:
 
 def test_tiny_chain_from_the_command_line(tmp_path, tiny_llama, alpaca_file):
     run = tmp_path / "runs" / "tiny"
-    args = ["--config", str(REPO / "configs" / "demo.yaml"),
-            *tiny_overrides(tiny_llama, alpaca_file, run, **{"paths.latest": "runs/latest"})]
+    args = [
+        "--config",
+        str(REPO / "configs" / "demo.yaml"),
+        *tiny_overrides(tiny_llama, alpaca_file, run, **{"paths.latest": "runs/latest"}),
+    ]
     r = run_script("dataset.py", *args, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     r = run_script("finetune.py", *args, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
-    for f in ("config.yaml", "plan.json", "manifest.json", "prompt_template.json", "dataset_report.json", "train_log.jsonl",
-              "run_summary.json", "eval_rows.jsonl", "adapter/adapter_model.safetensors",
-              "adapter/adapter_config.json", "adapter/tokenizer.json"):
+    for f in (
+        "config.yaml",
+        "plan.json",
+        "manifest.json",
+        "prompt_template.json",
+        "dataset_report.json",
+        "train_log.jsonl",
+        "run_summary.json",
+        "eval_rows.jsonl",
+        "adapter/adapter_model.safetensors",
+        "adapter/adapter_config.json",
+        "adapter/tokenizer.json",
+    ):
         assert (run / f).is_file(), f
     assert (tmp_path / "runs" / "latest").read_text().strip() == str(run.resolve())
     summary = json.loads((run / "run_summary.json").read_text())
@@ -31,15 +44,23 @@ def test_tiny_chain_from_the_command_line(tmp_path, tiny_llama, alpaca_file):
     assert "trainable parameters" in r.stderr and "resolved config" in r.stderr
     # plan.json says what ran; config.yaml keeps what was asked ("auto" stays "auto")
     plan = json.loads((run / "plan.json").read_text())
-    for key in ("rows_per_step", "learning_rate", "tokens_per_micro_batch", "gradient_accumulation_steps", "packing",
-                "gradient_checkpointing", "estimate", "changes"):
+    for key in (
+        "rows_per_step",
+        "learning_rate",
+        "tokens_per_micro_batch",
+        "gradient_accumulation_steps",
+        "packing",
+        "gradient_checkpointing",
+        "estimate",
+        "changes",
+    ):
         assert key in plan, key
     assert plan["rows_per_step"] == 4 and plan["learning_rate"] == 1e-3 and plan["packing"] is False
     assert "gradient_checkpointing: false" in (run / "config.yaml").read_text()
     assert "padding_free: auto" in (run / "config.yaml").read_text() and plan["padding_free"] is True
     assert "global batch 4 rows a step" in r.stderr and "train.padding_free: auto -> True" in r.stderr
     losses = [row["loss"] for row in read_log(run) if "loss" in row]
-    assert len(losses) == 4 and all(l == l and l > 0 for l in losses)
+    assert len(losses) == 4 and all(x == x and x > 0 for x in losses)
     manifest = json.loads((run / "manifest.json").read_text())
     assert manifest["packages"]["transformers"] and len(manifest["data_sha256"]) == 64 and manifest["seed"] == 42
 
@@ -56,6 +77,7 @@ def test_tiny_chain_from_the_command_line(tmp_path, tiny_llama, alpaca_file):
     # A plain transformers load of merged/ gives base+adapter's logits (up to bf16 storage rounding).
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
+
     merged = AutoModelForCausalLM.from_pretrained(run / "merged", dtype=torch.float32)
     base = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
     adapted = PeftModel.from_pretrained(base, run / "adapter")
@@ -80,14 +102,48 @@ def test_existing_run_is_never_overwritten(tmp_path, tiny_llama, alpaca_file):
 def test_embedded_smollm2_learns_and_merges(tmp_path, embedded_model):
     """The real demo model: loss falls on a tiny task set, the merge matches, the answer is non-empty."""
     data = tmp_path / "tasks.jsonl"
-    rows = [{"instruction": "Reply with the word in capital letters.", "input": w, "output": w.upper()}
-            for w in ("apple", "river", "stone", "cloud", "green", "music", "table", "light", "paper", "house",
-                      "grass", "train", "bread", "chair", "water", "sugar", "plant", "horse", "glass", "night")]
+    rows = [
+        {"instruction": "Reply with the word in capital letters.", "input": w, "output": w.upper()}
+        for w in (
+            "apple",
+            "river",
+            "stone",
+            "cloud",
+            "green",
+            "music",
+            "table",
+            "light",
+            "paper",
+            "house",
+            "grass",
+            "train",
+            "bread",
+            "chair",
+            "water",
+            "sugar",
+            "plant",
+            "horse",
+            "glass",
+            "night",
+        )
+    ]
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     run = tmp_path / "run"
-    over = tiny_overrides(embedded_model, data, run, **{
-        "model.gguf_source": "null", "train.max_steps": 12, "train.learning_rate": 1e-3, "train.eval_steps": "null",
-        "train.save_steps": 100, "data.eval_size": 2, "train.logging_steps": 2, "inference.max_new_tokens": 12})
+    over = tiny_overrides(
+        embedded_model,
+        data,
+        run,
+        **{
+            "model.gguf_source": "null",
+            "train.max_steps": 12,
+            "train.learning_rate": 1e-3,
+            "train.eval_steps": "null",
+            "train.save_steps": 100,
+            "data.eval_size": 2,
+            "train.logging_steps": 2,
+            "inference.max_new_tokens": 12,
+        },
+    )
     r = run_script("finetune.py", "--config", "configs/demo.yaml", *over)
     assert r.returncode == 0, r.stderr
     losses = [row["loss"] for row in read_log(run) if "loss" in row]
@@ -97,7 +153,14 @@ def test_embedded_smollm2_learns_and_merges(tmp_path, embedded_model):
     assert r.returncode == 0, r.stderr
     check = json.loads((run / "merged" / "merge_check.json").read_text())
     assert check["max_logit_diff"] < 0.05 and check["token_agreement"] >= 0.99
-    r = run_script("inference.py", "--config", str(run / "config.yaml"), "--prompt",
-                   "Reply with the word in capital letters.", "--input", "smile")
+    r = run_script(
+        "inference.py",
+        "--config",
+        str(run / "config.yaml"),
+        "--prompt",
+        "Reply with the word in capital letters.",
+        "--input",
+        "smile",
+    )
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip(), "the fine-tuned model generated nothing"

@@ -5,13 +5,14 @@ world size rows a step at the YAML's learning rate, whatever the hardware; the p
 run, and every value that differs from the YAML is a Change with a reason. The throughput mode changes the
 rows a step and the learning rate only when asked for (train.packing=true), and says so.
 """
+
 import pytest
+from helpers import REPO
 from transformers import LlamaConfig
 
 from benchmarks.common import LLAMA3_8B
-from helpers import REPO
-from ftkit.config import load_config
 from ftkit.cli import UserError
+from ftkit.config import load_config
 from ftkit.plan import Hardware, make_plan
 
 LLAMA = LlamaConfig(**LLAMA3_8B)
@@ -32,22 +33,28 @@ def changed(plan, key):
     return next((c for c in plan.changes if c.key == key), None)
 
 
-@pytest.mark.parametrize("hw, world, rows_micro, accum, gc", [
-    (H200, 1, 16, 1, False),                                    # one large GPU: 8 x 2 run as 16 x 1, no recompute
-    # 24 GB: 16 rows fit in one micro-batch only with recompute, which the estimate (and the H200: 5,432 vs
-    # 3,780 tok/s, benchmarks/results/h200_yaml_batch.json) finds faster than two micro-batches without it
-    (dict(H200, gpu_memory=24e9), 1, 16, 1, True),
-    (dict(H200, gpu_memory=10e9), 1, 8, 2, True),               # 10 GB: the YAML's split, with recompute
-    (dict(H200, gpu_memory=8e9), 1, 2, 8, True),                # 8 GB: smaller micro-batches, still 16 rows
-    (dict(H200, world_size=4), 4, 16, 1, False),                # 4 processes: 4 x the rows, as DDP always did
-    (CPU, 1, 8, 2, False),                                      # CPU: the YAML's split
-])
+@pytest.mark.parametrize(
+    "hw, world, rows_micro, accum, gc",
+    [
+        (H200, 1, 16, 1, False),  # one large GPU: 8 x 2 run as 16 x 1, no recompute
+        # 24 GB: 16 rows fit in one micro-batch only with recompute, which the estimate (and the H200: 5,432 vs
+        # 3,780 tok/s, benchmarks/results/h200_yaml_batch.json) finds faster than two micro-batches without it
+        (dict(H200, gpu_memory=24e9), 1, 16, 1, True),
+        (dict(H200, gpu_memory=10e9), 1, 8, 2, True),  # 10 GB: the YAML's split, with recompute
+        (dict(H200, gpu_memory=8e9), 1, 2, 8, True),  # 8 GB: smaller micro-batches, still 16 rows
+        (dict(H200, world_size=4), 4, 16, 1, False),  # 4 processes: 4 x the rows, as DDP always did
+        (CPU, 1, 8, 2, False),  # CPU: the YAML's split
+    ],
+)
 def test_the_optimizer_gets_the_yamls_rows(hw, world, rows_micro, accum, gc):
     p = plan_for(hw)
     assert p.rows_per_step == 8 * 2 * world
     assert p.learning_rate == 2e-4 and p.lr_factor == 1.0
     assert (p.per_device_train_batch_size, p.gradient_accumulation_steps, p.gradient_checkpointing) == (
-        rows_micro, accum, gc)
+        rows_micro,
+        accum,
+        gc,
+    )
     assert p.per_device_train_batch_size * p.gradient_accumulation_steps == 16
     assert not p.packing and p.padding_free
     if rows_micro != 8:
@@ -60,8 +67,12 @@ def test_the_optimizer_gets_the_yamls_rows(hw, world, rows_micro, accum, gc):
 def test_cpu_plan_keeps_the_measured_cpu_path():
     p = plan_for(CPU)
     assert p.attn_implementation == "sdpa_varlen" and not p.use_liger_kernel and p.upcast_frozen_fp32
-    assert {c.key for c in p.changes} >= {"train.padding_free", "model.attn_implementation",
-                                          "train.upcast_frozen_fp32", "train.use_liger_kernel"}
+    assert {c.key for c in p.changes} >= {
+        "train.padding_free",
+        "model.attn_implementation",
+        "train.upcast_frozen_fp32",
+        "train.use_liger_kernel",
+    }
 
 
 def test_a_gpu_that_only_fits_with_recompute_turns_it_on():
@@ -71,8 +82,9 @@ def test_a_gpu_that_only_fits_with_recompute_turns_it_on():
 
 
 def test_regrouping_can_be_turned_off_and_explicit_switches_are_kept():
-    p = plan_for(H200, "train.regroup_micro_batches=false", "train.gradient_checkpointing=true",
-                 "train.use_liger_kernel=false")
+    p = plan_for(
+        H200, "train.regroup_micro_batches=false", "train.gradient_checkpointing=true", "train.use_liger_kernel=false"
+    )
     assert (p.per_device_train_batch_size, p.gradient_accumulation_steps) == (8, 2)
     assert p.gradient_checkpointing and not p.use_liger_kernel
     assert changed(p, "train.gradient_checkpointing") is None and changed(p, "train.use_liger_kernel") is None
@@ -101,27 +113,40 @@ def test_throughput_mode_is_explicit_and_says_what_it_changes():
 
 
 def test_the_default_plan_says_every_value_runs_as_asked_when_nothing_changes():
-    p = plan_for(H200, "train.padding_free=false", "train.use_liger_kernel=false", "train.gradient_checkpointing=false",
-                 "train.tiled_mlp=false", "train.activation_offloading=false", "train.regroup_micro_batches=false")
+    p = plan_for(
+        H200,
+        "train.padding_free=false",
+        "train.use_liger_kernel=false",
+        "train.gradient_checkpointing=false",
+        "train.tiled_mlp=false",
+        "train.activation_offloading=false",
+        "train.regroup_micro_batches=false",
+    )
     assert p.changes == () and "every value runs as the YAML says" in p.describe()
     assert p.attn_implementation == "sdpa"
 
 
-@pytest.mark.parametrize("hw, over, message", [
-    (H200, ["train.packing=true", "train.pack_tokens=1000000"], "throughput mode"),
-    (dict(H200, gpu_memory=4e9), [], "does not fit this GPU"),
-    (CPU, ["train.use_liger_kernel=true"], "needs a CUDA GPU"),
-    (dict(H200, liger_installed=False), ["train.use_liger_kernel=true"], "liger-kernel package is not installed"),
-])
+@pytest.mark.parametrize(
+    "hw, over, message",
+    [
+        (H200, ["train.packing=true", "train.pack_tokens=1000000"], "throughput mode"),
+        (dict(H200, gpu_memory=4e9), [], "does not fit this GPU"),
+        (CPU, ["train.use_liger_kernel=true"], "needs a CUDA GPU"),
+        (dict(H200, liger_installed=False), ["train.use_liger_kernel=true"], "liger-kernel package is not installed"),
+    ],
+)
 def test_plans_that_cannot_run_are_refused_before_any_model_loads(hw, over, message):
     with pytest.raises(UserError, match=message):
         plan_for(hw, *over)
 
 
-@pytest.mark.parametrize("over, message", [
-    (["train.packing=auto"], "train.packing=auto is gone"),
-    (["train.lr_scaling=cubic"], "train.lr_scaling"),
-])
+@pytest.mark.parametrize(
+    "over, message",
+    [
+        (["train.packing=auto"], "train.packing=auto is gone"),
+        (["train.lr_scaling=cubic"], "train.lr_scaling"),
+    ],
+)
 def test_config_refuses_unknown_modes(over, message):
     with pytest.raises(UserError, match=message):
         load_config(REPO / "configs" / "llama3_alpaca.yaml", over)
@@ -134,6 +159,11 @@ def test_data_smaller_than_one_step_is_said():
 
 
 def test_huge_batches_plan_quickly():
-    p = plan_for(H200, "train.per_device_train_batch_size=100000", "train.gradient_accumulation_steps=100000",
-                 "data.max_length=16", lengths=[])
+    p = plan_for(
+        H200,
+        "train.per_device_train_batch_size=100000",
+        "train.gradient_accumulation_steps=100000",
+        "data.max_length=16",
+        lengths=[],
+    )
     assert p.rows_per_step == 1e10

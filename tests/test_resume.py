@@ -7,6 +7,7 @@ restores the LoRA weights, AdamW moments, LR schedule, RNG states and the data p
 replays the seeded sampler and skips the batches already seen), and every op is deterministic on the CPU.
 On a GPU, non-deterministic CUDA kernels (atomic adds in backward) would need a tolerance instead.
 """
+
 import json
 import os
 import signal
@@ -17,16 +18,21 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from helpers import REPO, run_script, tiny_overrides
+from safetensors.torch import load_file
 
 STEPS = 12
 
 
 def overrides(model, data, run, **extra):
-    base = {"train.max_steps": STEPS, "train.save_steps": 2, "train.save_total_limit": 2,
-            "train.eval_steps": "null", "train.load_best_model_at_end": "false", "train.warmup_steps": 2}
+    base = {
+        "train.max_steps": STEPS,
+        "train.save_steps": 2,
+        "train.save_total_limit": 2,
+        "train.eval_steps": "null",
+        "train.load_best_model_at_end": "false",
+        "train.warmup_steps": 2,
+    }
     base.update(extra)
     return tiny_overrides(model, data, run, **base)
 
@@ -34,8 +40,9 @@ def overrides(model, data, run, **extra):
 def start(args, log_path: Path, env=None) -> subprocess.Popen:
     e = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", **(env or {}))
     f = open(log_path, "w")
-    return subprocess.Popen([sys.executable, str(REPO / "finetune.py"), *args], cwd=REPO, env=e,
-                            stdout=f, stderr=subprocess.STDOUT)
+    return subprocess.Popen(
+        [sys.executable, str(REPO / "finetune.py"), *args], cwd=REPO, env=e, stdout=f, stderr=subprocess.STDOUT
+    )
 
 
 def wait_for(pred, proc, timeout=240):
@@ -67,6 +74,7 @@ def adapter(run: Path) -> dict:
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     from helpers import ALPACA_ROWS
+
     p = tmp_path_factory.mktemp("data") / "rows.json"
     rows = [dict(r, instruction=f"{r['instruction']} (variant {k})") for k in range(8) for r in ALPACA_ROWS]
     p.write_text(json.dumps(rows))
@@ -122,8 +130,14 @@ def test_checkpoint_holds_everything_a_resume_needs(reference):
     ckpts = sorted((reference / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
     assert [c.name for c in ckpts] == [f"checkpoint-{STEPS - 2}", f"checkpoint-{STEPS}"]  # save_total_limit=2
     c = ckpts[0]
-    for f in ("adapter_model.safetensors", "adapter_config.json", "optimizer.pt", "scheduler.pt", "rng_state.pth",
-              "trainer_state.json"):
+    for f in (
+        "adapter_model.safetensors",
+        "adapter_config.json",
+        "optimizer.pt",
+        "scheduler.pt",
+        "rng_state.pth",
+        "trainer_state.json",
+    ):
         assert (c / f).is_file(), f
     assert not (c / "training_args.bin").exists()  # a pickle no resume reads
     opt = torch.load(c / "optimizer.pt", weights_only=True)
@@ -132,6 +146,7 @@ def test_checkpoint_holds_everything_a_resume_needs(reference):
     sched = torch.load(c / "scheduler.pt", weights_only=True)
     assert sched["last_epoch"] == STEPS - 2
     from transformers.trainer_pt_utils import safe_globals
+
     with safe_globals():  # as the Trainer loads it: weights_only, numpy arrays allowed, no arbitrary pickles
         rng = torch.load(c / "rng_state.pth", weights_only=True)
     assert {"python", "numpy", "cpu"} <= set(rng)
@@ -142,8 +157,12 @@ def test_checkpoint_holds_everything_a_resume_needs(reference):
 
 def test_same_config_and_seed_give_the_same_losses(tmp_path, tiny_llama, data, reference):
     run = tmp_path / "again"
-    r = run_script("finetune.py", "--config", "configs/demo.yaml",
-                   *overrides(tiny_llama, data, run, **{"train.max_steps": 4, "train.save_steps": 100}))
+    r = run_script(
+        "finetune.py",
+        "--config",
+        "configs/demo.yaml",
+        *overrides(tiny_llama, data, run, **{"train.max_steps": 4, "train.save_steps": 100}),
+    )
     assert r.returncode == 0, r.stderr
     got, want = losses(run), losses(reference)
     # Same seed, same first steps; the LR schedule differs after warmup (max_steps 4 vs 12), so compare
@@ -151,6 +170,7 @@ def test_same_config_and_seed_give_the_same_losses(tmp_path, tiny_llama, data, r
     assert [got[s] for s in (1, 2)] == [want[s] for s in (1, 2)]
     m = json.loads((run / "manifest.json").read_text())
     from ftkit.paths import file_sha256
+
     assert m["data_sha256"] == file_sha256(data) and m["seed"] == 42 and m["data_seed"] == 42
     for pkg in ("torch", "transformers", "peft", "trl", "bitsandbytes", "accelerate", "python"):
         assert m["packages"][pkg], pkg
@@ -189,15 +209,23 @@ def test_overwrite_replaces_a_run_and_tokens_never_leak(tmp_path, tiny_llama, da
     (run / "config.yaml").write_text(old_config)
     (run / "train_log.jsonl").write_text('{"step": 99, "from": "the old run"}\n')
     token = "hf_" + "AbCdEfGhIjKlMnOpQrStUvWxYz0123"
-    over = overrides(tiny_llama, data, run, **{"train.max_steps": 2, "train.save_steps": 1,
-                                                "model.trust_remote_code": "true"})
+    over = overrides(
+        tiny_llama, data, run, **{"train.max_steps": 2, "train.save_steps": 1, "model.trust_remote_code": "true"}
+    )
     r = run_script("finetune.py", "--config", "configs/demo.yaml", *over, env={"HF_TOKEN": token})
     assert r.returncode == 2 and "already holds a run" in r.stderr
     assert (run / "config.yaml").read_text() == old_config
 
     # The token also shows up in the command line (as a careless user might pass it), and must still not leak.
-    r = run_script("finetune.py", "--config", "configs/demo.yaml", *over, f"data.system_prompt=token {token}",
-                   "--overwrite", env={"HF_TOKEN": token})
+    r = run_script(
+        "finetune.py",
+        "--config",
+        "configs/demo.yaml",
+        *over,
+        f"data.system_prompt=token {token}",
+        "--overwrite",
+        env={"HF_TOKEN": token},
+    )
     assert r.returncode == 0, r.stderr
     assert "the old run" not in (run / "train_log.jsonl").read_text()
     assert (run / "adapter" / "adapter_model.safetensors").is_file()
