@@ -480,33 +480,20 @@ def gpu_main(a) -> None:
             ["train.pack_tokens=16384", "train.gradient_accumulation_steps=1"],
             W + S,
         )
-    if want("project_long"):
-        for L in a.project_probe:
-            variant(
-                f"project_long_{L}",
-                base,
-                probe_project,
-                L,
-                ["train.gradient_checkpointing=true", "train.tiled_mlp=false", "train.activation_offloading=false"],
-            )
-    if want("project_long_tiled"):
-        for L in a.project_probe:
-            variant(
-                f"project_long_tiled_{L}",
-                base,
-                probe_project,
-                L,
-                ["train.gradient_checkpointing=true", "train.tiled_mlp=true", "train.activation_offloading=false"],
-            )
-    if want("project_long_offload"):
-        for L in a.offload_probe:
-            variant(
-                f"project_long_tiled_offload32_{L}",
-                base,
-                probe_project,
-                L,
-                ["train.gradient_checkpointing=true", "train.tiled_mlp=true", "train.activation_offloading=true"],
-            )
+    # Long rows with checkpointing forced on: (group, result name, probe lengths, tiled MLP, offloading)
+    long_rows = [
+        ("project_long", "project_long", a.project_probe, False, False),
+        ("project_long_tiled", "project_long_tiled", a.project_probe, True, False),
+        ("project_long_offload", "project_long_tiled_offload32", a.offload_probe, True, True),
+    ]
+    for group, name, probe, tiled, offload in long_rows:
+        if want(group):
+            for L in probe:
+                switches = [
+                    f"train.tiled_mlp={str(tiled).lower()}",
+                    f"train.activation_offloading={str(offload).lower()}",
+                ]
+                variant(f"{name}_{L}", base, probe_project, L, ["train.gradient_checkpointing=true", *switches])
     if want("project_long_auto"):
         for L in a.auto_probe:  # what finetune.py picks by itself for one row this long
             variant(f"project_long_auto_{L}", base, probe_project, L, [])

@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .cli import UserError
+from .jsonl import read_text
 
 # -- the config --------------------------------------------------------------------------------------
 DTYPES = Literal["bfloat16", "float16", "float32"]
@@ -406,20 +407,15 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Confi
     if path is not None:
         p = Path(path)
         where = str(p)
-        if p.is_dir():
-            raise UserError(f"config '{p}' is a folder, not a file; pass a YAML file, e.g. --config configs/demo.yaml")
-        if not p.is_file():
-            raise UserError(f"config file '{p}' not found; pass an existing YAML, e.g. --config configs/demo.yaml")
+        text = read_text(p, "config", "pass an existing YAML file, e.g. --config configs/demo.yaml")
         try:
-            raw = yaml.load(p.read_text(encoding="utf-8"), Loader=_StrictLoader) or {}
+            raw = yaml.load(text, Loader=_StrictLoader) or {}
         except UserError as e:
             raise UserError(f"{p}: {e}") from None
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
             raise UserError(f"{p}: invalid YAML{at}: {getattr(e, 'problem', e)}; fix the syntax") from None
-        except UnicodeDecodeError:
-            raise UserError(f"{p}: not UTF-8 text; save the config as UTF-8") from None
         if not isinstance(raw, dict):
             raise UserError(f"{p}: the top level must be a mapping of sections (model:, data:, ...)")
     _check_unknown(raw, where)
