@@ -42,7 +42,6 @@ def open_run(cfg: Config, overwrite: bool, resume: bool) -> tuple[RunDir, bool]:
     a finished run never replaced silently, a killed run's leftovers settled, the latest pointer, the text
     options the libraries check, and (on --resume) a config that matches the saved run. Writes nothing."""
     run = RunDir(Path(cfg.paths.output_dir))
-    resume = resume or (cfg.train.resume == "auto" and not overwrite and run.config.is_file())
     if overwrite and resume:
         raise UserError(
             "--overwrite and --resume contradict each other; pass --resume to continue the run in "
@@ -54,6 +53,8 @@ def open_run(cfg: Config, overwrite: bool, resume: bool) -> tuple[RunDir, bool]:
     # one process only.
     if is_main():
         runlock.recover_leftovers(run.root)
+    # Only now: the recovery may have put a replaced run back where a killed --overwrite had started anew.
+    resume = resume or (cfg.train.resume == "auto" and not overwrite and run.config.is_file())
     if run.holds_run() and not (overwrite or resume):
         raise UserError(
             f"run directory '{run.root}' already holds a run; pass --resume to continue it, "

@@ -427,3 +427,16 @@ def test_chat_save_never_replaces_a_file_that_is_not_a_transcript(tmp_path):
     chat.history.append({"role": "user", "content": "again"})
     chat.handle(f"/save {saved}")  # its own earlier transcript may be replaced
     assert len(json.loads(saved.read_text())["messages"]) == 3
+
+
+def test_resume_auto_after_a_killed_overwrite_continues_the_restored_run(tmp_path, finished_run, tiny_llama, data):
+    # A SIGKILL right after --overwrite moved the old run aside: the new folder holds only its lock.
+    run = tmp_path / "run"
+    copy_run(finished_run, tmp_path / ".run.old-999999999")
+    run.mkdir()
+    (run / ".lock").write_text("999999999 finetune.py\n")
+    r = run_script("finetune.py", *ft_args(tiny_llama, data, run, **{"train.max_steps": 4}), "train.resume=auto")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "restored" in r.stderr and "resum" in r.stderr.lower(), r.stderr[-2000:]
+    state = json.loads((run / "checkpoints" / "checkpoint-4" / "trainer_state.json").read_text())
+    assert state["global_step"] == 4 and not leftovers(tmp_path)
