@@ -94,6 +94,17 @@ class DataCfg(Section):
     drop_duplicates: bool = True
     seed: int = 42
 
+    @field_validator("eval_size")
+    @classmethod
+    def _whole_count(cls, v: float) -> float:
+        # 1.5 would silently hold out one row; the user most likely meant a percentage.
+        if v >= 1 and v != int(v):
+            raise ValueError(
+                f"data.eval_size={v:g} is neither a fraction below 1 nor a whole row count; "
+                f"write {v / 100:g} for {v:g}% of the rows or {round(v)} for {round(v)} rows"
+            )
+        return v
+
 
 def explicitly_on(switch) -> bool:
     """A train.* switch the user set on: true, or a positive count (not false, 0 or "auto")."""

@@ -421,6 +421,7 @@ CASES = [
     ),
     Case("config-output-dir-name-too-long", "finetune.py", ft("paths.output_dir={tmp}/" + "r" * 300), "bytes", GOOD),
     Case("config-is-a-folder", "finetune.py", ["--config", "{tmp}"], "is a folder"),
+    Case("eval-size-fractional-count", "finetune.py", ft("data.eval_size=1.5"), "write 0.015 for 1.5% of the rows"),
     Case(
         "config-override-duplicate-key", "finetune.py", ft("lora.target_modules={{a: 1, a: 2}}"), "duplicate key", GOOD
     ),
