@@ -169,7 +169,8 @@ def warn_remote_code(cfg: Config, source: str) -> None:
 def load_tokenizer(cfg: Config, source: str | None = None, offline: bool = True):
     from transformers import AutoTokenizer
 
-    src = source or resolve_model(cfg.model)[0]
+    # Without a source, resolve it here and keep its offline flag: a hub model not yet cached must download.
+    src, offline = (source, offline) if source else resolve_model(cfg.model)
     warn_remote_code(cfg, src)
     with user_errors(
         f"cannot load a tokenizer from '{src}'", "point model.name_or_path at a checkpoint with tokenizer files"

@@ -87,10 +87,6 @@ class RunDir:
         probe = cls(Path("."))
         return frozenset(getattr(probe, n).name for n, v in vars(cls).items() if isinstance(v, property))
 
-    def holds_run(self) -> bool:
-        # dataset.py may leave a report here before training; only training artifacts make it a run.
-        return any(p.exists() for p in (self.config, self.checkpoints, self.adapter))
-
 
 def atomic_write_text(path: Path, text: str) -> None:
     """Write beside the target, then rename: readers see the old file or the new one, never half of one."""

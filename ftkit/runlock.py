@@ -135,11 +135,11 @@ def is_project_run(root: Path) -> bool:
         return False
 
 
-def _is_run_entry(name: str) -> bool:
-    if name in RUN_ENTRIES:
+def _is_run_entry(name: str, ours: frozenset[str] = RUN_ENTRIES) -> bool:
+    if name in ours:
         return True
     m = _TMP_RE.match(name)
-    return bool(m and m.group("name") in RUN_ENTRIES)
+    return bool(m and m.group("name") in ours)
 
 
 def protected_reason(root: Path) -> str | None:
@@ -163,8 +163,17 @@ def protected_reason(root: Path) -> str | None:
     return None
 
 
+# What a folder that is not (yet) a run may hold: dataset.py's report, and a lock left by a stage.
+_BEFORE_RUN_ENTRIES = frozenset({LOCK_NAME, "dataset_report.json"})
+
+
 def _foreign(root: Path) -> list[str]:
-    return sorted(p.name for p in root.iterdir() if not _is_run_entry(p.name)) if root.is_dir() else []
+    """What in the folder no stage wrote. Names alone do not make a file ours: a folder without this
+    project's config.yaml header is not a run, so its config.yaml, adapter/, ... are the user's."""
+    if not root.is_dir():
+        return []
+    ours = RUN_ENTRIES if is_project_run(root) else _BEFORE_RUN_ENTRIES
+    return sorted(p.name for p in root.iterdir() if not _is_run_entry(p.name, ours))
 
 
 def _foreign_text(foreign: list[str]) -> str:
@@ -299,9 +308,15 @@ def start_run(root: Path, overwrite: bool, resume: bool = False, what: str = "fi
     root.mkdir(parents=True, exist_ok=True)
     try:
         lock = RunLock(root, what).acquire()
-    except UserError:
-        if aside is not None and not root.exists():
-            os.replace(aside, root)
+    except UserError as e:
+        if aside is not None:
+            # Another writer took the folder between our checks and our lock. Its lock file stays (see
+            # release), so the folder cannot be emptied and the old run cannot go back: say where it is.
+            try:
+                root.rmdir()
+                os.replace(aside, root)
+            except OSError:
+                raise UserError(f"{e}; the run it was to replace is kept at '{aside}'") from None
         raise
     if aside is None and not resume and is_project_run(root):
         lock.release()

@@ -55,7 +55,7 @@ def open_run(cfg: Config, overwrite: bool, resume: bool) -> tuple[RunDir, bool]:
         runlock.recover_leftovers(run.root)
     # Only now: the recovery may have put a replaced run back where a killed --overwrite had started anew.
     resume = resume or (cfg.train.resume == "auto" and not overwrite and run.config.is_file())
-    if run.holds_run() and not (overwrite or resume):
+    if runlock.is_project_run(run.root) and not (overwrite or resume):
         raise UserError(
             f"run directory '{run.root}' already holds a run; pass --resume to continue it, "
             "--overwrite to replace it, or set paths.output_dir to a new folder"

@@ -433,6 +433,21 @@ CASES = [
         "does not hold a run",
         {**GOOD, "mydata/alpaca.json": GOOD_JSON, "mydata/make_data.py": "print(1)\n"},
     ),
+    # A folder of the user's whose files merely share a run's names (no config.yaml written by finetune.py).
+    Case(
+        "new-run-in-folder-with-users-config",
+        "finetune.py",
+        ft("paths.output_dir={tmp}/mine"),
+        "already holds adapter, config.yaml, which no stage wrote",
+        {**GOOD, "mine/config.yaml": "my own settings\n", "mine/adapter/notes.txt": "x"},
+    ),
+    Case(
+        "overwrite-folder-with-users-config",
+        "finetune.py",
+        ft("paths.output_dir={tmp}/mine", "--overwrite"),
+        "config.yaml",
+        {**GOOD, "mine/config.yaml": "my own settings\n"},
+    ),
     Case("overwrite-dot", "finetune.py", ft("paths.output_dir=.", "--overwrite"), "working directory", GOOD),
     Case(
         "overwrite-parent-of-cwd",
