@@ -38,29 +38,31 @@ from ftkit.chat import chat
 from ftkit.cli import UserError, build_parser, parse_args, run_main
 from ftkit.config import Config
 from ftkit.generation import generate, load_for_inference, stream_one
+from ftkit.jsonl import read_jsonl
 from ftkit.paths import RunDir, stage_config
 
 
 def held_out_rows(run: RunDir, n: int) -> list[dict]:
-    import json
-
     path = run.eval_rows
     if not path.is_file():
         raise UserError(f"'{path}' is missing; --compare needs a run made by finetune.py")
-    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows = [r for _, r in read_jsonl(path, "held-out rows", "train again to write it")]
     if not rows:
         raise UserError(f"'{path}' holds no held-out rows; set data.eval_size above 0 and train again")
     return rows[:n]
 
 
-def compare(cfg: Config, run: RunDir, n: int) -> list[dict]:
-    """Base model vs fine-tuned model on n held-out rows, printed side by side."""
+def compare(cfg: Config, run: RunDir, n: int, use: str | None = None, adapter: Path | None = None) -> list[dict]:
+    """Base model vs fine-tuned model (--merged / --adapter [DIR] pick which) on n held-out rows, side by side."""
+    tuned = use or cfg.inference.use
+    if tuned == "base":
+        raise UserError("--compare sets the base beside the fine-tuned model; drop --base (inference.use=base)")
     rows = held_out_rows(run, n)
     pairs = [(r["instruction"], r.get("input") or None) for r in rows]
     results = {}
-    for use in ("base", cfg.inference.use):
-        model, tok, template, what = load_for_inference(cfg, run, use)
-        results["base" if use == "base" else "tuned"] = generate(model, tok, template, pairs, cfg.inference)
+    for key, which, extra in (("base", "base", None), ("tuned", tuned, adapter)):
+        model, tok, template, _ = load_for_inference(cfg, run, which, extra)
+        results[key] = generate(model, tok, template, pairs, cfg.inference)
         del model
     out = []
     for r, b, t in zip(rows, results["base"], results["tuned"]):
@@ -78,7 +80,6 @@ def compare(cfg: Config, run: RunDir, n: int) -> list[dict]:
     return out
 
 
-# -- answering a file of prompts ---------------------------------------------------------------------------------
 def main(
     cfg: Config,
     run: RunDir,
@@ -144,6 +145,8 @@ def cli(argv) -> None:
     ]
     if len(modes) > 1:
         raise UserError(f"{' and '.join(modes)} do different things; pass one of them")
+    if a.compare is not None and a.compare < 1:
+        raise UserError(f"--compare {a.compare}: pass how many held-out rows to compare, 1 or more")
     if a.output_file is not None and a.input_file is None:
         raise UserError("--output-file needs --input-file (the prompts to answer)")
     if a.prompt is not None and not a.prompt.strip():
@@ -152,7 +155,7 @@ def cli(argv) -> None:
         read_prompt_file(a.input_file)  # a bad line fails before any run or model is looked at
     cfg, run = stage_config(a.config, a.overrides)
     if a.compare:
-        compare(cfg, run, a.compare)
+        compare(cfg, run, a.compare, a.use, adapter)
     elif a.input_file is not None:
         answer_file(cfg, run, a.input_file, a.output_file, a.use, adapter)
     elif a.chat:

@@ -333,6 +333,14 @@ def start_run(root: Path, overwrite: bool, resume: bool = False, what: str = "fi
     return rs
 
 
+def end_run(root: Path) -> None:
+    """The run is done (finished or stopped with a checkpoint): release its lock now, not at exit, so a next
+    stage in the same process (a notebook: finetune, then merge) may take it."""
+    rs = _ACTIVE.pop(Path(root).resolve(), None)
+    if rs is not None:
+        rs.finish()
+
+
 def checkpoint_saved(root: Path) -> None:
     """Called from the training loop after each save (finetune.make_callbacks)."""
     rs = _ACTIVE.get(Path(root).resolve())

@@ -438,7 +438,8 @@ def make_callbacks(run: RunDir, stop: "StopRequest"):
             if bad:
                 self._fail(state, f"LoRA weight {bad}")
 
-    return [TrainLog(), NonFinite(), Interrupt(), NoPickledArgs(), FirstCheckpoint()]
+    # Interrupt before NonFinite: a Ctrl+C that asks for a save must see its weights checked first.
+    return [TrainLog(), Interrupt(), NonFinite(), NoPickledArgs(), FirstCheckpoint()]
 
 
 # -- start, resume, stop -------------------------------------------------------------------------------------------
@@ -553,6 +554,7 @@ def interrupted(run: RunDir, plan: TrainPlan, trainer, stop: StopRequest) -> dic
             file=sys.stderr,
         )
     barrier()
+    runlock.end_run(run.root)
     return {"interrupted": True, "step": step, "exit_code": 128 + int(stop.hit)}
 
 
@@ -598,6 +600,7 @@ def finish(
         write_latest(cfg, run)
         log.info("adapter written to %s; summary: %s", run.adapter, json.dumps(summary))
     barrier()
+    runlock.end_run(run.root)
     return summary
 
 

@@ -371,6 +371,20 @@ CASES = [
         "inference.max_new_tokens",
     ),
     Case("infer-no-prompt", "inference.py", ["--config", "{run}/config.yaml"], "--prompt"),
+    Case("infer-compare-negative", "inference.py", ["--config", "{run}/config.yaml", "--compare", "-3"], "1 or more"),
+    Case(
+        "infer-compare-base",
+        "inference.py",
+        ["--config", "{run}/config.yaml", "--compare", "2", "--base"],
+        "drop --base",
+    ),
+    Case(
+        "infer-compare-cut-held-out-rows",
+        "inference.py",
+        ["--config", "{tmp}/run/config.yaml", "--compare", "2"],
+        "line 2",
+        setup="run-cut-eval-rows",
+    ),
     Case(
         "infer-merged-missing",
         "inference.py",
@@ -901,6 +915,10 @@ def prepare(setup: str, tmp: Path, trained_run: Path, models: dict) -> list:
         elif setup == "run-cut-adapter-weights":
             p = run / "adapter" / "adapter_model.safetensors"
             p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
+        elif setup == "run-cut-eval-rows":  # a held-out rows file cut off mid-line (a full disk, an editor)
+            p = run / "eval_rows.jsonl"
+            first = p.read_text().splitlines()[0]
+            p.write_text(first + "\n" + first[: len(first) // 2] + "\n")
         elif setup == "run-nan-adapter":
             nan_weights(run / "adapter" / "adapter_model.safetensors")
         elif setup == "run-nan-merged":
