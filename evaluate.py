@@ -27,7 +27,6 @@ Run:
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from pathlib import Path
@@ -36,7 +35,7 @@ from ftkit.cli import UserError, build_parser, log, parse_args, run_main
 from ftkit.config import Config
 from ftkit.jsonl import read_jsonl, read_log_rows
 from ftkit.models import resolve_model
-from ftkit.paths import RunDir, atomic_dir, stage_config
+from ftkit.paths import RunDir, atomic_dir, atomic_write_json, stage_config
 from ftkit.prompts import PromptTemplate
 from ftkit.runlock import RunLock, check_unlocked, clean_tmp_leftovers
 from ftkit.scoring import aggregate, family_of, is_verifiable, measure, pick_examples
@@ -76,7 +75,7 @@ def preflight(cfg: Config, run: RunDir, use: str, rows_path: Path) -> tuple[list
     return rows, use
 
 
-# -- measuring one model ---------------------------------------------------------------------------
+# -- the report ------------------------------------------------------------------------------------
 def _fmt(v, spec=".1f") -> str:
     return "-" if v is None else format(v, spec)
 
@@ -310,7 +309,7 @@ def main(cfg: Config, run: RunDir, use: str | None = None, rows_path: Path | Non
         )
         plot_before_after(report, tmp / "before_after.png")
         report["plots"] = ["loss_curves.png"] * has_curves + ["before_after.png"]
-        (tmp / "eval_report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        atomic_write_json(tmp / "eval_report.json", report)
         (tmp / "eval_report.md").write_text(markdown(report, has_curves), encoding="utf-8")
     log.info("wrote %s in %.0fs", run.eval, time.time() - t0)
     print(f"\nbase vs fine-tuned on {len(rows)} held-out rows ({run.eval / 'eval_report.md'}):")

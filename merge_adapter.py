@@ -1,7 +1,8 @@
 """Fuse the trained LoRA adapter into the full-precision base and check that the result is the same model.
 
 Reads:  <run>/config.yaml, <run>/adapter/, the base at `model.name_or_path` (loaded unquantized in
-        `merge.dtype`: merging into 4-bit weights would round the adapter away).
+        `merge.compute_dtype`, float32 by default, and saved in `merge.dtype`: merging into 4-bit weights
+        would round the adapter away).
 Writes: <run>/merged/ — a standard HF checkpoint (safetensors shards, tokenizer, generation config) that
         plain `AutoModelForCausalLM.from_pretrained` loads — and <run>/merged/merge_check.json: the max
         logit difference and greedy-token agreement between merged and base+adapter on fixed prompts.
@@ -34,13 +35,10 @@ from ftkit.prompts import PromptTemplate
 from ftkit.runlock import RunLock, check_unlocked, clean_tmp_leftovers
 
 
-def load_base_with_adapter(cfg: Config, run: RunDir, dtype, device: str):
-    """Unquantized base + adapter (unmerged): what merge checks against and what inference --adapter uses."""
-    adapter_cfg = read_adapter_config(run.adapter)
-    source, offline = resolve_model(cfg.model)
-    check_same_base(adapter_cfg, cfg.model.name_or_path)
+def load_base_with_adapter(cfg: Config, run: RunDir, source: str, offline: bool, dtype, device: str):
+    """Unquantized base + adapter (unmerged): the model the merged one must match."""
     base = load_causal_lm(cfg, source, offline, dtype=dtype, device_map={"": device})
-    return attach_adapter(base, run.adapter), source, offline
+    return attach_adapter(base, run.adapter)
 
 
 def reference_logits(model, tok, template: PromptTemplate, prompts: list[str]) -> list:
@@ -54,9 +52,10 @@ def reference_logits(model, tok, template: PromptTemplate, prompts: list[str]) -
     return out
 
 
-def preflight(cfg: Config, run: RunDir) -> None:
+def preflight(cfg: Config, run: RunDir) -> tuple[str, bool]:
     """Everything that can be known before the base is loaded: a complete adapter trained on this base, a
-    full-precision base (not a pre-quantized checkpoint), and room on disk for the merged model."""
+    full-precision base (not a pre-quantized checkpoint), and room on disk for the merged model. Returns
+    where the base loads from (resolve_model)."""
     import torch
 
     check_same_base(read_adapter_config(run.adapter), cfg.model.name_or_path)
@@ -74,6 +73,7 @@ def preflight(cfg: Config, run: RunDir) -> None:
     check_free_space(
         run.root, int(n_params * torch.finfo(torch_dtype(cfg.merge.dtype)).bits / 8 * 1.1), "the merged model"
     )
+    return source, offline
 
 
 def main(cfg: Config, run: RunDir) -> dict:
@@ -85,8 +85,8 @@ def main(cfg: Config, run: RunDir) -> dict:
     check_unlocked(run.root)
     # A merge killed mid-save leaves a .merged.tmp-PID as big as the model: found and removed here.
     clean_tmp_leftovers(run.root, names=("merged",))
-    preflight(cfg, run)
-    peft_model, source, offline = load_base_with_adapter(cfg, run, dtype, device)
+    source, offline = preflight(cfg, run)
+    peft_model = load_base_with_adapter(cfg, run, source, offline, dtype, device)
     tok = load_tokenizer(cfg, str(run.adapter), True)
 
     # Logits of base+adapter first: merging rewrites the base weights in place.

@@ -6,9 +6,9 @@ GPU (the issue's benchmark; see benchmarks/README.md for the exact command and t
   SDPA attention, then generates greedily from 128-token prompts, 128 new tokens for every row
   (min_new_tokens = max_new_tokens: random weights would otherwise stop at a stray EOS):
     plain:       model.generate as shipped (dynamic KV cache, eager);
-    project:     inference.batch_runner with the product's defaults (inference.cache_implementation and
-                 inference.compile "auto"), as inference.generate calls it: static KV cache sized by
-                 inference.static_cache_len, greedy decoding through ftkit.generation.graph_generate (the
+    project:     ftkit.generation.batch_runner with the product's defaults (inference.cache_implementation and
+                 inference.compile "auto"), as ftkit.generation.generate calls it: static KV cache sized by
+                 ftkit.generation.static_cache_len, greedy decoding through ftkit.generation.graph_generate (the
                  decode step compiled and captured as one CUDA graph);
     hf_compiled: the same settings through model.generate (static cache, transformers' own torch.compile of
                  the forward, mode "reduce-overhead"), for comparison.
@@ -88,7 +88,8 @@ def build_model(tiny: bool, device: str):
 
 
 def make_batch(batch: int, prompt_len: int, vocab: int, device: str):
-    """What inference.generate hands to model.generate: left-padded ids + mask (all prompts 128 tokens: no pads)."""
+    """What ftkit.generation.generate hands to model.generate: left-padded ids + mask (all prompts 128 tokens,
+    so no pads)."""
     import torch
 
     g = torch.Generator().manual_seed(batch)
@@ -97,8 +98,8 @@ def make_batch(batch: int, prompt_len: int, vocab: int, device: str):
 
 
 def gen_kwargs(settings: dict, new_tokens: int, prompt_len: int, device: str, limit: int, eos: int):
-    """(icfg, kw) as inference.generate makes them: inference.generation_kwargs over InferenceCfg(**settings)
-    ({}: the product's defaults), plus the static cache length it would pick."""
+    """(icfg, kw) as ftkit.generation.generate makes them: generation_kwargs over InferenceCfg(**settings) ({}: the
+    product's defaults), plus the static cache length it would pick."""
     from ftkit.config import InferenceCfg
     from ftkit.generation import generation_kwargs, static_cache_len
 
@@ -124,7 +125,7 @@ PLAIN = {"cache_implementation": "dynamic", "compile": False}
 
 
 def run_variant(model, name: str, mode: str, batch: int, args, device: str, reps: int) -> dict:
-    """mode: "plain" (model.generate, dynamic cache), "project" (inference.batch_runner with the product's
+    """mode: "plain" (model.generate, dynamic cache), "project" (ftkit.generation.batch_runner with the product's
     defaults: ftkit.generation.graph_generate on CUDA), "hf_compiled" (the same settings through
     model.generate: static cache, transformers' own compile of the forward, mode reduce-overhead)."""
     import torch

@@ -5,7 +5,7 @@ GPU (the issue's benchmark; see benchmarks/README.md for the exact command and t
         --tokenizer .bench/tokenizer --data .bench/alpaca_en_1k.json
   builds Llama-3-8B's exact architecture with random weights once (safetensors, --model-dir), loads it in
   4-bit NF4 + double quant through finetune.py's own loader (ftkit.train.load_quantized_base:
-  quantization_utils.build_bnb_config), then trains, on the same base:
+  ftkit.quant.build_bnb_config), then trains, on the same base:
     (a) plain: TRL SFTTrainer defaults, per-batch padding, SDPA, gradient checkpointing, LoRA r=16 on all
         seven projections, batch 2 x accumulation 4;
     (b) project: ftkit.train (apply_lora, sft_config) + ftkit.plan (padding-free rows with varlen

@@ -165,7 +165,7 @@ class TrainCfg(Section):
     tiled_mlp: bool | Literal["auto"] = "auto"
     # activation_offloading: keep the checkpointed layer inputs (2 bytes x hidden a token, per layer) in
     # pinned CPU RAM instead of GPU memory. true: every layer; N: the first N layers; "auto": as few layers
-    # as make the longest micro-batch fit (the run's saved config records the number chosen).
+    # as make the longest micro-batch fit (plan.json records the number chosen; config.yaml keeps "auto").
     activation_offloading: bool | Annotated[int, Field(ge=0)] | Literal["auto"] = "auto"
     dataloader_num_workers: int = Field(0, ge=0)
     report_to: str = "none"

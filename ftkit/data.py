@@ -14,7 +14,7 @@ from typing import Any
 
 from .cli import UserError, user_errors
 from .config import Config, DataCfg
-from .jsonl import fail_if_bad, parse_jsonl
+from .jsonl import fail_if_bad, parse_jsonl, read_text
 from .models import hub_mode
 from .paths import file_sha256
 from .prompts import IGNORE_INDEX, PromptTemplate
@@ -82,12 +82,9 @@ def load_records(d: DataCfg) -> tuple[list[dict], str]:
     """Records as dicts, and a hash of their source for the run manifest."""
     p = Path(d.path).expanduser()
     if p.suffix.lower() in LOCAL_SUFFIXES or p.exists():
-        if p.is_dir():
-            raise UserError(
-                f"data.path '{p}' is a folder, not a file; point data.path at a .json/.jsonl/.csv/.parquet file"
-            )
-        if not p.is_file():
-            raise UserError(f"dataset file '{p}' not found; fix data.path")
+        fix = "point data.path at a .json/.jsonl/.csv/.parquet file"
+        if p.is_dir() or not p.is_file():
+            read_text(p, "data.path", fix)  # the one wording for a folder or a missing file
         suffix = p.suffix.lower()
         if suffix not in LOCAL_SUFFIXES:
             raise UserError(f"'{p}' has an unsupported extension; use one of {', '.join(LOCAL_SUFFIXES)}")
@@ -99,10 +96,7 @@ def load_records(d: DataCfg) -> tuple[list[dict], str]:
                 return pq.read_table(p).to_pylist(), digest
             except Exception as e:  # pyarrow raises several types for a corrupt file
                 raise UserError(f"{p}: not a readable parquet file ({e}); re-export it") from None
-        try:
-            text = p.read_text(encoding="utf-8-sig")
-        except UnicodeDecodeError as e:
-            raise UserError(f"{p}: not UTF-8 text (bad byte at offset {e.start}); re-save the file as UTF-8") from None
+        text = read_text(p, "data.path", fix)
         if not text.strip():
             raise UserError(f"{p}: the file is empty; point data.path at a file of instruction/output rows")
         if suffix == ".csv":

@@ -41,7 +41,7 @@ from .prompts import PromptTemplate
 # `check_every` steps, to stop once every row has ended. Output equals `model.generate(do_sample=False)` with
 # left-padded rows: prompt ids, then the new tokens, rows that ended filled with pad (tests/test_graph_generate.py).
 #
-# Greedy only, repetition_penalty 1: other settings go through `model.generate` (inference.batch_runner).
+# Greedy only, repetition_penalty 1: other settings go through `model.generate` (batch_runner).
 
 
 class GraphDecoder:
@@ -296,7 +296,7 @@ def load_for_inference(cfg: Config, run: RunDir, use: str, adapter: Path | None 
     return model, tok, template, use
 
 
-FAST_DEVICES = ("cuda",)  # where batch_runner uses ftkit.generation (graph_generate)
+FAST_DEVICES = ("cuda",)  # where batch_runner decodes through graph_generate
 
 
 STATIC_CACHE_STEP = 256  # static KV caches are sized in steps of this many tokens: few sizes, few recompiles
@@ -346,14 +346,12 @@ def batch_runner(model, icfg: InferenceCfg, kw: dict, fast: bool = True):
         and kw["repetition_penalty"] == 1.0
         and model.device.type in FAST_DEVICES
     ):
-        from ftkit import generation
-
         eos = kw["eos_token_id"]
         eos = [] if eos is None else list(eos) if isinstance(eos, (list, tuple)) else [eos]
         pad = kw["pad_token_id"] if kw["pad_token_id"] is not None else (eos[0] if eos else 0)
 
         def run_fast(ids, mask):
-            return generation.graph_generate(
+            return graph_generate(
                 model,
                 ids,
                 mask,  # moved to the model's device there

@@ -22,6 +22,8 @@ def read_text(path: Path, what: str, fix: str) -> str:
         return path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as e:
         raise UserError(f"{path}: not UTF-8 text (bad byte at offset {e.start}); re-save the file as UTF-8") from None
+    except OSError as e:
+        raise UserError(f"{what} '{path}' cannot be read ({e.strerror}); fix its permissions") from None
 
 
 def parse_jsonl(path: Path, text: str) -> tuple[list[tuple[int, object]], list[str]]:

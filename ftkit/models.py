@@ -118,8 +118,14 @@ def convert_gguf_file(gguf: Path, dest: Path, source: str | None = None) -> None
     clean_tmp_leftovers(dest.parent, names=(dest.name,))  # a conversion killed mid-save
     log.info("converting %s once into a standard HF checkpoint at %s", gguf, dest)
     t0 = time.time()
-    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.bfloat16)
+    # A missing `gguf` package, a cut-off file or an architecture transformers cannot dequantize.
+    with user_errors(
+        f"cannot convert '{gguf}'",
+        "run `make install` (it installs the gguf package) or fix model.gguf_source",
+        (ImportError, OSError, ValueError, KeyError),
+    ):
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.bfloat16)
     # save_pretrained refuses a config that still claims GGUF quantization; the weights are dequantized now.
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config

@@ -92,11 +92,17 @@ def atomic_write_text(path: Path, text: str) -> None:
     """Write beside the target, then rename: readers see the old file or the new one, never half of one."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise UserError(
+            f"cannot write '{path}' ({e.strerror}); free disk space or fix the folder's permissions"
+        ) from None
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
@@ -304,7 +310,7 @@ RESUME_KEYS = (
 
 
 def local_data_hash(path: str) -> str | None:
-    """The data hash the manifest records (dataset.load_records), for a local file; None for a hub id."""
+    """The data hash the manifest records (ftkit.data.load_records), for a local file; None for a hub id."""
     p = Path(path).expanduser()
     return file_sha256(p) if p.is_file() else None
 

@@ -151,5 +151,5 @@ class PromptTemplate:
             )
         try:
             return cls(**json.loads(path.read_text(encoding="utf-8")))
-        except (json.JSONDecodeError, TypeError) as e:
+        except (ValueError, TypeError, OSError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
             raise UserError(f"'{path}' is not a valid prompt template ({e}); re-run finetune.py") from None

@@ -342,7 +342,7 @@ def end_run(root: Path) -> None:
 
 
 def checkpoint_saved(root: Path) -> None:
-    """Called from the training loop after each save (finetune.make_callbacks)."""
+    """Called from the training loop after each save (ftkit.train.make_callbacks)."""
     rs = _ACTIVE.get(Path(root).resolve())
     if rs is not None:
         rs.checkpoint_saved()

@@ -303,7 +303,8 @@ def sft_config(cfg: Config, run: RunDir, plan: TrainPlan, n_eval: int):
         disable_tqdm=not is_main(),
         # Every LoRA weight gets a gradient on every step; searching for unused ones costs a graph walk.
         ddp_find_unused_parameters=False if dist_info()["world_size"] > 1 else None,
-        # The dataset arrives tokenized with labels; TRL must not re-template it.
+        # The dataset arrives tokenized with labels: TRL sees input_ids and skips its own tokenizing and
+        # templating, but still prepares it (packing, truncation), so its preparation is not skipped.
         dataset_kwargs={"skip_prepare_dataset": False},
         remove_unused_columns=True,
     )
