@@ -31,9 +31,14 @@ def barrier() -> None:
         PartialState().wait_for_everyone()
 
 
+def env_flag(name: str) -> bool:
+    """A boolean that `accelerate launch` exports to every process ("true"; "1"/"yes" when set by hand)."""
+    return os.environ.get(name, "false").lower() in ("1", "true", "yes")
+
+
 def fsdp_enabled() -> bool:
     """`accelerate launch` with an FSDP config exports ACCELERATE_USE_FSDP=true to every process."""
-    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true", "yes")
+    return env_flag("ACCELERATE_USE_FSDP")
 
 
 def check_distributed(cfg: Config, device: str) -> dict:
@@ -66,9 +71,7 @@ def check_distributed(cfg: Config, device: str) -> dict:
         if device != "cuda":
             raise UserError("FSDP needs CUDA GPUs; on CPU launch with configs/accelerate/ddp.yaml instead")
         # Both recompute activations and transformers refuses the pair; the plan turns ours off (and says so).
-        info["fsdp_activation_checkpointing"] = (
-            os.environ.get("FSDP_ACTIVATION_CHECKPOINTING", "false").lower() == "true"
-        )
+        info["fsdp_activation_checkpointing"] = env_flag("FSDP_ACTIVATION_CHECKPOINTING")
     if device == "cuda":
         import torch
 

@@ -170,7 +170,7 @@ def latest_run(pointer: str | Path = "runs/latest") -> RunDir:
     p = Path(pointer)
     if not p.is_file():
         raise UserError(f"no recent run found ('{p}' is missing); run finetune.py first or pass --config")
-    root = Path(p.read_text().strip())
+    root = Path(p.read_text(encoding="utf-8", errors="replace").strip())
     if not (root / "config.yaml").is_file():
         raise UserError(f"the most recent run '{root}' has no config.yaml; pass --config for the run to use")
     return RunDir(root)
@@ -183,7 +183,9 @@ def stage_config(config: str | None, overrides: Sequence[str]) -> tuple[Config, 
     what training used even if the YAML was edited since.
     """
     if config is None:
-        run = latest_run()
+        # paths.latest=FILE on the command line names the pointer to follow (the last one given wins).
+        pointers = [o.split("=", 1)[1] for o in overrides if o.startswith("paths.latest=")]
+        run = latest_run(Path(pointers[-1]).expanduser() if pointers else "runs/latest")
         cfg = load_config(run.config, overrides)
         log.info("using the most recent run: %s", run.root)
         return cfg, run

@@ -657,8 +657,8 @@ def peak_memory_gb(device: str) -> float:
     if device == "cuda":
         import torch
 
-        return round(torch.cuda.max_memory_allocated() / 2**30, 3)
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)  # KiB -> GiB (Linux)
+        return round(torch.cuda.max_memory_allocated() / 1e9, 3)  # GB (1e9), as plan.json's predictions
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9, 3)  # Linux reports KiB
 
 
 def final_losses(history: list[dict]) -> tuple[float | None, float | None]:

@@ -113,3 +113,18 @@ def test_keys_match_library_arguments():
         "eval_steps",
     ):
         assert leaf in sft
+
+
+def test_a_stage_without_config_follows_the_paths_latest_given_on_the_command_line(tmp_path, monkeypatch):
+    from ftkit.paths import RunDir, save_resolved_config, stage_config, write_latest
+
+    monkeypatch.chdir(tmp_path)  # no runs/latest here: only the named pointer can find the run
+    pointer, run = tmp_path / "mine" / "latest", RunDir(tmp_path / "runs" / "a")
+    cfg = load_config(REPO / "configs" / "demo.yaml", [f"paths.output_dir={run.root}", f"paths.latest={pointer}"])
+    run.root.mkdir(parents=True)
+    save_resolved_config(cfg, run.config)
+    write_latest(cfg, run)
+    got_cfg, got_run = stage_config(None, [f"paths.latest={pointer}"])
+    assert got_run.root == run.root.resolve() and got_cfg.paths.output_dir == str(run.root)
+    with pytest.raises(UserError, match="no recent run found"):
+        stage_config(None, [])
