@@ -88,12 +88,17 @@ def test_tiny_chain_from_the_command_line(tmp_path, tiny_llama, alpaca_file):
     assert torch.equal(a.argmax(-1), b.argmax(-1))
 
 
-def test_existing_run_is_never_overwritten(tmp_path, tiny_llama, alpaca_file):
+def test_a_users_config_yaml_in_the_output_folder_is_never_overwritten(tmp_path, tiny_llama, alpaca_file):
+    # Not a run of this project (no header finetune.py writes), so neither a new run nor --overwrite takes it.
     run = tmp_path / "run"
     run.mkdir()
     (run / "config.yaml").write_text("precious: true\n")
     r = run_script("finetune.py", "--config", "configs/demo.yaml", *tiny_overrides(tiny_llama, alpaca_file, run))
-    assert r.returncode == 2 and "already holds a run" in r.stderr and "--overwrite" in r.stderr
+    assert r.returncode == 2 and "already holds config.yaml, which no stage wrote" in r.stderr
+    r = run_script(
+        "finetune.py", "--config", "configs/demo.yaml", *tiny_overrides(tiny_llama, alpaca_file, run), "--overwrite"
+    )
+    assert r.returncode == 2 and "does not hold a run made by finetune.py" in r.stderr
     assert "Traceback" not in r.stderr
     assert (run / "config.yaml").read_text() == "precious: true\n"
 
