@@ -153,9 +153,47 @@ def build_parser(description: str, config_required: bool = False) -> argparse.Ar
         "overrides",
         nargs="*",
         metavar="section.key=value",
-        help="dotted overrides applied after the YAML, e.g. train.max_steps=10",
+        help="dotted overrides applied after the YAML, e.g. train.max_steps=10 "
+        "(also as --train.max_steps=10 or --train.max_steps 10)",
     )
     return p
+
+
+def flag_overrides(parser: argparse.ArgumentParser, argv: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Split `--section.key=value` and `--section.key value` (the flag style of transformers' HfArgumentParser,
+    Axolotl and LLaMA-Factory) out of argv as `section.key=value` overrides; the rest goes to argparse. A flag
+    that is another tool's name for a config key (`--lora_r 8`, `--output_dir x`) is an error naming the key."""
+    from .config import SECTIONS, alias_hint
+
+    known = set(parser._option_string_actions)
+    rest: list[str] = []
+    found: list[str] = []
+    i = 0
+    argv = list(argv)
+    while i < len(argv):
+        tok = argv[i]
+        name, eq, value = tok.partition("=")
+        if not tok.startswith("--") or name in known or tok == "--":
+            rest.append(tok)
+            i += 1
+            continue
+        key = name[2:]
+        if key.split(".")[0] not in SECTIONS:
+            hint = alias_hint(key)
+            if hint:
+                raise UserError(f"unknown option '{name}'; this project calls it {hint}: write --{hint}=VALUE")
+            rest.append(tok)  # argparse names it as unrecognized
+            i += 1
+            continue
+        if not eq:
+            # A value may start with "-" (train.warmup_steps -1 is a number); a following --flag is not one.
+            if i + 1 >= len(argv) or argv[i + 1].startswith("--"):
+                raise UserError(f"option '{name}' needs a value; write {name}=VALUE or {name} VALUE")
+            value = argv[i + 1]
+            i += 1
+        found.append(f"{key}={value}")
+        i += 1
+    return rest, found
 
 
 def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argparse.Namespace:
@@ -164,4 +202,9 @@ def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argparse
         raise UserError(f"{message}; see --help")
 
     parser.error = error  # type: ignore[method-assign]
-    return parser.parse_args(list(argv))
+    rest, flagged = flag_overrides(parser, argv)
+    ns = parser.parse_args(rest)
+    if hasattr(ns, "overrides"):
+        # Flag-style overrides apply after the positional ones: the later of two values for a key wins.
+        ns.overrides = [*ns.overrides, *flagged]
+    return ns

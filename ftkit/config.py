@@ -307,6 +307,81 @@ VALID_KEYS = _valid_keys(Config)
 SECTIONS = list(Config.model_fields)
 
 
+# The names users bring from Axolotl, LLaMA-Factory, Unsloth, TRL and transformers' scripts for what this
+# project calls otherwise. Looked up by the last dotted part, so `lora_r`, `lora.lora_r` and `--lora_r` all
+# find lora.r; a leaf that is a project key in another section (`max_steps` at the top) is found without a row.
+ALIASES = {
+    "lora_rank": "lora.r",
+    "lora_r": "lora.r",
+    "rank": "lora.r",
+    "alpha": "lora.lora_alpha",
+    "lora_target": "lora.target_modules",
+    "lora_target_modules": "lora.target_modules",
+    "lora_target_linear": "lora.target_modules",
+    "peft_use_rslora": "lora.use_rslora",
+    "base_model": "model.name_or_path",
+    "model_name_or_path": "model.name_or_path",
+    "pretrained_model_name_or_path": "model.name_or_path",
+    "model_name": "model.name_or_path",
+    "model_id": "model.name_or_path",
+    "model_revision": "model.revision",
+    "torch_dtype": "model.dtype",
+    "flash_attention": "model.attn_implementation",
+    "flash_attn": "model.attn_implementation",
+    "sdp_attention": "model.attn_implementation",
+    "dataset": "data.path",
+    "datasets": "data.path",
+    "dataset_name": "data.path",
+    "data_path": "data.path",
+    "dataset_dir": "data.path",
+    "train_file": "data.path",
+    "template": "data.prompt_template",
+    "chat_template": "data.prompt_template",
+    "sequence_len": "data.max_length",
+    "cutoff_len": "data.max_length",
+    "max_seq_length": "data.max_length",
+    "max_seq_len": "data.max_length",
+    "seq_len": "data.max_length",
+    "model_max_length": "data.max_length",
+    "val_set_size": "data.eval_size",
+    "val_size": "data.eval_size",
+    "test_size": "data.eval_size",
+    "micro_batch_size": "train.per_device_train_batch_size",
+    "batch_size": "train.per_device_train_batch_size",
+    "train_batch_size": "train.per_device_train_batch_size",
+    "eval_batch_size": "train.per_device_eval_batch_size",
+    "num_epochs": "train.num_train_epochs",
+    "epochs": "train.num_train_epochs",
+    "lr": "train.learning_rate",
+    "optimizer": "train.optim",
+    "lr_scheduler": "train.lr_scheduler_type",
+    "warmup_ratio": "train.warmup_steps",
+    "sample_packing": "train.packing",
+    "resume_from_checkpoint": "train.resume",
+    "auto_resume_from_checkpoints": "train.resume",
+    "quantization_bit": "quant.load_in_4bit",
+    "output_dir": "paths.output_dir",
+    "save_dir": "paths.output_dir",
+}
+
+
+def alias_hint(name: str) -> str | None:
+    """The project's key for a name from another tool (or a key given in the wrong place), else None."""
+    leaf = name.split(".")[-1].lstrip("-").replace("-", "_")
+    if leaf in ALIASES and ALIASES[leaf] != name:
+        return ALIASES[leaf]
+    same = [k for k in VALID_KEYS if k.split(".")[-1] == leaf and k != name]
+    return same[0] if same else None
+
+
+def _unknown(what: str, name: str) -> str:
+    """The message for an unknown key: the project's name for it when it is another tool's, else the closest."""
+    hint = alias_hint(name)
+    if hint:
+        return f"unknown {what} '{name}'; this project calls it {hint}"
+    return f"unknown {what} '{name}'{_suggest(name)}"
+
+
 def _suggest(key: str) -> str:
     leaf = key.split(".")[-1]
     # A right leaf in the wrong section (`train.r`) is the likeliest slip; then plain typos.
@@ -322,14 +397,14 @@ def _suggest(key: str) -> str:
 def _check_unknown(raw: dict, where: str) -> None:
     for sec, body in raw.items():
         if sec not in Config.model_fields:
-            raise UserError(f"{where}: unknown config section '{sec}'{_suggest(sec)}")
+            raise UserError(f"{where}: {_unknown('config section', sec)}")
         if body is None:
             continue
         if not isinstance(body, dict):
             raise UserError(f"{where}: section '{sec}' must be a mapping of keys, got {type(body).__name__}")
         for key in body:
             if f"{sec}.{key}" not in VALID_KEYS:
-                raise UserError(f"{where}: unknown config key '{sec}.{key}'{_suggest(f'{sec}.{key}')}")
+                raise UserError(f"{where}: {_unknown('config key', f'{sec}.{key}')}")
 
 
 def short_repr(value: Any, limit: int = 80) -> str:
@@ -387,6 +462,8 @@ def parse_override(item: str) -> tuple[str, Any]:
         raise UserError(f"override '{item}' is not KEY=VALUE; write for example train.max_steps=10")
     key, value = item.split("=", 1)
     key = key.strip()
+    if key.count(".") != 1 and alias_hint(key):
+        raise UserError(f"override: {_unknown('key', key)}; write {alias_hint(key)}=VALUE")
     if key.count(".") != 1:
         raise UserError(f"override key '{key}' must be section.key, for example train.max_steps{_suggest(key)}")
     if key.startswith("paths.") and value.strip() == "~":
