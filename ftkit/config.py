@@ -35,7 +35,10 @@ class ModelCfg(Section):
     # Off by default: remote code runs arbitrary Python from the hub.
     trust_remote_code: bool = False
     dtype: DTYPES = "bfloat16"
-    attn_implementation: Literal["sdpa", "eager", "flex_attention", "flash_attention_2"] = "sdpa"
+    # Any value the installed transformers accepts: eager, sdpa, flex_attention, flash_attention_2/3/4, their
+    # paged| forms, a hub kernel ("kernels-community/flash-attn2"); checked against transformers' own registry
+    # (and for the package each needs) before a model loads, by check_attn_implementation.
+    attn_implementation: str = "sdpa"
     # When set and `name_or_path` does not exist yet, convert this GGUF file ("<python package>/<file>")
     # once into a standard HF checkpoint at `name_or_path`. The embedded demo model uses it.
     gguf_source: str | None = None
@@ -532,7 +535,15 @@ _REPORT_PACKAGES = {
     "trackio": ("trackio",),
     "kubeflow": ("kubeflow",),
 }
-_ATTN_PACKAGES = {"flash_attention_2": "flash_attn"}
+# The module each flash attention version imports and the pip name that installs it (transformers'
+# FLASH_ATTENTION_COMPATIBILITY_MATRIX); without it transformers falls back to the `kernels` hub build.
+_FLASH_PACKAGES = {
+    "flash_attention_2": ("flash_attn", "flash-attn"),
+    "flash_attention_3": ("flash_attn_interface", "flash-attn-3"),
+    "flash_attention_4": ("flash_attn", "flash-attn-4"),
+}
+# transformers' pattern for a hub kernel ("org/repo[@revision][:function]"), loaded through `kernels`.
+_HUB_KERNEL = r"^[^/:]+/[^/:]+(?:@[^/:]+)?(?::[^/:]+)?$"
 
 
 def _transformers_source(rel: str):
@@ -574,6 +585,61 @@ def _dict_keys(rel: str, name: str) -> list[str] | None:
             keys = [k.value for k in node.value.keys if isinstance(k, ast.Constant)]
             return keys or None
     return None
+
+
+def attention_values() -> list[str]:
+    """The attn_implementation names the installed transformers accepts: "eager" and the keys of its
+    AttentionInterface registry (read from source; the project's own "sdpa_varlen" is registered later, at
+    training, and is not a user choice). A hub kernel id is accepted besides these."""
+    import ast
+
+    tree = _transformers_source("modeling_utils.py")
+    for node in getattr(tree, "body", []):
+        if isinstance(node, ast.ClassDef) and node.name == "AttentionInterface":
+            for st in node.body:
+                if (
+                    isinstance(st, ast.Assign)
+                    and any(getattr(t, "id", None) == "_global_mapping" for t in st.targets)
+                    and isinstance(st.value, ast.Dict)
+                ):
+                    keys = [k.value for k in st.value.keys if isinstance(k, ast.Constant)]
+                    if keys:
+                        return ["eager", "paged|eager", *(k for k in keys if k != "paged|eager")]
+    from transformers.modeling_utils import AttentionInterface
+
+    return ["eager", "paged|eager", *(k for k in AttentionInterface._global_mapping if k != "paged|eager")]
+
+
+def check_attn_implementation(attn: str) -> None:
+    """model.attn_implementation against the installed transformers, and the package it needs, before any
+    model loads (transformers would otherwise fail mid-load, or deep in the first forward)."""
+    import importlib.util
+    import re
+
+    base = attn.removeprefix("paged|")
+    if re.search(_HUB_KERNEL, base):
+        if importlib.util.find_spec("kernels") is None:
+            raise UserError(
+                f"model.attn_implementation={attn} is a hub kernel, which needs the 'kernels' package, which is "
+                "not installed; pip install kernels, or set model.attn_implementation=sdpa"
+            )
+        return
+    valid = attention_values()
+    if attn not in valid:
+        raise UserError(_one_of("model.attn_implementation", attn, valid))
+    if base in _FLASH_PACKAGES or base.startswith("flash_attention_"):
+        mod, pip = _FLASH_PACKAGES.get(base, ("flash_attn", "flash-attn"))
+        if importlib.util.find_spec(mod) is None and importlib.util.find_spec("kernels") is None:
+            raise UserError(
+                f"model.attn_implementation={attn} needs the '{mod}' package (or 'kernels' for the hub build), "
+                f"which is not installed (it also needs a CUDA GPU); pip install {pip}, or set "
+                "model.attn_implementation=sdpa"
+            )
+    if base == "flex_attention" and importlib.util.find_spec("torch.nn.attention.flex_attention") is None:
+        raise UserError(
+            f"model.attn_implementation={attn} needs torch's flex attention, which this torch lacks; "
+            "install torch>=2.5, or set model.attn_implementation=sdpa"
+        )
 
 
 def library_values() -> dict[str, list[str]]:
@@ -641,10 +707,4 @@ def check_library_options(cfg: "Config") -> None:
                 f"train.report_to={r} needs the '{mods[0]}' package, which is not installed; "
                 f"pip install {mods[0]}, or set train.report_to=none"
             )
-    attn = cfg.model.attn_implementation
-    pkg = _ATTN_PACKAGES.get(attn)
-    if pkg and importlib.util.find_spec(pkg) is None:
-        raise UserError(
-            f"model.attn_implementation={attn} needs the '{pkg}' package, which is not installed "
-            "(it also needs a CUDA GPU); pip install flash-attn, or set model.attn_implementation=sdpa"
-        )
+    check_attn_implementation(cfg.model.attn_implementation)

@@ -403,6 +403,32 @@ CASES = [
         "flash_attn",
         GOOD,
     ),
+    Case(
+        "config-attn-unknown",
+        "finetune.py",
+        ft("model.attn_implementation=flash2"),
+        "model.attn_implementation='flash2' is not a value transformers accepts",
+        GOOD,
+    ),
+    Case(
+        "config-attn-hub-kernel-without-kernels",
+        "finetune.py",
+        ft("model.attn_implementation=kernels-community/flash-attn2"),
+        "'kernels' package",
+        GOOD,
+    ),
+    Case(
+        "merge-attn-unknown",
+        "merge_adapter.py",
+        ["--config", "{run}/config.yaml", "--model.attn_implementation", "sdpa_varlen"],
+        "model.attn_implementation='sdpa_varlen'",
+    ),
+    Case(
+        "infer-attn-flash-not-installed",
+        "inference.py",
+        ["--config", "{run}/config.yaml", "--adapter", "--prompt", "hi", "model.attn_implementation=flash_attention_3"],
+        "flash_attn_interface",
+    ),
     Case("config-lr-inf", "finetune.py", ft("train.learning_rate=.inf"), "train.learning_rate", GOOD),
     Case("config-lr-nan", "finetune.py", ft("train.learning_rate=.nan"), "train.learning_rate", GOOD),
     Case(

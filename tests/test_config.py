@@ -180,3 +180,33 @@ def test_keys_match_library_arguments():
         "eval_steps",
     ):
         assert leaf in sft
+
+
+def test_attention_values_are_transformers_own_and_each_loads():
+    """Every name transformers registers is accepted (the project's own sdpa_varlen is not a user choice), and
+    each accepted one that needs no missing package builds a model in transformers; the others say which
+    package is missing."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    from ftkit.config import attention_values, check_attn_implementation
+    from ftkit.plan import VARLEN_ATTN
+
+    ours = set(attention_values())
+    assert ours == {"eager", *ALL_ATTENTION_FUNCTIONS.valid_keys()} - {VARLEN_ATTN}
+    tiny = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, vocab_size=64)
+    built = 0
+    for attn in sorted(ours):
+        try:
+            check_attn_implementation(attn)
+        except UserError as e:
+            assert "flash_attention" in attn and "pip install flash-attn" in str(e), (attn, str(e))
+            continue
+        if attn.startswith("paged|"):
+            continue  # paged attention is for continuous-batching generation, built the same way as its base
+        m = LlamaForCausalLM._from_config(LlamaConfig(**tiny), attn_implementation=attn)
+        assert m.config._attn_implementation == attn
+        built += 1
+    assert built >= 3  # eager, sdpa, flex_attention at least
+    with pytest.raises(UserError, match="not a value transformers accepts"):
+        check_attn_implementation(VARLEN_ATTN)
