@@ -63,6 +63,28 @@ class QuantCfg(Section):
         return self
 
 
+# PEFT's LoraConfig(init_lora_weights=) values that need no data pass and give an adapter the project can train,
+# save, merge and serve. pissa and olora also rewrite the base weights (W - BA) at initialization; the final
+# adapter is then converted back to a plain LoRA (rank 2r) on the untouched base (ftkit/train.py save_adapter).
+LORA_INITS = ("gaussian", "orthogonal", "pissa", "pissa_niter_N", "olora")
+_LORA_INITS_NOT_HERE = {
+    "loftq": "LoftQ replaces the base weights with its own quantization of them, so its adapter only fits that "
+    "LoftQ-quantized base, never the base merge_adapter.py and inference.py load",
+    "eva": "EVA initializes from the activations of a pass over the data (peft.initialize_lora_eva_weights), "
+    "which this project does not run",
+    "corda": "CorDA initializes from covariance statistics collected over the data (peft preprocess_corda), "
+    "which this project does not run",
+    "lora_ga": "LoRA-GA initializes from gradients estimated over the data, which this project does not run",
+    "mica": "MiCA trains lora_A only and keeps lora_B frozen, and the adapter checks here expect every saved tensor "
+    "to be trained",
+}
+
+
+def mutates_base(init) -> bool:
+    """Whether lora.init_lora_weights rewrites the base weights (the residual W - BA) when LoRA is applied."""
+    return isinstance(init, str) and (init.startswith("pissa") or init == "olora")
+
+
 class LoraCfg(Section):
     r: int = Field(16, ge=1, le=4096)
     lora_alpha: float = Field(32, gt=0)
@@ -73,11 +95,42 @@ class LoraCfg(Section):
     )
     bias: Literal["none", "all", "lora_only"] = "none"
     use_rslora: bool = False
+    # DoRA: the update split into a magnitude and a direction (PEFT dequantizes 4-bit weights for it: slower).
+    use_dora: bool = False
+    # true: PEFT's default (A Kaiming-uniform, B zero); false: A and B random (a no-op check fails: tests only);
+    # gaussian, orthogonal (needs an even r), pissa / pissa_niter_N (needs quant.load_in_4bit=false), olora.
+    init_lora_weights: bool | str = True
+    # Modules trained in full and saved beside the LoRA weights, e.g. [lm_head, embed_tokens] for new tokens.
+    modules_to_save: list[str] | None = None
+
+    @field_validator("init_lora_weights")
+    @classmethod
+    def _known_init(cls, v):
+        import re
+
+        if isinstance(v, bool) or v in LORA_INITS or re.fullmatch(r"pissa_niter_[1-9]\d*", v):
+            return v
+        if v in _LORA_INITS_NOT_HERE:
+            raise ValueError(
+                f"lora.init_lora_weights={v} is not supported here: {_LORA_INITS_NOT_HERE[v]}; use true, gaussian, "
+                "orthogonal, pissa or olora"
+            )
+        raise ValueError(
+            f"lora.init_lora_weights={v!r} is not one of PEFT's initializations; use true, false, "
+            f"{', '.join(LORA_INITS)}"
+        )
 
     @model_validator(mode="after")
     def _nonempty(self):
         if isinstance(self.target_modules, list) and not self.target_modules:
             raise ValueError("lora.target_modules is empty; list module names or use 'all-linear'")
+        if self.init_lora_weights == "orthogonal" and self.r % 2:
+            raise ValueError(
+                f"lora.init_lora_weights=orthogonal needs an even lora.r (PEFT splits one orthogonal basis between "
+                f"A and B), got {self.r}; set lora.r={self.r + 1}"
+            )
+        if self.modules_to_save is not None and not self.modules_to_save:
+            raise ValueError("lora.modules_to_save is empty; list module names (e.g. [lm_head]) or set it to null")
         return self
 
 
@@ -288,6 +341,18 @@ class Config(Section):
     inference: InferenceCfg = Field(default_factory=InferenceCfg)
     paths: PathsCfg = Field(default_factory=PathsCfg)
 
+    @model_validator(mode="after")
+    def _lora_init_fits_base(self):
+        init, q = self.lora.init_lora_weights, self.quant
+        if isinstance(init, str) and init.startswith("pissa") and (q.load_in_4bit or q.load_in_8bit):
+            bits = "4" if q.load_in_4bit else "8"
+            raise ValueError(
+                f"lora.init_lora_weights={init} needs a full-precision base: PiSSA splits the base weights by SVD, "
+                f"which PEFT cannot do on {bits}-bit weights; set quant.load_in_{bits}bit=false (more memory), "
+                "or use olora, which works on a quantized base"
+            )
+        return self
+
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
 
@@ -322,6 +387,10 @@ ALIASES = {
     "lora_target_modules": "lora.target_modules",
     "lora_target_linear": "lora.target_modules",
     "peft_use_rslora": "lora.use_rslora",
+    "peft_use_dora": "lora.use_dora",
+    "lora_modules_to_save": "lora.modules_to_save",
+    "init_lora": "lora.init_lora_weights",
+    "pissa_init": "lora.init_lora_weights",
     "base_model": "model.name_or_path",
     "model_name_or_path": "model.name_or_path",
     "pretrained_model_name_or_path": "model.name_or_path",

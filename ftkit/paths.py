@@ -302,6 +302,9 @@ RESUME_KEYS = (
     "lora.target_modules",
     "lora.bias",
     "lora.use_rslora",
+    "lora.use_dora",
+    "lora.init_lora_weights",
+    "lora.modules_to_save",
     "data.prompt_template",
     "data.system_prompt",
 )

@@ -429,6 +429,18 @@ CASES = [
         ["--config", "{run}/config.yaml", "--adapter", "--prompt", "hi", "model.attn_implementation=flash_attention_3"],
         "flash_attn_interface",
     ),
+    Case("lora-init-loftq", "finetune.py", ft("lora.init_lora_weights=loftq"), "LoftQ replaces the base", GOOD),
+    Case("lora-init-eva", "finetune.py", ft("lora.init_lora_weights=eva"), "not supported here", GOOD),
+    Case("lora-init-unknown", "finetune.py", ft("lora.init_lora_weights=pisa"), "not one of PEFT's", GOOD),
+    Case("lora-init-pissa-4bit", "finetune.py", ft("lora.init_lora_weights=pissa"), "quant.load_in_4bit=false", GOOD),
+    Case(
+        "lora-init-orthogonal-odd-rank",
+        "finetune.py",
+        ft("lora.init_lora_weights=orthogonal", "lora.r=15"),
+        "even lora.r",
+        GOOD,
+    ),
+    Case("lora-modules-to-save-unknown", "finetune.py", ft("--lora.modules_to_save", "[lm_haed]"), "lm_haed", GOOD),
     Case("config-lr-inf", "finetune.py", ft("train.learning_rate=.inf"), "train.learning_rate", GOOD),
     Case("config-lr-nan", "finetune.py", ft("train.learning_rate=.nan"), "train.learning_rate", GOOD),
     Case(
