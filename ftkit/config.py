@@ -97,7 +97,7 @@ class LoraCfg(Section):
     use_rslora: bool = False
     # DoRA: the update split into a magnitude and a direction (PEFT dequantizes 4-bit weights for it: slower).
     use_dora: bool = False
-    # true: PEFT's default (A Kaiming-uniform, B zero); false: A and B random (a no-op check fails: tests only);
+    # true: PEFT's default (A Kaiming-uniform, B zero: no change before training); false: A and B random;
     # gaussian, orthogonal (needs an even r), pissa / pissa_niter_N (needs quant.load_in_4bit=false), olora.
     init_lora_weights: bool | str = True
     # Modules trained in full and saved beside the LoRA weights, e.g. [lm_head, embed_tokens] for new tokens.
@@ -213,8 +213,20 @@ class TrainCfg(Section):
     # as make the longest micro-batch fit (the run's saved config records the number chosen).
     activation_offloading: bool | Annotated[int, Field(ge=0)] | Literal["auto"] = "auto"
     dataloader_num_workers: int = Field(0, ge=0)
-    report_to: str = "none"
+    # Trackers, as transformers' report_to: a list, one name or comma-separated names; "none" for no tracker,
+    # "all" for every installed one. tensorboard writes its event files into <run>/tensorboard/, so
+    # `tensorboard --logdir runs/<name>` shows the curves; each tracker's package is checked before the run.
+    report_to: list[str] = Field(default_factory=lambda: ["tensorboard"])
     resume: Literal["never", "auto"] = "never"
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _trackers_as_list(cls, v):
+        if v is None:
+            return ["none"]
+        if isinstance(v, str):
+            v = [x.strip() for x in v.split(",") if x.strip()]
+        return v or ["none"]
 
     @field_validator("packing", mode="before")
     @classmethod
@@ -762,11 +774,11 @@ def check_library_options(cfg: "Config") -> None:
         )
     if t.lr_scheduler_type not in vals["lr_scheduler_type"]:
         raise UserError(_one_of("train.lr_scheduler_type", t.lr_scheduler_type, vals["lr_scheduler_type"]))
-    targets = [x.strip() for x in t.report_to.split(",") if x.strip()]
+    targets = t.report_to
     for r in targets:
         if r in ("none", "all"):
             if len(targets) > 1:
-                raise UserError(f"train.report_to={t.report_to!r} mixes '{r}' with other values; use it alone")
+                raise UserError(f"train.report_to={','.join(targets)} mixes '{r}' with other values; use it alone")
             continue
         if r not in vals["report_to"]:
             raise UserError(_one_of("train.report_to", r, ["none", "all", *vals["report_to"]]))

@@ -281,6 +281,26 @@ def apply_speed_switches(plan: TrainPlan, model) -> None:
 
 
 # -- the trainer -------------------------------------------------------------------------------------------------
+def trackers(cfg: Config) -> list[str]:
+    """train.report_to as the integrations to run: "all" is every installed one, "none" is none."""
+    if cfg.train.report_to == ["all"]:
+        from transformers.integrations import get_available_reporting_integrations
+
+        return list(get_available_reporting_integrations())
+    return [r for r in cfg.train.report_to if r != "none"]
+
+
+def tensorboard_callback(run: RunDir):
+    """transformers' TensorBoardCallback writing into <run>/tensorboard/ rather than its default
+    <output_dir>/runs/<date_host>/ (here: inside checkpoints/, where nobody looks for curves); the event files
+    of a resumed run go to the same folder, and TensorBoard joins them by step."""
+    from transformers.integrations import TensorBoardCallback
+
+    cb = TensorBoardCallback()
+    cb.logging_dir = str(run.tensorboard)  # what its TENSORBOARD_LOGGING_DIR sets, without touching os.environ
+    return cb
+
+
 def sft_config(cfg: Config, run: RunDir, plan: TrainPlan, n_eval: int):
     """TRL's arguments: the batch, learning rate and switches from the plan, everything else from the YAML."""
     from trl import SFTConfig
@@ -324,7 +344,8 @@ def sft_config(cfg: Config, run: RunDir, plan: TrainPlan, n_eval: int):
         padding_free=plan.padding_free,
         use_liger_kernel=plan.use_liger_kernel,
         dataloader_num_workers=t.dataloader_num_workers,
-        report_to=t.report_to,
+        # tensorboard goes through the callback make_trainer adds, which writes into the run directory.
+        report_to=[r for r in trackers(cfg) if r != "tensorboard"] or "none",
         include_num_input_tokens_seen="non_padding",
         save_only_model=False,
         disable_tqdm=not is_main(),
@@ -343,6 +364,8 @@ def make_trainer(cfg: Config, run: RunDir, plan: TrainPlan, model, tok, prep, ar
     from trl import SFTTrainer
 
     callbacks = make_callbacks(run, stop)
+    if "tensorboard" in trackers(cfg):
+        callbacks.append(tensorboard_callback(run))
     if cfg.train.early_stopping_patience:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=cfg.train.early_stopping_patience))
     trainer = SFTTrainer(

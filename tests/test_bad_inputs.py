@@ -395,6 +395,13 @@ CASES = [
     Case("config-scheduler-typo", "finetune.py", ft("train.lr_scheduler_type=cosin"), "train.lr_scheduler_type", GOOD),
     Case("config-report-to-unknown", "finetune.py", ft("train.report_to=wandbb"), "train.report_to", GOOD),
     Case("config-report-to-not-installed", "finetune.py", ft("train.report_to=wandb"), "'wandb' package", GOOD),
+    Case(
+        "config-report-to-list-not-installed",
+        "finetune.py",
+        ft("--train.report_to", "[tensorboard, mlflow]"),
+        "'mlflow' package",
+        GOOD,
+    ),
     Case("config-report-to-none-and-more", "finetune.py", ft("train.report_to=none,tensorboard"), "use it alone", GOOD),
     Case(
         "config-flash-attn-not-installed",

@@ -210,3 +210,19 @@ def test_attention_values_are_transformers_own_and_each_loads():
     assert built >= 3  # eager, sdpa, flex_attention at least
     with pytest.raises(UserError, match="not a value transformers accepts"):
         check_attn_implementation(VARLEN_ATTN)
+
+
+@pytest.mark.parametrize(
+    "value, trackers",
+    [
+        (None, ["tensorboard"]),  # the default
+        ("none", ["none"]),
+        ("wandb", ["wandb"]),
+        ("tensorboard,wandb", ["tensorboard", "wandb"]),
+        ("[tensorboard, mlflow]", ["tensorboard", "mlflow"]),
+        ("[]", ["none"]),
+    ],
+)
+def test_report_to_is_a_list_as_in_transformers(value, trackers):
+    over = [] if value is None else [f"train.report_to={value}"]
+    assert load_config(REPO / "configs" / "demo.yaml", over).train.report_to == trackers
