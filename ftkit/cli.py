@@ -9,6 +9,7 @@ import logging
 import os
 import re
 import sys
+import warnings
 from typing import Callable, Sequence
 
 # -- logging and errors ------------------------------------------------------------------------------
@@ -35,7 +36,10 @@ def user_errors(what: str, fix: str, types: tuple[type[BaseException], ...] = (O
         raise UserError(f"{what}: {str(e).splitlines()[0][:200] if str(e) else type(e).__name__}; {fix}") from None
 
 
-def setup_logging(debug: bool = False) -> None:
+def setup_logging(debug: bool = False, quiet: bool = False) -> None:
+    """Our INFO lines always; the libraries' own warnings (transformers, PEFT, TRL, ...: deprecations, settings
+    they override, weights they could not load) shown as they emit them, unless `quiet`; their debug output
+    with `debug`."""
     level = logging.DEBUG if debug else logging.INFO
     # Whatever reaches the terminal (our logs, print, library output) passes through `redact` first.
     for name in ("stdout", "stderr"):
@@ -44,7 +48,9 @@ def setup_logging(debug: bool = False) -> None:
     logging.basicConfig(
         level=level, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr, force=True
     )
-    # Library chatter drowns the lines a user acts on; keep it at warning unless debugging.
+    # Library chatter (info) drowns the lines a user acts on: warnings only, unless debugging; --quiet keeps
+    # errors only. The libraries' warnings say what they changed or ignored, which a user needs to see.
+    lib_level = logging.DEBUG if debug else logging.ERROR if quiet else logging.WARNING
     for noisy in (
         "transformers",
         "datasets",
@@ -56,11 +62,21 @@ def setup_logging(debug: bool = False) -> None:
         "urllib3",
         "filelock",
     ):
-        logging.getLogger(noisy).setLevel(logging.DEBUG if debug else logging.WARNING)
+        logging.getLogger(noisy).setLevel(lib_level)
     # bitsandbytes warns on every CPU import that an optional hub kernel is absent; it falls back fine.
     logging.getLogger("bitsandbytes").setLevel(logging.DEBUG if debug else logging.ERROR)
+    # transformers and datasets set their loggers' level from these when first imported (after this runs);
+    # a value the user exported wins, except that --quiet and --debug are asked for on this command line.
+    verbosity = "debug" if debug else "error" if quiet else "warning"
+    for var in ("TRANSFORMERS_VERBOSITY", "DATASETS_VERBOSITY"):
+        if debug or quiet:
+            os.environ[var] = verbosity
+        else:
+            os.environ.setdefault(var, verbosity)
+    if quiet:
+        # The libraries' warnings.warn() ones too (deprecations, FutureWarning), which logging levels miss.
+        warnings.filterwarnings("ignore")
     if not debug:
-        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     logging.getLogger().addFilter(RedactTokens())
 
@@ -125,7 +141,7 @@ def run_main(main: Callable[[Sequence[str]], int | None], argv: Sequence[str] | 
     """Call a stage's CLI main; turn UserError into one line and exit code 2 unless --debug is given."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
-    setup_logging(debug)
+    setup_logging(debug, quiet="--quiet" in argv and not debug)
     try:
         rc = main(argv)
     except UserError as e:
@@ -149,6 +165,9 @@ def build_parser(description: str, config_required: bool = False) -> argparse.Ar
         "--config", required=config_required, help="YAML config; without it, the most recent run's saved config is used"
     )
     p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+    p.add_argument(
+        "--quiet", action="store_true", help="hide the libraries' warnings (transformers, PEFT, TRL, datasets)"
+    )
     p.add_argument(
         "overrides",
         nargs="*",
