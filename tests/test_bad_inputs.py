@@ -160,6 +160,22 @@ CASES = [
         env={"ACCELERATE_USE_FSDP": "true"},
     ),
     Case(
+        "config-fsdp2-on-cpu",
+        "finetune.py",
+        ft("quant.bnb_4bit_quant_storage=bfloat16", "train.optim=adamw_torch"),
+        "FSDP needs CUDA",
+        GOOD,
+        env={"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"},
+    ),
+    Case(
+        "lora-init-olora-under-fsdp",
+        "finetune.py",
+        ft("quant.bnb_4bit_quant_storage=bfloat16", "train.optim=adamw_torch", "lora.init_lora_weights=olora"),
+        "under FSDP is not supported",
+        GOOD,
+        env={"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"},
+    ),
+    Case(
         "config-max-length-below-prompt-fail",
         "finetune.py",
         ft("data.max_length=16", "data.too_long=fail"),
