@@ -1,5 +1,5 @@
 """LoRA variants through PEFT's LoraConfig (DoRA, PiSSA, OLoRA, gaussian init, modules_to_save): each trains,
-merges with the merge check holding, and answers, on the tiny model as a user runs the stages."""
+merges with the merge check holding, answers and exports, on the tiny model as a user runs the stages."""
 
 import json
 
@@ -52,3 +52,8 @@ def test_variant_trains_merges_and_answers(tmp_path, tiny_llama, alpaca_file, va
         )
         assert r.returncode == 0, r.stderr[-3000:]
         assert "answering with" in r.stderr and str(run / folder) in r.stderr, r.stderr[-2000:]
+
+    # The export reads merged/ and verifies the GGUF by loading it back with transformers.
+    r = run_script("export_gguf.py", "--config", str(run / "config.yaml"), "--type", "f32", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (run / "export" / "model-f32.gguf").is_file() and (run / "export" / "Modelfile").is_file()
