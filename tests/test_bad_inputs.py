@@ -358,6 +358,15 @@ CASES = [
         ["--config", "{run}/config.yaml", "merge.max_logit_diff=1e-30", "merge.compute_dtype=bfloat16"],
         "nothing was written",
     ),
+    Case(
+        "evaluate-lm-eval-not-installed",
+        "evaluate.py",
+        ["--config", "{run}/config.yaml", "--lm-eval"],
+        "pip install lm_eval",
+        # A harness that does not import, as a missing dependency leaves it: shadowed on PYTHONPATH.
+        {"hide/lm_eval/__init__.py": "raise ImportError('No module named lm_eval')\n"},
+        env={"PYTHONPATH": "{tmp}/hide"},
+    ),
     Case("merge-no-recent-run", "merge_adapter.py", [], "no recent run"),
     # -- inference -------------------------------------------------------------------------------------
     Case("infer-empty-prompt", "inference.py", ["--config", "{run}/config.yaml", "--adapter", "--prompt", ""], "empty"),
