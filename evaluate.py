@@ -11,7 +11,8 @@ Writes: <run>/eval/ (atomically: a failed evaluation leaves the previous eval/ u
           eval_report.md    the same as a table, five example prompts with both answers, and the plots:
           loss_curves.png   training and in-loop eval loss from train_log.jsonl;
           before_after.png  per-family scores and eval loss, base vs fine-tuned;
-        and prints the before/after table.
+        and prints the before/after table. With --lm-eval, also EleutherAI's lm-evaluation-harness on the same
+        rows as a local task (ftkit/harness.py), base vs fine-tuned, in both reports.
 
 Method: both models run in `model.dtype` (unquantized; the in-loop eval loss in train_log.jsonl comes
 from the 4-bit base, so the two differ slightly). Loss is the token-weighted mean cross-entropy over the
@@ -23,6 +24,7 @@ Run:
     python evaluate.py                                   # the most recent run
     python evaluate.py --config configs/demo.yaml        # the run in that config's paths.output_dir
     python evaluate.py --adapter inference.batch_size=8  # base + adapter even when merged/ exists
+    python evaluate.py --lm-eval                         # + lm-evaluation-harness numbers (pip install lm_eval)
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import math
 import time
 from pathlib import Path
 
+from ftkit import harness
 from ftkit.cli import UserError, build_parser, log, parse_args, run_main
 from ftkit.config import Config
 from ftkit.jsonl import read_jsonl, read_log_rows
@@ -201,6 +204,8 @@ def markdown(report: dict, has_curves: bool) -> str:
     ]
     lines += table_lines(report)
     lines += [""]
+    if report.get("lm_eval"):
+        lines += harness.markdown_lines(report["lm_eval"])
     if has_curves:
         lines += ["![training and eval loss](loss_curves.png)", ""]
     else:
@@ -227,9 +232,13 @@ def _quote(text: str) -> str:
 
 
 # -- the stage -------------------------------------------------------------------------------------
-def main(cfg: Config, run: RunDir, use: str | None = None, rows_path: Path | None = None) -> dict:
+def main(
+    cfg: Config, run: RunDir, use: str | None = None, rows_path: Path | None = None, lm_eval: bool = False
+) -> dict:
     t0 = time.time()
     rows_path = rows_path or run.eval_rows
+    if lm_eval:
+        harness.check_installed()
     check_unlocked(run.root)
     clean_tmp_leftovers(run.root, names=("eval",))
     rows, tuned_use = preflight(cfg, run, use or cfg.inference.use, rows_path)
@@ -303,6 +312,8 @@ def main(cfg: Config, run: RunDir, use: str | None = None, rows_path: Path | Non
                     f"the {name} model's {key} is {v}: no response tokens were scored; "
                     "check data.max_length against the held-out rows"
                 )
+    if lm_eval:
+        report["lm_eval"] = run_harness(cfg, run, tuned_use, rows)
     with RunLock(run.root, "evaluate.py"), atomic_dir(run.eval) as tmp:
         has_curves = plot_loss_curves(
             read_log_rows(run.train_log), tmp / "loss_curves.png", report["overall"]["base"]["eval_loss"]
@@ -314,7 +325,28 @@ def main(cfg: Config, run: RunDir, use: str | None = None, rows_path: Path | Non
     log.info("wrote %s in %.0fs", run.eval, time.time() - t0)
     print(f"\nbase vs fine-tuned on {len(rows)} held-out rows ({run.eval / 'eval_report.md'}):")
     print("\n".join(table_lines(report)))
+    if lm_eval:
+        print("\n" + "\n".join(harness.markdown_lines(report["lm_eval"])))
     return report
+
+
+def run_harness(cfg: Config, run: RunDir, tuned_use: str, rows: list[dict]) -> dict:
+    """EleutherAI's lm-evaluation-harness on the same rows, base vs fine-tuned (the same weights as above)."""
+    from ftkit.models import load_tokenizer, pick_device
+
+    source, _ = resolve_model(cfg.model)
+    tuned = (
+        {"pretrained": str(run.merged)} if tuned_use == "merged" else {"pretrained": source, "peft": str(run.adapter)}
+    )
+    return harness.evaluate_models(
+        {"base": {"pretrained": source}, "fine_tuned": tuned},
+        rows,
+        PromptTemplate.load(run.prompt_template),
+        load_tokenizer(cfg, str(run.adapter), True),
+        dtype=cfg.model.dtype,
+        device=pick_device(cfg.inference.device),
+        batch_size=cfg.inference.batch_size,
+    )
 
 
 def cli(argv) -> None:
@@ -328,9 +360,14 @@ def cli(argv) -> None:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--merged", dest="use", action="store_const", const="merged", help="fine-tuned = <run>/merged")
     g.add_argument("--adapter", dest="use", action="store_const", const="adapter", help="fine-tuned = base + adapter")
+    p.add_argument(
+        "--lm-eval",
+        action="store_true",
+        help="also run EleutherAI's lm-evaluation-harness on the held-out rows (a local task), base vs fine-tuned",
+    )
     a = parse_args(p, argv)
     cfg, run = stage_config(a.config, a.overrides)
-    main(cfg, run, a.use, a.rows)
+    main(cfg, run, a.use, a.rows, lm_eval=a.lm_eval)
 
 
 if __name__ == "__main__":

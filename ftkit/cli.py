@@ -9,6 +9,7 @@ import logging
 import os
 import re
 import sys
+import warnings
 from typing import Callable, Sequence
 
 # -- logging and errors ------------------------------------------------------------------------------
@@ -35,7 +36,10 @@ def user_errors(what: str, fix: str, types: tuple[type[BaseException], ...] = (O
         raise UserError(f"{what}: {str(e).splitlines()[0][:200] if str(e) else type(e).__name__}; {fix}") from None
 
 
-def setup_logging(debug: bool = False) -> None:
+def setup_logging(debug: bool = False, quiet: bool = False) -> None:
+    """Our INFO lines always; the libraries' own warnings (transformers, PEFT, TRL, ...: deprecations, settings
+    they override, weights they could not load) shown as they emit them, unless `quiet`; their debug output
+    with `debug`."""
     level = logging.DEBUG if debug else logging.INFO
     # Whatever reaches the terminal (our logs, print, library output) passes through `redact` first.
     for name in ("stdout", "stderr"):
@@ -44,7 +48,9 @@ def setup_logging(debug: bool = False) -> None:
     logging.basicConfig(
         level=level, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr, force=True
     )
-    # Library chatter drowns the lines a user acts on; keep it at warning unless debugging.
+    # Library chatter (info) drowns the lines a user acts on: warnings only, unless debugging; --quiet keeps
+    # errors only. The libraries' warnings say what they changed or ignored, which a user needs to see.
+    lib_level = logging.DEBUG if debug else logging.ERROR if quiet else logging.WARNING
     for noisy in (
         "transformers",
         "datasets",
@@ -56,11 +62,21 @@ def setup_logging(debug: bool = False) -> None:
         "urllib3",
         "filelock",
     ):
-        logging.getLogger(noisy).setLevel(logging.DEBUG if debug else logging.WARNING)
+        logging.getLogger(noisy).setLevel(lib_level)
     # bitsandbytes warns on every CPU import that an optional hub kernel is absent; it falls back fine.
     logging.getLogger("bitsandbytes").setLevel(logging.DEBUG if debug else logging.ERROR)
+    # transformers and datasets set their loggers' level from these when first imported (after this runs);
+    # a value the user exported wins, except that --quiet and --debug are asked for on this command line.
+    verbosity = "debug" if debug else "error" if quiet else "warning"
+    for var in ("TRANSFORMERS_VERBOSITY", "DATASETS_VERBOSITY"):
+        if debug or quiet:
+            os.environ[var] = verbosity
+        else:
+            os.environ.setdefault(var, verbosity)
+    if quiet:
+        # The libraries' warnings.warn() ones too (deprecations, FutureWarning), which logging levels miss.
+        warnings.filterwarnings("ignore")
     if not debug:
-        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     logging.getLogger().addFilter(RedactTokens())
 
@@ -125,7 +141,7 @@ def run_main(main: Callable[[Sequence[str]], int | None], argv: Sequence[str] | 
     """Call a stage's CLI main; turn UserError into one line and exit code 2 unless --debug is given."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
-    setup_logging(debug)
+    setup_logging(debug, quiet="--quiet" in argv and not debug)
     try:
         rc = main(argv)
     except UserError as e:
@@ -150,12 +166,53 @@ def build_parser(description: str, config_required: bool = False) -> argparse.Ar
     )
     p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     p.add_argument(
+        "--quiet", action="store_true", help="hide the libraries' warnings (transformers, PEFT, TRL, datasets)"
+    )
+    p.add_argument(
         "overrides",
         nargs="*",
         metavar="section.key=value",
-        help="dotted overrides applied after the YAML, e.g. train.max_steps=10",
+        help="dotted overrides applied after the YAML, e.g. train.max_steps=10 "
+        "(also as --train.max_steps=10 or --train.max_steps 10)",
     )
     return p
+
+
+def flag_overrides(parser: argparse.ArgumentParser, argv: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Split `--section.key=value` and `--section.key value` (the flag style of transformers' HfArgumentParser,
+    Axolotl and LLaMA-Factory) out of argv as `section.key=value` overrides; the rest goes to argparse. A flag
+    that is another tool's name for a config key (`--lora_r 8`, `--output_dir x`) is an error naming the key."""
+    from .config import SECTIONS, alias_hint
+
+    known = set(parser._option_string_actions)
+    rest: list[str] = []
+    found: list[str] = []
+    i = 0
+    argv = list(argv)
+    while i < len(argv):
+        tok = argv[i]
+        name, eq, value = tok.partition("=")
+        if not tok.startswith("--") or name in known or tok == "--":
+            rest.append(tok)
+            i += 1
+            continue
+        key = name[2:]
+        if key.split(".")[0] not in SECTIONS:
+            hint = alias_hint(key)
+            if hint:
+                raise UserError(f"unknown option '{name}'; this project calls it {hint}: write --{hint}=VALUE")
+            rest.append(tok)  # argparse names it as unrecognized
+            i += 1
+            continue
+        if not eq:
+            # A value may start with "-" (train.warmup_steps -1 is a number); a following --flag is not one.
+            if i + 1 >= len(argv) or argv[i + 1].startswith("--"):
+                raise UserError(f"option '{name}' needs a value; write {name}=VALUE or {name} VALUE")
+            value = argv[i + 1]
+            i += 1
+        found.append(f"{key}={value}")
+        i += 1
+    return rest, found
 
 
 def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argparse.Namespace:
@@ -164,4 +221,9 @@ def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argparse
         raise UserError(f"{message}; see --help")
 
     parser.error = error  # type: ignore[method-assign]
-    return parser.parse_args(list(argv))
+    rest, flagged = flag_overrides(parser, argv)
+    ns = parser.parse_args(rest)
+    if hasattr(ns, "overrides"):
+        # Flag-style overrides apply after the positional ones: the later of two values for a key wins.
+        ns.overrides = [*ns.overrides, *flagged]
+    return ns

@@ -35,7 +35,10 @@ class ModelCfg(Section):
     # Off by default: remote code runs arbitrary Python from the hub.
     trust_remote_code: bool = False
     dtype: DTYPES = "bfloat16"
-    attn_implementation: Literal["sdpa", "eager", "flex_attention", "flash_attention_2"] = "sdpa"
+    # Any value the installed transformers accepts: eager, sdpa, flex_attention, flash_attention_2/3/4, their
+    # paged| forms, a hub kernel ("kernels-community/flash-attn2"); checked against transformers' own registry
+    # (and for the package each needs) before a model loads, by check_attn_implementation.
+    attn_implementation: str = "sdpa"
     # When set and `name_or_path` does not exist yet, convert this GGUF file ("<python package>/<file>")
     # once into a standard HF checkpoint at `name_or_path`. The embedded demo model uses it.
     gguf_source: str | None = None
@@ -60,6 +63,28 @@ class QuantCfg(Section):
         return self
 
 
+# PEFT's LoraConfig(init_lora_weights=) values that need no data pass and give an adapter the project can train,
+# save, merge and serve. pissa and olora also rewrite the base weights (W - BA) at initialization; the final
+# adapter is then converted back to a plain LoRA (rank 2r) on the untouched base (ftkit/train.py save_adapter).
+LORA_INITS = ("gaussian", "orthogonal", "pissa", "pissa_niter_N", "olora")
+_LORA_INITS_NOT_HERE = {
+    "loftq": "LoftQ replaces the base weights with its own quantization of them, so its adapter only fits that "
+    "LoftQ-quantized base, never the base merge_adapter.py and inference.py load",
+    "eva": "EVA initializes from the activations of a pass over the data (peft.initialize_lora_eva_weights), "
+    "which this project does not run",
+    "corda": "CorDA initializes from covariance statistics collected over the data (peft preprocess_corda), "
+    "which this project does not run",
+    "lora_ga": "LoRA-GA initializes from gradients estimated over the data, which this project does not run",
+    "mica": "MiCA trains lora_A only and keeps lora_B frozen, and the adapter checks here expect every saved tensor "
+    "to be trained",
+}
+
+
+def mutates_base(init) -> bool:
+    """Whether lora.init_lora_weights rewrites the base weights (the residual W - BA) when LoRA is applied."""
+    return isinstance(init, str) and (init.startswith("pissa") or init == "olora")
+
+
 class LoraCfg(Section):
     r: int = Field(16, ge=1, le=4096)
     lora_alpha: float = Field(32, gt=0)
@@ -70,11 +95,42 @@ class LoraCfg(Section):
     )
     bias: Literal["none", "all", "lora_only"] = "none"
     use_rslora: bool = False
+    # DoRA: the update split into a magnitude and a direction (PEFT dequantizes 4-bit weights for it: slower).
+    use_dora: bool = False
+    # true: PEFT's default (A Kaiming-uniform, B zero: no change before training); false: A and B random;
+    # gaussian, orthogonal (needs an even r), pissa / pissa_niter_N (needs quant.load_in_4bit=false), olora.
+    init_lora_weights: bool | str = True
+    # Modules trained in full and saved beside the LoRA weights, e.g. [lm_head, embed_tokens] for new tokens.
+    modules_to_save: list[str] | None = None
+
+    @field_validator("init_lora_weights")
+    @classmethod
+    def _known_init(cls, v):
+        import re
+
+        if isinstance(v, bool) or v in LORA_INITS or re.fullmatch(r"pissa_niter_[1-9]\d*", v):
+            return v
+        if v in _LORA_INITS_NOT_HERE:
+            raise ValueError(
+                f"lora.init_lora_weights={v} is not supported here: {_LORA_INITS_NOT_HERE[v]}; use true, gaussian, "
+                "orthogonal, pissa or olora"
+            )
+        raise ValueError(
+            f"lora.init_lora_weights={v!r} is not one of PEFT's initializations; use true, false, "
+            f"{', '.join(LORA_INITS)}"
+        )
 
     @model_validator(mode="after")
     def _nonempty(self):
         if isinstance(self.target_modules, list) and not self.target_modules:
             raise ValueError("lora.target_modules is empty; list module names or use 'all-linear'")
+        if self.init_lora_weights == "orthogonal" and self.r % 2:
+            raise ValueError(
+                f"lora.init_lora_weights=orthogonal needs an even lora.r (PEFT splits one orthogonal basis between "
+                f"A and B), got {self.r}; set lora.r={self.r + 1}"
+            )
+        if self.modules_to_save is not None and not self.modules_to_save:
+            raise ValueError("lora.modules_to_save is empty; list module names (e.g. [lm_head]) or set it to null")
         return self
 
 
@@ -168,8 +224,20 @@ class TrainCfg(Section):
     # as make the longest micro-batch fit (plan.json records the number chosen; config.yaml keeps "auto").
     activation_offloading: bool | Annotated[int, Field(ge=0)] | Literal["auto"] = "auto"
     dataloader_num_workers: int = Field(0, ge=0)
-    report_to: str = "none"
+    # Trackers, as transformers' report_to: a list, one name or comma-separated names; "none" for no tracker,
+    # "all" for every installed one. tensorboard writes its event files into <run>/tensorboard/, so
+    # `tensorboard --logdir runs/<name>` shows the curves; each tracker's package is checked before the run.
+    report_to: list[str] = Field(default_factory=lambda: ["tensorboard"])
     resume: Literal["never", "auto"] = "never"
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _trackers_as_list(cls, v):
+        if v is None:
+            return ["none"]
+        if isinstance(v, str):
+            v = [x.strip() for x in v.split(",") if x.strip()]
+        return v or ["none"]
 
     @field_validator("packing", mode="before")
     @classmethod
@@ -296,6 +364,18 @@ class Config(Section):
     inference: InferenceCfg = Field(default_factory=InferenceCfg)
     paths: PathsCfg = Field(default_factory=PathsCfg)
 
+    @model_validator(mode="after")
+    def _lora_init_fits_base(self):
+        init, q = self.lora.init_lora_weights, self.quant
+        if isinstance(init, str) and init.startswith("pissa") and (q.load_in_4bit or q.load_in_8bit):
+            bits = "4" if q.load_in_4bit else "8"
+            raise ValueError(
+                f"lora.init_lora_weights={init} needs a full-precision base: PiSSA splits the base weights by SVD, "
+                f"which PEFT cannot do on {bits}-bit weights; set quant.load_in_{bits}bit=false (more memory), "
+                "or use olora, which works on a quantized base"
+            )
+        return self
+
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
 
@@ -318,6 +398,85 @@ VALID_KEYS = _valid_keys(Config)
 SECTIONS = list(Config.model_fields)
 
 
+# The names users bring from Axolotl, LLaMA-Factory, Unsloth, TRL and transformers' scripts for what this
+# project calls otherwise. Looked up by the last dotted part, so `lora_r`, `lora.lora_r` and `--lora_r` all
+# find lora.r; a leaf that is a project key in another section (`max_steps` at the top) is found without a row.
+ALIASES = {
+    "lora_rank": "lora.r",
+    "lora_r": "lora.r",
+    "rank": "lora.r",
+    "alpha": "lora.lora_alpha",
+    "lora_target": "lora.target_modules",
+    "lora_target_modules": "lora.target_modules",
+    "lora_target_linear": "lora.target_modules",
+    "peft_use_rslora": "lora.use_rslora",
+    "peft_use_dora": "lora.use_dora",
+    "lora_modules_to_save": "lora.modules_to_save",
+    "init_lora": "lora.init_lora_weights",
+    "pissa_init": "lora.init_lora_weights",
+    "base_model": "model.name_or_path",
+    "model_name_or_path": "model.name_or_path",
+    "pretrained_model_name_or_path": "model.name_or_path",
+    "model_name": "model.name_or_path",
+    "model_id": "model.name_or_path",
+    "model_revision": "model.revision",
+    "torch_dtype": "model.dtype",
+    "flash_attention": "model.attn_implementation",
+    "flash_attn": "model.attn_implementation",
+    "sdp_attention": "model.attn_implementation",
+    "dataset": "data.path",
+    "datasets": "data.path",
+    "dataset_name": "data.path",
+    "data_path": "data.path",
+    "dataset_dir": "data.path",
+    "train_file": "data.path",
+    "template": "data.prompt_template",
+    "chat_template": "data.prompt_template",
+    "sequence_len": "data.max_length",
+    "cutoff_len": "data.max_length",
+    "max_seq_length": "data.max_length",
+    "max_seq_len": "data.max_length",
+    "seq_len": "data.max_length",
+    "model_max_length": "data.max_length",
+    "val_set_size": "data.eval_size",
+    "val_size": "data.eval_size",
+    "test_size": "data.eval_size",
+    "micro_batch_size": "train.per_device_train_batch_size",
+    "batch_size": "train.per_device_train_batch_size",
+    "train_batch_size": "train.per_device_train_batch_size",
+    "eval_batch_size": "train.per_device_eval_batch_size",
+    "num_epochs": "train.num_train_epochs",
+    "epochs": "train.num_train_epochs",
+    "lr": "train.learning_rate",
+    "optimizer": "train.optim",
+    "lr_scheduler": "train.lr_scheduler_type",
+    "warmup_ratio": "train.warmup_steps",
+    "sample_packing": "train.packing",
+    "resume_from_checkpoint": "train.resume",
+    "auto_resume_from_checkpoints": "train.resume",
+    "quantization_bit": "quant.load_in_4bit",
+    "output_dir": "paths.output_dir",
+    "save_dir": "paths.output_dir",
+}
+
+
+def alias_hint(name: str) -> str | None:
+    """The project's key for a name from another tool (or a key given in the wrong place), else None."""
+    leaf = name.split(".")[-1].lstrip("-").replace("-", "_")
+    if leaf in ALIASES and ALIASES[leaf] != name:
+        return ALIASES[leaf]
+    same = [k for k in VALID_KEYS if k.split(".")[-1] == leaf and k != name]
+    return same[0] if same else None
+
+
+def _unknown(what: str, name: str) -> str:
+    """The message for an unknown key: the project's name for it when it is another tool's, else the closest."""
+    hint = alias_hint(name)
+    if hint:
+        return f"unknown {what} '{name}'; this project calls it {hint}"
+    return f"unknown {what} '{name}'{_suggest(name)}"
+
+
 def _suggest(key: str) -> str:
     leaf = key.split(".")[-1]
     # A right leaf in the wrong section (`train.r`) is the likeliest slip; then plain typos.
@@ -333,14 +492,14 @@ def _suggest(key: str) -> str:
 def _check_unknown(raw: dict, where: str) -> None:
     for sec, body in raw.items():
         if sec not in Config.model_fields:
-            raise UserError(f"{where}: unknown config section '{sec}'{_suggest(sec)}")
+            raise UserError(f"{where}: {_unknown('config section', sec)}")
         if body is None:
             continue
         if not isinstance(body, dict):
             raise UserError(f"{where}: section '{sec}' must be a mapping of keys, got {type(body).__name__}")
         for key in body:
             if f"{sec}.{key}" not in VALID_KEYS:
-                raise UserError(f"{where}: unknown config key '{sec}.{key}'{_suggest(f'{sec}.{key}')}")
+                raise UserError(f"{where}: {_unknown('config key', f'{sec}.{key}')}")
 
 
 def short_repr(value: Any, limit: int = 80) -> str:
@@ -398,6 +557,8 @@ def parse_override(item: str) -> tuple[str, Any]:
         raise UserError(f"override '{item}' is not KEY=VALUE; write for example train.max_steps=10")
     key, value = item.split("=", 1)
     key = key.strip()
+    if key.count(".") != 1 and alias_hint(key):
+        raise UserError(f"override: {_unknown('key', key)}; write {alias_hint(key)}=VALUE")
     if key.count(".") != 1:
         raise UserError(f"override key '{key}' must be section.key, for example train.max_steps{_suggest(key)}")
     if key.startswith("paths.") and value.strip() == "~":
@@ -466,7 +627,15 @@ _REPORT_PACKAGES = {
     "trackio": ("trackio",),
     "kubeflow": ("kubeflow",),
 }
-_ATTN_PACKAGES = {"flash_attention_2": "flash_attn"}
+# The module each flash attention version imports and the pip name that installs it (transformers'
+# FLASH_ATTENTION_COMPATIBILITY_MATRIX); without it transformers falls back to the `kernels` hub build.
+_FLASH_PACKAGES = {
+    "flash_attention_2": ("flash_attn", "flash-attn"),
+    "flash_attention_3": ("flash_attn_interface", "flash-attn-3"),
+    "flash_attention_4": ("flash_attn", "flash-attn-4"),
+}
+# transformers' pattern for a hub kernel ("org/repo[@revision][:function]"), loaded through `kernels`.
+_HUB_KERNEL = r"^[^/:]+/[^/:]+(?:@[^/:]+)?(?::[^/:]+)?$"
 
 
 def _transformers_source(rel: str):
@@ -508,6 +677,61 @@ def _dict_keys(rel: str, name: str) -> list[str] | None:
             keys = [k.value for k in node.value.keys if isinstance(k, ast.Constant)]
             return keys or None
     return None
+
+
+def attention_values() -> list[str]:
+    """The attn_implementation names the installed transformers accepts: "eager" and the keys of its
+    AttentionInterface registry (read from source; the project's own "sdpa_varlen" is registered later, at
+    training, and is not a user choice). A hub kernel id is accepted besides these."""
+    import ast
+
+    tree = _transformers_source("modeling_utils.py")
+    for node in getattr(tree, "body", []):
+        if isinstance(node, ast.ClassDef) and node.name == "AttentionInterface":
+            for st in node.body:
+                if (
+                    isinstance(st, ast.Assign)
+                    and any(getattr(t, "id", None) == "_global_mapping" for t in st.targets)
+                    and isinstance(st.value, ast.Dict)
+                ):
+                    keys = [k.value for k in st.value.keys if isinstance(k, ast.Constant)]
+                    if keys:
+                        return ["eager", "paged|eager", *(k for k in keys if k != "paged|eager")]
+    from transformers.modeling_utils import AttentionInterface
+
+    return ["eager", "paged|eager", *(k for k in AttentionInterface._global_mapping if k != "paged|eager")]
+
+
+def check_attn_implementation(attn: str) -> None:
+    """model.attn_implementation against the installed transformers, and the package it needs, before any
+    model loads (transformers would otherwise fail mid-load, or deep in the first forward)."""
+    import importlib.util
+    import re
+
+    base = attn.removeprefix("paged|")
+    if re.search(_HUB_KERNEL, base):
+        if importlib.util.find_spec("kernels") is None:
+            raise UserError(
+                f"model.attn_implementation={attn} is a hub kernel, which needs the 'kernels' package, which is "
+                "not installed; pip install kernels, or set model.attn_implementation=sdpa"
+            )
+        return
+    valid = attention_values()
+    if attn not in valid:
+        raise UserError(_one_of("model.attn_implementation", attn, valid))
+    if base in _FLASH_PACKAGES or base.startswith("flash_attention_"):
+        mod, pip = _FLASH_PACKAGES.get(base, ("flash_attn", "flash-attn"))
+        if importlib.util.find_spec(mod) is None and importlib.util.find_spec("kernels") is None:
+            raise UserError(
+                f"model.attn_implementation={attn} needs the '{mod}' package (or 'kernels' for the hub build), "
+                f"which is not installed (it also needs a CUDA GPU); pip install {pip}, or set "
+                "model.attn_implementation=sdpa"
+            )
+    if base == "flex_attention" and importlib.util.find_spec("torch.nn.attention.flex_attention") is None:
+        raise UserError(
+            f"model.attn_implementation={attn} needs torch's flex attention, which this torch lacks; "
+            "install torch>=2.5, or set model.attn_implementation=sdpa"
+        )
 
 
 def library_values() -> dict[str, list[str]]:
@@ -561,11 +785,11 @@ def check_library_options(cfg: "Config") -> None:
         )
     if t.lr_scheduler_type not in vals["lr_scheduler_type"]:
         raise UserError(_one_of("train.lr_scheduler_type", t.lr_scheduler_type, vals["lr_scheduler_type"]))
-    targets = [x.strip() for x in t.report_to.split(",") if x.strip()]
+    targets = t.report_to
     for r in targets:
         if r in ("none", "all"):
             if len(targets) > 1:
-                raise UserError(f"train.report_to={t.report_to!r} mixes '{r}' with other values; use it alone")
+                raise UserError(f"train.report_to={','.join(targets)} mixes '{r}' with other values; use it alone")
             continue
         if r not in vals["report_to"]:
             raise UserError(_one_of("train.report_to", r, ["none", "all", *vals["report_to"]]))
@@ -575,10 +799,4 @@ def check_library_options(cfg: "Config") -> None:
                 f"train.report_to={r} needs the '{mods[0]}' package, which is not installed; "
                 f"pip install {mods[0]}, or set train.report_to=none"
             )
-    attn = cfg.model.attn_implementation
-    pkg = _ATTN_PACKAGES.get(attn)
-    if pkg and importlib.util.find_spec(pkg) is None:
-        raise UserError(
-            f"model.attn_implementation={attn} needs the '{pkg}' package, which is not installed "
-            "(it also needs a CUDA GPU); pip install flash-attn, or set model.attn_implementation=sdpa"
-        )
+    check_attn_implementation(cfg.model.attn_implementation)

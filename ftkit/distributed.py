@@ -41,11 +41,34 @@ def fsdp_enabled() -> bool:
     return env_flag("ACCELERATE_USE_FSDP")
 
 
+def fsdp_version() -> int:
+    """`accelerate launch` exports the config's fsdp_version as FSDP_VERSION (1 when the config has none)."""
+    return int(os.environ.get("FSDP_VERSION", "1") or 1)
+
+
+def check_fsdp2_available() -> None:
+    """FSDP2 is torch's fully_shard (public in torch.distributed.fsdp from 2.6); Accelerate fails deep in its
+    setup without it."""
+    try:
+        from torch.distributed.fsdp import fully_shard  # noqa: F401
+    except ImportError:
+        import torch
+
+        raise UserError(
+            f"the Accelerate config asks for FSDP2 (fsdp_version: 2), which needs torch >= 2.6 "
+            f"(torch.distributed.fsdp.fully_shard); this torch is {torch.__version__}: upgrade torch, or launch "
+            "with configs/accelerate/fsdp_qlora.yaml (FSDP1)"
+        ) from None
+
+
 def check_distributed(cfg: Config, device: str) -> dict:
     """Refuse setups that would quietly train on fewer devices than the user has, and FSDP settings that
     cannot work; returns the distributed facts for the log and the run summary."""
     info = dict(dist_info(), fsdp=fsdp_enabled())
     if info["fsdp"]:
+        info["fsdp_version"] = fsdp_version()
+        if info["fsdp_version"] == 2:
+            check_fsdp2_available()
         q = cfg.quant
         if q.load_in_8bit:
             raise UserError(

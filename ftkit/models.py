@@ -13,7 +13,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from .cli import UserError, log, user_errors
-from .config import Config, ModelCfg
+from .config import Config, ModelCfg, check_attn_implementation
 
 
 def pick_device(pref: str) -> str:
@@ -236,6 +236,7 @@ def load_causal_lm(cfg: Config, source: str, offline: bool, *, quantization_conf
     from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
+    check_attn_implementation(cfg.model.attn_implementation)  # every stage that loads weights, before it does
     mconf = causal_lm_config(cfg, source, offline)
     kw = dict(revision=cfg.model.revision, local_files_only=offline, trust_remote_code=cfg.model.trust_remote_code)
     try:

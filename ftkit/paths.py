@@ -2,7 +2,7 @@
 leaves something that looks complete but is not.
 
     runs/<name>/config.yaml, plan.json, manifest.json, prompt_template.json, dataset_report.json,
-                checkpoints/, adapter/, train_log.jsonl, run_summary.json, merged/, eval/, export/
+                checkpoints/, adapter/, train_log.jsonl, run_summary.json, tensorboard/, merged/, eval/, export/
 """
 
 from __future__ import annotations
@@ -80,6 +80,10 @@ class RunDir:
     @property
     def eval_rows(self) -> Path:
         return self.root / "eval_rows.jsonl"
+
+    @property
+    def tensorboard(self) -> Path:
+        return self.root / "tensorboard"
 
     @classmethod
     def entry_names(cls) -> frozenset[str]:
@@ -306,6 +310,9 @@ RESUME_KEYS = (
     "lora.target_modules",
     "lora.bias",
     "lora.use_rslora",
+    "lora.use_dora",
+    "lora.init_lora_weights",
+    "lora.modules_to_save",
     "data.prompt_template",
     "data.system_prompt",
 )

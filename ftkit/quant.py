@@ -72,3 +72,17 @@ def validate_target_modules(model, targets) -> list[str] | str:
             f"{valid} (or 'all-linear'); see python quantization_utils.py --list-modules"
         )
     return list(targets)
+
+
+def validate_modules_to_save(model, names: list[str] | None) -> None:
+    """Every lora.modules_to_save name must be a module of the model (PEFT matches the last dotted parts, and
+    silently trains nothing for a name that matches none)."""
+    if not names:
+        return
+    full = [n for n, _ in model.named_modules()]
+    unknown = [m for m in names if not any(n == m or n.endswith("." + m) for n in full)]
+    if unknown:
+        top = sorted({n.rsplit(".", 1)[-1] for n in full if n and not n.rsplit(".", 1)[-1].isdigit()})
+        raise UserError(
+            f"lora.modules_to_save has unknown module(s) {unknown}; modules of this model: {', '.join(top)}"
+        )

@@ -11,13 +11,13 @@ import resource
 import signal
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import patches, runlock
 from .checkpoints import complete_checkpoints, trained_step
 from .cli import UserError, log
-from .config import Config, check_library_options
+from .config import Config, check_library_options, mutates_base
 from .distributed import barrier, dist_info, fsdp_enabled, is_main
 from .models import load_causal_lm, load_tokenizer, model_skeleton, torch_dtype
 from .paths import (
@@ -33,7 +33,13 @@ from .paths import (
     write_manifest,
 )
 from .plan import TrainPlan
-from .quant import build_bnb_config, linear_module_names, output_head_name, validate_target_modules
+from .quant import (
+    build_bnb_config,
+    linear_module_names,
+    output_head_name,
+    validate_modules_to_save,
+    validate_target_modules,
+)
 
 
 # -- before anything is written ------------------------------------------------------------------------------
@@ -65,6 +71,12 @@ def open_run(cfg: Config, overwrite: bool, resume: bool) -> tuple[RunDir, bool]:
     runlock.check_run_target(run.root, overwrite, resume)
     check_latest_pointer(cfg.paths.latest)
     check_library_options(cfg)
+    if fsdp_enabled() and mutates_base(cfg.lora.init_lora_weights):
+        raise UserError(
+            f"lora.init_lora_weights={cfg.lora.init_lora_weights} under FSDP is not supported: its adapter must be "
+            "converted against its initial weights when saved, which the sharded save here does not do; use true "
+            "or gaussian, or train on one process"
+        )
     if resume:
         done = complete_checkpoints(run.checkpoints)
         check_resume(cfg, run, trained_step(done[-1]) if done else None)
@@ -75,6 +87,7 @@ def inspect_model(cfg: Config, source: str, offline: bool):
     """(the model's structure on the meta device, its tokenizer), with the LoRA targets checked: no weights."""
     skeleton = model_skeleton(cfg, source, offline)
     validate_target_modules(skeleton, cfg.lora.target_modules)
+    validate_modules_to_save(skeleton, cfg.lora.modules_to_save)
     return skeleton, load_tokenizer(cfg, source, offline)
 
 
@@ -118,9 +131,12 @@ def output_sizes(cfg: Config, skeleton, n_train_rows: int, world_size: int) -> d
     names = set(linear_module_names(skeleton)) - ({head} if targets == "all-linear" else set())
     wanted = names if targets == "all-linear" else set(targets)
     lora = 0
+    saved_whole = set(cfg.lora.modules_to_save or ())
     for full, mod in skeleton.named_modules():
         if full.rsplit(".", 1)[-1] in wanted and hasattr(mod, "in_features"):
             lora += cfg.lora.r * (mod.in_features + mod.out_features)
+        if any(full == m or full.endswith("." + m) for m in saved_whole):
+            lora += sum(p.numel() for p in mod.parameters())  # trained and saved in full, optimizer state too
     n_params = sum(p.numel() for p in skeleton.parameters())
     t = cfg.train
     state_bytes = 2 if "8bit" in t.optim else 8
@@ -161,6 +177,8 @@ class Params:
     trainable: int
     total: int
     lora_tensors: int  # what the saved adapter must hold
+    # PiSSA/OLoRA's LoRA weights at initialization, for the conversion at save; None for other inits.
+    initial_lora: dict | None = field(default=None, compare=False, repr=False)
 
 
 def build_model(cfg: Config, plan: TrainPlan, source: str, offline: bool):
@@ -169,9 +187,9 @@ def build_model(cfg: Config, plan: TrainPlan, source: str, offline: bool):
 
     set_seed(cfg.train.seed)
     model = load_quantized_base(cfg, source, offline, plan.device)
-    model, trainable, total = apply_lora(cfg, plan, model)
+    model, trainable, total, initial = apply_lora(cfg, plan, model)
     apply_speed_switches(plan, model)
-    return model, Params(trainable, total, sum(1 for p in model.parameters() if p.requires_grad))
+    return model, Params(trainable, total, sum(1 for p in model.parameters() if p.requires_grad), initial)
 
 
 def load_quantized_base(cfg: Config, source: str, offline: bool, device: str):
@@ -217,13 +235,23 @@ def apply_lora(cfg: Config, plan: TrainPlan, model):
         target_modules=targets,
         bias=cfg.lora.bias,
         use_rslora=cfg.lora.use_rslora,
+        use_dora=cfg.lora.use_dora,
+        init_lora_weights=cfg.lora.init_lora_weights,
+        modules_to_save=cfg.lora.modules_to_save,
         task_type="CAUSAL_LM",
     )
     # Under FSDP the LoRA weights stay in the base's dtype instead of fp32, for the same reason.
     model = get_peft_model(model, lcfg, autocast_adapter_dtype=not fsdp)
+    initial = None
+    if mutates_base(cfg.lora.init_lora_weights):
+        # PiSSA/OLoRA trained against the residual base W - BA; the saved adapter is converted with these
+        # initial weights into a plain LoRA on W, the base merge and inference load (save_adapter).
+        from peft import get_peft_model_state_dict
+
+        initial = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in get_peft_model_state_dict(model).items()}
     trainable, total = model.get_nb_trainable_parameters()
     log.info("trainable parameters: %s of %s (%.3f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
-    return model, trainable, total
+    return model, trainable, total, initial
 
 
 def apply_speed_switches(plan: TrainPlan, model) -> None:
@@ -254,6 +282,26 @@ def apply_speed_switches(plan: TrainPlan, model) -> None:
 
 
 # -- the trainer -------------------------------------------------------------------------------------------------
+def trackers(cfg: Config) -> list[str]:
+    """train.report_to as the integrations to run: "all" is every installed one, "none" is none."""
+    if cfg.train.report_to == ["all"]:
+        from transformers.integrations import get_available_reporting_integrations
+
+        return list(get_available_reporting_integrations())
+    return [r for r in cfg.train.report_to if r != "none"]
+
+
+def tensorboard_callback(run: RunDir):
+    """transformers' TensorBoardCallback writing into <run>/tensorboard/ rather than its default
+    <output_dir>/runs/<date_host>/ (here: inside checkpoints/, where nobody looks for curves); the event files
+    of a resumed run go to the same folder, and TensorBoard joins them by step."""
+    from transformers.integrations import TensorBoardCallback
+
+    cb = TensorBoardCallback()
+    cb.logging_dir = str(run.tensorboard)  # what its TENSORBOARD_LOGGING_DIR sets, without touching os.environ
+    return cb
+
+
 def sft_config(cfg: Config, run: RunDir, plan: TrainPlan, n_eval: int):
     """TRL's arguments: the batch, learning rate and switches from the plan, everything else from the YAML."""
     from trl import SFTConfig
@@ -297,7 +345,8 @@ def sft_config(cfg: Config, run: RunDir, plan: TrainPlan, n_eval: int):
         padding_free=plan.padding_free,
         use_liger_kernel=plan.use_liger_kernel,
         dataloader_num_workers=t.dataloader_num_workers,
-        report_to=t.report_to,
+        # tensorboard goes through the callback make_trainer adds, which writes into the run directory.
+        report_to=[r for r in trackers(cfg) if r != "tensorboard"] or "none",
         include_num_input_tokens_seen="non_padding",
         save_only_model=False,
         disable_tqdm=not is_main(),
@@ -317,6 +366,8 @@ def make_trainer(cfg: Config, run: RunDir, plan: TrainPlan, model, tok, prep, ar
     from trl import SFTTrainer
 
     callbacks = make_callbacks(run, stop)
+    if "tensorboard" in trackers(cfg):
+        callbacks.append(tensorboard_callback(run))
     if cfg.train.early_stopping_patience:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=cfg.train.early_stopping_patience))
     trainer = SFTTrainer(
@@ -595,7 +646,7 @@ def finish(
         "resumed_from": resumed_from,
         "plan": "plan.json",
     }
-    save_adapter(trainer, run, params.lora_tensors)
+    save_adapter(trainer, run, params.lora_tensors, params.initial_lora)
     if is_main():
         atomic_write_json(run.summary, summary)
         write_latest(cfg, run)
@@ -615,7 +666,7 @@ def adapter_tensors(model, full_state: dict) -> dict:
     }  # lora_A/B, lora_embedding_A/B, lora_magnitude_vector (DoRA)
 
 
-def save_adapter(trainer, run: RunDir, n_lora: int) -> None:
+def save_adapter(trainer, run: RunDir, n_lora: int, initial: dict | None = None) -> None:
     """The final adapter as a plain PEFT folder (adapter_config.json + adapter_model.safetensors + tokenizer),
     written by rank 0 into a temporary folder and renamed into place.
 
@@ -636,7 +687,20 @@ def save_adapter(trainer, run: RunDir, n_lora: int) -> None:
         from safetensors.torch import save_file
 
         with atomic_dir(run.adapter) as tmp:
-            if tensors is None:
+            if tensors is None and initial is not None:
+                import tempfile
+
+                # PEFT's conversion (save_pretrained path_initial_model_for_weight_conversion): the trained and
+                # the initial PiSSA/OLoRA factors concatenated into a rank-2r LoRA whose product is the change
+                # from the original base, so merge and inference apply it to the base as it is on disk.
+                with tempfile.TemporaryDirectory() as init_root:
+                    init_dir = Path(init_root) / "initial"
+                    init_dir.mkdir()
+                    save_file(initial, str(init_dir / "adapter_model.safetensors"), metadata={"format": "pt"})
+                    model.save_pretrained(
+                        str(tmp), safe_serialization=True, path_initial_model_for_weight_conversion=str(init_dir)
+                    )
+            elif tensors is None:
                 model.save_pretrained(str(tmp), safe_serialization=True)
             else:
                 save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})

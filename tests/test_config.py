@@ -54,7 +54,8 @@ def test_overrides_are_typed_and_applied():
         ("lora.r=0", ["lora.r", "greater than or equal to 1"]),
         ("train.learning_rate=-1", ["train.learning_rate"]),
         ("quant.load_in_8bit=true", ["load_in_4bit", "load_in_8bit"]),
-        ("max_steps=3", ["section.key"]),
+        ("max_steps=3", ["'max_steps'", "train.max_steps=VALUE"]),
+        ("foo=3", ["section.key"]),
     ],
 )
 def test_bad_override_names_key(override, words):
@@ -64,6 +65,72 @@ def test_bad_override_names_key(override, words):
     assert "\n" not in msg
     for w in words:
         assert w in msg
+
+
+@pytest.mark.parametrize(
+    "name, ours",
+    [
+        ("lora_rank", "lora.r"),
+        ("lora_r", "lora.r"),
+        ("lora_alpha", "lora.lora_alpha"),
+        ("base_model", "model.name_or_path"),
+        ("model_name_or_path", "model.name_or_path"),
+        ("dataset", "data.path"),
+        ("datasets", "data.path"),
+        ("sequence_len", "data.max_length"),
+        ("cutoff_len", "data.max_length"),
+        ("max_seq_length", "data.max_length"),
+        ("val_set_size", "data.eval_size"),
+        ("micro_batch_size", "train.per_device_train_batch_size"),
+        ("num_epochs", "train.num_train_epochs"),
+        ("resume_from_checkpoint", "train.resume"),
+        ("output_dir", "paths.output_dir"),
+        ("learning_rate", "train.learning_rate"),
+    ],
+)
+def test_names_from_other_tools_point_at_ours(tmp_path, name, ours):
+    """The same name, wherever it is written, finds the project's key: bare override, wrong section, YAML top
+    level, YAML in a section, and a flag."""
+    from ftkit.cli import build_parser, parse_args
+
+    sec = "train" if not ours.startswith("train.") else "data"
+    for over in (f"{name}=1", f"{sec}.{name}=1"):
+        with pytest.raises(UserError, match=f"'(\\w+\\.)?{name}'; this project calls it {ours}"):
+            load_config(REPO / "configs" / "demo.yaml", [over])
+    for text in (f"{name}: 1\n", f"{sec}:\n  {name}: 1\n"):
+        (tmp_path / "c.yaml").write_text(text)
+        with pytest.raises(UserError, match=f"this project calls it {ours}"):
+            load_config(tmp_path / "c.yaml")
+    with pytest.raises(UserError, match=f"this project calls it {ours}"):
+        parse_args(build_parser("x"), [f"--{name}", "1"])
+
+
+def test_every_alias_names_a_real_key():
+    from ftkit.config import ALIASES
+
+    assert set(ALIASES.values()) <= set(VALID_KEYS)
+
+
+def test_overrides_as_flags_in_both_forms():
+    """--section.key=value and --section.key value are overrides, in order after the positional ones; the
+    stage's own flags and a negative number as a value still parse."""
+    from ftkit.cli import build_parser, parse_args
+
+    p = build_parser("x")
+    p.add_argument("--overwrite", action="store_true")
+    a = parse_args(
+        p,
+        ["--config", "c.yaml", "lora.r=4", "--train.max_steps", "5", "--overwrite", "--lora.r=8"]
+        + ["--train.max_grad_norm", "-1"],
+    )
+    assert a.overwrite and a.config == "c.yaml"
+    assert a.overrides == ["lora.r=4", "train.max_steps=5", "lora.r=8", "train.max_grad_norm=-1"]
+    cfg = load_config(REPO / "configs" / "demo.yaml", a.overrides[:3])
+    assert cfg.train.max_steps == 5 and cfg.lora.r == 8
+    with pytest.raises(UserError, match="needs a value"):
+        parse_args(p, ["--train.max_steps", "--overwrite"])
+    with pytest.raises(UserError, match="unrecognized arguments: --bogus"):
+        parse_args(p, ["--bogus"])
 
 
 def test_unknown_key_in_yaml_suggests(tmp_path):
@@ -128,3 +195,49 @@ def test_a_stage_without_config_follows_the_paths_latest_given_on_the_command_li
     assert got_run.root == run.root.resolve() and got_cfg.paths.output_dir == str(run.root)
     with pytest.raises(UserError, match="no recent run found"):
         stage_config(None, [])
+
+
+def test_attention_values_are_transformers_own_and_each_loads():
+    """Every name transformers registers is accepted (the project's own sdpa_varlen is not a user choice), and
+    each accepted one that needs no missing package builds a model in transformers; the others say which
+    package is missing."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    from ftkit.config import attention_values, check_attn_implementation
+    from ftkit.plan import VARLEN_ATTN
+
+    ours = set(attention_values())
+    assert ours == {"eager", *ALL_ATTENTION_FUNCTIONS.valid_keys()} - {VARLEN_ATTN}
+    tiny = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, vocab_size=64)
+    built = 0
+    for attn in sorted(ours):
+        try:
+            check_attn_implementation(attn)
+        except UserError as e:
+            assert "flash_attention" in attn and "pip install flash-attn" in str(e), (attn, str(e))
+            continue
+        if attn.startswith("paged|"):
+            continue  # paged attention is for continuous-batching generation, built the same way as its base
+        m = LlamaForCausalLM._from_config(LlamaConfig(**tiny), attn_implementation=attn)
+        assert m.config._attn_implementation == attn
+        built += 1
+    assert built >= 3  # eager, sdpa, flex_attention at least
+    with pytest.raises(UserError, match="not a value transformers accepts"):
+        check_attn_implementation(VARLEN_ATTN)
+
+
+@pytest.mark.parametrize(
+    "value, trackers",
+    [
+        (None, ["tensorboard"]),  # the default
+        ("none", ["none"]),
+        ("wandb", ["wandb"]),
+        ("tensorboard,wandb", ["tensorboard", "wandb"]),
+        ("[tensorboard, mlflow]", ["tensorboard", "mlflow"]),
+        ("[]", ["none"]),
+    ],
+)
+def test_report_to_is_a_list_as_in_transformers(value, trackers):
+    over = [] if value is None else [f"train.report_to={value}"]
+    assert load_config(REPO / "configs" / "demo.yaml", over).train.report_to == trackers

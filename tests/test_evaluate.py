@@ -176,6 +176,34 @@ def test_evaluate_end_to_end(trained, tmp_path, capsys):
     assert "| family |" in out and "all rows" in out  # the table is printed
 
 
+def test_lm_eval_harness_numbers_beside_the_projects(tmp_path, tiny_llama, capsys):
+    """--lm-eval: EleutherAI's harness scores both models on the held-out rows as a local task (offline), and its
+    numbers land in both reports next to the project's own. Its own run: the module's fixture warms up and decays
+    to a learning rate of 0 within its 2 steps, so its adapter is still the identity."""
+    data = tmp_path / "tasks.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in TASKS))
+    run = tmp_path / "run"
+    extra = {"data.eval_size": 8, "train.max_steps": 3, "train.eval_steps": "null", "train.save_steps": 3}
+    over = tiny_overrides(tiny_llama, data, run, **extra, **{"train.warmup_steps": 0, "inference.batch_size": 4})
+    r = run_script("finetune.py", "--config", str(DEMO), *over, "train.lr_scheduler_type=constant")
+    assert r.returncode == 0, r.stderr[-3000:]
+    ev.cli(["--config", DEMO, *over, "--lm-eval"])
+    rep = json.loads((run / "eval" / "eval_report.json").read_text())
+    h = rep["lm_eval"]
+    assert h["harness"].startswith("lm-evaluation-harness 0.4") and h["rows"] == rep["overall"]["rows"]
+    for name in ("base", "fine_tuned"):
+        assert 0 <= h[name]["acc"] <= 1 and math.isfinite(h[name]["perplexity"]) and h[name]["perplexity"] > 1
+    # The adapter changed the answers' likelihoods, and the harness sees it.
+    assert h["base"]["perplexity"] != h["fine_tuned"]["perplexity"]
+    # Perplexity per row of whole answers vs the project's per-token loss: the same direction of change.
+    own = rep["overall"]
+    assert (h["fine_tuned"]["perplexity"] < h["base"]["perplexity"]) == (
+        own["fine_tuned"]["eval_loss"] < own["base"]["eval_loss"]
+    )
+    assert "## lm-evaluation-harness" in (run / "eval" / "eval_report.md").read_text()
+    assert "| acc (answer = greedy continuation) |" in capsys.readouterr().out
+
+
 def test_merged_model_preferred_and_old_report_kept_on_failure(trained, tmp_path, capsys, monkeypatch):
     run, over = copy_run(trained, tmp_path)
     import merge_adapter

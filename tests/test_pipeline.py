@@ -61,6 +61,16 @@ def test_tiny_chain_from_the_command_line(tmp_path, tiny_llama, alpaca_file):
     assert "global batch 4 rows a step" in r.stderr and "train.padding_free: auto -> True" in r.stderr
     losses = [row["loss"] for row in read_log(run) if "loss" in row]
     assert len(losses) == 4 and all(x == x and x > 0 for x in losses)
+    # train.report_to's default: TensorBoard event files in the run directory, with the same losses.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    assert "train/loss" in events.Tags()["scalars"] and "eval/loss" in events.Tags()["scalars"]
+    tb_losses = [e.value for e in events.Scalars("train/loss")]
+    assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3, 4]
+    assert tb_losses == pytest.approx(losses, rel=1e-4)
     manifest = json.loads((run / "manifest.json").read_text())
     assert manifest["packages"]["transformers"] and len(manifest["data_sha256"]) == 64 and manifest["seed"] == 42
 
