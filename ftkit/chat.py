@@ -90,14 +90,10 @@ class ChatSession:
     def prompt_ids(self, message: str, history: list[dict]) -> list[int]:
         turns = [{"role": m["role"], "content": m["content"]} for m in history]
         if self.template.kind == "chat":
-            msgs = ([{"role": "system", "content": self.system}] if self.system else []) + turns
-            text = self.tok.apply_chat_template(
-                msgs + [{"role": "user", "content": message}],
-                tokenize=False,
-                add_generation_prompt=True,
-                chat_template=self.template.chat_template,
+            # The training template's own rendering and BOS rule, with this session's system prompt.
+            return replace(self.template, system_prompt=self.system).messages_prompt_ids(
+                self.tok, turns + [{"role": "user", "content": message}]
             )
-            return self.tok(text, add_special_tokens=False)["input_ids"]
         # Alpaca was trained on single turns: the earlier turns become the Input field.
         context = "\n".join(f"{'User' if m['role'] == 'user' else 'Assistant'}: {m['content']}" for m in turns)
         return replace(self.template, system_prompt=self.system).prompt_ids(self.tok, message, context or None)

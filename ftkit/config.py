@@ -78,11 +78,25 @@ class LoraCfg(Section):
         return self
 
 
+# The fields a data.columns mapping may rename: Alpaca's three, the conversation lists of the two chat formats,
+# and ShareGPT's top-level system prompt.
+DATA_COLUMNS = ("instruction", "input", "output", "messages", "conversations", "system")
+# Prompt templates by name; any other value must be a path to a Jinja chat template file.
+TEMPLATE_NAMES = ("alpaca", "chat", "llama3", "chatml")
+
+
 class DataCfg(Section):
     path: str = "yahma/alpaca-cleaned"
     split: str = "train"
-    # "alpaca": the Stanford Alpaca prompt; "chat": the tokenizer's own chat template (instruct bases).
-    prompt_template: Literal["alpaca", "chat"] = "alpaca"
+    # How rows are read: "alpaca" (instruction/input/output), "messages" (OpenAI {"messages": [{role,
+    # content}]}), "sharegpt" ({"conversations": [{from, value}]}); "auto" decides from the first rows.
+    format: Literal["auto", "alpaca", "messages", "sharegpt"] = "auto"
+    # Field names of this file for the fields above, e.g. {instruction: question, output: answer}.
+    columns: dict[str, str] = Field(default_factory=dict)
+    # "alpaca": the Stanford Alpaca prompt (for conversations, the same layout turn after turn); "chat": the
+    # tokenizer's own chat template (instruct bases); "llama3", "chatml": templates shipped by this project
+    # for bases that have none; or a path to a Jinja chat template file.
+    prompt_template: str = "alpaca"
     system_prompt: str | None = None
     max_length: int = Field(512, ge=16)
     # Rows held out for evaluation: a fraction (<1) or a row count (>=1).
@@ -93,6 +107,35 @@ class DataCfg(Section):
     empty_output: Literal["drop", "fail"] = "drop"
     drop_duplicates: bool = True
     seed: int = 42
+
+    @field_validator("columns")
+    @classmethod
+    def _known_columns(cls, v: dict[str, str]) -> dict[str, str]:
+        for key, col in v.items():
+            if key not in DATA_COLUMNS:
+                close = difflib.get_close_matches(key, DATA_COLUMNS, n=1, cutoff=0.5)
+                hint = f"did you mean '{close[0]}'? " if close else ""
+                raise ValueError(
+                    f"data.columns names an unknown field '{key}'; {hint}it maps these fields to your file's "
+                    f"names: {', '.join(DATA_COLUMNS)}"
+                )
+            if not col.strip():
+                raise ValueError(f"data.columns.{key} is empty; give the field name your file uses")
+        return v
+
+    @field_validator("prompt_template")
+    @classmethod
+    def _template_name_or_file(cls, v: str) -> str:
+        # A name is a bare word; a file is recognisable by its suffix or a folder in it, so that a typo
+        # ("lama3") is reported as one instead of as a missing file.
+        if v in TEMPLATE_NAMES or v.endswith((".jinja", ".j2")) or "/" in v or os.sep in v:
+            return v
+        close = difflib.get_close_matches(v, TEMPLATE_NAMES, n=1, cutoff=0.5)
+        hint = f"did you mean '{close[0]}'? " if close else ""
+        raise ValueError(
+            f"data.prompt_template={v!r} is neither a template name nor a Jinja file; {hint}use one of "
+            f"{', '.join(TEMPLATE_NAMES)}, or a path to a .jinja chat template"
+        )
 
 
 def explicitly_on(switch) -> bool:

@@ -304,6 +304,8 @@ RESUME_KEYS = (
     "lora.use_rslora",
     "data.prompt_template",
     "data.system_prompt",
+    "data.format",
+    "data.columns",
 )
 
 
