@@ -254,3 +254,69 @@ def test_dataset_report_for_conversations(tmp_path, tiny_llama):
     ex = rep["examples"][0]["trained_on"]
     assert "It is 10<|im_end|>" in ex and "That leaves 6<|im_end|>" in ex and "Double it" not in ex
     assert "reading" in r.stderr and "tokens by role" in r.stdout
+
+
+def test_conversation_chain_end_to_end(tmp_path, tiny_llama):
+    """dataset -> finetune -> merge -> inference on a ShareGPT file of multi-turn conversations, on the tiny
+    model: the run's files, the frozen template, and a training loss that falls."""
+    from helpers import run_script, tiny_overrides
+
+    from ftkit.prompts import CHATML_TEMPLATE
+
+    words = ["apple", "river", "stone", "cloud", "green", "music", "table", "light", "paper", "house", "bread", "chair"]
+    rows = [
+        {
+            "system": "Repeat words",
+            "conversations": [
+                {"from": "human", "value": f"Say {w}"},
+                {"from": "gpt", "value": f"{w} {w}"},
+                {"from": "human", "value": "Once more"},
+                {"from": "gpt", "value": f"{w} {w}"},
+            ],
+        }
+        for w in words * 2
+    ]
+    for k, r in enumerate(rows[len(words) :]):
+        r["conversations"][2]["value"] = f"Once more, please ({k})"
+    data = write_jsonl(tmp_path / "chats.jsonl", rows)
+    run = tmp_path / "runs" / "conv"
+    over = tiny_overrides(
+        tiny_llama,
+        data,
+        run,
+        **{
+            "data.prompt_template": "chatml",
+            "data.eval_size": 2,
+            "train.max_steps": 10,
+            "train.learning_rate": 1e-2,
+            "train.warmup_steps": 0,
+            "train.eval_steps": "null",
+            "train.save_steps": 100,
+            "paths.latest": str(tmp_path / "runs" / "latest"),
+        },
+    )
+    args = ["--config", "configs/demo.yaml", *over]
+    r = run_script("dataset.py", *args)
+    assert r.returncode == 0, r.stderr
+    assert "as sharegpt rows" in r.stderr
+    r = run_script("finetune.py", *args)
+    assert r.returncode == 0, r.stderr
+    for f in ("prompt_template.json", "dataset_report.json", "eval_rows.jsonl", "adapter/adapter_model.safetensors"):
+        assert (run / f).is_file(), f
+    tpl = json.loads((run / "prompt_template.json").read_text())
+    assert tpl["name"] == "chatml" and tpl["chat_template"] == CHATML_TEMPLATE and tpl["kind"] == "chat"
+    assert json.loads((run / "dataset_report.json").read_text())["conversations"]["turns_per_row"]["max"] == 4
+    held_out = [json.loads(line) for line in (run / "eval_rows.jsonl").read_text().splitlines()]
+    assert len(held_out) == 2 and held_out[0]["messages"][0] == {"role": "system", "content": "Repeat words"}
+    losses = [
+        json.loads(line)["loss"] for line in (run / "train_log.jsonl").read_text().splitlines() if '"loss"' in line
+    ]
+    # A random 3M model starts at ln(vocab) ~ 10.8 and LoRA moves it slowly (10.85 -> ~10.4 here): a fall of a
+    # quarter nat over 10 steps says it learns from the conversations, where a non-learning run stays flat.
+    assert len(losses) == 10 and sum(losses[-3:]) / 3 < losses[0] - 0.25, losses
+    r = run_script("merge_adapter.py", "--config", str(run / "config.yaml"))
+    assert r.returncode == 0, r.stderr
+    assert (run / "merged" / "merge_check.json").is_file()
+    r = run_script("inference.py", "--config", str(run / "config.yaml"), "--prompt", "Say stone")
+    assert r.returncode == 0, r.stderr
+    assert "answering with" in r.stderr and str(run / "merged") in r.stderr
