@@ -277,46 +277,71 @@ def _jinja(kind: str, tokenizer) -> str:
     return text
 
 
+def _token_ids(tokenizer, texts: list[str]) -> list[list[int]]:
+    """Token ids of many texts, no special tokens added. With a fast tokenizer the Rust encoder is called
+    directly (what tokenizer(texts) calls too), without building the attention masks and offsets that are
+    thrown away here: half the time on 50k conversations."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+    encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
+    return [e.ids for e in encode(texts, add_special_tokens=False)]
+
+
+CHUNK = 2000  # conversations rendered while the previous chunk is being tokenized
+
+
 def encode_conversations(
     template: PromptTemplate, tokenizer, conversations: list[list[dict]], max_length: int
 ) -> list[tuple[list[int], list[int], str]]:
     """(ids, labels, status) per conversation; labels are IGNORE_INDEX except on trained assistant turns.
 
-    Every piece of every conversation is tokenized in one batched call (the fast tokenizer's threads do the
-    work). A conversation longer than max_length is cut after its last whole assistant turn that fits
+    Conversations are rendered and cut into pieces in chunks; each chunk's pieces are tokenized in one
+    batched call on a worker thread (the Rust tokenizer releases the GIL), while the next chunk renders.
+    A conversation longer than max_length is cut after its last whole assistant turn that fits
     ("truncated_at_turn"); only when even its first trained turn does not fit is it cut inside a turn
     ("truncated"). Status "untrainable": no trained token at all (no assistant turn, or all "train": false);
     "fully_masked": the cut left none.
     """
-    cut = []
-    for c in conversations:
-        try:
-            cut.append(template.pieces(tokenizer, template.with_system(c)))
-        except UserError as e:  # the file line is gone after the split; the text finds the row
-            first = next((m["content"] for m in c if m["role"] != "system"), "")
-            raise UserError(f"a conversation (its first user turn starts {first[:40]!r}): {e}") from None
-    texts = [p.text for ps in cut for p in ps]
-    toks = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+    from concurrent.futures import ThreadPoolExecutor
+
     bos = template.text_ids(tokenizer, "") if template.name == "alpaca" else []
-    out, k = [], 0
-    for ps in cut:
-        ids, labels, ends = list(bos), [IGNORE_INDEX] * len(bos), []
-        for p in ps:
-            t = toks[k]
-            k += 1
-            ids += t
-            labels += t if p.trained else [IGNORE_INDEX] * len(t)
-            if p.turn_end and any(lbl != IGNORE_INDEX for lbl in labels):
-                ends.append(len(ids))
-        if not ends:
-            out.append((ids, labels, "untrainable"))
-            continue
-        status = "ok"
-        if len(ids) > max_length:
-            fit = [e for e in ends if e <= max_length]
-            n, status = (fit[-1], "truncated_at_turn") if fit else (max_length, "truncated")
-            ids, labels = ids[:n], labels[:n]
-            if all(lbl == IGNORE_INDEX for lbl in labels):
-                status = "fully_masked"
-        out.append((ids, labels, status))
+    out = []
+    with ThreadPoolExecutor(1) as pool:
+        jobs = []
+        for at in range(0, len(conversations), CHUNK):
+            cut = [_pieces_of(template, tokenizer, c) for c in conversations[at : at + CHUNK]]
+            jobs.append((cut, pool.submit(_token_ids, tokenizer, [p.text for ps in cut for p in ps])))
+        for cut, job in jobs:
+            toks = iter(job.result())
+            out += [_assemble(ps, toks, bos, max_length) for ps in cut]
     return out
+
+
+def _pieces_of(template: PromptTemplate, tokenizer, conversation: list[dict]) -> list[Piece]:
+    try:
+        return template.pieces(tokenizer, template.with_system(conversation))
+    except UserError as e:  # the file line is gone after the split; the text finds the row
+        first = next((m["content"] for m in conversation if m["role"] != "system"), "")
+        raise UserError(f"a conversation (its first user turn starts {first[:40]!r}): {e}") from None
+
+
+def _assemble(pieces: list[Piece], toks, bos: list[int], max_length: int) -> tuple[list[int], list[int], str]:
+    ids, labels, ends, trained = list(bos), [IGNORE_INDEX] * len(bos), [], False
+    for p in pieces:
+        t = next(toks)
+        ids += t
+        labels += t if p.trained else [IGNORE_INDEX] * len(t)
+        trained = trained or (p.trained and bool(t))
+        if p.turn_end and trained:
+            ends.append(len(ids))
+    if not ends:
+        return ids, labels, "untrainable"
+    status = "ok"
+    if len(ids) > max_length:
+        fit = [e for e in ends if e <= max_length]
+        n, status = (fit[-1], "truncated_at_turn") if fit else (max_length, "truncated")
+        ids, labels = ids[:n], labels[:n]
+        if all(lbl == IGNORE_INDEX for lbl in labels):
+            status = "fully_masked"
+    return ids, labels, status
