@@ -5,13 +5,15 @@ Reads:  <run>/config.yaml and <run>/prompt_template.json; <run>/merged/ when pre
         --adapter DIR puts another adapter trained on the same base over it, unmerged;
         --base answers with the untouched base model, for comparison).
         --input-file: JSON lines, one prompt a line: {"instruction": ..., "input": ..., "id": ...}
-        ("prompt" is accepted for "instruction"; "input" and "id" are optional; other keys are copied through).
+        ("prompt" is accepted for "instruction"; "input" and "id" are optional; other keys are copied through),
+        or a conversation {"messages": [...]} (or ShareGPT "conversations"): its last user turn is answered.
 Writes: --prompt: the answer to stdout, streamed token by token.
         --input-file: --output-file (default <input>.answers.jsonl): each input row plus "id" (the row's own
         id, else its 0-based index in the file) and "response". Appended and flushed batch by batch, so a
         crash or Ctrl+C loses at most the batch in flight; running again skips the rows already answered (a
         line cut short by a crash is dropped) and, once all are answered, rewrites the file in input order.
-        --chat: an interactive REPL on the terminal; /save PATH writes the transcript as JSON.
+        --chat: an interactive REPL on the terminal; /save PATH writes the conversation as one `messages`
+        JSON line (a .jsonl file of earlier ones gets it appended), which dataset.py reads as training data.
 
 Chat: multi-turn, streamed. Commands: /reset (forget the conversation), /system TEXT (set the system
 prompt; /system alone restores the training one), /save PATH, /help, /quit (or Ctrl+D). Ctrl+C while
@@ -39,24 +41,26 @@ from ftkit.cli import UserError, build_parser, parse_args, run_main
 from ftkit.config import Config
 from ftkit.generation import generate, load_for_inference, stream_one
 from ftkit.paths import RunDir, stage_config
+from ftkit.scoring import held_out_row, prompt_of
 
 
-def held_out_rows(run: RunDir, n: int) -> list[dict]:
+def held_out_rows(run: RunDir, n_max: int) -> list[dict]:
     import json
 
     path = run.eval_rows
     if not path.is_file():
         raise UserError(f"'{path}' is missing; --compare needs a run made by finetune.py")
-    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    lines = [(n, line) for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1) if line.strip()]
+    rows = [held_out_row(json.loads(line), f"{path}: line {n}") for n, line in lines[:n_max]]
     if not rows:
         raise UserError(f"'{path}' holds no held-out rows; set data.eval_size above 0 and train again")
-    return rows[:n]
+    return rows
 
 
 def compare(cfg: Config, run: RunDir, n: int) -> list[dict]:
     """Base model vs fine-tuned model on n held-out rows, printed side by side."""
     rows = held_out_rows(run, n)
-    pairs = [(r["instruction"], r.get("input") or None) for r in rows]
+    pairs = [prompt_of(r) for r in rows]
     results = {}
     for use in ("base", cfg.inference.use):
         model, tok, template, what = load_for_inference(cfg, run, use)

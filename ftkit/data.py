@@ -32,6 +32,8 @@ def _read_json(p: Path, text: str) -> list:
             f"{p}: malformed JSON at line {e.lineno}, column {e.colno}: {e.msg}; fix the file "
             "(a .jsonl file holds one JSON object per line)"
         ) from None
+    if isinstance(data, dict) and {"messages", "conversations", "instruction"} & data.keys():
+        data = [data]  # one row: a conversation saved on its own (the chat REPL's /save)
     if isinstance(data, dict):  # {"train": [...]} or {"data": [...]}, as some exports write
         lists = [v for v in data.values() if isinstance(v, list)]
         if len(lists) != 1:
@@ -220,7 +222,7 @@ def clean_records(records: list, d: DataCfg, source: str) -> tuple[list[dict], C
     lines = getattr(records, "lines", None)
     for i, r in enumerate(records, 1):
         at = f"line {lines[i - 1]}" if lines else f"row {i}"
-        row = _clean_alpaca(r, d, at, source, st) if fmt == "alpaca" else _clean_conversation(r, d, fmt, at, source)
+        row = _clean_alpaca(r, d, at, source, st) if fmt == "alpaca" else clean_conversation(r, d, fmt, at, source)
         if row is None:
             continue
         key = (
@@ -284,19 +286,21 @@ def _clean_alpaca(r, d: DataCfg, at: str, source: str, st: CleanStats) -> dict |
     }
 
 
-def _clean_conversation(r, d: DataCfg, fmt: str, at: str, source: str) -> dict:
+def clean_conversation(r, d: DataCfg, fmt: str, at: str, source: str = "") -> dict:
     """A messages or ShareGPT row as {"messages": [{role, content[, train]}], ...the row's other fields}:
-    roles normalized, turns checked to alternate user/assistant after an optional first system turn."""
+    roles normalized, turns checked to alternate user/assistant after an optional first system turn. Errors
+    start with `source: at` (just `at` without a source: the caller adds the file)."""
     key = CONVERSATION_KEYS[fmt]
+    loc = f"{source}: {at}" if source else at
     if not isinstance(r, dict):
-        raise UserError(f"{source}: {at} is a {type(r).__name__}, not an object with a '{key}' list")
+        raise UserError(f"{loc} is a {type(r).__name__}, not an object with a '{key}' list")
     r = _renamed(r, d, (key, "system"), at, source)
     turns = r.get(key)
     if not isinstance(turns, list):
         have = ", ".join(sorted(map(str, r))) or "nothing"
         what = "an Alpaca row" if "instruction" in r else f"a row without a '{key}' list"
         raise UserError(
-            f"{source}: {at} is {what} (it has: {have}) in a file read as {fmt} (data.format={d.format}"
+            f"{loc} is {what} (it has: {have}) in a file read as {fmt} (data.format={d.format}"
             f"{', from the first rows' if d.format == 'auto' else ''}); keep one format a file, or map the "
             f"field with data.columns={{{key}: NAME}}"
         )
@@ -306,7 +310,7 @@ def _clean_conversation(r, d: DataCfg, fmt: str, at: str, source: str) -> dict:
         msgs.append({"role": "system", "content": r["system"].strip()})
     offset = len(msgs)
     for n, t in enumerate(turns, 1):
-        where = f"{source}: {at} turn {n}"
+        where = f"{loc} turn {n}"
         if not isinstance(t, dict):
             raise UserError(f"{where} is a {type(t).__name__}, not an object with {role_key} and {text_key}")
         # Either spelling inside either format: converters mix them.
@@ -329,13 +333,13 @@ def _clean_conversation(r, d: DataCfg, fmt: str, at: str, source: str) -> dict:
             continue
         if m["role"] != want:
             raise UserError(
-                f"{source}: {at} turn {n + 1 - offset} is {m['role']} where {want} was expected; a conversation is an "
+                f"{loc} turn {n + 1 - offset} is {m['role']} where {want} was expected; a conversation is an "
                 "optional system turn, then user and assistant turns in turn: merge or remove the turns that "
                 "break it"
             )
         if m["role"] == "assistant" and not m["content"]:
             raise UserError(
-                f"{source}: {at} has an empty assistant turn (turn {n + 1 - offset}); fill it in or delete the turn "
+                f"{loc} has an empty assistant turn (turn {n + 1 - offset}); fill it in or delete the turn "
                 "and the user turn before it"
             )
     return {**{k: v for k, v in r.items() if k not in (key, "system")}, "messages": msgs}

@@ -320,3 +320,11 @@ def test_conversation_chain_end_to_end(tmp_path, tiny_llama):
     r = run_script("inference.py", "--config", str(run / "config.yaml"), "--prompt", "Say stone")
     assert r.returncode == 0, r.stderr
     assert "answering with" in r.stderr and str(run / "merged") in r.stderr
+    # evaluate.py on the held-out conversations: the last assistant turn, answered from the turns before it.
+    r = run_script("evaluate.py", "--config", str(run / "config.yaml"))
+    assert r.returncode == 0, r.stderr
+    rep = json.loads((run / "eval" / "eval_report.json").read_text())
+    assert [x["instruction"] for x in rep["rows"]] == [c["messages"][-2]["content"] for c in held_out]
+    assert [x["reference"] for x in rep["rows"]] == [c["messages"][-1]["content"] for c in held_out]
+    for name in ("base", "fine_tuned"):
+        assert 0 < rep["overall"][name]["eval_loss"] < 20 and rep["overall"][name]["rouge_l"] is not None
