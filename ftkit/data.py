@@ -17,7 +17,7 @@ from .cli import UserError, log, user_errors
 from .config import Config, DataCfg
 from .jsonl import fail_if_bad, parse_jsonl
 from .models import hub_mode
-from .paths import file_sha256
+from .paths import combined_hash, file_sha256
 from .prompts import IGNORE_INDEX, PromptTemplate, encode_conversations
 
 LOCAL_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
@@ -139,6 +139,7 @@ class CleanStats:
     duplicates: int = 0
     kept: int = 0
     format: str = "alpaca"
+    mix: list[dict] | None = None  # per data.path entry, when there are several
 
 
 # The list field of each conversation format, and the names its turns' roles go by. ShareGPT exports use
@@ -463,15 +464,80 @@ class Prepared:
 
 def load_clean_split(d: DataCfg) -> tuple[list[dict], list[dict], CleanStats, str]:
     """Read, check and split the rows: every data error that needs no tokenizer, in a second."""
+    if isinstance(d.path, list):
+        return _load_mix(d)
     records, digest = load_records(d)
     rows, st = clean_records(records, d, d.path)
-    note = (
-        f" ({st.duplicates} duplicate rows were dropped; data.drop_duplicates=false keeps them)"
-        if st.duplicates
-        else ""
-    )
-    train_rows, eval_rows = split_records(rows, d.eval_size, d.seed, note)
+    train_rows, eval_rows = split_records(rows, d.eval_size, d.seed, _dup_note(st))
     return train_rows, eval_rows, st, digest
+
+
+def _dup_note(st: CleanStats) -> str:
+    if not st.duplicates:
+        return ""
+    return f" ({st.duplicates} duplicate rows were dropped; data.drop_duplicates=false keeps them)"
+
+
+def source_name(d: DataCfg) -> str:
+    return d.path if isinstance(d.path, str) else " + ".join(e.path for e in d.path)
+
+
+def as_messages(r: dict) -> dict:
+    """An Alpaca row as the single-turn conversation a chat template renders it as (PromptTemplate._messages),
+    for a run that mixes it with conversations."""
+    user = r["instruction"] if not r["input"] else f"{r['instruction']}\n\n{r['input']}"
+    rest = {k: v for k, v in r.items() if k not in ("instruction", "input", "output")}
+    return {**rest, "messages": [{"role": "user", "content": user}, {"role": "assistant", "content": r["output"]}]}
+
+
+def _load_mix(d: DataCfg) -> tuple[list[dict], list[dict], CleanStats, str]:
+    """Several sources (data.path entries): each read and checked with its own format and columns, capped at
+    its max_rows, held out from together (data.eval_size of the whole), then the training rows of each
+    weighted. Alpaca rows mixed with conversations become single-turn conversations."""
+    total = CleanStats(format="")
+    tagged, digests, mix = [], [], []
+    for k, src in enumerate(d.path):
+        sd = d.model_copy(
+            update={
+                "path": src.path,
+                "format": src.format or d.format,
+                "columns": d.columns if src.columns is None else src.columns,
+                "split": src.split or d.split,
+                "max_samples": src.max_rows,
+            }
+        )
+        records, digest = load_records(sd)
+        rows, st = clean_records(records, sd, src.path)
+        digests.append(digest)
+        total.rows_in += st.rows_in
+        total.empty_output += st.empty_output
+        total.duplicates += st.duplicates
+        tagged += [(k, r) for r in rows]
+        mix.append({"path": src.path, "format": st.format, "rows_in_file": st.rows_in, "kept": st.kept})
+    formats = {m["format"] for m in mix}
+    total.format = formats.pop() if len(formats) == 1 else "mixed"
+    if total.format == "mixed":
+        tagged = [(k, as_messages(r) if "instruction" in r else r) for k, r in tagged]
+    if d.max_samples:
+        tagged = tagged[: d.max_samples]
+    train, held = split_records(tagged, d.eval_size, d.seed, _dup_note(total))
+    rng = random.Random(d.seed)
+    train_rows = []
+    for k, src in enumerate(d.path):
+        mine = [r for j, r in train if j == k]
+        whole, part = divmod(src.weight, 1)
+        picked = mine * int(whole) + rng.sample(mine, round(part * len(mine)))
+        train_rows += picked
+        held_k = sum(1 for j, _ in held if j == k)
+        mix[k].update(weight=src.weight, max_rows=src.max_rows, train_rows=len(picked), eval_rows=held_k)
+    rng.shuffle(train_rows)  # sources interleaved, not one after the other
+    if not train_rows:
+        raise UserError("the data.path weights leave no training rows; raise a weight")
+    for m in mix:
+        m["share_of_train"] = round(m["train_rows"] / len(train_rows), 4)
+    total.kept = len(tagged)
+    total.mix = mix
+    return train_rows, [r for _, r in held], total, combined_hash(digests)
 
 
 def prepare(cfg: Config, tok, loaded: tuple | None = None) -> Prepared:
@@ -480,8 +546,8 @@ def prepare(cfg: Config, tok, loaded: tuple | None = None) -> Prepared:
     d = cfg.data
     train_rows, eval_rows, st, digest = loaded or load_clean_split(d)
     template = PromptTemplate.from_config(d.prompt_template, tok, d.system_prompt, conversations=st.format != "alpaca")
-    tr = encode_rows(train_rows, template, tok, d, d.path)
-    ev = encode_rows(eval_rows, template, tok, d, d.path)
+    tr = encode_rows(train_rows, template, tok, d, source_name(d))
+    ev = encode_rows(eval_rows, template, tok, d, source_name(d))
     if not tr.rows:
         raise UserError(
             f"no training rows left after applying data.too_long={d.too_long} at data.max_length="
@@ -490,7 +556,7 @@ def prepare(cfg: Config, tok, loaded: tuple | None = None) -> Prepared:
         )
     n_tokens = [sum(1 for x in r["labels"] if x != IGNORE_INDEX) for r in tr.rows]
     report = {
-        "source": d.path,
+        "source": source_name(d),
         "data_sha256": digest,
         "format": st.format,
         "prompt_template": d.prompt_template,
@@ -517,6 +583,8 @@ def prepare(cfg: Config, tok, loaded: tuple | None = None) -> Prepared:
     }
     if st.format != "alpaca":
         report["conversations"] = conversation_stats(tok, tr)
+    if st.mix:
+        report["mix"] = st.mix
     eval_kept = [r for r in eval_rows]  # raw held-out rows: evaluate.py generates from them
     return Prepared(tr, ev, eval_kept, template, report, digest)
 
@@ -583,6 +651,11 @@ def print_report(rep: dict) -> None:
             f"trained turn {rep['untrainable_dropped']}"
         )
         print("  tokens by role: " + ", ".join(f"{k} {v}" for k, v in c["tokens_per_role"].items()))
+    for m in rep.get("mix") or []:
+        print(
+            f"  mix: {m['path']} ({m['format']}): {m['kept']} of {m['rows_in_file']} rows kept, weight {m['weight']}"
+            f" -> train {m['train_rows']} ({m['share_of_train']:.1%}), eval {m['eval_rows']}"
+        )
     print("  token lengths:")
     top = max((b["rows"] for b in rep["length_histogram"]), default=1) or 1
     for b in rep["length_histogram"]:

@@ -349,6 +349,20 @@ CASES = [
         {"c.jsonl": CONV_JSONL, "t.jinja": SYSTEM_REFUSING_TEMPLATE},
     ),
     Case(
+        "conv-mix-entry-unknown-key",
+        "finetune.py",
+        ft("data.path=[{{path: {tmp}/c.jsonl, wieght: 2}}]"),
+        "data.path entry 1: a data.path entry has an unknown key 'wieght'; did you mean 'weight'?",
+        {"c.jsonl": CONV_JSONL},
+    ),
+    Case(
+        "conv-mix-entry-bad-row",
+        "dataset.py",
+        ft("data.path=[{tmp}/data.json, {tmp}/c.jsonl]"),
+        "c.jsonl: line 33 turn 1 has an unknown role 'tool'",
+        {**GOOD, "c.jsonl": conv_with({"messages": [{"role": "tool", "content": "{}"}]})},
+    ),
+    Case(
         "conv-format-undetectable",
         "dataset.py",
         ft(data="{tmp}/c.jsonl"),

@@ -328,3 +328,73 @@ def test_conversation_chain_end_to_end(tmp_path, tiny_llama):
     assert [x["reference"] for x in rep["rows"]] == [c["messages"][-1]["content"] for c in held_out]
     for name in ("base", "fine_tuned"):
         assert 0 < rep["overall"][name]["eval_loss"] < 20 and rep["overall"][name]["rouge_l"] is not None
+
+
+# -- several datasets in one run -------------------------------------------------------------------
+def mix_files(tmp_path):
+    alpaca = tmp_path / "qa.json"
+    alpaca.write_text(json.dumps([{"question": f"Question {i}?", "answer": f"Answer {i}"} for i in range(10)]))
+    chats = write_jsonl(
+        tmp_path / "chats.jsonl", [{"messages": messages(f"System {i}")} for i in range(8)]
+    )  # 8 distinct (system turn differs)
+    share = write_jsonl(
+        tmp_path / "share.jsonl",
+        [
+            {"conversations": [{"from": "human", "value": f"Hi {i}"}, {"from": "gpt", "value": f"Yo {i}"}]}
+            for i in range(8)
+        ],
+    )
+    return alpaca, chats, share
+
+
+def test_several_sources_each_with_format_columns_cap_and_weight(tmp_path):
+    from ftkit.data import load_clean_split
+    from ftkit.paths import local_data_hash
+
+    alpaca, chats, share = mix_files(tmp_path)
+    cfg = load_config(
+        None,
+        [
+            f"data.path=[{{path: {alpaca}, columns: {{instruction: question, output: answer}}, max_rows: 6}}, "
+            f"{{path: {chats}, weight: 2}}, {{path: {share}, format: sharegpt, weight: 0.5}}]",
+            "data.eval_size=4",
+        ],
+    )
+    train, held, st, digest = load_clean_split(cfg.data)
+    assert st.format == "mixed" and st.rows_in == 26 and st.kept == 6 + 8 + 8
+    mix = {m["path"]: m for m in st.mix}
+    assert [mix[str(p)]["kept"] for p in (alpaca, chats, share)] == [6, 8, 8]
+    assert sum(m["eval_rows"] for m in st.mix) == 4 and len(held) == 4
+    n_held = {str(p): mix[str(p)]["eval_rows"] for p in (alpaca, chats, share)}
+    assert mix[str(alpaca)]["train_rows"] == 6 - n_held[str(alpaca)]
+    assert mix[str(chats)]["train_rows"] == 2 * (8 - n_held[str(chats)])
+    assert mix[str(share)]["train_rows"] == round(0.5 * (8 - n_held[str(share)]))
+    assert len(train) == sum(m["train_rows"] for m in st.mix)
+    assert abs(sum(m["share_of_train"] for m in st.mix) - 1) < 1e-3
+    # Alpaca rows became single-turn conversations; nothing held out is also trained on.
+    assert all("messages" in r for r in train + held)
+    assert {"role": "user", "content": "Question 0?"} in [m for r in train + held for m in r["messages"]]
+    assert not {json.dumps(r, sort_keys=True) for r in held} & {json.dumps(r, sort_keys=True) for r in train}
+    # --resume compares this hash with the files now.
+    assert digest == local_data_hash(cfg.data.path)
+    assert load_clean_split(cfg.data)[0] == train  # seeded
+
+
+def test_a_mix_in_the_dataset_report(tmp_path, tiny_llama):
+    from helpers import run_script, tiny_overrides
+
+    alpaca, chats, share = mix_files(tmp_path)
+    out = tmp_path / "run"
+    mix = (
+        f"[{{path: {alpaca}, columns: {{instruction: question, output: answer}}}}, {{path: {chats}, weight: 2}}, "
+        f"{share}]"
+    )
+    over = tiny_overrides(tiny_llama, alpaca, out, **{"data.path": mix, "data.prompt_template": "chatml"})
+    r = run_script("dataset.py", "--config", "configs/demo.yaml", *over)
+    assert r.returncode == 0, r.stderr
+    rep = json.loads((out / "dataset_report.json").read_text())
+    assert rep["format"] == "mixed" and [m["format"] for m in rep["mix"]] == ["alpaca", "messages", "sharegpt"]
+    assert rep["train_rows"] == sum(m["train_rows"] for m in rep["mix"]) and "mix: " in r.stdout
+    bad = tiny_overrides(tiny_llama, alpaca, out, **{"data.path": f"[{{path: {chats}, wieght: 2}}]"})
+    r = run_script("dataset.py", "--config", "configs/demo.yaml", *bad)
+    assert r.returncode == 2 and "did you mean 'weight'" in r.stderr
