@@ -184,6 +184,10 @@ class PromptTemplate:
                 )
             tail = new[at + len(m["content"]) :]
             end = tail.rstrip()
+            if not end.strip() and tokenizer.eos_token:
+                # A template that closes an answer with nothing would never teach the model to stop (it would
+                # ramble to max_new_tokens); EOS is trained after the answer instead, as for Alpaca rows.
+                end = tokenizer.eos_token
             out.append(Piece(p[len(done) :] + new[:at], False))
             out.append(Piece(m["content"] + end, m.get("train", True) is not False))
             out.append(Piece(tail[len(end) :], False, turn_end=True))

@@ -398,3 +398,16 @@ def test_a_mix_in_the_dataset_report(tmp_path, tiny_llama):
     bad = tiny_overrides(tiny_llama, alpaca, out, **{"data.path": f"[{{path: {chats}, wieght: 2}}]"})
     r = run_script("dataset.py", "--config", "configs/demo.yaml", *bad)
     assert r.returncode == 2 and "did you mean 'weight'" in r.stderr
+
+
+def test_a_template_without_an_end_marker_trains_eos(tok, tmp_path):
+    p = tmp_path / "bare.jinja"
+    p.write_text(
+        "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}"
+    )
+    t = PromptTemplate.from_config(str(p), tok, conversations=True)
+    enc = encode_rows([{"messages": messages()}], t, tok, DataCfg(), "x")
+    trained = [i for i, x in zip(enc.rows[0]["input_ids"], enc.rows[0]["labels"]) if x != IGNORE_INDEX]
+    assert tok.decode(trained) == "".join(c + tok.eos_token for r, c in TURNS if r == "assistant")
+    assert t.end_of_turn_id(tok) == tok.eos_token_id
