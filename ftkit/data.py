@@ -385,8 +385,10 @@ def _what(r: dict) -> str:
 
 def encode_rows(rows: list[dict], template: PromptTemplate, tok, d: DataCfg, source: str) -> Encoded:
     enc = Encoded()
-    if rows and "messages" in rows[0]:
-        results = encode_conversations(template, tok, [r["messages"] for r in rows], d.max_length)
+    if rows and ("messages" in rows[0] or template.kind == "chat"):
+        # Under a chat template an Alpaca row is a single-turn conversation: all rows go through one batch.
+        convs = [(r if "messages" in r else as_messages(r))["messages"] for r in rows]
+        results = encode_conversations(template, tok, convs, d.max_length)
     else:
         results = (template.encode(tok, r["instruction"], r["input"] or None, r["output"], d.max_length) for r in rows)
     for r, (ids, labels, status) in zip(rows, results):
