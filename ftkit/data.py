@@ -186,7 +186,9 @@ def detect_format(records: list, d: DataCfg, source: str) -> str:
             continue
         log.info("data.format=auto: reading %s as %s rows (from its first rows' fields)", source, fmt)
         return fmt
-    first = next((r for r in records[:5] if isinstance(r, dict)), {})
+    first = next((r for r in records[:5] if isinstance(r, dict)), None)
+    if first is None:
+        return "alpaca"  # rows that are not objects at all: the row check names the first one
     have = ", ".join(sorted(map(str, first))) or "nothing"
     raise UserError(
         f"{source}: cannot tell the format from the first rows (they have: {have}); set data.format "
