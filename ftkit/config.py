@@ -126,7 +126,10 @@ class DataSource(Section):
                 )
         return v
 
-    _columns = field_validator("columns")(classmethod(lambda cls, v: _check_columns(v)))
+    @field_validator("columns")
+    @classmethod
+    def _known_columns(cls, v: dict[str, str] | None) -> dict[str, str] | None:
+        return _check_columns(v)
 
 
 class DataCfg(Section):
