@@ -1,13 +1,16 @@
-"""Alpaca data: load records, check them, split train/eval, render prompts, mask prompt tokens.
+"""Training data: load records, check them, split train/eval, render prompts, mask all but the answers.
 
-Reads:  `data.path` — a hub dataset id, or a local .json / .jsonl / .csv / .parquet file of records with
-        `instruction`, optional `input`, and `output`; the tokenizer of `model.name_or_path`.
+Reads:  `data.path` — a hub dataset id, or a local .json / .jsonl / .csv / .parquet file of Alpaca records
+        (`instruction`, optional `input`, `output`), OpenAI `messages` or ShareGPT `conversations` rows
+        (`data.format`, `data.columns`); the tokenizer of `model.name_or_path`.
 Writes: <paths.output_dir>/dataset_report.json (row counts, token-length histogram, truncated, fully
-        masked, empty-output and duplicate rows, two rendered examples with their label masks).
+        masked, empty-output and duplicate rows, two rendered examples with their label masks; for
+        conversations also turns per row, tokens per role, trained share, cut and dropped conversations).
 
 Run:
     python dataset.py --config configs/demo.yaml
     python dataset.py --config configs/llama3_alpaca.yaml data.path=/data/alpaca.json data.max_length=1024
+    python dataset.py --config configs/llama3_alpaca.yaml data.path=chats.jsonl data.prompt_template=llama3
 """
 
 from __future__ import annotations

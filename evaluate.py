@@ -14,6 +14,10 @@ Writes: <run>/eval/ (atomically: a failed evaluation leaves the previous eval/ u
         and prints the before/after table. With --lm-eval, also EleutherAI's lm-evaluation-harness on the same
         rows as a local task (ftkit/harness.py), base vs fine-tuned, in both reports.
 
+Held-out conversations (`messages` rows, as finetune.py holds out from conversation data): each is
+answered from the turns before its last assistant turn, which is the reference; the loss is over all its
+assistant turns, masked as in training.
+
 Method: both models run in `model.dtype` (unquantized; the in-loop eval loss in train_log.jsonl comes
 from the 4-bit base, so the two differ slightly). Loss is the token-weighted mean cross-entropy over the
 response tokens, the prompt masked exactly as in training (`data.max_length` applies). Answers are
@@ -41,22 +45,20 @@ from ftkit.models import resolve_model
 from ftkit.paths import RunDir, atomic_dir, atomic_write_json, stage_config
 from ftkit.prompts import PromptTemplate
 from ftkit.runlock import RunLock, check_unlocked, clean_tmp_leftovers
-from ftkit.scoring import aggregate, family_of, is_verifiable, measure, pick_examples
+from ftkit.scoring import aggregate, family_of, held_out_row, is_verifiable, measure, pick_examples
 
 
 def read_rows(path: Path) -> list[dict]:
-    """Held-out rows, checked: each needs an instruction and a non-empty reference answer (`output`)."""
+    """Held-out rows, checked: each needs an instruction and a non-empty reference answer (`output`), or is a
+    conversation scored on its last assistant turn."""
     if not path.exists():
         raise UserError(
             f"'{path}' is missing; train with data.eval_size above 0 (finetune.py writes it) or pass --rows FILE"
         )
-    rows = []
-    for n, r in read_jsonl(path, "rows file", "pass a .jsonl file of held-out rows with --rows"):
-        if not isinstance(r, dict) or not isinstance(r.get("instruction"), str) or not r["instruction"].strip():
-            raise UserError(f"{path}: line {n} has no instruction; each row needs instruction, input, output")
-        if not isinstance(r.get("output"), str) or not r["output"].strip():
-            raise UserError(f"{path}: line {n} has no reference answer ('output'); evaluation needs one per row")
-        rows.append(r)
+    rows = [
+        held_out_row(r, f"{path}: line {n}")
+        for n, r in read_jsonl(path, "rows file", "pass a .jsonl file of held-out rows with --rows")
+    ]
     if not rows:
         raise UserError(f"'{path}' holds no rows to evaluate; set data.eval_size above 0 and train again")
     return rows

@@ -5,13 +5,15 @@ Reads:  <run>/config.yaml and <run>/prompt_template.json; <run>/merged/ when pre
         --adapter DIR puts another adapter trained on the same base over it, unmerged;
         --base answers with the untouched base model, for comparison).
         --input-file: JSON lines, one prompt a line: {"instruction": ..., "input": ..., "id": ...}
-        ("prompt" is accepted for "instruction"; "input" and "id" are optional; other keys are copied through).
+        ("prompt" is accepted for "instruction"; "input" and "id" are optional; other keys are copied through),
+        or a conversation {"messages": [...]} (or ShareGPT "conversations"): its last user turn is answered.
 Writes: --prompt: the answer to stdout, streamed token by token.
         --input-file: --output-file (default <input>.answers.jsonl): each input row plus "id" (the row's own
         id, else its 0-based index in the file) and "response". Appended and flushed batch by batch, so a
         crash or Ctrl+C loses at most the batch in flight; running again skips the rows already answered (a
         line cut short by a crash is dropped) and, once all are answered, rewrites the file in input order.
-        --chat: an interactive REPL on the terminal; /save PATH writes the transcript as JSON.
+        --chat: an interactive REPL on the terminal; /save PATH writes the conversation as one `messages`
+        JSON line (a .jsonl file of earlier ones gets it appended), which dataset.py reads as training data.
 
 Chat: multi-turn, streamed. Commands: /reset (forget the conversation), /system TEXT (set the system
 prompt; /system alone restores the training one), /save PATH, /help, /quit (or Ctrl+D). Ctrl+C while
@@ -40,16 +42,18 @@ from ftkit.config import Config
 from ftkit.generation import generate, load_for_inference, stream_one
 from ftkit.jsonl import read_jsonl
 from ftkit.paths import RunDir, stage_config
+from ftkit.scoring import held_out_row, prompt_of
 
 
-def held_out_rows(run: RunDir, n: int) -> list[dict]:
+def held_out_rows(run: RunDir, n_max: int) -> list[dict]:
     path = run.eval_rows
     if not path.is_file():
         raise UserError(f"'{path}' is missing; --compare needs a run made by finetune.py")
-    rows = [r for _, r in read_jsonl(path, "held-out rows", "train again to write it")]
+    lines = read_jsonl(path, "held-out rows", "train again to write it")[:n_max]
+    rows = [held_out_row(row, f"{path}: line {n}") for n, row in lines]
     if not rows:
         raise UserError(f"'{path}' holds no held-out rows; set data.eval_size above 0 and train again")
-    return rows[:n]
+    return rows
 
 
 def compare(cfg: Config, run: RunDir, n: int, use: str | None = None, adapter: Path | None = None) -> list[dict]:
@@ -58,7 +62,7 @@ def compare(cfg: Config, run: RunDir, n: int, use: str | None = None, adapter: P
     if tuned == "base":
         raise UserError("--compare sets the base beside the fine-tuned model; drop --base (inference.use=base)")
     rows = held_out_rows(run, n)
-    pairs = [(r["instruction"], r.get("input") or None) for r in rows]
+    pairs = [prompt_of(r) for r in rows]
     results = {}
     for key, which, extra in (("base", "base", None), ("tuned", tuned, adapter)):
         model, tok, template, _ = load_for_inference(cfg, run, which, extra)

@@ -9,8 +9,12 @@ fine-tuned on these rows learns both the skill and the answer-only format. A fix
 Everything here is written by this script (no external dataset), so the data carries the project's license.
 Only the standard library is used, so the data can be rebuilt without the training stack installed.
 
+A small multi-turn section (`--conversations`, data/demo_conversations.jsonl) holds OpenAI `messages` rows
+whose last answer depends on an earlier turn (a word to remember, a running total, the user's name or city).
+
 Run:
     python data/generate_demo_data.py                      # rebuilds the shipped data/demo_tasks.jsonl
+    python data/generate_demo_data.py --conversations      # rebuilds the shipped data/demo_conversations.jsonl
     python data/generate_demo_data.py --seed 1 --per-family 50 --out /tmp/tasks.jsonl
 """
 
@@ -30,6 +34,8 @@ from typing import Callable
 DEFAULT_SEED = 0
 DEFAULT_PER_FAMILY = 300
 DEFAULT_OUT = Path(__file__).resolve().parent / "demo_tasks.jsonl"
+DEFAULT_CONVERSATIONS_OUT = Path(__file__).resolve().parent / "demo_conversations.jsonl"
+DEFAULT_CONVERSATIONS_PER_FAMILY = 200
 
 Task = tuple[str, str, str]  # (instruction, input, output)
 
@@ -720,6 +726,85 @@ def generate(seed: int = DEFAULT_SEED, per_family: int = DEFAULT_PER_FAMILY) -> 
     return rows
 
 
+# -- multi-turn conversations (a small section beside the Alpaca tasks) ------------------------------
+# Each conversation's last answer depends on an earlier turn, so a model that ignores the history cannot
+# get it right; a filler exchange in between makes "repeat the previous message" fail too. Written as OpenAI
+# `messages` rows with `family` and `verifiable`, scored on the last assistant turn (evaluate.py).
+Conversation = list[tuple[str, str]]  # (user, assistant) exchanges; the last assistant text is the answer
+
+
+def recall_word(rng: random.Random) -> Conversation:
+    word = rng.choice(WORDS)
+    filler = _filler_sum(rng)
+    ask = rng.choice(["Which word did I ask you to remember?", "What was the word from before?"])
+    return [(f"Remember this word: {word}.", "OK."), filler, (ask, word)]
+
+
+def running_total(rng: random.Random) -> Conversation:
+    total = rng.randint(10, 60)
+    turns = [(f"Start a running total at {total}.", str(total))]
+    for _ in range(rng.randint(1, 2)):
+        n = rng.randint(1, 9)
+        if rng.random() < 0.5 or total - n < 0:
+            total += n
+            turns.append((f"Add {n}.", str(total)))
+        else:
+            total -= n
+            turns.append((f"Subtract {n}.", str(total)))
+    return turns + [(rng.choice(["What is the total now?", "Say the running total."]), str(total))]
+
+
+def name_recall(rng: random.Random) -> Conversation:
+    name = rng.choice(FIRST_NAMES)
+    city = rng.choice(CITIES)
+    ask, answer = rng.choice(
+        [
+            ("What is the first letter of my name?", name[0]),
+            ("Which city do I live in?", city),
+            ("What is my name?", name),
+        ]
+    )
+    return [(f"Hi, I am {name} and I live in {city}.", f"Nice to meet you, {name}."), _filler_sum(rng), (ask, answer)]
+
+
+def _filler_sum(rng: random.Random) -> tuple[str, str]:
+    a, b = rng.randint(2, 9), rng.randint(2, 9)
+    return (f"Quick check: what is {a} + {b}?", str(a + b))
+
+
+CONVERSATION_FAMILIES: dict[str, Callable[[random.Random], Conversation]] = {
+    "recall_word": recall_word,
+    "running_total": running_total,
+    "name_recall": name_recall,
+}
+
+
+def generate_conversations(seed: int = DEFAULT_SEED, per_family: int = 200) -> list[dict]:
+    """`per_family` distinct conversations of each multi-turn family, shuffled; deterministic like generate()."""
+    if per_family < 1:
+        raise ValueError(f"per_family must be at least 1, got {per_family}")
+    rows, seen = [], set()
+    for family, make in CONVERSATION_FAMILIES.items():
+        rng = random.Random(f"{seed}:{family}")
+        made, misses = 0, 0
+        while made < per_family:
+            turns = make(rng)
+            if tuple(turns) in seen:
+                misses += 1
+                if misses > 10_000:
+                    raise ValueError(
+                        f"family {family!r} cannot make {per_family} distinct conversations; lower the count"
+                    )
+                continue
+            misses = 0
+            seen.add(tuple(turns))
+            msgs = [{"role": r, "content": c} for u, a in turns for r, c in (("user", u), ("assistant", a))]
+            rows.append({"messages": msgs, "family": family, "verifiable": True})
+            made += 1
+    random.Random(f"{seed}:conversations").shuffle(rows)
+    return rows
+
+
 def to_jsonl(rows: list[dict]) -> str:
     return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
 
@@ -747,18 +832,35 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--per-family",
         type=int,
-        default=DEFAULT_PER_FAMILY,
-        help=f"rows per verifiable family (default {DEFAULT_PER_FAMILY})",
+        default=None,
+        help=f"rows per verifiable family (default {DEFAULT_PER_FAMILY}; with --conversations, conversations per "
+        f"family, default {DEFAULT_CONVERSATIONS_PER_FAMILY})",
     )
-    ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output .jsonl (default: the shipped file)")
+    ap.add_argument("--out", type=Path, default=None, help="output .jsonl (default: the shipped file)")
+    ap.add_argument(
+        "--conversations",
+        action="store_true",
+        help=f"write the multi-turn section instead (messages rows; default --out {DEFAULT_CONVERSATIONS_OUT.name}, "
+        f"--per-family {DEFAULT_CONVERSATIONS_PER_FAMILY})",
+    )
     args = ap.parse_args(argv)
     try:
-        rows = generate(args.seed, args.per_family)
+        if args.conversations:
+            rows = generate_conversations(args.seed, args.per_family or DEFAULT_CONVERSATIONS_PER_FAMILY)
+        else:
+            rows = generate(args.seed, args.per_family or DEFAULT_PER_FAMILY)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    write_atomic(args.out, to_jsonl(rows))
+    out = args.out or (DEFAULT_CONVERSATIONS_OUT if args.conversations else DEFAULT_OUT)
+    write_atomic(out, to_jsonl(rows))
     counts = Counter(r["family"] for r in rows)
+    if args.conversations:
+        for family in CONVERSATION_FAMILIES:
+            print(f"  {family:<16} {counts[family]:>5}")
+        print(f"wrote {len(rows)} conversations to {out}")
+        return 0
+    args.out = out
     for family in FAMILIES:
         print(f"  {family:<16} {counts[family]:>5}")
     with_input = sum(1 for r in rows if r["input"])

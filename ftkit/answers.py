@@ -9,8 +9,9 @@ import os
 from pathlib import Path
 
 from .cli import UserError, log
-from .config import Config
-from .generation import check_fits_context, generate, load_for_inference
+from .config import Config, DataCfg
+from .data import clean_conversation
+from .generation import check_fits_context, generate, load_for_inference, prompt_ids
 from .jsonl import fail_if_bad, parse_jsonl, read_text
 from .paths import RunDir, atomic_write_text, check_writable
 from .runlock import clean_tmp_leftovers
@@ -20,7 +21,8 @@ def read_prompt_file(path: Path) -> list[dict]:
     """The rows of a JSONL prompt file, every line checked before any model is loaded.
 
     Each row: {"key": canonical id, "id": its id (given, else the 0-based row index), "instruction",
-    "input", "row": the object as read, "line": its line number}.
+    "input", "prompt": what generate answers ((instruction, input), or for a `messages`/ShareGPT row the
+    conversation up to its last user turn), "row": the object as read, "line": its line number}.
     """
     text = read_text(path, "input file", "pass JSON lines with an 'instruction' per line")
     parsed, bad = parse_jsonl(path, text)
@@ -30,14 +32,32 @@ def read_prompt_file(path: Path) -> list[dict]:
         if not isinstance(obj, dict):
             bad.append(f"line {n} is not a JSON object")
             continue
-        instruction = obj.get("instruction", obj.get("prompt"))
-        if not isinstance(instruction, str) or not instruction.strip():
-            bad.append(f"line {n} has an empty or missing 'instruction' (or 'prompt')")
-            continue
-        input_text = obj.get("input")
-        if input_text is not None and not isinstance(input_text, str):
-            bad.append(f"line {n}: 'input' must be a string")
-            continue
+        conv_key = next((k for k in ("messages", "conversations") if isinstance(obj.get(k), list)), None)
+        if conv_key:
+            # A conversation (as dataset.py reads it): the answer is the next turn after its last user turn.
+            try:
+                conv = clean_conversation(
+                    obj, DataCfg(), "messages" if conv_key == "messages" else "sharegpt", f"line {n}"
+                )
+            except UserError as e:
+                bad.append(str(e))
+                continue
+            users = [i for i, m in enumerate(conv["messages"]) if m["role"] == "user"]
+            if not users:
+                bad.append(f"line {n} has no user turn to answer")
+                continue
+            prompt = conv["messages"][: users[-1] + 1]
+            instruction, input_text = prompt[-1]["content"], None
+        else:
+            instruction = obj.get("instruction", obj.get("prompt"))
+            if not isinstance(instruction, str) or not instruction.strip():
+                bad.append(f"line {n} has an empty or missing 'instruction' (or 'prompt', or a 'messages' list)")
+                continue
+            input_text = obj.get("input")
+            if input_text is not None and not isinstance(input_text, str):
+                bad.append(f"line {n}: 'input' must be a string")
+                continue
+            prompt = (instruction, input_text or None)
         if "id" in obj:
             rid = obj["id"]
             if isinstance(rid, bool) or not isinstance(rid, (str, int)):
@@ -49,7 +69,15 @@ def read_prompt_file(path: Path) -> list[dict]:
             continue
         seen[key] = n
         rows.append(
-            {"key": key, "id": rid, "instruction": instruction, "input": input_text or None, "row": obj, "line": n}
+            {
+                "key": key,
+                "id": rid,
+                "instruction": instruction,
+                "input": input_text or None,
+                "prompt": prompt,
+                "row": obj,
+                "line": n,
+            }
         )
     bad.sort(key=lambda b: int(b.split()[1].rstrip(":")))  # malformed and invalid lines, in file order
     fail_if_bad(path, bad)
@@ -137,7 +165,7 @@ def answer_file(
         for r in todo:  # name the line before any generation starts
             check_fits_context(
                 model,
-                len(template.prompt_ids(tok, r["instruction"], r["input"])),
+                len(prompt_ids(tok, template, r["prompt"])),
                 cfg.inference.max_new_tokens,
                 f"{input_file} line {r['line']}: the prompt",
             )
@@ -156,7 +184,7 @@ def answer_file(
                 model,
                 tok,
                 template,
-                [(r["instruction"], r["input"]) for r in todo],
+                [r["prompt"] for r in todo],
                 cfg.inference,
                 progress=True,
                 on_batch=write,

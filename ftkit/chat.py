@@ -22,22 +22,25 @@ from .generation import (
     load_for_inference,
     static_cache_len,
 )
-from .paths import RunDir, atomic_write_json
+from .paths import RunDir, atomic_write_text
 from .prompts import PromptTemplate
 
 
 def is_transcript(path: Path) -> bool:
-    """A file /save wrote (and may replace): JSON with the transcript's keys."""
+    """A file /save wrote (and may replace or add to): JSON lines, each with the transcript's keys (an older
+    /save wrote one indented JSON object, which parses whole)."""
     try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
+        objs = [json.loads(text)] if text.lstrip().startswith("{\n") else [json.loads(x) for x in text.splitlines()]
     except (OSError, ValueError):
         return False
-    return isinstance(obj, dict) and {"saved", "messages", "template"} <= obj.keys()
+    return bool(objs) and all(isinstance(o, dict) and {"saved", "messages", "template"} <= o.keys() for o in objs)
 
 
 CHAT_HELP = (
     "commands: /reset (forget the conversation), /system TEXT (set the system prompt; /system alone "
-    "restores the training one), /save PATH (transcript as JSON), /quit. Ctrl+C stops an answer."
+    "restores the training one), /save PATH (the conversation as a messages JSON line; a .jsonl file of them "
+    "collects conversations, and is training data), /quit. Ctrl+C stops an answer."
 )
 
 
@@ -88,19 +91,12 @@ class ChatSession:
         print(*args, file=self.out, flush=True, **kw)
 
     def prompt_ids(self, message: str, history: list[dict]) -> list[int]:
+        # The training template's rendering (an Alpaca one puts the earlier turns in the Input field), with
+        # this session's system prompt.
         turns = [{"role": m["role"], "content": m["content"]} for m in history]
-        if self.template.kind == "chat":
-            msgs = ([{"role": "system", "content": self.system}] if self.system else []) + turns
-            text = self.tok.apply_chat_template(
-                msgs + [{"role": "user", "content": message}],
-                tokenize=False,
-                add_generation_prompt=True,
-                chat_template=self.template.chat_template,
-            )
-            return self.tok(text, add_special_tokens=False)["input_ids"]
-        # Alpaca was trained on single turns: the earlier turns become the Input field.
-        context = "\n".join(f"{'User' if m['role'] == 'user' else 'Assistant'}: {m['content']}" for m in turns)
-        return replace(self.template, system_prompt=self.system).prompt_ids(self.tok, message, context or None)
+        return replace(self.template, system_prompt=self.system).messages_prompt_ids(
+            self.tok, turns + [{"role": "user", "content": message}]
+        )
 
     def fit(self, message: str) -> tuple[list[int], int]:
         """Prompt ids for the next turn, dropping the oldest turns until prompt + answer fit the context."""
@@ -140,14 +136,26 @@ class ChatSession:
         return answer, interrupted
 
     def transcript(self) -> dict:  # is_transcript recognises these keys
+        """A `messages` row that dataset.py reads (the system prompt beside the turns, as ShareGPT keeps it);
+        an answer cut short by Ctrl+C is kept but marked "train": false, so it never teaches a cut answer."""
         return {
             "saved": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "model": self.what,
             "template": self.template.kind,
             "system": self.system,
-            "messages": self.history,
+            "messages": [{**m, "train": False} if m.get("interrupted") else m for m in self.history],
             "settings": self.icfg.model_dump(mode="json"),
         }
+
+    def save(self, path: Path) -> str:
+        """Write the transcript as one JSON line: a file of them is training data (data.path). A .jsonl
+        file of earlier transcripts gets the new one appended; any other transcript file is replaced."""
+        row = json.dumps(self.transcript(), ensure_ascii=False) + "\n"
+        if path.suffix == ".jsonl" and path.is_file():
+            atomic_write_text(path, path.read_text(encoding="utf-8") + row)
+            return "added"
+        atomic_write_text(path, row)
+        return "saved"
 
     def handle(self, line: str) -> bool:
         """One line typed by the user; False when the session should end."""
@@ -178,8 +186,8 @@ class ChatSession:
                 )
                 return True
             try:
-                atomic_write_json(path, self.transcript())
-                self.print(f"(saved {len(self.history)} messages to {path})")
+                how = self.save(path)
+                self.print(f"({how} {len(self.history)} messages to {path})")
             except OSError as e:
                 self.print(f"(could not save to {path}: {e.strerror or e})")
         elif cmd == "help":

@@ -134,11 +134,73 @@ class LoraCfg(Section):
         return self
 
 
+# The fields a data.columns mapping may rename: Alpaca's three, the conversation lists of the two chat formats,
+# and ShareGPT's top-level system prompt.
+DATA_COLUMNS = ("instruction", "input", "output", "messages", "conversations", "system")
+# Prompt templates by name; any other value must be a path to a Jinja chat template file.
+TEMPLATE_NAMES = ("alpaca", "chat", "llama3", "chatml")
+
+
+def _check_columns(v: dict[str, str] | None) -> dict[str, str] | None:
+    for key, col in (v or {}).items():
+        if key not in DATA_COLUMNS:
+            close = difflib.get_close_matches(key, DATA_COLUMNS, n=1, cutoff=0.5)
+            hint = f"did you mean '{close[0]}'? " if close else ""
+            raise ValueError(
+                f"data.columns names an unknown field '{key}'; {hint}it maps these fields to your file's "
+                f"names: {', '.join(DATA_COLUMNS)}"
+            )
+        if not col.strip():
+            raise ValueError(f"data.columns.{key} is empty; give the field name your file uses")
+    return v
+
+
+class DataSource(Section):
+    """One entry of a data.path list: a file or hub dataset with its own format and field names (unset: the
+    data section's), and how much of it goes into the mix."""
+
+    path: str
+    format: Literal["auto", "alpaca", "messages", "sharegpt"] | None = None
+    columns: dict[str, str] | None = None
+    split: str | None = None
+    # The first max_rows rows, then `weight` times them in the training rows (0.5: a seeded half; 2: each
+    # row twice). Held-out rows are taken before the weighting, so a repeated row is never also held out.
+    max_rows: int | None = Field(None, ge=1)
+    weight: float = Field(1.0, gt=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_keys(cls, v):
+        if isinstance(v, str):
+            return {"path": v}  # a bare path in the list
+        for key in v if isinstance(v, dict) else ():
+            if key not in cls.model_fields:
+                close = difflib.get_close_matches(str(key), list(cls.model_fields), n=1, cutoff=0.5)
+                hint = f"did you mean '{close[0]}'? " if close else ""
+                raise ValueError(
+                    f"a data.path entry has an unknown key '{key}'; {hint}an entry takes {', '.join(cls.model_fields)}"
+                )
+        return v
+
+    @field_validator("columns")
+    @classmethod
+    def _known_columns(cls, v: dict[str, str] | None) -> dict[str, str] | None:
+        return _check_columns(v)
+
+
 class DataCfg(Section):
-    path: str = "yahma/alpaca-cleaned"
+    # A file or hub dataset id, or a list of them (DataSource entries, or bare paths) mixed into one run.
+    path: str | list[DataSource] = "yahma/alpaca-cleaned"
     split: str = "train"
-    # "alpaca": the Stanford Alpaca prompt; "chat": the tokenizer's own chat template (instruct bases).
-    prompt_template: Literal["alpaca", "chat"] = "alpaca"
+    # How rows are read: "alpaca" (instruction/input/output), "messages" (OpenAI {"messages": [{role,
+    # content}]}), "sharegpt" ({"conversations": [{from, value}]}); "auto" decides from the first rows.
+    format: Literal["auto", "alpaca", "messages", "sharegpt"] = "auto"
+    # Field names of this file for the fields above, e.g. {instruction: question, output: answer}.
+    columns: dict[str, str] = Field(default_factory=dict)
+    # "alpaca": the Stanford Alpaca prompt (for conversations, the same layout turn after turn); "chat": the
+    # tokenizer's own chat template (instruct bases); "llama3", "chatml": templates shipped by this project
+    # for bases that have none; or a path to a Jinja chat template file.
+    prompt_template: str = "alpaca"
     system_prompt: str | None = None
     max_length: int = Field(512, ge=16)
     # Rows held out for evaluation: a fraction (<1) or a row count (>=1).
@@ -160,6 +222,45 @@ class DataCfg(Section):
                 f"write {v / 100:g} for {v:g}% of the rows or {round(v)} for {round(v)} rows"
             )
         return v
+
+    @field_validator("columns")
+    @classmethod
+    def _known_columns(cls, v: dict[str, str]) -> dict[str, str]:
+        return _check_columns(v)
+
+    @field_validator("path", mode="before")
+    @classmethod
+    def _entries(cls, v):
+        # Each entry checked here, so that an error names the entry and its key instead of the union's
+        # "should be a valid string".
+        if not isinstance(v, list):
+            return v
+        if not v:
+            raise ValueError("data.path is an empty list; name at least one file or dataset")
+        out = []
+        for k, entry in enumerate(v, 1):
+            try:
+                out.append(DataSource.model_validate(entry))
+            except ValidationError as err:
+                e = err.errors()[0]
+                key = ".".join(str(x) for x in e["loc"])
+                msg = e["msg"].removeprefix("Value error, ")
+                raise ValueError(f"data.path entry {k}{f' ({key})' if key else ''}: {msg}") from None
+        return out
+
+    @field_validator("prompt_template")
+    @classmethod
+    def _template_name_or_file(cls, v: str) -> str:
+        # A name is a bare word; a file is recognisable by its suffix or a folder in it, so that a typo
+        # ("lama3") is reported as one instead of as a missing file.
+        if v in TEMPLATE_NAMES or v.endswith((".jinja", ".j2")) or "/" in v or os.sep in v:
+            return v
+        close = difflib.get_close_matches(v, TEMPLATE_NAMES, n=1, cutoff=0.5)
+        hint = f"did you mean '{close[0]}'? " if close else ""
+        raise ValueError(
+            f"data.prompt_template={v!r} is neither a template name nor a Jinja file; {hint}use one of "
+            f"{', '.join(TEMPLATE_NAMES)}, or a path to a .jinja chat template"
+        )
 
 
 def explicitly_on(switch) -> bool:

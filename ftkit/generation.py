@@ -429,14 +429,23 @@ def check_fits_context(
         )
 
 
-def encode_prompts(
-    model, tok, template: PromptTemplate, rows: list[tuple[str, str | None]], max_new_tokens: int
-) -> list[list[int]]:
+# What generation answers: an Alpaca (instruction, input) pair, or a conversation ending with a user turn.
+Prompt = tuple[str, str | None] | list[dict]
+
+
+def prompt_ids(tok, template: PromptTemplate, prompt: Prompt) -> list[int]:
+    if isinstance(prompt, list):
+        return template.messages_prompt_ids(tok, prompt)
+    instruction, input_text = prompt
+    if not instruction or not instruction.strip():
+        raise UserError("the prompt is empty; pass some text with --prompt")
+    return template.prompt_ids(tok, instruction, input_text or None)
+
+
+def encode_prompts(model, tok, template: PromptTemplate, rows: list[Prompt], max_new_tokens: int) -> list[list[int]]:
     out = []
-    for instruction, input_text in rows:
-        if not instruction or not instruction.strip():
-            raise UserError("the prompt is empty; pass some text with --prompt")
-        ids = template.prompt_ids(tok, instruction, input_text or None)
+    for prompt in rows:
+        ids = prompt_ids(tok, template, prompt)
         check_fits_context(model, len(ids), max_new_tokens)
         out.append(ids)
     return out
@@ -446,7 +455,7 @@ def generate(
     model,
     tok,
     template: PromptTemplate,
-    rows: list[tuple[str, str | None]],
+    rows: list[Prompt],
     icfg: InferenceCfg,
     progress: bool = False,
     on_batch: Callable[[list[int], list[str]], None] | None = None,

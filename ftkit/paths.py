@@ -315,13 +315,24 @@ RESUME_KEYS = (
     "lora.modules_to_save",
     "data.prompt_template",
     "data.system_prompt",
+    "data.format",
+    "data.columns",
 )
 
 
-def local_data_hash(path: str) -> str | None:
-    """The data hash the manifest records (ftkit.data.load_records), for a local file; None for a hub id."""
+def local_data_hash(path) -> str | None:
+    """The data hash the manifest records (ftkit.data.load_clean_split), for a local file or a list of local files
+    (data.path entries); None when a hub id is among them."""
+    if isinstance(path, list):
+        parts = [local_data_hash(getattr(e, "path", e)) for e in path]
+        return None if None in parts else combined_hash(parts)
     p = Path(path).expanduser()
     return file_sha256(p) if p.is_file() else None
+
+
+def combined_hash(digests: list[str]) -> str:
+    """One hash for several sources, in their order (a reordered list is another mix)."""
+    return hashlib.sha256("\n".join(digests).encode()).hexdigest()
 
 
 def check_resume(cfg: Config, run: RunDir, newest_step: int | None) -> None:

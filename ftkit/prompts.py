@@ -3,12 +3,17 @@
 Training saves the template it used (`prompt_template.json`); inference, evaluation and export load that
 file instead of re-deriving it, so that the prompt a model was trained on and the prompt it is asked
 with can never drift apart.
+
+Conversations (and Alpaca rows under a chat template) are tokenized turn by turn: the template renders the
+conversation up to each assistant turn with and without that turn, the differences are the pieces, and each
+piece is tokenized on its own and joined as ids. So the loss covers exactly every trained assistant turn's
+content plus its end-of-turn token, whatever the template's layout.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,31 +33,76 @@ ALPACA_NO_INPUT = (
 )
 
 
+# Chat templates shipped for bases that have none. llama3 is Meta's Llama-3-Instruct template, verbatim, so a
+# model tuned from the Llama-3 base speaks the format that Llama-3 tools and runtimes expect.
+LLAMA3_TEMPLATE = (
+    "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = '<|start_header_id|>' + "
+    "message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}"
+    "{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + "
+    "'\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+# The Alpaca layout, turn after turn: a single-turn conversation renders as ALPACA_NO_INPUT plus the answer
+# and EOS, so conversations and Alpaca rows train one format. No BOS in the text: as with Alpaca prompts,
+# the tokenizer adds its own (PromptTemplate.text_ids).
+ALPACA_CHAT_TEMPLATE = (
+    "{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'] + '\n\n' }}{% set loop_messages = "
+    "messages[1:] %}{% else %}{{ 'Below is an instruction that describes a task. Write a response that "
+    "appropriately completes the request.\n\n' }}{% set loop_messages = messages %}{% endif %}"
+    "{% for message in loop_messages %}{% if message['role'] == 'user' %}{{ '### Instruction:\n' + "
+    "message['content'] + '\n\n### Response:\n' }}{% elif message['role'] == 'assistant' %}"
+    "{{ message['content'] + eos_token + '\n\n' }}{% endif %}{% endfor %}"
+)
+SHIPPED_TEMPLATES = {"llama3": LLAMA3_TEMPLATE, "chatml": CHATML_TEMPLATE, "alpaca": ALPACA_CHAT_TEMPLATE}
+# The markers a shipped template writes that must be single tokens of the tokenizer: spelled out in pieces,
+# the end-of-turn marker could not be a stop token, and the model would never learn where a turn ends.
+TEMPLATE_TOKENS = {
+    "llama3": ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
+    "chatml": ("<|im_start|>", "<|im_end|>"),
+    "alpaca": (),
+}
+
+
+@dataclass
+class Piece:
+    """One stretch of a rendered conversation: trained or masked, and whether an assistant turn ends with it
+    (where a long conversation may be cut without splitting a turn)."""
+
+    text: str
+    trained: bool
+    turn_end: bool = False
+
+
 @dataclass
 class PromptTemplate:
-    kind: str  # "alpaca" or "chat"
+    kind: str  # "alpaca" (the Stanford prompt, single-turn) or "chat" (a Jinja chat template)
     prompt_with_input: str = ALPACA_WITH_INPUT
     prompt_no_input: str = ALPACA_NO_INPUT
     system_prompt: str | None = None
     chat_template: str | None = None  # the tokenizer's Jinja template, frozen at training time
     stop_token_ids: list[int] = field(default_factory=list)
     stop_strings: list[str] = field(default_factory=list)
+    # Which template: data.prompt_template as given ("chat" = the tokenizer's own, a shipped name, or a
+    # file path). None in runs saved before names existed (kind says all there is then).
+    name: str | None = None
 
     @classmethod
-    def from_config(cls, kind: str, tokenizer, system_prompt: str | None = None) -> "PromptTemplate":
-        if kind == "chat":
-            if not getattr(tokenizer, "chat_template", None):
-                raise UserError(
-                    "data.prompt_template is 'chat' but the tokenizer has no chat template; "
-                    "use data.prompt_template=alpaca for a base (non-instruct) model"
-                )
-            t = cls(kind="chat", system_prompt=system_prompt, chat_template=tokenizer.chat_template)
+    def from_config(
+        cls, kind: str, tokenizer, system_prompt: str | None = None, conversations: bool = False
+    ) -> "PromptTemplate":
+        """The template data.prompt_template names. `conversations`: the rows are multi-turn, so "alpaca"
+        means the Alpaca layout as a chat template (ALPACA_CHAT_TEMPLATE) rather than the single-turn prompt."""
+        if kind == "alpaca" and not conversations:
+            t = cls(kind="alpaca", system_prompt=system_prompt, name="alpaca")
+            stops = set()
+        else:
+            t = cls(kind="chat", system_prompt=system_prompt, chat_template=_jinja(kind, tokenizer), name=kind)
             # The end-of-turn token closes an assistant reply; generation must stop there too.
             end = t.end_of_turn_id(tokenizer)
             stops = {end} if end is not None else set()
-        else:
-            t = cls(kind="alpaca", system_prompt=system_prompt)
-            stops = set()
         if tokenizer.eos_token_id is not None:
             stops.add(int(tokenizer.eos_token_id))
         t.stop_token_ids = sorted(int(s) for s in stops)
@@ -60,12 +110,12 @@ class PromptTemplate:
 
     def end_of_turn_id(self, tokenizer) -> int | None:
         """The token that closes an assistant turn in the chat template (<|im_end|>, <|eot_id|>, ...): the last
-        token after a probe answer; None for Alpaca prompts."""
+        trained token of a probe answer; None for Alpaca prompts."""
         if self.kind != "chat":
             return None
-        tail = self._chat_response_text(tokenizer, "q", None, "OK").rstrip()
-        suffix = tail[tail.index("OK") + 2 :] if "OK" in tail else ""
-        ids = tokenizer(suffix, add_special_tokens=False)["input_ids"] if suffix else []
+        pieces = self.pieces(tokenizer, [{"role": "user", "content": "q"}, {"role": "assistant", "content": "OK"}])
+        end = next(p.text for p in pieces if p.trained)[len("OK") :]
+        ids = tokenizer(end, add_special_tokens=False)["input_ids"] if end else []
         return ids[-1] if ids else None
 
     # -- rendering ---------------------------------------------------------------------------------
@@ -77,12 +127,7 @@ class PromptTemplate:
     def render_prompt(self, tokenizer, instruction: str, input_text: str | None = None) -> str:
         """The text the model sees before its answer."""
         if self.kind == "chat":
-            return tokenizer.apply_chat_template(
-                self._messages(instruction, input_text),
-                tokenize=False,
-                add_generation_prompt=True,
-                chat_template=self.chat_template,
-            )
+            return self.render(tokenizer, self._messages(instruction, input_text), True)
         body = (
             self.prompt_with_input.format(instruction=instruction, input=input_text)
             if input_text
@@ -90,40 +135,99 @@ class PromptTemplate:
         )
         return f"{self.system_prompt}\n\n{body}" if self.system_prompt else body
 
-    def _chat_response_text(self, tokenizer, instruction: str, input_text: str | None, output: str) -> str:
-        msgs = self._messages(instruction, input_text)
-        prompt = tokenizer.apply_chat_template(
-            msgs, tokenize=False, add_generation_prompt=True, chat_template=self.chat_template
-        )
-        full = tokenizer.apply_chat_template(
-            msgs + [{"role": "assistant", "content": output}], tokenize=False, chat_template=self.chat_template
-        )
-        if not full.startswith(prompt):
-            raise UserError(
-                "the chat template renders the prompt differently with and without the answer, so "
-                "prompt tokens cannot be masked; use data.prompt_template=alpaca"
+    def with_system(self, messages: list[dict]) -> list[dict]:
+        """data.system_prompt as the first turn of a conversation that brings no system turn of its own."""
+        if self.system_prompt and (not messages or messages[0]["role"] != "system"):
+            return [{"role": "system", "content": self.system_prompt}, *messages]
+        return messages
+
+    def render(self, tokenizer, messages: list[dict], generation_prompt: bool) -> str:
+        try:
+            return tokenizer.apply_chat_template(
+                [{"role": m["role"], "content": m["content"]} for m in messages],
+                tokenize=False,
+                add_generation_prompt=generation_prompt,
+                chat_template=self.chat_template,
             )
-        return full[len(prompt) :]
+        except Exception as e:  # jinja's TemplateError, or raise_exception() inside the template
+            roles = "/".join(dict.fromkeys(m["role"] for m in messages))
+            raise UserError(
+                f"the {self.name or 'chat'} template cannot render a {roles} conversation ({e}); drop the "
+                "turns it refuses (a system turn, often) or choose another data.prompt_template"
+            ) from None
+
+    def pieces(self, tokenizer, messages: list[dict]) -> list[Piece]:
+        """The conversation cut at the mask boundaries (module docstring). The template renders the turns up
+        to each assistant turn with the generation prompt (P) and with the turn (F); P's new text is masked,
+        F's new text is the assistant content, its end-of-turn marker (trained unless the turn says
+        "train": false) and whitespace after the marker (masked). Turns after the last assistant turn
+        teach nothing and are left out."""
+        out: list[Piece] = []
+        done = ""
+        for i, m in enumerate(messages):
+            if m["role"] != "assistant":
+                continue
+            p = self.render(tokenizer, messages[:i], True)
+            f = self.render(tokenizer, messages[: i + 1], False)
+            if not p.startswith(done) or not f.startswith(p):
+                raise UserError(
+                    f"the {self.name or 'chat'} template renders earlier turns differently once later turns "
+                    "are added, so the assistant turns cannot be masked exactly; choose another "
+                    "data.prompt_template (llama3, chatml, alpaca)"
+                )
+            new = f[len(p) :]
+            at = new.find(m["content"])
+            if at < 0:
+                raise UserError(
+                    f"the {self.name or 'chat'} template does not write an assistant turn's text as given, so "
+                    "its tokens cannot be found for the loss; choose another data.prompt_template"
+                )
+            tail = new[at + len(m["content"]) :]
+            end = tail.rstrip()
+            if not end.strip() and tokenizer.eos_token:
+                # A template that closes an answer with nothing would never teach the model to stop (it would
+                # ramble to max_new_tokens); EOS is trained after the answer instead, as for Alpaca rows.
+                end = tokenizer.eos_token
+            out.append(Piece(p[len(done) :] + new[:at], False))
+            out.append(Piece(m["content"] + end, m.get("train", True) is not False))
+            out.append(Piece(tail[len(end) :], False, turn_end=True))
+            done = f
+        if out:  # whitespace after the last turn's end is followed by nothing: it would be a wasted token
+            out[-1].text = ""
+        return out
+
+    def text_ids(self, tokenizer, text: str) -> list[int]:
+        """Token ids of the text that starts a prompt. A chat template writes its own BOS into the text; the
+        Alpaca layouts (the prompt, and the shipped alpaca chat template) rely on the tokenizer's."""
+        return tokenizer(text, add_special_tokens=self.kind != "chat" or self.name == "alpaca")["input_ids"]
 
     def prompt_ids(self, tokenizer, instruction: str, input_text: str | None = None) -> list[int]:
-        text = self.render_prompt(tokenizer, instruction, input_text)
-        # A chat template writes its own BOS into the text; the Alpaca text relies on the tokenizer's.
-        return tokenizer(text, add_special_tokens=self.kind != "chat")["input_ids"]
+        return self.text_ids(tokenizer, self.render_prompt(tokenizer, instruction, input_text))
+
+    def messages_prompt_ids(self, tokenizer, messages: list[dict]) -> list[int]:
+        """The prompt for the next assistant turn after `messages` (a conversation ending with a user turn)."""
+        if self.kind == "chat":
+            return self.text_ids(tokenizer, self.render(tokenizer, self.with_system(messages), True))
+        # The Alpaca prompt is single-turn: the last user turn is the instruction, the earlier turns become
+        # the Input field, and a system turn the system prompt.
+        system = messages[0]["content"] if messages and messages[0]["role"] == "system" else self.system_prompt
+        turns = [m for m in messages if m["role"] != "system"]
+        context = "\n".join(f"{'User' if m['role'] == 'user' else 'Assistant'}: {m['content']}" for m in turns[:-1])
+        return replace(self, system_prompt=system).prompt_ids(tokenizer, turns[-1]["content"], context or None)
 
     def encode(
         self, tokenizer, instruction: str, input_text: str | None, output: str, max_length: int
     ) -> tuple[list[int], list[int], str]:
-        """Token ids and labels for one row; labels are IGNORE_INDEX on the prompt.
+        """Token ids and labels for one Alpaca row; labels are IGNORE_INDEX on the prompt.
 
         Prompt and answer are tokenized apart and joined as ids, so the mask boundary is exact even where
         a tokenizer would merge characters across it. Returns a status: ok, truncated or fully_masked.
         """
-        p_ids = self.prompt_ids(tokenizer, instruction, input_text)
         if self.kind == "chat":
-            resp = self._chat_response_text(tokenizer, instruction, input_text, output).rstrip()
-        else:
-            resp = output
-        r_ids = tokenizer(resp, add_special_tokens=False)["input_ids"]
+            msgs = self._messages(instruction, input_text) + [{"role": "assistant", "content": output}]
+            return encode_conversations(self, tokenizer, [msgs], max_length)[0]
+        p_ids = self.prompt_ids(tokenizer, instruction, input_text)
+        r_ids = tokenizer(output, add_special_tokens=False)["input_ids"]
         eos = tokenizer.eos_token_id
         # Without a trained EOS the model never learns to stop and rambles to max_new_tokens.
         if eos is not None and (not r_ids or r_ids[-1] not in self.stop_token_ids):
@@ -153,3 +257,102 @@ class PromptTemplate:
             return cls(**json.loads(path.read_text(encoding="utf-8")))
         except (ValueError, TypeError, OSError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
             raise UserError(f"'{path}' is not a valid prompt template ({e}); re-run finetune.py") from None
+
+
+def _jinja(kind: str, tokenizer) -> str:
+    """The Jinja source data.prompt_template names, checked against the tokenizer."""
+    if kind == "chat":
+        if not getattr(tokenizer, "chat_template", None):
+            raise UserError(
+                "data.prompt_template is 'chat' but the tokenizer has no chat template; use "
+                "data.prompt_template=llama3, chatml or alpaca for a base (non-instruct) model"
+            )
+        return tokenizer.chat_template
+    if kind in SHIPPED_TEMPLATES:
+        vocab = tokenizer.get_vocab()
+        missing = [t for t in TEMPLATE_TOKENS[kind] if t not in vocab]
+        if missing:
+            raise UserError(
+                f"data.prompt_template={kind} writes {', '.join(missing)}, which the tokenizer does not have "
+                "as tokens; use data.prompt_template=alpaca, or a template made of this tokenizer's tokens"
+            )
+        return SHIPPED_TEMPLATES[kind]
+    from .jsonl import read_text
+
+    text = read_text(Path(kind).expanduser(), "data.prompt_template", "point it at a Jinja chat template file")
+    if "messages" not in text:
+        raise UserError(
+            f"data.prompt_template '{kind}' does not look like a chat template (it never reads `messages`); "
+            "point it at a Jinja chat template file"
+        )
+    return text
+
+
+def _token_ids(tokenizer, texts: list[str]) -> list[list[int]]:
+    """Token ids of many texts, no special tokens added. With a fast tokenizer the Rust encoder is called
+    directly (what tokenizer(texts) calls too), without building the attention masks and offsets that are
+    thrown away here: half the time on 50k conversations."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+    encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
+    return [e.ids for e in encode(texts, add_special_tokens=False)]
+
+
+CHUNK = 2000  # conversations rendered while the previous chunk is being tokenized
+
+
+def encode_conversations(
+    template: PromptTemplate, tokenizer, conversations: list[list[dict]], max_length: int
+) -> list[tuple[list[int], list[int], str]]:
+    """(ids, labels, status) per conversation; labels are IGNORE_INDEX except on trained assistant turns.
+
+    Conversations are rendered and cut into pieces in chunks; each chunk's pieces are tokenized in one
+    batched call on a worker thread (the Rust tokenizer releases the GIL), while the next chunk renders.
+    A conversation longer than max_length is cut after its last whole assistant turn that fits
+    ("truncated_at_turn"); only when even its first trained turn does not fit is it cut inside a turn
+    ("truncated"). Status "untrainable": no trained token at all (no assistant turn, or all "train": false);
+    "fully_masked": the cut left none.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    bos = template.text_ids(tokenizer, "") if template.name == "alpaca" else []
+    out = []
+    with ThreadPoolExecutor(1) as pool:
+        jobs = []
+        for at in range(0, len(conversations), CHUNK):
+            cut = [_pieces_of(template, tokenizer, c) for c in conversations[at : at + CHUNK]]
+            jobs.append((cut, pool.submit(_token_ids, tokenizer, [p.text for ps in cut for p in ps])))
+        for cut, job in jobs:
+            toks = iter(job.result())
+            out += [_assemble(ps, toks, bos, max_length) for ps in cut]
+    return out
+
+
+def _pieces_of(template: PromptTemplate, tokenizer, conversation: list[dict]) -> list[Piece]:
+    try:
+        return template.pieces(tokenizer, template.with_system(conversation))
+    except UserError as e:  # the file line is gone after the split; the text finds the row
+        first = next((m["content"] for m in conversation if m["role"] != "system"), "")
+        raise UserError(f"a conversation (its first user turn starts {first[:40]!r}): {e}") from None
+
+
+def _assemble(pieces: list[Piece], toks, bos: list[int], max_length: int) -> tuple[list[int], list[int], str]:
+    ids, labels, ends, trained = list(bos), [IGNORE_INDEX] * len(bos), [], False
+    for p in pieces:
+        t = next(toks)
+        ids += t
+        labels += t if p.trained else [IGNORE_INDEX] * len(t)
+        trained = trained or (p.trained and bool(t))
+        if p.turn_end and trained:
+            ends.append(len(ids))
+    if not ends:
+        return ids, labels, "untrainable"
+    status = "ok"
+    if len(ids) > max_length:
+        fit = [e for e in ends if e <= max_length]
+        n, status = (fit[-1], "truncated_at_turn") if fit else (max_length, "truncated")
+        ids, labels = ids[:n], labels[:n]
+        if all(lbl == IGNORE_INDEX for lbl in labels):
+            status = "fully_masked"
+    return ids, labels, status

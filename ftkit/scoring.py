@@ -1,5 +1,7 @@
 """Scoring a model on held-out rows: response-token loss with the prompt masked as in training, greedy answers,
-exact match (normalized) for verifiable rows and ROUGE-L F1 for the rest, per task family, base vs fine-tuned."""
+exact match (normalized) for verifiable rows and ROUGE-L F1 for the rest, per task family, base vs fine-tuned.
+A held-out conversation is scored on its last assistant turn, answered from the turns before it; its loss is
+over all its assistant turns, masked as in training."""
 
 from __future__ import annotations
 
@@ -8,11 +10,12 @@ import math
 import time
 from collections import defaultdict
 
-from .cli import log
-from .config import Config
-from .generation import generate, load_for_inference
+from .cli import UserError, log
+from .config import Config, DataCfg
+from .data import clean_conversation
+from .generation import Prompt, generate, load_for_inference
 from .paths import REPO_ROOT, RunDir
-from .prompts import IGNORE_INDEX, PromptTemplate
+from .prompts import IGNORE_INDEX, PromptTemplate, encode_conversations
 
 # Verifiable answers are short; an answer this many tokens longer than the longest reference cannot match.
 VERIFIABLE_MARGIN_TOKENS = 8
@@ -63,6 +66,35 @@ def rouge_l(prediction: str, reference: str) -> float:
     return float(_scorer.score(reference, prediction)["rougeL"].fmeasure)
 
 
+def held_out_row(r, at: str) -> dict:
+    """A held-out row checked and ready to score. An Alpaca row needs an instruction and a reference answer
+    (`output`). A `messages` row is cut after its last assistant turn, which becomes the reference, with its
+    last user turn as the `instruction` shown in reports. Errors start with `at` ("FILE: line N")."""
+    if isinstance(r, dict) and isinstance(r.get("messages"), list):
+        conv = clean_conversation(r, DataCfg(), "messages", at)["messages"]
+        last = max((i for i, m in enumerate(conv) if m["role"] == "assistant"), default=None)
+        if last is None:
+            raise UserError(f"{at} has no assistant turn to score; each conversation needs a reference answer")
+        return {
+            **r,
+            "messages": conv[: last + 1],
+            "instruction": conv[last - 1]["content"],
+            "input": "",
+            "output": conv[last]["content"],
+        }
+    if not isinstance(r, dict) or not isinstance(r.get("instruction"), str) or not r["instruction"].strip():
+        raise UserError(f"{at} has no instruction; each row needs instruction, input, output (or a messages list)")
+    if not isinstance(r.get("output"), str) or not r["output"].strip():
+        raise UserError(f"{at} has no reference answer ('output'); evaluation needs one per row")
+    return r
+
+
+def prompt_of(row: dict) -> Prompt:
+    """What the model answers for a held-out row: the conversation before its last assistant turn, or the
+    Alpaca instruction and input."""
+    return row["messages"][:-1] if "messages" in row else (row["instruction"], row.get("input") or None)
+
+
 def family_of(row: dict) -> str:
     return str(row.get("family") or NO_FAMILY)
 
@@ -78,7 +110,17 @@ def response_nll(
     import torch
     import torch.nn.functional as F
 
-    enc = [template.encode(tok, r["instruction"], r.get("input") or None, r["output"], max_length)[:2] for r in rows]
+    if template.kind != "chat" and any("messages" in r for r in rows):
+        raise UserError(
+            "this run trained on single-turn Alpaca prompts, so held-out conversations cannot be masked as in "
+            "its training; evaluate Alpaca rows, or a run trained on conversations"
+        )
+    enc = [
+        encode_conversations(template, tok, [r["messages"]], max_length)[0][:2]
+        if "messages" in r
+        else template.encode(tok, r["instruction"], r.get("input") or None, r["output"], max_length)[:2]
+        for r in rows
+    ]
     out: list[tuple[float, int]] = [(0.0, 0)] * len(rows)
     order = sorted(range(len(enc)), key=lambda i: len(enc[i][0]))
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
@@ -134,7 +176,7 @@ def measure(cfg: Config, run: RunDir, use: str, rows: list[dict]) -> dict:
             model,
             tok,
             template,
-            [(rows[i]["instruction"], rows[i].get("input") or None) for i in idx],
+            [prompt_of(rows[i]) for i in idx],
             greedy.model_copy(update={"max_new_tokens": n_new}),
             progress=True,
         )

@@ -59,6 +59,23 @@ def with_data(name: str, content) -> dict:
 
 
 GOOD = {"data.json": GOOD_JSON}
+# A messages file of the same conversations as ROWS (two turns each), as JSON lines.
+CONV = [
+    {"messages": [{"role": "user", "content": r["instruction"]}, {"role": "assistant", "content": r["output"]}]}
+    for r in ROWS
+]
+CONV_JSONL = "".join(json.dumps(r) + "\n" for r in CONV)
+SYSTEM_REFUSING_TEMPLATE = (
+    "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+    "{% endif %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def conv_with(row: dict) -> str:
+    """The good messages file with one bad row appended (line 33)."""
+    return CONV_JSONL + json.dumps(row) + "\n"
+
 
 CASES = [
     # -- config ----------------------------------------------------------------------------------------
@@ -281,6 +298,103 @@ CASES = [
         ft(data="{tmp}/d.jsonl"),
         "line 2",
         {"d.jsonl": GOOD_JSONL.split("\n", 1)[0] + "\nnot json\n"},
+    ),
+    # -- conversations ---------------------------------------------------------------------------------
+    Case(
+        "conv-not-alternating",
+        "finetune.py",
+        ft(data="{tmp}/c.jsonl"),
+        "line 33 turn 2 is user where assistant was expected",
+        {"c.jsonl": conv_with({"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]})},
+    ),
+    Case(
+        "conv-unknown-role",
+        "dataset.py",
+        ft(data="{tmp}/c.jsonl"),
+        "line 33 turn 1 has an unknown role 'tool'",
+        {"c.jsonl": conv_with({"messages": [{"role": "tool", "content": "{}"}]})},
+    ),
+    Case(
+        "conv-empty-assistant-turn",
+        "finetune.py",
+        ft(data="{tmp}/c.jsonl"),
+        "line 33 has an empty assistant turn",
+        {"c.jsonl": conv_with({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": ""}]})},
+    ),
+    Case(
+        "conv-messages-row-in-alpaca-file",
+        "finetune.py",
+        ft(data="{tmp}/d.jsonl"),
+        "line 33 is a messages row in a file read as Alpaca",
+        {"d.jsonl": GOOD_JSONL + json.dumps(CONV[0]) + "\n"},
+    ),
+    Case(
+        "conv-sharegpt-unknown-role",
+        "finetune.py",
+        ft("data.format=sharegpt", data="{tmp}/s.jsonl"),
+        "line 1 turn 2 has an unknown role 'function'",
+        {
+            "s.jsonl": json.dumps(
+                {"conversations": [{"from": "human", "value": "a"}, {"from": "function", "value": "b"}]}
+            )
+        },
+    ),
+    Case(
+        "conv-columns-name-a-missing-field",
+        "finetune.py",
+        ft("data.columns={{messages: dialog}}", data="{tmp}/c.jsonl"),
+        "line 1 has no 'dialog' field, which data.columns maps to messages",
+        {"c.jsonl": CONV_JSONL},
+    ),
+    Case(
+        "conv-columns-unknown-key",
+        "finetune.py",
+        ft("data.columns={{instrution: question}}"),
+        "did you mean 'instruction'",
+        GOOD,
+    ),
+    Case(
+        "conv-alpaca-columns-missing-field",
+        "dataset.py",
+        ft("data.columns={{instruction: question, output: answer}}"),
+        "no 'question' field, which data.columns maps to instruction",
+        GOOD,
+    ),
+    Case("conv-template-name-typo", "finetune.py", ft("data.prompt_template=lama3"), "did you mean 'llama3'", GOOD),
+    Case(
+        "conv-template-file-missing",
+        "finetune.py",
+        ft("data.prompt_template={tmp}/none.jinja", data="{tmp}/c.jsonl"),
+        "not found",
+        {"c.jsonl": CONV_JSONL},
+    ),
+    Case(
+        "conv-template-cannot-render-system",
+        "finetune.py",
+        ft("data.prompt_template={tmp}/t.jinja", "data.system_prompt='Be brief'", data="{tmp}/c.jsonl"),
+        "cannot render a system/user conversation",
+        {"c.jsonl": CONV_JSONL, "t.jinja": SYSTEM_REFUSING_TEMPLATE},
+    ),
+    Case(
+        "conv-mix-entry-unknown-key",
+        "finetune.py",
+        ft("data.path=[{{path: {tmp}/c.jsonl, wieght: 2}}]"),
+        "data.path entry 1: a data.path entry has an unknown key 'wieght'; did you mean 'weight'?",
+        {"c.jsonl": CONV_JSONL},
+    ),
+    Case(
+        "conv-mix-entry-bad-row",
+        "dataset.py",
+        ft("data.path=[{tmp}/data.json, {tmp}/c.jsonl]"),
+        "c.jsonl: line 33 turn 1 has an unknown role 'tool'",
+        {**GOOD, "c.jsonl": conv_with({"messages": [{"role": "tool", "content": "{}"}]})},
+    ),
+    Case(
+        "conv-format-undetectable",
+        "dataset.py",
+        ft(data="{tmp}/c.jsonl"),
+        "cannot tell the format",
+        {"c.jsonl": json.dumps({"prompt": "a", "completion": "b"}) + "\n"},
     ),
     # -- model -----------------------------------------------------------------------------------------
     Case("model-missing-path", "finetune.py", ft("model.name_or_path={tmp}/no-model"), "does not exist", GOOD),

@@ -255,3 +255,51 @@ def test_open_ended_rows_are_literal_and_unscored(rows):
     open_rows = by_family(rows, "open_ended")
     assert {(r["instruction"], r["input"], r["output"]) for r in open_rows} == set(gd.OPEN_ENDED)
     assert not any(r["verifiable"] for r in open_rows)
+
+
+# -- the multi-turn section --------------------------------------------------------------------------
+SHIPPED_CONVERSATIONS = REPO / "data" / "demo_conversations.jsonl"
+
+
+def expected_last_answer(conv: list[dict]) -> str:
+    """The last answer, re-derived from the user turns' text alone."""
+    users = [m["content"] for m in conv if m["role"] == "user"]
+    if m := re.fullmatch(r"Remember this word: (\w+)\.", users[0]):
+        return m.group(1)
+    if m := re.fullmatch(r"Start a running total at (\d+)\.", users[0]):
+        total = int(m.group(1))
+        for u in users[1:-1]:
+            op, n = re.fullmatch(r"(Add|Subtract) (\d+)\.", u).groups()
+            total += int(n) if op == "Add" else -int(n)
+        return str(total)
+    name, city = re.fullmatch(r"Hi, I am (\w+) and I live in ([\w ]+)\.", users[0]).groups()
+    return {
+        "What is the first letter of my name?": name[0],
+        "Which city do I live in?": city,
+        "What is my name?": name,
+    }[users[-1]]
+
+
+def test_conversations_depend_on_an_earlier_turn_and_are_right():
+    rows = gd.generate_conversations(0, 60)
+    assert rows == gd.generate_conversations(0, 60) and rows != gd.generate_conversations(1, 60)
+    assert Counter(r["family"] for r in rows) == {f: 60 for f in gd.CONVERSATION_FAMILIES}
+    assert len({json.dumps(r["messages"]) for r in rows}) == len(rows)
+    for r in rows:
+        conv = r["messages"]
+        assert [m["role"] for m in conv] == ["user", "assistant"] * (len(conv) // 2) and len(conv) >= 6
+        assert conv[-1]["content"] == expected_last_answer(conv), conv
+        # The answer is not in the turn just before it: the model must look further back.
+        assert conv[-1]["content"] not in conv[-2]["content"] and r["verifiable"] is True
+
+
+def test_shipped_conversations_are_the_default_output(tmp_path):
+    out = tmp_path / "c.jsonl"
+    res = subprocess.run(
+        [sys.executable, str(SCRIPT), "--conversations", "--out", str(out)], capture_output=True, text=True, timeout=60
+    )
+    assert res.returncode == 0, res.stderr
+    assert out.read_bytes() == SHIPPED_CONVERSATIONS.read_bytes(), (
+        "data/demo_conversations.jsonl is stale; run: python data/generate_demo_data.py --conversations"
+    )
+    assert "recall_word" in res.stdout

@@ -376,8 +376,8 @@ LLAMA3_JINJA = (
 )
 
 
-def test_modelfile_for_a_llama3_chat_template(tmp_path):
-    """Llama-3 Instruct's template (its special tokens on a small byte-level BPE): multi-turn Go template."""
+def llama3_base_tokenizer():
+    """Llama-3's special tokens on a small byte-level BPE, with no chat template: the Llama-3 base's shape."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -393,7 +393,12 @@ def test_modelfile_for_a_llama3_chat_template(tmp_path):
     bpe.post_processor = processors.TemplateProcessing(
         single="<|begin_of_text|> $A", special_tokens=[("<|begin_of_text|>", 0)]
     )
-    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<|begin_of_text|>", eos_token="<|end_of_text|>")
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<|begin_of_text|>", eos_token="<|end_of_text|>")
+
+
+def test_modelfile_for_a_llama3_chat_template(tmp_path):
+    """Llama-3 Instruct's template (its special tokens on a small byte-level BPE): multi-turn Go template."""
+    tok = llama3_base_tokenizer()
     tok.chat_template = LLAMA3_JINJA
     template = PromptTemplate.from_config("chat", tok)
     assert gguf.chat_style(tok, template) == "llama3"
@@ -461,3 +466,27 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, tiny_llama, monkeypa
     with pytest.raises(OSError, match="disk on fire"):
         export_gguf.main(cfg, None, "f16", out, tiny_llama)
     assert not out.parent.exists() or list(out.parent.iterdir()) == []
+
+
+def test_the_shipped_llama3_template_on_a_base_tokenizer_exports_as_llama3():
+    """A Llama-3 *base* (no chat template) trained with data.prompt_template=llama3 renders, stops and exports
+    exactly as Llama-3-Instruct's own template does."""
+    base = llama3_base_tokenizer()
+    assert not base.chat_template
+    shipped = PromptTemplate.from_config("llama3", base, conversations=True)
+    instruct = llama3_base_tokenizer()
+    instruct.chat_template = LLAMA3_JINJA
+    conv = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi!"},
+        {"role": "assistant", "content": "Hello."},
+        {"role": "user", "content": "What is 2+2?"},
+    ]
+    assert shipped.render(base, conv, True) == instruct.apply_chat_template(
+        conv, tokenize=False, add_generation_prompt=True
+    )
+    eot = base.convert_tokens_to_ids("<|eot_id|>")
+    assert shipped.end_of_turn_id(base) == eot and eot in shipped.stop_token_ids
+    assert gguf.chat_style(base, shipped) == "llama3"
+    vocab = gguf.read_vocab(base, shipped, 300)
+    assert vocab.eos_id == vocab.eot_id == eot and vocab.chat_template == shipped.chat_template

@@ -309,4 +309,67 @@ def test_chat_ctrl_c_keeps_the_partial_answer(tmp_path, talky_llama, monkeypatch
     assert signal.getsignal(signal.SIGINT) is before  # the handler is only set while answering
     s.handle(f"/save {tmp_path / 'chat.json'}")
     saved = json.loads((tmp_path / "chat.json").read_text())
-    assert saved["messages"] == s.history and saved["template"] == "chat"
+    # The cut answer is kept, marked so that training on the transcript never learns a cut answer.
+    assert saved["messages"] == s.history[:-1] + [{**s.history[-1], "train": False}] and saved["template"] == "chat"
+
+
+def test_chat_save_writes_messages_rows_that_dataset_reads_back(tmp_path, talky_llama):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ftkit.config import DataCfg
+    from ftkit.data import clean_records, load_records
+
+    tok = AutoTokenizer.from_pretrained(talky_llama)
+    model = AutoModelForCausalLM.from_pretrained(talky_llama, dtype=torch.float32)
+    icfg = load_config(None, ["inference.max_new_tokens=4"]).inference
+    s = chat.ChatSession(model, tok, PromptTemplate.from_config("chat", tok), icfg, out=open(os.devnull, "w"))
+    path = tmp_path / "chats.jsonl"
+    s.handle("/system Be brief.")
+    s.reply("First question?")
+    s.reply("Second?")
+    s.handle(f"/save {path}")
+    s.handle("/reset")
+    s.reply("Another talk")
+    s.handle(f"/save {path}")  # a .jsonl of transcripts collects them
+    assert len(path.read_text().splitlines()) == 2
+    d = DataCfg(path=str(path))
+    records, _ = load_records(d)
+    rows, st = clean_records(records, d, str(path))
+    assert st.format == "messages" and len(rows) == 2
+    assert [m["role"] for m in rows[0]["messages"]] == ["system", "user", "assistant", "user", "assistant"]
+    assert rows[0]["messages"][0]["content"] == "Be brief." and rows[1]["messages"][1]["content"] == "Another talk"
+    # A single transcript saved as .json reads back as one conversation too.
+    one = tmp_path / "one.json"
+    s.handle(f"/save {one}")
+    records, _ = load_records(DataCfg(path=str(one)))
+    assert clean_records(records, DataCfg(), str(one))[0][0]["messages"][-2]["content"] == "Another talk"
+
+
+def test_input_file_answers_the_last_user_turn_of_conversations(tmp_path, talky_llama):
+    from transformers import AutoTokenizer
+
+    cfg, run = make_run(tmp_path / "runs" / "r", talky_llama)
+    talk = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Name a fruit."},
+        {"role": "assistant", "content": "Apple."},
+        {"role": "user", "content": "Another one?"},
+    ]
+    sharegpt = [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}, {"from": "human", "value": "Bye"}]
+    src = write_jsonl(
+        tmp_path / "p.jsonl",
+        [{"messages": talk, "id": "m"}, {"conversations": sharegpt, "id": "s"}, {"instruction": "Say hi."}],
+    )
+    rows = answers.read_prompt_file(src)
+    assert rows[0]["prompt"] == talk and rows[0]["instruction"] == "Another one?"
+    assert [m["content"] for m in rows[1]["prompt"]] == ["Hi", "Hello", "Bye"]
+    tok = AutoTokenizer.from_pretrained(talky_llama)
+    template = PromptTemplate.load(run.prompt_template)
+    want = tok(tok.apply_chat_template(talk, tokenize=False, add_generation_prompt=True), add_special_tokens=False)
+    assert generation.prompt_ids(tok, template, rows[0]["prompt"]) == want["input_ids"]
+    out = answers.answer_file(cfg, run, src, tmp_path / "a.jsonl")
+    assert [o["id"] for o in out] == ["m", "s", 2] and all(isinstance(o["response"], str) for o in out)
+    assert out[0]["messages"] == talk  # the row is copied through
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"messages": [{"role": "tool", "content": "x"}]}])
+    with pytest.raises(UserError, match="line 1 turn 1 has an unknown role 'tool'"):
+        answers.read_prompt_file(bad)
