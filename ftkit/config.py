@@ -671,6 +671,13 @@ def parse_override(item: str) -> tuple[str, Any]:
         raise UserError(f"override {key}: {e}") from None
     except yaml.YAMLError:
         parsed = value
+    if isinstance(parsed, dict) and any(":" in str(k) and v is None for k, v in parsed.items()):
+        # YAML reads {a:b} as the key "a:b" with no value: a mapping needs a space after each colon.
+        fixed = ", ".join(
+            f"{k.split(':', 1)[0]}: {k.split(':', 1)[1]}" if v is None and ":" in str(k) else f"{k}: {v}"
+            for k, v in parsed.items()
+        )
+        raise UserError(f"override {key}: a mapping needs a space after each colon; write {key}='{{{fixed}}}'")
     return key, parsed
 
 

@@ -632,6 +632,12 @@ CASES = [
     Case("config-is-a-folder", "finetune.py", ["--config", "{tmp}"], "is a folder"),
     Case("eval-size-fractional-count", "finetune.py", ft("data.eval_size=1.5"), "write 0.015 for 1.5% of the rows"),
     Case(
+        "columns-mapping-without-spaces",
+        "finetune.py",
+        ft("data.columns={instruction:question,output:answer}"),
+        "write data.columns='{instruction: question, output: answer}'",
+    ),
+    Case(
         "config-override-duplicate-key", "finetune.py", ft("lora.target_modules={{a: 1, a: 2}}"), "duplicate key", GOOD
     ),
     # -- issue 13: what --overwrite and a new run may replace -----------------------------------------
