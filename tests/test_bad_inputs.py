@@ -634,7 +634,7 @@ CASES = [
     Case(
         "columns-mapping-without-spaces",
         "finetune.py",
-        ft("data.columns={instruction:question,output:answer}"),
+        ft("data.columns={{instruction:question,output:answer}}"),
         "write data.columns='{instruction: question, output: answer}'",
     ),
     Case(
