@@ -214,8 +214,7 @@ def check_run_target(root: Path, overwrite: bool, resume: bool) -> None:
     if overwrite:
         check_replaceable(root)
         return
-    foreign = _foreign(root)
-    if foreign:
+    if foreign := _foreign(root):
         raise UserError(
             f"paths.output_dir '{root}' already holds {_foreign_text(foreign)}, which no stage wrote; "
             "a run needs a folder of its own: set paths.output_dir to a new folder"
