@@ -429,7 +429,9 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, tiny_llama, monkeypa
     cfg = load_config(None)
     out = tmp_path / "out" / "m.gguf"
     gpt2 = tmp_path / "gpt2"
-    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=100, n_positions=64)).save_pretrained(gpt2)
+    GPT2LMHeadModel(
+        GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=100, n_positions=64, bos_token_id=0, eos_token_id=0)
+    ).save_pretrained(gpt2)
     r = run_script("export_gguf.py", "--model", str(gpt2), "--outfile", str(out))
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and "'gpt2' model" in r.stderr and "llama" in r.stderr
