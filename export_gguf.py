@@ -1,22 +1,32 @@
-"""Export the merged model as one GGUF file (llama.cpp, Ollama, LM Studio) with an Ollama Modelfile beside it.
+"""Export the merged model as one GGUF file (llama.cpp, Ollama, LM Studio) with an Ollama Modelfile beside it, or
+the LoRA adapter alone as a llama.cpp adapter GGUF.
 
-Pure Python through the maintained `gguf` package (GGUFWriter, gguf.quants): no llama.cpp build step.
+f32, f16, bf16, q8_0, q5_1, q5_0, q4_0 in pure Python through the maintained `gguf` package (no build step);
+K-quants (q4_k_m, q5_k_m, q6_k, ...) through llama.cpp's own quantizer, which needs `make llama-cpp`.
 
 Reads:  the most recent run's <run>/merged/ (config.json, *.safetensors, tokenizer files), <run>/config.yaml and
         <run>/prompt_template.json (the template used in training) -- or, with --config, that config's run;
         or any HF Llama checkpoint folder with --model DIR (its own chat template, else Alpaca, is used).
-Writes: --outfile, default <run>/export/model-<type>.gguf: the weights (`--type` f16, bf16, f32 or q8_0), the
-        tokenizer (byte-level BPE: tokens, types, merges, bos/eos/pad ids) and a chat template that renders
-        the training prompt; and <outfile dir>/Modelfile for `ollama create`, with the training prompt as an
-        Ollama TEMPLATE, its stop tokens and the run's sampling settings. Both are written to a temporary
-        file and renamed, so a failure leaves neither half-written; all input is checked before writing.
+        With --adapter: <run>/adapter/ instead of merged/.
+Writes: --outfile, default <run>/export/<BaseName>-<Size>-<FineTune>-<TYPE>.gguf (llama.cpp's naming, e.g.
+        SmolLM2-135M-Instruct-demo-Q4_K_M.gguf; general.name/basename/size_label/finetune/base_model set to
+        match): the weights, the tokenizer (byte-level BPE: tokens, types, merges, bos/eos/pad ids) and a chat
+        template that renders the training prompt; and <outfile dir>/Modelfile for `ollama create`, with the
+        training prompt as an Ollama TEMPLATE, its stop tokens and the run's sampling settings.
+        With --adapter: <run>/export/<...>-<TYPE>-LoRA.gguf only (tens of MB; apply it over the base's GGUF).
+        Everything is written to a temporary file and renamed, so a failure or Ctrl+C leaves nothing
+        half-written; all input is checked before writing.
 
 Run:
     python export_gguf.py                            # most recent run, f16
     python export_gguf.py --type q8_0                # 8-bit, about half the size
+    python export_gguf.py --type q4_k_m              # llama.cpp's Q4_K_M (after `make llama-cpp`)
+    python export_gguf.py --adapter                  # the LoRA adapter as a llama.cpp adapter GGUF
     python export_gguf.py --model DIR --outfile out/model-q8_0.gguf --type q8_0
     ollama create my-model -f runs/<run>/export/Modelfile && ollama run my-model
-    llama-cli -m runs/<run>/export/model-f16.gguf -cnv   # llama.cpp picks up the chat template
+    llama-cli -m runs/<run>/export/<...>-F16.gguf -cnv   # llama.cpp picks up the chat template
+    llama-cli -m base-F16.gguf --lora runs/<run>/export/<...>-F16-LoRA.gguf -cnv
+    python inference.py --serve                      # OpenAI-compatible server on the newest export
 
 Supported: the Llama architecture (`model_type: llama`: Llama 2/3, SmolLM2, TinyLlama, ...) with a
 byte-level BPE tokenizer (Llama 3, SmolLM2, GPT-2 style). Llama-3.1 "llama3" and linear RoPE scaling are
@@ -26,20 +36,32 @@ written the way llama.cpp reads them.
 from __future__ import annotations
 
 import contextlib
+import os
 from pathlib import Path
 
 from ftkit.cli import UserError, build_parser, log, parse_args, run_main, user_errors
 from ftkit.config import Config
 from ftkit.gguf import (
+    ADAPTER_TYPES,
+    ARCH,
     MODELFILE_HEADER,
     TYPES,
+    check_quantized,
+    export_names,
     modelfile_text,
+    parse_type,
+    plan_adapter,
     plan_tensors,
     read_checkpoint,
     read_vocab,
     rope_params,
+    source_type,
+    tmp_path_for,
+    write_adapter_gguf,
     write_gguf,
 )
+from ftkit.llamacpp import quantize, require
+from ftkit.models import causal_lm_config, read_adapter_config, resolve_model
 from ftkit.paths import RunDir, atomic_write_text, check_free_space, stage_config
 from ftkit.prompts import PromptTemplate
 from ftkit.runlock import RunLock, check_unlocked, clean_tmp_leftovers
@@ -56,7 +78,7 @@ def load_template(run: RunDir | None, tok) -> PromptTemplate:
     return PromptTemplate.from_config(kind, tok)
 
 
-def check_own_outputs(outfile: Path) -> None:
+def check_own_outputs(outfile: Path, modelfile: bool = True) -> None:
     """A file already at --outfile, or a Modelfile beside it, is replaced only when export_gguf.py wrote it (a
     GGUF; a Modelfile with our header): anything else is the user's and stays byte for byte."""
     if outfile.is_file():
@@ -67,15 +89,47 @@ def check_own_outputs(outfile: Path) -> None:
                 f"--outfile '{outfile}' exists and is not a GGUF file; it is left untouched: choose another --outfile"
             )
     mf = outfile.parent / "Modelfile"
-    if mf.is_dir() or (mf.is_file() and not mf.read_bytes().startswith(MODELFILE_HEADER.encode())):
+    if modelfile and (mf.is_dir() or (mf.is_file() and not mf.read_bytes().startswith(MODELFILE_HEADER.encode()))):
         raise UserError(
             f"'{mf}' exists and was not written by export_gguf.py; it is left untouched: move it or "
             "choose an --outfile in another folder"
         )
 
 
+def check_outfile(outfile: Path) -> None:
+    if outfile.suffix != ".gguf":
+        raise UserError(f"--outfile '{outfile}' should end in .gguf")
+    if outfile.is_dir():
+        raise UserError(f"--outfile '{outfile}' is a folder; give a file path ending in .gguf")
+
+
+def write_quantized(ckpt, plans, vocab, qtype: str, names, outfile: Path) -> None:
+    """Pure-Python types in one pass; K-quants as the checkpoint's own float type first (lossless), then
+    llama.cpp's quantizer, both into hidden temporary files that are removed whatever happens."""
+    if not TYPES[qtype].by_llama_cpp:
+        write_gguf(ckpt, plans, vocab, qtype, names, outfile)
+        return
+    import gguf
+
+    src = outfile.with_name(f".{outfile.name}.src.tmp-{os.getpid()}")
+    out_tmp = tmp_path_for(outfile)
+    try:
+        write_gguf(ckpt, plans, vocab, source_type(ckpt.config), names, src, tmp=src)
+        log.info("quantizing to %s with llama.cpp's quantizer", qtype.upper())
+        quantize(src, out_tmp, int(gguf.LlamaFileType[TYPES[qtype].file_type]))
+        check_quantized(out_tmp, int(gguf.LlamaFileType[TYPES[qtype].file_type]), len(plans))
+        os.replace(out_tmp, outfile)
+    finally:
+        src.unlink(missing_ok=True)
+        out_tmp.unlink(missing_ok=True)
+
+
 def main(
-    cfg: Config, run: RunDir | None, qtype: str = "f16", outfile: Path | None = None, model_dir: Path | None = None
+    cfg: Config,
+    run: RunDir | None,
+    qtype: str = "f16",
+    outfile: Path | None = None,
+    model_dir: Path | None = None,
 ) -> Path:
     """Export <run>/merged (or model_dir) to `outfile` as GGUF of type `qtype`, plus a Modelfile beside it."""
     import logging
@@ -83,8 +137,9 @@ def main(
     from transformers import AutoTokenizer
 
     logging.getLogger("gguf").setLevel(logging.WARNING)  # the writer logs every step at INFO
-    if qtype not in TYPES:
-        raise UserError(f"--type {qtype} is not supported; choose one of {', '.join(TYPES)}")
+    qtype = parse_type(qtype)
+    if TYPES[qtype].by_llama_cpp:
+        require(f"--type {qtype} (a K-quant: the gguf package cannot write them)")
     src = model_dir or (run.merged if run else None)
     if src is None:
         raise UserError("nothing to export; pass --config for a run or --model DIR")
@@ -99,58 +154,123 @@ def main(
         )
     with user_errors(f"cannot load the tokenizer in '{src}'", "re-run merge_adapter.py (it saves the tokenizer)"):
         tok = AutoTokenizer.from_pretrained(src, local_files_only=True)
-    template = load_template(run if model_dir is None else None, tok)
-    plans = plan_tensors(ckpt, qtype)
+    from_run = run is not None and model_dir is None
+    template = load_template(run if from_run else None, tok)
+    plans = plan_tensors(ckpt, source_type(ckpt.config) if TYPES[qtype].by_llama_cpp else qtype)
     vocab = read_vocab(tok, template, ckpt.config.vocab_size)
+    n_params = sum(p.n_elements for p in plans if p.hf_name)
+    names = export_names(
+        ckpt.config, n_params, cfg.model.name_or_path if from_run else str(src), run.root.name if from_run else None
+    )
     if outfile is None:
-        if run is None or model_dir is not None:
+        if not from_run:
             raise UserError("--model needs --outfile PATH (where the .gguf goes)")
-        outfile = run.export / f"model-{qtype}.gguf"
-    if outfile.suffix != ".gguf":
-        raise UserError(f"--outfile '{outfile}' should end in .gguf")
-    if outfile.is_dir():
-        raise UserError(f"--outfile '{outfile}' is a folder; give a file path ending in .gguf")
+        outfile = run.export / names.file_name(qtype)
+    check_outfile(outfile)
     check_own_outputs(outfile)
     if run is not None:
         check_unlocked(run.root)
-    clean_tmp_leftovers(outfile.parent, names=(outfile.name, "Modelfile"))
+    clean_tmp_leftovers(outfile.parent, names=(outfile.name, f"{outfile.name}.src", "Modelfile"))
     outfile.parent.mkdir(parents=True, exist_ok=True)
     total = sum(p.nbytes for p in plans)
-    check_free_space(outfile.parent, int(total * 1.05) + (64 << 20), f"the {qtype} GGUF")
-    name = (run.root.name if run is not None and model_dir is None else src.name) or "model"
+    # a K-quant holds the float copy and the quantized file at once
+    check_free_space(
+        outfile.parent, int(total * (1.6 if TYPES[qtype].by_llama_cpp else 1.05)) + (64 << 20), f"the {qtype} GGUF"
+    )
     modelfile = modelfile_text(
         outfile.name, tok, template, cfg.inference, vocab.add_bos, str(src)
     )  # built before writing: a template problem leaves nothing behind
     log.info(
-        "exporting %s -> %s (%s, %.2f GB, %d tensors, tokenizer pre '%s')",
+        "exporting %s -> %s (%s, %d tensors, %s parameters, tokenizer pre '%s')",
         src,
         outfile,
-        qtype,
-        total / 1e9,
+        qtype.upper(),
         len(plans),
+        names.size_label,
         vocab.pre,
     )
     inside_run = run is not None and outfile.resolve().is_relative_to(run.root.resolve())
     with RunLock(run.root, "export_gguf.py") if inside_run else contextlib.nullcontext():
-        write_gguf(ckpt, plans, vocab, qtype, name, outfile)
+        write_quantized(ckpt, plans, vocab, qtype, names, outfile)
         atomic_write_text(outfile.parent / "Modelfile", modelfile)
-    log.info("wrote %s and %s", outfile, outfile.parent / "Modelfile")
+    log.info("wrote %s (%.1f MB) and %s", outfile, outfile.stat().st_size / 1e6, outfile.parent / "Modelfile")
     return outfile
+
+
+def export_adapter(cfg: Config, run: RunDir | None, qtype: str = "f16", outfile: Path | None = None) -> Path:
+    """Write <run>/adapter as a llama.cpp LoRA adapter GGUF, applied over the base model's GGUF at load time."""
+    import logging
+
+    logging.getLogger("gguf").setLevel(logging.WARNING)
+    qtype = parse_type(qtype, ADAPTER_TYPES)
+    if run is None:
+        raise UserError("--adapter exports a run's adapter; pass --config for the run (not --model)")
+    adapter_cfg = read_adapter_config(run.adapter)
+    source, offline = resolve_model(cfg.model)
+    base = causal_lm_config(cfg, source, offline)
+    if base.model_type != ARCH:
+        raise UserError(f"the base model is '{base.model_type}'; export_gguf.py writes Llama adapters only")
+    ap = plan_adapter(run.adapter, adapter_cfg, base, qtype)
+    names = export_names(base, llama_parameters(base), cfg.model.name_or_path, run.root.name)
+    outfile = outfile or run.export / names.file_name(qtype, adapter=True)
+    check_outfile(outfile)
+    check_own_outputs(outfile, modelfile=False)
+    check_unlocked(run.root)
+    clean_tmp_leftovers(outfile.parent, names=(outfile.name,))
+    outfile.parent.mkdir(parents=True, exist_ok=True)
+    check_free_space(outfile.parent, sum(p.nbytes for p in ap.plans) + (16 << 20), "the adapter GGUF")
+    inside_run = outfile.resolve().is_relative_to(run.root.resolve())
+    with RunLock(run.root, "export_gguf.py") if inside_run else contextlib.nullcontext():
+        write_adapter_gguf(ap, qtype, names, outfile)
+    log.info(
+        "wrote %s (%.1f MB, %d LoRA pairs, alpha %g); use it over the base model's GGUF: "
+        "`python export_gguf.py --model %s --outfile base.gguf`, then `llama-cli -m base.gguf --lora %s`",
+        outfile,
+        outfile.stat().st_size / 1e6,
+        len(ap.plans) // 2,
+        ap.alpha,
+        source,
+        outfile,
+    )
+    return outfile
+
+
+def llama_parameters(c) -> int:
+    """Parameter count of a Llama from its config alone (the adapter export has no weights of the base)."""
+    hd = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    kv = c.num_key_value_heads or c.num_attention_heads
+    attn = c.hidden_size * hd * (2 * c.num_attention_heads + 2 * kv)
+    mlp = 3 * c.hidden_size * c.intermediate_size
+    heads = 1 if getattr(c, "tie_word_embeddings", False) else 2
+    return c.num_hidden_layers * (attn + mlp + 2 * c.hidden_size) + c.hidden_size + heads * c.vocab_size * c.hidden_size
 
 
 def cli(argv) -> None:
     p = build_parser(__doc__)
-    p.add_argument("--outfile", type=Path, help="the .gguf to write (default <run>/export/model-<type>.gguf)")
-    p.add_argument("--type", default="f16", choices=list(TYPES), help="weight format (default f16)")
+    p.add_argument("--outfile", type=Path, help="the .gguf to write (default <run>/export/<llama.cpp name>.gguf)")
+    p.add_argument(
+        "--type",
+        "--outtype",
+        dest="type",
+        default="f16",
+        metavar="TYPE",
+        help=f"weight format, any case (default f16): {', '.join(TYPES)}; --adapter: {', '.join(ADAPTER_TYPES)}",
+    )
     p.add_argument("--model", type=Path, help="export this HF Llama checkpoint folder instead of <run>/merged")
+    p.add_argument("--adapter", action="store_true", help="export <run>/adapter as a llama.cpp LoRA adapter GGUF")
     a = parse_args(p, argv)
+    if a.adapter and a.model is not None:
+        raise UserError("--adapter exports a run's adapter and --model a whole checkpoint; pass one of them")
     if a.model is not None and a.config is None:
         from ftkit.config import load_config
 
         cfg, run = load_config(None, a.overrides), None
     else:
         cfg, run = stage_config(a.config, a.overrides)
-    main(cfg, run, a.type, a.outfile, a.model)
+    if a.adapter:
+        export_adapter(cfg, run, a.type, a.outfile)
+    else:
+        main(cfg, run, a.type, a.outfile, a.model)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,10 @@ Writes: --prompt: the answer to stdout, streamed token by token.
         line cut short by a crash is dropped) and, once all are answered, rewrites the file in input order.
         --chat: an interactive REPL on the terminal; /save PATH writes the conversation as one `messages`
         JSON line (a .jsonl file of earlier ones gets it appended), which dataset.py reads as training data.
+        --serve [GGUF]: nothing; serves the GGUF (default: the newest full model in <run>/export/, written by
+        export_gguf.py), optionally with --lora ADAPTER.gguf over it, through llama-cpp-python's
+        OpenAI-compatible server on --host/--port (needs `make llama-cpp`). The chat prompt comes from the
+        GGUF's own template, which export_gguf.py wrote from the training template.
 
 Chat: multi-turn, streamed. Commands: /reset (forget the conversation), /system TEXT (set the system
 prompt; /system alone restores the training one), /save PATH, /help, /quit (or Ctrl+D). Ctrl+C while
@@ -29,6 +33,7 @@ Run:
     python inference.py --adapter runs/other/adapter --prompt "..."     # another adapter, same base
     python inference.py --input-file prompts.jsonl --output-file answers.jsonl inference.batch_size=32
     python inference.py --chat
+    python inference.py --serve --port 8000     # then: OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="-")
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ from ftkit.cli import UserError, build_parser, parse_args, run_main
 from ftkit.config import Config
 from ftkit.generation import generate, load_for_inference, stream_one
 from ftkit.jsonl import read_jsonl
+from ftkit.llamacpp import serve
 from ftkit.paths import RunDir, stage_config
 from ftkit.scoring import held_out_row, prompt_of
 
@@ -99,6 +105,37 @@ def main(
     return stream_one(model, tok, template, prompt, input_text, cfg.inference)
 
 
+def newest_export(run: RunDir) -> Path:
+    """The most recently written full-model GGUF of the run (adapters, named *-LoRA.gguf, are not models)."""
+    found = [f for f in run.export.glob("*.gguf") if not f.stem.endswith("-LoRA")] if run.export.is_dir() else []
+    if not found:
+        raise UserError(f"no GGUF in '{run.export}'; export one first (python export_gguf.py) or pass --serve FILE")
+    return max(found, key=lambda f: f.stat().st_mtime)
+
+
+def check_gguf_file(path: Path, flag: str) -> Path:
+    path = path.expanduser()
+    if not path.is_file():
+        raise UserError(f"{flag} '{path}' is not a file; pass a .gguf written by export_gguf.py")
+    with open(path, "rb") as f:
+        if f.read(4) != b"GGUF":
+            raise UserError(f"{flag} '{path}' is not a GGUF file; pass a .gguf written by export_gguf.py")
+    return path
+
+
+def serve_gguf(cfg: Config, run: RunDir | None, gguf: Path | None, lora: Path | None, host: str, port: int) -> None:
+    """The OpenAI-compatible server on the run's export (or the given GGUF), until Ctrl+C."""
+    if gguf is None:
+        if run is None:
+            raise UserError("--serve without a file serves the most recent run's export; no run found: pass a GGUF")
+        gguf = newest_export(run)
+    gguf = check_gguf_file(gguf, "--serve")
+    lora = check_gguf_file(lora, "--lora") if lora is not None else None
+    # room for the longest training row plus an answer; llama.cpp allocates the KV cache for all of it
+    n_ctx = max(2048, -(-(cfg.data.max_length + cfg.inference.max_new_tokens) // 256) * 256)
+    serve(gguf, lora, host, port, n_ctx, alias=run.root.name if run is not None else gguf.stem)
+
+
 def cli(argv) -> None:
     p = build_parser(__doc__)
     p.add_argument("--prompt", help="the instruction")
@@ -128,6 +165,17 @@ def cli(argv) -> None:
         help="base + <run>/adapter, unmerged; or base + the adapter in DIR (trained on the same base)",
     )
     g.add_argument("--base", dest="use", action="store_const", const="base", help="the base model alone")
+    p.add_argument(
+        "--serve",
+        nargs="?",
+        const=True,
+        default=None,
+        metavar="GGUF",
+        help="serve a GGUF (default: the run's newest export) through an OpenAI-compatible server",
+    )
+    p.add_argument("--lora", type=Path, metavar="GGUF", help="with --serve: a LoRA adapter GGUF applied over it")
+    p.add_argument("--host", default="127.0.0.1", help="with --serve: the address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="with --serve: the TCP port (default 8000)")
     a = parse_args(p, argv)
     adapter = None
     if a.adapter is not None:
@@ -144,11 +192,19 @@ def cli(argv) -> None:
             ("--compare", bool(a.compare)),
             ("--input-file", a.input_file is not None),
             ("--chat", a.chat),
+            ("--serve", a.serve is not None),
         )
         if on
     ]
     if len(modes) > 1:
         raise UserError(f"{' and '.join(modes)} do different things; pass one of them")
+    if a.serve is None and (a.lora is not None or "--port" in argv or "--host" in argv):
+        raise UserError("--lora, --host and --port go with --serve; add --serve")
+    if a.serve is not None and (a.use is not None or a.adapter is not None):
+        raise UserError(
+            "--serve serves a GGUF, not the HF weights --merged/--adapter/--base pick; for an adapter pass "
+            "--lora ADAPTER.gguf (python export_gguf.py --adapter writes one)"
+        )
     if a.compare is not None and a.compare < 1:
         raise UserError(f"--compare {a.compare}: pass how many held-out rows to compare, 1 or more")
     if a.output_file is not None and a.input_file is None:
@@ -157,6 +213,23 @@ def cli(argv) -> None:
         raise UserError("the prompt is empty; pass some text with --prompt")
     if a.input_file is not None:
         read_prompt_file(a.input_file)  # a bad line fails before any run or model is looked at
+    if a.serve is not None:
+        from ftkit.llamacpp import check_port, require
+
+        require("serving a GGUF (--serve)")
+        check_port(a.host, a.port)
+        gguf = None if a.serve is True else Path(a.serve)
+        if gguf is not None and "=" in a.serve and not gguf.exists():
+            a.overrides.insert(0, a.serve)  # `--serve section.key=value`: an override, not a file
+            gguf = None
+        if gguf is not None and a.config is None:
+            from ftkit.config import load_config
+
+            cfg, run = load_config(None, a.overrides), None  # a GGUF of its own needs no run
+        else:
+            cfg, run = stage_config(a.config, a.overrides)
+        serve_gguf(cfg, run, gguf, a.lora, a.host, a.port)
+        return
     cfg, run = stage_config(a.config, a.overrides)
     if a.compare:
         compare(cfg, run, a.compare, a.use, adapter)

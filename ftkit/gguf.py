@@ -1,6 +1,7 @@
-"""Writing a Llama checkpoint as GGUF with no build step: tensors mapped and (for q8_0) quantized through the
-`gguf` package, the tokenizer and chat template as llama.cpp expects them, an Ollama Modelfile, and a
-read-back check of what was written."""
+"""Writing a Llama checkpoint (or its LoRA adapter) as GGUF: tensors mapped and quantized through the `gguf`
+package (no build step), K-quants through llama.cpp's own quantizer (ftkit.llamacpp), the tokenizer and chat
+template as llama.cpp expects them, names and `general.*` metadata by llama.cpp's conventions, and an Ollama
+Modelfile."""
 
 from __future__ import annotations
 
@@ -16,13 +17,51 @@ from .cli import UserError, log, user_errors
 from .config import InferenceCfg
 from .prompts import PromptTemplate
 
-# --type -> (GGML type for matrices, llama.cpp file type). Vectors (norms) are always float32, as in llama.cpp.
+
+@dataclass(frozen=True)
+class GGUFType:
+    matrix: str  # GGML type of 2-D weights written here; "" when llama.cpp's quantizer picks per tensor
+    file_type: str  # gguf.LlamaFileType member (general.file_type; llama.cpp's ftype)
+    by_llama_cpp: bool = False  # needs llama-cpp-python (the gguf package cannot write K-quants)
+
+
+# --type / --outtype, named as llama.cpp's llama-quantize names them (lower case here, upper in file names).
+# Vectors (norms) are always float32, as in llama.cpp.
 TYPES = {
-    "f32": ("F32", "ALL_F32"),
-    "f16": ("F16", "MOSTLY_F16"),
-    "bf16": ("BF16", "MOSTLY_BF16"),
-    "q8_0": ("Q8_0", "MOSTLY_Q8_0"),
+    "f32": GGUFType("F32", "ALL_F32"),
+    "f16": GGUFType("F16", "MOSTLY_F16"),
+    "bf16": GGUFType("BF16", "MOSTLY_BF16"),
+    "q8_0": GGUFType("Q8_0", "MOSTLY_Q8_0"),
+    "q5_1": GGUFType("Q5_1", "MOSTLY_Q5_1"),
+    "q5_0": GGUFType("Q5_0", "MOSTLY_Q5_0"),
+    "q4_0": GGUFType("Q4_0", "MOSTLY_Q4_0"),
+    "q6_k": GGUFType("", "MOSTLY_Q6_K", True),
+    "q5_k_m": GGUFType("", "MOSTLY_Q5_K_M", True),
+    "q5_k_s": GGUFType("", "MOSTLY_Q5_K_S", True),
+    "q4_k_m": GGUFType("", "MOSTLY_Q4_K_M", True),
+    "q4_k_s": GGUFType("", "MOSTLY_Q4_K_S", True),
+    "q3_k_m": GGUFType("", "MOSTLY_Q3_K_M", True),
 }
+# A LoRA adapter's A/B matrices: llama.cpp adds them in these formats (convert_lora_to_gguf.py's --outtype).
+ADAPTER_TYPES = ("f32", "f16", "bf16", "q8_0")
+# Below 8 bits llama.cpp keeps the output head (the tied embedding when there is no head) at 6 bits or more,
+# because every token's logits go through it; the gguf package has no 6-bit writer, so 8 bits it is.
+SMALL_TYPES = ("q5_1", "q5_0", "q4_0")
+
+
+def parse_type(text: str, allowed=None) -> str:
+    """--type / --outtype: case-insensitive (llama.cpp writes Q4_K_M, convert_hf_to_gguf.py f16)."""
+    allowed = list(allowed or TYPES)
+    t = text.strip().lower()
+    if t not in allowed:
+        raise UserError(f"--type {text} is not supported; choose one of {', '.join(allowed)}")
+    return t
+
+
+def source_type(config) -> str:
+    """The lossless type to hand llama.cpp's quantizer: the checkpoint's own float type."""
+    dtype = str(getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "float16")
+    return {"bfloat16": "bf16", "float32": "f32"}.get(dtype.replace("torch.", ""), "f16")
 
 
 ARCH = "llama"
@@ -172,48 +211,65 @@ class TensorPlan:
     qtype: str  # GGML type name
     permute_heads: int = 0  # >0: apply interleave_rope_rows with this many heads
     values: list[float] | None = None
+    scale: float = 1.0  # multiplied in before conversion (a LoRA B matrix's per-module scaling)
+
+    @property
+    def n_elements(self) -> int:
+        return math.prod(self.shape)
 
     @property
     def nbytes(self) -> int:
         import gguf
 
         block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[self.qtype]]
-        n = math.prod(self.shape)
-        return n // block * size
+        return self.n_elements // block * size
+
+
+def storage_type(shape: tuple[int, ...], matrix_type: str) -> str:
+    import gguf
+
+    if len(shape) == 1:
+        return "F32"
+    block = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[matrix_type]][0]
+    # Quantized blocks need rows that are a multiple of the block size; llama.cpp falls back too.
+    return "F16" if shape[-1] % block else matrix_type
+
+
+def rope_heads(cfg, module: str) -> int:
+    """Heads whose rows interleave_rope_rows reorders: q_proj and k_proj only (0: leave as is)."""
+    if module.endswith("self_attn.q_proj"):
+        return cfg.num_attention_heads
+    if module.endswith("self_attn.k_proj"):
+        return cfg.num_key_value_heads or cfg.num_attention_heads
+    return 0
+
+
+def gguf_module_name(cfg, module: str) -> str | None:
+    """HF module path ('model.layers.0.self_attn.q_proj') -> llama GGUF name ('blk.0.attn_q'), None if none."""
+    import gguf
+
+    return gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, cfg.num_hidden_layers).get_name(module)
 
 
 def plan_tensors(ckpt: Checkpoint, qtype: str) -> list[TensorPlan]:
     """Map every HF tensor to its GGUF name and storage type; unknown tensors are an error, not dropped."""
-    import gguf
-
     cfg = ckpt.config
-    name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, cfg.num_hidden_layers)
     tied = bool(getattr(cfg, "tie_word_embeddings", False))
+    head = "token_embd.weight" if tied else "output.weight"
     plans = []
-    matrix_type = TYPES[qtype][0]
-    block = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[matrix_type]][0]
     for hf_name, shape in sorted(ckpt.shapes.items(), key=lambda kv: _order(kv[0])):
         if hf_name.endswith("rotary_emb.inv_freq") or (tied and hf_name == "lm_head.weight"):
             continue
         base, dot, suffix = hf_name.rpartition(".")
-        gname = name_map.get_name(base) if suffix in ("weight", "bias") else None
+        gname = gguf_module_name(cfg, base) if suffix in ("weight", "bias") else None
         if gname is None:
             raise UserError(
                 f"tensor '{hf_name}' has no place in a llama GGUF; this checkpoint is not a plain Llama "
                 "(extra modules?), which export_gguf.py does not support"
             )
-        if len(shape) == 1:
-            t = "F32"
-        elif shape[-1] % block:
-            t = "F16"  # quantized blocks need rows that are a multiple of the block size; llama.cpp falls back too
-        else:
-            t = matrix_type
-        heads = 0
-        if base.endswith("self_attn.q_proj"):
-            heads = cfg.num_attention_heads
-        elif base.endswith("self_attn.k_proj"):
-            heads = cfg.num_key_value_heads or cfg.num_attention_heads
-        plans.append(TensorPlan(hf_name, f"{gname}.{suffix}", tuple(shape), t, heads))
+        gguf_name = f"{gname}.{suffix}"
+        matrix = "Q8_0" if qtype in SMALL_TYPES and gguf_name == head else TYPES[qtype].matrix
+        plans.append(TensorPlan(hf_name, gguf_name, tuple(shape), storage_type(shape, matrix), rope_heads(cfg, base)))
     names = {p.gguf_name for p in plans}
     need = ["token_embd.weight", "output_norm.weight"] + [
         f"blk.{i}.{n}.weight"
@@ -275,6 +331,8 @@ def iter_tensor_data(ckpt: Checkpoint, plans: list[TensorPlan]) -> Iterator[tupl
             if f not in handles:
                 handles[f] = safe_open(f, framework="pt").__enter__()
             t = handles[f].get_tensor(p.hf_name).float()
+            if p.scale != 1.0:
+                t = t * p.scale
             if p.permute_heads:
                 t = interleave_rope_rows(t, p.permute_heads)
             if p.qtype == "F32":
@@ -535,15 +593,125 @@ def modelfile_text(
     return "\n".join(lines) + "\n"
 
 
-def write_gguf(ckpt: Checkpoint, plans: list[TensorPlan], vocab: Vocab, qtype: str, name: str, out: Path) -> None:
+@dataclass
+class Names:
+    """general.* metadata and the file name, as llama.cpp's convert scripts write them
+    (<BaseName>-<SizeLabel>-<FineTune>-<Type>.gguf, '-LoRA' before the type for an adapter)."""
+
+    name: str  # general.name
+    basename: str | None
+    size_label: str | None
+    finetune: str | None
+    base_model: dict  # name / organization / repo_url of the model this was trained from
+
+    def file_name(self, qtype: str, adapter: bool = False) -> str:
+        import gguf
+
+        # naming_convention puts '-LoRA' after the type; llama.cpp's own convert_lora_to_gguf.py does the same
+        return (
+            gguf.utility.naming_convention(
+                None, self.basename, self.finetune, None, self.size_label, qtype.upper(), "LoRA" if adapter else None
+            )
+            + ".gguf"
+        )
+
+
+def _slug(text: str) -> str:
+    # A file-name component: llama.cpp's names separate fields with '-', so none inside a field.
+    return re.sub(r"[^A-Za-z0-9.]+", "_", text).strip("_.") or "model"
+
+
+def export_names(config, n_params: int, base_id: str, finetune: str | None) -> Names:
+    """Names from model facts: the size label from the parameter count, the base name and organization from the
+    base model's id (a hub id 'org/Name-8B-Instruct', or a local folder's name)."""
+    import gguf
+    from gguf.metadata import Metadata
+
+    local = Path(base_id).expanduser().exists() or base_id.startswith((".", "/", "~"))
+    model_id = Path(base_id).name if local else base_id
+    full, org, basename, base_finetune, version, _ = Metadata.get_model_id_components(model_id, n_params)
+    size = gguf.utility.size_label(n_params, 0, 0, 0)
+    base = {"name": full or model_id}
+    if org and not local:
+        base |= {"organization": org, "repo_url": f"https://huggingface.co/{base_id}"}
+    tune = "-".join(_slug(t) for t in (base_finetune, finetune) if t) or None
+    return Names(
+        name=" ".join(x for x in (basename or _slug(model_id), size, tune) if x),
+        basename=_slug(basename or model_id),
+        size_label=size,
+        finetune=tune,
+        base_model=base,
+    )
+
+
+def _add_general(w, names: Names, kind: str) -> None:
+    w.add_type(kind)
+    w.add_name(names.name)
+    if names.basename:
+        w.add_basename(names.basename)
+    if names.finetune:
+        w.add_finetune(names.finetune)
+    if names.size_label:
+        w.add_size_label(names.size_label)
+    w.add_base_model_count(1)
+    w.add_base_model_name(0, names.base_model["name"])
+    if "organization" in names.base_model:
+        w.add_base_model_organization(0, names.base_model["organization"])
+        w.add_base_model_repo_url(0, names.base_model["repo_url"])
+
+
+def _write_file(w, tmp: Path, out: Path, plans: list[TensorPlan], data: Iterator, desc: str) -> None:
+    """Header, metadata, tensor table, then tensor data one at a time; fsync'd, size-checked, renamed. Any
+    failure (Ctrl+C included) removes the temporary file, so `out` is either the old file or the whole new one."""
+    import gguf
+    import numpy as np
+    from tqdm import tqdm
+
+    try:
+        for p in plans:
+            w.add_tensor_info(
+                p.gguf_name, p.shape, np.dtype(np.float32), p.nbytes, raw_dtype=gguf.GGMLQuantizationType[p.qtype]
+            )
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        for _, arr in tqdm(data, total=len(plans), desc=desc, unit="tensor"):
+            w.write_tensor_data(arr)
+        w.flush()
+        for f in w.fout or []:
+            os.fsync(f.fileno())
+        w.close()
+        check_written(tmp, plans)
+        os.replace(tmp, out)
+    except BaseException:
+        w.close()
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def tmp_path_for(out: Path, tag: str = "tmp") -> Path:
+    # clean_tmp_leftovers (ftkit.runlock) recognises and removes '.<name>.<tag>-<pid>' after a kill
+    return out.with_name(f".{out.name}.{tag}-{os.getpid()}")
+
+
+def write_gguf(
+    ckpt: Checkpoint,
+    plans: list[TensorPlan],
+    vocab: Vocab,
+    qtype: str,
+    names: Names,
+    out: Path,
+    tmp: Path | None = None,
+) -> None:
+    """The model GGUF at `out` (through `tmp`, default a hidden sibling; tmp == out writes in place, for a file
+    that is itself temporary)."""
     import gguf
 
     cfg = ckpt.config
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    tmp = tmp or tmp_path_for(out)
     w = gguf.GGUFWriter(tmp, ARCH)
     try:
-        w.add_type("model")
-        w.add_name(name)
+        _add_general(w, names, "model")
         w.add_context_length(cfg.max_position_embeddings)
         w.add_embedding_length(cfg.hidden_size)
         w.add_block_count(cfg.num_hidden_layers)
@@ -561,8 +729,8 @@ def write_gguf(ckpt: Checkpoint, plans: list[TensorPlan], vocab: Vocab, qtype: s
             w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
             w.add_rope_scaling_factor(rp["factor"])
         w.add_vocab_size(cfg.vocab_size)
-        w.add_file_type(gguf.LlamaFileType[TYPES[qtype][1]])
-        if qtype == "q8_0":
+        w.add_file_type(gguf.LlamaFileType[TYPES[qtype].file_type])
+        if TYPES[qtype].matrix.startswith("Q"):
             w.add_quantization_version(gguf.GGML_QUANT_VERSION)
         w.add_tokenizer_model("gpt2")
         w.add_tokenizer_pre(vocab.pre)
@@ -583,29 +751,135 @@ def write_gguf(ckpt: Checkpoint, plans: list[TensorPlan], vocab: Vocab, qtype: s
         w.add_add_space_prefix(False)  # byte-level BPE encodes spaces itself; readers must not add or strip one
         if vocab.chat_template:
             w.add_chat_template(vocab.chat_template)
-        import numpy as np
-
-        for p in plans:
-            w.add_tensor_info(
-                p.gguf_name, p.shape, np.dtype(np.float32), p.nbytes, raw_dtype=gguf.GGMLQuantizationType[p.qtype]
-            )
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_ti_data_to_file()
-        from tqdm import tqdm
-
-        for _, arr in tqdm(iter_tensor_data(ckpt, plans), total=len(plans), desc=f"writing {qtype}", unit="tensor"):
-            w.write_tensor_data(arr)
-        w.flush()
-        for f in w.fout or []:
-            os.fsync(f.fileno())
-        w.close()
-        check_written(tmp, plans)
-        os.replace(tmp, out)
     except BaseException:
         w.close()
         tmp.unlink(missing_ok=True)
         raise
+    _write_file(w, tmp, out, plans, iter_tensor_data(ckpt, plans), f"writing {qtype}")
+
+
+# -- the LoRA adapter as a llama.cpp adapter GGUF (llama.cpp's --lora, Ollama's ADAPTER) ---------------------------
+LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.default)?\.weight$")
+
+
+def _peft_key_match(key: str, module: str) -> bool:
+    # PEFT's rule for rank_pattern / alpha_pattern keys: a regex matching the module path's tail
+    return re.match(rf"(.*\.)?({key})$", module) is not None
+
+
+@dataclass
+class AdapterPlan:
+    ckpt: Checkpoint  # files/shapes of adapter_model.safetensors; config = the base model's config
+    plans: list[TensorPlan]
+    alpha: float
+    rank: int
+
+
+def plan_adapter(adapter_dir: Path, adapter_cfg: dict, base_config, qtype: str) -> AdapterPlan:
+    """Map PEFT's lora_A/lora_B to llama.cpp's '<tensor>.lora_a' / '.lora_b'.
+
+    llama.cpp computes scale = adapter.lora.alpha / rank per tensor pair (rank = lora_b's inner size), which is
+    PEFT's plain LoRA scaling. Where PEFT scales otherwise (use_rslora: alpha/sqrt(r); rank_pattern and
+    alpha_pattern), the ratio is folded into lora_B, so the sum W + scale * B @ A is PEFT's exactly. q/k rows are
+    reordered for llama.cpp's RoPE like the base weights; only B's rows (the output side) move.
+    """
+    peft_type = adapter_cfg.get("peft_type", "LORA")
+    if peft_type != "LORA":
+        raise UserError(f"the adapter is {peft_type}; llama.cpp loads LoRA adapters only: export the merged model")
+    if adapter_cfg.get("use_dora"):
+        raise UserError(
+            "the adapter uses DoRA (lora.use_dora), which llama.cpp cannot apply; export the merged model instead "
+            "(python merge_adapter.py && python export_gguf.py)"
+        )
+    if adapter_cfg.get("modules_to_save"):
+        raise UserError(
+            f"the adapter also trains whole modules ({', '.join(adapter_cfg['modules_to_save'])}: "
+            "lora.modules_to_save), which a llama.cpp adapter cannot carry; export the merged model instead"
+        )
+    if adapter_cfg.get("bias", "none") != "none":
+        raise UserError(
+            f"the adapter trains biases (lora.bias={adapter_cfg['bias']}), which a llama.cpp adapter cannot carry; "
+            "export the merged model instead"
+        )
+    f = adapter_dir / "adapter_model.safetensors"
+    header = safetensors_header(f)
+    alpha = float(adapter_cfg.get("lora_alpha") or 8)
+    r_default = int(adapter_cfg.get("r") or 8)
+    rank_pattern, alpha_pattern = adapter_cfg.get("rank_pattern") or {}, adapter_cfg.get("alpha_pattern") or {}
+    pairs: dict[str, dict[str, str]] = {}
+    for key in header:
+        m = LORA_KEY.match(key)
+        if not m:
+            raise UserError(
+                f"adapter tensor '{key}' is not a LoRA A/B matrix (trained embeddings or extra modules?); "
+                "a llama.cpp adapter cannot carry it: export the merged model instead"
+            )
+        pairs.setdefault(m["module"], {})[m["ab"]] = key
+    if not pairs:
+        raise UserError(f"'{f}' holds no LoRA matrices; train again")
+    ckpt = Checkpoint(
+        adapter_dir, base_config, {k: f for k in header}, {k: tuple(v["shape"]) for k, v in header.items()}
+    )
+    plans = []
+    for module, ab in sorted(pairs.items(), key=lambda kv: _order(kv[0])):
+        gname = gguf_module_name(base_config, module)
+        if gname is None or not gname.startswith("blk.") or len(ab) != 2:
+            what = "has only one of lora_A/lora_B" if len(ab) != 2 else "is not a projection inside a Llama block"
+            raise UserError(
+                f"adapter module '{module}' {what}; a llama.cpp adapter cannot carry it: export the merged model"
+            )
+        a_shape, b_shape = ckpt.shapes[ab["A"]], ckpt.shapes[ab["B"]]
+        r = a_shape[0]
+        key_r = next((int(v) for k, v in rank_pattern.items() if _peft_key_match(k, module)), r_default)
+        key_a = next((float(v) for k, v in alpha_pattern.items() if _peft_key_match(k, module)), alpha)
+        if r != key_r or b_shape[1] != r:
+            raise UserError(
+                f"adapter module '{module}' has rank {r} but adapter_config.json says {key_r}; the adapter folder "
+                "is inconsistent: train again"
+            )
+        peft_scale = key_a / (math.sqrt(r) if adapter_cfg.get("use_rslora") else r)
+        fold = peft_scale / (alpha / r)
+        plans.append(TensorPlan(ab["A"], f"{gname}.weight.lora_a", a_shape, storage_type(a_shape, TYPES[qtype].matrix)))
+        plans.append(
+            TensorPlan(
+                ab["B"],
+                f"{gname}.weight.lora_b",
+                b_shape,
+                storage_type(b_shape, TYPES[qtype].matrix),
+                rope_heads(base_config, module),
+                scale=fold,
+            )
+        )
+    return AdapterPlan(ckpt, plans, alpha, r_default)
+
+
+def write_adapter_gguf(ap: AdapterPlan, qtype: str, names: Names, out: Path) -> None:
+    import gguf
+
+    tmp = tmp_path_for(out)
+    w = gguf.GGUFWriter(tmp, ARCH)
+    try:
+        _add_general(w, names, "adapter")
+        w.add_string(gguf.Keys.Adapter.TYPE, "lora")
+        w.add_float32(gguf.Keys.Adapter.LORA_ALPHA, ap.alpha)
+        w.add_file_type(gguf.LlamaFileType[TYPES[qtype].file_type])
+    except BaseException:
+        w.close()
+        tmp.unlink(missing_ok=True)
+        raise
+    _write_file(w, tmp, out, ap.plans, iter_tensor_data(ap.ckpt, ap.plans), f"writing LoRA {qtype}")
+
+
+def check_quantized(path: Path, file_type: int, n_tensors: int) -> None:
+    """What llama.cpp's quantizer wrote, read back: the file type asked for and every tensor present."""
+    import gguf
+
+    reader = gguf.GGUFReader(path)
+    got = reader.fields["general.file_type"].contents()
+    if got != file_type or len(reader.tensors) != n_tensors:
+        raise RuntimeError(
+            f"llama.cpp wrote file type {got} with {len(reader.tensors)} tensors; expected {file_type} with {n_tensors}"
+        )
 
 
 def check_written(path: Path, plans: list[TensorPlan]) -> None:

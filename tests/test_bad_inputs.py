@@ -977,6 +977,74 @@ CASES = [
         setup="garbage-model",
     ),
     Case("export-config-is-a-folder", "export_gguf.py", ["--config", "{tmp}"], "is a folder"),
+    # -- issue 15: quantization types, the adapter GGUF, serving ---------------------------------------
+    Case(
+        "export-unknown-type",
+        "export_gguf.py",
+        ["--model", "{model}", "--outfile", "{tmp}/m.gguf", "--type", "q3_x"],
+        "--type q3_x is not supported",
+    ),
+    Case(
+        "export-kquant-without-llama-cpp",
+        "export_gguf.py",
+        ["--model", "{model}", "--outfile", "{tmp}/m.gguf", "--outtype", "Q4_K_M"],
+        "make llama-cpp",
+        {"hide/llama_cpp/__init__.py": "raise ImportError('llama_cpp hidden by the test')\n"},
+        env={"PYTHONPATH": "{tmp}/hide"},
+    ),
+    Case(
+        "export-kquant-outfile-is-user-file",
+        "export_gguf.py",
+        ["--model", "{model}", "--outfile", "{tmp}/mine.gguf", "--type", "q4_k_m"],
+        "not a GGUF file",
+        {"mine.gguf": "my notes\n"},
+    ),
+    Case(
+        "export-adapter-kquant",
+        "export_gguf.py",
+        ["--config", "{run}/config.yaml", "--adapter", "--type", "q4_k_m"],
+        "--type q4_k_m is not supported; choose one of f32, f16, bf16, q8_0",
+    ),
+    Case(
+        "export-adapter-and-model",
+        "export_gguf.py",
+        ["--model", "{model}", "--adapter", "--outfile", "{tmp}/a.gguf"],
+        "pass one of them",
+    ),
+    Case(
+        "export-adapter-dora",
+        "export_gguf.py",
+        ["--config", "{tmp}/run/config.yaml", "--adapter", "--outfile", "{tmp}/a.gguf"],
+        "DoRA",
+        setup="run-dora-adapter",
+    ),
+    Case(
+        "export-adapter-missing",
+        "export_gguf.py",
+        ["--config", "{tmp}/run/config.yaml", "--adapter", "--outfile", "{tmp}/a.gguf"],
+        "not a complete adapter",
+        setup="run-no-adapter",
+    ),
+    Case("serve-not-a-gguf", "inference.py", ["--serve", "{tmp}/notes.gguf"], "not a GGUF file", {"notes.gguf": "x"}),
+    Case("serve-missing-file", "inference.py", ["--serve", "{tmp}/none.gguf"], "is not a file"),
+    Case("serve-bad-port", "inference.py", ["--serve", "{tmp}/none.gguf", "--port", "70000"], "not a TCP port"),
+    Case(
+        "serve-lora-without-serve",
+        "inference.py",
+        ["--config", "{run}/config.yaml", "--lora", "{tmp}/a.gguf", "--prompt", "hi"],
+        "go with --serve",
+    ),
+    Case(
+        "serve-with-merged", "inference.py", ["--config", "{run}/config.yaml", "--serve", "--merged"], "serves a GGUF"
+    ),
+    Case("serve-run-without-export", "inference.py", ["--config", "{run}/config.yaml", "--serve"], "no GGUF in"),
+    Case(
+        "serve-lora-not-gguf",
+        "inference.py",
+        ["--serve", "{tmp}/m.gguf", "--lora", "{tmp}/adapter_model.safetensors"],
+        "--lora",
+        {"m.gguf": b"GGUF" + bytes(60), "adapter_model.safetensors": b"x" * 64},
+    ),
     # -- issue 13: quantization_utils ----------------------------------------------------------------
     Case(
         "quant-list-modules-missing-model",
@@ -1120,6 +1188,11 @@ def prepare(setup: str, tmp: Path, trained_run: Path, models: dict) -> list:
             p = run / "eval_rows.jsonl"
             first = p.read_text().splitlines()[0]
             p.write_text(first + "\n" + first[: len(first) // 2] + "\n")
+        elif setup == "run-dora-adapter":
+            p = run / "adapter" / "adapter_config.json"
+            p.write_text(json.dumps(dict(json.loads(p.read_text()), use_dora=True)))
+        elif setup == "run-no-adapter":
+            shutil.rmtree(run / "adapter")
         elif setup == "run-nan-adapter":
             nan_weights(run / "adapter" / "adapter_model.safetensors")
         elif setup == "run-nan-merged":

@@ -1,0 +1,92 @@
+"""GGUF exports of one finished run, measured inside llama.cpp: file size, perplexity of the held-out reference
+answers, top-1 agreement with the f16 export at every answer position, exact match of greedy answers on the
+verifiable held-out tasks, generation speed, and the time each export took.
+
+Every type is exported with export_gguf.py into a scratch folder (the run's own export/ is not touched), then
+scored by ftkit.llamacpp.export_quality: the numbers tests/test_llama_cpp.py asserts on, for more types.
+
+    python finetune.py --config configs/demo.yaml paths.output_dir=runs/demo && python merge_adapter.py
+    python benchmarks/gguf_quality.py --run runs/demo --out benchmarks/results/gguf_quality_cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.common import Results, versions  # noqa: E402
+from ftkit.config import load_config  # noqa: E402
+from ftkit.jsonl import read_jsonl  # noqa: E402
+from ftkit.llamacpp import export_quality, load  # noqa: E402
+from ftkit.paths import RunDir  # noqa: E402
+from ftkit.prompts import PromptTemplate  # noqa: E402
+
+
+def export(run: Path, qtype: str, out: Path) -> float:
+    t0 = time.time()
+    cmd = [sys.executable, str(ROOT / "export_gguf.py"), "--config", str(run / "config.yaml"), "--type", qtype]
+    subprocess.run([*cmd, "--outfile", str(out), "--quiet"], check=True, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    return time.time() - t0
+
+
+def tokens_per_second(path: Path, prompt: list[int], n: int = 64) -> float:
+    """Decode speed: n tokens past the prompt, end-of-turn ignored, best of 3."""
+    llm = load(path)
+    best = 0.0
+    for _ in range(3):
+        t0 = time.time()
+        for i, _tok in enumerate(llm.generate(prompt, temp=0.0, top_k=1, reset=True), 1):
+            if i == n:
+                break
+        best = max(best, n / (time.time() - t0))
+    llm.close()
+    return best
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--run", type=Path, required=True, help="a finished run with merged/ (finetune + merge)")
+    ap.add_argument("--types", default="f16,q8_0,q6_k,q5_k_m,q4_k_m,q5_0,q4_0", help="f16 first: the reference")
+    ap.add_argument("--out", type=Path, help="results JSON")
+    a = ap.parse_args()
+    from transformers import AutoTokenizer
+
+    run = a.run.resolve()
+    cfg = load_config(run / "config.yaml")
+    tok = AutoTokenizer.from_pretrained(run / "merged")
+    template = PromptTemplate.load(run / "prompt_template.json")
+    rows = [r for _, r in read_jsonl(RunDir(run).eval_rows, "held-out rows", "")]
+    res = Results(run=str(run), rows=len(rows), versions=versions(), cpu_count=os.cpu_count(), types={})
+    res.out = a.out
+    with tempfile.TemporaryDirectory() as tmp:
+        files, took = {}, {}
+        for t in a.types.split(","):
+            files[t] = Path(tmp) / f"{t}.gguf"
+            took[t] = export(run, t, files[t])
+        report = export_quality(files, rows, template, tok, cfg.data.max_length, cfg.inference.max_new_tokens)
+        prompt = template.prompt_ids(tok, rows[0]["instruction"], rows[0].get("input") or None)
+        for t, r in report.items():
+            r.pop("answers")
+            r.pop("file")
+            r["export_s"] = round(took[t], 1)
+            r["generate_tok_s"] = round(tokens_per_second(files[t], prompt), 1)
+            res["types"][t] = r
+            res.save()
+    print(f"{'type':8} {'MB':>7} {'ppl':>7} {'top1':>6} {'EM':>6} {'tok/s':>7} {'export s':>8}")
+    for t, r in res["types"].items():
+        print(
+            f"{t:8} {r['size_mb']:7.1f} {r['perplexity']:7.3f} {r['top1_agreement']:6.3f} {r['exact_match']:6.3f} "
+            f"{r['generate_tok_s']:7.1f} {r['export_s']:8.1f}"
+        )
+
+
+if __name__ == "__main__":
+    main()

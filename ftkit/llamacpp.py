@@ -1,0 +1,199 @@
+"""llama.cpp as a library, through llama-cpp-python (an optional install: `make llama-cpp`): its own quantizer for
+K-quants, loading a GGUF (with a LoRA adapter GGUF) to check an export where it will run, greedy decoding and
+per-token log-probabilities for those checks, and its OpenAI-compatible server."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+from .cli import UserError, log
+
+INSTALL_HINT = (
+    "install llama.cpp's Python binding with `make llama-cpp` (builds llama-cpp-python from source, about "
+    "4 minutes on 2 cores; see README 'GGUF export')"
+)
+
+
+def require(what: str):
+    """llama_cpp, or a one-line error naming what needed it and how to install it."""
+    try:
+        import llama_cpp
+    except ImportError:
+        raise UserError(f"{what} needs llama.cpp, which is not installed: {INSTALL_HINT}") from None
+    return llama_cpp
+
+
+@contextlib.contextmanager
+def native_output() -> Iterator[list[str]]:
+    """Capture what llama.cpp's C code prints on fd 1/2 (it bypasses Python's streams): kept out of the log and
+    handed back, so a failure can show its last lines."""
+    out: list[str] = []
+    saved = [os.dup(1), os.dup(2)]
+    with tempfile.TemporaryFile(mode="w+b") as f:
+        os.dup2(f.fileno(), 1)
+        os.dup2(f.fileno(), 2)
+        try:
+            yield out
+        finally:
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            for fd in saved:
+                os.close(fd)
+            f.seek(0)
+            out.extend(f.read().decode("utf-8", "replace").splitlines())
+
+
+def quantize(src: Path, dst: Path, file_type: int, threads: int | None = None) -> None:
+    """llama.cpp's llama_model_quantize (what `llama-quantize` runs): it chooses each tensor's type for the
+    file type (Q4_K_M keeps attn_v/ffn_down at more bits, falls back where rows are not a multiple of 256)."""
+    llama_cpp = require("a K-quant (--type q4_k_m, q5_k_m, q6_k, ...)")
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = file_type
+    params.nthread = threads or os.cpu_count() or 1
+    with native_output() as lines:
+        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params)
+    if rc != 0:
+        tail = " | ".join(lines[-3:])
+        raise RuntimeError(f"llama.cpp's quantizer failed (code {rc}): {tail}")
+
+
+def load(model: Path, lora: Path | None = None, n_ctx: int = 2048, logits_all: bool = False):
+    """A llama_cpp.Llama on the CPU (or the GPU llama-cpp-python was built for). A file llama.cpp refuses is a
+    one-line error with llama.cpp's own reason."""
+    llama_cpp = require("loading a GGUF in llama.cpp")
+    with native_output() as lines:
+        try:
+            return llama_cpp.Llama(
+                model_path=str(model),
+                lora_path=str(lora) if lora else None,
+                n_ctx=n_ctx,
+                n_threads=os.cpu_count() or 1,
+                logits_all=logits_all,
+                seed=0,
+                verbose=False,
+            )
+        except (ValueError, RuntimeError):
+            pass
+    why = next((ln for ln in reversed(lines) if "error" in ln.lower() or "failed" in ln.lower()), "")
+    raise UserError(f"llama.cpp cannot load '{model}'{f' with {lora}' if lora else ''}: {why.strip()[:200]}")
+
+
+def greedy_ids(llm, prompt: list[int], n: int) -> list[int]:
+    """The first n greedy tokens after prompt (fewer when an end-of-generation token comes first)."""
+    out = []
+    for tok in llm.generate(prompt, temp=0.0, top_k=1, repeat_penalty=1.0, reset=True):
+        if llm.token_eos() == tok or _is_eog(llm, tok):
+            break
+        out.append(int(tok))
+        if len(out) == n:
+            break
+    return out
+
+
+def _is_eog(llm, tok: int) -> bool:
+    import llama_cpp
+
+    return bool(llama_cpp.llama_vocab_is_eog(llama_cpp.llama_model_get_vocab(llm.model), tok))
+
+
+def check_port(host: str, port: int) -> None:
+    if not 0 < port < 65536:
+        raise UserError(f"--port {port} is not a TCP port; choose one from 1 to 65535")
+    with socket.socket() as s:
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise UserError(
+                f"cannot listen on {host}:{port} ({e.strerror or e}); another server is there: pass --port N"
+            ) from None
+
+
+def serve(model: Path, lora: Path | None, host: str, port: int, n_ctx: int, alias: str) -> None:
+    """llama-cpp-python's OpenAI-compatible server (/v1/chat/completions, /v1/completions, /v1/models) on the
+    GGUF; the chat prompt is rendered from the GGUF's own tokenizer.chat_template (chat_format left unset)."""
+    require("serving a GGUF (--serve)")
+    try:
+        import uvicorn
+        from llama_cpp.server.app import create_app
+        from llama_cpp.server.settings import ModelSettings, ServerSettings
+    except ImportError as e:
+        raise UserError(
+            f"the server needs llama-cpp-python's [server] extra ({e.name} is missing): {INSTALL_HINT}"
+        ) from None
+    check_port(host, port)
+    settings = ModelSettings(
+        model=str(model),
+        model_alias=alias,
+        lora_path=str(lora) if lora else None,
+        n_ctx=n_ctx,
+        n_threads=os.cpu_count() or 1,
+        verbose=False,
+    )
+    app = create_app(server_settings=ServerSettings(host=host, port=port), model_settings=[settings])
+    log.info(
+        "serving %s%s as '%s' on http://%s:%d/v1 (Ctrl+C stops)", model, f" + {lora}" if lora else "", alias, host, port
+    )
+    uvicorn.run(app, host=host, port=port, log_level="warning")
+
+
+def teacher_forced(llm, prompt: list[int], answer: list[int]) -> tuple[float, list[int]]:
+    """(summed negative log-likelihood of `answer` after `prompt`, llama.cpp's argmax at each answer position).
+    The model must be loaded with logits_all=True."""
+    import numpy as np
+
+    llm.reset()
+    llm.eval(prompt + answer)
+    logits = np.asarray(llm.scores[len(prompt) - 1 : len(prompt) + len(answer) - 1], dtype=np.float64)
+    top = logits.argmax(-1)
+    logits -= logits.max(-1, keepdims=True)
+    logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    return float(-logp[np.arange(len(answer)), answer].sum()), [int(t) for t in top]
+
+
+def export_quality(
+    files: dict[str, Path], rows: list[dict], template, tok, max_length: int, max_new_tokens: int
+) -> dict:
+    """Each GGUF run inside llama.cpp on held-out Alpaca rows: perplexity of the reference answers, top-1
+    agreement with the first file's (the reference export's) argmax at every answer position, and exact match
+    of greedy answers on the verifiable rows, detokenized by llama.cpp."""
+    import math
+
+    from .scoring import exact_match, generation_budget, is_verifiable
+
+    pairs = []
+    for r in rows:
+        ids, labels = template.encode(tok, r["instruction"], r.get("input") or None, r["output"], max_length)[:2]
+        k = next(i for i, lab in enumerate(labels) if lab != -100)
+        pairs.append((ids[:k], ids[k:]))
+    verifiable = [i for i, r in enumerate(rows) if is_verifiable(r)]
+    budget = generation_budget(tok, [rows[i] for i in verifiable] or rows, max_new_tokens)
+    n_ctx = max(len(p) + len(a) for p, a in pairs) + budget + 16
+    out: dict[str, dict] = {}
+    ref_top: list[list[int]] | None = None
+    for name, path in files.items():
+        llm = load(path, n_ctx=n_ctx, logits_all=True)
+        nll, n, tops = 0.0, 0, []
+        for p, a in pairs:
+            s, top = teacher_forced(llm, p, a)
+            nll, n = nll + s, n + len(a)
+            tops.append(top)
+        answers = [llm.detokenize(greedy_ids(llm, pairs[i][0], budget)).decode("utf-8", "replace") for i in verifiable]
+        em = [exact_match(ans, rows[i]["output"]) for ans, i in zip(answers, verifiable)]
+        ref_top = ref_top or tops
+        same = sum(x == y for a, b in zip(tops, ref_top) for x, y in zip(a, b))
+        out[name] = {
+            "file": str(path),
+            "size_mb": round(path.stat().st_size / 1e6, 1),
+            "perplexity": math.exp(nll / n),
+            "top1_agreement": same / n,
+            "exact_match": sum(em) / len(em) if em else None,
+            "verifiable_rows": len(em),
+            "answers": answers,
+        }
+        del llm
+    return out

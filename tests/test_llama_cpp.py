@@ -1,0 +1,283 @@
+"""Every GGUF export checked where it runs: inside llama.cpp (llama-cpp-python, built by `make llama-cpp`, which
+`make test` runs first, so none of this is skipped there).
+
+The subject is the demo as `make demo` leaves it: configs/demo.yaml trained for its 100 steps on the embedded
+SmolLM2-135M-Instruct (~5 min on 2 cores), merged, then exported as f16, q8_0, q4_0 and Q4_K_M, the base model as
+f16 and the adapter alone as a LoRA GGUF. Agreement with transformers is on the merged model in float32.
+
+Measured here (2-core CPU), for the thresholds below: see the 'quality' report the test prints and
+benchmarks/results/gguf_quality_cpu.json (benchmarks/gguf_quality.py) for the full table.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from helpers import REPO, run_script
+
+from ftkit.jsonl import read_jsonl
+from ftkit.paths import RunDir
+from ftkit.prompts import PromptTemplate
+
+llama_cpp = pytest.importorskip("llama_cpp", reason="llama.cpp is not installed: run `make llama-cpp`")
+
+from ftkit.llamacpp import export_quality, greedy_ids, load  # noqa: E402
+
+TYPES = ("f16", "q8_0", "q4_0", "q4_k_m")
+FIXED = ["Name the capital of France.", "Sort the numbers: 9, 2, 5.", "Write the word 'cat' in capital letters."]
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory, embedded_model) -> dict:
+    """The trained, merged demo run and its exports: {'run': Path, 'f16': Path, ..., 'base': Path, 'lora': Path}."""
+    tmp = tmp_path_factory.mktemp("llama-demo")
+    run = tmp / "demo"
+    common = [
+        "--config",
+        str(REPO / "configs" / "demo.yaml"),
+        f"paths.output_dir={run}",
+        f"paths.latest={tmp / 'latest'}",
+    ]
+    for script in ("finetune.py", "merge_adapter.py"):
+        r = run_script(script, *common, timeout=1800)
+        assert r.returncode == 0, r.stderr[-4000:]
+    out = {"run": run}
+    for t in TYPES:
+        r = run_script("export_gguf.py", "--config", str(run / "config.yaml"), "--type", t.upper())
+        assert r.returncode == 0, r.stderr[-4000:]
+    r = run_script("export_gguf.py", "--config", str(run / "config.yaml"), "--adapter")
+    assert r.returncode == 0, r.stderr[-4000:]
+    r = run_script("export_gguf.py", "--model", str(embedded_model), "--outfile", str(tmp / "base" / "base-F16.gguf"))
+    assert r.returncode == 0, r.stderr[-4000:]
+    for f in (run / "export").glob("*.gguf"):
+        key = "lora" if f.stem.endswith("-LoRA") else f.stem.rsplit("-", 1)[-1].lower()
+        key = "q4_k_m" if f.stem.endswith("Q4_K_M") else key
+        out[key] = f
+    out["base"] = tmp / "base" / "base-F16.gguf"
+    return out
+
+
+def tokenizer_and_template(run: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(run / "merged"), PromptTemplate.load(run / "prompt_template.json")
+
+
+def held_out(run: Path) -> list[dict]:
+    return [row for _, row in read_jsonl(RunDir(run).eval_rows, "held-out rows", "")]
+
+
+def prompts(run: Path, n: int = 5) -> list[list[int]]:
+    tok, template = tokenizer_and_template(run)
+    rows = held_out(run)[:n]
+    return [template.prompt_ids(tok, r["instruction"], r.get("input") or None) for r in rows] + [
+        template.prompt_ids(tok, q) for q in FIXED
+    ]
+
+
+def test_names_and_metadata_follow_llama_cpp(demo):
+    import gguf
+
+    run = demo["run"]
+    names = sorted(p.name for p in (run / "export").iterdir())
+    stem = f"SmolLM2-135M-Instruct-{run.name}"
+    assert names == sorted([f"{stem}-{t.upper()}.gguf" for t in TYPES] + [f"{stem}-F16-LoRA.gguf", "Modelfile"]), names
+    field = lambda r, k: r.fields[k].contents()  # noqa: E731
+    model = gguf.GGUFReader(demo["q4_k_m"])
+    assert field(model, "general.type") == "model" and field(model, "general.architecture") == "llama"
+    assert field(model, "general.basename") == "SmolLM2" and field(model, "general.size_label") == "135M"
+    assert field(model, "general.finetune") == f"Instruct-{run.name}"
+    assert field(model, "general.base_model.0.name") == "SmolLM2-135M-Instruct"
+    assert field(model, "general.file_type") == gguf.LlamaFileType.MOSTLY_Q4_K_M
+    kinds = {t.tensor_type.name for t in model.tensors}
+    assert {"Q4_K", "Q6_K"} <= kinds, kinds  # llama.cpp's own mix, not a relabelled pure-Python file
+    lora = gguf.GGUFReader(demo["lora"])
+    assert field(lora, "general.type") == "adapter" and field(lora, "adapter.type") == "lora"
+    assert field(lora, "adapter.lora.alpha") == 32.0
+    assert len(lora.tensors) == 30 * 7 * 2  # 30 blocks x 7 projections x (lora_a, lora_b)
+    assert demo["lora"].stat().st_size < 0.15 * demo["f16"].stat().st_size
+
+
+def test_f16_and_q8_0_greedy_tokens_match_transformers(demo):
+    """The first 16 greedy tokens of fixed and held-out prompts: llama.cpp on the export == transformers on the
+    merged model (float32)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    run = demo["run"]
+    tok, _ = tokenizer_and_template(run)
+    model = AutoModelForCausalLM.from_pretrained(run / "merged", dtype=torch.float32).eval()
+    want = []
+    for ids in prompts(run):
+        g = model.generate(torch.tensor([ids]), max_new_tokens=16, do_sample=False, pad_token_id=tok.pad_token_id)
+        new = g[0, len(ids) :].tolist()
+        stops = {tok.eos_token_id, *(model.generation_config.eos_token_id or [])} - {None}
+        cut = next((i for i, t in enumerate(new) if t in stops), len(new))
+        want.append(new[:cut])
+    del model
+    for t in ("f16", "q8_0"):
+        llm = load(demo[t])
+        got = [greedy_ids(llm, ids, 16) for ids in prompts(run)]
+        llm.close()
+        assert got == want, (t, [tok.decode(x) for x in got], [tok.decode(x) for x in want])
+    assert sum(len(w) for w in want) > 5 * len(want)  # answers, not immediate stops
+
+
+def test_low_bit_exports_keep_the_demo_answers(demo):
+    """q4_0 and Q4_K_M against f16 inside llama.cpp on the 120 held-out rows: top-1 agreement and perplexity are
+    reported, and exact match on the verifiable tasks keeps at least 90% of f16's."""
+    run = demo["run"]
+    tok, template = tokenizer_and_template(run)
+    from ftkit.config import load_config
+
+    cfg = load_config(run / "config.yaml")
+    report = export_quality(
+        {t: demo[t] for t in ("f16", "q8_0", "q4_0", "q4_k_m")},
+        held_out(run),
+        template,
+        tok,
+        cfg.data.max_length,
+        cfg.inference.max_new_tokens,
+    )
+    table = {t: {k: v for k, v in r.items() if k != "answers"} for t, r in report.items()}
+    print("quality", json.dumps(table, indent=1))
+    f16 = report["f16"]
+    assert f16["verifiable_rows"] >= 50 and f16["exact_match"] >= 0.4, table  # trained: ~2% before training
+    for t in ("q8_0", "q4_0", "q4_k_m"):
+        r = report[t]
+        assert r["exact_match"] >= 0.9 * f16["exact_match"], (t, table)
+        assert r["perplexity"] <= 1.5 * f16["perplexity"], (t, table)
+        assert r["top1_agreement"] >= 0.8, (t, table)
+    assert report["q8_0"]["top1_agreement"] >= 0.97 and report["q8_0"]["perplexity"] <= 1.05 * f16["perplexity"]
+
+
+def test_llama_cpp_renders_the_training_chat_prompt_and_stops_at_end_of_turn(demo):
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    run = demo["run"]
+    tok, template = tokenizer_and_template(run)
+    llm = load(demo["f16"], n_ctx=1024)
+    assert llm.chat_format == "chat_template.default"  # the GGUF's own template, not a built-in guess
+    conv = [
+        {"role": "user", "content": "My name is Ada. Remember it."},
+        {"role": "assistant", "content": "Nice to meet you, Ada."},
+        {"role": "user", "content": 'Repeat "sun" two times with a space between each.'},
+    ]
+    eos = llm._model.token_get_text(llm.token_eos())
+    fmt = Jinja2ChatFormatter(llm.metadata["tokenizer.chat_template"], eos_token=eos, bos_token="")(messages=conv)
+    assert fmt.prompt == template.render(tok, conv, generation_prompt=True)
+    # the server tokenizes the rendered text itself: its ids must be training's ids
+    assert llm.tokenize(fmt.prompt.encode(), add_bos=False, special=True) == template.messages_prompt_ids(tok, conv)
+    end = template.end_of_turn_id(tok)
+    assert llm.token_eos() == end and eos == "<|im_end|>"
+    assert llama_cpp.llama_vocab_is_eog(llama_cpp.llama_model_get_vocab(llm.model), end)
+    r = llm.create_chat_completion(conv, temperature=0.0, max_tokens=64)
+    choice = r["choices"][0]
+    assert choice["finish_reason"] == "stop", choice
+    assert choice["message"]["content"].strip() == "sun sun" and "<|im_end|>" not in choice["message"]["content"]
+    llm.close()
+
+
+def test_adapter_gguf_over_base_answers_as_the_merged_export(demo):
+    run = demo["run"]
+    ids = prompts(run)
+    merged = load(demo["f16"])
+    want = [greedy_ids(merged, p, 16) for p in ids]
+    merged.close()
+    with_lora = load(demo["base"], lora=demo["lora"])
+    got = [greedy_ids(with_lora, p, 16) for p in ids]
+    with_lora.close()
+    assert got == want
+    base = load(demo["base"])
+    plain = [greedy_ids(base, p, 16) for p in ids]
+    base.close()
+    assert plain != want  # the adapter changes the answers: the check above is not base == base
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_server_round_trip_with_the_openai_client(demo):
+    from openai import OpenAI
+
+    port = free_port()
+    env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1")
+    cmd = [sys.executable, str(REPO / "inference.py"), "--config", str(demo["run"] / "config.yaml")]
+    proc = subprocess.Popen(
+        [*cmd, "--serve", "--port", str(port)], env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True
+    )
+    try:
+        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=120)
+        deadline = time.time() + 180
+        while True:
+            try:
+                models = client.models.list()
+                break
+            except Exception:
+                assert proc.poll() is None, proc.stderr.read()[-3000:]
+                assert time.time() < deadline, "the server did not come up in 180 s"
+                time.sleep(1)
+        name = models.data[0].id
+        assert name == demo["run"].name
+        msgs = [{"role": "user", "content": "Convert 62 liters to milliliters."}]
+        reply = client.chat.completions.create(model=name, messages=msgs, temperature=0, max_tokens=24)
+        text = reply.choices[0].message.content
+        stream = client.chat.completions.create(model=name, messages=msgs, temperature=0, max_tokens=24, stream=True)
+        streamed = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    # --serve alone serves the run's newest full-model export (the adapter GGUF is not one): here Q4_K_M
+    newest = max((f for f in (demo["run"] / "export").glob("*.gguf") if f != demo["lora"]), key=os.path.getmtime)
+    assert newest == demo["q4_k_m"]
+    llm = load(newest, n_ctx=2048)
+    direct = llm.create_chat_completion(msgs, temperature=0.0, max_tokens=24)["choices"][0]["message"]["content"]
+    llm.close()
+    assert text and text == streamed, (text, streamed)
+    assert text == direct, (text, direct)
+
+
+def test_a_port_in_use_is_one_line(tmp_path, demo):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        r = run_script("inference.py", "--serve", str(demo["f16"]), "--port", str(port), timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: cannot listen on 127.0.0.1:") and "--port" in last, last
+
+
+def test_ctrl_c_during_a_k_quant_export_leaves_nothing(tmp_path, embedded_model):
+    """SIGINT while the float copy is written or llama.cpp quantizes: no output, no temporary file."""
+    out = tmp_path / "out"
+    env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1")
+    cmd = [sys.executable, str(REPO / "export_gguf.py"), "--model", str(embedded_model), "--type", "q4_k_m"]
+    for stage in ("writing", "quantizing"):
+        proc = subprocess.Popen(
+            [*cmd, "--outfile", str(out / "m.gguf")], env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL
+        )
+        seen = b""
+        while stage.encode() not in seen and proc.poll() is None:
+            seen += proc.stderr.read1(256)
+        if stage == "writing":
+            time.sleep(1.0)  # inside the tensor loop
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=300)
+        assert proc.returncode != 0, stage
+        assert sorted(p.name for p in out.iterdir()) == [], (stage, sorted(p.name for p in out.iterdir()))
