@@ -17,7 +17,8 @@ Writes: --prompt: the answer to stdout, streamed token by token.
         --serve [GGUF]: nothing; serves the GGUF (default: the newest full model in <run>/export/, written by
         export_gguf.py), optionally with --lora ADAPTER.gguf over it, through llama-cpp-python's
         OpenAI-compatible server on --host/--port (needs `make llama-cpp`). The chat prompt comes from the
-        GGUF's own template, which export_gguf.py wrote from the training template.
+        GGUF's own template, which export_gguf.py wrote from the training template; a request's missing
+        sampling fields default to the run's `inference` settings (greedy unless inference.do_sample).
 
 Chat: multi-turn, streamed. Commands: /reset (forget the conversation), /system TEXT (set the system
 prompt; /system alone restores the training one), /save PATH, /help, /quit (or Ctrl+D). Ctrl+C while
@@ -46,7 +47,7 @@ from ftkit.cli import UserError, build_parser, parse_args, run_main
 from ftkit.config import Config
 from ftkit.generation import generate, load_for_inference, stream_one
 from ftkit.jsonl import read_jsonl
-from ftkit.llamacpp import serve
+from ftkit.llamacpp import sampling_defaults, serve
 from ftkit.paths import RunDir, stage_config
 from ftkit.scoring import held_out_row, prompt_of
 
@@ -133,7 +134,8 @@ def serve_gguf(cfg: Config, run: RunDir | None, gguf: Path | None, lora: Path | 
     lora = check_gguf_file(lora, "--lora") if lora is not None else None
     # room for the longest training row plus an answer; llama.cpp allocates the KV cache for all of it
     n_ctx = max(2048, -(-(cfg.data.max_length + cfg.inference.max_new_tokens) // 256) * 256)
-    serve(gguf, lora, host, port, n_ctx, alias=run.root.name if run is not None else gguf.stem)
+    alias = run.root.name if run is not None else gguf.stem
+    serve(gguf, lora, host, port, n_ctx, alias, sampling_defaults(cfg.inference))
 
 
 def cli(argv) -> None:

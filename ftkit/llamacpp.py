@@ -113,9 +113,60 @@ def check_port(host: str, port: int) -> None:
             ) from None
 
 
-def serve(model: Path, lora: Path | None, host: str, port: int, n_ctx: int, alias: str) -> None:
+def sampling_defaults(icfg) -> dict:
+    """The run's inference settings as request defaults: llama-cpp-python's server otherwise samples at
+    temperature 0.8 with repeat_penalty 1.1 and min_p 0.05, and answers differently from inference.py and the
+    Ollama Modelfile (which carries the same settings)."""
+    return {
+        "temperature": icfg.temperature if icfg.do_sample else 0.0,
+        "top_p": icfg.top_p,
+        "top_k": icfg.top_k,
+        "min_p": 0.0,
+        "repeat_penalty": icfg.repetition_penalty,
+        "max_tokens": icfg.max_new_tokens,
+    }
+
+
+def with_request_defaults(app, defaults: dict):
+    """An ASGI wrapper that fills the fields a completion request leaves out; what a client sends wins."""
+    import json
+
+    paths = ("/v1/chat/completions", "/v1/completions")
+
+    async def wrapped(scope, receive, send):
+        if scope["type"] != "http" or scope.get("method") != "POST" or scope.get("path") not in paths:
+            return await app(scope, receive, send)
+        body, more = b"", True
+        while more:
+            msg = await receive()
+            body += msg.get("body", b"")
+            more = msg.get("more_body", False)
+        try:
+            req = json.loads(body)
+            if isinstance(req, dict):
+                body = json.dumps({**defaults, **{k: v for k, v in req.items() if v is not None}}).encode()
+        except ValueError:
+            pass  # not JSON: the server's own validation answers it
+        headers = [(k, v) for k, v in scope["headers"] if k != b"content-length"]
+        scope = dict(scope, headers=headers + [(b"content-length", str(len(body)).encode())])
+        sent = False
+
+        async def replay():
+            nonlocal sent
+            if sent:
+                return await receive()
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        return await app(scope, replay, send)
+
+    return wrapped
+
+
+def serve(model: Path, lora: Path | None, host: str, port: int, n_ctx: int, alias: str, defaults: dict) -> None:
     """llama-cpp-python's OpenAI-compatible server (/v1/chat/completions, /v1/completions, /v1/models) on the
-    GGUF; the chat prompt is rendered from the GGUF's own tokenizer.chat_template (chat_format left unset)."""
+    GGUF; the chat prompt is rendered from the GGUF's own tokenizer.chat_template (chat_format left unset), and
+    requests default to the run's inference settings."""
     require("serving a GGUF (--serve)")
     try:
         import uvicorn
@@ -136,9 +187,15 @@ def serve(model: Path, lora: Path | None, host: str, port: int, n_ctx: int, alia
     )
     app = create_app(server_settings=ServerSettings(host=host, port=port), model_settings=[settings])
     log.info(
-        "serving %s%s as '%s' on http://%s:%d/v1 (Ctrl+C stops)", model, f" + {lora}" if lora else "", alias, host, port
+        "serving %s%s as '%s' on http://%s:%d/v1 (Ctrl+C stops); request defaults: %s",
+        model,
+        f" + {lora}" if lora else "",
+        alias,
+        host,
+        port,
+        ", ".join(f"{k}={v}" for k, v in defaults.items()),
     )
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    uvicorn.run(with_request_defaults(app, defaults), host=host, port=port, log_level="warning")
 
 
 def teacher_forced(llm, prompt: list[int], answer: list[int]) -> tuple[float, list[int]]:

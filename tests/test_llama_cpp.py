@@ -59,7 +59,6 @@ def demo(tmp_path_factory, embedded_model) -> dict:
     assert r.returncode == 0, r.stderr[-4000:]
     for f in (run / "export").glob("*.gguf"):
         key = "lora" if f.stem.endswith("-LoRA") else f.stem.rsplit("-", 1)[-1].lower()
-        key = "q4_k_m" if f.stem.endswith("Q4_K_M") else key
         out[key] = f
     out["base"] = tmp / "base" / "base-F16.gguf"
     return out
@@ -128,7 +127,7 @@ def test_f16_and_q8_0_greedy_tokens_match_transformers(demo):
         got = [greedy_ids(llm, ids, 16) for ids in prompts(run)]
         llm.close()
         assert got == want, (t, [tok.decode(x) for x in got], [tok.decode(x) for x in want])
-    assert sum(len(w) for w in want) > 5 * len(want)  # answers, not immediate stops
+    assert all(want) and sum(len(w) for w in want) >= 3 * len(want), want  # answers, not immediate stops
 
 
 def test_low_bit_exports_keep_the_demo_answers(demo):
@@ -180,10 +179,20 @@ def test_llama_cpp_renders_the_training_chat_prompt_and_stops_at_end_of_turn(dem
     assert llm.token_eos() == end and eos == "<|im_end|>"
     assert llama_cpp.llama_vocab_is_eog(llama_cpp.llama_model_get_vocab(llm.model), end)
     r = llm.create_chat_completion(conv, temperature=0.0, max_tokens=64)
-    choice = r["choices"][0]
-    assert choice["finish_reason"] == "stop", choice
-    assert choice["message"]["content"].strip() == "sun sun" and "<|im_end|>" not in choice["message"]["content"]
     llm.close()
+    choice = r["choices"][0]
+    # transformers on the merged model, stopping at the training end-of-turn token, says what the answer is
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(run / "merged", dtype=torch.float32).eval()
+    ids = template.messages_prompt_ids(tok, conv)
+    g = model.generate(torch.tensor([ids]), max_new_tokens=64, do_sample=False, eos_token_id=end, pad_token_id=end)
+    new = g[0, len(ids) :].tolist()
+    assert new[-1] == end, "transformers did not end its turn within 64 tokens"
+    assert choice["finish_reason"] == "stop", choice
+    assert choice["message"]["content"] == tok.decode(new[:-1]), (choice, tok.decode(new))
+    assert "<|im_end|>" not in choice["message"]["content"]
 
 
 def test_adapter_gguf_over_base_answers_as_the_merged_export(demo):
@@ -233,7 +242,8 @@ def test_server_round_trip_with_the_openai_client(demo):
         msgs = [{"role": "user", "content": "Convert 62 liters to milliliters."}]
         reply = client.chat.completions.create(model=name, messages=msgs, temperature=0, max_tokens=24)
         text = reply.choices[0].message.content
-        stream = client.chat.completions.create(model=name, messages=msgs, temperature=0, max_tokens=24, stream=True)
+        # no temperature: the run's inference settings (greedy) are the server's defaults
+        stream = client.chat.completions.create(model=name, messages=msgs, max_tokens=24, stream=True)
         streamed = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
     finally:
         proc.send_signal(signal.SIGINT)
