@@ -46,6 +46,7 @@ from ftkit.chat import chat
 from ftkit.cli import UserError, build_parser, parse_args, run_main
 from ftkit.config import Config
 from ftkit.generation import generate, load_for_inference, stream_one
+from ftkit.gguf import gguf_type
 from ftkit.jsonl import read_jsonl
 from ftkit.llamacpp import sampling_defaults, serve
 from ftkit.paths import RunDir, stage_config
@@ -114,13 +115,18 @@ def newest_export(run: RunDir) -> Path:
     return max(found, key=lambda f: f.stat().st_mtime)
 
 
-def check_gguf_file(path: Path, flag: str) -> Path:
+def check_gguf_file(path: Path, flag: str, kind: str) -> Path:
+    """A GGUF of the expected general.type: a model for --serve, a LoRA adapter for --lora."""
     path = path.expanduser()
     if not path.is_file():
         raise UserError(f"{flag} '{path}' is not a file; pass a .gguf written by export_gguf.py")
     with open(path, "rb") as f:
         if f.read(4) != b"GGUF":
             raise UserError(f"{flag} '{path}' is not a GGUF file; pass a .gguf written by export_gguf.py")
+    got, _ = gguf_type(path)
+    if got != kind:
+        fix = "pass it with --lora over its base model's GGUF" if got == "adapter" else "pass it with --serve"
+        raise UserError(f"{flag} '{path}' is a GGUF {got}, not {'an' if kind[0] in 'aeiou' else 'a'} {kind}; {fix}")
     return path
 
 
@@ -130,8 +136,8 @@ def serve_gguf(cfg: Config, run: RunDir | None, gguf: Path | None, lora: Path | 
         if run is None:
             raise UserError("--serve without a file serves the most recent run's export; no run found: pass a GGUF")
         gguf = newest_export(run)
-    gguf = check_gguf_file(gguf, "--serve")
-    lora = check_gguf_file(lora, "--lora") if lora is not None else None
+    gguf = check_gguf_file(gguf, "--serve", "model")
+    lora = check_gguf_file(lora, "--lora", "adapter") if lora is not None else None
     # room for the longest training row plus an answer; llama.cpp allocates the KV cache for all of it
     n_ctx = max(2048, -(-(cfg.data.max_length + cfg.inference.max_new_tokens) // 256) * 256)
     alias = run.root.name if run is not None else gguf.stem

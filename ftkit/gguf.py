@@ -870,6 +870,44 @@ def write_adapter_gguf(ap: AdapterPlan, qtype: str, names: Names, out: Path) -> 
     _write_file(w, tmp, out, ap.plans, iter_tensor_data(ap.ckpt, ap.plans), f"writing LoRA {qtype}")
 
 
+def gguf_type(path: Path) -> tuple[str, str]:
+    """(general.type, general.architecture) of a GGUF file: 'model' or 'adapter', e.g. 'llama'. A file the gguf
+    reader cannot parse is a UserError."""
+    import gguf
+
+    try:
+        reader = gguf.GGUFReader(path)
+        field = lambda k, d: reader.fields[k].contents() if k in reader.fields else d  # noqa: E731
+        return str(field("general.type", "model")), str(field("general.architecture", ""))
+    except (ValueError, KeyError, IndexError, OSError) as e:
+        raise UserError(f"'{path}' is not a readable GGUF file ({str(e)[:100]}); export it again") from None
+
+
+def check_adapter_fits(base: Path, lora: Path) -> None:
+    """A LoRA adapter GGUF against the model GGUF it is applied to: same architecture, and every lora_a/lora_b
+    pair matches a tensor of the model in shape (llama.cpp's own checks; llama-cpp-python does not report their
+    failure, and would serve the model without the adapter)."""
+    import gguf
+
+    kind, arch = gguf_type(lora)
+    _, base_arch = gguf_type(base)
+    if kind != "adapter":
+        raise UserError(f"'{lora}' is a GGUF {kind}, not a LoRA adapter")
+    if arch != base_arch:
+        raise UserError(f"the adapter '{lora}' is for a '{arch}' model but '{base}' is '{base_arch}'")
+    shapes = {t.name: tuple(int(x) for x in t.shape) for t in gguf.GGUFReader(base).tensors}
+    for t in gguf.GGUFReader(lora).tensors:
+        name, _, part = t.name.rpartition(".")
+        have = shapes.get(name)
+        # GGUF shapes are ggml's (ne0 = row length first): lora_a is (in, r), lora_b (r, out), the weight (in, out)
+        dim = 0 if part == "lora_a" else 1
+        if have is None or int(t.shape[dim]) != have[dim]:
+            raise UserError(
+                f"the adapter '{lora}' does not fit '{base}': its {t.name} has shape {tuple(int(x) for x in t.shape)} "
+                f"but the model's {name} is {have}; apply it over the base model it was trained on"
+            )
+
+
 def check_quantized(path: Path, file_type: int, n_tensors: int) -> None:
     """What llama.cpp's quantizer wrote, read back: the file type asked for and every tensor present."""
     import gguf

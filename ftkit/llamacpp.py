@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Iterator
 
 from .cli import UserError, log
+from .gguf import check_adapter_fits
 
 INSTALL_HINT = (
     "install llama.cpp's Python binding with `make llama-cpp` (builds llama-cpp-python from source, about "
@@ -66,6 +67,8 @@ def load(model: Path, lora: Path | None = None, n_ctx: int = 2048, logits_all: b
     """A llama_cpp.Llama on the CPU (or the GPU llama-cpp-python was built for). A file llama.cpp refuses is a
     one-line error with llama.cpp's own reason."""
     llama_cpp = require("loading a GGUF in llama.cpp")
+    if lora is not None:
+        check_adapter_fits(model, lora)
     with native_output() as lines:
         try:
             return llama_cpp.Llama(
@@ -104,12 +107,23 @@ def _is_eog(llm, tok: int) -> bool:
 def check_port(host: str, port: int) -> None:
     if not 0 < port < 65536:
         raise UserError(f"--port {port} is not a TCP port; choose one from 1 to 65535")
-    with socket.socket() as s:
+    import errno
+
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+    except socket.gaierror:
+        raise UserError(
+            f"--host {host} is not an address or a known host name; use e.g. 127.0.0.1 or 0.0.0.0"
+        ) from None
+    with socket.socket(family) as s:
         try:
             s.bind((host, port))
         except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                raise UserError(f"cannot listen on {host}:{port}: another server is there; pass --port N") from None
             raise UserError(
-                f"cannot listen on {host}:{port} ({e.strerror or e}); another server is there: pass --port N"
+                f"cannot listen on {host}:{port} ({e.strerror or e}); pass a --host of this machine "
+                "(127.0.0.1, 0.0.0.0) and a --port you may use (1024 and up without root)"
             ) from None
 
 
@@ -177,6 +191,8 @@ def serve(model: Path, lora: Path | None, host: str, port: int, n_ctx: int, alia
             f"the server needs llama-cpp-python's [server] extra ({e.name} is missing): {INSTALL_HINT}"
         ) from None
     check_port(host, port)
+    if lora is not None:
+        check_adapter_fits(model, lora)
     settings = ModelSettings(
         model=str(model),
         model_alias=alias,
@@ -185,7 +201,16 @@ def serve(model: Path, lora: Path | None, host: str, port: int, n_ctx: int, alia
         n_threads=os.cpu_count() or 1,
         verbose=False,
     )
-    app = create_app(server_settings=ServerSettings(host=host, port=port), model_settings=[settings])
+    with native_output() as lines:
+        try:
+            app = create_app(server_settings=ServerSettings(host=host, port=port), model_settings=[settings])
+        except (ValueError, RuntimeError, OSError) as e:
+            err = e
+        else:
+            err = None
+    if err is not None:
+        why = next((ln for ln in reversed(lines) if "error" in ln.lower() or "failed" in ln.lower()), str(err))
+        raise UserError(f"llama.cpp cannot load '{model}'{f' with {lora}' if lora else ''}: {why.strip()[:200]}")
     log.info(
         "serving %s%s as '%s' on http://%s:%d/v1 (Ctrl+C stops); request defaults: %s",
         model,
@@ -232,8 +257,9 @@ def export_quality(
     n_ctx = max(len(p) + len(a) for p, a in pairs) + budget + 16
     out: dict[str, dict] = {}
     ref_top: list[list[int]] | None = None
-    for name, path in files.items():
-        llm = load(path, n_ctx=n_ctx, logits_all=True)
+    for name, what in files.items():
+        path, lora = what if isinstance(what, tuple) else (what, None)
+        llm = load(path, lora=lora, n_ctx=n_ctx, logits_all=True)
         nll, n, tops = 0.0, 0, []
         for p, a in pairs:
             s, top = teacher_forced(llm, p, a)
@@ -244,13 +270,13 @@ def export_quality(
         ref_top = ref_top or tops
         same = sum(x == y for a, b in zip(tops, ref_top) for x, y in zip(a, b))
         out[name] = {
-            "file": str(path),
-            "size_mb": round(path.stat().st_size / 1e6, 1),
+            "file": str(path) + (f" + {lora}" if lora else ""),
+            "size_mb": round((path.stat().st_size + (lora.stat().st_size if lora else 0)) / 1e6, 1),
             "perplexity": math.exp(nll / n),
             "top1_agreement": same / n,
             "exact_match": sum(em) / len(em) if em else None,
             "verifiable_rows": len(em),
             "answers": answers,
         }
-        del llm
+        llm.close()
     return out

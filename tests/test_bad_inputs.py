@@ -1039,11 +1039,11 @@ CASES = [
     ),
     Case("serve-run-without-export", "inference.py", ["--config", "{run}/config.yaml", "--serve"], "no GGUF in"),
     Case(
-        "serve-lora-not-gguf",
+        "serve-gguf-cut-short",
         "inference.py",
-        ["--serve", "{tmp}/m.gguf", "--lora", "{tmp}/adapter_model.safetensors"],
-        "--lora",
-        {"m.gguf": b"GGUF" + bytes(60), "adapter_model.safetensors": b"x" * 64},
+        ["--serve", "{tmp}/m.gguf"],
+        "not a readable GGUF file",
+        {"m.gguf": b"GGUF" + bytes(60)},
     ),
     # -- issue 13: quantization_utils ----------------------------------------------------------------
     Case(
