@@ -336,3 +336,58 @@ def test_ctrl_c_during_a_k_quant_export_leaves_nothing(tmp_path, embedded_model)
         proc.communicate(timeout=300)
         assert proc.returncode != 0, stage
         assert sorted(p.name for p in out.iterdir()) == [], (stage, sorted(p.name for p in out.iterdir()))
+
+
+def test_adapter_gguf_carries_rslora_and_per_module_rank_and_alpha(tmp_path, tiny_llama):
+    """llama.cpp scales every pair by alpha/rank; rsLoRA (alpha/sqrt(r)) and rank_pattern/alpha_pattern are folded
+    into lora_b. Checked on logits: base GGUF + adapter GGUF in llama.cpp == PEFT's merged model exported."""
+    import numpy as np
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import export_gguf
+    from ftkit.config import load_config
+    from ftkit.gguf import export_names, plan_adapter, write_adapter_gguf
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
+    lcfg = LoraConfig(
+        r=8,
+        lora_alpha=16,
+        use_rslora=True,
+        rank_pattern={"v_proj": 4},
+        alpha_pattern={"o_proj": 32},
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        init_lora_weights=False,  # random B: an adapter that changes the logits
+    )
+    peft_model = get_peft_model(model, lcfg)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    merged = peft_model.merge_and_unload()
+    merged.save_pretrained(tmp_path / "merged")
+    AutoTokenizer.from_pretrained(tiny_llama).save_pretrained(tmp_path / "merged")
+    cfg = load_config(None)
+    export_gguf.main(cfg, None, "f32", tmp_path / "m" / "merged.gguf", model_dir=tmp_path / "merged")
+    export_gguf.main(cfg, None, "f32", tmp_path / "b" / "base.gguf", model_dir=tiny_llama)
+    adapter_cfg = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    ap = plan_adapter(tmp_path / "adapter", adapter_cfg, merged.config, "f32")
+    folds = {p.gguf_name.split(".")[2]: round(p.scale, 4) for p in ap.plans if p.gguf_name.startswith("blk.0.")}
+    # PEFT's scale / llama.cpp's alpha/r: rsLoRA sqrt(r); o_proj alpha 32 vs 16; v_proj r=4
+    assert folds["attn_q"] == round(8**0.5, 4) and folds["attn_output"] == round(2 * 8**0.5, 4)
+    assert folds["attn_v"] == round(4**0.5, 4), folds
+    lora = tmp_path / "a" / "adapter.gguf"
+    lora.parent.mkdir()
+    write_adapter_gguf(ap, "f32", export_names(merged.config, 1_000_000, str(tiny_llama), "t"), lora)
+    ids = list(range(5, 120, 7))
+
+    def logits(path, lora=None):
+        llm = load(path, lora=lora, n_ctx=256, logits_all=True)
+        llm.eval(ids)
+        out = np.array(llm.scores[: len(ids)])
+        llm.close()
+        return out
+
+    want, got = logits(tmp_path / "m" / "merged.gguf"), logits(tmp_path / "b" / "base.gguf", lora)
+    base = logits(tmp_path / "b" / "base.gguf")
+    assert np.abs(got - want).max() < 1e-3 * max(1.0, np.abs(want).max()), np.abs(got - want).max()
+    assert np.abs(base - want).max() > 100 * np.abs(got - want).max()  # the adapter matters
