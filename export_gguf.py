@@ -170,13 +170,11 @@ def main(
     check_own_outputs(outfile)
     if run is not None:
         check_unlocked(run.root)
-    clean_tmp_leftovers(outfile.parent, names=(outfile.name, f"{outfile.name}.src", "Modelfile"))
-    outfile.parent.mkdir(parents=True, exist_ok=True)
     total = sum(p.nbytes for p in plans)
     # a K-quant holds the float copy and the quantized file at once
-    check_free_space(
-        outfile.parent, int(total * (1.6 if TYPES[qtype].by_llama_cpp else 1.05)) + (64 << 20), f"the {qtype} GGUF"
-    )
+    need = int(total * (1.6 if TYPES[qtype].by_llama_cpp else 1.05)) + (64 << 20)
+    check_free_space(outfile.parent, need, f"the {qtype} GGUF", "--outfile")
+    clean_tmp_leftovers(outfile.parent, names=(outfile.name, f"{outfile.name}.src", "Modelfile"))
     modelfile = modelfile_text(
         outfile.name, tok, template, cfg.inference, vocab.add_bos, str(src)
     )  # built before writing: a template problem leaves nothing behind
@@ -190,6 +188,7 @@ def main(
         vocab.pre,
     )
     inside_run = run is not None and outfile.resolve().is_relative_to(run.root.resolve())
+    outfile.parent.mkdir(parents=True, exist_ok=True)
     with RunLock(run.root, "export_gguf.py") if inside_run else contextlib.nullcontext():
         write_quantized(ckpt, plans, vocab, qtype, names, outfile)
         atomic_write_text(outfile.parent / "Modelfile", modelfile)
@@ -216,10 +215,10 @@ def export_adapter(cfg: Config, run: RunDir | None, qtype: str = "f16", outfile:
     check_outfile(outfile)
     check_own_outputs(outfile, modelfile=False)
     check_unlocked(run.root)
+    check_free_space(outfile.parent, sum(p.nbytes for p in ap.plans) + (16 << 20), "the adapter GGUF", "--outfile")
     clean_tmp_leftovers(outfile.parent, names=(outfile.name,))
-    outfile.parent.mkdir(parents=True, exist_ok=True)
-    check_free_space(outfile.parent, sum(p.nbytes for p in ap.plans) + (16 << 20), "the adapter GGUF")
     inside_run = outfile.resolve().is_relative_to(run.root.resolve())
+    outfile.parent.mkdir(parents=True, exist_ok=True)
     with RunLock(run.root, "export_gguf.py") if inside_run else contextlib.nullcontext():
         write_adapter_gguf(ap, qtype, names, outfile)
     log.info(

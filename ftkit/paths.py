@@ -287,15 +287,16 @@ def check_writable(path: Path, key: str = "paths.output_dir") -> Path:
     return probe
 
 
-def check_free_space(path: Path, need_bytes: int, what: str) -> tuple[Path, int]:
+def check_free_space(path: Path, need_bytes: int, what: str, key: str = "paths.output_dir") -> tuple[Path, int]:
     """Fail before hours of work when the disk cannot hold the result. Returns the existing folder that
-    was checked and its free bytes, for callers that plan further writes there."""
-    probe = check_writable(path)
+    was checked and its free bytes, for callers that plan further writes there. `key`: the setting or flag that
+    chose the place, named in the error."""
+    probe = check_writable(path, key)
     free = shutil.disk_usage(probe).free
     if free < need_bytes:
         raise UserError(
             f"not enough disk space in '{probe}' for {what}: about {need_bytes / 1e9:.1f} GB needed, "
-            f"{free / 1e9:.1f} GB free; free space or point paths.output_dir elsewhere"
+            f"{free / 1e9:.1f} GB free; free space or point {key} elsewhere"
         )
     return probe, free
 

@@ -1025,6 +1025,12 @@ CASES = [
         "not a complete adapter",
         setup="run-no-adapter",
     ),
+    Case(
+        "export-outfile-not-writable",
+        "export_gguf.py",
+        ["--model", "{model}", "--outfile", "/proc/m.gguf"],
+        "choose a writable --outfile",
+    ),
     Case("serve-not-a-gguf", "inference.py", ["--serve", "{tmp}/notes.gguf"], "not a GGUF file", {"notes.gguf": "x"}),
     Case("serve-missing-file", "inference.py", ["--serve", "{tmp}/none.gguf"], "is not a file"),
     Case("serve-bad-port", "inference.py", ["--serve", "{tmp}/none.gguf", "--port", "70000"], "not a TCP port"),
