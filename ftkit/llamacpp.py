@@ -15,8 +15,8 @@ from .cli import UserError, log
 from .gguf import check_adapter_fits
 
 INSTALL_HINT = (
-    "install llama.cpp's Python binding with `make llama-cpp` (builds llama-cpp-python from source, about "
-    "4 minutes on 2 cores; see README 'GGUF export')"
+    "install llama.cpp's Python binding with `make llama-cpp` (builds llama-cpp-python from source, about 6 "
+    "minutes on 2 cores; see the README's GGUF section)"
 )
 
 
