@@ -56,4 +56,4 @@ def test_variant_trains_merges_and_answers(tmp_path, tiny_llama, alpaca_file, va
     # The export reads merged/ and verifies the GGUF by loading it back with transformers.
     r = run_script("export_gguf.py", "--config", str(run / "config.yaml"), "--type", "f32", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert (run / "export" / "model-f32.gguf").is_file() and (run / "export" / "Modelfile").is_file()
+    assert len(list((run / "export").glob("*-F32.gguf"))) == 1 and (run / "export" / "Modelfile").is_file()
