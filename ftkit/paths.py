@@ -195,10 +195,29 @@ def stage_config(config: str | None, overrides: Sequence[str]) -> tuple[Config, 
         return cfg, run
     cfg = load_config(config, overrides)
     run = RunDir(Path(cfg.paths.output_dir))
+    here = RunDir(Path(config).expanduser().parent)
+    moved = (
+        Path(config).name == here.config.name
+        and here.manifest.is_file()
+        and here.root.resolve() != run.root.resolve()
+        and not any(o.startswith("paths.output_dir=") for o in overrides)
+    )
+    if moved:
+        # A run's saved config names the folder it was trained in; after a move or copy, acting on that old
+        # folder would write into (or fail on) another run. The folder the config sits in is the run.
+        log.warning(
+            "'%s' is a run's saved config naming paths.output_dir '%s'; the run has moved: using '%s'",
+            config,
+            cfg.paths.output_dir,
+            here.root,
+        )
+        run = here
     if run.config.is_file():
         # The run's own config is the truth for model/data/template; CLI overrides still apply on top.
         saved = load_config(run.config, overrides)
         cfg = saved.model_copy(update={k: getattr(cfg, k) for k in ("merge", "inference")})
+    if moved:
+        cfg = cfg.model_copy(update={"paths": cfg.paths.model_copy(update={"output_dir": str(run.root)})})
     return cfg, run
 
 

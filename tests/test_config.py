@@ -197,6 +197,26 @@ def test_a_stage_without_config_follows_the_paths_latest_given_on_the_command_li
         stage_config(None, [])
 
 
+def test_a_moved_run_is_the_folder_its_config_sits_in(tmp_path, caplog):
+    """A run folder moved or copied after training: its saved config.yaml still names the old paths.output_dir,
+    and a later stage given that config must act on the folder it found it in, not write into the old one."""
+    from ftkit.paths import RunDir, save_resolved_config, stage_config
+
+    old, new = RunDir(tmp_path / "old"), RunDir(tmp_path / "moved")
+    cfg = load_config(REPO / "configs" / "demo.yaml", [f"paths.output_dir={old.root}"])
+    new.root.mkdir()
+    save_resolved_config(cfg, new.config)
+    new.manifest.write_text("{}")
+    got_cfg, got_run = stage_config(str(new.config), [])
+    assert got_run.root == new.root and got_cfg.paths.output_dir == str(new.root)
+    assert "the run has moved" in caplog.text and not old.root.exists()
+    # an explicit paths.output_dir still wins, and a plain YAML (not inside a run) names its run as before
+    got_cfg, got_run = stage_config(str(new.config), [f"paths.output_dir={old.root}"])
+    assert got_run.root == old.root
+    got_cfg, got_run = stage_config(str(REPO / "configs" / "demo.yaml"), [])
+    assert got_run.root == Path(got_cfg.paths.output_dir) == Path("runs/demo")
+
+
 def test_attention_values_are_transformers_own_and_each_loads():
     """Every name transformers registers is accepted (the project's own sdpa_varlen is not a user choice), and
     each accepted one that needs no missing package builds a model in transformers; the others say which
