@@ -14,6 +14,10 @@ Writes: --outfile, default <run>/export/<BaseName>-<Size>-<FineTune>-<TYPE>.gguf
         template that renders the training prompt; and <outfile dir>/Modelfile for `ollama create`, with the
         training prompt as an Ollama TEMPLATE, its stop tokens and the run's sampling settings.
         With --adapter: <run>/export/<...>-<TYPE>-LoRA.gguf only (tens of MB; apply it over the base's GGUF).
+        With --base: the run's base model (model.name_or_path) at --type with the run's chat template, as
+        <run>/export/base/<BaseName>-<Size>-<TYPE>.gguf, and a Modelfile there that applies the adapter GGUF.
+        At 4 bits this keeps the fine-tune better than quantizing the merged model: the LoRA delta stays in
+        float instead of being rounded with the weights (README, "GGUF": measured).
         Everything is written to a temporary file and renamed, so a failure or Ctrl+C leaves nothing
         half-written; all input is checked before writing.
 
@@ -22,6 +26,7 @@ Run:
     python export_gguf.py --type q8_0                # 8-bit, about half the size
     python export_gguf.py --type q4_k_m              # llama.cpp's Q4_K_M (after `make llama-cpp`)
     python export_gguf.py --adapter                  # the LoRA adapter as a llama.cpp adapter GGUF
+    python export_gguf.py --base --type q4_k_m       # then the base at Q4_K_M + Modelfile with ADAPTER
     python export_gguf.py --model DIR --outfile out/model-q8_0.gguf --type q8_0
     ollama create my-model -f runs/<run>/export/Modelfile && ollama run my-model
     llama-cli -m runs/<run>/export/<...>-F16.gguf -cnv   # llama.cpp picks up the chat template
@@ -103,6 +108,19 @@ def check_outfile(outfile: Path) -> None:
         raise UserError(f"--outfile '{outfile}' is a folder; give a file path ending in .gguf")
 
 
+def claim_outfile(outfile: Path, run: RunDir | None, need: int, what: str, modelfile: bool = True):
+    """Every check on --outfile before a byte is written (the folder is made by the caller once its own checks
+    passed too); returns the run's lock when the file goes inside the run, so no other stage writes there."""
+    check_outfile(outfile)
+    check_own_outputs(outfile, modelfile)
+    if run is not None:
+        check_unlocked(run.root)
+    check_free_space(outfile.parent, need, what, "--outfile")
+    clean_tmp_leftovers(outfile.parent, names=(outfile.name, f"{outfile.name}.src") + (("Modelfile",) * modelfile))
+    inside_run = run is not None and outfile.resolve().is_relative_to(run.root.resolve())
+    return RunLock(run.root, "export_gguf.py") if inside_run else contextlib.nullcontext()
+
+
 def write_quantized(ckpt, plans, vocab, qtype: str, names, outfile: Path) -> None:
     """Pure-Python types in one pass; K-quants as the checkpoint's own float type first (lossless), then
     llama.cpp's quantizer, both into hidden temporary files that are removed whatever happens."""
@@ -130,8 +148,10 @@ def main(
     qtype: str = "f16",
     outfile: Path | None = None,
     model_dir: Path | None = None,
+    base: bool = False,
 ) -> Path:
-    """Export <run>/merged (or model_dir) to `outfile` as GGUF of type `qtype`, plus a Modelfile beside it."""
+    """Export <run>/merged (or model_dir) to `outfile` as GGUF of type `qtype`, plus a Modelfile beside it.
+    base=True: the run's base model instead, with the run's chat template, for use under the adapter GGUF."""
     import logging
 
     from transformers import AutoTokenizer
@@ -140,6 +160,12 @@ def main(
     qtype = parse_type(qtype)
     if TYPES[qtype].by_llama_cpp:
         require(f"--type {qtype} (a K-quant: the gguf package cannot write them)")
+    lora = None
+    if base:
+        if run is None:
+            raise UserError("--base exports a run's base model; pass --config for the run (not --model)")
+        lora = adapter_for_base(run, cfg)
+        model_dir = base_model_dir(cfg)
     src = model_dir or (run.merged if run else None)
     if src is None:
         raise UserError("nothing to export; pass --config for a run or --model DIR")
@@ -155,28 +181,29 @@ def main(
     with user_errors(f"cannot load the tokenizer in '{src}'", "re-run merge_adapter.py (it saves the tokenizer)"):
         tok = AutoTokenizer.from_pretrained(src, local_files_only=True)
     from_run = run is not None and model_dir is None
-    template = load_template(run if from_run else None, tok)
+    # The base GGUF carries the run's template: llama.cpp takes the chat prompt from the model, not the adapter.
+    template = load_template(run if from_run or base else None, tok)
     plans = plan_tensors(ckpt, source_type(ckpt.config) if TYPES[qtype].by_llama_cpp else qtype)
     vocab = read_vocab(tok, template, ckpt.config.vocab_size)
     n_params = sum(p.n_elements for p in plans if p.hf_name)
     names = export_names(
-        ckpt.config, n_params, cfg.model.name_or_path if from_run else str(src), run.root.name if from_run else None
+        ckpt.config,
+        n_params,
+        cfg.model.name_or_path if from_run or base else str(src),
+        run.root.name if from_run else None,
     )
     if outfile is None:
-        if not from_run:
+        if not (from_run or base):
             raise UserError("--model needs --outfile PATH (where the .gguf goes)")
-        outfile = run.export / names.file_name(qtype)
-    check_outfile(outfile)
-    check_own_outputs(outfile)
-    if run is not None:
-        check_unlocked(run.root)
+        # base/ keeps the base apart from the run's own models (inference.py --serve picks the newest of those)
+        outfile = (run.export / "base" if base else run.export) / names.file_name(qtype)
     total = sum(p.nbytes for p in plans)
     # a K-quant holds the float copy and the quantized file at once
     need = int(total * (1.6 if TYPES[qtype].by_llama_cpp else 1.05)) + (64 << 20)
-    check_free_space(outfile.parent, need, f"the {qtype} GGUF", "--outfile")
-    clean_tmp_leftovers(outfile.parent, names=(outfile.name, f"{outfile.name}.src", "Modelfile"))
+    lock = claim_outfile(outfile, run, need, f"the {qtype} GGUF")
+    adapter_ref = os.path.relpath(lora, outfile.parent.resolve()) if lora else None
     modelfile = modelfile_text(
-        outfile.name, tok, template, cfg.inference, vocab.add_bos, str(src)
+        outfile.name, tok, template, cfg.inference, vocab.add_bos, str(src), adapter_ref
     )  # built before writing: a template problem leaves nothing behind
     log.info(
         "exporting %s -> %s (%s, %d tensors, %s parameters, tokenizer pre '%s')",
@@ -187,13 +214,52 @@ def main(
         names.size_label,
         vocab.pre,
     )
-    inside_run = run is not None and outfile.resolve().is_relative_to(run.root.resolve())
     outfile.parent.mkdir(parents=True, exist_ok=True)
-    with RunLock(run.root, "export_gguf.py") if inside_run else contextlib.nullcontext():
+    with lock:
         write_quantized(ckpt, plans, vocab, qtype, names, outfile)
         atomic_write_text(outfile.parent / "Modelfile", modelfile)
     log.info("wrote %s (%.1f MB) and %s", outfile, outfile.stat().st_size / 1e6, outfile.parent / "Modelfile")
+    if lora:
+        log.info(
+            "the fine-tune is the adapter over this base: `python inference.py --serve %s --lora %s`, "
+            "`llama-cli -m %s --lora %s`, or `ollama create NAME -f %s`",
+            outfile,
+            lora,
+            outfile,
+            lora,
+            outfile.parent / "Modelfile",
+        )
     return outfile
+
+
+def adapter_for_base(run: RunDir, cfg: Config) -> Path:
+    """The adapter GGUF a --base export goes with: the run's newest, else where `--adapter` will write it."""
+    found = list(run.export.glob("*-LoRA.gguf")) if run.export.is_dir() else []
+    if found:
+        return max(found, key=lambda f: f.stat().st_mtime).resolve()
+    planned = run.export / adapter_names(cfg, run)[1].file_name("f16", adapter=True)
+    log.warning(
+        "no adapter GGUF in '%s' yet; the Modelfile names %s: write it with `python export_gguf.py --config %s "
+        "--adapter` before using the Modelfile",
+        run.export,
+        planned.name,
+        run.root / "config.yaml",
+    )
+    return planned.resolve()
+
+
+def base_model_dir(cfg: Config) -> Path:
+    """The run's base model as a local folder: a path as is, a hub id from the local HF cache (merge used it)."""
+    source, _ = resolve_model(cfg.model)
+    if Path(source).is_dir():
+        return Path(source)
+    from huggingface_hub import snapshot_download
+
+    with user_errors(
+        f"the base model '{source}' is not in the local Hugging Face cache",
+        f"download it (huggingface-cli download {source}) or export it with --model DIR --outfile PATH",
+    ):
+        return Path(snapshot_download(source, revision=cfg.model.revision, local_files_only=True))
 
 
 def export_adapter(cfg: Config, run: RunDir | None, qtype: str = "f16", outfile: Path | None = None) -> Path:
@@ -205,33 +271,33 @@ def export_adapter(cfg: Config, run: RunDir | None, qtype: str = "f16", outfile:
     if run is None:
         raise UserError("--adapter exports a run's adapter; pass --config for the run (not --model)")
     adapter_cfg = read_adapter_config(run.adapter)
-    source, offline = resolve_model(cfg.model)
-    base = causal_lm_config(cfg, source, offline)
+    base, names = adapter_names(cfg, run)
     if base.model_type != ARCH:
         raise UserError(f"the base model is '{base.model_type}'; export_gguf.py writes Llama adapters only")
     ap = plan_adapter(run.adapter, adapter_cfg, base, qtype)
-    names = export_names(base, llama_parameters(base), cfg.model.name_or_path, run.root.name)
     outfile = outfile or run.export / names.file_name(qtype, adapter=True)
-    check_outfile(outfile)
-    check_own_outputs(outfile, modelfile=False)
-    check_unlocked(run.root)
-    check_free_space(outfile.parent, sum(p.nbytes for p in ap.plans) + (16 << 20), "the adapter GGUF", "--outfile")
-    clean_tmp_leftovers(outfile.parent, names=(outfile.name,))
-    inside_run = outfile.resolve().is_relative_to(run.root.resolve())
+    lock = claim_outfile(outfile, run, sum(p.nbytes for p in ap.plans) + (16 << 20), "the adapter GGUF", False)
     outfile.parent.mkdir(parents=True, exist_ok=True)
-    with RunLock(run.root, "export_gguf.py") if inside_run else contextlib.nullcontext():
+    with lock:
         write_adapter_gguf(ap, qtype, names, outfile)
     log.info(
         "wrote %s (%.1f MB, %d LoRA pairs, alpha %g); use it over the base model's GGUF: "
-        "`python export_gguf.py --model %s --outfile base.gguf`, then `llama-cli -m base.gguf --lora %s`",
+        "`python export_gguf.py --config %s --base --type q4_k_m` writes one with a Modelfile that applies it",
         outfile,
         outfile.stat().st_size / 1e6,
         len(ap.plans) // 2,
         ap.alpha,
-        source,
-        outfile,
+        run.root / "config.yaml",
     )
     return outfile
+
+
+def adapter_names(cfg: Config, run: RunDir):
+    """(the base model's config, the llama.cpp names of the run's adapter GGUF): an adapter has no weights of
+    the base, so its size label comes from the config alone."""
+    source, offline = resolve_model(cfg.model)
+    base = causal_lm_config(cfg, source, offline)
+    return base, export_names(base, llama_parameters(base), cfg.model.name_or_path, run.root.name)
 
 
 def llama_parameters(c) -> int:
@@ -257,9 +323,16 @@ def cli(argv) -> None:
     )
     p.add_argument("--model", type=Path, help="export this HF Llama checkpoint folder instead of <run>/merged")
     p.add_argument("--adapter", action="store_true", help="export <run>/adapter as a llama.cpp LoRA adapter GGUF")
+    p.add_argument(
+        "--base",
+        action="store_true",
+        help="export the run's base model at --type into <run>/export/base/, with a Modelfile that applies the "
+        "adapter GGUF (export it first with --adapter): at 4 bits this keeps the fine-tune exact",
+    )
     a = parse_args(p, argv)
-    if a.adapter and a.model is not None:
-        raise UserError("--adapter exports a run's adapter and --model a whole checkpoint; pass one of them")
+    picked = [f for f, on in (("--adapter", a.adapter), ("--base", a.base), ("--model", a.model is not None)) if on]
+    if len(picked) > 1:
+        raise UserError(f"{' and '.join(picked)} pick different things to export; pass one of them")
     if a.model is not None and a.config is None:
         from ftkit.config import load_config
 
@@ -269,7 +342,7 @@ def cli(argv) -> None:
     if a.adapter:
         export_adapter(cfg, run, a.type, a.outfile)
     else:
-        main(cfg, run, a.type, a.outfile, a.model)
+        main(cfg, run, a.type, a.outfile, a.model, a.base)
 
 
 if __name__ == "__main__":

@@ -4,9 +4,14 @@ verifiable held-out tasks, generation speed, and the time each export took.
 
 Every type is exported with export_gguf.py into a scratch folder (the run's own export/ is not touched), then
 scored by ftkit.llamacpp.export_quality: the numbers tests/test_llama_cpp.py asserts on, for more types.
+--base-types scores the adapter GGUF (--adapter) over the base model at each type (--base), beside the merged
+exports. --extra-rows adds rows to the held-out ones (those whose prompt is in a --seen file are dropped), so a
+small held-out split does not decide a 90% bar by one or two answers.
 
     python finetune.py --config configs/demo.yaml paths.output_dir=runs/demo && python merge_adapter.py
-    python benchmarks/gguf_quality.py --run runs/demo --out benchmarks/results/gguf_quality_cpu.json
+    python data/generate_demo_data.py --seed 7 --per-family 40 --out /tmp/fresh.jsonl
+    python benchmarks/gguf_quality.py --run runs/demo --base-types q4_k_m,q4_0 \
+        --extra-rows /tmp/fresh.jsonl --seen data/demo_tasks.jsonl --out benchmarks/results/gguf_quality_cpu.json
 """
 
 from __future__ import annotations
@@ -28,18 +33,21 @@ from ftkit.jsonl import read_jsonl  # noqa: E402
 from ftkit.llamacpp import export_quality, load  # noqa: E402
 from ftkit.paths import RunDir  # noqa: E402
 from ftkit.prompts import PromptTemplate  # noqa: E402
+from ftkit.scoring import unseen  # noqa: E402
 
 
-def export(run: Path, qtype: str, out: Path) -> float:
+def export(run: Path, qtype: str, out: Path, *flags: str) -> float:
     t0 = time.time()
     cmd = [sys.executable, str(ROOT / "export_gguf.py"), "--config", str(run / "config.yaml"), "--type", qtype]
-    subprocess.run([*cmd, "--outfile", str(out), "--quiet"], check=True, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    cmd += [*flags, "--outfile", str(out), "--quiet"]
+    subprocess.run(cmd, check=True, env=dict(os.environ, HF_HUB_OFFLINE="1"))
     return time.time() - t0
 
 
-def tokens_per_second(path: Path, prompt: list[int], n: int = 64) -> float:
+def tokens_per_second(what: Path | tuple[Path, Path], prompt: list[int], n: int = 64) -> float:
     """Decode speed: n tokens past the prompt, end-of-turn ignored, best of 3."""
-    llm = load(path)
+    path, lora = what if isinstance(what, tuple) else (what, None)
+    llm = load(path, lora=lora)
     best = 0.0
     for _ in range(3):
         t0 = time.time()
@@ -55,6 +63,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run", type=Path, required=True, help="a finished run with merged/ (finetune + merge)")
     ap.add_argument("--types", default="f16,q8_0,q6_k,q5_k_m,q4_k_m,q5_0,q4_0", help="f16 first: the reference")
+    ap.add_argument("--base-types", default="", help="the adapter GGUF over the base at these types, e.g. q4_k_m")
+    ap.add_argument("--extra-rows", type=Path, help="more Alpaca rows (JSONL) to score beside the held-out ones")
+    ap.add_argument("--seen", type=Path, nargs="*", default=[], help="JSONL files whose prompts --extra-rows drops")
     ap.add_argument("--out", type=Path, help="results JSON")
     a = ap.parse_args()
     from transformers import AutoTokenizer
@@ -64,13 +75,25 @@ def main() -> None:
     tok = AutoTokenizer.from_pretrained(run / "merged")
     template = PromptTemplate.load(run / "prompt_template.json")
     rows = [r for _, r in read_jsonl(RunDir(run).eval_rows, "held-out rows", "")]
-    res = Results(run=str(run), rows=len(rows), versions=versions(), cpu_count=os.cpu_count(), types={})
+    n_held_out = len(rows)
+    if a.extra_rows:
+        seen = [r for f in a.seen for _, r in read_jsonl(f, "seen rows", "")]
+        rows += unseen([r for _, r in read_jsonl(a.extra_rows, "extra rows", "")], seen + rows)
+    res = Results(
+        run=str(run), rows=len(rows), held_out_rows=n_held_out, versions=versions(), cpu_count=os.cpu_count(), types={}
+    )
     res.out = a.out
     with tempfile.TemporaryDirectory() as tmp:
         files, took = {}, {}
         for t in a.types.split(","):
             files[t] = Path(tmp) / f"{t}.gguf"
             took[t] = export(run, t, files[t])
+        if a.base_types:
+            lora = Path(tmp) / "lora.gguf"
+            took_lora = export(run, "f16", lora, "--adapter")
+            for t in a.base_types.split(","):
+                files[f"{t}+lora"] = (Path(tmp) / f"base-{t}.gguf", lora)
+                took[f"{t}+lora"] = took_lora + export(run, t, files[f"{t}+lora"][0], "--base")
         report = export_quality(files, rows, template, tok, cfg.data.max_length, cfg.inference.max_new_tokens)
         prompt = template.prompt_ids(tok, rows[0]["instruction"], rows[0].get("input") or None)
         for t, r in report.items():
@@ -80,10 +103,10 @@ def main() -> None:
             r["generate_tok_s"] = round(tokens_per_second(files[t], prompt), 1)
             res["types"][t] = r
             res.save()
-    print(f"{'type':8} {'MB':>7} {'ppl':>7} {'top1':>6} {'EM':>6} {'tok/s':>7} {'export s':>8}")
+    print(f"{'type':12} {'MB':>7} {'ppl':>7} {'top1':>6} {'EM':>6} {'tok/s':>7} {'export s':>8}")
     for t, r in res["types"].items():
         print(
-            f"{t:8} {r['size_mb']:7.1f} {r['perplexity']:7.3f} {r['top1_agreement']:6.3f} {r['exact_match']:6.3f} "
+            f"{t:12} {r['size_mb']:7.1f} {r['perplexity']:7.3f} {r['top1_agreement']:6.3f} {r['exact_match']:6.3f} "
             f"{r['generate_tok_s']:7.1f} {r['export_s']:8.1f}"
         )
 

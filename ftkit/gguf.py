@@ -11,7 +11,7 @@ import os
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from .cli import UserError, log, user_errors
 from .config import InferenceCfg
@@ -568,7 +568,13 @@ def ollama_template(tok, template: PromptTemplate, add_bos: bool) -> tuple[str, 
 
 
 def modelfile_text(
-    gguf_name: str, tok, template: PromptTemplate, icfg: InferenceCfg, add_bos: bool, source: str
+    gguf_name: str,
+    tok,
+    template: PromptTemplate,
+    icfg: InferenceCfg,
+    add_bos: bool,
+    source: str,
+    adapter: str | None = None,
 ) -> str:
     go, system, style = ollama_template(tok, template, add_bos)
     stops = [tok.convert_ids_to_tokens(i) for i in template.stop_token_ids] + list(template.stop_strings)
@@ -577,6 +583,7 @@ def modelfile_text(
         f"# Prompt: the {template.kind} template used in training ({style}).",
         "#   ollama create NAME -f Modelfile && ollama run NAME",
         f"FROM ./{gguf_name}",
+        *([f"ADAPTER {adapter if adapter.startswith(('.', '/')) else './' + adapter}"] if adapter else []),
         f'TEMPLATE """{go}"""',
     ]
     if system:
@@ -660,14 +667,19 @@ def _add_general(w, names: Names, kind: str) -> None:
         w.add_base_model_repo_url(0, names.base_model["repo_url"])
 
 
-def _write_file(w, tmp: Path, out: Path, plans: list[TensorPlan], data: Iterator, desc: str) -> None:
-    """Header, metadata, tensor table, then tensor data one at a time; fsync'd, size-checked, renamed. Any
-    failure (Ctrl+C included) removes the temporary file, so `out` is either the old file or the whole new one."""
+def _write_file(
+    tmp: Path, out: Path, metadata: Callable[[Any], None], plans: list[TensorPlan], data: Iterator, desc: str
+) -> None:
+    """Header, metadata (added by `metadata(writer)`), tensor table, then tensor data one at a time; fsync'd,
+    size-checked, renamed. Any failure (Ctrl+C included) removes the temporary file, so `out` is either the old
+    file or the whole new one."""
     import gguf
     import numpy as np
     from tqdm import tqdm
 
+    w = gguf.GGUFWriter(tmp, ARCH)
     try:
+        metadata(w)
         for p in plans:
             w.add_tensor_info(
                 p.gguf_name, p.shape, np.dtype(np.float32), p.nbytes, raw_dtype=gguf.GGMLQuantizationType[p.qtype]
@@ -708,9 +720,8 @@ def write_gguf(
     import gguf
 
     cfg = ckpt.config
-    tmp = tmp or tmp_path_for(out)
-    w = gguf.GGUFWriter(tmp, ARCH)
-    try:
+
+    def metadata(w) -> None:
         _add_general(w, names, "model")
         w.add_context_length(cfg.max_position_embeddings)
         w.add_embedding_length(cfg.hidden_size)
@@ -751,11 +762,9 @@ def write_gguf(
         w.add_add_space_prefix(False)  # byte-level BPE encodes spaces itself; readers must not add or strip one
         if vocab.chat_template:
             w.add_chat_template(vocab.chat_template)
-    except BaseException:
-        w.close()
-        tmp.unlink(missing_ok=True)
-        raise
-    _write_file(w, tmp, out, plans, iter_tensor_data(ckpt, plans), f"writing {qtype}")
+
+    tmp = tmp or tmp_path_for(out)
+    _write_file(tmp, out, metadata, plans, iter_tensor_data(ckpt, plans), f"writing {qtype}")
 
 
 # -- the LoRA adapter as a llama.cpp adapter GGUF (llama.cpp's --lora, Ollama's ADAPTER) ---------------------------
@@ -856,18 +865,14 @@ def plan_adapter(adapter_dir: Path, adapter_cfg: dict, base_config, qtype: str) 
 def write_adapter_gguf(ap: AdapterPlan, qtype: str, names: Names, out: Path) -> None:
     import gguf
 
-    tmp = tmp_path_for(out)
-    w = gguf.GGUFWriter(tmp, ARCH)
-    try:
+    def metadata(w) -> None:
         _add_general(w, names, "adapter")
         w.add_string(gguf.Keys.Adapter.TYPE, "lora")
         w.add_float32(gguf.Keys.Adapter.LORA_ALPHA, ap.alpha)
         w.add_file_type(gguf.LlamaFileType[TYPES[qtype].file_type])
-    except BaseException:
-        w.close()
-        tmp.unlink(missing_ok=True)
-        raise
-    _write_file(w, tmp, out, ap.plans, iter_tensor_data(ap.ckpt, ap.plans), f"writing LoRA {qtype}")
+
+    tmp = tmp_path_for(out)
+    _write_file(tmp, out, metadata, ap.plans, iter_tensor_data(ap.ckpt, ap.plans), f"writing LoRA {qtype}")
 
 
 def gguf_type(path: Path) -> tuple[str, str]:

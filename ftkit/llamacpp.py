@@ -49,6 +49,20 @@ def native_output() -> Iterator[list[str]]:
             out.extend(f.read().decode("utf-8", "replace").splitlines())
 
 
+@contextlib.contextmanager
+def refusal_as_user_error(model: Path, lora: Path | None) -> Iterator[None]:
+    """Around a llama.cpp load: its native chatter captured, and a refusal turned into one line that gives
+    llama.cpp's own reason (its last 'error'/'failed' line) instead of llama-cpp-python's generic exception."""
+    with native_output() as lines:
+        try:
+            yield
+            return
+        except (ValueError, RuntimeError, OSError) as e:
+            err = e
+    why = next((ln for ln in reversed(lines) if "error" in ln.lower() or "failed" in ln.lower()), str(err))
+    raise UserError(f"llama.cpp cannot load '{model}'{f' with {lora}' if lora else ''}: {why.strip()[:200]}")
+
+
 def quantize(src: Path, dst: Path, file_type: int, threads: int | None = None) -> None:
     """llama.cpp's llama_model_quantize (what `llama-quantize` runs): it chooses each tensor's type for the
     file type (Q4_K_M keeps attn_v/ffn_down at more bits, falls back where rows are not a multiple of 256)."""
@@ -69,28 +83,23 @@ def load(model: Path, lora: Path | None = None, n_ctx: int = 2048, logits_all: b
     llama_cpp = require("loading a GGUF in llama.cpp")
     if lora is not None:
         check_adapter_fits(model, lora)
-    with native_output() as lines:
-        try:
-            return llama_cpp.Llama(
-                model_path=str(model),
-                lora_path=str(lora) if lora else None,
-                n_ctx=n_ctx,
-                n_threads=os.cpu_count() or 1,
-                logits_all=logits_all,
-                seed=0,
-                verbose=False,
-            )
-        except (ValueError, RuntimeError):
-            pass
-    why = next((ln for ln in reversed(lines) if "error" in ln.lower() or "failed" in ln.lower()), "")
-    raise UserError(f"llama.cpp cannot load '{model}'{f' with {lora}' if lora else ''}: {why.strip()[:200]}")
+    with refusal_as_user_error(model, lora):
+        return llama_cpp.Llama(
+            model_path=str(model),
+            lora_path=str(lora) if lora else None,
+            n_ctx=n_ctx,
+            n_threads=os.cpu_count() or 1,
+            logits_all=logits_all,
+            seed=0,
+            verbose=False,
+        )
 
 
 def greedy_ids(llm, prompt: list[int], n: int) -> list[int]:
     """The first n greedy tokens after prompt (fewer when an end-of-generation token comes first)."""
     out = []
     for tok in llm.generate(prompt, temp=0.0, top_k=1, repeat_penalty=1.0, reset=True):
-        if llm.token_eos() == tok or _is_eog(llm, tok):
+        if _is_eog(llm, tok):  # eos and every other end-of-generation token (<|im_end|>, <|eot_id|>)
             break
         out.append(int(tok))
         if len(out) == n:
@@ -201,16 +210,8 @@ def serve(model: Path, lora: Path | None, host: str, port: int, n_ctx: int, alia
         n_threads=os.cpu_count() or 1,
         verbose=False,
     )
-    with native_output() as lines:
-        try:
-            app = create_app(server_settings=ServerSettings(host=host, port=port), model_settings=[settings])
-        except (ValueError, RuntimeError, OSError) as e:
-            err = e
-        else:
-            err = None
-    if err is not None:
-        why = next((ln for ln in reversed(lines) if "error" in ln.lower() or "failed" in ln.lower()), str(err))
-        raise UserError(f"llama.cpp cannot load '{model}'{f' with {lora}' if lora else ''}: {why.strip()[:200]}")
+    with refusal_as_user_error(model, lora):
+        app = create_app(server_settings=ServerSettings(host=host, port=port), model_settings=[settings])
     log.info(
         "serving %s%s as '%s' on http://%s:%d/v1 (Ctrl+C stops); request defaults: %s",
         model,

@@ -95,6 +95,12 @@ def prompt_of(row: dict) -> Prompt:
     return row["messages"][:-1] if "messages" in row else (row["instruction"], row.get("input") or None)
 
 
+def unseen(rows: list[dict], seen: list[dict]) -> list[dict]:
+    """The rows whose prompt is not among `seen`'s: fresh test rows from a generator that may repeat a trained one."""
+    known = {repr(prompt_of(r)) for r in seen}
+    return [r for r in rows if repr(prompt_of(r)) not in known]
+
+
 def family_of(row: dict) -> str:
     return str(row.get("family") or NO_FAMILY)
 
