@@ -237,7 +237,10 @@ def adapter_for_base(run: RunDir, cfg: Config) -> Path:
     found = list(run.export.glob("*-LoRA.gguf")) if run.export.is_dir() else []
     if found:
         return max(found, key=lambda f: f.stat().st_mtime).resolve()
-    planned = run.export / adapter_names(cfg, run)[1].file_name("f16", adapter=True)
+    base, names = adapter_names(cfg, run)
+    # the adapter must have a llama.cpp form (not DoRA, no trained embeddings), or the base is of no use
+    plan_adapter(run.adapter, read_adapter_config(run.adapter), base, "f16")
+    planned = run.export / names.file_name("f16", adapter=True)
     log.warning(
         "no adapter GGUF in '%s' yet; the Modelfile names %s: write it with `python export_gguf.py --config %s "
         "--adapter` before using the Modelfile",

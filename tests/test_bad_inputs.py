@@ -1050,6 +1050,20 @@ CASES = [
         "--type q4 is not supported",
     ),
     Case(
+        "export-base-dora",
+        "export_gguf.py",
+        ["--config", "{tmp}/run/config.yaml", "--base", "--outfile", "{tmp}/b.gguf"],
+        "DoRA",
+        setup="run-dora-adapter",
+    ),
+    Case(
+        "export-base-no-adapter",
+        "export_gguf.py",
+        ["--config", "{tmp}/run/config.yaml", "--base", "--outfile", "{tmp}/b.gguf"],
+        "not a complete adapter",
+        setup="run-no-adapter",
+    ),
+    Case(
         "export-base-model-gone",
         "export_gguf.py",
         ["--config", "{run}/config.yaml", "--base", "--outfile", "{tmp}/b.gguf", "model.name_or_path={tmp}/gone"],
