@@ -330,7 +330,7 @@ def cli(argv) -> None:
         "--base",
         action="store_true",
         help="export the run's base model at --type into <run>/export/base/, with a Modelfile that applies the "
-        "adapter GGUF (export it first with --adapter): at 4 bits this keeps the fine-tune exact",
+        "adapter GGUF (export it with --adapter): at 4 bits the LoRA delta then stays unrounded",
     )
     a = parse_args(p, argv)
     picked = [f for f, on in (("--adapter", a.adapter), ("--base", a.base), ("--model", a.model is not None)) if on]
