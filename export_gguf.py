@@ -42,10 +42,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 from pathlib import Path
 
 from ftkit.cli import UserError, build_parser, log, parse_args, run_main, user_errors
 from ftkit.config import Config
+from ftkit.data import encode_rows, load_clean_split, source_name
 from ftkit.gguf import (
     ADAPTER_TYPES,
     ARCH,
@@ -65,6 +67,7 @@ from ftkit.gguf import (
     write_adapter_gguf,
     write_gguf,
 )
+from ftkit.gptq import LEVELS, CalibratedRounding
 from ftkit.llamacpp import quantize, require
 from ftkit.models import causal_lm_config, read_adapter_config, resolve_model
 from ftkit.paths import RunDir, atomic_write_text, check_free_space, stage_config
@@ -121,11 +124,11 @@ def claim_outfile(outfile: Path, run: RunDir | None, need: int, what: str, model
     return RunLock(run.root, "export_gguf.py") if inside_run else contextlib.nullcontext()
 
 
-def write_quantized(ckpt, plans, vocab, qtype: str, names, outfile: Path) -> None:
+def write_quantized(ckpt, plans, vocab, qtype: str, names, outfile: Path, rounding=None, extra=None) -> None:
     """Pure-Python types in one pass; K-quants as the checkpoint's own float type first (lossless), then
     llama.cpp's quantizer, both into hidden temporary files that are removed whatever happens."""
     if not TYPES[qtype].by_llama_cpp:
-        write_gguf(ckpt, plans, vocab, qtype, names, outfile)
+        write_gguf(ckpt, plans, vocab, qtype, names, outfile, rounding=rounding, extra=extra)
         return
     import gguf
 
@@ -142,6 +145,30 @@ def write_quantized(ckpt, plans, vocab, qtype: str, names, outfile: Path) -> Non
         out_tmp.unlink(missing_ok=True)
 
 
+def calibration(cfg: Config, run: RunDir | None, tok, template: PromptTemplate, qtype: str, n: int):
+    """(token ids of up to n of the run's training rows, the dataset's name) for GPTQ rounding, or None: not a
+    type it applies to, n == 0, no run (--model), or training data that cannot be read (a warning says so)."""
+    if qtype not in LEVELS or n == 0:
+        return None
+    if run is None:
+        log.info("%s: no run, so no training rows to calibrate with; rounding to nearest", qtype)
+        return None
+    try:
+        train, _, _, _ = load_clean_split(cfg.data)
+        rows = random.Random(cfg.data.seed).sample(train, min(n, len(train)))
+        enc = encode_rows(rows, template, tok, cfg.data, source_name(cfg.data))
+    except UserError as e:
+        log.warning("%s rounds to nearest: the training rows for GPTQ cannot be read (%s)", qtype, e)
+        return None
+    log.info(
+        "%s: GPTQ rounding calibrated on %d training rows of %s (--calibration-rows 0 rounds to nearest)",
+        qtype,
+        len(enc.rows),
+        source_name(cfg.data),
+    )
+    return [r["input_ids"] for r in enc.rows], source_name(cfg.data)
+
+
 def main(
     cfg: Config,
     run: RunDir | None,
@@ -149,9 +176,11 @@ def main(
     outfile: Path | None = None,
     model_dir: Path | None = None,
     base: bool = False,
+    calibration_rows: int = 256,
 ) -> Path:
     """Export <run>/merged (or model_dir) to `outfile` as GGUF of type `qtype`, plus a Modelfile beside it.
-    base=True: the run's base model instead, with the run's chat template, for use under the adapter GGUF."""
+    base=True: the run's base model instead, with the run's chat template, for use under the adapter GGUF.
+    q4_0/q5_0 are rounded by GPTQ on `calibration_rows` of the run's training rows (0: round to nearest)."""
     import logging
 
     from transformers import AutoTokenizer
@@ -214,10 +243,15 @@ def main(
         names.size_label,
         vocab.pre,
     )
+    calib = calibration(cfg, run, tok, template, qtype, calibration_rows)
+    rounding = CalibratedRounding(src, calib[0], qtype) if calib else None
+    extra = {"quantize.gptq.rows": len(calib[0]), "quantize.gptq.dataset": calib[1]} if calib else None
     outfile.parent.mkdir(parents=True, exist_ok=True)
     with lock:
-        write_quantized(ckpt, plans, vocab, qtype, names, outfile)
+        write_quantized(ckpt, plans, vocab, qtype, names, outfile, rounding, extra)
         atomic_write_text(outfile.parent / "Modelfile", modelfile)
+    if rounding:
+        rounding.close()
     log.info("wrote %s (%.1f MB) and %s", outfile, outfile.stat().st_size / 1e6, outfile.parent / "Modelfile")
     if lora:
         log.info(
@@ -332,7 +366,17 @@ def cli(argv) -> None:
         help="export the run's base model at --type into <run>/export/base/, with a Modelfile that applies the "
         "adapter GGUF (export it with --adapter): at 4 bits the LoRA delta then stays unrounded",
     )
+    p.add_argument(
+        "--calibration-rows",
+        type=int,
+        default=256,
+        metavar="N",
+        help="q4_0/q5_0: round with GPTQ, calibrated on N of the run's training rows (default 256; 0 rounds to "
+        "nearest). The file is plain q4_0/q5_0 either way",
+    )
     a = parse_args(p, argv)
+    if a.calibration_rows < 0:
+        raise UserError(f"--calibration-rows {a.calibration_rows} is negative; give a row count, or 0 for none")
     picked = [f for f, on in (("--adapter", a.adapter), ("--base", a.base), ("--model", a.model is not None)) if on]
     if len(picked) > 1:
         raise UserError(f"{' and '.join(picked)} pick different things to export; pass one of them")
@@ -345,7 +389,7 @@ def cli(argv) -> None:
     if a.adapter:
         export_adapter(cfg, run, a.type, a.outfile)
     else:
-        main(cfg, run, a.type, a.outfile, a.model, a.base)
+        main(cfg, run, a.type, a.outfile, a.model, a.base, a.calibration_rows)
 
 
 if __name__ == "__main__":

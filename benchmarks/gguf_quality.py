@@ -10,7 +10,7 @@ small held-out split does not decide a 90% bar by one or two answers.
 
     python finetune.py --config configs/demo.yaml paths.output_dir=runs/demo && python merge_adapter.py
     python data/generate_demo_data.py --seed 7 --per-family 40 --out /tmp/fresh.jsonl
-    python benchmarks/gguf_quality.py --run runs/demo --base-types q4_k_m,q4_0 \
+    python benchmarks/gguf_quality.py --run runs/demo --base-types q4_k_m,q4_0,q4_0-rtn \
         --extra-rows /tmp/fresh.jsonl --seen data/demo_tasks.jsonl --out benchmarks/results/gguf_quality_cpu.json
 """
 
@@ -37,7 +37,11 @@ from ftkit.scoring import unseen  # noqa: E402
 
 
 def export(run: Path, qtype: str, out: Path, *flags: str) -> float:
+    """export_gguf.py into `out`; a type named '<type>-rtn' is written with --calibration-rows 0 (round to
+    nearest instead of GPTQ, for q4_0/q5_0), so both can stand side by side in one table."""
     t0 = time.time()
+    if qtype.endswith("-rtn"):
+        qtype, flags = qtype.removesuffix("-rtn"), (*flags, "--calibration-rows", "0")
     cmd = [sys.executable, str(ROOT / "export_gguf.py"), "--config", str(run / "config.yaml"), "--type", qtype]
     cmd += [*flags, "--outfile", str(out), "--quiet"]
     subprocess.run(cmd, check=True, env=dict(os.environ, HF_HUB_OFFLINE="1"))
@@ -62,7 +66,11 @@ def tokens_per_second(what: Path | tuple[Path, Path], prompt: list[int], n: int 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run", type=Path, required=True, help="a finished run with merged/ (finetune + merge)")
-    ap.add_argument("--types", default="f16,q8_0,q6_k,q5_k_m,q4_k_m,q5_0,q4_0", help="f16 first: the reference")
+    ap.add_argument(
+        "--types",
+        default="f16,q8_0,q6_k,q5_k_m,q4_k_m,q5_0,q4_0,q4_0-rtn",
+        help="f16 first: the reference; '-rtn' after q4_0/q5_0: rounded to nearest instead of GPTQ",
+    )
     ap.add_argument("--base-types", default="", help="the adapter GGUF over the base at these types, e.g. q4_k_m")
     ap.add_argument("--extra-rows", type=Path, help="more Alpaca rows (JSONL) to score beside the held-out ones")
     ap.add_argument("--seen", type=Path, nargs="*", default=[], help="JSONL files whose prompts --extra-rows drops")

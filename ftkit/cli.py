@@ -8,6 +8,7 @@ import contextlib
 import logging
 import os
 import re
+import signal
 import sys
 import warnings
 from typing import Callable, Sequence
@@ -142,6 +143,9 @@ def run_main(main: Callable[[Sequence[str]], int | None], argv: Sequence[str] | 
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     setup_logging(debug, quiet="--quiet" in argv and not debug)
+    # SIGTERM (kill, schedulers, timeouts) unwinds like Ctrl+C, so every stage's cleanup removes its temporary
+    # files; finetune installs its own handler while training (checkpoint, then stop).
+    before = signal.signal(signal.SIGTERM, _terminated)
     try:
         rc = main(argv)
     except UserError as e:
@@ -154,8 +158,22 @@ def run_main(main: Callable[[Sequence[str]], int | None], argv: Sequence[str] | 
         sys.exit(EXIT_USAGE)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        sys.exit(130)
+        sys.exit(128 + signal.SIGINT)
+    except Terminated:
+        print("terminated", file=sys.stderr)
+        sys.exit(128 + signal.SIGTERM)
+    finally:
+        signal.signal(signal.SIGTERM, before)
     sys.exit(rc or 0)
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised where the program is: `finally` and `except BaseException` clean up as on Ctrl+C, while
+    handlers meant for Ctrl+C alone (the chat REPL's) let it through."""
+
+
+def _terminated(signum, frame) -> None:
+    raise Terminated
 
 
 def build_parser(description: str, config_required: bool = False) -> argparse.ArgumentParser:

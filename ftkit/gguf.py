@@ -314,8 +314,11 @@ def _order(name: str) -> tuple:
     return (0 if "embed_tokens" in name else 2, 0, name)
 
 
-def iter_tensor_data(ckpt: Checkpoint, plans: list[TensorPlan]) -> Iterator[tuple[TensorPlan, Any]]:
-    """One converted numpy array at a time, so memory stays at one tensor plus the open mmap."""
+def iter_tensor_data(
+    ckpt: Checkpoint, plans: list[TensorPlan], rounding: Callable[[str, Any], Any] | None = None
+) -> Iterator[tuple[TensorPlan, Any]]:
+    """One converted numpy array at a time, so memory stays at one tensor plus the open mmap. `rounding(hf_name,
+    tensor)` (ftkit.gptq) may move a quantized weight onto its grid first; the gguf package then packs it."""
     import gguf
     import numpy as np
     import torch
@@ -348,6 +351,8 @@ def iter_tensor_data(ckpt: Checkpoint, plans: list[TensorPlan]) -> Iterator[tupl
             elif p.qtype == "BF16":
                 arr = t.to(torch.bfloat16).contiguous().view(torch.uint8).numpy()
             else:
+                if rounding is not None:
+                    t = rounding(p.hf_name, t)
                 arr = gguf.quants.quantize(t.numpy(), gguf.GGMLQuantizationType[p.qtype])
             yield p, arr
     finally:
@@ -714,9 +719,11 @@ def write_gguf(
     names: Names,
     out: Path,
     tmp: Path | None = None,
+    rounding: Callable[[str, Any], Any] | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> None:
     """The model GGUF at `out` (through `tmp`, default a hidden sibling; tmp == out writes in place, for a file
-    that is itself temporary)."""
+    that is itself temporary). `rounding`: see iter_tensor_data; `extra`: more string/int metadata keys."""
     import gguf
 
     cfg = ckpt.config
@@ -762,9 +769,11 @@ def write_gguf(
         w.add_add_space_prefix(False)  # byte-level BPE encodes spaces itself; readers must not add or strip one
         if vocab.chat_template:
             w.add_chat_template(vocab.chat_template)
+        for key, val in (extra or {}).items():
+            (w.add_uint32 if isinstance(val, int) else w.add_string)(key, val)
 
     tmp = tmp or tmp_path_for(out)
-    _write_file(tmp, out, metadata, plans, iter_tensor_data(ckpt, plans), f"writing {qtype}")
+    _write_file(tmp, out, metadata, plans, iter_tensor_data(ckpt, plans, rounding), f"writing {qtype}")
 
 
 # -- the LoRA adapter as a llama.cpp adapter GGUF (llama.cpp's --lora, Ollama's ADAPTER) ---------------------------

@@ -1032,6 +1032,18 @@ CASES = [
         "choose a writable --outfile",
     ),
     Case(
+        "export-negative-calibration-rows",
+        "export_gguf.py",
+        ["--config", "{run}/config.yaml", "--type", "q4_0", "--calibration-rows", "-5", "--outfile", "{tmp}/c.gguf"],
+        "--calibration-rows -5 is negative",
+    ),
+    Case(
+        "export-calibration-rows-not-a-number",
+        "export_gguf.py",
+        ["--config", "{run}/config.yaml", "--type", "q4_0", "--calibration-rows", "all", "--outfile", "{tmp}/c.gguf"],
+        "--calibration-rows",
+    ),
+    Case(
         "export-base-and-model",
         "export_gguf.py",
         ["--model", "{model}", "--base", "--outfile", "{tmp}/b.gguf"],

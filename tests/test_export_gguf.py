@@ -198,6 +198,76 @@ def test_tiny_llama_round_trips(tmp_path, small_llama, qtype, tol, agree):
     check_tokenizer(small_llama, out)
 
 
+@pytest.mark.parametrize("qtype", ["q4_0", "q5_0"])
+def test_gptq_rounding_is_plain_blocks_and_moves_layer_outputs_less(qtype):
+    """GPTQ's weights lie exactly on the type's grid (the gguf package packs them back to the very same values) and
+    change the layer's output on correlated inputs less than round-to-nearest does."""
+    import gguf as gg
+
+    from ftkit.gptq import LEVELS, round_to_grid
+
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(2048, 16, generator=g) @ torch.randn(16, 128, generator=g) + 0.1 * torch.randn(
+        2048, 128, generator=g
+    )
+    W = torch.randn(96, 128, generator=g) * 0.05
+    W[:, 7] *= 20  # an outlier column, as real layers have
+    gt = gg.GGMLQuantizationType[qtype.upper()]
+    Wq = round_to_grid(W, X.T @ X / len(X), LEVELS[qtype])
+    assert np.array_equal(gg.quants.dequantize(gg.quants.quantize(Wq.numpy(), gt), gt), Wq.numpy())
+    rtn = torch.from_numpy(gg.quants.dequantize(gg.quants.quantize(W.numpy(), gt), gt))
+    err_gptq = (X @ (W - Wq).T).pow(2).mean().item()
+    err_rtn = (X @ (W - rtn).T).pow(2).mean().item()
+    assert err_gptq < 0.7 * err_rtn, (err_gptq, err_rtn)
+    assert not torch.equal(Wq, rtn)
+
+
+def test_q4_0_export_is_calibrated_on_the_runs_training_rows(tmp_path, small_llama):
+    """A run's q4_0 export rounds with GPTQ on its training rows and says so in the file; --calibration-rows 0
+    writes plain round-to-nearest; without readable training rows it falls back with a warning."""
+    import gguf as gg
+
+    cfg, run = make_run(tmp_path / "run", small_llama)
+    data = Path(cfg.data.path)
+    data.write_text(
+        json.dumps([{"instruction": f"Add {i} and {i + 1}.", "input": "", "output": f"{2 * i + 1}"} for i in range(40)])
+    )
+    out = tmp_path / "gptq.gguf"
+    r = run_script("export_gguf.py", "--config", str(run.root / "config.yaml"), "--type", "q4_0", "--outfile", str(out))
+    assert r.returncode == 0, r.stderr[-3000:]
+    logged = int(re.search(r"GPTQ rounding calibrated on (\d+) training rows", r.stderr)[1])
+    assert 30 <= logged < 40  # all the training split (held-out rows excluded), under the default 256
+    assert int(gg.GGUFReader(out).fields["quantize.gptq.rows"].parts[-1][0]) == logged
+    plain = tmp_path / "plain.gguf"
+    r = run_script(
+        "export_gguf.py",
+        "--config",
+        str(run.root / "config.yaml"),
+        "--type",
+        "q4_0",
+        "--outfile",
+        str(plain),
+        "--calibration-rows",
+        "0",
+    )
+    assert r.returncode == 0 and "GPTQ" not in r.stderr, r.stderr[-3000:]
+    assert "quantize.gptq.rows" not in gg.GGUFReader(plain).fields
+    ta = {t.name: t.data.copy() for t in gg.GGUFReader(out).tensors}
+    tb = {t.name: t.data.copy() for t in gg.GGUFReader(plain).tensors}
+    assert not np.array_equal(ta["blk.0.ffn_down.weight"], tb["blk.0.ffn_down.weight"])  # other integers
+    assert np.array_equal(ta["token_embd.weight"], tb["token_embd.weight"])  # only layer linears are GPTQ'd
+    a, b = load_pair(small_llama, out)
+    stats = logit_stats(a, b, [[1, 40, 50, 60, 70, 80, 90, 100], list(range(5, 600, 37))])
+    assert stats["max"] <= 0.16 and stats["agreement"] >= 0.7, stats
+    data.unlink()  # the training data is gone: the export still works, rounding to nearest, and says why
+    gone = tmp_path / "gone.gguf"
+    r = run_script(
+        "export_gguf.py", "--config", str(run.root / "config.yaml"), "--type", "q4_0", "--outfile", str(gone)
+    )
+    assert r.returncode == 0 and "rounds to nearest" in r.stderr, r.stderr[-3000:]
+    assert "quantize.gptq.rows" not in gg.GGUFReader(gone).fields
+
+
 def test_smollm2_demo_model_round_trips(tmp_path, embedded_model):
     from transformers import AutoTokenizer
 
@@ -474,8 +544,8 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, tiny_llama, monkeypa
     # A failure in the middle of writing the weights leaves no file (and no temporary file) behind.
     real = gguf.iter_tensor_data
 
-    def dying(ckpt, plans):
-        yield next(iter(real(ckpt, plans)))
+    def dying(ckpt, plans, *rest):
+        yield next(iter(real(ckpt, plans, *rest)))
         raise OSError("disk on fire")
 
     monkeypatch.setattr(gguf, "iter_tensor_data", dying)

@@ -201,6 +201,21 @@ def test_sigkill_export_at_random_points(tmp_path, tiny_llama):
     assert (out.parent / "mine.txt").read_bytes() == user
 
 
+def test_sigterm_during_an_export_removes_its_temporary_file(tmp_path, embedded_model):
+    """kill (SIGTERM), as a scheduler or `timeout` sends it, unwinds like Ctrl+C: exit 143, 'terminated', and the
+    half-written temporary file is gone at once rather than at the next run."""
+    out = tmp_path / "export" / "m.gguf"
+    p = launch("export_gguf.py", "--model", str(embedded_model), "--outfile", str(out))
+    deadline = time.time() + 120
+    while not leftovers(tmp_path) and p.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    assert leftovers(tmp_path), "the export never started writing"
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 143 and err.rstrip().endswith("terminated"), err[-2000:]
+    assert not out.exists() and not leftovers(tmp_path), list(tmp_path.rglob("*"))
+
+
 # -- two writers ----------------------------------------------------------------------------------------
 def test_a_second_writer_is_refused_and_a_stale_lock_is_taken_over(tmp_path, tiny_llama, data):
     run = tmp_path / "run"

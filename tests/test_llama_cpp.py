@@ -117,6 +117,9 @@ def test_names_and_metadata_follow_llama_cpp(demo):
     assert field(model, "general.file_type") == gguf.LlamaFileType.MOSTLY_Q4_K_M
     kinds = {t.tensor_type.name for t in model.tensors}
     assert {"Q4_K", "Q6_K"} <= kinds, kinds  # llama.cpp's own mix, not a relabelled pure-Python file
+    q40 = gguf.GGUFReader(demo["q4_0"])  # GPTQ-rounded, and says so; still plain q4_0 blocks (Q8_0: the tied head)
+    assert field(q40, "quantize.gptq.rows") == 256 and field(q40, "quantize.gptq.dataset") == "data/demo_tasks.jsonl"
+    assert {t.tensor_type.name for t in q40.tensors} == {"Q4_0", "Q8_0", "F32"}
     base = gguf.GGUFReader(demo["base_q4_k_m"])
     assert field(base, "general.finetune") == "Instruct"  # the base's own name part, not the run's
     assert field(base, "general.file_type") == gguf.LlamaFileType.MOSTLY_Q4_K_M
@@ -154,58 +157,33 @@ def test_f16_and_q8_0_greedy_tokens_match_transformers(demo):
     assert all(want) and sum(len(w) for w in want) >= 3 * len(want), want  # answers, not immediate stops
 
 
-def test_low_bit_exports_keep_the_demo_answers(demo):
-    """q8_0, q4_0 and Q4_K_M against f16 inside llama.cpp on the 120 held-out rows: top-1 agreement, perplexity of
-    the reference answers and exact match on the verifiable tasks, printed as a table.
+def test_low_bit_exports_keep_the_demo_answers(demo, tmp_path):
+    """q8_0, Q4_K_M, q4_0 (GPTQ-rounded) and the adapter over a Q4_K_M base against f16 inside llama.cpp: top-1
+    agreement, perplexity of the reference answers and exact match of greedy answers, printed as a table, on the
+    held-out rows plus fresh demo tasks (326 verifiable rows: on 114 alone one answer moves the share ~1.3 points).
 
-    Measured on this run (2-core CPU, seed 42): f16 EM 68.4% (78/114), ppl 1.395; q8_0 66.7% (97%), ppl 1.393,
-    agreement 99.6%; Q4_K_M 60.5% (88.5% of f16), ppl 1.448, agreement 95.9%; q4_0 45.6% (67%), ppl 1.665,
-    agreement 90.0%. So the 90%-of-f16 bar holds at 8 bits but not at 4 on this 135M model (its 576-wide rows also
-    push Q4_K_M's Q4_K tensors to Q5_0). The bounds below sit under those figures, so a regression in the writer,
-    the quantizer call or the tokenizer (which costs far more) fails, and the order q8_0 > Q4_K_M > q4_0 must hold."""
+    Measured on this run (2-core CPU), exact match as a share of f16's: MEASURED.
+    Each 4-bit form keeps 90% of f16's exact match, the issue's bar; the perplexity bounds sit above the measured
+    figures, so a regression in the writer, the rounding, the quantizer call or the tokenizer fails."""
     run = demo["run"]
     tok, template = tokenizer_and_template(run)
     cfg = load_config(run / "config.yaml")
+    rows = held_out(run) + fresh_demo_rows(tmp_path)
     files = {t: demo[t] for t in ("f16", "q8_0", "q4_k_m", "q4_0")}
     files["q4_k_m+lora"] = (demo["base_q4_k_m"], demo["lora"])
-    report = export_quality(
-        files,
-        held_out(run),
-        template,
-        tok,
-        cfg.data.max_length,
-        cfg.inference.max_new_tokens,
-    )
+    report = export_quality(files, rows, template, tok, cfg.data.max_length, cfg.inference.max_new_tokens)
     table = {t: {k: v for k, v in r.items() if k != "answers"} for t, r in report.items()}
     print("quality", json.dumps(table, indent=1))
     f16, q8, q4km, q40 = (report[t] for t in ("f16", "q8_0", "q4_k_m", "q4_0"))
-    assert f16["verifiable_rows"] >= 100 and f16["exact_match"] >= 0.55, table  # trained: ~2% before training
-    assert q8["exact_match"] >= 0.9 * f16["exact_match"] and q8["top1_agreement"] >= 0.98, table
-    assert q8["perplexity"] <= 1.02 * f16["perplexity"], table
-    assert q4km["exact_match"] >= 0.8 * f16["exact_match"] and q4km["top1_agreement"] >= 0.93, table
-    assert q4km["perplexity"] <= 1.1 * f16["perplexity"], table
-    assert q40["exact_match"] >= 0.55 * f16["exact_match"] and q40["top1_agreement"] >= 0.85, table
-    assert q40["perplexity"] <= 1.3 * f16["perplexity"], table
-    assert f16["perplexity"] < q4km["perplexity"] < q40["perplexity"], table
     split = report["q4_k_m+lora"]  # the same 4-bit base weights, the LoRA delta unrounded: closer to f16
-    assert split["perplexity"] < q4km["perplexity"] and split["exact_match"] >= q4km["exact_match"], table
-
-
-def test_adapter_over_a_q4_k_m_base_keeps_the_demo_answers(demo, tmp_path):
-    """The adapter GGUF over the base at Q4_K_M (export_gguf.py --base --type q4_k_m) keeps 90% of the f16 export's
-    exact match, on the held-out rows plus fresh demo tasks: the LoRA delta stays in float instead of being rounded
-    into 4-bit weights as in the merged Q4_K_M. Measured here: held-out 92% of f16, fresh rows 101%."""
-    run = demo["run"]
-    tok, template = tokenizer_and_template(run)
-    rows = held_out(run) + fresh_demo_rows(tmp_path)
-    cfg = load_config(run / "config.yaml")
-    files = {"f16": demo["f16"], "q4_k_m+lora": (demo["base_q4_k_m"], demo["lora"])}
-    report = export_quality(files, rows, template, tok, cfg.data.max_length, cfg.inference.max_new_tokens)
-    table = {t: {k: v for k, v in r.items() if k != "answers"} for t, r in report.items()}
-    print("quality, held-out + fresh rows", json.dumps(table, indent=1))
-    f16, split = report["f16"], report["q4_k_m+lora"]
-    assert f16["verifiable_rows"] >= 300 and f16["exact_match"] >= 0.55, table
-    assert split["exact_match"] >= 0.9 * f16["exact_match"], table
+    assert f16["verifiable_rows"] >= 300 and f16["exact_match"] >= 0.55, table  # trained: ~2% before training
+    assert q8["exact_match"] >= 0.95 * f16["exact_match"] and q8["top1_agreement"] >= 0.98, table
+    assert q8["perplexity"] <= 1.02 * f16["perplexity"], table
+    for r in (q4km, q40, split):
+        assert r["exact_match"] >= 0.9 * f16["exact_match"], table
+        assert r["top1_agreement"] >= 0.93 and r["perplexity"] <= 1.08 * f16["perplexity"], table
+    assert f16["perplexity"] < split["perplexity"] < q4km["perplexity"], table
+    assert split["exact_match"] >= q4km["exact_match"], table
 
 
 def test_llama_cpp_renders_the_training_chat_prompt_and_stops_at_end_of_turn(demo):
@@ -370,8 +348,8 @@ def test_ctrl_c_during_a_k_quant_export_leaves_nothing(tmp_path, embedded_model,
 
     real = ftkit.gguf.iter_tensor_data
 
-    def interrupted_write(ckpt, plans):
-        for i, item in enumerate(real(ckpt, plans)):
+    def interrupted_write(ckpt, plans, *rest):
+        for i, item in enumerate(real(ckpt, plans, *rest)):
             if i == len(plans) // 2:
                 raise KeyboardInterrupt
             yield item
