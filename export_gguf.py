@@ -145,10 +145,20 @@ def write_quantized(ckpt, plans, vocab, qtype: str, names, outfile: Path, roundi
         out_tmp.unlink(missing_ok=True)
 
 
-def calibration(cfg: Config, run: RunDir | None, tok, template: PromptTemplate, qtype: str, n: int):
+DEFAULT_CALIBRATION_ROWS = (
+    256  # 128 -> 256 moved q4_0 from 88.8% to 93.5% of f16's exact match on the demo; 512 no further
+)
+
+
+def calibration(cfg: Config, run: RunDir | None, tok, template: PromptTemplate, qtype: str, n: int | None):
     """(token ids of up to n of the run's training rows, the dataset's name) for GPTQ rounding, or None: not a
     type it applies to, n == 0, no run (--model), or training data that cannot be read (a warning says so)."""
-    if qtype not in LEVELS or n == 0:
+    if qtype not in LEVELS:
+        if n is not None:
+            log.warning("--calibration-rows applies to q4_0 and q5_0 (GPTQ); --type %s ignores it", qtype)
+        return None
+    n = DEFAULT_CALIBRATION_ROWS if n is None else n
+    if n == 0:
         return None
     if run is None:
         log.info("%s: no run, so no training rows to calibrate with; rounding to nearest", qtype)
@@ -156,9 +166,19 @@ def calibration(cfg: Config, run: RunDir | None, tok, template: PromptTemplate, 
     try:
         train, _, _, _ = load_clean_split(cfg.data)
         rows = random.Random(cfg.data.seed).sample(train, min(n, len(train)))
-        enc = encode_rows(rows, template, tok, cfg.data, source_name(cfg.data))
+        # a long row is still good calibration: its first max_length tokens, whatever training did with it
+        data = cfg.data.model_copy(update={"too_long": "truncate"})
+        enc = encode_rows(rows, template, tok, data, source_name(cfg.data))
     except UserError as e:
-        log.warning("%s rounds to nearest: the training rows for GPTQ cannot be read (%s)", qtype, e)
+        log.warning(
+            "%s rounds to nearest: the training rows for GPTQ cannot be read (%s); run from where training ran, "
+            "or pass data.path=FILE (any rows like the training data), or --calibration-rows 0 to skip GPTQ",
+            qtype,
+            e,
+        )
+        return None
+    if not enc.rows:
+        log.warning("%s rounds to nearest: no training row of %s could be encoded", qtype, source_name(cfg.data))
         return None
     log.info(
         "%s: GPTQ rounding calibrated on %d training rows of %s (--calibration-rows 0 rounds to nearest)",
@@ -176,11 +196,11 @@ def main(
     outfile: Path | None = None,
     model_dir: Path | None = None,
     base: bool = False,
-    calibration_rows: int = 256,
+    calibration_rows: int | None = None,
 ) -> Path:
     """Export <run>/merged (or model_dir) to `outfile` as GGUF of type `qtype`, plus a Modelfile beside it.
     base=True: the run's base model instead, with the run's chat template, for use under the adapter GGUF.
-    q4_0/q5_0 are rounded by GPTQ on `calibration_rows` of the run's training rows (0: round to nearest)."""
+    q4_0/q5_0 are rounded by GPTQ on `calibration_rows` (None: 256) of the run's training rows (0: to nearest)."""
     import logging
 
     from transformers import AutoTokenizer
@@ -244,7 +264,7 @@ def main(
         vocab.pre,
     )
     calib = calibration(cfg, run, tok, template, qtype, calibration_rows)
-    rounding = CalibratedRounding(src, calib[0], qtype) if calib else None
+    rounding = CalibratedRounding(src, calib[0], qtype, n_params) if calib else None
     extra = {"quantize.gptq.rows": len(calib[0]), "quantize.gptq.dataset": calib[1]} if calib else None
     outfile.parent.mkdir(parents=True, exist_ok=True)
     with lock:
@@ -369,13 +389,12 @@ def cli(argv) -> None:
     p.add_argument(
         "--calibration-rows",
         type=int,
-        default=256,
         metavar="N",
         help="q4_0/q5_0: round with GPTQ, calibrated on N of the run's training rows (default 256; 0 rounds to "
         "nearest). The file is plain q4_0/q5_0 either way",
     )
     a = parse_args(p, argv)
-    if a.calibration_rows < 0:
+    if a.calibration_rows is not None and a.calibration_rows < 0:
         raise UserError(f"--calibration-rows {a.calibration_rows} is negative; give a row count, or 0 for none")
     picked = [f for f, on in (("--adapter", a.adapter), ("--base", a.base), ("--model", a.model is not None)) if on]
     if len(picked) > 1:
@@ -387,6 +406,8 @@ def cli(argv) -> None:
     else:
         cfg, run = stage_config(a.config, a.overrides)
     if a.adapter:
+        if a.calibration_rows is not None:
+            log.warning("--calibration-rows applies to a model's q4_0/q5_0 weights; --adapter ignores it")
         export_adapter(cfg, run, a.type, a.outfile)
     else:
         main(cfg, run, a.type, a.outfile, a.model, a.base, a.calibration_rows)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import difflib
 import logging
 import os
 import re
@@ -236,7 +237,10 @@ def flag_overrides(parser: argparse.ArgumentParser, argv: Sequence[str]) -> tupl
 def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argparse.Namespace:
     # argparse exits 2 on its own errors already; keep its message one line and name the fix.
     def error(message: str):
-        raise UserError(f"{message}; see --help")
+        m = re.match(r"unrecognized arguments: (--[\w-]+)", message)
+        known = [o for a in parser._actions for o in a.option_strings]  # argparse keeps no public list
+        close = m and difflib.get_close_matches(m[1].replace("_", "-"), known, n=1, cutoff=0.75)
+        raise UserError(f"{message}; " + (f"did you mean {close[0]}?" if close else "see --help"))
 
     parser.error = error  # type: ignore[method-assign]
     rest, flagged = flag_overrides(parser, argv)

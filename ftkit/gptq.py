@@ -52,10 +52,12 @@ def round_to_grid(W, H, levels: int, damp: float = DAMP, act_order: bool = True)
     inv = torch.where(d == 0, torch.zeros_like(d), 1 / d)
     order = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(cols, device=W.device)
     W, H = W[:, order], H[order][:, order]
-    eye = torch.eye(cols, device=W.device)
     mean_diag = torch.mean(torch.diag(H))
+    added = 0.0
     for scale in (damp, damp * 10, damp * 100):  # more damping until H is positive definite
-        L, info = torch.linalg.cholesky_ex(H + scale * mean_diag * eye)
+        H.diagonal().add_(scale * mean_diag - added)  # in place: no second cols x cols matrix
+        added = scale * mean_diag
+        L, info = torch.linalg.cholesky_ex(H)
         if not info:
             break
     else:
@@ -91,15 +93,18 @@ class CalibratedRounding:
     and each layer's float outputs become the next layer's inputs (a few MB per row kept, not the whole model's
     activations), with the H of the current layer's linears measured on the way."""
 
-    def __init__(self, model_dir, rows: list[list[int]], qtype: str):
+    def __init__(self, model_dir, rows: list[list[int]], qtype: str, n_params: int):
         import torch
         from transformers import AutoModelForCausalLM
 
         self.levels = LEVELS[qtype]
         self.n_rows = len(rows)
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        # float32 where it is cheap (small models on the CPU, whose bf16 matmuls are slow); an 8B model is 32 GB in
+        # float32, so larger ones run in bf16. H is accumulated in float32 either way.
+        small = self.device == "cpu" and n_params < 2e9
         model = AutoModelForCausalLM.from_pretrained(
-            model_dir, dtype=torch.float32 if self.device == "cpu" else torch.bfloat16, local_files_only=True
+            model_dir, dtype=torch.float32 if small else torch.bfloat16, local_files_only=True
         ).to(self.device)
         model.eval()
         self.model = model

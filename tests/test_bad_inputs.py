@@ -1044,6 +1044,12 @@ CASES = [
         "--calibration-rows",
     ),
     Case(
+        "export-misspelt-flag",
+        "export_gguf.py",
+        ["--config", "{run}/config.yaml", "--type", "q4_0", "--calibration_rows", "5", "--outfile", "{tmp}/c.gguf"],
+        "did you mean --calibration-rows?",
+    ),
+    Case(
         "export-base-and-model",
         "export_gguf.py",
         ["--model", "{model}", "--base", "--outfile", "{tmp}/b.gguf"],

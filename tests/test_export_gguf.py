@@ -229,14 +229,16 @@ def test_q4_0_export_is_calibrated_on_the_runs_training_rows(tmp_path, small_lla
 
     cfg, run = make_run(tmp_path / "run", small_llama)
     data = Path(cfg.data.path)
-    data.write_text(
-        json.dumps([{"instruction": f"Add {i} and {i + 1}.", "input": "", "output": f"{2 * i + 1}"} for i in range(40)])
-    )
+    rows = [{"instruction": f"Add {i} and {i + 1}.", "input": "", "output": f"{2 * i + 1}"} for i in range(40)]
+    rows.append({"instruction": "Repeat this. " * 400, "input": "", "output": "no"})  # longer than max_length
+    data.write_text(json.dumps(rows))
     out = tmp_path / "gptq.gguf"
-    r = run_script("export_gguf.py", "--config", str(run.root / "config.yaml"), "--type", "q4_0", "--outfile", str(out))
+    # data.too_long=fail is training's policy; calibration takes a long row's first max_length tokens instead
+    cmd = ["--config", str(run.root / "config.yaml"), "data.too_long=fail", "--type", "q4_0"]
+    r = run_script("export_gguf.py", *cmd, "--outfile", str(out))
     assert r.returncode == 0, r.stderr[-3000:]
     logged = int(re.search(r"GPTQ rounding calibrated on (\d+) training rows", r.stderr)[1])
-    assert 30 <= logged < 40  # all the training split (held-out rows excluded), under the default 256
+    assert 30 <= logged <= 41  # all the training split (held-out rows excluded), under the default 256
     assert int(gg.GGUFReader(out).fields["quantize.gptq.rows"].parts[-1][0]) == logged
     plain = tmp_path / "plain.gguf"
     r = run_script(
@@ -259,6 +261,8 @@ def test_q4_0_export_is_calibrated_on_the_runs_training_rows(tmp_path, small_lla
     a, b = load_pair(small_llama, out)
     stats = logit_stats(a, b, [[1, 40, 50, 60, 70, 80, 90, 100], list(range(5, 600, 37))])
     assert stats["max"] <= 0.16 and stats["agreement"] >= 0.7, stats
+    r = run_script("export_gguf.py", "--config", str(run.root / "config.yaml"), "--calibration-rows", "8")
+    assert r.returncode == 0 and "--type f16 ignores it" in r.stderr, r.stderr[-3000:]
     data.unlink()  # the training data is gone: the export still works, rounding to nearest, and says why
     gone = tmp_path / "gone.gguf"
     r = run_script(
