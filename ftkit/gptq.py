@@ -9,7 +9,7 @@ layer really sees (here: the run's own training rows). The file is still plain q
 Why it is here: on the demo, round-to-nearest q4_0 kept 71.5% of the f16 export's exact match (the weights were
 a 4-bit Q4_1 grid already, and a second 4-bit grid rounds them again); GPTQ q4_0 keeps over 90% (README, "GGUF").
 The gguf package packs the result: each block's largest-magnitude weight is pinned to the grid's end, so its
-own quantizer recomputes the very scale and integers chosen here (tests/test_gguf_export.py checks that).
+own quantizer recomputes the very scale and integers chosen here (tests/test_export_gguf.py checks that).
 
 Memory: the model, plus the H of one decoder layer at a time (hidden² and intermediate² floats).
 """
