@@ -15,23 +15,14 @@ Run:
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from ftkit.cli import UserError, build_parser, log, parse_args, run_main
-from ftkit.config import Config, load_config
+from ftkit.config import Config
 from ftkit.data import load_clean_split, prepare, print_report
 from ftkit.models import load_tokenizer
-from ftkit.paths import RunDir, atomic_write_json
-from ftkit.runlock import RunLock, check_unlocked, is_project_run
-
-
-def _own_report(path: Path) -> bool:
-    try:
-        rep = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return isinstance(rep, dict) and {"rows_in_file", "train_rows", "length_histogram"} <= rep.keys()
+from ftkit.paths import RunDir, atomic_write_json, load_run_config
+from ftkit.runlock import RunLock, check_unlocked, is_own_report, is_project_run
 
 
 def main(cfg: Config) -> dict:
@@ -44,7 +35,7 @@ def main(cfg: Config) -> dict:
             "on; set paths.output_dir to a new folder to write this report"
         )
     check_unlocked(run.root)
-    if run.dataset_report.exists() and not _own_report(run.dataset_report):
+    if run.dataset_report.exists() and not is_own_report(run.dataset_report):
         raise UserError(
             f"'{run.dataset_report}' exists and was not written by dataset.py; it is left untouched: set "
             "paths.output_dir to a new folder"
@@ -64,7 +55,7 @@ def main(cfg: Config) -> dict:
 
 def cli(argv) -> None:
     a = parse_args(build_parser(__doc__, config_required=True), argv)
-    main(load_config(a.config, a.overrides))
+    main(load_run_config(a.config, a.overrides))
 
 
 if __name__ == "__main__":

@@ -67,6 +67,7 @@ from ftkit.gguf import (
     tmp_path_for,
     write_adapter_gguf,
     write_gguf,
+    written_by_us,
 )
 from ftkit.gptq import LEVELS, CalibratedRounding
 from ftkit.llamacpp import quantize, require
@@ -89,14 +90,16 @@ def load_template(run: RunDir | None, tok) -> PromptTemplate:
 
 def check_own_outputs(outfile: Path, modelfile: bool = True) -> None:
     """A file already at --outfile, or a Modelfile beside it, is replaced only when export_gguf.py wrote it (a
-    GGUF; a Modelfile with our header): anything else is the user's and stays byte for byte."""
-    if outfile.is_file():
-        with open(outfile, "rb") as f:
-            magic = f.read(4)
-        if magic != b"GGUF":
-            raise UserError(
-                f"--outfile '{outfile}' exists and is not a GGUF file; it is left untouched: choose another --outfile"
+    GGUF with our writer key; a Modelfile with our header): anything else is the user's and stays byte for byte."""
+    if outfile.is_symlink() or (outfile.exists() and not written_by_us(outfile)):
+        what = "is a symlink"
+        if not outfile.is_symlink():
+            with open(outfile, "rb") as f:
+                is_gguf = f.read(4) == b"GGUF"
+            what = (
+                "is a GGUF file export_gguf.py did not write (a downloaded model?)" if is_gguf else "is not a GGUF file"
             )
+        raise UserError(f"--outfile '{outfile}' exists and {what}; it is left untouched: choose another --outfile")
     mf = outfile.parent / "Modelfile"
     if modelfile and (mf.is_dir() or (mf.is_file() and not mf.read_bytes().startswith(MODELFILE_HEADER.encode()))):
         raise UserError(

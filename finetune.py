@@ -37,10 +37,11 @@ import time
 
 from ftkit import train
 from ftkit.cli import UserError, build_parser, log, parse_args, run_main
-from ftkit.config import Config, load_config
+from ftkit.config import Config
 from ftkit.data import load_clean_split, prepare, print_report
 from ftkit.distributed import dist_info, fsdp_enabled, is_main, setup
 from ftkit.models import causal_lm_config, load_tokenizer, pick_device, resolve_model
+from ftkit.paths import load_run_config
 from ftkit.plan import detect_hardware, make_plan, reference_hardware
 
 
@@ -117,9 +118,10 @@ def cli(argv) -> int:
         help="print the training plan with its predicted peak GPU memory and tokens/s, then stop",
     )
     a = parse_args(p, argv)
+    cfg = load_run_config(a.config, a.overrides)
     if a.dry_run:
-        return dry_run(load_config(a.config, a.overrides))["exit_code"]
-    out = main(load_config(a.config, a.overrides), overwrite=a.overwrite, resume=a.resume)
+        return dry_run(cfg)["exit_code"]
+    out = main(cfg, overwrite=a.overwrite, resume=a.resume)
     return out.get("exit_code", 0)
 
 

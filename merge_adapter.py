@@ -89,21 +89,25 @@ def main(cfg: Config, run: RunDir) -> dict:
     peft_model = load_base_with_adapter(cfg, run, source, offline, dtype, device)
     tok = load_tokenizer(cfg, str(run.adapter), True)
 
-    # Logits of base+adapter first: merging rewrites the base weights in place.
+    # Logits of base+adapter and of the base alone first: merging rewrites the base weights in place.
     refs = reference_logits(peft_model, tok, template, cfg.merge.check_prompts)
+    with peft_model.disable_adapter():
+        bases = reference_logits(peft_model, tok, template, cfg.merge.check_prompts)
     merged = peft_model.merge_and_unload()
-    max_diff, agree, total = 0.0, 0, 0
+    max_diff, agree, total, from_base = 0.0, 0, 0, 0.0
     finite = True
     with torch.no_grad():
-        for ids, ref in refs:
+        for (ids, ref), (_, plain) in zip(refs, bases):
             got = merged(input_ids=ids).logits.float().cpu()
             # max() of a number and NaN keeps the number: NaN logits must fail the check on their own.
             finite = finite and bool(torch.isfinite(got).all()) and bool(torch.isfinite(ref).all())
             max_diff = max(max_diff, (got - ref).abs().max().item())
+            from_base = max(from_base, (got - plain).abs().max().item())
             agree += (got.argmax(-1) == ref.argmax(-1)).sum().item()
             total += ids.numel()
     check = {
         "max_logit_diff": round(max_diff, 5),
+        "max_logit_diff_from_base": round(from_base, 5),
         "token_agreement": round(agree / total, 5),
         "positions": total,
         "compute_dtype": cfg.merge.compute_dtype,
@@ -122,6 +126,14 @@ def main(cfg: Config, run: RunDir) -> dict:
             "the model gives non-finite logits (inf or NaN) on the check prompts; nothing was written. "
             "The adapter's weights are broken (a diverged run): train again with a lower "
             "train.learning_rate"
+        )
+    if from_base == 0.0:
+        # Merged == base+adapter proves nothing when both are the base: an adapter that changes no logit (all
+        # zero: never trained, or its weights did not load) would be written out as the fine-tuned model.
+        raise UserError(
+            f"the merged model gives exactly the base model's logits on the check prompts: the adapter in "
+            f"'{run.adapter}' changes nothing (untrained, or zero weights); nothing was written. Train it "
+            "(finetune.py) or use the run whose adapter you meant"
         )
     if max_diff > cfg.merge.max_logit_diff or check["token_agreement"] < cfg.merge.min_token_agreement:
         raise UserError(

@@ -86,10 +86,17 @@ def setup_logging(debug: bool = False, quiet: bool = False) -> None:
 _TOKEN_RE = re.compile(r"\bhf_[A-Za-z0-9]{10,}\b")
 
 
+# A HF_TOKEN value shorter than this is hidden by the pattern above or not at all: hub tokens are 37 characters,
+# and a short value ("models", "1") is also a word or a digit, which would be starred in every path and number
+# shown (an error naming 'runs/***/config.yaml' points nowhere), while hiding it protects no real token.
+MIN_SECRET_CHARS = 8
+
+
 def redact(text: str) -> str:
-    """Hide anything shaped like a hub token, and the value of HF_TOKEN itself, wherever text goes out."""
+    """Hide anything shaped like a hub token, and the value of HF_TOKEN itself, wherever text is shown (the
+    terminal, logs). Never applied to what is saved for the program to read back: that must stay as written."""
     tok = os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN")
-    if tok:
+    if tok and len(tok.strip()) >= MIN_SECRET_CHARS:
         text = text.replace(tok, "***")
     return _TOKEN_RE.sub("hf_***", text)
 
@@ -165,6 +172,8 @@ def run_main(main: Callable[[Sequence[str]], int | None], argv: Sequence[str] | 
         sys.exit(128 + signal.SIGTERM)
     finally:
         signal.signal(signal.SIGTERM, before)
+        # The hooks belong to this call: a notebook or a test may run several stages in one process.
+        _BEFORE_ERROR.clear()
     sys.exit(rc or 0)
 
 

@@ -134,6 +134,7 @@ class CleanStats:
     kept: int = 0
     format: str = "alpaca"
     mix: list[dict] | None = None  # per data.path entry, when there are several
+    shared: int = 0  # rows dropped from a data.path entry because an earlier entry holds them
 
 
 # The list field of each conversation format, and the names its turns' roles go by. ShareGPT exports use
@@ -222,11 +223,7 @@ def clean_records(records: list, d: DataCfg, source: str) -> tuple[list[dict], C
         row = _clean_alpaca(r, d, at, source, st) if fmt == "alpaca" else clean_conversation(r, d, fmt, at, source)
         if row is None:
             continue
-        key = (
-            (row["instruction"], row["input"], row["output"])
-            if fmt == "alpaca"
-            else tuple((m["role"], m["content"]) for m in row["messages"])
-        )
+        key = row_key(row)
         if key in seen and d.drop_duplicates:
             st.duplicates += 1
             continue
@@ -241,6 +238,13 @@ def clean_records(records: list, d: DataCfg, source: str) -> tuple[list[dict], C
             "duplicates); check the file"
         )
     return out, st
+
+
+def row_key(row: dict) -> tuple:
+    """What makes two cleaned rows the same example (their text, turn by turn)."""
+    if "messages" in row:
+        return tuple((m["role"], m["content"]) for m in row["messages"])
+    return (row["instruction"], row["input"], row["output"])
 
 
 def _clean_alpaca(r, d: DataCfg, at: str, source: str, st: CleanStats) -> dict | None:
@@ -321,7 +325,7 @@ def clean_conversation(r, d: DataCfg, fmt: str, at: str, source: str = "") -> di
         if not isinstance(text, str):
             raise UserError(f"{where} ({role}) has no text in '{tk}' (got {type(text).__name__}); store it as a string")
         m = {"role": ROLES[role], "content": text.strip()}
-        if t.get("train") is False or t.get("weight") == 0:  # Axolotl writes weight: 0 for the same thing
+        if not _turn_trained(t, where):
             m["train"] = False
         msgs.append(m)
     for n, m in enumerate(msgs):
@@ -340,6 +344,25 @@ def clean_conversation(r, d: DataCfg, fmt: str, at: str, source: str = "") -> di
                 "and the user turn before it"
             )
     return {**{k: v for k, v in r.items() if k not in (key, "system")}, "messages": msgs}
+
+
+def _turn_trained(t: dict, where: str) -> bool:
+    """A turn's "train" flag (or Axolotl's "weight", which means the same): true/false, or 1/0 as exports of
+    tables write them; absent or null trains the turn. Anything else ("false", "no", 2) is refused: a string is
+    true to Python whatever it says, so it would train the turn the user meant to mask."""
+    for key in ("train", "weight"):
+        v = t.get(key)
+        if v is None:
+            continue
+        if isinstance(v, (bool, int, float)) and v in (0, 1):
+            if not v:
+                return False
+            continue
+        raise UserError(
+            f'{where} has "{key}": {json.dumps(v, default=str)[:40]}; write true or false (or 1 or 0) to '
+            "train or mask the turn"
+        )
+    return True
 
 
 def short(v) -> str:
@@ -516,6 +539,8 @@ def _load_mix(d: DataCfg) -> tuple[list[dict], list[dict], CleanStats, str]:
     total.format = formats.pop() if len(formats) == 1 else "mixed"
     if total.format == "mixed":
         tagged = [(k, as_messages(r) if "instruction" in r else r) for k, r in tagged]
+    if d.drop_duplicates:
+        tagged = _drop_shared(tagged, mix, total)
     if d.max_samples:
         tagged = tagged[: d.max_samples]
     train, held = split_records(tagged, d.eval_size, d.seed, _dup_note(total))
@@ -536,6 +561,35 @@ def _load_mix(d: DataCfg) -> tuple[list[dict], list[dict], CleanStats, str]:
     total.kept = len(tagged)
     total.mix = mix
     return train_rows, [r for _, r in held], total, combined_hash(digests)
+
+
+def _drop_shared(tagged: list[tuple[int, dict]], mix: list[dict], total: CleanStats) -> list[tuple[int, dict]]:
+    """A row that an earlier source already holds (the same file twice, a copy, a subset) is dropped from the
+    later one: otherwise it may be held out from one source and trained from the other, and the evaluation
+    would score rows the model trained on. Counted per source ("shared_rows") and in total.shared."""
+    seen, out = set(), []
+    for m in mix:
+        m["shared_rows"] = 0
+    for k, r in tagged:
+        key = row_key(r)
+        if key in seen:
+            mix[k]["shared_rows"] += 1
+            continue
+        seen.add(key)
+        out.append((k, r))
+    for m in mix:
+        m["kept"] -= m["shared_rows"]
+        if m["shared_rows"]:
+            log.warning(
+                "data.path: %d row(s) of %s are also in an earlier source and were dropped from it, so that no "
+                "row is both trained on and held out%s",
+                m["shared_rows"],
+                m["path"],
+                "; it adds nothing" if not m["kept"] else "",
+            )
+    total.shared = sum(m["shared_rows"] for m in mix)
+    total.duplicates += total.shared
+    return out
 
 
 def prepare(cfg: Config, tok, loaded: tuple | None = None) -> Prepared:
@@ -583,6 +637,7 @@ def prepare(cfg: Config, tok, loaded: tuple | None = None) -> Prepared:
         report["conversations"] = conversation_stats(tok, tr)
     if st.mix:
         report["mix"] = st.mix
+        report["duplicates_across_sources"] = st.shared
     eval_kept = [r for r in eval_rows]  # raw held-out rows: evaluate.py generates from them
     return Prepared(tr, ev, eval_kept, template, report, digest)
 
@@ -651,7 +706,9 @@ def print_report(rep: dict) -> None:
         print("  tokens by role: " + ", ".join(f"{k} {v}" for k, v in c["tokens_per_role"].items()))
     for m in rep.get("mix") or []:
         print(
-            f"  mix: {m['path']} ({m['format']}): {m['kept']} of {m['rows_in_file']} rows kept, weight {m['weight']}"
+            f"  mix: {m['path']} ({m['format']}): {m['kept']} of {m['rows_in_file']} rows kept"
+            + (f" ({m['shared_rows']} also in an earlier source)" if m.get("shared_rows") else "")
+            + f", weight {m['weight']}"
             f" -> train {m['train_rows']} ({m['share_of_train']:.1%}), eval {m['eval_rows']}"
         )
     print("  token lengths:")

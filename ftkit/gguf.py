@@ -656,7 +656,28 @@ def export_names(config, n_params: int, base_id: str, finetune: str | None) -> N
     )
 
 
+# Written into every GGUF export_gguf.py makes (llama.cpp's quantizer copies it): a file at --outfile is replaced
+# only when it carries this key, since any other GGUF there (a downloaded model) is the user's.
+WRITER_KEY = "ftkit.writer"
+WRITER = "export_gguf.py"
+
+
+def written_by_us(path: Path) -> bool:
+    """The GGUF at `path` was written by export_gguf.py (carries WRITER_KEY); False for anything unreadable."""
+    import gguf
+
+    try:
+        with open(path, "rb") as f:
+            if f.read(4) != b"GGUF":
+                return False
+        reader = gguf.GGUFReader(path)
+        return WRITER_KEY in reader.fields and str(reader.fields[WRITER_KEY].contents()) == WRITER
+    except (ValueError, KeyError, IndexError, OSError, TypeError):
+        return False
+
+
 def _add_general(w, names: Names, kind: str) -> None:
+    w.add_string(WRITER_KEY, WRITER)
     w.add_type(kind)
     w.add_name(names.name)
     if names.basename:

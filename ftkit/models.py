@@ -325,6 +325,14 @@ def read_adapter_config(adapter: Path) -> dict:
         ) from None
     if not isinstance(cfg, dict):
         raise UserError(f"'{adapter / 'adapter_config.json'}' is not a JSON object; it is not a complete adapter")
+    kind = cfg.get("peft_type", "LORA")
+    if kind != "LORA":
+        # PEFT would build that other adapter type and load into it whatever matches: a LoRA project's stages
+        # would then answer, merge and export from something they do not check.
+        raise UserError(
+            f"'{adapter / 'adapter_config.json'}' names peft_type {json.dumps(kind, default=str)[:40]}; this "
+            "project trains and loads LoRA adapters only: use an adapter made by finetune.py"
+        )
     from .checkpoints import safetensors_problem
 
     why = safetensors_problem(adapter / "adapter_model.safetensors")
@@ -349,11 +357,38 @@ def check_same_base(adapter_cfg: dict, base_name: str) -> None:
 def attach_adapter(base, adapter: Path):
     from peft import PeftModel
 
+    name = base.config._name_or_path
     try:
-        return PeftModel.from_pretrained(base, str(adapter), is_trainable=False)
+        model = PeftModel.from_pretrained(base, str(adapter), is_trainable=False)
     except (RuntimeError, ValueError, KeyError) as e:
         # Shape mismatches land here: the names matched but the architecture did not.
         raise UserError(
-            f"the adapter in '{adapter}' does not fit base model '{base.config._name_or_path}' "
+            f"the adapter in '{adapter}' does not fit base model '{name}' "
             f"({str(e).splitlines()[0][:200]}); merge into the base it was trained on"
         ) from None
+    check_adapter_loaded(model, adapter, name)
+    return model
+
+
+def check_adapter_loaded(model, adapter: Path, base_name: str) -> None:
+    """Every tensor of the adapter file went into the model, and every adapter weight of the model came from the
+    file. PEFT loads by name and only warns about the rest: an adapter whose names match nothing would leave
+    freshly initialised LoRA weights (B = 0), and the base would answer as if it were the fine-tuned model."""
+    from peft import get_peft_model_state_dict
+    from safetensors import safe_open
+
+    with safe_open(str(adapter / "adapter_model.safetensors"), "pt") as f:
+        in_file = set(f.keys())
+    in_model = set(get_peft_model_state_dict(model))
+    if in_file == in_model:
+        return
+    stray, missing = sorted(in_file - in_model), sorted(in_model - in_file)
+    what = (
+        f"{len(stray)} of its tensors match no module of the model (e.g. '{stray[0]}')"
+        if stray
+        else f"it lacks {len(missing)} of the weights its adapter_config.json asks for (e.g. '{missing[0]}')"
+    )
+    raise UserError(
+        f"the adapter in '{adapter}' does not load completely into base model '{base_name}': "
+        f"{what}; use an adapter trained by finetune.py on this base"
+    )

@@ -97,7 +97,10 @@ def atomic_write_text(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        with open(tmp, "w", encoding="utf-8") as f:
+        # A fresh file, never through a link left at the temporary name: writing there would change its target.
+        tmp.unlink(missing_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        with open(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
@@ -110,7 +113,9 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_text(path, redact(json.dumps(obj, indent=2, default=str)) + "\n")
+    # Not redacted: what is saved is read back (config, prompt template, report); redaction is for display
+    # (ftkit.cli.redact), and a HF_TOKEN that is also a word would rewrite that word in every saved file.
+    atomic_write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
 
 
 @contextlib.contextmanager
@@ -122,7 +127,9 @@ def atomic_dir(target: Path) -> Iterator[Path]:
     """
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    if tmp.exists():
+    if tmp.is_symlink() or tmp.is_file():
+        tmp.unlink()  # the link only, never what it points at
+    elif tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
     try:
@@ -140,7 +147,7 @@ def atomic_dir(target: Path) -> Iterator[Path]:
 
 
 def save_resolved_config(cfg: Config, path: Path) -> None:
-    atomic_write_text(path, "# resolved config: exactly what ran\n" + redact(cfg.to_yaml()))
+    atomic_write_text(path, "# resolved config: exactly what ran\n" + cfg.to_yaml())
 
 
 def check_latest_pointer(path: str | Path) -> None:
@@ -195,30 +202,49 @@ def stage_config(config: str | None, overrides: Sequence[str]) -> tuple[Config, 
         return cfg, run
     cfg = load_config(config, overrides)
     run = RunDir(Path(cfg.paths.output_dir))
-    here = RunDir(Path(config).expanduser().parent)
-    moved = (
-        Path(config).name == here.config.name
-        and here.manifest.is_file()
-        and here.root.resolve() != run.root.resolve()
-        and not any(o.startswith("paths.output_dir=") for o in overrides)
-    )
+    here = moved_run(config, cfg, overrides)
+    moved = here is not None
     if moved:
-        # A run's saved config names the folder it was trained in; after a move or copy, acting on that old
-        # folder would write into (or fail on) another run. The folder the config sits in is the run.
-        log.warning(
-            "'%s' is a run's saved config naming paths.output_dir '%s'; the run has moved: using '%s'",
-            config,
-            cfg.paths.output_dir,
-            here.root,
-        )
         run = here
     if run.config.is_file():
         # The run's own config is the truth for model/data/template; CLI overrides still apply on top.
         saved = load_config(run.config, overrides)
         cfg = saved.model_copy(update={k: getattr(cfg, k) for k in ("merge", "inference")})
     if moved:
-        cfg = cfg.model_copy(update={"paths": cfg.paths.model_copy(update={"output_dir": str(run.root)})})
+        cfg = at_run(cfg, run)
     return cfg, run
+
+
+def moved_run(config: str | Path, cfg: Config, overrides: Sequence[str]) -> RunDir | None:
+    """The run folder `config` sits in, when it is a run's saved config (config.yaml beside a manifest.json)
+    naming another paths.output_dir and no override names one: after a move or copy (cp -a runs/r0 runs/r1),
+    acting on the folder it names would write into (or fail on) another run. The folder it sits in is the run."""
+    here = RunDir(Path(config).expanduser().parent)
+    if (
+        Path(config).name != here.config.name
+        or not here.manifest.is_file()
+        or here.root.resolve() == Path(cfg.paths.output_dir).expanduser().resolve()
+        or any(o.startswith("paths.output_dir=") for o in overrides)
+    ):
+        return None
+    log.warning(
+        "'%s' is a run's saved config naming paths.output_dir '%s'; the run has moved: using '%s'",
+        config,
+        cfg.paths.output_dir,
+        here.root,
+    )
+    return here
+
+
+def at_run(cfg: Config, run: RunDir) -> Config:
+    return cfg.model_copy(update={"paths": cfg.paths.model_copy(update={"output_dir": str(run.root)})})
+
+
+def load_run_config(config: str | Path, overrides: Sequence[str]) -> Config:
+    """load_config, with a moved or copied run's saved config acting on the folder it sits in (moved_run)."""
+    cfg = load_config(config, overrides)
+    here = moved_run(config, cfg, overrides)
+    return cfg if here is None else at_run(cfg, here)
 
 
 def file_sha256(path: Path, limit: int | None = None) -> str:

@@ -15,11 +15,14 @@
 from __future__ import annotations
 
 import atexit
+import contextlib
 import errno
 import fcntl
+import json
 import os
 import re
 import shutil
+import stat
 from pathlib import Path
 
 from .cli import UserError, before_error_line, log
@@ -46,9 +49,46 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
+# What RunLock writes: "<pid> <stage>".
+_HOLDER_RE = re.compile(r"^\d+ [\w.-]+$")
+
+
+def open_lock_file(path: Path, flags: int) -> int:
+    """A descriptor on the run's lock file, never through a symlink nor on anything but a regular file: the lock
+    is truncated and written, and a link planted there would have that done to the file it points at."""
+    try:
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
+    except OSError as e:
+        # ELOOP: a symlink (O_NOFOLLOW); EISDIR: a folder; ENXIO: a socket or a FIFO without a reader
+        if e.errno not in (errno.ELOOP, errno.EISDIR, errno.ENXIO):
+            raise
+        fd = None
+    if fd is not None and stat.S_ISREG(os.fstat(fd).st_mode):
+        return fd
+    if fd is not None:
+        os.close(fd)
+    raise UserError(
+        f"'{path}' is a symlink or not a regular file, so it cannot be the run's lock; it is left untouched: "
+        "remove it or set paths.output_dir to a new folder"
+    )
+
+
+def _own_holder(path: Path) -> str:
+    """The holder a stage wrote into the lock file ("unknown" when empty); the file is truncated when taken, so
+    one holding anything else is the user's and is refused."""
+    holder = _read_holder(path)
+    if holder != "unknown" and not _HOLDER_RE.match(holder):
+        raise UserError(
+            f"'{path}' exists and was not written by this project (it holds other text); it is left untouched: "
+            "move it away or set paths.output_dir to a new folder"
+        )
+    return holder
+
+
 def _read_holder(path: Path) -> str:
     try:
-        return path.read_text(encoding="utf-8", errors="replace").strip() or "unknown"
+        with open(path, "rb") as f:
+            return f.read(4096).decode("utf-8", errors="replace").strip() or "unknown"  # a stage writes a line
     except OSError:
         return "unknown"
 
@@ -64,7 +104,7 @@ class RunLock:
         return self.root / LOCK_NAME
 
     def acquire(self) -> "RunLock":
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = open_lock_file(self.path, os.O_RDWR | os.O_CREAT)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
@@ -76,10 +116,23 @@ class RunLock:
                 f"{_holder_pid(self.path)}); wait for it to finish, or set paths.output_dir to "
                 "another folder"
             ) from None
-        previous = _read_holder(self.path)
+        try:
+            previous = _own_holder(self.path)
+        except UserError:
+            os.close(fd)
+            raise
         pid = previous.split()[0] if previous != "unknown" else ""
         if pid.isdigit() and int(pid) != os.getpid():
-            log.info("taking over the lock of '%s' from pid %s, which is no longer running", self.root, pid)
+            # release() empties the file: a pid left in it is a holder that was killed. Its number may belong to
+            # a new process by now, which does not hold the lock (the flock above was free).
+            log.info(
+                "taking over the lock of '%s' from pid %s, which %s",
+                self.root,
+                pid,
+                "stopped without releasing it (the number now belongs to another process)"
+                if pid_alive(int(pid))
+                else "is no longer running (it stopped without releasing the lock)",
+            )
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()} {self.what}\n".encode())
         os.fsync(fd)
@@ -90,6 +143,9 @@ class RunLock:
         # The file stays: unlinking it would let a third process lock a fresh file while a second one still
         # holds the old inode, and two writers would both think they own the run.
         if self.fd is not None:
+            # Emptied, so that the next stage does not take an orderly end for a kill (see acquire).
+            with contextlib.suppress(OSError):
+                os.ftruncate(self.fd, 0)
             os.close(self.fd)
             self.fd = None
 
@@ -108,10 +164,10 @@ def _holder_pid(lock_path: Path) -> str:
 def check_unlocked(root: Path) -> None:
     """Fail early, before any work, when another process holds the run's lock; takes nothing."""
     p = Path(root) / LOCK_NAME
-    if not p.is_file():
+    if not p.exists() and not p.is_symlink():
         return
     try:
-        fd = os.open(p, os.O_RDONLY)
+        fd = open_lock_file(p, os.O_RDONLY)
     except OSError:
         return
     try:
@@ -121,6 +177,8 @@ def check_unlocked(root: Path) -> None:
             f"run directory '{root}' is in use by another process (pid {_holder_pid(p)}); wait for "
             "it to finish, or set paths.output_dir to another folder"
         ) from None
+    else:
+        _own_holder(p)
     finally:
         os.close(fd)
 
@@ -163,17 +221,35 @@ def protected_reason(root: Path) -> str | None:
     return None
 
 
+def is_own_report(path: Path) -> bool:
+    """A dataset_report.json that dataset.py or finetune.py wrote (ftkit.data.prepare's keys), not a file of the
+    user's that has the same name."""
+    if path.is_symlink() or not path.is_file():
+        return False
+    try:
+        rep = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(rep, dict) and {"rows_in_file", "train_rows", "length_histogram"} <= rep.keys()
+
+
 # What a folder that is not (yet) a run may hold: dataset.py's report, and a lock left by a stage.
 _BEFORE_RUN_ENTRIES = frozenset({LOCK_NAME, "dataset_report.json"})
 
 
 def _foreign(root: Path) -> list[str]:
     """What in the folder no stage wrote. Names alone do not make a file ours: a folder without this
-    project's config.yaml header is not a run, so its config.yaml, adapter/, ... are the user's."""
+    project's config.yaml header is not a run, so its config.yaml, adapter/, dataset_report.json ... are the
+    user's unless their content says otherwise."""
     if not root.is_dir():
         return []
-    ours = RUN_ENTRIES if is_project_run(root) else _BEFORE_RUN_ENTRIES
-    return sorted(p.name for p in root.iterdir() if not _is_run_entry(p.name, ours))
+    if is_project_run(root):
+        return sorted(p.name for p in root.iterdir() if not _is_run_entry(p.name))
+    return sorted(
+        p.name
+        for p in root.iterdir()
+        if not _is_run_entry(p.name, _BEFORE_RUN_ENTRIES) or (p.name == "dataset_report.json" and not is_own_report(p))
+    )
 
 
 def _foreign_text(foreign: list[str]) -> str:

@@ -1,0 +1,272 @@
+"""Issue 24, trust every byte round 3: what a careless or hostile user did from outside, each as the behaviour it
+must have now. A user's file is never followed, truncated or replaced; a copied run acts on itself; what is saved
+is what was asked (redaction is for display); masks, mixes and adapters mean what they say."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+from helpers import ALPACA_ROWS, REPO, run_script, tiny_overrides
+
+from ftkit.cli import UserError, redact
+from ftkit.config import load_config
+from ftkit.data import clean_conversation, load_clean_split
+from ftkit.paths import atomic_write_text
+from ftkit.runlock import RunLock
+
+DEMO = str(REPO / "configs" / "demo.yaml")
+# Shaped like a hub token, so display redacts it; a system prompt may still hold such text on purpose.
+TOKEN_LIKE = "hf_" + "AbCdEfGhIjKlMnOpQrStUvWxYz0123"
+
+
+def tree_digest(root: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and not p.is_symlink()
+    }
+
+
+def one_error_line(r, *names: str) -> str:
+    """The run ended as bad input: exit 2, a single `error:` line naming each of `names`."""
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr, r.stderr
+    line = r.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: "), r.stderr
+    for n in names:
+        assert n in line, line
+    return line
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory) -> Path:
+    p = tmp_path_factory.mktemp("data") / "rows.json"
+    p.write_text(json.dumps([dict(r, instruction=f"{r['instruction']} ({k})") for k in range(3) for r in ALPACA_ROWS]))
+    return p
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_llama, data_file) -> Path:
+    """One finished 2-step run (checkpoint-2 and adapter/), trained under HF_TOKEN=models in a folder whose path
+    holds "models", with a token-shaped string in its system prompt: the tests below copy it before changing it."""
+    run = tmp_path_factory.mktemp("runs") / "models" / "r0"
+    over = tiny_overrides(
+        tiny_llama,
+        data_file,
+        run,
+        **{
+            "train.max_steps": 2,
+            "train.save_steps": 2,
+            "train.eval_steps": 2,
+            "data.system_prompt": f"Use {TOKEN_LIKE}.",
+        },
+    )
+    r = run_script("finetune.py", "--config", DEMO, *over, env={"HF_TOKEN": "models"})
+    assert r.returncode == 0, r.stderr
+    return run
+
+
+# -- data lost or changed ------------------------------------------------------------------------------------------
+def test_a_lock_that_is_a_link_or_the_users_file_is_never_written(tmp_path, tiny_llama, data_file):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes\n")
+    out = tmp_path / "fresh"
+    out.mkdir()
+    (out / ".lock").symlink_to(notes)
+    over = tiny_overrides(tiny_llama, data_file, out)
+    one_error_line(run_script("finetune.py", "--config", DEMO, *over), str(out / ".lock"), "symlink")
+    one_error_line(run_script("dataset.py", "--config", DEMO, *over), str(out / ".lock"))
+    with pytest.raises(UserError, match="symlink"):
+        RunLock(out, "test").acquire()
+    assert notes.read_text() == "my notes\n"
+
+    # A regular .lock of the user's (not "<pid> <stage>") is truncated by no one either.
+    (out / ".lock").unlink()
+    (out / ".lock").write_text("do not delete\n")
+    one_error_line(run_script("finetune.py", "--config", DEMO, *over), str(out / ".lock"), "not written by")
+    with pytest.raises(UserError, match="not written by"):
+        RunLock(out, "test").acquire()
+    assert (out / ".lock").read_text() == "do not delete\n"
+
+
+def test_an_atomic_write_never_writes_through_a_link_at_its_temporary_name(tmp_path):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep\n")
+    target = tmp_path / "run" / "plan.json"
+    target.parent.mkdir()
+    target.with_name(f".{target.name}.tmp-{os.getpid()}").symlink_to(victim)
+    atomic_write_text(target, "new\n")
+    assert victim.read_text() == "keep\n" and target.read_text() == "new\n"
+
+
+def test_a_copied_run_resumes_itself_and_the_original_is_untouched(tmp_path, trained):
+    copy = tmp_path / "r0copy"
+    shutil.copytree(trained, copy, symlinks=True)
+    before = tree_digest(trained)
+    r = run_script("finetune.py", "--config", str(copy / "config.yaml"), "--resume", "train.max_steps=4")
+    assert r.returncode == 0, r.stderr
+    assert "the run has moved" in r.stderr
+    assert tree_digest(trained) == before
+    steps = [json.loads(x).get("step") for x in (copy / "train_log.jsonl").read_text().splitlines()]
+    assert max(s for s in steps if s is not None) == 4
+    assert (copy / "checkpoints" / "checkpoint-4").is_dir()
+    assert load_config(copy / "config.yaml").paths.output_dir == str(copy)
+
+
+def test_the_users_dataset_report_in_a_new_folder_is_left_alone(tmp_path, tiny_llama, data_file, trained):
+    out = tmp_path / "fresh"
+    out.mkdir()
+    mine = out / "dataset_report.json"
+    mine.write_text('{"my": "own notes"}\n')
+    over = tiny_overrides(tiny_llama, data_file, out)
+    one_error_line(run_script("finetune.py", "--config", DEMO, *over), "dataset_report.json", "new folder")
+    assert mine.read_text() == '{"my": "own notes"}\n'
+    # dataset.py's own report is what a new run may replace: the folder is still accepted with it.
+    shutil.copy(trained / "dataset_report.json", mine)
+    from ftkit.runlock import check_run_target
+
+    check_run_target(out, overwrite=False, resume=False)
+
+
+def test_the_users_gguf_at_outfile_is_left_alone_and_ours_is_replaced(tmp_path, tiny_llama):
+    import gguf
+
+    mine = tmp_path / "my-downloaded-llama.gguf"
+    w = gguf.GGUFWriter(mine, "llama")
+    w.add_name("someone else's model")
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_ti_data_to_file()
+    w.close()
+    kept = mine.read_bytes()
+    r = run_script("export_gguf.py", "--model", str(tiny_llama), "--outfile", str(mine))
+    one_error_line(r, "--outfile", str(mine), "GGUF file export_gguf.py did not write")
+    assert mine.read_bytes() == kept
+
+    ours = tmp_path / "out" / "tiny-f16.gguf"
+    for _ in range(2):  # the second export replaces the first: export_gguf.py wrote it
+        r = run_script("export_gguf.py", "--model", str(tiny_llama), "--outfile", str(ours))
+        assert r.returncode == 0, r.stderr
+    assert gguf.GGUFReader(ours).fields["ftkit.writer"].contents() == "export_gguf.py"
+
+
+def test_saved_files_keep_what_was_asked_and_only_display_is_redacted(trained, tiny_llama, monkeypatch):
+    from ftkit.prompts import PromptTemplate
+
+    cfg = load_config(trained / "config.yaml")
+    assert cfg.model.name_or_path == str(tiny_llama) and Path(cfg.paths.output_dir) == trained
+    assert cfg.data.system_prompt == f"Use {TOKEN_LIKE}."
+    assert PromptTemplate.load(trained / "prompt_template.json").system_prompt == f"Use {TOKEN_LIKE}."
+    assert "***" not in (trained / "config.yaml").read_text()
+    # The manifest records the command for people: shown, not read back, so it stays redacted.
+    assert TOKEN_LIKE not in (trained / "manifest.json").read_text()
+
+    monkeypatch.setenv("HF_TOKEN", "models")  # too short to be a hub token: starring it garbles every path shown
+    assert redact("runs/models/r0") == "runs/models/r0"
+    monkeypatch.setenv("HF_TOKEN", "s3cr3t-value-123")
+    assert redact(f"x s3cr3t-value-123 {TOKEN_LIKE}") == "x *** hf_***"
+
+
+# -- silently wrong results ----------------------------------------------------------------------------------------
+def convo(flag) -> dict:
+    return {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "train": flag}]}
+
+
+@pytest.mark.parametrize("flag", [False, 0, 0.0])
+def test_a_turn_marked_zero_is_masked(flag):
+    d = load_config(DEMO).data
+    assert clean_conversation(convo(flag), d, "messages", "row 1")["messages"][1]["train"] is False
+
+
+@pytest.mark.parametrize("flag", [True, 1, None])
+def test_a_turn_marked_one_is_trained(flag):
+    d = load_config(DEMO).data
+    assert "train" not in clean_conversation(convo(flag), d, "messages", "row 1")["messages"][1]
+
+
+@pytest.mark.parametrize("flag", ["false", "no", 2, [0]])
+def test_a_turn_flag_that_is_not_a_boolean_is_refused(flag):
+    d = load_config(DEMO).data
+    with pytest.raises(UserError, match=r'row 1 turn 2 has "train": .*write true or false'):
+        clean_conversation(convo(flag), d, "messages", "row 1")
+
+
+def test_sources_that_overlap_share_no_row_between_train_and_eval(tmp_path, data_file):
+    part = tmp_path / "part.json"
+    part.write_text(json.dumps(json.loads(data_file.read_text())[:10]))
+    over = [
+        f"data.path=[{{path: {data_file}}}, {{path: {part}}}, {{path: {data_file}, max_rows: 5}}]",
+        "data.eval_size=6",
+    ]
+    train, held, st, _ = load_clean_split(load_config(DEMO, over).data)
+    key = lambda r: json.dumps(r, sort_keys=True)  # noqa: E731
+    assert not {key(r) for r in train} & {key(r) for r in held}
+    assert st.shared == 15 and [m["shared_rows"] for m in st.mix] == [0, 10, 5]
+    assert [m["kept"] for m in st.mix] == [24, 0, 0] and len(train) + len(held) == 24
+
+
+def adapter_copy(trained: Path, tmp_path: Path) -> Path:
+    """The trained run copied to a folder of its own, which merge_adapter.py then acts on (a moved run)."""
+    copy = tmp_path / "run"
+    shutil.copytree(trained, copy, symlinks=True)
+    return copy
+
+
+def test_an_adapter_of_another_type_is_refused(tmp_path, trained):
+    run = adapter_copy(trained, tmp_path)
+    cfg_file = run / "adapter" / "adapter_config.json"
+    cfg_file.write_text(json.dumps({**json.loads(cfg_file.read_text()), "peft_type": "LOHA"}))
+    r = run_script("merge_adapter.py", "--config", str(run / "config.yaml"))
+    one_error_line(r, 'peft_type "LOHA"', str(cfg_file))
+    assert not (run / "merged").exists()
+
+
+def test_an_adapter_whose_tensors_match_nothing_is_refused(tmp_path, trained):
+    from safetensors.torch import load_file, save_file
+
+    run = adapter_copy(trained, tmp_path)
+    f = run / "adapter" / "adapter_model.safetensors"
+    save_file({k.replace("self_attn", "attn"): v for k, v in load_file(f).items()}, f, metadata={"format": "pt"})
+    r = run_script("merge_adapter.py", "--config", str(run / "config.yaml"))
+    one_error_line(r, "does not load completely", "match no module")
+    assert not (run / "merged").exists()
+
+
+def test_a_merge_that_changes_nothing_fails(tmp_path, trained):
+    from safetensors.torch import load_file, save_file
+
+    run = adapter_copy(trained, tmp_path)
+    f = run / "adapter" / "adapter_model.safetensors"
+    tensors = load_file(f)
+    save_file({k: v * 0 if "lora_B" in k else v for k, v in tensors.items()}, f, metadata={"format": "pt"})
+    r = run_script("merge_adapter.py", "--config", str(run / "config.yaml"))
+    one_error_line(r, "changes nothing", str(run / "adapter"))
+    assert not (run / "merged").exists()
+
+    shutil.copy(trained / "adapter" / "adapter_model.safetensors", f)  # the trained adapter merges
+    r = run_script("merge_adapter.py", "--config", str(run / "config.yaml"))
+    assert r.returncode == 0, r.stderr
+    check = json.loads((run / "merged" / "merge_check.json").read_text())
+    assert check["max_logit_diff_from_base"] > 0
+
+
+# -- unclear messages ----------------------------------------------------------------------------------------------
+def test_a_lock_released_in_order_is_not_reported_as_taken_over(tmp_path, caplog):
+    with RunLock(tmp_path, "first.py"):
+        pass
+    assert (tmp_path / ".lock").read_bytes() == b""
+    with caplog.at_level("INFO", logger="ftkit"), RunLock(tmp_path, "second.py"):
+        pass
+    assert "taking over" not in caplog.text
+
+    # A pid left by a killed holder whose number a live process has since taken is not called "no longer running".
+    (tmp_path / ".lock").write_text(f"{os.getppid()} killed.py\n")
+    with caplog.at_level("INFO", logger="ftkit"), RunLock(tmp_path, "third.py"):
+        pass
+    assert f"from pid {os.getppid()}, which stopped without releasing it" in caplog.text
+    assert "no longer running" not in caplog.text
