@@ -165,6 +165,8 @@ def run_main(main: Callable[[Sequence[str]], int | None], argv: Sequence[str] | 
         sys.exit(128 + signal.SIGTERM)
     finally:
         signal.signal(signal.SIGTERM, before)
+        # The hooks belong to this call: a notebook or a test may run several stages in one process.
+        _BEFORE_ERROR.clear()
     sys.exit(rc or 0)
 
 

@@ -4,8 +4,13 @@ markers; plain helpers live in tests/helpers.py."""
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
+
+# No hub here, in CI or on the GPU machine; huggingface_hub reads this once, at import, so it is set before any
+# library loads (tests/helpers.run_script runs stages in this process with the same environment).
+os.environ["HF_HUB_OFFLINE"] = "1"
 
 import pytest
 
@@ -14,11 +19,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/helpers.py
 from helpers import ALPACA_ROWS, REPO, build_offline_llama, build_tiny_llama  # noqa: E402
 
 from ftkit.config import load_config  # noqa: E402
-
-
-def pytest_configure(config):
-    config.addinivalue_line("markers", "gpu: needs a CUDA GPU; skipped without one")
-    config.addinivalue_line("markers", "slow: trains a real model for a few steps")
 
 
 def pytest_collection_modifyitems(config, items):
