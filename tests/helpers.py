@@ -138,6 +138,15 @@ def tiny_overrides(model: Path, data: Path, out: Path, **extra) -> list[str]:
 PROCESS_ONLY_ENV = ("PYTHONPATH", "HF_HOME", "HF_HUB_CACHE", "HF_HUB_OFFLINE", "TRANSFORMERS_CACHE")
 
 
+def copy_run(src: Path, dest: Path) -> Path:
+    """A copy of a finished run whose config.yaml names the copy: for a test that changes a shared run."""
+    import shutil
+
+    shutil.copytree(src, dest)
+    (dest / "config.yaml").write_text((dest / "config.yaml").read_text().replace(str(src), str(dest)))
+    return dest
+
+
 def run_script(
     script: str,
     *args: str,

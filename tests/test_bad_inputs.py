@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from helpers import ALPACA_ROWS, REPO, run_script, tiny_overrides
+from helpers import ALPACA_ROWS, REPO, copy_run, run_script, tiny_overrides
 
 ROWS = [dict(r, instruction=f"{r['instruction']} (variant {k})") for k in range(4) for r in ALPACA_ROWS]
 GOOD_JSON = json.dumps(ROWS)
@@ -1168,25 +1168,9 @@ def models(tmp_path_factory, tiny_llama) -> dict[str, Path]:
     }
 
 
-@pytest.fixture(scope="module")
-def trained_run(tmp_path_factory, tiny_llama) -> Path:
-    root = tmp_path_factory.mktemp("trained")
-    data = root / "data.json"
-    data.write_text(GOOD_JSON)
-    run = root / "run"
-    r = run_script(
-        "finetune.py",
-        "--config",
-        "configs/demo.yaml",
-        *tiny_overrides(
-            tiny_llama,
-            data,
-            run,
-            **{"train.max_steps": 2, "train.eval_steps": "null", "train.load_best_model_at_end": "false"},
-        ),
-    )
-    assert r.returncode == 0, r.stderr
-    return run
+@pytest.fixture
+def trained_run(tiny_run) -> Path:
+    return tiny_run
 
 
 def snapshot(root: Path, skip: tuple[str, ...] = ()) -> dict:
@@ -1200,14 +1184,6 @@ def snapshot(root: Path, skip: tuple[str, ...] = ()) -> dict:
             continue
         out[str(rel)] = hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
     return out
-
-
-def copy_run(trained_run: Path, dest: Path) -> Path:
-    """A copy of the finished run whose config.yaml points at the copy."""
-    shutil.copytree(trained_run, dest)
-    cfg = (dest / "config.yaml").read_text().replace(str(trained_run), str(dest))
-    (dest / "config.yaml").write_text(cfg)
-    return dest
 
 
 def nan_weights(path: Path) -> None:
