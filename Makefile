@@ -11,7 +11,7 @@ LLAMA  := $(VENV)/.llama-cpp
 # generation. A portable CPU build with these flags works everywhere tested; add e.g. -DGGML_CUDA=ON for a GPU.
 LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX512=OFF -DGGML_AMX_INT8=OFF -DGGML_OPENMP=OFF
 
-.PHONY: install llama-cpp demo test lint clean-runs
+.PHONY: install llama-cpp demo test test-all bench-smoke lint clean-runs
 
 $(STAMP): requirements.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -45,13 +45,24 @@ demo: install
 	# Base vs fine-tuned on the held-out rows: prints the table, writes $(RUN)/eval/eval_report.md + plots.
 	$(PY) evaluate.py
 
-# ruff first: a formatting slip fails in seconds, not after the 15-minute suite.
+# ruff first: a formatting slip fails in seconds, not after the suite.
 lint: install
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/ruff check .
 
-test: lint llama-cpp
-	$(PY) -m pytest -q tests
+# The tiers (markers in pyproject.toml; README "Tests"). The fast tier: every module's unit tests, every bad-input
+# case (in-process), each stage end to end on the tiny model, three kill points per stage; no llama.cpp build.
+test: lint
+	$(PY) -m pytest -q -m "not slow and not llamacpp and not bench" --durations=15 tests
+
+# Everything a CPU can run (what CI runs): the fast tier, every kill point, the real-model trainings, the llama.cpp
+# exports and quality bounds, and every benchmark's CPU smoke run.
+test-all: lint llama-cpp
+	$(PY) -m pytest -q --durations=25 tests
+
+# Every script in benchmarks/ on the CPU with a tiny model and a few steps, so that none can rot.
+bench-smoke: llama-cpp
+	$(PY) -m pytest -q -m bench --durations=0 tests
 
 clean-runs:
 	rm -rf runs

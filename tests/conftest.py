@@ -4,21 +4,21 @@ markers; plain helpers live in tests/helpers.py."""
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
+
+# No hub here, in CI or on the GPU machine; huggingface_hub reads this once, at import, so it is set before any
+# library loads (tests/helpers.run_script runs stages in this process with the same environment).
+os.environ["HF_HUB_OFFLINE"] = "1"
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/helpers.py
 
-from helpers import ALPACA_ROWS, REPO, build_offline_llama, build_tiny_llama  # noqa: E402
+from helpers import ALPACA_ROWS, REPO, build_offline_llama, build_tiny_llama, run_script, tiny_overrides  # noqa: E402
 
 from ftkit.config import load_config  # noqa: E402
-
-
-def pytest_configure(config):
-    config.addinivalue_line("markers", "gpu: needs a CUDA GPU; skipped without one")
-    config.addinivalue_line("markers", "slow: trains a real model for a few steps")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -58,9 +58,26 @@ def offline_llama(tmp_path_factory) -> Path:
     return build_offline_llama(tmp_path_factory.mktemp("offline-llama"))
 
 
+TINY_ALPACA = [dict(r, instruction=f"{r['instruction']} (variant {k})") for k in range(4) for r in ALPACA_ROWS]
+
+
 @pytest.fixture
 def alpaca_file(tmp_path) -> Path:
     p = tmp_path / "tiny_alpaca.json"
-    rows = [dict(r, instruction=f"{r['instruction']} (variant {k})") for k in range(4) for r in ALPACA_ROWS]
-    p.write_text(json.dumps(rows))
+    p.write_text(json.dumps(TINY_ALPACA))
     return p
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, tiny_llama) -> Path:
+    """A finished 2-step run of configs/demo.yaml on the tiny model and the 32 tiny Alpaca rows (adapter,
+    checkpoints, summary; no merged/), built once per test run. Read it; a test that changes a run works on
+    helpers.copy_run(tiny_run, tmp_path / "run")."""
+    root = tmp_path_factory.mktemp("tiny-run")
+    data = root / "data.json"
+    data.write_text(json.dumps(TINY_ALPACA))
+    run = root / "run"
+    over = {"train.max_steps": 2, "train.eval_steps": "null", "train.load_best_model_at_end": "false"}
+    r = run_script("finetune.py", "--config", "configs/demo.yaml", *tiny_overrides(tiny_llama, data, run, **over))
+    assert r.returncode == 0, r.stderr[-3000:]
+    return run

@@ -132,15 +132,128 @@ def tiny_overrides(model: Path, data: Path, out: Path, **extra) -> list[str]:
     return [f"{k}={v}" for k, v in o.items()]
 
 
+# Environment variables that libraries read once, at import (huggingface_hub's cache and offline switch), or
+# that only a new interpreter honours (PYTHONPATH): a stage that needs one of them set differently from this
+# test process runs as its own process.
+PROCESS_ONLY_ENV = ("PYTHONPATH", "HF_HOME", "HF_HUB_CACHE", "HF_HUB_OFFLINE", "TRANSFORMERS_CACHE")
+
+
+def copy_run(src: Path, dest: Path) -> Path:
+    """A copy of a finished run whose config.yaml names the copy: for a test that changes a shared run."""
+    import shutil
+
+    shutil.copytree(src, dest)
+    (dest / "config.yaml").write_text((dest / "config.yaml").read_text().replace(str(src), str(dest)))
+    return dest
+
+
 def run_script(
-    script: str, *args: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 600
+    script: str,
+    *args: str,
+    cwd: Path | None = None,
+    env: dict | None = None,
+    unset: tuple = (),
+    timeout: int = 600,
+    process: bool = False,
 ) -> subprocess.CompletedProcess:
+    """Run a stage as a user does (argv in; exit code, stdout and stderr out). In this test process by default
+    (the ~6 s of imports a new interpreter pays are paid once per test run); as a real process with
+    `process=True`, or when the environment asks for something only a new process honours."""
     e = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", **(env or {}))
-    return subprocess.run(
-        [sys.executable, str(REPO / script), *args],
-        cwd=cwd or REPO,
-        env=e,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    for k in unset:
+        e.pop(k, None)
+    if process or any(e.get(k) != os.environ.get(k) for k in PROCESS_ONLY_ENV):
+        return subprocess.run(
+            [sys.executable, str(REPO / script), *args],
+            cwd=cwd or REPO,
+            env=e,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+    return run_in_process(script, list(args), cwd=cwd or REPO, env=e)
+
+
+def run_in_process(script: str, args: list[str], cwd: Path, env: dict) -> subprocess.CompletedProcess:
+    """Execute `script` as __main__ with `args`, as its own process would, and give back what that process
+    would have: the exit code, stdout, stderr. What a process start or exit would reset is saved and put back:
+    the environment, the working folder, argv, the standard streams, the root logger, the signal handlers,
+    warning filters, and the exit hooks the project registers (run locks), which run at the end as at exit."""
+    import atexit
+    import io
+    import logging
+    import runpy
+    import signal
+    import traceback
+    import warnings
+
+    out, err = io.StringIO(), io.StringIO()
+    saved_env, saved_cwd, saved_argv = dict(os.environ), os.getcwd(), sys.argv
+    saved_streams = (sys.stdout, sys.stderr)
+    root = logging.getLogger()
+    saved_root = (root.handlers[:], root.level, root.filters[:])
+    saved_signals = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    stream_handlers = _library_stream_handlers()
+    register, exit_hooks = atexit.register, []
+
+    def register_own(fn, *a, **kw):
+        # The project's exit hooks run when this "process" ends; any library's stay with the real exit.
+        if getattr(fn, "__module__", "").startswith("ftkit"):
+            exit_hooks.append((fn, a, kw))
+            return fn
+        return register(fn, *a, **kw)
+
+    code = 0
+    os.environ.clear()
+    os.environ.update(env)
+    os.chdir(cwd)
+    sys.argv = [str(REPO / script), *args]
+    sys.stdout, sys.stderr = out, err
+    for h in stream_handlers:
+        h.setStream(err)
+    atexit.register = register_own
+    try:
+        with warnings.catch_warnings():
+            try:
+                runpy.run_path(str(REPO / script), run_name="__main__")
+            except SystemExit as e:
+                code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+            except BaseException:  # what the interpreter does with an uncaught exception
+                traceback.print_exc(file=sys.stderr)
+                code = 1
+            for fn, a, kw in reversed(exit_hooks):
+                try:
+                    fn(*a, **kw)
+                except Exception:
+                    traceback.print_exc(file=sys.stderr)
+    finally:
+        atexit.register = register
+        sys.stdout, sys.stderr = saved_streams
+        for h in _library_stream_handlers(err):
+            h.setStream(saved_streams[1])
+        for h in stream_handlers:
+            h.setStream(saved_streams[1])
+        root.handlers[:], root.filters[:] = saved_root[0], saved_root[2]
+        root.setLevel(saved_root[1])
+        for s, h in saved_signals.items():
+            signal.signal(s, h)
+        sys.argv = saved_argv
+        os.chdir(saved_cwd)
+        os.environ.clear()
+        os.environ.update(saved_env)
+    return subprocess.CompletedProcess(sys.argv, code, out.getvalue(), err.getvalue())
+
+
+def _library_stream_handlers(stream=None) -> list:
+    """The libraries' own console handlers (transformers makes one on first use): they write to the stream that
+    was sys.stderr when they were made, so they follow the captured stream while a stage runs in-process."""
+    import logging
+
+    found = []
+    for logger in list(logging.Logger.manager.loggerDict.values()):
+        for h in getattr(logger, "handlers", ()):
+            if type(h) is logging.StreamHandler:
+                s = getattr(h.stream, "_stream", h.stream)  # ftkit.cli.RedactStream wraps the stream
+                if (stream is None and s in (sys.stderr, sys.__stderr__)) or (stream is not None and s is stream):
+                    found.append(h)
+    return found

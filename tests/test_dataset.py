@@ -160,8 +160,9 @@ def test_transformers_warnings_are_shown_and_quiet_hides_them(tmp_path, tiny_lla
     """transformers warns that it ignores the SmolLM2 tokenizer's clean_up_tokenization_spaces (a setting it
     overrides): shown by default, as the library prints it; --quiet hides it and keeps the stage's own output."""
     args = ["--config", "configs/demo.yaml", *tiny_overrides(tiny_llama, alpaca_file, tmp_path / "run")]
-    shown = run_script("dataset.py", *args)
-    quiet = run_script("dataset.py", *args, "--quiet")
+    # Real processes: transformers prints this warning once per process (warning_once).
+    shown = run_script("dataset.py", *args, process=True)
+    quiet = run_script("dataset.py", *args, "--quiet", process=True)
     assert shown.returncode == 0 and quiet.returncode == 0, shown.stderr + quiet.stderr
     assert "[transformers] Ignoring clean_up_tokenization_spaces" in shown.stderr
     assert "[transformers]" not in quiet.stderr and "clean_up_tokenization" not in quiet.stderr

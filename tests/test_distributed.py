@@ -247,6 +247,7 @@ def test_several_gpus_without_a_launcher_is_refused(tmp_path, tiny_llama, data):
 CTRL_C_STEPS = 8
 
 
+@pytest.mark.faults
 def test_ctrl_c_under_accelerate_launch_saves_and_resumes(tmp_path, tiny_llama, data):
     """Ctrl+C in the terminal of an `accelerate launch` with 2 processes: the launcher (torchrun's agent) gets
     the SIGINT and forwards it to the workers, which finish the step, save a complete checkpoint together and
@@ -295,6 +296,7 @@ def test_ctrl_c_under_accelerate_launch_saves_and_resumes(tmp_path, tiny_llama, 
     assert sorted(losses(run)) == list(range(1, CTRL_C_STEPS + 1))
 
 
+@pytest.mark.faults
 def test_sigterm_to_every_process_is_one_stop_request(tmp_path, tiny_llama, data):
     """A scheduler (SLURM, Kubernetes) sends SIGTERM to every process of the job: the workers get it directly
     and once more when the launcher forwards its own copy. That repeat is the same stop request, not a

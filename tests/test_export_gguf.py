@@ -272,6 +272,7 @@ def test_q4_0_export_is_calibrated_on_the_runs_training_rows(tmp_path, small_lla
     assert "quantize.gptq.rows" not in gg.GGUFReader(gone).fields
 
 
+@pytest.mark.slow
 def test_smollm2_demo_model_round_trips(tmp_path, embedded_model):
     from transformers import AutoTokenizer
 

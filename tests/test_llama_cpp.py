@@ -1,5 +1,5 @@
 """Every GGUF export checked where it runs: inside llama.cpp (llama-cpp-python, built by `make llama-cpp`, which
-`make test` runs first, so none of this is skipped there).
+`make test-all` runs first, so none of this is skipped there; the fast tier, `make test`, leaves it out).
 
 The subject is the demo as `make demo` leaves it: configs/demo.yaml trained for its 100 steps on the embedded
 SmolLM2-135M-Instruct (~5 min on 2 cores), merged, then exported as f16, q8_0, q4_0 and Q4_K_M, the base model as
@@ -29,6 +29,8 @@ from ftkit.paths import RunDir
 from ftkit.prompts import PromptTemplate
 from ftkit.scoring import is_verifiable, unseen
 
+# make test-all builds llama.cpp first; make test (the fast tier) leaves this file out.
+pytestmark = pytest.mark.llamacpp
 llama_cpp = pytest.importorskip("llama_cpp", reason="llama.cpp is not installed: run `make llama-cpp`")
 
 from ftkit.llamacpp import export_quality, greedy_ids, load  # noqa: E402

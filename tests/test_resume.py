@@ -90,6 +90,7 @@ def reference(tmp_path_factory, tiny_llama, data):
     return run
 
 
+@pytest.mark.faults
 def test_sigkill_then_resume_matches_the_uninterrupted_run(tmp_path, tiny_llama, data, reference):
     run = tmp_path / "run"
     args = ["--config", "configs/demo.yaml", *overrides(tiny_llama, data, run)]
@@ -179,6 +180,7 @@ def test_same_config_and_seed_give_the_same_losses(tmp_path, tiny_llama, data, r
     assert "max_steps: 4" in saved and str(data) in saved
 
 
+@pytest.mark.faults
 def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(tmp_path, tiny_llama, data):
     run = tmp_path / "run"
     args = ["--config", "configs/demo.yaml", *overrides(tiny_llama, data, run, **{"train.save_steps": 100})]
