@@ -45,6 +45,7 @@ class Case:
     unset: tuple = ()  # environment variables to remove
     max_s: float | None = None  # wall-clock bound, for the cases that must fail fast
     setup: str = ""  # a prepared folder under {tmp}: see prepare() below
+    llamacpp: bool = False  # reaches llama.cpp before it fails: make test-all only (marked llamacpp)
 
 
 def ft(*extra: str, data: str = "{tmp}/data.json") -> list[str]:
@@ -997,6 +998,7 @@ CASES = [
         ["--model", "{model}", "--outfile", "{tmp}/mine.gguf", "--type", "q4_k_m"],
         "not a GGUF file",
         {"mine.gguf": "my notes\n"},
+        llamacpp=True,
     ),
     Case(
         "export-adapter-kquant",
@@ -1086,9 +1088,22 @@ CASES = [
         ["--config", "{run}/config.yaml", "--base", "--outfile", "{tmp}/b.gguf", "model.name_or_path={tmp}/gone"],
         "does not exist",
     ),
-    Case("serve-not-a-gguf", "inference.py", ["--serve", "{tmp}/notes.gguf"], "not a GGUF file", {"notes.gguf": "x"}),
-    Case("serve-missing-file", "inference.py", ["--serve", "{tmp}/none.gguf"], "is not a file"),
-    Case("serve-bad-port", "inference.py", ["--serve", "{tmp}/none.gguf", "--port", "70000"], "not a TCP port"),
+    Case(
+        "serve-not-a-gguf",
+        "inference.py",
+        ["--serve", "{tmp}/notes.gguf"],
+        "not a GGUF file",
+        {"notes.gguf": "x"},
+        llamacpp=True,
+    ),
+    Case("serve-missing-file", "inference.py", ["--serve", "{tmp}/none.gguf"], "is not a file", llamacpp=True),
+    Case(
+        "serve-bad-port",
+        "inference.py",
+        ["--serve", "{tmp}/none.gguf", "--port", "70000"],
+        "not a TCP port",
+        llamacpp=True,
+    ),
     Case(
         "serve-lora-without-serve",
         "inference.py",
@@ -1098,13 +1113,20 @@ CASES = [
     Case(
         "serve-with-merged", "inference.py", ["--config", "{run}/config.yaml", "--serve", "--merged"], "serves a GGUF"
     ),
-    Case("serve-run-without-export", "inference.py", ["--config", "{run}/config.yaml", "--serve"], "no GGUF in"),
+    Case(
+        "serve-run-without-export",
+        "inference.py",
+        ["--config", "{run}/config.yaml", "--serve"],
+        "no GGUF in",
+        llamacpp=True,
+    ),
     Case(
         "serve-gguf-cut-short",
         "inference.py",
         ["--serve", "{tmp}/m.gguf"],
         "not a readable GGUF file",
         {"m.gguf": b"GGUF" + bytes(60)},
+        llamacpp=True,
     ),
     # -- issue 13: quantization_utils ----------------------------------------------------------------
     Case(
@@ -1253,7 +1275,9 @@ def prepare(setup: str, tmp: Path, trained_run: Path, models: dict) -> list:
 AS_PROCESS = {next(c.id for c in CASES if c.script == script) for script in {c.script for c in CASES}}
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+@pytest.mark.parametrize(
+    "case", [pytest.param(c, id=c.id, marks=[pytest.mark.llamacpp] if c.llamacpp else []) for c in CASES]
+)
 def test_bad_input(case: Case, tmp_path, models, trained_run):
     subst = {"tmp": str(tmp_path), "run": str(trained_run), **{k: str(v) for k, v in models.items()}}
     for name, content in case.files.items():
