@@ -1327,6 +1327,48 @@ def test_bad_input(case: Case, tmp_path, models, trained_run):
     assert not [p for p in tmp_path.rglob("*") if ".tmp-" in p.name]
 
 
+@pytest.mark.parametrize(
+    "script, args",
+    [
+        ("finetune.py", ["--config", "configs/demo.yaml", "train.learning_rat=1e-4"]),  # fails in the config
+        ("inference.py", ["--config", "{run}/config.yaml", "--adapter", "--prompt", ""]),  # after the model loads
+        ("quantization_utils.py", ["--config", "{run}/config.yaml", "--list-modules"]),  # succeeds
+    ],
+)
+def test_in_process_runs_give_what_a_real_process_gives(script, args, trained_run, tmp_path):
+    """The fast tier runs stages in the test process (helpers.run_script): the same exit code, the same last
+    line, and nothing of the run left behind in this process (environment, folder, streams, handlers, lock)."""
+    import logging
+    import os
+    import signal
+
+    args = [a.format(run=trained_run) for a in args]
+    state = lambda: (  # noqa: E731
+        dict(os.environ),
+        os.getcwd(),
+        sys.stdout,
+        sys.stderr,
+        logging.getLogger().handlers[:],
+        signal.getsignal(signal.SIGINT),
+        signal.getsignal(signal.SIGTERM),
+    )
+    before = state()
+    inside = run_script(script, *args, env={"FTKIT_TEST_MARK": "1"})
+    assert state() == before
+    real = run_script(script, *args, process=True)
+    assert inside.returncode == real.returncode, (inside.stderr[-2000:], real.stderr[-2000:])
+    last = lambda r: (r.stderr.strip().splitlines() or [""])[-1]  # noqa: E731
+    if real.returncode:
+        assert last(inside) == last(real) and last(real).startswith("error: ")
+    else:
+        assert inside.stdout == real.stdout and inside.stdout.strip()
+    # The run's lock was released as a process exit releases it: a writer can take it now.
+    from ftkit.runlock import RunLock
+
+    with RunLock(trained_run, "test"):
+        pass
+
+
 def test_at_least_a_hundred_cases_across_every_stage():
     assert len(CASES) >= 100
     stages = {c.script for c in CASES}
