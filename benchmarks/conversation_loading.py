@@ -5,6 +5,8 @@ Target (issue 14): 50k conversations under 60 s on 2 CPU cores. The rows are gen
 user/assistant exchanges of 10-60 words each, a system turn in a third of them.
 
     python benchmarks/conversation_loading.py --rows 50000 --out benchmarks/results/conv_loading_cpu.json
+Smoke run (make bench-smoke): the same stages on 300 rows.
+    python benchmarks/conversation_loading.py --tiny --out /tmp/conv.json
 """
 
 from __future__ import annotations
@@ -45,12 +47,15 @@ def make_rows(n: int, seed: int) -> list[dict]:
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rows", type=int, default=50000)
+    ap.add_argument("--rows", type=int, help="conversations to generate (default 50000; --tiny: 300)")
+    ap.add_argument("--tiny", action="store_true", help="a smoke run: 300 rows unless --rows")
     ap.add_argument("--template", default="chat", help="data.prompt_template (default: SmolLM2's own)")
     ap.add_argument("--model", default=".cache/models/SmolLM2-135M-Instruct", help="the tokenizer's folder")
     ap.add_argument("--max-length", type=int, default=2048)
     ap.add_argument("--out", type=Path)
     a = ap.parse_args(argv)
+    if a.rows is None:
+        a.rows = 300 if a.tiny else 50000
     import torch
     from transformers import AutoTokenizer
 

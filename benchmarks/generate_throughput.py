@@ -15,7 +15,8 @@ GPU (the issue's benchmark; see benchmarks/README.md for the exact command and t
   Warm-up runs (compile and CUDA-graph capture) are timed separately and left out of the throughput.
   tokens/s = rows x new tokens / wall time of one generate call (prefill included); decode ms/token =
   (full call - a 1-new-token call) / (new tokens - 1).
-CPU (tiny 2-layer model, a correctness smoke run of the same code):
+CPU (tiny 2-layer model, a correctness smoke run of the same code, every variant: batches 1 and 4, 16-token
+prompts, 16 new tokens, one timed run, one thread; make bench-smoke runs it):
     python benchmarks/generate_throughput.py --tiny --out /tmp/gen_cpu.json
 """
 
@@ -47,6 +48,8 @@ TINY = dict(
     bos_token_id=1,
     eos_token_id=2,
 )
+# (GPU benchmark, --tiny) defaults
+DEFAULTS = {"batches": ("1,32", "1,4"), "prompt_len": (128, 16), "new_tokens": (128, 16), "reps": (3, 1)}
 HBM_TBPS = 4.8  # H200 spec; ~4.3 TB/s measured device-to-device (.library KINDS.md)
 
 RESULTS = Results(variants={})
@@ -216,11 +219,19 @@ def reset_compiled(model):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True)
-    ap.add_argument("--tiny", action="store_true", help="2-layer model on the CPU: a smoke run of this script")
-    ap.add_argument("--batches", default="1,32")
-    ap.add_argument("--prompt-len", type=int, default=128)
-    ap.add_argument("--new-tokens", type=int, default=128)
-    ap.add_argument("--reps", type=int, default=3, help="timed runs of each project variant (median)")
+    ap.add_argument(
+        "--tiny",
+        action="store_true",
+        help="2-layer model on the CPU: a smoke run of this script (defaults: "
+        + ", ".join(f"--{k.replace('_', '-')} {v[1]}" for k, v in DEFAULTS.items())
+        + ", one thread)",
+    )
+    ap.add_argument("--batches", help=f"default {DEFAULTS['batches'][0]}")
+    ap.add_argument("--prompt-len", type=int, help=f"default {DEFAULTS['prompt_len'][0]}")
+    ap.add_argument("--new-tokens", type=int, help=f"default {DEFAULTS['new_tokens'][0]}")
+    ap.add_argument(
+        "--reps", type=int, help=f"timed runs of each project variant (median; default {DEFAULTS['reps'][0]})"
+    )
     ap.add_argument(
         "--project-settings",
         default="{}",
@@ -238,8 +249,14 @@ def main(argv=None):
         help="skip variants that would not finish within this many seconds of the start",
     )
     args = ap.parse_args(argv)
+    for k, v in DEFAULTS.items():
+        if getattr(args, k) is None:
+            setattr(args, k, v[1] if args.tiny else v[0])
     RESULTS.out = Path(args.out)
     import torch
+
+    if args.tiny:  # a 2-layer model's ops are too small to share between threads
+        torch.set_num_threads(1)
 
     device = "cpu" if args.tiny else "cuda"
     RESULTS.update(

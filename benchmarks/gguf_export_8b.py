@@ -8,7 +8,8 @@ demo data. Random weights say nothing of quality (benchmarks/gguf_quality.py mea
 model): this measures what the export costs.
 
     python benchmarks/gguf_export_8b.py --out benchmarks/results/gguf_export_8b_h200.json
-    python benchmarks/gguf_export_8b.py --tiny          # the same on a 2-layer model, a quick check on a CPU
+    python benchmarks/gguf_export_8b.py --tiny --out /tmp/g8.json  # a 2-layer, hidden-64 model of the same
+        # architecture (Llama-3's 128256-token vocabulary kept), both variants, a quick check on a CPU
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ from ftkit.config import load_config  # noqa: E402
 from ftkit.paths import atomic_write_json, save_resolved_config  # noqa: E402
 from ftkit.prompts import PromptTemplate  # noqa: E402
 
+# --tiny: Llama-3-8B's architecture and vocabulary at a size a CPU exports in seconds
+TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
 VARIANTS = {"round_to_nearest": ("--calibration-rows", "0"), "gptq_256_rows": ()}
 
 
@@ -39,7 +42,7 @@ def build_run(root: Path, tokenizer: Path, tiny: bool) -> Path:
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    shape = dict(LLAMA3_8B, num_hidden_layers=2) if tiny else LLAMA3_8B
+    shape = dict(LLAMA3_8B, **TINY) if tiny else LLAMA3_8B
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
     with torch.device(device):
@@ -106,12 +109,19 @@ def timed_export(config: Path, out: Path, *flags: str) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokenizer", type=Path, default=ROOT / ".cache" / "models" / "SmolLM2-135M-Instruct")
-    ap.add_argument("--tiny", action="store_true", help="2 layers instead of 32")
+    ap.add_argument("--tiny", action="store_true", help="2 layers of hidden size 64 (a smoke run on a CPU)")
     ap.add_argument("--work", type=Path, help="scratch folder, kept and reused (default: a temporary one, removed)")
     ap.add_argument("--only", choices=VARIANTS, help="one variant (two calls on a machine with a time limit)")
     ap.add_argument("--out", type=Path, help="results JSON")
     a = ap.parse_args()
+    if a.tiny:
+        # One thread here and in the exporter: a 2-layer model's ops are too small to share, and on the shared
+        # 2-core machine two threads made the tiny GPTQ pass take 26 s instead of under 1 s.
+        os.environ["OMP_NUM_THREADS"] = "1"
     import torch
+
+    if a.tiny:
+        torch.set_num_threads(1)
 
     res = Results(versions=versions(), cpu_count=os.cpu_count(), tiny=a.tiny, variants={})
     res["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"

@@ -12,6 +12,10 @@ small held-out split does not decide a 90% bar by one or two answers.
     python data/generate_demo_data.py --seed 7 --per-family 40 --out /tmp/fresh.jsonl
     python benchmarks/gguf_quality.py --run runs/demo --base-types q4_k_m,q4_0,q4_0-rtn \
         --extra-rows /tmp/fresh.jsonl --seen data/demo_tasks.jsonl --out benchmarks/results/gguf_quality_cpu.json
+Smoke run (make bench-smoke; tests/test_benchmarks.py merges the tests' tiny trained run first): f16, GPTQ q4_0
+and the adapter over a q4_0 base, at most 8 extra rows, speed from 16 tokens once, one thread:
+    python benchmarks/gguf_quality.py --tiny --run <a small finished run> --extra-rows data/demo_tasks.jsonl \
+        --out /tmp/ggq.json
 """
 
 from __future__ import annotations
@@ -35,6 +39,13 @@ from ftkit.paths import RunDir  # noqa: E402
 from ftkit.prompts import PromptTemplate  # noqa: E402
 from ftkit.scoring import unseen  # noqa: E402
 
+# (full run, --tiny) defaults
+DEFAULTS = {
+    "types": ("f16,q8_0,q6_k,q5_k_m,q4_k_m,q5_0,q4_0,q4_0-rtn", "f16,q4_0"),
+    "base_types": ("", "q4_0"),
+    "extra_limit": (None, 8),
+}
+
 
 def export(run: Path, qtype: str, out: Path, *flags: str) -> float:
     """export_gguf.py into `out`; a type named '<type>-rtn' is written with --calibration-rows 0 (round to
@@ -48,12 +59,17 @@ def export(run: Path, qtype: str, out: Path, *flags: str) -> float:
     return time.time() - t0
 
 
-def tokens_per_second(what: Path | tuple[Path, Path], prompt: list[int], n: int = 64) -> float:
-    """Decode speed: n tokens past the prompt, end-of-turn ignored, best of 3."""
+def em(x: float | None) -> str:
+    """Exact match for the table: None (no verifiable row among those scored) as '-'."""
+    return f"{x:6.3f}" if x is not None else f"{'-':>6}"
+
+
+def tokens_per_second(what: Path | tuple[Path, Path], prompt: list[int], n: int = 64, reps: int = 3) -> float:
+    """Decode speed: n tokens past the prompt, end-of-turn ignored, best of `reps`."""
     path, lora = what if isinstance(what, tuple) else (what, None)
     llm = load(path, lora=lora)
     best = 0.0
-    for _ in range(3):
+    for _ in range(reps):
         t0 = time.time()
         for i, _tok in enumerate(llm.generate(prompt, temp=0.0, top_k=1, reset=True), 1):
             if i == n:
@@ -68,14 +84,27 @@ def main() -> None:
     ap.add_argument("--run", type=Path, required=True, help="a finished run with merged/ (finetune + merge)")
     ap.add_argument(
         "--types",
-        default="f16,q8_0,q6_k,q5_k_m,q4_k_m,q5_0,q4_0,q4_0-rtn",
-        help="f16 first: the reference; '-rtn' after q4_0/q5_0: rounded to nearest instead of GPTQ",
+        help="f16 first: the reference; '-rtn' after q4_0/q5_0: rounded to nearest instead of GPTQ (default "
+        f"{DEFAULTS['types'][0]}; --tiny: {DEFAULTS['types'][1]})",
     )
-    ap.add_argument("--base-types", default="", help="the adapter GGUF over the base at these types, e.g. q4_k_m")
+    ap.add_argument(
+        "--base-types",
+        help=f"the adapter GGUF over the base at these types, e.g. q4_k_m (--tiny: {DEFAULTS['base_types'][1]})",
+    )
+    ap.add_argument("--tiny", action="store_true", help="a smoke run of a small run: fewer types, one thread")
     ap.add_argument("--extra-rows", type=Path, help="more Alpaca rows (JSONL) to score beside the held-out ones")
     ap.add_argument("--seen", type=Path, nargs="*", default=[], help="JSONL files whose prompts --extra-rows drops")
+    ap.add_argument("--extra-limit", type=int, help="score at most this many --extra-rows, the first (--tiny: 8)")
     ap.add_argument("--out", type=Path, help="results JSON")
     a = ap.parse_args()
+    for k, v in DEFAULTS.items():
+        if getattr(a, k) is None:
+            setattr(a, k, v[1] if a.tiny else v[0])
+    if a.tiny:
+        # One thread for torch (here and in the exporters) and llama.cpp (ftkit.llamacpp.cpu_threads): a tiny
+        # model's ops are too small to share, and on the shared 2-core machine two threads ran llama.cpp ~30x and
+        # the GPTQ pass ~20x slower.
+        os.environ["OMP_NUM_THREADS"] = "1"
     from transformers import AutoTokenizer
 
     run = a.run.resolve()
@@ -86,7 +115,7 @@ def main() -> None:
     n_held_out = len(rows)
     if a.extra_rows:
         seen = [r for f in a.seen for _, r in read_jsonl(f, "seen rows", "")]
-        rows += unseen([r for _, r in read_jsonl(a.extra_rows, "extra rows", "")], seen + rows)
+        rows += unseen([r for _, r in read_jsonl(a.extra_rows, "extra rows", "")], seen + rows)[: a.extra_limit]
     res = Results(
         run=str(run), rows=len(rows), held_out_rows=n_held_out, versions=versions(), cpu_count=os.cpu_count(), types={}
     )
@@ -108,13 +137,13 @@ def main() -> None:
             r.pop("answers")
             r.pop("file")
             r["export_s"] = round(took[t], 1)
-            r["generate_tok_s"] = round(tokens_per_second(files[t], prompt), 1)
+            r["generate_tok_s"] = round(tokens_per_second(files[t], prompt, *((16, 1) if a.tiny else ())), 1)
             res["types"][t] = r
             res.save()
     print(f"{'type':12} {'MB':>7} {'ppl':>7} {'top1':>6} {'EM':>6} {'tok/s':>7} {'export s':>8}")
     for t, r in res["types"].items():
         print(
-            f"{t:12} {r['size_mb']:7.1f} {r['perplexity']:7.3f} {r['top1_agreement']:6.3f} {r['exact_match']:6.3f} "
+            f"{t:12} {r['size_mb']:7.1f} {r['perplexity']:7.3f} {r['top1_agreement']:6.3f} {em(r['exact_match'])} "
             f"{r['generate_tok_s']:7.1f} {r['export_s']:8.1f}"
         )
 

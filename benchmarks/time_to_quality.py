@@ -19,6 +19,10 @@ training time each variant needs to reach the plain recipe's 1-epoch held-out lo
 CPU (this 2-core machine; a small split so that it ends in about 20 minutes):
     python benchmarks/time_to_quality.py --out benchmarks/results/ttq_cpu.json --train-rows 48 --eval-rows 16 \
         --eval-every 1 --epochs 3 --variants default,plain --extra data.max_length=256
+Smoke run (make bench-smoke; any small model, e.g. the tests' random Llama with the Alpaca prompt): plain,
+default and packed_linear (the three code paths; packed_none/sqrt differ from it only in the learning rate), one
+epoch of 24 shipped demo rows (8 held out), rows of at most 128 tokens, 256-token packs, one thread:
+    python benchmarks/time_to_quality.py --tiny --model <small model> --out /tmp/ttq.json
 GPU (nvidia-h200; benchmarks/README.md "Time to quality" has the full recipe):
     python3 benchmarks/time_to_quality.py --out $OUT/ttq_h200.json --model /tmp/smollm2 \
         --data .bench/alpaca_en_1k.json --variants plain,default,packed_none,packed_sqrt,packed_linear
@@ -42,6 +46,25 @@ sys.path.insert(0, str(ROOT))
 from ftkit.jsonl import read_log_rows  # noqa: E402
 
 CONFIG = ROOT / "configs" / "llama3_alpaca.yaml"
+# Defaults of the full run and of --tiny (each still overridable on the command line)
+FULL = {
+    "data": str(ROOT.parent / "shared" / "data" / "alpaca_en_1k.json"),
+    "train_rows": 850,
+    "eval_rows": 150,
+    "epochs": 3,
+    "eval_every": 0,
+    "variants": "plain,default",
+    "extra": [],
+}
+TINY = {
+    "data": str(ROOT / "data" / "demo_tasks.jsonl"),
+    "train_rows": 24,
+    "eval_rows": 8,
+    "epochs": 1,
+    "eval_every": 1,
+    "variants": "plain,default,packed_linear",
+    "extra": ["data.max_length=128", "train.pack_tokens=256"],
+}
 VARIANTS = {
     "plain": [
         "train.padding_free=false",
@@ -55,6 +78,14 @@ VARIANTS = {
     "packed_sqrt": ["train.packing=true", "train.lr_scaling=sqrt"],
     "packed_linear": ["train.packing=true", "train.lr_scaling=linear"],
 }
+
+
+def read_rows(path: Path) -> list[dict]:
+    """Alpaca rows from a JSON list or a JSONL file (the shipped demo data)."""
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".jsonl":
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
+    return json.loads(text)
 
 
 def eval_points(log_rows: list[dict]) -> list[dict]:
@@ -123,7 +154,8 @@ def run_variant(name: str, a, data: Path, work: Path) -> dict:
     cmd = [sys.executable, str(ROOT / "finetune.py"), "--config", str(CONFIG), *over]
     print(f"\n=== {name}: {' '.join(over)}", flush=True)
     t0 = time.time()
-    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    env = dict(os.environ, OMP_NUM_THREADS="1") if a.tiny else None  # a tiny model's ops are too small to share
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
     wall = time.time() - t0
     if r.returncode != 0:
         print(r.stderr[-4000:], flush=True)
@@ -202,25 +234,38 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True)
     p.add_argument("--model", default=str(ROOT / ".cache" / "models" / "SmolLM2-135M-Instruct"))
-    p.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "alpaca_en_1k.json"))
+    p.add_argument(
+        "--data",
+        help="Alpaca rows, a JSON list or JSONL (default: ../shared/data/alpaca_en_1k.json; --tiny: the shipped "
+        "data/demo_tasks.jsonl)",
+    )
+    p.add_argument(
+        "--tiny",
+        action="store_true",
+        help="a smoke run (give a small --model): "
+        + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in TINY.items()),
+    )
     p.add_argument("--gguf", help="convert this GGUF file to --model first (when --model does not exist yet)")
-    p.add_argument("--train-rows", type=int, default=850)
-    p.add_argument("--eval-rows", type=int, default=150)
-    p.add_argument("--epochs", type=float, default=3)
+    p.add_argument("--train-rows", type=int, help="default 850")
+    p.add_argument("--eval-rows", type=int, help="default 150")
+    p.add_argument("--epochs", type=float, help="default 3")
     p.add_argument("--evals-per-epoch", type=int, default=4)
-    p.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (default: --evals-per-epoch)")
+    p.add_argument("--eval-every", type=int, help="evaluate every N steps (default: --evals-per-epoch)")
     p.add_argument("--optim", default="adamw_torch", help="the same optimizer for every variant")
-    p.add_argument("--variants", default="plain,default")
-    p.add_argument("--extra", nargs="*", default=[], help="more overrides for every variant")
+    p.add_argument("--variants", help="default plain,default")
+    p.add_argument("--extra", nargs="*", help="more overrides for every variant")
     p.add_argument("--merge", nargs="+", metavar="JSON", help="merge earlier result files into --out and stop")
     a = p.parse_args(argv)
+    for k, v in (TINY if a.tiny else FULL).items():
+        if getattr(a, k) is None:
+            setattr(a, k, v)
     if a.merge:
         return merge(a.merge, Path(a.out))
     if a.gguf and not Path(a.model).exists():
         from ftkit.models import convert_gguf_file
 
         convert_gguf_file(Path(a.gguf), Path(a.model))
-    rows = json.loads(Path(a.data).read_text(encoding="utf-8"))[: a.train_rows + a.eval_rows]
+    rows = read_rows(Path(a.data))[: a.train_rows + a.eval_rows]
     out = Path(a.out)
     res = {
         "model": a.model,

@@ -15,6 +15,12 @@ GPU (the issue's benchmark; see benchmarks/README.md for the exact command and t
   and finds the longest single row each path trains.
 CPU (configs/demo.yaml, a few steps of each):
     python benchmarks/train_throughput.py --cpu --out benchmarks/results/cpu_demo.json
+Smoke run (make bench-smoke, tests/test_benchmarks.py): every variant of the GPU benchmark above, on the CPU, on
+a 2-layer model of Llama-3-8B's architecture (hidden 64) built the same way, the shipped demo rows, short fixed
+rows, small packs and probes, one timed step each (well under a minute on 2 cores):
+    python benchmarks/train_throughput.py --tiny --tokenizer .cache/models/SmolLM2-135M-Instruct --out /tmp/tt.json
+  and the CPU demo comparison on any small model:
+    python benchmarks/train_throughput.py --cpu --tiny --model-dir <model> --out /tmp/tt_cpu.json
 """
 
 from __future__ import annotations
@@ -34,23 +40,61 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import LLAMA3_8B, Results, free, versions  # noqa: E402
 
+# --tiny: Llama-3-8B's architecture at a size a CPU trains in milliseconds a step (vocab: the tokenizer's)
+TINY_SHAPE = dict(
+    LLAMA3_8B,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=4096,
+)
+# --tiny's defaults (each still overridable on the command line) beside the GPU benchmark's
+DEFAULTS = {
+    "model_dir": ("/tmp/llama3-8b-random", None),  # None: a temporary folder, removed at the end
+    "data": (".bench/alpaca_en_1k.json", "data/demo_tasks.jsonl"),
+    "warmup": (2, 1),
+    "steps": (8, 1),
+    "rows": (0, 96),
+    "fixed_rows": (96, 64),
+    "fixed_len": (2048, 128),
+    "pack_tokens": ([4096, 16384, 24576], [512, 1024]),
+    "throughput_pack": (16384, 1024),
+    "plain_probe": ([65536], [256]),
+    "project_probe": ([65536], [256]),
+    "offload_probe": ([65536], [256]),
+}
+
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 PEAK_TFLOPS = 790.0  # bf16 dense matmul measured on the H200 (.library KINDS.md); the MFU denominator
 
 RESULTS = Results()
+# What the CPU cannot run at all (--tiny records these under "skipped", with the reason, instead of measuring)
+CUDA_ONLY = {
+    "project_yaml_attn_flex_attention": "FlexAttention has no backward pass on the CPU",
+    "project_long_tiled_offload32": "activation offloading moves GPU memory to the host: CUDA only",
+}
 
 
-def build_model(model_dir: Path, tokenizer_dir: Path) -> None:
-    """Llama-3-8B's config with random weights, saved once as safetensors with a tokenizer."""
+def build_model(model_dir: Path, tokenizer_dir: Path, tiny: bool = False) -> None:
+    """Llama-3-8B's config with random weights, saved once as safetensors with a tokenizer (`tiny`: the same
+    architecture at TINY_SHAPE's size, on the CPU, its vocabulary and special tokens the tokenizer's)."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     if (model_dir / "config.json").is_file():
         return
     t0 = time.time()
-    cfg = LlamaConfig(**LLAMA3_8B)
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    if tiny:
+        cfg = LlamaConfig(
+            **dict(TINY_SHAPE, vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+        )
+    else:
+        cfg = LlamaConfig(**LLAMA3_8B)
     torch.manual_seed(0)
-    with torch.device("cuda"):
+    with torch.device("cpu" if tiny else "cuda"):
         prev = torch.get_default_dtype()
         torch.set_default_dtype(torch.bfloat16)
         model = LlamaForCausalLM(cfg)
@@ -59,9 +103,7 @@ def build_model(model_dir: Path, tokenizer_dir: Path) -> None:
     tmp = model_dir.with_name(model_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True, max_shard_size="5GB")
-    for f in tokenizer_dir.iterdir():
-        if f.is_file():
-            shutil.copy(f, tmp / f.name)
+    tok.save_pretrained(tmp)  # the tokenizer's files only (a model folder given as --tokenizer keeps its weights)
     del model
     free()
     tmp.rename(model_dir)
@@ -217,7 +259,7 @@ def project_trainer(
     plan = make_plan(cfg, detect_hardware(device), lengths, base.config)
     if plan_override:
         plan = dataclasses.replace(plan, **plan_override)
-    model, _, _ = train.apply_lora(cfg, plan, base)
+    model = train.apply_lora(cfg, plan, base)[0]  # (model, trainable, total, initial weights)
     train.apply_speed_switches(plan, model)
     args = train.sft_config(cfg, RunDir(Path(tempfile.mkdtemp())), plan, 0)
     args.disable_tqdm = True
@@ -253,7 +295,7 @@ def variant(name: str, base, fn, *a, **kw) -> dict | None:
     return res
 
 
-# -- GPU benchmark ------------------------------------------------------------------------------------
+# -- GPU benchmark (--tiny: the same on the CPU) --------------------------------------------------------
 def gpu_main(a) -> None:
     import torch
 
@@ -262,12 +304,16 @@ def gpu_main(a) -> None:
     from ftkit.config import load_config
     from ftkit.models import load_tokenizer, resolve_model
 
+    device = "cpu" if a.tiny else "cuda"
+    cuda = device == "cuda"
     model_dir = Path(a.model_dir)
-    build_model(model_dir, Path(a.tokenizer))
-    RESULTS["device"] = torch.cuda.get_device_name(0)
+    build_model(model_dir, Path(a.tokenizer), a.tiny)
+    RESULTS["device"] = torch.cuda.get_device_name(0) if cuda else f"cpu ({os.cpu_count()} cores)"
+    RESULTS["tiny"] = a.tiny
     RESULTS["versions"] = versions()
     RESULTS["host_mem_available_gb"] = round((estimate.host_memory_available() or 0) / 1e9, 1)
-    RESULTS["gpu_total_gb"] = round(torch.cuda.get_device_properties(0).total_memory / 1e9, 1)
+    if cuda:
+        RESULTS["gpu_total_gb"] = round(torch.cuda.get_device_properties(0).total_memory / 1e9, 1)
     base_over = [
         f"model.name_or_path={model_dir}",
         f"data.path={a.data}",
@@ -280,39 +326,48 @@ def gpu_main(a) -> None:
     tok = load_tokenizer(cfg, source, offline)
     prep = data_stage.prepare(cfg, tok)
     rows, lengths = prep.train.rows, prep.train.lengths
+    if a.rows:  # --rows: the first rows only (the smoke run: fewer rows for every trainer to take in)
+        rows, lengths = rows[: a.rows], lengths[: a.rows]
     RESULTS["data"] = {
         "source": a.data,
         "rows": len(rows),
         "mean_tokens": round(sum(lengths) / len(lengths), 1),
         "max_tokens": max(lengths),
-        "tokenizer": "SmolLM2-135M-Instruct BPE (49152 ids; model vocab 128256)",
+        "tokenizer": f"{a.tokenizer} ({len(tok)} ids; model vocab {cfg_vocab(model_dir)})",
     }
     t0 = time.time()
-    base = train.load_quantized_base(cfg, source, offline, "cuda")
+    base = train.load_quantized_base(cfg, source, offline, device)
     RESULTS["load_4bit_s"] = round(time.time() - t0, 1)
     nums = estimate.model_numbers(base.config, 16, TARGETS)
     RESULTS["params"] = nums["params"]
-    RESULTS["static_gb_after_load"] = round(torch.cuda.memory_allocated() / 1e9, 3)
+    if cuda:
+        RESULTS["static_gb_after_load"] = round(torch.cuda.memory_allocated() / 1e9, 3)
     RESULTS.save()
     N = nums["params"]
     g = torch.Generator().manual_seed(7)
+    top = min(49000, len(tok) - 1)  # random ids of the tokenizer's range (the SmolLM2 BPE: below 49152)
     fixed = [
         {"input_ids": ids, "labels": ids}
-        for ids in torch.randint(10, 49000, (a.fixed_rows, 2048), generator=g).tolist()
+        for ids in torch.randint(10, top, (a.fixed_rows, a.fixed_len), generator=g).tolist()
     ]
     W, S = a.warmup, a.steps
+    FL = a.fixed_len
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
 
     def plain(base, data, batch, accum, max_length, steps):
-        tr = plain_trainer(base, tok, data, steps, "cuda", batch, accum, max_length)
-        r = run_trainer(tr, W, "cuda")
+        tr = plain_trainer(base, tok, data, steps, device, batch, accum, max_length)
+        r = run_trainer(tr, W, device)
         r.update(mfu(r["real_tokens_per_s"], N, True))
         return r
 
     def project(base, data, lens, overrides, steps, config=a.config, plan_override=None):
         liger_err = None
         try:
-            tr, info = project_trainer(base, tok, data, lens, steps, "cuda", overrides, config, plan_override)
-            r = run_trainer(tr, W, "cuda")
+            tr, info = project_trainer(base, tok, data, lens, steps, device, overrides, config, plan_override)
+            r = run_trainer(tr, W, device)
         except torch.OutOfMemoryError:
             raise
         except Exception as e:  # liger-kernel and this transformers may disagree: measure without it
@@ -324,8 +379,8 @@ def gpu_main(a) -> None:
             reset_base(base)
             free()
             overrides = [*overrides, "train.use_liger_kernel=false"]
-            tr, info = project_trainer(base, tok, data, lens, steps, "cuda", overrides, config, plan_override)
-            r = run_trainer(tr, W, "cuda")
+            tr, info = project_trainer(base, tok, data, lens, steps, device, overrides, config, plan_override)
+            r = run_trainer(tr, W, device)
         if liger_err:
             r["first_attempt_error"] = liger_err
         r["kernels"] = {
@@ -338,32 +393,33 @@ def gpu_main(a) -> None:
         r.update(mfu(r["real_tokens_per_s"], N, bool(info["gradient_checkpointing"])))
         return r
 
+    def peak_gb():  # GPU memory only; the CPU smoke run records none
+        return {"peak_gb": round(torch.cuda.max_memory_allocated() / 1e9, 3)} if cuda else {}
+
     def probe_plain(base, L):
-        row = [{"input_ids": torch.randint(10, 49000, (L,)).tolist()}]
+        row = [{"input_ids": torch.randint(10, top, (L,)).tolist()}]
         row[0]["labels"] = row[0]["input_ids"]
-        tr = plain_trainer(base, tok, row, 1, "cuda", 1, 1, None)
-        torch.cuda.reset_peak_memory_stats()
+        tr = plain_trainer(base, tok, row, 1, device, 1, 1, None)
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
         t = time.perf_counter()
         tr.train()
-        torch.cuda.synchronize()
-        return {
-            "L": L,
-            "peak_gb": round(torch.cuda.max_memory_allocated() / 1e9, 3),
-            "step_s": round(time.perf_counter() - t, 2),
-        }
+        sync()
+        return {"L": L, **peak_gb(), "step_s": round(time.perf_counter() - t, 2)}
 
     def probe_project(base, L, overrides):
-        row = [{"input_ids": torch.randint(10, 49000, (L,)).tolist()}]
+        row = [{"input_ids": torch.randint(10, top, (L,)).tolist()}]
         row[0]["labels"] = row[0]["input_ids"]
-        tr, info = project_trainer(base, tok, row, [L], 1, "cuda", ["train.packing=false", *overrides], a.config)
-        torch.cuda.reset_peak_memory_stats()
-        host0 = host_pinned_peak(reset=True)
+        tr, info = project_trainer(base, tok, row, [L], 1, device, ["train.packing=false", *overrides], a.config)
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        host0 = host_pinned_peak(reset=True) if cuda else None
         t = time.perf_counter()
         tr.train()
-        torch.cuda.synchronize()
+        sync()
         out = {
             "L": L,
-            "peak_gb": round(torch.cuda.max_memory_allocated() / 1e9, 3),
+            **peak_gb(),
             "step_s": round(time.perf_counter() - t, 2),
             "gc": info["gradient_checkpointing"],
             "tiled_mlp": info["tiled_mlp"],
@@ -386,7 +442,7 @@ def gpu_main(a) -> None:
     if want("plain_alpaca"):
         variant("plain_alpaca_b2x4", base, plain, rows, 2, 4, 1024, W + S)
     if want("plain_fixed"):
-        variant("plain_fixed2048_b2x4", base, plain, fixed, 2, 4, 2048, W + max(3, S // 2))
+        variant(f"plain_fixed{FL}_b2x4", base, plain, fixed, 2, 4, FL, W + max(3, S // 2))
     if want("plain_long"):
         for L in a.plain_probe:
             variant(f"plain_long_{L}", base, probe_plain, L)
@@ -412,16 +468,18 @@ def gpu_main(a) -> None:
             "padded": (["train.padding_free=false"], None),
         }
         for n, (over, po) in ablations.items():
-            if not a.ablations or n in a.ablations.split(","):
+            if not cuda and f"project_yaml_{n}" in CUDA_ONLY:
+                RESULTS.setdefault("skipped", {})[f"project_yaml_{n}"] = CUDA_ONLY[f"project_yaml_{n}"]
+            elif not a.ablations or n in a.ablations.split(","):
                 variant(f"project_yaml_{n}", base, project, rows, lengths, yaml_over + over, W + S, yaml_cfg, po)
     if want("project_throughput"):
         variant(
-            "project_throughput_pack16384",
+            f"project_throughput_pack{a.throughput_pack}",
             base,
             project,
             rows,
             lengths,
-            ["train.pack_tokens=16384", "train.gradient_accumulation_steps=1"],
+            [f"train.pack_tokens={a.throughput_pack}", "train.gradient_accumulation_steps=1"],
             W + S,
         )
     # (b) the project's path
@@ -472,12 +530,12 @@ def gpu_main(a) -> None:
             )
     if want("project_fixed"):
         variant(
-            "project_fixed2048_pack16384",
+            f"project_fixed{FL}_pack{a.throughput_pack}",
             base,
             project,
             fixed,
-            [2048] * len(fixed),
-            ["train.pack_tokens=16384", "train.gradient_accumulation_steps=1"],
+            [FL] * len(fixed),
+            [f"train.pack_tokens={a.throughput_pack}", "train.gradient_accumulation_steps=1"],
             W + S,
         )
     # Long rows with checkpointing forced on: (group, result name, probe lengths, tiled MLP, offloading)
@@ -487,7 +545,9 @@ def gpu_main(a) -> None:
         ("project_long_offload", "project_long_tiled_offload32", a.offload_probe, True, True),
     ]
     for group, name, probe, tiled, offload in long_rows:
-        if want(group):
+        if want(group) and not cuda and name in CUDA_ONLY:
+            RESULTS.setdefault("skipped", {})[name] = CUDA_ONLY[name]
+        elif want(group):
             for L in probe:
                 switches = [
                     f"train.tiled_mlp={str(tiled).lower()}",
@@ -498,11 +558,15 @@ def gpu_main(a) -> None:
         for L in a.auto_probe:  # what finetune.py picks by itself for one row this long
             variant(f"project_long_auto_{L}", base, probe_project, L, [])
     if want("contamination"):
-        variant("contamination_check", base, contamination_check, rows[:6])
+        variant("contamination_check", base, contamination_check, rows[:6], device)
     summarize()
 
 
-def contamination_check(base, rows):
+def cfg_vocab(model_dir: Path) -> int | None:
+    return json.loads((model_dir / "config.json").read_text()).get("vocab_size")
+
+
+def contamination_check(base, rows, device: str = "cuda"):
     """On the 8B model with the project's attention: per-row losses of a packed row vs each row alone, beside
     the kernel noise floor (a row alone through SDPA vs through the varlen kernel) and a contaminated control
     (the packed row under plain causal SDPA with an all-ones mask: rows attend across boundaries)."""
@@ -515,7 +579,7 @@ def contamination_check(base, rows):
     base.eval()
     coll = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True)
     batch = {
-        k: (v.cuda() if torch.is_tensor(v) else v)
+        k: (v.to(device) if torch.is_tensor(v) else v)
         for k, v in coll([{"input_ids": r["input_ids"]} for r in rows]).items()
     }
     fwd = {k: v for k, v in batch.items() if k not in ("labels", "seq_idx")}
@@ -524,21 +588,21 @@ def contamination_check(base, rows):
         out, start = [], 0
         for r in rows:
             n = len(r["input_ids"])
-            ids = torch.tensor(r["input_ids"], device="cuda")
+            ids = torch.tensor(r["input_ids"], device=device)
             out.append(
                 torch.nn.functional.cross_entropy(base.lm_head(hidden[start : start + n - 1]).float(), ids[1:]).item()
             )
             start += n
         return out
 
-    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+    with torch.no_grad(), torch.autocast(device, dtype=torch.bfloat16):
         packed = row_losses(base.model(**fwd).last_hidden_state[0])
         alone, alone_varlen = [], []
         for r in rows:
-            ids = torch.tensor([r["input_ids"]], device="cuda")
+            ids = torch.tensor([r["input_ids"]], device=device)
             n = ids.shape[1]
             alone += row_losses_one(base, ids)
-            cu = torch.tensor([0, n], dtype=torch.int32, device="cuda")
+            cu = torch.tensor([0, n], dtype=torch.int32, device=device)
             h = base.model(
                 input_ids=ids, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=n, max_length_k=n
             ).last_hidden_state[0]
@@ -719,17 +783,30 @@ def cpu_main(a) -> None:
     from ftkit.config import load_config
     from ftkit.models import load_tokenizer, resolve_model
 
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    if not a.tiny:
+        torch.set_num_threads(max(1, os.cpu_count() or 1))
     RESULTS["device"] = f"cpu ({os.cpu_count()} cores)"
     RESULTS["versions"] = versions()
-    cfg = load_config("configs/demo.yaml", [])
+    over = []
+    if a.tiny:  # the demo config around the tiny model
+        build_model(Path(a.model_dir), Path(a.tokenizer), tiny=True)
+        over = [f"model.name_or_path={a.model_dir}", "model.gguf_source=null", f"data.path={a.data}"]
+        from transformers import AutoTokenizer
+
+        if not AutoTokenizer.from_pretrained(a.model_dir).chat_template:  # a base model's tokenizer
+            over.append("data.prompt_template=alpaca")
+        RESULTS["tiny"] = True
+    cfg = load_config("configs/demo.yaml", over)
     source, offline = resolve_model(cfg.model)
     tok = load_tokenizer(cfg, source, offline)
     prep = data_stage.prepare(cfg, tok)
     rows, lengths = prep.train.rows, prep.train.lengths
+    if a.rows:
+        rows, lengths = rows[: a.rows], lengths[: a.rows]
     RESULTS["data"] = {"source": cfg.data.path, "rows": len(rows), "mean_tokens": round(sum(lengths) / len(lengths), 1)}
     base = train.load_quantized_base(cfg, source, offline, "cpu")
     W, S = a.warmup, a.steps
+    tiny_over = over
     bs, ga = cfg.train.per_device_train_batch_size, cfg.train.gradient_accumulation_steps
 
     def plain(base):
@@ -737,7 +814,7 @@ def cpu_main(a) -> None:
         return run_trainer(tr, W, "cpu")
 
     def project(base, over):
-        tr, info = project_trainer(base, tok, rows, lengths, W + S, "cpu", over, "configs/demo.yaml")
+        tr, info = project_trainer(base, tok, rows, lengths, W + S, "cpu", [*tiny_over, *over], "configs/demo.yaml")
         r = run_trainer(tr, W, "cpu")
         r["switches"] = {k: v for k, v in info.items() if k not in ("estimate", "estimate_largest", "changes")}
         return r
@@ -772,19 +849,31 @@ def cpu_main(a) -> None:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True)
+    ints = lambda s: [int(x) for x in s.split(",")]  # noqa: E731
     p.add_argument("--cpu", action="store_true", help="the CPU demo comparison")
+    p.add_argument(
+        "--tiny",
+        action="store_true",
+        help="smoke run on the CPU: a 2-layer model (built in a temporary folder unless --model-dir), the shipped "
+        "demo rows, small packs and probes, one timed step (defaults: "
+        + ", ".join(f"{k}={v[1]}" for k, v in DEFAULTS.items())
+        + "); with --cpu: the demo comparison on that model",
+    )
     p.add_argument("--config", default="configs/llama3_alpaca_h200.yaml")
-    p.add_argument("--model-dir", default="/tmp/llama3-8b-random")
+    p.add_argument("--model-dir", help=f"default {DEFAULTS['model_dir'][0]} (built there once)")
     p.add_argument("--tokenizer", default=".bench/tokenizer")
-    p.add_argument("--data", default=".bench/alpaca_en_1k.json")
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--steps", type=int, default=8)
-    p.add_argument("--fixed-rows", type=int, default=96)
+    p.add_argument("--data", help=f"default {DEFAULTS['data'][0]}")
+    p.add_argument("--warmup", type=int)
+    p.add_argument("--steps", type=int)
+    p.add_argument("--rows", type=int, help="train on the first N rows only (default: all)")
+    p.add_argument("--fixed-rows", type=int)
+    p.add_argument("--fixed-len", type=int, help="tokens of each fixed row (default 2048)")
     p.add_argument("--repeat", type=int, default=1, help="--cpu: run the paths this many times, interleaved")
-    p.add_argument("--pack-tokens", type=lambda s: [int(x) for x in s.split(",")], default=[4096, 16384, 24576])
-    p.add_argument("--plain-probe", type=lambda s: [int(x) for x in s.split(",")], default=[65536])
-    p.add_argument("--project-probe", type=lambda s: [int(x) for x in s.split(",")], default=[65536])
-    p.add_argument("--offload-probe", type=lambda s: [int(x) for x in s.split(",")], default=[65536])
+    p.add_argument("--pack-tokens", type=ints)
+    p.add_argument("--throughput-pack", type=int, help="pack_tokens of project_throughput (default 16384)")
+    p.add_argument("--plain-probe", type=ints)
+    p.add_argument("--project-probe", type=ints)
+    p.add_argument("--offload-probe", type=ints)
     p.add_argument("--auto-probe", type=lambda s: [int(x) for x in s.split(",") if x], default=[])
     p.add_argument("--ablations", default="", help="comma list of project_yaml ablations (default: all)")
     p.add_argument(
@@ -803,7 +892,10 @@ def main(argv=None) -> None:
     )
     p.add_argument("--exclude", default="", help="with --summarize: comma list of variants to leave out")
     a = p.parse_args(argv)
-    RESULTS.out = Path(a.out)
+    for k, v in DEFAULTS.items():
+        if getattr(a, k) is None:
+            setattr(a, k, v[1] if a.tiny else v[0])
+    RESULTS.out = Path(a.out).resolve()
     os.chdir(ROOT)
     if a.summarize:
         drop = set(filter(None, a.exclude.split(",")))
@@ -819,7 +911,21 @@ def main(argv=None) -> None:
         summarize()
         print(json.dumps(RESULTS.get("longest_rows"), indent=1))
         return
-    (cpu_main if a.cpu else gpu_main)(a)
+    if a.tiny:
+        import torch
+
+        # A 2-layer model's ops are too small to share between threads: on the shared 2-core machine two
+        # threads ran the smoke run ~3x slower than one.
+        torch.set_num_threads(1)
+    tmp = None
+    if a.model_dir is None:  # --tiny: a model of its own, removed at the end
+        tmp = tempfile.mkdtemp(prefix="tt-tiny-")
+        a.model_dir = str(Path(tmp) / "model")
+    try:
+        (cpu_main if a.cpu else gpu_main)(a)
+    finally:
+        if tmp:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":

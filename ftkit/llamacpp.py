@@ -63,13 +63,25 @@ def refusal_as_user_error(model: Path, lora: Path | None) -> Iterator[None]:
     raise UserError(f"llama.cpp cannot load '{model}'{f' with {lora}' if lora else ''}: {why.strip()[:200]}")
 
 
+def cpu_threads() -> int:
+    """llama.cpp's threads: the CPUs this process may run on (its affinity: taskset, a container's cpuset), not all
+    the machine's, and no more than OMP_NUM_THREADS when that is set (as torch does). llama.cpp's threads spin-wait
+    for each other: on a busy 2-core machine two threads decoded ~30x slower than one."""
+    try:
+        n = len(os.sched_getaffinity(0)) or 1
+    except AttributeError:  # no affinity outside Linux
+        n = os.cpu_count() or 1
+    omp = os.environ.get("OMP_NUM_THREADS", "")
+    return max(1, min(n, int(omp))) if omp.isdigit() and int(omp) > 0 else n
+
+
 def quantize(src: Path, dst: Path, file_type: int, threads: int | None = None) -> None:
     """llama.cpp's llama_model_quantize (what `llama-quantize` runs): it chooses each tensor's type for the
     file type (Q4_K_M keeps attn_v/ffn_down at more bits, falls back where rows are not a multiple of 256)."""
     llama_cpp = require("a K-quant (--type q4_k_m, q5_k_m, q6_k, ...)")
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = file_type
-    params.nthread = threads or os.cpu_count() or 1
+    params.nthread = threads or cpu_threads()
     with native_output() as lines:
         rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params)
     if rc != 0:
@@ -88,7 +100,7 @@ def load(model: Path, lora: Path | None = None, n_ctx: int = 2048, logits_all: b
             model_path=str(model),
             lora_path=str(lora) if lora else None,
             n_ctx=n_ctx,
-            n_threads=os.cpu_count() or 1,
+            n_threads=cpu_threads(),
             logits_all=logits_all,
             seed=0,
             verbose=False,
@@ -207,7 +219,7 @@ def serve(model: Path, lora: Path | None, host: str, port: int, n_ctx: int, alia
         model_alias=alias,
         lora_path=str(lora) if lora else None,
         n_ctx=n_ctx,
-        n_threads=os.cpu_count() or 1,
+        n_threads=cpu_threads(),
         verbose=False,
     )
     with refusal_as_user_error(model, lora):

@@ -198,7 +198,7 @@ def run_in_process(script: str, args: list[str], cwd: Path, env: dict) -> subpro
 
     def register_own(fn, *a, **kw):
         # The project's exit hooks run when this "process" ends; any library's stay with the real exit.
-        if getattr(fn, "__module__", "").startswith("ftkit"):
+        if (getattr(fn, "__module__", None) or "").startswith("ftkit"):
             exit_hooks.append((fn, a, kw))
             return fn
         return register(fn, *a, **kw)
