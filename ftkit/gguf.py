@@ -905,33 +905,40 @@ def write_adapter_gguf(ap: AdapterPlan, qtype: str, names: Names, out: Path) -> 
     _write_file(tmp, out, metadata, ap.plans, iter_tensor_data(ap.ckpt, ap.plans), f"writing LoRA {qtype}")
 
 
-def gguf_type(path: Path) -> tuple[str, str]:
-    """(general.type, general.architecture) of a GGUF file: 'model' or 'adapter', e.g. 'llama'. A file the gguf
-    reader cannot parse is a UserError."""
+def read_gguf(path: Path):
+    """A GGUFReader over `path`; a file the gguf reader cannot parse is a UserError. Parsing is the cost (every
+    tokenizer entry is a field: seconds for a 49k vocabulary), so callers read a file once."""
     import gguf
 
     try:
-        reader = gguf.GGUFReader(path)
-        field = lambda k, d: reader.fields[k].contents() if k in reader.fields else d  # noqa: E731
-        return str(field("general.type", "model")), str(field("general.architecture", ""))
+        return gguf.GGUFReader(path)
     except (ValueError, KeyError, IndexError, OSError) as e:
         raise UserError(f"'{path}' is not a readable GGUF file ({str(e)[:100]}); export it again") from None
+
+
+def _type_of(reader) -> tuple[str, str]:
+    field = lambda k, d: reader.fields[k].contents() if k in reader.fields else d  # noqa: E731
+    return str(field("general.type", "model")), str(field("general.architecture", ""))
+
+
+def gguf_type(path: Path) -> tuple[str, str]:
+    """(general.type, general.architecture) of a GGUF file: 'model' or 'adapter', e.g. 'llama'. A file the gguf
+    reader cannot parse is a UserError."""
+    return _type_of(read_gguf(path))
 
 
 def check_adapter_fits(base: Path, lora: Path) -> None:
     """A LoRA adapter GGUF against the model GGUF it is applied to: same architecture, and every lora_a/lora_b
     pair matches a tensor of the model in shape (llama.cpp's own checks; llama-cpp-python does not report their
     failure, and would serve the model without the adapter)."""
-    import gguf
-
-    kind, arch = gguf_type(lora)
-    _, base_arch = gguf_type(base)
+    lora_reader, base_reader = read_gguf(lora), read_gguf(base)
+    (kind, arch), (_, base_arch) = _type_of(lora_reader), _type_of(base_reader)
     if kind != "adapter":
         raise UserError(f"'{lora}' is a GGUF {kind}, not a LoRA adapter")
     if arch != base_arch:
         raise UserError(f"the adapter '{lora}' is for a '{arch}' model but '{base}' is '{base_arch}'")
-    shapes = {t.name: tuple(int(x) for x in t.shape) for t in gguf.GGUFReader(base).tensors}
-    for t in gguf.GGUFReader(lora).tensors:
+    shapes = {t.name: tuple(int(x) for x in t.shape) for t in base_reader.tensors}
+    for t in lora_reader.tensors:
         name, _, part = t.name.rpartition(".")
         have = shapes.get(name)
         # GGUF shapes are ggml's (ne0 = row length first): lora_a is (in, r), lora_b (r, out), the weight (in, out)
