@@ -32,6 +32,9 @@ KILL_POINTS = [
     pytest.param(range(3, 10), id="points-3-9", marks=pytest.mark.slow),
 ]
 pytestmark = pytest.mark.faults
+# Kills land in the first 80% of the measured run: on a loaded machine one run's time varies by more than the
+# last 20%, and a kill after the run ended tests nothing (with 3 points, one such miss fails the tier).
+KILL_WITHIN = 0.8
 
 
 def tree(root: Path, skip=lambda rel: False) -> dict:
@@ -99,7 +102,7 @@ def test_sigkill_finetune_overwrite_at_random_points(tmp_path, tiny_llama, data,
     previous = tree(run, skip=lambda rel: rel.name == ".lock")
     killed = 0
     for seed in seeds:
-        delay = random.Random(seed).uniform(0.3, full)
+        delay = random.Random(seed).uniform(0.3, KILL_WITHIN * full)
         killed += kill_after(launch("finetune.py", *ft_args(tiny_llama, data, run), "--overwrite"), delay)
         assert tree(data.parent) == user
         # What the next finetune.py does first: a run kept aside comes back unless the new one checkpointed.
@@ -150,7 +153,9 @@ def test_sigkill_merge_at_random_points(tmp_path, finished_run, seeds):
     assert r.returncode == 0, r.stderr[-2000:]
     killed = 0
     for seed in seeds:
-        killed += kill_after(launch("merge_adapter.py", *args), random.Random(100 + seed).uniform(0.3, full))
+        killed += kill_after(
+            launch("merge_adapter.py", *args), random.Random(100 + seed).uniform(0.3, KILL_WITHIN * full)
+        )
         assert inputs() == before, f"seed {seed}: the run's inputs changed"
         # merged/ is absent or whole, never half-written.
         assert not run.joinpath("merged").exists() or merged_is_whole(run / "merged"), f"seed {seed}"
@@ -187,7 +192,9 @@ def test_sigkill_export_at_random_points(tmp_path, tiny_llama, seeds):
     assert r.returncode == 0, r.stderr[-2000:]
     killed = 0
     for seed in seeds:
-        killed += kill_after(launch("export_gguf.py", *args), random.Random(200 + seed).uniform(0.2, full))
+        killed += kill_after(
+            launch("export_gguf.py", *args), random.Random(200 + seed).uniform(0.2, KILL_WITHIN * full)
+        )
         assert not out.exists() or gguf_is_whole(out), f"seed {seed}: a cut-off GGUF at the output path"
         assert (out.parent / "mine.txt").read_bytes() == user
     assert 2 * killed >= len(seeds), f"only {killed} of {len(seeds)} exports were killed before they finished"
