@@ -38,8 +38,9 @@ import time
 from pathlib import Path
 
 from ftkit import harness
-from ftkit.cli import UserError, build_parser, log, parse_args, run_main
+from ftkit.cli import build_parser, log, parse_args, run_main
 from ftkit.config import Config
+from ftkit.errors import UserError
 from ftkit.jsonl import read_jsonl, read_log_rows
 from ftkit.models import resolve_model
 from ftkit.paths import RunDir, atomic_dir, atomic_write_json, stage_config

@@ -46,9 +46,10 @@ import os
 import random
 from pathlib import Path
 
-from ftkit.cli import UserError, build_parser, log, parse_args, run_main, user_errors
+from ftkit.cli import build_parser, log, parse_args, run_main
 from ftkit.config import Config
 from ftkit.data import encode_rows, load_clean_split, source_name
+from ftkit.errors import UserError, user_errors
 from ftkit.gguf import (
     ADAPTER_TYPES,
     ARCH,

@@ -36,10 +36,11 @@ from __future__ import annotations
 import time
 
 from ftkit import train
-from ftkit.cli import UserError, build_parser, log, parse_args, run_main
+from ftkit.cli import build_parser, log, parse_args, run_main
 from ftkit.config import Config
 from ftkit.data import load_clean_split, prepare, print_report
 from ftkit.distributed import dist_info, fsdp_enabled, is_main, setup
+from ftkit.errors import UserError
 from ftkit.models import causal_lm_config, load_tokenizer, pick_device, resolve_model
 from ftkit.paths import load_run_config
 from ftkit.plan import detect_hardware, make_plan, reference_hardware

@@ -43,8 +43,9 @@ from pathlib import Path
 
 from ftkit.answers import answer_file, read_prompt_file
 from ftkit.chat import chat
-from ftkit.cli import UserError, build_parser, parse_args, run_main
+from ftkit.cli import build_parser, parse_args, run_main
 from ftkit.config import Config
+from ftkit.errors import UserError
 from ftkit.generation import generate, load_for_inference, stream_one
 from ftkit.gguf import gguf_type
 from ftkit.jsonl import read_jsonl

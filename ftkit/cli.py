@@ -4,7 +4,6 @@ exit code 2), the shared argument parser, logging, and the redaction of hub toke
 from __future__ import annotations
 
 import argparse
-import contextlib
 import difflib
 import logging
 import os
@@ -14,6 +13,8 @@ import sys
 import warnings
 from typing import Callable, Sequence
 
+from .errors import UserError
+
 # -- logging and errors ------------------------------------------------------------------------------
 # Every entry point runs through `run_main`, so that a mistake the user can fix (a typo in the config, a
 # missing file) ends as one line on stderr and exit code 2, while a real bug still shows its traceback.
@@ -22,20 +23,6 @@ log = logging.getLogger("ftkit")
 
 # Exit code for bad input, distinct from 1 (crash) so that scripts and CI can tell the two apart.
 EXIT_USAGE = 2
-
-
-class UserError(Exception):
-    """A problem in the user's input: config, data, paths, model choice. The message names the fix."""
-
-
-@contextlib.contextmanager
-def user_errors(what: str, fix: str, types: tuple[type[BaseException], ...] = (OSError, ValueError)):
-    """Turn a library's exception of `types` inside the block into one line: "<what>: <its first line>; <fix>".
-    A library's message is often many lines (a traceback's worth); its first line says what went wrong."""
-    try:
-        yield
-    except types as e:
-        raise UserError(f"{what}: {str(e).splitlines()[0][:200] if str(e) else type(e).__name__}; {fix}") from None
 
 
 def setup_logging(debug: bool = False, quiet: bool = False) -> None:

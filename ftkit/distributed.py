@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import os
 
-from .cli import UserError
 from .config import Config
+from .errors import UserError
 from .models import pick_device
 from .plan import Hardware, detect_hardware
 

@@ -15,24 +15,23 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import math
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from .cli import UserError
+from .attention import VARLEN_ATTN
 from .config import Config, explicitly_on
+from .errors import UserError
 from .estimate import (
     DEFAULT_GPU,
     GPU_MEMORY_FRACTION,
+    REFERENCE_GPU_MEMORY,
     StepShape,
     estimate,
     gpu_facts,
     host_memory_available,
-    lr_scale,
     model_numbers,
 )
-
-# The attention that keeps padding-free rows apart on the SDPA path (ftkit/attention.py registers it).
-VARLEN_ATTN = "sdpa_varlen"
 
 
 @dataclass(frozen=True)
@@ -41,7 +40,7 @@ class Hardware:
 
     device: str  # "cuda" or "cpu"
     gpu_name: str = DEFAULT_GPU  # the calibrated reference GPU when there is none
-    gpu_memory: float = 139 * 2**30  # bytes
+    gpu_memory: float = REFERENCE_GPU_MEMORY  # bytes
     world_size: int = 1
     fsdp: bool = False
     fsdp_activation_checkpointing: bool = False  # the accelerate config already recomputes activations
@@ -181,6 +180,15 @@ class TrainPlan:
                 "train.per_device_train_batch_size"
             )
         return "\n".join(lines)
+
+
+def lr_scale(rows_per_step: float, reference_rows: float, rule: str) -> float:
+    """Learning-rate factor when a step holds rows_per_step rows instead of the reference_rows the rate was
+    set for: square root (AdamW's usual rule), linear, or none."""
+    if rule == "none" or reference_rows <= 0 or rows_per_step <= 0:
+        return 1.0
+    r = rows_per_step / reference_rows
+    return math.sqrt(r) if rule == "sqrt" else r
 
 
 def _divisors(n: int) -> list[int]:

@@ -9,12 +9,13 @@ import math
 import time
 from collections import defaultdict
 
-from .cli import UserError, log
+from .cli import log
 from .config import Config, DataCfg
 from .data import clean_conversation
 from .demo_data import normalize_answer
+from .errors import UserError
 from .generation import Prompt, generate, load_for_inference
-from .paths import REPO_ROOT, RunDir
+from .paths import RunDir
 from .prompts import IGNORE_INDEX, PromptTemplate, encode_conversations
 
 # Verifiable answers are short; an answer this many tokens longer than the longest reference cannot match.

@@ -16,9 +16,10 @@ from pathlib import Path
 
 from . import patches, runlock
 from .checkpoints import complete_checkpoints, trained_step
-from .cli import UserError, log
+from .cli import log
 from .config import Config, check_library_options, mutates_base
 from .distributed import barrier, dist_info, fsdp_enabled, is_main
+from .errors import UserError
 from .models import load_causal_lm, load_tokenizer, model_skeleton, torch_dtype
 from .paths import (
     RunDir,

@@ -1,6 +1,6 @@
 """The house rules, checked: stages are recipes over the ftkit package and never import each other (or are
 imported by it); every ftkit module says in its docstring what it holds; runtime patches of library objects
-live in ftkit/patches.py only."""
+live in ftkit/patches.py only; no import cycle among ftkit modules and stages."""
 
 import ast
 from pathlib import Path
@@ -68,3 +68,46 @@ def test_benchmarks_and_tests_use_the_package_not_stage_internals():
                 assert node.attr in ("cli", "main", "__doc__"), (
                     f"{path.name}:{node.lineno} uses {aliases[node.value.id]}.{node.attr}; import it from ftkit"
                 )
+
+
+def _module_graph() -> dict[str, set[str]]:
+    """ftkit modules and stages -> the ftkit modules and stages each imports (at any depth, relative or not)."""
+    files = {f"ftkit.{p.stem}": p for p in PACKAGE if p.stem != "__init__"}
+    files.update({s: REPO / f"{s}.py" for s in STAGES})
+    graph = {}
+    for name, path in files.items():
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                deps.update(a.name for a in node.names)
+            elif isinstance(node, ast.ImportFrom):
+                base = ("ftkit." + (node.module or "")).rstrip(".") if node.level else node.module or ""
+                deps.add(base)
+                deps.update(f"{base}.{a.name}" for a in node.names)  # `from ftkit import plan`
+        graph[name] = deps & set(files) - {name}
+    return graph
+
+
+def test_no_import_cycle():
+    graph = _module_graph()
+    state: dict[str, str] = {}  # "open" while on the current path, "done" once every path from it is walked
+
+    def walk(node: str, path: list[str]) -> None:
+        state[node] = "open"
+        for dep in sorted(graph[node]):
+            if state.get(dep) == "open":
+                cycle = path[path.index(dep) :] + [dep]
+                raise AssertionError("import cycle: " + " -> ".join(cycle))
+            if dep not in state:
+                walk(dep, [*path, dep])
+        state[node] = "done"
+
+    for name in sorted(graph):
+        if name not in state:
+            walk(name, [name])
+
+
+def test_the_package_imports_no_stage_at_any_depth():
+    for name, deps in _module_graph().items():
+        if name.startswith("ftkit."):
+            assert not deps & set(STAGES), f"{name} imports the stage(s) {sorted(deps & set(STAGES))}"
