@@ -53,6 +53,9 @@ from ftkit.llamacpp import sampling_defaults, serve
 from ftkit.paths import RunDir, stage_config
 from ftkit.scoring import held_out_row, prompt_of
 
+# Where --serve listens unless told: this machine only.
+DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 8000
+
 
 def held_out_rows(run: RunDir, n_max: int) -> list[dict]:
     path = run.eval_rows
@@ -183,8 +186,9 @@ def cli(argv) -> None:
         help="serve a GGUF (default: the run's newest export) through an OpenAI-compatible server",
     )
     p.add_argument("--lora", type=Path, metavar="GGUF", help="with --serve: a LoRA adapter GGUF applied over it")
-    p.add_argument("--host", default="127.0.0.1", help="with --serve: the address to listen on (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8000, help="with --serve: the TCP port (default 8000)")
+    # No defaults here: "given" must be the same test for `--port 9000` and `--port=9000` (see below).
+    p.add_argument("--host", help=f"with --serve: the address to listen on (default {DEFAULT_HOST})")
+    p.add_argument("--port", type=int, help=f"with --serve: the TCP port (default {DEFAULT_PORT})")
     a = parse_args(p, argv)
     adapter = None
     if a.adapter is not None:
@@ -207,8 +211,10 @@ def cli(argv) -> None:
     ]
     if len(modes) > 1:
         raise UserError(f"{' and '.join(modes)} do different things; pass one of them")
-    if a.serve is None and (a.lora is not None or "--port" in argv or "--host" in argv):
+    if a.serve is None and (a.lora is not None or a.port is not None or a.host is not None):
         raise UserError("--lora, --host and --port go with --serve; add --serve")
+    a.host = DEFAULT_HOST if a.host is None else a.host
+    a.port = DEFAULT_PORT if a.port is None else a.port
     if a.serve is not None and (a.use is not None or a.adapter is not None):
         raise UserError(
             "--serve serves a GGUF, not the HF weights --merged/--adapter/--base pick; for an adapter pass "

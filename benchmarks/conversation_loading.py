@@ -44,7 +44,9 @@ def make_rows(n: int, seed: int) -> list[dict]:
 
 
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
+    )
     ap.add_argument("--rows", type=int, default=50000)
     ap.add_argument("--template", default="chat", help="data.prompt_template (default: SmolLM2's own)")
     ap.add_argument("--model", default=".cache/models/SmolLM2-135M-Instruct", help="the tokenizer's folder")

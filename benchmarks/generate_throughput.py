@@ -214,7 +214,9 @@ def reset_compiled(model):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
+    )
     ap.add_argument("--out", required=True)
     ap.add_argument("--tiny", action="store_true", help="2-layer model on the CPU: a smoke run of this script")
     ap.add_argument("--batches", default="1,32")

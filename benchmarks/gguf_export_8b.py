@@ -104,7 +104,9 @@ def timed_export(config: Path, out: Path, *flags: str) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
+    )
     ap.add_argument("--tokenizer", type=Path, default=ROOT / ".cache" / "models" / "SmolLM2-135M-Instruct")
     ap.add_argument("--tiny", action="store_true", help="2 layers instead of 32")
     ap.add_argument("--work", type=Path, help="scratch folder, kept and reused (default: a temporary one, removed)")

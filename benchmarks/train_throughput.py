@@ -770,7 +770,9 @@ def cpu_main(a) -> None:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
+    )
     p.add_argument("--out", required=True)
     p.add_argument("--cpu", action="store_true", help="the CPU demo comparison")
     p.add_argument("--config", default="configs/llama3_alpaca_h200.yaml")

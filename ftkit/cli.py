@@ -175,7 +175,11 @@ def _terminated(signum, frame) -> None:
 
 def build_parser(description: str, config_required: bool = False) -> argparse.ArgumentParser:
     """The CLI every stage shares: --config, dotted overrides, --debug; stages add their own flags."""
-    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # No abbreviations: `--debu` would silently parse as --debug, and a flag added later could change what an
+    # abbreviation a user scripted means.
+    p = argparse.ArgumentParser(
+        description=description, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
+    )
     p.add_argument(
         "--config", required=config_required, help="YAML config; without it, the most recent run's saved config is used"
     )
@@ -235,7 +239,10 @@ def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argparse
     def error(message: str):
         m = re.match(r"unrecognized arguments: (--[\w-]+)", message)
         known = [o for a in parser._actions for o in a.option_strings]  # argparse keeps no public list
-        close = m and difflib.get_close_matches(m[1].replace("_", "-"), known, n=1, cutoff=0.75)
+        flag = m and m[1].replace("_", "-")
+        # An abbreviation (refused: allow_abbrev=False) names the one flag it starts, however short it is.
+        starts = [o for o in known if flag and o.startswith(flag)]
+        close = starts[:1] if len(starts) == 1 else m and difflib.get_close_matches(flag, known, n=1, cutoff=0.75)
         raise UserError(f"{message}; " + (f"did you mean {close[0]}?" if close else "see --help"))
 
     parser.error = error  # type: ignore[method-assign]
