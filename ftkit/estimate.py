@@ -173,6 +173,16 @@ def estimate(nums: dict, shape: StepShape, gpu: str = DEFAULT_GPU) -> dict:
     }
 
 
+def optim_state_bytes(optim: str) -> int:
+    """Bytes a trainable parameter's optimizer state takes: two fp32 AdamW moments, or two 8-bit ones."""
+    return 2 if "8bit" in optim else 8
+
+
+def fits_gpu(peak_gb: float, gpu_memory: float) -> bool:
+    """The one rule for "fits": a predicted peak (GB) within GPU_MEMORY_FRACTION of the GPU's memory (bytes)."""
+    return peak_gb * 1e9 <= GPU_MEMORY_FRACTION * gpu_memory
+
+
 def gpu_facts(device: str) -> tuple[str, float]:
     """(name, total memory in bytes) of this process's GPU; the calibrated reference GPU on CPU."""
     if device == "cuda":

@@ -20,6 +20,7 @@ from .cli import log
 from .config import Config, check_library_options, mutates_base
 from .distributed import barrier, dist_info, fsdp_enabled, is_main
 from .errors import UserError
+from .estimate import optim_state_bytes
 from .models import load_causal_lm, load_tokenizer, model_skeleton, torch_dtype
 from .paths import (
     RunDir,
@@ -140,8 +141,7 @@ def output_sizes(cfg: Config, skeleton, n_train_rows: int, world_size: int) -> d
             lora += sum(p.numel() for p in mod.parameters())  # trained and saved in full, optimizer state too
     n_params = sum(p.numel() for p in skeleton.parameters())
     t = cfg.train
-    state_bytes = 2 if "8bit" in t.optim else 8
-    ckpt = lora * (4 + state_bytes) + 32 * 2**20
+    ckpt = lora * (4 + optim_state_bytes(t.optim)) + 32 * 2**20
     per_step = t.per_device_train_batch_size * t.gradient_accumulation_steps * world_size
     steps = t.max_steps if t.max_steps > 0 else math.ceil(t.num_train_epochs * math.ceil(n_train_rows / per_step))
     saves = steps // t.save_steps + 1  # +1: the save when stopping early or at the end
