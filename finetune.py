@@ -58,8 +58,8 @@ def main(cfg: Config, overwrite: bool = False, resume: bool = False) -> dict:
     prep = prepare(cfg, tok, loaded)
     if is_main():
         print_report(prep.report)
-    train.check_run_inputs(cfg, run, skeleton, len(prep.train.rows), len(prep.eval.rows), hw.world_size)
     plan = make_plan(cfg, hw, prep.train.lengths, skeleton.config)
+    train.check_run_inputs(cfg, run, plan, skeleton, len(prep.train.rows), len(prep.eval.rows))
     if is_main():
         log.info("%s", plan.describe())
     args = train.sft_config(cfg, run, plan, len(prep.eval.rows))

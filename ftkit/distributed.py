@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 
-from .config import Config
+from .config import Config, mutates_base
 from .errors import UserError
 from .models import pick_device
 from .plan import Hardware, detect_hardware
@@ -90,6 +90,12 @@ def check_distributed(cfg: Config, device: str) -> dict:
             raise UserError(
                 f"train.optim={cfg.train.optim} fails when FSDP saves a checkpoint (a known PEFT/bitsandbytes "
                 "limit); use train.optim=adamw_torch under FSDP"
+            )
+        if mutates_base(cfg.lora.init_lora_weights):
+            raise UserError(
+                f"lora.init_lora_weights={cfg.lora.init_lora_weights} under FSDP is not supported: its adapter must "
+                "be converted against its initial weights when saved, which the sharded save here does not do; use "
+                "true or gaussian, or train on one process"
             )
         if device != "cuda":
             raise UserError("FSDP needs CUDA GPUs; on CPU launch with configs/accelerate/ddp.yaml instead")
