@@ -149,6 +149,26 @@ def serve_gguf(cfg: Config, run: RunDir | None, gguf: Path | None, lora: Path | 
 
 
 def cli(argv) -> None:
+    a = parse_args(build_cli_parser(), argv)
+    adapter = adapter_dir(a)
+    check_flags(a)
+    if a.serve is not None:
+        serve_cli(a)
+        return
+    cfg, run = stage_config(a.config, a.overrides)
+    if a.compare:
+        compare(cfg, run, a.compare, a.use, adapter)
+    elif a.input_file is not None:
+        answer_file(cfg, run, a.input_file, a.output_file, a.use, adapter)
+    elif a.chat:
+        chat(cfg, run, a.use, adapter)
+    elif a.prompt is None:
+        raise UserError("nothing to do; pass --prompt TEXT, --input-file JSONL, --chat or --compare N")
+    else:
+        main(cfg, run, a.prompt, a.input, a.use, adapter)
+
+
+def build_cli_parser():
     p = build_parser(__doc__)
     p.add_argument("--prompt", help="the instruction")
     p.add_argument(
@@ -186,10 +206,14 @@ def cli(argv) -> None:
         help="serve a GGUF (default: the run's newest export) through an OpenAI-compatible server",
     )
     p.add_argument("--lora", type=Path, metavar="GGUF", help="with --serve: a LoRA adapter GGUF applied over it")
-    # No defaults here: "given" must be the same test for `--port 9000` and `--port=9000` (see below).
+    # No defaults here: "given" is then one test for `--port 9000` and `--port=9000` (check_flags).
     p.add_argument("--host", help=f"with --serve: the address to listen on (default {DEFAULT_HOST})")
     p.add_argument("--port", type=int, help=f"with --serve: the TCP port (default {DEFAULT_PORT})")
-    a = parse_args(p, argv)
+    return p
+
+
+def adapter_dir(a) -> Path | None:
+    """--adapter [DIR]: the run's adapter (None), or the one in DIR; `--adapter key=value` is an override."""
     adapter = None
     if a.adapter is not None:
         a.use = "adapter"
@@ -198,6 +222,11 @@ def cli(argv) -> None:
                 a.overrides.insert(0, a.adapter)  # `--adapter section.key=value`: an override, not a folder
             else:
                 adapter = Path(a.adapter).expanduser()
+    return adapter
+
+
+def check_flags(a) -> None:
+    """One mode at a time, and each flag with the mode it belongs to: refused before any model is looked at."""
     modes = [
         m
         for m, on in (
@@ -213,8 +242,6 @@ def cli(argv) -> None:
         raise UserError(f"{' and '.join(modes)} do different things; pass one of them")
     if a.serve is None and (a.lora is not None or a.port is not None or a.host is not None):
         raise UserError("--lora, --host and --port go with --serve; add --serve")
-    a.host = DEFAULT_HOST if a.host is None else a.host
-    a.port = DEFAULT_PORT if a.port is None else a.port
     if a.serve is not None and (a.use is not None or a.adapter is not None):
         raise UserError(
             "--serve serves a GGUF, not the HF weights --merged/--adapter/--base pick; for an adapter pass "
@@ -228,34 +255,27 @@ def cli(argv) -> None:
         raise UserError("the prompt is empty; pass some text with --prompt")
     if a.input_file is not None:
         read_prompt_file(a.input_file)  # a bad line fails before any run or model is looked at
-    if a.serve is not None:
-        from ftkit.llamacpp import check_port, require
 
-        require("serving a GGUF (--serve)")
-        check_port(a.host, a.port)
-        gguf = None if a.serve is True else Path(a.serve)
-        if gguf is not None and "=" in a.serve and not gguf.exists():
-            a.overrides.insert(0, a.serve)  # `--serve section.key=value`: an override, not a file
-            gguf = None
-        if gguf is not None and a.config is None:
-            from ftkit.config import load_config
 
-            cfg, run = load_config(None, a.overrides), None  # a GGUF of its own needs no run
-        else:
-            cfg, run = stage_config(a.config, a.overrides)
-        serve_gguf(cfg, run, gguf, a.lora, a.host, a.port)
-        return
-    cfg, run = stage_config(a.config, a.overrides)
-    if a.compare:
-        compare(cfg, run, a.compare, a.use, adapter)
-    elif a.input_file is not None:
-        answer_file(cfg, run, a.input_file, a.output_file, a.use, adapter)
-    elif a.chat:
-        chat(cfg, run, a.use, adapter)
-    elif a.prompt is None:
-        raise UserError("nothing to do; pass --prompt TEXT, --input-file JSONL, --chat or --compare N")
+def serve_cli(a) -> None:
+    """--serve: check llama.cpp and the port, then serve the given GGUF or the run's newest export."""
+    from ftkit.llamacpp import check_port, require
+
+    require("serving a GGUF (--serve)")
+    host = DEFAULT_HOST if a.host is None else a.host
+    port = DEFAULT_PORT if a.port is None else a.port
+    check_port(host, port)
+    gguf = None if a.serve is True else Path(a.serve)
+    if gguf is not None and "=" in a.serve and not gguf.exists():
+        a.overrides.insert(0, a.serve)  # `--serve section.key=value`: an override, not a file
+        gguf = None
+    if gguf is not None and a.config is None:
+        from ftkit.config import load_config
+
+        cfg, run = load_config(None, a.overrides), None  # a GGUF of its own needs no run
     else:
-        main(cfg, run, a.prompt, a.input, a.use, adapter)
+        cfg, run = stage_config(a.config, a.overrides)
+    serve_gguf(cfg, run, gguf, a.lora, host, port)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """The house rules, checked: stages are recipes over the ftkit package and never import each other (or are
 imported by it); every ftkit module says in its docstring what it holds; runtime patches of library objects
-live in ftkit/patches.py only; no import cycle among ftkit modules and stages."""
+live in ftkit/patches.py only; no import cycle among ftkit modules and stages; no function over 80 lines."""
 
 import ast
 from pathlib import Path
@@ -111,3 +111,12 @@ def test_the_package_imports_no_stage_at_any_depth():
     for name, deps in _module_graph().items():
         if name.startswith("ftkit."):
             assert not deps & set(STAGES), f"{name} imports the stage(s) {sorted(deps & set(STAGES))}"
+
+
+@pytest.mark.parametrize("path", [*PACKAGE, *(REPO / f"{s}.py" for s in STAGES)], ids=lambda p: p.name)
+def test_no_function_over_80_lines(path):
+    """A longer function is several steps that want names (finetune.main reads as its list of steps)."""
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            lines = node.end_lineno - node.lineno + 1
+            assert lines <= 80, f"{path.name}:{node.lineno} {node.name} is {lines} lines; split it into named steps"
