@@ -147,9 +147,9 @@ def reset_base(base) -> None:
             pass
     for p in base.parameters():
         p.requires_grad_(False)
-    for m in base.modules():  # ftkit.patches' tiled MLP and offloading (swapped-in subclasses), undone
-        if getattr(type(m), "_ftkit_offload", False) or getattr(type(m), "_ftkit_tiled", False):
-            m.__class__ = type(m).__mro__[1]
+    from ftkit import patches
+
+    patches.unwrap_calls(base)  # the tiled MLP and the offloading, if a variant turned them on
     base.train()
 
 

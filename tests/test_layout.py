@@ -36,7 +36,11 @@ def test_the_package_depends_on_no_stage_and_says_what_it_holds(path):
     assert path.name == "__init__.py" or (doc and len(doc) > 40), f"ftkit/{path.name} has no docstring"
 
 
-@pytest.mark.parametrize("path", [*PACKAGE, *(REPO / f"{s}.py" for s in STAGES)], ids=lambda p: p.name)
+@pytest.mark.parametrize(
+    "path",
+    [*PACKAGE, *(REPO / f"{s}.py" for s in STAGES), *sorted((REPO / "benchmarks").glob("*.py"))],
+    ids=lambda p: p.name,
+)
 def test_runtime_patches_live_in_one_module(path):
     if path.name == "patches.py":
         return
