@@ -440,17 +440,17 @@ def row_batches(cfg: Config, hw: Hardware, rows: RowLengths, cost: Cost) -> tupl
     def tokens(m: int) -> tuple[float, float]:
         return micro_tokens(rows, m, cost.kern.padding_free, cfg.data.max_length)
 
-    options = []
+    choices, options = gc_choices(cfg, hw), []
     for m in sizes:
         typ, big = tokens(m)
-        for g in gc_choices(cfg, hw):
+        for g in choices:
             if not hw.cuda or cost.fits(big, R // m, g):
                 options.append((cost.est(typ, R // m, g)["predicted_step_s"], -m, g))
     if options:
         _, neg_m, gc = min(options)
         rows_micro = -neg_m
     else:  # nothing fits as is: the long-row switches get their chance on the smallest micro-batch
-        rows_micro, gc = min(sizes), gc_choices(cfg, hw)[-1]
+        rows_micro, gc = min(sizes), choices[-1]
     accum = R // rows_micro
     typical, worst = tokens(rows_micro)
     step_rows = float(asked_rows)
