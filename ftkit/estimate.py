@@ -178,9 +178,9 @@ def optim_state_bytes(optim: str) -> int:
     return 2 if "8bit" in optim else 8
 
 
-def fits_gpu(peak_gb: float, gpu_memory: float) -> bool:
-    """The one rule for "fits": a predicted peak (GB) within GPU_MEMORY_FRACTION of the GPU's memory (bytes)."""
-    return peak_gb * 1e9 <= GPU_MEMORY_FRACTION * gpu_memory
+def fits_gpu(peak_gb: float, gpu_memory_gb: float) -> bool:
+    """The one rule for "fits": a predicted peak within GPU_MEMORY_FRACTION of the GPU's memory (both in GB)."""
+    return peak_gb <= GPU_MEMORY_FRACTION * gpu_memory_gb
 
 
 def gpu_facts(device: str) -> tuple[str, float]:

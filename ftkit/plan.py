@@ -53,6 +53,11 @@ class Hardware:
     def cuda(self) -> bool:
         return self.device == "cuda"
 
+    @property
+    def gpu_memory_gb(self) -> float:
+        """The GPU's memory as plan.json records it: the planning and the plan's own `fits` judge this number."""
+        return round(self.gpu_memory / 1e9, 1)
+
 
 def detect_hardware(
     device: str, world_size: int = 1, fsdp: bool = False, fsdp_activation_checkpointing: bool = False
@@ -120,7 +125,7 @@ class TrainPlan:
 
     @property
     def fits(self) -> bool:
-        return fits_gpu(self.estimate_largest["predicted_peak_gb"], self.gpu_memory_gb * 1e9)
+        return fits_gpu(self.estimate_largest["predicted_peak_gb"], self.gpu_memory_gb)
 
     def to_json(self) -> dict:
         d = dataclasses.asdict(self)
@@ -237,7 +242,7 @@ def make_plan(cfg: Config, hw: Hardware, lengths: Sequence[int], mconf, *, stric
         offload_layers=rec.offload,
         mean_row_tokens=round(rows.mean, 1),
         gpu=hw.gpu_name,
-        gpu_memory_gb=round(hw.gpu_memory / 1e9, 1),
+        gpu_memory_gb=hw.gpu_memory_gb,
         estimate=cost.est(bat.typical, bat.accum, rec.gc, rec.tiled, rec.offload),
         estimate_largest=largest,
         changes=(*why_kernels, *why_batches, *why_recompute),
@@ -360,7 +365,7 @@ class Cost:
         return estimate(self.nums, self.shape(tokens, micro, gc, tiled, offload), self.hw.gpu_name)
 
     def fits(self, tokens: float, micro: int, gc: bool, tiled: bool = False, offload: int = 0) -> bool:
-        return fits_gpu(self.est(tokens, micro, gc, tiled, offload)["predicted_peak_gb"], self.hw.gpu_memory)
+        return fits_gpu(self.est(tokens, micro, gc, tiled, offload)["predicted_peak_gb"], self.hw.gpu_memory_gb)
 
 
 # -- batches ------------------------------------------------------------------------------------------------
@@ -574,7 +579,7 @@ def fit(cfg: Config, hw: Hardware, bat: Batches, rec: Recompute, cost: Cost, str
             f"micro-batch ({bat.worst:.0f} tokens) but {hw.host_memory / 1e9:.1f} GB is available; lower "
             f"data.max_length, train.pack_tokens or train.per_device_train_batch_size"
         )
-    if strict and hw.cuda and not fits_gpu(big["predicted_peak_gb"], hw.gpu_memory):
+    if strict and hw.cuda and not fits_gpu(big["predicted_peak_gb"], hw.gpu_memory_gb):
         t = cfg.train
         fixes = [
             "lower data.max_length",
@@ -585,7 +590,7 @@ def fit(cfg: Config, hw: Hardware, bat: Batches, rec: Recompute, cost: Cost, str
         raise UserError(
             f"the plan does not fit this GPU: its largest micro-batch ({bat.worst:.0f} tokens) is predicted "
             f"to need {big['predicted_peak_gb']} GB, and {GPU_MEMORY_FRACTION:.0%} of {hw.gpu_name}'s "
-            f"{hw.gpu_memory / 1e9:.0f} GB is {GPU_MEMORY_FRACTION * hw.gpu_memory / 1e9:.1f} GB; "
+            f"{hw.gpu_memory / 1e9:.0f} GB is {GPU_MEMORY_FRACTION * hw.gpu_memory_gb:.1f} GB; "
             f"{', or '.join(fixes)} (finetune.py --dry-run shows the plan)"
         )
     return big
