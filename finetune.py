@@ -49,7 +49,8 @@ from ftkit.plan import detect_hardware, make_plan, reference_hardware
 def main(cfg: Config, overwrite: bool = False, resume: bool = False) -> dict:
     # 1. Everything that can fail on bad input fails first, before the run directory is touched: the run-dir
     #    rules, the data (in about a second, before torch loads), the model's structure and LoRA targets (no
-    #    weights), the disk, the plan (a plan that cannot fit the GPU stops here) and TRL's arguments.
+    #    weights), the plan (a plan that cannot fit the GPU stops here), the disk (for the planned steps' saves)
+    #    and TRL's arguments.
     run, resume = train.open_run(cfg, overwrite, resume)
     loaded = load_clean_split(cfg.data)
     hw = setup(cfg)

@@ -36,6 +36,14 @@ def env_flag(name: str) -> bool:
     return os.environ.get(name, "false").lower() in ("1", "true", "yes")
 
 
+def elastic_shutdown_timeout() -> str | None:
+    """When torchrun (accelerate launch) started this process: its launcher's shutdown timeout in seconds (it
+    forwards signals to the workers, then kills them after that long); None otherwise."""
+    if not os.environ.get("TORCHELASTIC_RUN_ID"):
+        return None
+    return os.environ.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "30")
+
+
 def fsdp_enabled() -> bool:
     """`accelerate launch` with an FSDP config exports ACCELERATE_USE_FSDP=true to every process."""
     return env_flag("ACCELERATE_USE_FSDP")

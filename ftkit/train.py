@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import resource
 import signal
 import sys
@@ -18,7 +17,7 @@ from . import patches, runlock
 from .checkpoints import complete_checkpoints, trained_step
 from .cli import log
 from .config import Config, check_library_options, mutates_base
-from .distributed import barrier, dist_info, is_main
+from .distributed import barrier, dist_info, elastic_shutdown_timeout, is_main
 from .errors import UserError
 from .estimate import optim_state_bytes
 from .models import load_causal_lm, load_tokenizer, model_skeleton, torch_dtype
@@ -599,7 +598,8 @@ class StopRequest:
 
     def __init__(self):
         self.hit = 0
-        self.launched = bool(os.environ.get("TORCHELASTIC_RUN_ID"))
+        self.shutdown_timeout = elastic_shutdown_timeout()
+        self.launched = self.shutdown_timeout is not None
 
     def _on_signal(self, signum, frame):
         if self.hit:
@@ -607,11 +607,10 @@ class StopRequest:
                 return  # the same request again (the launcher's forwarded copy)
             raise KeyboardInterrupt  # a second Ctrl+C means now
         self.hit = signum
-        timeout = os.environ.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "30")
         log.warning(
             "%s: saving a checkpoint after this step, then stopping (Ctrl+C again to abort%s)",
             signal.Signals(signum).name,
-            f"; the launcher kills the workers after {timeout} s (TORCH_ELASTIC_SHUTDOWN_TIMEOUT)"
+            f"; the launcher kills the workers after {self.shutdown_timeout} s (TORCH_ELASTIC_SHUTDOWN_TIMEOUT)"
             if self.launched
             else "",
         )

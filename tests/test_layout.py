@@ -124,3 +124,16 @@ def test_no_function_over_80_lines(path):
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
             lines = node.end_lineno - node.lineno + 1
             assert lines <= 80, f"{path.name}:{node.lineno} {node.name} is {lines} lines; split it into named steps"
+
+
+def test_training_asks_the_plan_what_runs():
+    """World size and FSDP come from plan.world_size/plan.fsdp (decided once, saved in plan.json); train.py reads
+    no environment variable of its own (the launcher's facts are read in ftkit/distributed.py)."""
+    tree = ast.parse((REPO / "ftkit" / "train.py").read_text(encoding="utf-8"))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute):
+            assert node.attr not in ("environ", "getenv"), f"train.py:{node.lineno} reads the environment"
+        if isinstance(node, ast.Name):
+            assert node.id != "fsdp_enabled", f"train.py:{node.lineno} asks the environment for FSDP; use plan.fsdp"
+        if isinstance(node, ast.Subscript) and isinstance(node.slice, ast.Constant):  # dist_info()["world_size"]
+            assert node.slice.value != "world_size", f"train.py:{node.lineno} reads a world size; use plan.world_size"
