@@ -1,5 +1,5 @@
-"""The contract every entry point keeps with the user: the one user-facing error type (one line on stderr,
-exit code 2), the shared argument parser, logging, and the redaction of hub tokens from all output."""
+"""The contract every entry point keeps with the user: a UserError (ftkit/errors.py) ends as one line on stderr
+and exit code 2; the shared argument parser, logging, and the redaction of hub tokens from all output."""
 
 from __future__ import annotations
 

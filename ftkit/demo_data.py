@@ -6,7 +6,7 @@ so exact match after `normalize_answer` is a fair score: a chatty base model mos
 fine-tuned on these rows learns both the skill and the answer-only format. A fixed, hand-written
 `open_ended` set (verifiable: false) keeps some free-text rows in the mix; exact match does not apply there.
 
-Everything here is written by this script (no external dataset), so the data carries the project's license.
+Everything here is written by this module (no external dataset), so the data carries the project's license.
 Only the standard library is used (and nothing else from ftkit), so the data can be rebuilt without the training
 stack installed.
 
