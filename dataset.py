@@ -17,9 +17,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ftkit.cli import UserError, build_parser, log, parse_args, run_main
+from ftkit.cli import build_parser, log, parse_args, run_main
 from ftkit.config import Config
 from ftkit.data import load_clean_split, prepare, print_report
+from ftkit.errors import UserError
 from ftkit.models import load_tokenizer
 from ftkit.paths import RunDir, atomic_write_json, load_run_config
 from ftkit.runlock import RunLock, check_unlocked, is_own_report, is_project_run

@@ -38,8 +38,9 @@ import time
 from pathlib import Path
 
 from ftkit import harness
-from ftkit.cli import UserError, build_parser, log, parse_args, run_main
+from ftkit.cli import build_parser, log, parse_args, run_main
 from ftkit.config import Config
+from ftkit.errors import UserError
 from ftkit.jsonl import read_jsonl, read_log_rows
 from ftkit.models import resolve_model
 from ftkit.paths import RunDir, atomic_dir, atomic_write_json, stage_config
@@ -239,6 +240,7 @@ def main(
 ) -> dict:
     t0 = time.time()
     rows_path = rows_path or run.eval_rows
+    # 1. What can fail on bad input fails before any model loads.
     if lm_eval:
         harness.check_installed()
     check_unlocked(run.root)
@@ -249,9 +251,27 @@ def main(
         len(rows),
         sum(map(is_verifiable, rows)),
     )
+    # 2. Both models answer and are scored on the same rows.
     base = measure(cfg, run, "base", rows)
     tuned = measure(cfg, run, tuned_use, rows)
+    report = build_report(cfg, run, rows_path, rows, tuned_use, base, tuned, t0)
+    check_scored(report)
+    if lm_eval:
+        report["lm_eval"] = run_harness(cfg, run, tuned_use, rows)
+    # 3. <run>/eval/ written whole, then the table.
+    write_report(run, report)
+    log.info("wrote %s in %.0fs", run.eval, time.time() - t0)
+    print(f"\nbase vs fine-tuned on {len(rows)} held-out rows ({run.eval / 'eval_report.md'}):")
+    print("\n".join(table_lines(report)))
+    if lm_eval:
+        print("\n" + "\n".join(harness.markdown_lines(report["lm_eval"])))
+    return report
 
+
+def build_report(
+    cfg: Config, run: RunDir, rows_path: Path, rows: list[dict], tuned_use: str, base: dict, tuned: dict, t0: float
+) -> dict:
+    """eval_report.json: the settings, the scores overall, by kind and by family, examples, and every row."""
     agg = aggregate(rows, base, tuned)
     ver = [i for i, r in enumerate(rows) if is_verifiable(r)]
     opn = [i for i, r in enumerate(rows) if not is_verifiable(r)]
@@ -262,7 +282,7 @@ def main(
         pick = lambda m: {"rows": [m["rows"][i] for i in idx]}
         return aggregate([rows[i] for i in idx], pick(base), pick(tuned))["overall"]
 
-    report = {
+    return {
         "run": str(run.root),
         "rows_file": str(rows_path),
         "models": {
@@ -289,23 +309,27 @@ def main(
                 "instruction": r["instruction"],
                 "input": r.get("input") or "",
                 "reference": r["output"],
-                "base": {
-                    "answer": b["answer"],
-                    "score": b["score"],
-                    "tokens": b["tokens"],
-                    "loss": round(b["nll_sum"] / b["tokens"], 4) if b["tokens"] else None,
-                },
-                "fine_tuned": {
-                    "answer": t["answer"],
-                    "score": t["score"],
-                    "tokens": t["tokens"],
-                    "loss": round(t["nll_sum"] / t["tokens"], 4) if t["tokens"] else None,
-                },
+                "base": row_result(b),
+                "fine_tuned": row_result(t),
             }
             for r, b, t in zip(rows, base["rows"], tuned["rows"])
         ],
         "seconds": {"base": base["seconds"], "fine_tuned": tuned["seconds"], "total": round(time.time() - t0, 1)},
     }
+
+
+def row_result(m: dict) -> dict:
+    """One model's answer to one row, as the report keeps it."""
+    return {
+        "answer": m["answer"],
+        "score": m["score"],
+        "tokens": m["tokens"],
+        "loss": round(m["nll_sum"] / m["tokens"], 4) if m["tokens"] else None,
+    }
+
+
+def check_scored(report: dict) -> None:
+    """A loss of None or NaN means no response token was scored: a report of it would compare nothing."""
     for key in ("eval_loss", "perplexity"):
         for name in ("base", "fine_tuned"):
             v = report["overall"][name][key]
@@ -314,8 +338,10 @@ def main(
                     f"the {name} model's {key} is {v}: no response tokens were scored; "
                     "check data.max_length against the held-out rows"
                 )
-    if lm_eval:
-        report["lm_eval"] = run_harness(cfg, run, tuned_use, rows)
+
+
+def write_report(run: RunDir, report: dict) -> None:
+    """<run>/eval/: the report (JSON and Markdown) and its plots, replaced as one folder."""
     with RunLock(run.root, "evaluate.py"), atomic_dir(run.eval) as tmp:
         has_curves = plot_loss_curves(
             read_log_rows(run.train_log), tmp / "loss_curves.png", report["overall"]["base"]["eval_loss"]
@@ -324,12 +350,6 @@ def main(
         report["plots"] = ["loss_curves.png"] * has_curves + ["before_after.png"]
         atomic_write_json(tmp / "eval_report.json", report)
         (tmp / "eval_report.md").write_text(markdown(report, has_curves), encoding="utf-8")
-    log.info("wrote %s in %.0fs", run.eval, time.time() - t0)
-    print(f"\nbase vs fine-tuned on {len(rows)} held-out rows ({run.eval / 'eval_report.md'}):")
-    print("\n".join(table_lines(report)))
-    if lm_eval:
-        print("\n" + "\n".join(harness.markdown_lines(report["lm_eval"])))
-    return report
 
 
 def run_harness(cfg: Config, run: RunDir, tuned_use: str, rows: list[dict]) -> dict:

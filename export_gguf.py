@@ -46,9 +46,10 @@ import os
 import random
 from pathlib import Path
 
-from ftkit.cli import UserError, build_parser, log, parse_args, run_main, user_errors
+from ftkit.cli import build_parser, log, parse_args, run_main
 from ftkit.config import Config
 from ftkit.data import encode_rows, load_clean_split, source_name
+from ftkit.errors import UserError, user_errors
 from ftkit.gguf import (
     ADAPTER_TYPES,
     ARCH,
@@ -206,33 +207,13 @@ def main(
     q4_0/q5_0 are rounded by GPTQ on `calibration_rows` (None: 256) of the run's training rows (0: to nearest)."""
     import logging
 
-    from transformers import AutoTokenizer
-
     logging.getLogger("gguf").setLevel(logging.WARNING)  # the writer logs every step at INFO
+    # 1. What to export, read and checked before anything is written.
     qtype = parse_type(qtype)
     if TYPES[qtype].by_llama_cpp:
         require(f"--type {qtype} (a K-quant: the gguf package cannot write them)")
-    lora = None
-    if base:
-        if run is None:
-            raise UserError("--base exports a run's base model; pass --config for the run (not --model)")
-        lora = adapter_for_base(run, cfg)
-        model_dir = base_model_dir(cfg)
-    src = model_dir or (run.merged if run else None)
-    if src is None:
-        raise UserError("nothing to export; pass --config for a run or --model DIR")
-    if model_dir is None and not src.exists():
-        raise UserError(f"no merged model in '{src}'; run merge_adapter.py first (or pass --model DIR)")
-    ckpt = read_checkpoint(src)
-    rp = rope_params(ckpt.config)
-    if rp["rope_type"] not in ("default", "llama3", "linear"):
-        raise UserError(
-            f"RoPE scaling '{rp['rope_type']}' is not supported by export_gguf.py (default, linear "
-            "and llama3 are); use llama.cpp's convert_hf_to_gguf.py"
-        )
-    with user_errors(f"cannot load the tokenizer in '{src}'", "re-run merge_adapter.py (it saves the tokenizer)"):
-        tok = AutoTokenizer.from_pretrained(src, local_files_only=True)
-    from_run = run is not None and model_dir is None
+    src, lora, from_run = what_to_export(cfg, run, model_dir, base)
+    ckpt, tok = read_source(src)
     # The base GGUF carries the run's template: llama.cpp takes the chat prompt from the model, not the adapter.
     template = load_template(run if from_run or base else None, tok)
     plans = plan_tensors(ckpt, source_type(ckpt.config) if TYPES[qtype].by_llama_cpp else qtype)
@@ -244,11 +225,8 @@ def main(
         cfg.model.name_or_path if from_run or base else str(src),
         run.root.name if from_run else None,
     )
-    if outfile is None:
-        if not (from_run or base):
-            raise UserError("--model needs --outfile PATH (where the .gguf goes)")
-        # base/ keeps the base apart from the run's own models (inference.py --serve picks the newest of those)
-        outfile = (run.export / "base" if base else run.export) / names.file_name(qtype)
+    outfile = outfile or default_outfile(run, names, qtype, from_run, base)
+    # 2. The output claimed (a lock, the disk space) and the Modelfile built, then the GGUF written.
     total = sum(p.nbytes for p in plans)
     # a K-quant holds the float copy and the quantized file at once
     need = int(total * (1.6 if TYPES[qtype].by_llama_cpp else 1.05)) + (64 << 20)
@@ -287,6 +265,47 @@ def main(
             outfile.parent / "Modelfile",
         )
     return outfile
+
+
+def what_to_export(cfg: Config, run: RunDir | None, model_dir: Path | None, base: bool):
+    """(the HF folder to read, the adapter GGUF a --base export goes with, whether the folder is the run's own
+    merged model)."""
+    lora = None
+    if base:
+        if run is None:
+            raise UserError("--base exports a run's base model; pass --config for the run (not --model)")
+        lora = adapter_for_base(run, cfg)
+        model_dir = base_model_dir(cfg)
+    src = model_dir or (run.merged if run else None)
+    if src is None:
+        raise UserError("nothing to export; pass --config for a run or --model DIR")
+    if model_dir is None and not src.exists():
+        raise UserError(f"no merged model in '{src}'; run merge_adapter.py first (or pass --model DIR)")
+    return src, lora, run is not None and model_dir is None
+
+
+def read_source(src: Path):
+    """(the checkpoint's tensors and config, its tokenizer), with the RoPE kinds this writer knows checked."""
+    from transformers import AutoTokenizer
+
+    ckpt = read_checkpoint(src)
+    rp = rope_params(ckpt.config)
+    if rp["rope_type"] not in ("default", "llama3", "linear"):
+        raise UserError(
+            f"RoPE scaling '{rp['rope_type']}' is not supported by export_gguf.py (default, linear "
+            "and llama3 are); use llama.cpp's convert_hf_to_gguf.py"
+        )
+    with user_errors(f"cannot load the tokenizer in '{src}'", "re-run merge_adapter.py (it saves the tokenizer)"):
+        tok = AutoTokenizer.from_pretrained(src, local_files_only=True)
+    return ckpt, tok
+
+
+def default_outfile(run: RunDir | None, names, qtype: str, from_run: bool, base: bool) -> Path:
+    """<run>/export/<llama.cpp name>.gguf; a --model export has no run to put it in."""
+    if not (from_run or base):
+        raise UserError("--model needs --outfile PATH (where the .gguf goes)")
+    # base/ keeps the base apart from the run's own models (inference.py --serve picks the newest of those)
+    return (run.export / "base" if base else run.export) / names.file_name(qtype)
 
 
 def adapter_for_base(run: RunDir, cfg: Config) -> Path:

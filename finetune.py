@@ -36,10 +36,11 @@ from __future__ import annotations
 import time
 
 from ftkit import train
-from ftkit.cli import UserError, build_parser, log, parse_args, run_main
+from ftkit.cli import build_parser, log, parse_args, run_main
 from ftkit.config import Config
 from ftkit.data import load_clean_split, prepare, print_report
 from ftkit.distributed import dist_info, fsdp_enabled, is_main, setup
+from ftkit.errors import UserError
 from ftkit.models import causal_lm_config, load_tokenizer, pick_device, resolve_model
 from ftkit.paths import load_run_config
 from ftkit.plan import detect_hardware, make_plan, reference_hardware
@@ -48,7 +49,8 @@ from ftkit.plan import detect_hardware, make_plan, reference_hardware
 def main(cfg: Config, overwrite: bool = False, resume: bool = False) -> dict:
     # 1. Everything that can fail on bad input fails first, before the run directory is touched: the run-dir
     #    rules, the data (in about a second, before torch loads), the model's structure and LoRA targets (no
-    #    weights), the disk, the plan (a plan that cannot fit the GPU stops here) and TRL's arguments.
+    #    weights), the plan (a plan that cannot fit the GPU stops here), the disk (for the planned steps' saves)
+    #    and TRL's arguments.
     run, resume = train.open_run(cfg, overwrite, resume)
     loaded = load_clean_split(cfg.data)
     hw = setup(cfg)
@@ -57,8 +59,8 @@ def main(cfg: Config, overwrite: bool = False, resume: bool = False) -> dict:
     prep = prepare(cfg, tok, loaded)
     if is_main():
         print_report(prep.report)
-    train.check_run_inputs(cfg, run, skeleton, len(prep.train.rows), len(prep.eval.rows), hw.world_size)
     plan = make_plan(cfg, hw, prep.train.lengths, skeleton.config)
+    train.check_run_inputs(cfg, run, plan, skeleton, len(prep.train.rows), len(prep.eval.rows))
     if is_main():
         log.info("%s", plan.describe())
     args = train.sft_config(cfg, run, plan, len(prep.eval.rows))

@@ -43,14 +43,18 @@ from pathlib import Path
 
 from ftkit.answers import answer_file, read_prompt_file
 from ftkit.chat import chat
-from ftkit.cli import UserError, build_parser, parse_args, run_main
+from ftkit.cli import build_parser, parse_args, run_main
 from ftkit.config import Config
+from ftkit.errors import UserError
 from ftkit.generation import generate, load_for_inference, stream_one
 from ftkit.gguf import gguf_type
 from ftkit.jsonl import read_jsonl
 from ftkit.llamacpp import sampling_defaults, serve
 from ftkit.paths import RunDir, stage_config
 from ftkit.scoring import held_out_row, prompt_of
+
+# Where --serve listens unless told: this machine only.
+DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 8000
 
 
 def held_out_rows(run: RunDir, n_max: int) -> list[dict]:
@@ -145,6 +149,26 @@ def serve_gguf(cfg: Config, run: RunDir | None, gguf: Path | None, lora: Path | 
 
 
 def cli(argv) -> None:
+    a = parse_args(build_cli_parser(), argv)
+    adapter = adapter_dir(a)
+    check_flags(a)
+    if a.serve is not None:
+        serve_cli(a)
+        return
+    cfg, run = stage_config(a.config, a.overrides)
+    if a.compare:
+        compare(cfg, run, a.compare, a.use, adapter)
+    elif a.input_file is not None:
+        answer_file(cfg, run, a.input_file, a.output_file, a.use, adapter)
+    elif a.chat:
+        chat(cfg, run, a.use, adapter)
+    elif a.prompt is None:
+        raise UserError("nothing to do; pass --prompt TEXT, --input-file JSONL, --chat or --compare N")
+    else:
+        main(cfg, run, a.prompt, a.input, a.use, adapter)
+
+
+def build_cli_parser():
     p = build_parser(__doc__)
     p.add_argument("--prompt", help="the instruction")
     p.add_argument(
@@ -182,9 +206,14 @@ def cli(argv) -> None:
         help="serve a GGUF (default: the run's newest export) through an OpenAI-compatible server",
     )
     p.add_argument("--lora", type=Path, metavar="GGUF", help="with --serve: a LoRA adapter GGUF applied over it")
-    p.add_argument("--host", default="127.0.0.1", help="with --serve: the address to listen on (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8000, help="with --serve: the TCP port (default 8000)")
-    a = parse_args(p, argv)
+    # No defaults here: "given" is then one test for `--port 9000` and `--port=9000` (check_flags).
+    p.add_argument("--host", help=f"with --serve: the address to listen on (default {DEFAULT_HOST})")
+    p.add_argument("--port", type=int, help=f"with --serve: the TCP port (default {DEFAULT_PORT})")
+    return p
+
+
+def adapter_dir(a) -> Path | None:
+    """--adapter [DIR]: the run's adapter (None), or the one in DIR; `--adapter key=value` is an override."""
     adapter = None
     if a.adapter is not None:
         a.use = "adapter"
@@ -193,6 +222,11 @@ def cli(argv) -> None:
                 a.overrides.insert(0, a.adapter)  # `--adapter section.key=value`: an override, not a folder
             else:
                 adapter = Path(a.adapter).expanduser()
+    return adapter
+
+
+def check_flags(a) -> None:
+    """One mode at a time, and each flag with the mode it belongs to: refused before any model is looked at."""
     modes = [
         m
         for m, on in (
@@ -206,7 +240,7 @@ def cli(argv) -> None:
     ]
     if len(modes) > 1:
         raise UserError(f"{' and '.join(modes)} do different things; pass one of them")
-    if a.serve is None and (a.lora is not None or "--port" in argv or "--host" in argv):
+    if a.serve is None and (a.lora is not None or a.port is not None or a.host is not None):
         raise UserError("--lora, --host and --port go with --serve; add --serve")
     if a.serve is not None and (a.use is not None or a.adapter is not None):
         raise UserError(
@@ -221,34 +255,27 @@ def cli(argv) -> None:
         raise UserError("the prompt is empty; pass some text with --prompt")
     if a.input_file is not None:
         read_prompt_file(a.input_file)  # a bad line fails before any run or model is looked at
-    if a.serve is not None:
-        from ftkit.llamacpp import check_port, require
 
-        require("serving a GGUF (--serve)")
-        check_port(a.host, a.port)
-        gguf = None if a.serve is True else Path(a.serve)
-        if gguf is not None and "=" in a.serve and not gguf.exists():
-            a.overrides.insert(0, a.serve)  # `--serve section.key=value`: an override, not a file
-            gguf = None
-        if gguf is not None and a.config is None:
-            from ftkit.config import load_config
 
-            cfg, run = load_config(None, a.overrides), None  # a GGUF of its own needs no run
-        else:
-            cfg, run = stage_config(a.config, a.overrides)
-        serve_gguf(cfg, run, gguf, a.lora, a.host, a.port)
-        return
-    cfg, run = stage_config(a.config, a.overrides)
-    if a.compare:
-        compare(cfg, run, a.compare, a.use, adapter)
-    elif a.input_file is not None:
-        answer_file(cfg, run, a.input_file, a.output_file, a.use, adapter)
-    elif a.chat:
-        chat(cfg, run, a.use, adapter)
-    elif a.prompt is None:
-        raise UserError("nothing to do; pass --prompt TEXT, --input-file JSONL, --chat or --compare N")
+def serve_cli(a) -> None:
+    """--serve: check llama.cpp and the port, then serve the given GGUF or the run's newest export."""
+    from ftkit.llamacpp import check_port, require
+
+    require("serving a GGUF (--serve)")
+    host = DEFAULT_HOST if a.host is None else a.host
+    port = DEFAULT_PORT if a.port is None else a.port
+    check_port(host, port)
+    gguf = None if a.serve is True else Path(a.serve)
+    if gguf is not None and "=" in a.serve and not gguf.exists():
+        a.overrides.insert(0, a.serve)  # `--serve section.key=value`: an override, not a file
+        gguf = None
+    if gguf is not None and a.config is None:
+        from ftkit.config import load_config
+
+        cfg, run = load_config(None, a.overrides), None  # a GGUF of its own needs no run
     else:
-        main(cfg, run, a.prompt, a.input, a.use, adapter)
+        cfg, run = stage_config(a.config, a.overrides)
+    serve_gguf(cfg, run, gguf, a.lora, host, port)
 
 
 if __name__ == "__main__":

@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import json
 
-from ftkit.cli import UserError, build_parser, log, parse_args, run_main
+from ftkit.cli import build_parser, log, parse_args, run_main
 from ftkit.config import Config
+from ftkit.errors import UserError
 from ftkit.models import (
     attach_adapter,
     check_same_base,

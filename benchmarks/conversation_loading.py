@@ -46,7 +46,9 @@ def make_rows(n: int, seed: int) -> list[dict]:
 
 
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
+    )
     ap.add_argument("--rows", type=int, help="conversations to generate (default 50000; --tiny: 300)")
     ap.add_argument("--tiny", action="store_true", help="a smoke run: 300 rows unless --rows")
     ap.add_argument("--template", default="chat", help="data.prompt_template (default: SmolLM2's own)")

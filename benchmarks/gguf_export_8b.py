@@ -107,7 +107,9 @@ def timed_export(config: Path, out: Path, *flags: str) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
+    )
     ap.add_argument("--tokenizer", type=Path, default=ROOT / ".cache" / "models" / "SmolLM2-135M-Instruct")
     ap.add_argument("--tiny", action="store_true", help="2 layers of hidden size 64 (a smoke run on a CPU)")
     ap.add_argument("--work", type=Path, help="scratch folder, kept and reused (default: a temporary one, removed)")

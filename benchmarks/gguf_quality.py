@@ -80,7 +80,9 @@ def tokens_per_second(what: Path | tuple[Path, Path], prompt: list[int], n: int 
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
+    )
     ap.add_argument("--run", type=Path, required=True, help="a finished run with merged/ (finetune + merge)")
     ap.add_argument(
         "--types",

@@ -189,9 +189,9 @@ def reset_base(base) -> None:
             pass
     for p in base.parameters():
         p.requires_grad_(False)
-    for m in base.modules():  # ftkit.patches' tiled MLP and offloading (swapped-in subclasses), undone
-        if getattr(type(m), "_ftkit_offload", False) or getattr(type(m), "_ftkit_tiled", False):
-            m.__class__ = type(m).__mro__[1]
+    from ftkit import patches
+
+    patches.unwrap_calls(base)  # the tiled MLP and the offloading, if a variant turned them on
     base.train()
 
 
@@ -847,7 +847,9 @@ def cpu_main(a) -> None:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
+    )
     p.add_argument("--out", required=True)
     ints = lambda s: [int(x) for x in s.split(",")]  # noqa: E731
     p.add_argument("--cpu", action="store_true", help="the CPU demo comparison")

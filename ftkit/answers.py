@@ -8,9 +8,10 @@ import json
 import os
 from pathlib import Path
 
-from .cli import UserError, log
+from .cli import log
 from .config import Config, DataCfg
 from .data import clean_conversation
+from .errors import UserError
 from .generation import check_fits_context, generate, load_for_inference, prompt_ids
 from .jsonl import fail_if_bad, parse_jsonl, read_text
 from .paths import RunDir, atomic_write_text, check_writable

@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import inspect
 
-import torch
-
 from .cli import log
-from .plan import VARLEN_ATTN
+
+# The name this module registers with transformers; the plan picks it for padding-free rows on the SDPA path.
+VARLEN_ATTN = "sdpa_varlen"
 
 _registered = False
 _varlen_fn = None  # torch.nn.attention.varlen.varlen_attn, when this torch has it
@@ -42,6 +42,8 @@ def _load_varlen():
 
 def _segments(kwargs: dict, length: int):
     """(cu_seq_lens int32 tensor, max row length) of a packed row, or None when the row is not packed."""
+    import torch
+
     cu, mx = kwargs.get("cu_seq_lens_q"), kwargs.get("max_length_q")
     if cu is not None:
         return cu.to(torch.int32), int(mx) if mx is not None else None
@@ -57,6 +59,7 @@ def _segments(kwargs: dict, length: int):
 
 def _rowwise_sdpa(q, k, v, cu, scaling):
     """(1, H, L, D) tensors; causal SDPA on each row [cu[i], cu[i+1]) separately."""
+    import torch
     import torch.nn.functional as F
 
     bounds = cu.tolist()

@@ -12,8 +12,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
-from .cli import UserError
 from .config import Config, InferenceCfg
+from .errors import UserError
 from .generation import (
     check_fits_context,
     context_limit,

@@ -1,10 +1,9 @@
-"""The contract every entry point keeps with the user: the one user-facing error type (one line on stderr,
-exit code 2), the shared argument parser, logging, and the redaction of hub tokens from all output."""
+"""The contract every entry point keeps with the user: a UserError (ftkit/errors.py) ends as one line on stderr
+and exit code 2; the shared argument parser, logging, and the redaction of hub tokens from all output."""
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import difflib
 import logging
 import os
@@ -14,6 +13,8 @@ import sys
 import warnings
 from typing import Callable, Sequence
 
+from .errors import UserError
+
 # -- logging and errors ------------------------------------------------------------------------------
 # Every entry point runs through `run_main`, so that a mistake the user can fix (a typo in the config, a
 # missing file) ends as one line on stderr and exit code 2, while a real bug still shows its traceback.
@@ -22,20 +23,6 @@ log = logging.getLogger("ftkit")
 
 # Exit code for bad input, distinct from 1 (crash) so that scripts and CI can tell the two apart.
 EXIT_USAGE = 2
-
-
-class UserError(Exception):
-    """A problem in the user's input: config, data, paths, model choice. The message names the fix."""
-
-
-@contextlib.contextmanager
-def user_errors(what: str, fix: str, types: tuple[type[BaseException], ...] = (OSError, ValueError)):
-    """Turn a library's exception of `types` inside the block into one line: "<what>: <its first line>; <fix>".
-    A library's message is often many lines (a traceback's worth); its first line says what went wrong."""
-    try:
-        yield
-    except types as e:
-        raise UserError(f"{what}: {str(e).splitlines()[0][:200] if str(e) else type(e).__name__}; {fix}") from None
 
 
 def setup_logging(debug: bool = False, quiet: bool = False) -> None:
@@ -188,7 +175,11 @@ def _terminated(signum, frame) -> None:
 
 def build_parser(description: str, config_required: bool = False) -> argparse.ArgumentParser:
     """The CLI every stage shares: --config, dotted overrides, --debug; stages add their own flags."""
-    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # No abbreviations: `--debu` would silently parse as --debug, and a flag added later could change what an
+    # abbreviation a user scripted means.
+    p = argparse.ArgumentParser(
+        description=description, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
+    )
     p.add_argument(
         "--config", required=config_required, help="YAML config; without it, the most recent run's saved config is used"
     )
@@ -248,7 +239,10 @@ def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argparse
     def error(message: str):
         m = re.match(r"unrecognized arguments: (--[\w-]+)", message)
         known = [o for a in parser._actions for o in a.option_strings]  # argparse keeps no public list
-        close = m and difflib.get_close_matches(m[1].replace("_", "-"), known, n=1, cutoff=0.75)
+        flag = m and m[1].replace("_", "-")
+        # An abbreviation (refused: allow_abbrev=False) names the one flag it starts, however short it is.
+        starts = [o for o in known if flag and o.startswith(flag)]
+        close = starts[:1] if len(starts) == 1 else m and difflib.get_close_matches(flag, known, n=1, cutoff=0.75)
         raise UserError(f"{message}; " + (f"did you mean {close[0]}?" if close else "see --help"))
 
     parser.error = error  # type: ignore[method-assign]

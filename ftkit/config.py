@@ -16,7 +16,7 @@ from typing import Annotated, Any, Literal, Sequence
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .cli import UserError
+from .errors import UserError
 from .jsonl import read_text
 
 # -- the config --------------------------------------------------------------------------------------

@@ -13,8 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .cli import UserError, log, user_errors
+from .cli import log
 from .config import Config, DataCfg
+from .errors import UserError, user_errors
 from .jsonl import fail_if_bad, parse_jsonl, read_text
 from .models import hub_mode
 from .paths import combined_hash, file_sha256

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import os
 
-from .cli import UserError
-from .config import Config
+from .config import Config, mutates_base
+from .errors import UserError
 from .models import pick_device
 from .plan import Hardware, detect_hardware
 
@@ -34,6 +34,14 @@ def barrier() -> None:
 def env_flag(name: str) -> bool:
     """A boolean that `accelerate launch` exports to every process ("true"; "1"/"yes" when set by hand)."""
     return os.environ.get(name, "false").lower() in ("1", "true", "yes")
+
+
+def elastic_shutdown_timeout() -> str | None:
+    """When torchrun (accelerate launch) started this process: its launcher's shutdown timeout in seconds (it
+    forwards signals to the workers, then kills them after that long); None otherwise."""
+    if not os.environ.get("TORCHELASTIC_RUN_ID"):
+        return None
+    return os.environ.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "30")
 
 
 def fsdp_enabled() -> bool:
@@ -90,6 +98,12 @@ def check_distributed(cfg: Config, device: str) -> dict:
             raise UserError(
                 f"train.optim={cfg.train.optim} fails when FSDP saves a checkpoint (a known PEFT/bitsandbytes "
                 "limit); use train.optim=adamw_torch under FSDP"
+            )
+        if mutates_base(cfg.lora.init_lora_weights):
+            raise UserError(
+                f"lora.init_lora_weights={cfg.lora.init_lora_weights} under FSDP is not supported: its adapter must "
+                "be converted against its initial weights when saved, which the sharded save here does not do; use "
+                "true or gaussian, or train on one process"
             )
         if device != "cuda":
             raise UserError("FSDP needs CUDA GPUs; on CPU launch with configs/accelerate/ddp.yaml instead")

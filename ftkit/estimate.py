@@ -3,7 +3,6 @@ model's config and the shape of its micro-batches; behind the training plan's ch
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +39,28 @@ CALIB = {
     },
 }
 DEFAULT_GPU = "NVIDIA H200"
+# The model the constants were fitted on, Llama 3 8B (a transformers LlamaConfig's keyword arguments): what the
+# benchmarks build and what the plan's tests predict for.
+REFERENCE_MODEL = dict(
+    vocab_size=128256,
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    rope_theta=500000.0,
+    max_position_embeddings=8192,
+    rms_norm_eps=1e-5,
+    bos_token_id=128000,
+    eos_token_id=128001,
+    tie_word_embeddings=False,
+    hidden_act="silu",
+    attention_bias=False,
+    mlp_bias=False,
+    initializer_range=0.02,
+)
+# What the plan assumes of the reference GPU where there is none (CPU runs, --dry-run on a laptop).
+REFERENCE_GPU_MEMORY = 139 * 2**30
 # The share of GPU memory the "auto" switches plan to fill; the rest absorbs fragmentation and the estimate's error.
 GPU_MEMORY_FRACTION = 0.85
 
@@ -152,13 +173,14 @@ def estimate(nums: dict, shape: StepShape, gpu: str = DEFAULT_GPU) -> dict:
     }
 
 
-def lr_scale(rows_per_step: float, reference_rows: float, rule: str) -> float:
-    """Learning-rate factor when a step holds rows_per_step rows instead of the reference_rows the rate was
-    set for: square root (AdamW's usual rule), linear, or none."""
-    if rule == "none" or reference_rows <= 0 or rows_per_step <= 0:
-        return 1.0
-    r = rows_per_step / reference_rows
-    return math.sqrt(r) if rule == "sqrt" else r
+def optim_state_bytes(optim: str) -> int:
+    """Bytes a trainable parameter's optimizer state takes: two fp32 AdamW moments, or two 8-bit ones."""
+    return 2 if "8bit" in optim else 8
+
+
+def fits_gpu(peak_gb: float, gpu_memory_gb: float) -> bool:
+    """The one rule for "fits": a predicted peak within GPU_MEMORY_FRACTION of the GPU's memory (both in GB)."""
+    return peak_gb <= GPU_MEMORY_FRACTION * gpu_memory_gb
 
 
 def gpu_facts(device: str) -> tuple[str, float]:
@@ -168,7 +190,7 @@ def gpu_facts(device: str) -> tuple[str, float]:
 
         i = torch.cuda.current_device()
         return torch.cuda.get_device_name(i), float(torch.cuda.get_device_properties(i).total_memory)
-    return DEFAULT_GPU, 139 * 2**30
+    return DEFAULT_GPU, REFERENCE_GPU_MEMORY
 
 
 def host_memory_available() -> float | None:

@@ -10,8 +10,9 @@ from typing import Callable, Sequence
 
 import torch
 
-from .cli import UserError, log
+from .cli import log
 from .config import Config, InferenceCfg
+from .errors import UserError
 from .models import (
     attach_adapter,
     check_finite_weights,

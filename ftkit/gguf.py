@@ -13,8 +13,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from .cli import UserError, log, user_errors
+from .cli import log
 from .config import InferenceCfg
+from .errors import UserError, user_errors
 from .prompts import PromptTemplate
 
 

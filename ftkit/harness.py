@@ -16,7 +16,8 @@ import json
 import tempfile
 from pathlib import Path
 
-from .cli import UserError, log
+from .cli import log
+from .errors import UserError
 
 TASK = "ftkit_heldout"
 PIP = "lm_eval==0.4.13"  # the version tested (tests/test_evaluate.py)

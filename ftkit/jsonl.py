@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .cli import UserError
+from .errors import UserError
 
 
 def read_text(path: Path, what: str, fix: str) -> str:

@@ -11,7 +11,8 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
-from .cli import UserError, log
+from .cli import log
+from .errors import UserError
 from .gguf import check_adapter_fits
 
 INSTALL_HINT = (

@@ -12,8 +12,9 @@ import time
 from pathlib import Path
 from urllib.parse import urlparse
 
-from .cli import UserError, log, user_errors
+from .cli import log
 from .config import Config, ModelCfg, check_attn_implementation
+from .errors import UserError, user_errors
 
 
 def pick_device(pref: str) -> str:

@@ -89,7 +89,7 @@ _WRAPPED_CLASSES: dict[tuple[type, str], type] = {}
 
 def _wrap_call(module, marker: str, wrap) -> None:
     """Swap in a subclass of the module's class whose __call__ is wrap(the class's __call__), marked by the
-    class attribute `marker` (benchmarks/train_throughput.py undoes it by that mark). It keeps the class name,
+    class attribute `marker` (unwrap_calls undoes it by that mark). It keeps the class name,
     so FSDP wrap policies and repr still see the model's own class, and the state dict keys do not change."""
     cls = type(module)
     if getattr(cls, marker, False):
@@ -99,6 +99,14 @@ def _wrap_call(module, marker: str, wrap) -> None:
             cls.__name__, (cls,), {"__call__": wrap(cls.__call__), marker: True, "__module__": cls.__module__}
         )
     module.__class__ = _WRAPPED_CLASSES[cls, marker]
+
+
+def unwrap_calls(model) -> None:
+    """Undo _wrap_call on every module of `model` (the tiled MLP, the offloading): each back to its own class, as
+    a benchmark needs to run the same loaded model again without them."""
+    for m in model.modules():
+        while any(getattr(type(m), marker, False) for _, marker in _WRAPPED_CLASSES):
+            m.__class__ = type(m).__mro__[1]
 
 
 # -- resume under multi-process CPU training ---------------------------------------------------------------

@@ -19,8 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from .cli import UserError, log, redact
+from .cli import log, redact
 from .config import Config, load_config
+from .errors import UserError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 

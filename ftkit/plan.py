@@ -15,24 +15,25 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import math
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from .cli import UserError
+from .attention import VARLEN_ATTN
 from .config import Config, explicitly_on
+from .errors import UserError
 from .estimate import (
     DEFAULT_GPU,
     GPU_MEMORY_FRACTION,
+    REFERENCE_GPU_MEMORY,
     StepShape,
     estimate,
+    fits_gpu,
     gpu_facts,
     host_memory_available,
-    lr_scale,
     model_numbers,
+    optim_state_bytes,
 )
-
-# The attention that keeps padding-free rows apart on the SDPA path (ftkit/attention.py registers it).
-VARLEN_ATTN = "sdpa_varlen"
 
 
 @dataclass(frozen=True)
@@ -41,7 +42,7 @@ class Hardware:
 
     device: str  # "cuda" or "cpu"
     gpu_name: str = DEFAULT_GPU  # the calibrated reference GPU when there is none
-    gpu_memory: float = 139 * 2**30  # bytes
+    gpu_memory: float = REFERENCE_GPU_MEMORY  # bytes
     world_size: int = 1
     fsdp: bool = False
     fsdp_activation_checkpointing: bool = False  # the accelerate config already recomputes activations
@@ -51,6 +52,11 @@ class Hardware:
     @property
     def cuda(self) -> bool:
         return self.device == "cuda"
+
+    @property
+    def gpu_memory_gb(self) -> float:
+        """The GPU's memory as plan.json records it: the planning and the plan's own `fits` judge this number."""
+        return round(self.gpu_memory / 1e9, 1)
 
 
 def detect_hardware(
@@ -119,7 +125,7 @@ class TrainPlan:
 
     @property
     def fits(self) -> bool:
-        return self.estimate_largest["predicted_peak_gb"] * 1e9 <= GPU_MEMORY_FRACTION * self.gpu_memory_gb * 1e9
+        return fits_gpu(self.estimate_largest["predicted_peak_gb"], self.gpu_memory_gb)
 
     def to_json(self) -> dict:
         d = dataclasses.asdict(self)
@@ -188,22 +194,77 @@ def _divisors(n: int) -> list[int]:
     return sorted(set(small + [n // d for d in small]))
 
 
+class _Reasons(list):
+    """The Changes one decision makes: a planned value that differs from the YAML's is recorded with its reason."""
+
+    def change(self, key: str, asked, planned, reason: str):
+        if asked != planned:
+            self.append(Change(key, asked, planned, reason))
+        return planned
+
+
 def make_plan(cfg: Config, hw: Hardware, lengths: Sequence[int], mconf, *, strict: bool = True) -> TrainPlan:
     """Decide the plan. `lengths`: the token lengths of the training rows (this process's view of the whole
     set); `mconf`: the model's config (no weights needed). Raises UserError, before any model loads, for a
     plan that cannot fit the GPU (unless `strict` is off, as for --dry-run) and for a throughput mode the data
-    cannot fill. Reads cfg, never writes it."""
-    t, cuda, W = cfg.train, hw.cuda, hw.world_size
-    changes: list[Change] = []
+    cannot fill. Reads cfg, never writes it.
 
-    def change(key: str, asked, planned, reason: str):
-        if asked != planned:
-            changes.append(Change(key, asked, planned, reason))
-        return planned
+    Four decisions, in order, each returning its values and the reasons for those that differ from the YAML:
+    the kernels, the batches (micro-batches, accumulation, the learning rate), recompute (checkpointing, tiled
+    MLP, offloaded layers) and whether the result fits."""
+    kern, why_kernels = kernels(cfg, hw)
+    rows = RowLengths.of(lengths, cfg.data.max_length)
+    cost = Cost(model_numbers(mconf, cfg.lora.r, cfg.lora.target_modules), hw, kern, rows.mean, cfg.train.optim)
+    decide_batches = packed_batches if cfg.train.packing is True else row_batches
+    bat, why_batches = decide_batches(cfg, hw, rows, cost)
+    rec, why_recompute = recompute(cfg, hw, bat, cost)
+    largest = fit(cfg, hw, bat, rec, cost, strict)
+    packing = cfg.train.packing is True
+    return TrainPlan(
+        device=hw.device,
+        world_size=hw.world_size,
+        fsdp=hw.fsdp,
+        rows_per_step=round(bat.step_rows, 1),
+        rows_per_micro_batch=round(bat.rows_micro, 2),
+        gradient_accumulation_steps=bat.accum,
+        tokens_per_micro_batch=round(bat.typical),
+        largest_micro_batch_tokens=round(bat.worst),
+        learning_rate=bat.lr,
+        lr_factor=round(bat.lr / cfg.train.learning_rate, 4),
+        packing=packing,
+        pack_tokens=cfg.train.pack_tokens if packing else None,
+        padding_free=kern.padding_free,
+        attn_implementation=kern.attn,
+        gradient_checkpointing=rec.gc,
+        use_liger_kernel=kern.liger,
+        upcast_frozen_fp32=kern.upcast,
+        tiled_mlp=rec.tiled,
+        offload_layers=rec.offload,
+        mean_row_tokens=round(rows.mean, 1),
+        gpu=hw.gpu_name,
+        gpu_memory_gb=hw.gpu_memory_gb,
+        estimate=cost.est(bat.typical, bat.accum, rec.gc, rec.tiled, rec.offload),
+        estimate_largest=largest,
+        changes=(*why_kernels, *why_batches, *why_recompute),
+    )
 
-    # -- kernels ------------------------------------------------------------------------------------
+
+# -- kernels ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Kernels:
+    liger: bool
+    padding_free: bool
+    attn: str
+    upcast: bool
+
+
+def kernels(cfg: Config, hw: Hardware) -> tuple[Kernels, list[Change]]:
+    """Liger's fused kernels, padding-free rows and the attention that keeps them apart, fp32 frozen weights."""
+    t, cuda, why = cfg.train, hw.cuda, _Reasons()
     if t.use_liger_kernel == "auto":
-        liger = change(
+        liger = why.change(
             "train.use_liger_kernel",
             "auto",
             cuda and hw.liger_installed,
@@ -227,7 +288,7 @@ def make_plan(cfg: Config, hw: Hardware, lengths: Sequence[int], mconf, *, stric
             )
     packing = t.packing is True
     if t.padding_free == "auto" or packing:
-        padding_free = change(
+        padding_free = why.change(
             "train.padding_free",
             t.padding_free,
             True,
@@ -240,7 +301,7 @@ def make_plan(cfg: Config, hw: Hardware, lengths: Sequence[int], mconf, *, stric
         padding_free = t.padding_free
     attn = cfg.model.attn_implementation
     if padding_free and attn == "sdpa":
-        attn = change(
+        attn = why.change(
             "model.attn_implementation",
             "sdpa",
             VARLEN_ATTN,
@@ -249,135 +310,210 @@ def make_plan(cfg: Config, hw: Hardware, lengths: Sequence[int], mconf, *, stric
         )
     upcast = t.upcast_frozen_fp32
     if not cuda and not upcast and (cfg.quant.load_in_4bit or cfg.quant.load_in_8bit) and not hw.fsdp:
-        upcast = change(
+        upcast = why.change(
             "train.upcast_frozen_fp32",
             False,
             True,
             "on CPU bf16 elementwise work is slow; the frozen norms and embeddings run in float32",
         )
+    return Kernels(bool(liger), bool(padding_free), attn, bool(upcast)), why
 
-    # -- rows, micro-batches, checkpointing -----------------------------------------------------------
-    lengths = list(lengths)
-    mean_len = sum(lengths) / len(lengths) if lengths else cfg.data.max_length / 2
-    longest = max(lengths) if lengths else cfg.data.max_length
-    nums = model_numbers(mconf, cfg.lora.r, cfg.lora.target_modules)
-    B, A = t.per_device_train_batch_size, t.gradient_accumulation_steps
-    asked_rows = B * A * W
-    budget = GPU_MEMORY_FRACTION * hw.gpu_memory
-    optim_bytes = 2 if "8bit" in t.optim else 8
 
-    def shape(tokens: float, micro: int, gc: bool, tiled: bool = False, offload: int = 0) -> StepShape:
+# -- what a step costs --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RowLengths:
+    """The training rows' token lengths as the batch decisions need them."""
+
+    lengths: tuple[int, ...]
+    mean: float
+    longest: int
+    prefix: tuple[int, ...]  # prefix[k]: the tokens of the k longest rows
+
+    @classmethod
+    def of(cls, lengths: Sequence[int], max_length: int) -> "RowLengths":
+        lengths = tuple(lengths)
+        prefix = [0]
+        for n in sorted(lengths, reverse=True):
+            prefix.append(prefix[-1] + n)
+        mean = sum(lengths) / len(lengths) if lengths else max_length / 2
+        return cls(lengths, mean, max(lengths) if lengths else max_length, tuple(prefix))
+
+
+class Cost:
+    """The estimate of one step for this model, hardware and kernels, at a given shape; the one "fits" rule."""
+
+    def __init__(self, nums: dict, hw: Hardware, kern: Kernels, mean_len: float, optim: str):
+        self.nums, self.hw, self.kern, self.mean_len = nums, hw, kern, mean_len
+        self.optim_bytes = optim_state_bytes(optim)
+
+    def shape(self, tokens: float, micro: int, gc: bool, tiled: bool = False, offload: int = 0) -> StepShape:
         return StepShape(
             tokens_per_micro=tokens,
             micro_per_step=micro,
             gradient_checkpointing=gc,
-            liger=bool(liger),
-            mean_row_len=mean_len,
-            upcast_fp32=upcast,
-            optim_state_bytes=optim_bytes,
+            liger=self.kern.liger,
+            mean_row_len=self.mean_len,
+            upcast_fp32=self.kern.upcast,
+            optim_state_bytes=self.optim_bytes,
             tiled_mlp=tiled,
             offload_layers=offload,
         )
 
-    def est(s: StepShape) -> dict:
-        return estimate(nums, s, hw.gpu_name)
+    def est(self, tokens: float, micro: int, gc: bool, tiled: bool = False, offload: int = 0) -> dict:
+        return estimate(self.nums, self.shape(tokens, micro, gc, tiled, offload), self.hw.gpu_name)
 
-    def fits(s: StepShape) -> bool:
-        return est(s)["predicted_peak_gb"] * 1e9 <= budget
+    def fits(self, tokens: float, micro: int, gc: bool, tiled: bool = False, offload: int = 0) -> bool:
+        return fits_gpu(self.est(tokens, micro, gc, tiled, offload)["predicted_peak_gb"], self.hw.gpu_memory_gb)
 
+
+# -- batches ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Batches:
+    rows_micro: float  # rows a micro-batch, per process (a mean when packing)
+    accum: int
+    typical: float  # tokens of a typical micro-batch
+    worst: float  # tokens of the largest: what memory is planned for
+    step_rows: float  # rows the optimizer sees a step, all processes
+    lr: float
+    gc: bool  # the checkpointing the fastest fitting split was found with; recompute() settles it
+
+
+def gc_choices(cfg: Config, hw: Hardware) -> list[bool]:
+    """The checkpointing values the batch search may pick from."""
     if hw.fsdp_activation_checkpointing:
-        gc_options = [False]  # FSDP recomputes the wrapped layers itself; transformers refuses both at once
-    elif t.gradient_checkpointing == "auto":
-        gc_options = [False, True] if cuda else [False]
-    else:
-        gc_options = [bool(t.gradient_checkpointing)]
+        return [False]  # FSDP recomputes the wrapped layers itself; transformers refuses both at once
+    if cfg.train.gradient_checkpointing == "auto":
+        return [False, True] if hw.cuda else [False]
+    return [bool(cfg.train.gradient_checkpointing)]
 
-    if packing:
-        rows_micro, accum = t.pack_tokens / mean_len, A
-        typical = worst = float(t.pack_tokens)
-        total = sum(lengths)
-        if lengths and total < t.pack_tokens * A * W:
-            raise UserError(
-                f"train.packing=true (the throughput mode) fills each step with {A * W} pack(s) of "
-                f"{t.pack_tokens} tokens, but the training data holds only {total} tokens; lower "
-                f"train.pack_tokens (e.g. {max(64, total // (A * W) // 2)}) or set train.packing=false"
-            )
-        gc = next((g for g in gc_options if not cuda or fits(shape(worst, accum, g))), gc_options[-1])
-        step_rows = rows_micro * A * W
-        lr = t.learning_rate * lr_scale(step_rows, asked_rows, t.lr_scaling)
-        change(
-            "rows a step",
-            asked_rows,
-            round(step_rows, 1),
-            f"train.packing=true, the throughput mode: each micro-batch is one pack of {t.pack_tokens} tokens "
-            f"(~{rows_micro:.0f} rows of {mean_len:.0f} tokens)",
+
+def packed_batches(cfg: Config, hw: Hardware, rows: RowLengths, cost: Cost) -> tuple[Batches, list[Change]]:
+    """The throughput mode: one pack of train.pack_tokens a micro-batch, the learning rate rescaled."""
+    t, why = cfg.train, _Reasons()
+    B, A, W = t.per_device_train_batch_size, t.gradient_accumulation_steps, hw.world_size
+    asked_rows = B * A * W
+    total = sum(rows.lengths)
+    if rows.lengths and total < t.pack_tokens * A * W:
+        raise UserError(
+            f"train.packing=true (the throughput mode) fills each step with {A * W} pack(s) of "
+            f"{t.pack_tokens} tokens, but the training data holds only {total} tokens; lower "
+            f"train.pack_tokens (e.g. {max(64, total // (A * W) // 2)}) or set train.packing=false"
         )
-        change(
-            "train.learning_rate",
-            t.learning_rate,
-            lr,
-            f"train.lr_scaling={t.lr_scaling} for {step_rows:.0f} rows a step instead of {asked_rows}",
+    rows_micro, pack = t.pack_tokens / rows.mean, float(t.pack_tokens)
+    options = gc_choices(cfg, hw)
+    gc = next((g for g in options if not hw.cuda or cost.fits(pack, A, g)), options[-1])
+    step_rows = rows_micro * A * W
+    lr = t.learning_rate * lr_scale(step_rows, asked_rows, t.lr_scaling)
+    why.change(
+        "rows a step",
+        asked_rows,
+        round(step_rows, 1),
+        f"train.packing=true, the throughput mode: each micro-batch is one pack of {t.pack_tokens} tokens "
+        f"(~{rows_micro:.0f} rows of {rows.mean:.0f} tokens)",
+    )
+    why.change(
+        "train.learning_rate",
+        t.learning_rate,
+        lr,
+        f"train.lr_scaling={t.lr_scaling} for {step_rows:.0f} rows a step instead of {asked_rows}",
+    )
+    why.change("train.per_device_train_batch_size", B, 1, "one packed row a micro-batch")
+    return Batches(rows_micro, A, pack, pack, step_rows, lr, gc), why
+
+
+def micro_tokens(rows: RowLengths, m: int, padding_free: bool, max_length: int) -> tuple[float, float]:
+    """(typical, largest) tokens of an m-row micro-batch; padded batches pay the longest row."""
+    k = min(m, len(rows.lengths)) if rows.lengths else m
+    top_sum = rows.prefix[k] if rows.lengths else m * max_length
+    if padding_free:
+        return m * rows.mean, float(top_sum)
+    return m * min(rows.longest, 2 * rows.mean), float(rows.longest * k)
+
+
+def row_batches(cfg: Config, hw: Hardware, rows: RowLengths, cost: Cost) -> tuple[Batches, list[Change]]:
+    """The YAML's rows a step at its learning rate, run as the fastest split into micro-batches that fits (and
+    checkpointing to go with it)."""
+    t, why = cfg.train, _Reasons()
+    B, A = t.per_device_train_batch_size, t.gradient_accumulation_steps
+    R, asked_rows = B * A, B * A * hw.world_size
+    sizes = _divisors(R) if (hw.cuda and t.regroup_micro_batches) else [B]
+
+    def tokens(m: int) -> tuple[float, float]:
+        return micro_tokens(rows, m, cost.kern.padding_free, cfg.data.max_length)
+
+    choices, options = gc_choices(cfg, hw), []
+    for m in sizes:
+        typ, big = tokens(m)
+        for g in choices:
+            if not hw.cuda or cost.fits(big, R // m, g):
+                options.append((cost.est(typ, R // m, g)["predicted_step_s"], -m, g))
+    if options:
+        _, neg_m, gc = min(options)
+        rows_micro = -neg_m
+    else:  # nothing fits as is: the long-row switches get their chance on the smallest micro-batch
+        rows_micro, gc = min(sizes), choices[-1]
+    accum = R // rows_micro
+    typical, worst = tokens(rows_micro)
+    step_rows = float(asked_rows)
+    if rows.lengths and len(rows.lengths) < asked_rows:
+        step_rows = float(
+            why.change(
+                "rows a step",
+                asked_rows,
+                len(rows.lengths),
+                f"the training data holds only {len(rows.lengths)} rows, fewer than one step's "
+                f"{asked_rows}: every step is the whole set (lower the batch to keep more steps)",
+            )
         )
-        change("train.per_device_train_batch_size", B, 1, "one packed row a micro-batch")
-    else:
-        R = B * A
-        sizes = _divisors(R) if (cuda and t.regroup_micro_batches) else [B]
+    if rows_micro != B:
+        why_split = (
+            f"the same {asked_rows} rows a step as {accum} micro-batch(es) of {rows_micro} instead of {A} of {B}:"
+            f" predicted {cost.est(typical, accum, gc)['predicted_step_s']} s a step"
+            if hw.cuda
+            else ""
+        )
+        if rows_micro > B:
+            why_split += " (fewer, larger micro-batches; train.regroup_micro_batches=false keeps the YAML's split)"
+        else:
+            why_split += " (the YAML's micro-batch does not fit the GPU)"
+        why.change("train.per_device_train_batch_size", B, rows_micro, why_split)
+        why.change("train.gradient_accumulation_steps", A, accum, "see train.per_device_train_batch_size")
+    return Batches(rows_micro, accum, max(typical, 1.0), worst, step_rows, t.learning_rate, gc), why
 
-        by_length = sorted(lengths, reverse=True)
-        prefix = [0]
-        for n in by_length:
-            prefix.append(prefix[-1] + n)
 
-        def micro_tokens(m: int) -> tuple[float, float]:
-            """(typical, largest) tokens of an m-row micro-batch; padded batches pay the longest row."""
-            k = min(m, len(by_length)) if by_length else m
-            top_sum = prefix[k] if by_length else m * cfg.data.max_length
-            if padding_free:
-                return m * mean_len, float(top_sum)
-            return m * min(longest, 2 * mean_len), float(longest * k)
+def lr_scale(rows_per_step: float, reference_rows: float, rule: str) -> float:
+    """Learning-rate factor when a step holds rows_per_step rows instead of the reference_rows the rate was
+    set for: square root (AdamW's usual rule), linear, or none."""
+    if rule == "none" or reference_rows <= 0 or rows_per_step <= 0:
+        return 1.0
+    r = rows_per_step / reference_rows
+    return math.sqrt(r) if rule == "sqrt" else r
 
-        options = []
-        for m in sizes:
-            typ, big = micro_tokens(m)
-            for g in gc_options:
-                if not cuda or fits(shape(big, R // m, g)):
-                    options.append((est(shape(typ, R // m, g))["predicted_step_s"], -m, g))
-        if options:
-            _, neg_m, gc = min(options)
-            rows_micro = -neg_m
-        else:  # nothing fits as is: the long-row switches below get their chance on the smallest micro-batch
-            rows_micro, gc = min(sizes), gc_options[-1]
-        accum = R // rows_micro
-        typical, worst = micro_tokens(rows_micro)
-        lr, step_rows = t.learning_rate, float(asked_rows)
-        if lengths and len(lengths) < asked_rows:
-            step_rows = float(
-                change(
-                    "rows a step",
-                    asked_rows,
-                    len(lengths),
-                    f"the training data holds only {len(lengths)} rows, fewer than one step's "
-                    f"{asked_rows}: every step is the whole set (lower the batch to keep more steps)",
-                )
-            )
-        if rows_micro != B:
-            why = (
-                f"the same {asked_rows} rows a step as {accum} micro-batch(es) of {rows_micro} instead of {A} of {B}:"
-                f" predicted {est(shape(typical, accum, gc))['predicted_step_s']} s a step"
-                if cuda
-                else ""
-            )
-            if rows_micro > B:
-                why += " (fewer, larger micro-batches; train.regroup_micro_batches=false keeps the YAML's split)"
-            else:
-                why += " (the YAML's micro-batch does not fit the GPU)"
-            change("train.per_device_train_batch_size", B, rows_micro, why)
-            change("train.gradient_accumulation_steps", A, accum, "see train.per_device_train_batch_size")
-        typical = max(typical, 1.0)
 
+# -- recompute: checkpointing, tiled MLP, offloaded layers --------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Recompute:
+    gc: bool
+    tiled: bool
+    offload: int  # decoder layers whose checkpointed inputs live in CPU RAM
+
+
+def recompute(cfg: Config, hw: Hardware, bat: Batches, cost: Cost) -> tuple[Recompute, list[Change]]:
+    """Checkpointing settled (the long-row switches need it), then the tiled MLP, then as few offloaded layers
+    as make the largest micro-batch fit."""
+    t, cuda, why = cfg.train, hw.cuda, _Reasons()
+    offload_on = explicitly_on(t.activation_offloading)
+    gc = bat.gc
     if t.gradient_checkpointing == "auto" or hw.fsdp_activation_checkpointing:
-        gc = bool(gc) or explicitly_on(t.activation_offloading) or t.tiled_mlp is True
-        change(
+        # the long-row switches asked for by name work on checkpointed layers
+        gc = bool(gc) or offload_on or t.tiled_mlp is True
+        why.change(
             "train.gradient_checkpointing",
             t.gradient_checkpointing,
             gc,
@@ -387,9 +523,6 @@ def make_plan(cfg: Config, hw: Hardware, lengths: Sequence[int], mconf, *, stric
             if not gc
             else "the largest micro-batch does not fit without recompute",
         )
-
-    # -- long rows: tiled MLP, then offloaded checkpoints --------------------------------------------------
-    offload_on = explicitly_on(t.activation_offloading)
     if offload_on and not cuda:
         raise UserError(
             "train.activation_offloading=true needs a CUDA GPU (it moves GPU memory to CPU RAM); "
@@ -401,28 +534,29 @@ def make_plan(cfg: Config, hw: Hardware, lengths: Sequence[int], mconf, *, stric
             "accelerate config instead, or set train.activation_offloading=false"
         )
     if t.tiled_mlp == "auto":
-        tiled = change(
+        needed = bool(cuda and gc and not cost.fits(bat.worst, bat.accum, True))
+        tiled = why.change(
             "train.tiled_mlp",
             "auto",
-            bool(cuda and gc and not fits(shape(worst, accum, True))),
+            needed,
             "the largest micro-batch does not fit with checkpointing alone"
-            if cuda and gc and not fits(shape(worst, accum, True))
+            if needed
             else "the largest micro-batch fits without it",
         )
     else:
         tiled = t.tiled_mlp
-    layers = nums["layers"]
+    layers = cost.nums["layers"]
     if t.activation_offloading is True:
         offload = layers
     elif offload_on:
         offload = min(int(t.activation_offloading), layers)
     elif t.activation_offloading == "auto" and cuda and gc and not hw.fsdp:
         # as few layers as make the step fit: each offloaded layer costs a copy out and back
-        offload = next((n for n in range(layers + 1) if fits(shape(worst, accum, True, tiled, n))), layers)
+        offload = next((n for n in range(layers + 1) if cost.fits(bat.worst, bat.accum, True, tiled, n)), layers)
     else:
         offload = 0
     if t.activation_offloading == "auto":
-        change(
+        why.change(
             "train.activation_offloading",
             "auto",
             offload,
@@ -430,47 +564,33 @@ def make_plan(cfg: Config, hw: Hardware, lengths: Sequence[int], mconf, *, stric
             if not offload
             else f"the checkpointed inputs of {offload} layer(s) go to CPU RAM so the largest micro-batch fits",
         )
-    big = est(shape(worst, accum, gc, tiled, offload))
-    if offload and hw.host_memory is not None and big["host_offload_gb"] * 1e9 > 0.9 * hw.host_memory:
+    return Recompute(bool(gc), bool(tiled), offload), why
+
+
+# -- fit ----------------------------------------------------------------------------------------------------
+
+
+def fit(cfg: Config, hw: Hardware, bat: Batches, rec: Recompute, cost: Cost, strict: bool) -> dict:
+    """The estimate of the largest micro-batch; a UserError when it cannot fit CPU RAM or (strict) the GPU."""
+    big = cost.est(bat.worst, bat.accum, rec.gc, rec.tiled, rec.offload)
+    if rec.offload and hw.host_memory is not None and big["host_offload_gb"] * 1e9 > 0.9 * hw.host_memory:
         raise UserError(
             f"activation offloading needs {big['host_offload_gb']:.1f} GB of CPU RAM for the longest "
-            f"micro-batch ({worst:.0f} tokens) but {hw.host_memory / 1e9:.1f} GB is available; lower "
+            f"micro-batch ({bat.worst:.0f} tokens) but {hw.host_memory / 1e9:.1f} GB is available; lower "
             f"data.max_length, train.pack_tokens or train.per_device_train_batch_size"
         )
-    if strict and cuda and big["predicted_peak_gb"] * 1e9 > budget:
-        fixes = ["lower data.max_length", "train.pack_tokens" if packing else "train.per_device_train_batch_size"]
+    if strict and hw.cuda and not fits_gpu(big["predicted_peak_gb"], hw.gpu_memory_gb):
+        t = cfg.train
+        fixes = [
+            "lower data.max_length",
+            "train.pack_tokens" if t.packing is True else "train.per_device_train_batch_size",
+        ]
         if t.gradient_checkpointing is False:
             fixes.append("set train.gradient_checkpointing=auto")
         raise UserError(
-            f"the plan does not fit this GPU: its largest micro-batch ({worst:.0f} tokens) is predicted "
+            f"the plan does not fit this GPU: its largest micro-batch ({bat.worst:.0f} tokens) is predicted "
             f"to need {big['predicted_peak_gb']} GB, and {GPU_MEMORY_FRACTION:.0%} of {hw.gpu_name}'s "
-            f"{hw.gpu_memory / 1e9:.0f} GB is {budget / 1e9:.1f} GB; {', or '.join(fixes)} "
-            f"(finetune.py --dry-run shows the plan)"
+            f"{hw.gpu_memory / 1e9:.0f} GB is {GPU_MEMORY_FRACTION * hw.gpu_memory_gb:.1f} GB; "
+            f"{', or '.join(fixes)} (finetune.py --dry-run shows the plan)"
         )
-    return TrainPlan(
-        device=hw.device,
-        world_size=W,
-        fsdp=hw.fsdp,
-        rows_per_step=round(step_rows, 1),
-        rows_per_micro_batch=round(rows_micro, 2),
-        gradient_accumulation_steps=accum,
-        tokens_per_micro_batch=round(typical),
-        largest_micro_batch_tokens=round(worst),
-        learning_rate=lr,
-        lr_factor=round(lr / t.learning_rate, 4),
-        packing=packing,
-        pack_tokens=t.pack_tokens if packing else None,
-        padding_free=bool(padding_free),
-        attn_implementation=attn,
-        gradient_checkpointing=bool(gc),
-        use_liger_kernel=bool(liger),
-        upcast_frozen_fp32=bool(upcast),
-        tiled_mlp=bool(tiled),
-        offload_layers=offload,
-        mean_row_tokens=round(mean_len, 1),
-        gpu=hw.gpu_name,
-        gpu_memory_gb=round(hw.gpu_memory / 1e9, 1),
-        estimate=est(shape(typical, accum, gc, tiled, offload)),
-        estimate_largest=big,
-        changes=tuple(changes),
-    )
+    return big

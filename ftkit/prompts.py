@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from .cli import UserError
+from .errors import UserError
 
 IGNORE_INDEX = -100  # the label value that torch's cross-entropy skips
 

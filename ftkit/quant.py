@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from collections import Counter, OrderedDict
 
-from .cli import UserError
 from .config import QuantCfg
+from .errors import UserError
 from .models import torch_dtype
 
 

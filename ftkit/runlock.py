@@ -25,7 +25,8 @@ import shutil
 import stat
 from pathlib import Path
 
-from .cli import UserError, before_error_line, log
+from .cli import before_error_line, log
+from .errors import UserError
 from .paths import RunDir
 
 LOCK_NAME = ".lock"

@@ -5,16 +5,17 @@ over all its assistant turns, masked as in training."""
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import time
 from collections import defaultdict
 
-from .cli import UserError, log
+from .cli import log
 from .config import Config, DataCfg
 from .data import clean_conversation
+from .demo_data import normalize_answer
+from .errors import UserError
 from .generation import Prompt, generate, load_for_inference
-from .paths import REPO_ROOT, RunDir
+from .paths import RunDir
 from .prompts import IGNORE_INDEX, PromptTemplate, encode_conversations
 
 # Verifiable answers are short; an answer this many tokens longer than the longest reference cannot match.
@@ -25,25 +26,6 @@ N_EXAMPLES = 5
 
 
 NO_FAMILY = "all"
-
-
-def _load_normalizer():
-    # data/ is not a package; the demo generator owns the normalization its answers are written for.
-    path = REPO_ROOT / "data" / "generate_demo_data.py"
-    spec = importlib.util.spec_from_file_location("generate_demo_data", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.normalize_answer
-
-
-_normalize = None
-
-
-def normalize_answer(s: str) -> str:
-    global _normalize
-    if _normalize is None:
-        _normalize = _load_normalizer()
-    return _normalize(s)
 
 
 def exact_match(prediction: str, reference: str) -> float:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import resource
 import signal
 import sys
@@ -16,9 +15,11 @@ from pathlib import Path
 
 from . import patches, runlock
 from .checkpoints import complete_checkpoints, trained_step
-from .cli import UserError, log
+from .cli import log
 from .config import Config, check_library_options, mutates_base
-from .distributed import barrier, dist_info, fsdp_enabled, is_main
+from .distributed import barrier, dist_info, elastic_shutdown_timeout, is_main
+from .errors import UserError
+from .estimate import optim_state_bytes
 from .models import load_causal_lm, load_tokenizer, model_skeleton, torch_dtype
 from .paths import (
     RunDir,
@@ -71,12 +72,6 @@ def open_run(cfg: Config, overwrite: bool, resume: bool) -> tuple[RunDir, bool]:
     runlock.check_run_target(run.root, overwrite, resume)
     check_latest_pointer(cfg.paths.latest)
     check_library_options(cfg)
-    if fsdp_enabled() and mutates_base(cfg.lora.init_lora_weights):
-        raise UserError(
-            f"lora.init_lora_weights={cfg.lora.init_lora_weights} under FSDP is not supported: its adapter must be "
-            "converted against its initial weights when saved, which the sharded save here does not do; use true "
-            "or gaussian, or train on one process"
-        )
     if resume:
         done = complete_checkpoints(run.checkpoints)
         check_resume(cfg, run, trained_step(done[-1]) if done else None)
@@ -91,10 +86,11 @@ def inspect_model(cfg: Config, source: str, offline: bool):
     return skeleton, load_tokenizer(cfg, source, offline)
 
 
-def check_run_inputs(cfg: Config, run: RunDir, skeleton, n_train: int, n_eval: int, world_size: int) -> None:
-    """Settings that only the data and the model's size can check: evaluation, and the disk."""
+def check_run_inputs(cfg: Config, run: RunDir, plan: TrainPlan, skeleton, n_train: int, n_eval: int) -> None:
+    """Settings that only the plan, the data and the model's size can check: evaluation, and the disk (as many
+    checkpoints as the planned steps save)."""
     check_eval_settings(cfg, n_eval)
-    check_disk(cfg, run, output_sizes(cfg, skeleton, n_train, world_size))
+    check_disk(cfg, run, output_sizes(cfg, skeleton, n_train, plan.rows_per_step))
 
 
 def check_eval_settings(cfg: Config, n_eval: int) -> None:
@@ -122,7 +118,7 @@ def check_eval_settings(cfg: Config, n_eval: int) -> None:
         )
 
 
-def output_sizes(cfg: Config, skeleton, n_train_rows: int, world_size: int) -> dict[str, int]:
+def output_sizes(cfg: Config, skeleton, n_train_rows: int, rows_per_step: float) -> dict[str, int]:
     """Bytes the run will write, from the model's structure: each checkpoint holds the LoRA weights (fp32)
     and the optimizer's state for them (two fp32 moments for AdamW), plus tokenizer and small state files;
     the merged model later holds every parameter in merge.dtype (2 bytes)."""
@@ -139,10 +135,8 @@ def output_sizes(cfg: Config, skeleton, n_train_rows: int, world_size: int) -> d
             lora += sum(p.numel() for p in mod.parameters())  # trained and saved in full, optimizer state too
     n_params = sum(p.numel() for p in skeleton.parameters())
     t = cfg.train
-    state_bytes = 2 if "8bit" in t.optim else 8
-    ckpt = lora * (4 + state_bytes) + 32 * 2**20
-    per_step = t.per_device_train_batch_size * t.gradient_accumulation_steps * world_size
-    steps = t.max_steps if t.max_steps > 0 else math.ceil(t.num_train_epochs * math.ceil(n_train_rows / per_step))
+    ckpt = lora * (4 + optim_state_bytes(t.optim)) + 32 * 2**20
+    steps = t.max_steps if t.max_steps > 0 else math.ceil(t.num_train_epochs * math.ceil(n_train_rows / rows_per_step))
     saves = steps // t.save_steps + 1  # +1: the save when stopping early or at the end
     kept = min(saves, t.save_total_limit + 1) if t.save_total_limit else saves  # +1: rotation deletes after saving
     adapter = lora * 4 + 32 * 2**20
@@ -186,20 +180,20 @@ def build_model(cfg: Config, plan: TrainPlan, source: str, offline: bool):
     from transformers import set_seed
 
     set_seed(cfg.train.seed)
-    model = load_quantized_base(cfg, source, offline, plan.device)
+    model = load_quantized_base(cfg, source, offline, plan.device, plan.fsdp)
     model, trainable, total, initial = apply_lora(cfg, plan, model)
     apply_speed_switches(plan, model)
     return model, Params(trainable, total, sum(1 for p in model.parameters() if p.requires_grad), initial)
 
 
-def load_quantized_base(cfg: Config, source: str, offline: bool, device: str):
+def load_quantized_base(cfg: Config, source: str, offline: bool, device: str, fsdp: bool = False):
     """The frozen base, 4-bit (or 8-bit / full precision) on this process's device."""
     bnb = build_bnb_config(cfg.quant)
     # One whole copy per process on its own GPU: device_map="auto" would spread one model over all GPUs
     # and silently train on one of them under DDP.
     device_map = {"": dist_info()["local_rank"]} if device == "cuda" else {"": "cpu"}
     dtype = None
-    if fsdp_enabled() and cfg.quant.load_in_4bit:
+    if fsdp and cfg.quant.load_in_4bit:
         # FSDP-QLoRA: every weight, the packed 4-bit ones included, in the storage dtype, so FSDP can flatten
         # and shard them together (check_distributed made storage == compute == model dtype).
         dtype = torch_dtype(cfg.quant.bnb_4bit_quant_storage)
@@ -212,7 +206,7 @@ def apply_lora(cfg: Config, plan: TrainPlan, model):
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     targets = validate_target_modules(model, cfg.lora.target_modules)
-    fsdp = fsdp_enabled()
+    fsdp = plan.fsdp
     if (cfg.quant.load_in_4bit or cfg.quant.load_in_8bit) and not fsdp and plan.upcast_frozen_fp32:
         # Casts norms to fp32 and enables input grads so checkpointing works through frozen 4-bit layers.
         # Not under FSDP: it needs one dtype per wrapped unit; the Trainer enables checkpointing there.
@@ -351,7 +345,7 @@ def sft_config(cfg: Config, run: RunDir, plan: TrainPlan, n_eval: int):
         save_only_model=False,
         disable_tqdm=not is_main(),
         # Every LoRA weight gets a gradient on every step; searching for unused ones costs a graph walk.
-        ddp_find_unused_parameters=False if dist_info()["world_size"] > 1 else None,
+        ddp_find_unused_parameters=False if plan.world_size > 1 else None,
         # The dataset arrives tokenized with labels: TRL sees input_ids and skips its own tokenizing and
         # templating, but still prepares it (packing, truncation), so its preparation is not skipped.
         dataset_kwargs={"skip_prepare_dataset": False},
@@ -365,7 +359,7 @@ def make_trainer(cfg: Config, run: RunDir, plan: TrainPlan, model, tok, prep, ar
     from transformers import EarlyStoppingCallback
     from trl import SFTTrainer
 
-    callbacks = make_callbacks(run, stop)
+    callbacks = make_callbacks(run, plan, stop)
     if "tensorboard" in trackers(cfg):
         callbacks.append(tensorboard_callback(run))
     if cfg.train.early_stopping_patience:
@@ -380,10 +374,10 @@ def make_trainer(cfg: Config, run: RunDir, plan: TrainPlan, model, tok, prep, ar
     )
     if not plan.fsdp:  # under FSDP the LoRA weights stay in the storage dtype, which FSDP and its resume need
         patches.keep_lora_fp32(trainer.model)
-    world = dist_info()
+    rank = dist_info()["rank"]
 
     def first_rows(rows):
-        log.info("rank %d of %d: first batch rows %s", world["rank"], world["world_size"], ",".join(rows))
+        log.info("rank %d of %d: first batch rows %s", rank, plan.world_size, ",".join(rows))
 
     patches.log_first_batch(trainer.data_collator, first_rows)
     if plan.device == "cpu" and plan.world_size > 1:
@@ -391,7 +385,22 @@ def make_trainer(cfg: Config, run: RunDir, plan: TrainPlan, model, tok, prep, ar
     return trainer
 
 
-def make_callbacks(run: RunDir, stop: "StopRequest"):
+def make_callbacks(run: RunDir, plan: TrainPlan, stop: "StopRequest") -> list:
+    # Interrupt before NonFinite: a Ctrl+C that asks for a save must see its weights checked first.
+    return [
+        train_log_callback(run),
+        interrupt_callback(plan.world_size, stop),
+        nonfinite_callback(run),
+        no_pickled_args_callback(),
+        first_checkpoint_callback(run),
+    ]
+
+
+# One function a callback: each class is defined where transformers is imported, which happens only once
+# training is certain to start.
+
+
+def train_log_callback(run: RunDir):
     from transformers import TrainerCallback
 
     class TrainLog(TrainerCallback):
@@ -418,6 +427,12 @@ def make_callbacks(run: RunDir, stop: "StopRequest"):
             with open(run.train_log, "a", encoding="utf-8") as f:
                 f.write(json.dumps(row) + "\n")
 
+    return TrainLog()
+
+
+def interrupt_callback(world_size: int, stop: "StopRequest"):
+    from transformers import TrainerCallback
+
     class Interrupt(TrainerCallback):
         """Ctrl+C: finish the step in flight, save a checkpoint, stop.
 
@@ -426,7 +441,7 @@ def make_callbacks(run: RunDir, stop: "StopRequest"):
         """
 
         def on_step_end(self, args, state, control, **kw):
-            if dist_info()["world_size"] > 1:
+            if world_size > 1:
                 import torch
                 import torch.distributed as tdist
 
@@ -438,23 +453,11 @@ def make_callbacks(run: RunDir, stop: "StopRequest"):
                 control.should_training_stop = True
             return control
 
-    class NoPickledArgs(TrainerCallback):
-        """The Trainer pickles its arguments into every checkpoint (training_args.bin); a resume never reads
-        it, and a pickle runs code when loaded. Checkpoints keep only what a resume loads: safetensors,
-        JSON, and the optimizer/scheduler/RNG tensors, which the Trainer loads with weights_only=True."""
+    return Interrupt()
 
-        def on_save(self, args, state, control, **kw):
-            if state.is_world_process_zero:
-                (Path(args.output_dir) / f"checkpoint-{state.global_step}" / "training_args.bin").unlink(
-                    missing_ok=True
-                )
 
-    class FirstCheckpoint(TrainerCallback):
-        """With --overwrite the replaced run is kept aside until the new run can be resumed; now it can."""
-
-        def on_save(self, args, state, control, **kw):
-            if state.is_world_process_zero:
-                runlock.checkpoint_saved(run.root)
+def nonfinite_callback(run: RunDir):
+    from transformers import TrainerCallback
 
     class NonFinite(TrainerCallback):
         """Stop at the first inf/NaN in the loss, the gradient norm or the LoRA weights, before a save could
@@ -490,8 +493,37 @@ def make_callbacks(run: RunDir, stop: "StopRequest"):
             if bad:
                 self._fail(state, f"LoRA weight {bad}")
 
-    # Interrupt before NonFinite: a Ctrl+C that asks for a save must see its weights checked first.
-    return [TrainLog(), Interrupt(), NonFinite(), NoPickledArgs(), FirstCheckpoint()]
+    return NonFinite()
+
+
+def no_pickled_args_callback():
+    from transformers import TrainerCallback
+
+    class NoPickledArgs(TrainerCallback):
+        """The Trainer pickles its arguments into every checkpoint (training_args.bin); a resume never reads
+        it, and a pickle runs code when loaded. Checkpoints keep only what a resume loads: safetensors,
+        JSON, and the optimizer/scheduler/RNG tensors, which the Trainer loads with weights_only=True."""
+
+        def on_save(self, args, state, control, **kw):
+            if state.is_world_process_zero:
+                (Path(args.output_dir) / f"checkpoint-{state.global_step}" / "training_args.bin").unlink(
+                    missing_ok=True
+                )
+
+    return NoPickledArgs()
+
+
+def first_checkpoint_callback(run: RunDir):
+    from transformers import TrainerCallback
+
+    class FirstCheckpoint(TrainerCallback):
+        """With --overwrite the replaced run is kept aside until the new run can be resumed; now it can."""
+
+        def on_save(self, args, state, control, **kw):
+            if state.is_world_process_zero:
+                runlock.checkpoint_saved(run.root)
+
+    return FirstCheckpoint()
 
 
 # -- start, resume, stop -------------------------------------------------------------------------------------------
@@ -566,7 +598,8 @@ class StopRequest:
 
     def __init__(self):
         self.hit = 0
-        self.launched = bool(os.environ.get("TORCHELASTIC_RUN_ID"))
+        self.shutdown_timeout = elastic_shutdown_timeout()
+        self.launched = self.shutdown_timeout is not None
 
     def _on_signal(self, signum, frame):
         if self.hit:
@@ -574,11 +607,10 @@ class StopRequest:
                 return  # the same request again (the launcher's forwarded copy)
             raise KeyboardInterrupt  # a second Ctrl+C means now
         self.hit = signum
-        timeout = os.environ.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "30")
         log.warning(
             "%s: saving a checkpoint after this step, then stopping (Ctrl+C again to abort%s)",
             signal.Signals(signum).name,
-            f"; the launcher kills the workers after {timeout} s (TORCH_ELASTIC_SHUTDOWN_TIMEOUT)"
+            f"; the launcher kills the workers after {self.shutdown_timeout} s (TORCH_ELASTIC_SHUTDOWN_TIMEOUT)"
             if self.launched
             else "",
         )

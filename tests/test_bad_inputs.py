@@ -1110,6 +1110,17 @@ CASES = [
         ["--config", "{run}/config.yaml", "--lora", "{tmp}/a.gguf", "--prompt", "hi"],
         "go with --serve",
     ),
+    # a flag is checked the same way in both spellings (`--port 9000`, `--port=9000`)
+    Case("serve-port-without-serve", "inference.py", ["--config", "{run}/config.yaml", "--port", "9000"], "go with"),
+    Case(
+        "serve-port-equals-without-serve", "inference.py", ["--config", "{run}/config.yaml", "--port=9000"], "go with"
+    ),
+    Case("serve-host-equals-without-serve", "inference.py", ["--config", "{run}/config.yaml", "--host=::"], "go with"),
+    # no abbreviations: a prefix of a flag is refused and named, never taken for the flag
+    Case("flag-abbreviated", "dataset.py", ["--config", str(REPO / "configs" / "demo.yaml"), "--debu"], "--debug?"),
+    Case("flag-abbreviated-dry-run", "finetune.py", ft("--dry"), "did you mean --dry-run?", GOOD, max_s=60),
+    Case("infer-flag-abbreviated", "inference.py", ["--config", "{run}/config.yaml", "--promp", "hi"], "--prompt?"),
+    Case("export-flag-abbreviated", "export_gguf.py", ["--config", "{run}/config.yaml", "--typ", "q8_0"], "--type?"),
     Case(
         "serve-with-merged", "inference.py", ["--config", "{run}/config.yaml", "--serve", "--merged"], "serves a GGUF"
     ),

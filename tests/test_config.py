@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from ftkit.cli import UserError
 from ftkit.config import VALID_KEYS, load_config
+from ftkit.errors import UserError
 
 REPO = Path(__file__).resolve().parent.parent
 SHIPPED = sorted(p for p in (REPO / "configs").glob("*.yaml"))
@@ -224,8 +224,8 @@ def test_attention_values_are_transformers_own_and_each_loads():
     from transformers import LlamaConfig, LlamaForCausalLM
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+    from ftkit.attention import VARLEN_ATTN
     from ftkit.config import attention_values, check_attn_implementation
-    from ftkit.plan import VARLEN_ATTN
 
     ours = set(attention_values())
     assert ours == {"eager", *ALL_ATTENTION_FUNCTIONS.valid_keys()} - {VARLEN_ATTN}

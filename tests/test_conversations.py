@@ -6,9 +6,9 @@ import logging
 
 import pytest
 
-from ftkit.cli import UserError
 from ftkit.config import DataCfg, load_config
 from ftkit.data import clean_records, encode_rows, load_records
+from ftkit.errors import UserError
 from ftkit.prompts import IGNORE_INDEX, PromptTemplate
 
 TURNS = [

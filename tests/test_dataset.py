@@ -5,9 +5,9 @@ import json
 import pytest
 from helpers import run_script, tiny_overrides
 
-from ftkit.cli import UserError
 from ftkit.config import DataCfg
 from ftkit.data import clean_records, encode_rows, load_records, split_records
+from ftkit.errors import UserError
 from ftkit.prompts import ALPACA_NO_INPUT, ALPACA_WITH_INPUT, IGNORE_INDEX, PromptTemplate
 
 

@@ -17,15 +17,17 @@ from pathlib import Path
 
 import pytest
 
+from ftkit import demo_data as gd
+
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "data" / "generate_demo_data.py"
 SHIPPED = REPO / "data" / "demo_tasks.jsonl"
 
-# data/ is not a package, so load the script by path.
+# The command line is a script in data/ (not a package): loaded by path for its main().
 _spec = importlib.util.spec_from_file_location("generate_demo_data", SCRIPT)
-gd = importlib.util.module_from_spec(_spec)
-sys.modules[_spec.name] = gd
-_spec.loader.exec_module(gd)
+cli = importlib.util.module_from_spec(_spec)
+sys.modules[_spec.name] = cli
+_spec.loader.exec_module(cli)
 
 SMALL = 40  # rows per family for the fast checks
 
@@ -71,7 +73,7 @@ def test_shipped_file_is_the_default_output(tmp_path):
 
 def test_cli_seed_and_per_family(tmp_path):
     out = tmp_path / "small.jsonl"
-    assert gd.main(["--seed", "5", "--per-family", "7", "--out", str(out)]) == 0
+    assert cli.main(["--seed", "5", "--per-family", "7", "--out", str(out)]) == 0
     lines = out.read_text(encoding="utf-8").splitlines()
     assert [json.loads(line) for line in lines] == gd.generate(5, 7)
     assert out.read_text(encoding="utf-8") == gd.to_jsonl(gd.generate(5, 7))
@@ -79,7 +81,7 @@ def test_cli_seed_and_per_family(tmp_path):
 
 def test_impossible_per_family_is_an_error(tmp_path, capsys):
     out = tmp_path / "x.jsonl"
-    assert gd.main(["--per-family", "5000", "--out", str(out)]) == 2
+    assert cli.main(["--per-family", "5000", "--out", str(out)]) == 2
     assert "lower --per-family" in capsys.readouterr().err
     assert not out.exists()
 

@@ -231,8 +231,8 @@ def test_merge_and_inference_take_the_ddp_adapter(ddp):
 def test_several_gpus_without_a_launcher_is_refused(tmp_path, tiny_llama, data):
     """Can't be run for real without GPUs; check the decision itself."""
     from ftkit import checkpoints, distributed, train  # noqa: F401
-    from ftkit.cli import UserError
     from ftkit.config import load_config
+    from ftkit.errors import UserError
 
     cfg = load_config(REPO / "configs" / "demo.yaml", tiny_overrides(tiny_llama, data, tmp_path / "r"))
     orig = torch.cuda.device_count
@@ -439,7 +439,7 @@ def test_fsdp2_on_a_torch_without_fully_shard_is_one_line(monkeypatch):
     import torch.distributed.fsdp
 
     from ftkit import config, distributed
-    from ftkit.cli import UserError
+    from ftkit.errors import UserError
 
     cfg = config.load_config(
         REPO / "configs" / "demo.yaml", ["quant.bnb_4bit_quant_storage=bfloat16", "train.optim=adamw_torch"]

@@ -13,7 +13,7 @@ from helpers import REPO, run_script, tiny_overrides
 
 import evaluate as ev
 from ftkit import scoring
-from ftkit.cli import UserError
+from ftkit.errors import UserError
 from ftkit.paths import stage_config
 
 DEMO = str(REPO / "configs" / "demo.yaml")

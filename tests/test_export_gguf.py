@@ -25,8 +25,8 @@ from test_inference import make_run
 
 import export_gguf
 from ftkit import gguf
-from ftkit.cli import UserError
 from ftkit.config import load_config
+from ftkit.errors import UserError
 from ftkit.prompts import PromptTemplate
 
 TEXTS = [

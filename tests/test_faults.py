@@ -345,7 +345,7 @@ def test_resume_skips_a_corrupt_newest_checkpoint_and_stops_at_max_steps(tmp_pat
 
 # -- unit: locks and leftovers --------------------------------------------------------------------------
 def test_run_lock_names_the_holder_and_takes_over_a_dead_ones(tmp_path):
-    from ftkit.cli import UserError
+    from ftkit.errors import UserError
     from ftkit.runlock import RunLock
 
     holder = subprocess.Popen(
@@ -389,7 +389,7 @@ def test_a_replaced_run_left_aside_by_a_kill_comes_back(tmp_path, finished_run):
 
 def test_inference_resumes_its_own_cut_off_answer_file_but_never_truncates_a_users(tmp_path):
     from ftkit import answers
-    from ftkit.cli import UserError
+    from ftkit.errors import UserError
 
     own = tmp_path / "a.jsonl"
     own.write_bytes(b'{"id": 0, "instruction": "x", "response": "y"}\n{"id": 1, "instr')

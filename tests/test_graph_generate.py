@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from ftkit import generation
-from ftkit.cli import UserError
 from ftkit.config import InferenceCfg, load_config
+from ftkit.errors import UserError
 
 
 def tiny_llama(device="cpu"):

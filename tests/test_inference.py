@@ -15,8 +15,8 @@ from helpers import REPO, run_script, tiny_overrides
 
 import inference
 from ftkit import answers, chat, generation
-from ftkit.cli import UserError
 from ftkit.config import load_config
+from ftkit.errors import UserError
 from ftkit.paths import RunDir, atomic_write_json, save_resolved_config
 from ftkit.prompts import PromptTemplate
 

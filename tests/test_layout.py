@@ -1,6 +1,6 @@
 """The house rules, checked: stages are recipes over the ftkit package and never import each other (or are
 imported by it); every ftkit module says in its docstring what it holds; runtime patches of library objects
-live in ftkit/patches.py only."""
+live in ftkit/patches.py only; no import cycle among ftkit modules and stages; no function over 80 lines."""
 
 import ast
 from pathlib import Path
@@ -36,7 +36,11 @@ def test_the_package_depends_on_no_stage_and_says_what_it_holds(path):
     assert path.name == "__init__.py" or (doc and len(doc) > 40), f"ftkit/{path.name} has no docstring"
 
 
-@pytest.mark.parametrize("path", [*PACKAGE, *(REPO / f"{s}.py" for s in STAGES)], ids=lambda p: p.name)
+@pytest.mark.parametrize(
+    "path",
+    [*PACKAGE, *(REPO / f"{s}.py" for s in STAGES), *sorted((REPO / "benchmarks").glob("*.py"))],
+    ids=lambda p: p.name,
+)
 def test_runtime_patches_live_in_one_module(path):
     if path.name == "patches.py":
         return
@@ -68,3 +72,68 @@ def test_benchmarks_and_tests_use_the_package_not_stage_internals():
                 assert node.attr in ("cli", "main", "__doc__"), (
                     f"{path.name}:{node.lineno} uses {aliases[node.value.id]}.{node.attr}; import it from ftkit"
                 )
+
+
+def _module_graph() -> dict[str, set[str]]:
+    """ftkit modules and stages -> the ftkit modules and stages each imports (at any depth, relative or not)."""
+    files = {f"ftkit.{p.stem}": p for p in PACKAGE if p.stem != "__init__"}
+    files.update({s: REPO / f"{s}.py" for s in STAGES})
+    graph = {}
+    for name, path in files.items():
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                deps.update(a.name for a in node.names)
+            elif isinstance(node, ast.ImportFrom):
+                base = ("ftkit." + (node.module or "")).rstrip(".") if node.level else node.module or ""
+                deps.add(base)
+                deps.update(f"{base}.{a.name}" for a in node.names)  # `from ftkit import plan`
+        graph[name] = deps & set(files) - {name}
+    return graph
+
+
+def test_no_import_cycle():
+    graph = _module_graph()
+    state: dict[str, str] = {}  # "open" while on the current path, "done" once every path from it is walked
+
+    def walk(node: str, path: list[str]) -> None:
+        state[node] = "open"
+        for dep in sorted(graph[node]):
+            if state.get(dep) == "open":
+                cycle = path[path.index(dep) :] + [dep]
+                raise AssertionError("import cycle: " + " -> ".join(cycle))
+            if dep not in state:
+                walk(dep, [*path, dep])
+        state[node] = "done"
+
+    for name in sorted(graph):
+        if name not in state:
+            walk(name, [name])
+
+
+def test_the_package_imports_no_stage_at_any_depth():
+    for name, deps in _module_graph().items():
+        if name.startswith("ftkit."):
+            assert not deps & set(STAGES), f"{name} imports the stage(s) {sorted(deps & set(STAGES))}"
+
+
+@pytest.mark.parametrize("path", [*PACKAGE, *(REPO / f"{s}.py" for s in STAGES)], ids=lambda p: p.name)
+def test_no_function_over_80_lines(path):
+    """A longer function is several steps that want names (finetune.main reads as its list of steps)."""
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            lines = node.end_lineno - node.lineno + 1
+            assert lines <= 80, f"{path.name}:{node.lineno} {node.name} is {lines} lines; split it into named steps"
+
+
+def test_training_asks_the_plan_what_runs():
+    """World size and FSDP come from plan.world_size/plan.fsdp (decided once, saved in plan.json); train.py reads
+    no environment variable of its own (the launcher's facts are read in ftkit/distributed.py)."""
+    tree = ast.parse((REPO / "ftkit" / "train.py").read_text(encoding="utf-8"))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute):
+            assert node.attr not in ("environ", "getenv"), f"train.py:{node.lineno} reads the environment"
+        if isinstance(node, ast.Name):
+            assert node.id != "fsdp_enabled", f"train.py:{node.lineno} asks the environment for FSDP; use plan.fsdp"
+        if isinstance(node, ast.Subscript) and isinstance(node.slice, ast.Constant):  # dist_info()["world_size"]
+            assert node.slice.value != "world_size", f"train.py:{node.lineno} reads a world size; use plan.world_size"

@@ -6,15 +6,15 @@ import pytest
 import torch
 from helpers import REPO, run_script, tiny_overrides
 
-from benchmarks.common import LLAMA3_8B
-from benchmarks.train_throughput import TARGETS
 from ftkit import patches
-from ftkit.cli import UserError
 from ftkit.config import load_config
-from ftkit.estimate import StepShape, estimate, model_numbers
+from ftkit.errors import UserError
+from ftkit.estimate import REFERENCE_MODEL, StepShape, estimate, model_numbers
 from ftkit.plan import Hardware, make_plan
 
 H200 = ("NVIDIA H200", 150e9)
+# the linear layers the benchmarks put LoRA on (benchmarks/train_throughput.py)
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def lora_llama(layers=3):
@@ -83,6 +83,10 @@ def test_tiled_mlp_and_offloading_give_the_same_loss_and_gradients(monkeypatch, 
     with torch.no_grad():
         model.eval()
         model(input_ids=ids)
+    # and both are undone in place, as a benchmark reusing the loaded model needs
+    patches.unwrap_calls(model)
+    swapped = [m for m in model.modules() if hasattr(type(m), "_ftkit_tiled") or hasattr(type(m), "_ftkit_offload")]
+    assert not swapped
 
 
 def planned(tokens: int, device="cuda", host=120e9, **over):
@@ -99,7 +103,7 @@ def planned(tokens: int, device="cuda", host=120e9, **over):
     from transformers import LlamaConfig
 
     hw = Hardware(device=device, gpu_name=H200[0], gpu_memory=H200[1], liger_installed=True, host_memory=host)
-    return cfg, make_plan(cfg, hw, [tokens], LlamaConfig(**LLAMA3_8B))
+    return cfg, make_plan(cfg, hw, [tokens], LlamaConfig(**REFERENCE_MODEL))
 
 
 def test_auto_switches_follow_the_longest_row():
@@ -120,7 +124,7 @@ def test_auto_switches_follow_the_longest_row():
     assert any(c.key == "train.activation_offloading" and c.planned == long.offload_layers for c in long.changes)
     # one layer fewer would not fit
     fewer = estimate(
-        model_numbers(__import__("transformers").LlamaConfig(**LLAMA3_8B), 16, TARGETS),
+        model_numbers(__import__("transformers").LlamaConfig(**REFERENCE_MODEL), 16, TARGETS),
         StepShape(
             500_000, 1, True, True, 500_000, tiled_mlp=True, offload_layers=long.offload_layers - 1, optim_state_bytes=2
         ),
@@ -178,7 +182,7 @@ def test_dry_run_plans_for_the_longest_row(tmp_path, embedded_model):
     from transformers import AutoTokenizer, LlamaConfig
 
     model = tmp_path / "llama3-8b-shape"
-    LlamaConfig(**LLAMA3_8B).save_pretrained(model)
+    LlamaConfig(**REFERENCE_MODEL).save_pretrained(model)
     AutoTokenizer.from_pretrained(embedded_model).save_pretrained(model)
     words = "the quick brown fox jumps over a lazy dog while seven wizards quietly judge boxing".split()
     text = " ".join(words[i % len(words)] + str(i % 97) for i in range(120_000))

@@ -11,7 +11,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from ftkit import attention  # noqa: E402
-from ftkit.estimate import lr_scale  # noqa: E402
+from ftkit.plan import lr_scale  # noqa: E402
 
 LENGTHS = (7, 12, 5, 9)
 

@@ -10,12 +10,12 @@ import pytest
 from helpers import REPO
 from transformers import LlamaConfig
 
-from benchmarks.common import LLAMA3_8B
-from ftkit.cli import UserError
 from ftkit.config import load_config
+from ftkit.errors import UserError
+from ftkit.estimate import REFERENCE_MODEL
 from ftkit.plan import Hardware, make_plan
 
-LLAMA = LlamaConfig(**LLAMA3_8B)
+LLAMA = LlamaConfig(**REFERENCE_MODEL)
 ALPACA_LENGTHS = [60 + (i * 37) % 400 for i in range(1000)]  # 60..459 tokens, mean ~260
 H200 = dict(device="cuda", gpu_name="NVIDIA H200", gpu_memory=150e9, liger_installed=True, host_memory=120e9)
 CPU = dict(device="cpu")

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from ftkit.cli import UserError
 from ftkit.config import QuantCfg
+from ftkit.errors import UserError
 from ftkit.quant import build_bnb_config, linear_module_names, validate_target_modules
 
 

@@ -13,9 +13,10 @@ from pathlib import Path
 import pytest
 from helpers import ALPACA_ROWS, REPO, run_script, tiny_overrides
 
-from ftkit.cli import UserError, redact
+from ftkit.cli import redact
 from ftkit.config import load_config
 from ftkit.data import clean_conversation, load_clean_split
+from ftkit.errors import UserError
 from ftkit.paths import atomic_write_text
 from ftkit.runlock import RunLock
 
