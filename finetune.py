@@ -67,19 +67,22 @@ def main(cfg: Config, overwrite: bool = False, resume: bool = False) -> dict:
     del skeleton
     # 2. The model: 4-bit base, LoRA, the planned switches.
     model, params = train.build_model(cfg, plan, source, offline)
-    # 3. The run directory: config.yaml (asked), plan.json (runs), manifest, template, report, held-out rows.
-    train.write_run_start(cfg, run, plan, prep, overwrite, resume)
-    # 4. Train; Ctrl+C / SIGTERM saves a checkpoint and stops.
-    stop = train.StopRequest()
-    trainer = train.make_trainer(cfg, run, plan, model, tok, prep, args, stop)
-    ckpt = train.resume_point(run) if resume else None
-    t0 = time.time()
-    with stop:
-        result = trainer.train(resume_from_checkpoint=ckpt)
-    if stop.hit:
-        return train.interrupted(run, plan, trainer, stop)
-    # 5. The adapter, the summary, and the latest-run pointer, last.
-    return train.finish(cfg, run, plan, trainer, result, params, time.time() - t0, ckpt)
+    # 3. The run directory, locked while this run writes it: config.yaml (asked), plan.json (runs), manifest,
+    #    template, report, held-out rows. Leaving the block settles it (a replaced run comes back if this one
+    #    stopped before its first checkpoint) and releases the lock.
+    with train.start_run(run, overwrite, resume) as lease:
+        train.write_run_start(cfg, run, plan, prep, resume)
+        # 4. Train; Ctrl+C / SIGTERM saves a checkpoint and stops.
+        stop = train.StopRequest()
+        trainer = train.make_trainer(cfg, run, plan, model, tok, prep, args, stop, lease)
+        ckpt = train.resume_point(run) if resume else None
+        t0 = time.time()
+        with stop:
+            result = trainer.train(resume_from_checkpoint=ckpt)
+        if stop.hit:
+            return train.interrupted(run, plan, trainer, stop)
+        # 5. The adapter, the summary, and the latest-run pointer, last.
+        return train.finish(cfg, run, plan, trainer, result, params, time.time() - t0, ckpt)
 
 
 def dry_run(cfg: Config) -> dict:

@@ -125,14 +125,6 @@ def _close_progress_bars() -> None:
     sys.stderr.flush()
 
 
-_BEFORE_ERROR: list[Callable[[], None]] = []
-
-
-def before_error_line(fn: Callable[[], None]) -> None:
-    """Run `fn` before the one-line error is printed (it may log), so that the error stays the last line."""
-    _BEFORE_ERROR.append(fn)
-
-
 def run_main(main: Callable[[Sequence[str]], int | None], argv: Sequence[str] | None = None) -> None:
     """Call a stage's CLI main; turn UserError into one line and exit code 2 unless --debug is given."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -147,8 +139,6 @@ def run_main(main: Callable[[Sequence[str]], int | None], argv: Sequence[str] | 
         if debug:
             raise
         _close_progress_bars()
-        for fn in _BEFORE_ERROR:
-            fn()
         print(f"error: {redact(str(e))}", file=sys.stderr)
         sys.exit(EXIT_USAGE)
     except KeyboardInterrupt:
@@ -159,8 +149,6 @@ def run_main(main: Callable[[Sequence[str]], int | None], argv: Sequence[str] | 
         sys.exit(128 + signal.SIGTERM)
     finally:
         signal.signal(signal.SIGTERM, before)
-        # The hooks belong to this call: a notebook or a test may run several stages in one process.
-        _BEFORE_ERROR.clear()
     sys.exit(rc or 0)
 
 

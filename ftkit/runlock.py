@@ -6,15 +6,14 @@
 - `check_replaceable`: --overwrite replaces only a folder that holds a run of this project and nothing
   else, never `.`, the working directory or one of its parents, the repository or the home folder.
 - `start_run`: creates (or, with --overwrite, replaces) the run directory under the lock. The old run is
-  moved aside and deleted only once the new run has a checkpoint; a new run that dies earlier gets the old
-  one put back, at exit or, after a SIGKILL, by `recover_leftovers` on the next run.
+  moved aside and deleted only once the new run has a checkpoint; a new run that stops earlier gets the old
+  one put back when its `with` block ends or, after a SIGKILL, by `recover_leftovers` on the next run.
 - `recover_leftovers` / `clean_tmp_leftovers`: temporary files and folders of a killed stage
   (`.merged.tmp-PID`, `.x.gguf.tmp-PID`, ...) are reported and removed on that stage's next run.
 """
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import errno
 import fcntl
@@ -25,7 +24,7 @@ import shutil
 import stat
 from pathlib import Path
 
-from .cli import before_error_line, log
+from .cli import log
 from .errors import UserError
 from .paths import RunDir
 
@@ -319,11 +318,24 @@ def _tree_bytes(p: Path) -> int:
 
 class RunStart:
     """The run directory of a training run being written: locked, and the replaced run (if any) kept aside
-    until the new one has a checkpoint."""
+    until the new one has a checkpoint. finetune.main holds it in a `with` block and hands it to the training
+    callback that reports checkpoints; leaving the block (done, stopped, or an error) settles the folder and
+    releases the lock, before the error line is printed. Processes other than the main one hold one without a
+    lock (`RunStart.other_rank()`): only the main process writes the run directory."""
 
-    def __init__(self, root: Path, lock: RunLock, aside: Path | None):
+    def __init__(self, root: Path, lock: RunLock | None, aside: Path | None):
         self.root, self.lock, self.aside = root, lock, aside
         self.created = False
+
+    @classmethod
+    def other_rank(cls) -> "RunStart":
+        return cls(Path("."), None, None)
+
+    def __enter__(self) -> "RunStart":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.finish()
 
     def checkpoint_saved(self) -> None:
         """The new run can now be resumed: the replaced run is no longer needed."""
@@ -333,9 +345,9 @@ class RunStart:
         self.aside = None
 
     def finish(self) -> None:
-        """At exit: without a checkpoint the new run is worth nothing; the old one goes back, or a folder
+        """At the end: without a checkpoint the new run is worth nothing; the old one goes back, or a folder
         this run created is removed, so a failed start leaves nothing behind."""
-        if self.lock.fd is None:
+        if self.lock is None or self.lock.fd is None:
             return
         if self.aside is None or not self.aside.exists():
             if self.created and self.root.is_dir() and not has_progress(self.root) and not _foreign(self.root):
@@ -355,17 +367,11 @@ class RunStart:
         self.lock.release()
 
 
-_ACTIVE: dict[Path, RunStart] = {}
-
-
 def start_run(root: Path, overwrite: bool, resume: bool = False, what: str = "finetune.py") -> RunStart:
-    """Create the run directory and lock it for the rest of the process; with `overwrite`, move the
-    existing run aside first (check_replaceable must have passed). The checks done before the model was
-    loaded are done again under the lock: another process may have started a run here since."""
+    """Create the run directory and lock it until the returned RunStart is finished (use it in `with`); with
+    `overwrite`, move the existing run aside first (check_replaceable must have passed). The checks done before
+    the model was loaded are done again under the lock: another process may have started a run here since."""
     root = Path(root)
-    prev = _ACTIVE.pop(root.resolve(), None)
-    if prev is not None:  # an earlier main() in this process (tests, notebooks) has returned
-        prev.finish()
     aside = None
     created = not root.exists()
     if overwrite and not resume and root.is_dir() and is_project_run(root):
@@ -403,25 +409,7 @@ def start_run(root: Path, overwrite: bool, resume: bool = False, what: str = "fi
         )
     rs = RunStart(root, lock, aside)
     rs.created = created or aside is not None
-    _ACTIVE[root.resolve()] = rs
-    atexit.register(rs.finish)
-    before_error_line(rs.finish)  # restoring the old run logs a line; the error line must come last
     return rs
-
-
-def end_run(root: Path) -> None:
-    """The run is done (finished or stopped with a checkpoint): release its lock now, not at exit, so a next
-    stage in the same process (a notebook: finetune, then merge) may take it."""
-    rs = _ACTIVE.pop(Path(root).resolve(), None)
-    if rs is not None:
-        rs.finish()
-
-
-def checkpoint_saved(root: Path) -> None:
-    """Called from the training loop after each save (ftkit.train.make_callbacks)."""
-    rs = _ACTIVE.get(Path(root).resolve())
-    if rs is not None:
-        rs.checkpoint_saved()
 
 
 def recover_leftovers(root: Path) -> list[str]:

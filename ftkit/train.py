@@ -353,13 +353,16 @@ def sft_config(cfg: Config, run: RunDir, plan: TrainPlan, n_eval: int):
     )
 
 
-def make_trainer(cfg: Config, run: RunDir, plan: TrainPlan, model, tok, prep, args, stop: "StopRequest"):
-    """TRL's SFTTrainer on the prepared rows, with the project's callbacks and patches."""
+def make_trainer(
+    cfg: Config, run: RunDir, plan: TrainPlan, model, tok, prep, args, stop: "StopRequest", lease: runlock.RunStart
+):
+    """TRL's SFTTrainer on the prepared rows, with the project's callbacks and patches; `lease` (the run folder
+    being written) hears of each checkpoint."""
     from datasets import Dataset
     from transformers import EarlyStoppingCallback
     from trl import SFTTrainer
 
-    callbacks = make_callbacks(run, plan, stop)
+    callbacks = make_callbacks(run, plan, stop, lease)
     if "tensorboard" in trackers(cfg):
         callbacks.append(tensorboard_callback(run))
     if cfg.train.early_stopping_patience:
@@ -385,14 +388,14 @@ def make_trainer(cfg: Config, run: RunDir, plan: TrainPlan, model, tok, prep, ar
     return trainer
 
 
-def make_callbacks(run: RunDir, plan: TrainPlan, stop: "StopRequest") -> list:
+def make_callbacks(run: RunDir, plan: TrainPlan, stop: "StopRequest", lease: runlock.RunStart) -> list:
     # Interrupt before NonFinite: a Ctrl+C that asks for a save must see its weights checked first.
     return [
         train_log_callback(run),
         interrupt_callback(plan.world_size, stop),
         nonfinite_callback(run),
         no_pickled_args_callback(),
-        first_checkpoint_callback(run),
+        first_checkpoint_callback(lease),
     ]
 
 
@@ -513,7 +516,7 @@ def no_pickled_args_callback():
     return NoPickledArgs()
 
 
-def first_checkpoint_callback(run: RunDir):
+def first_checkpoint_callback(lease: runlock.RunStart):
     from transformers import TrainerCallback
 
     class FirstCheckpoint(TrainerCallback):
@@ -521,18 +524,24 @@ def first_checkpoint_callback(run: RunDir):
 
         def on_save(self, args, state, control, **kw):
             if state.is_world_process_zero:
-                runlock.checkpoint_saved(run.root)
+                lease.checkpoint_saved()
 
     return FirstCheckpoint()
 
 
 # -- start, resume, stop -------------------------------------------------------------------------------------------
-def write_run_start(cfg: Config, run: RunDir, plan: TrainPlan, prep, overwrite: bool, resume: bool) -> None:
-    """The run directory, locked for the rest of the process: config.yaml (what was asked), plan.json (what
-    runs), manifest, prompt template, dataset report and held-out rows. With --overwrite the replaced run stays
-    aside until the new run's first checkpoint."""
+def start_run(run: RunDir, overwrite: bool, resume: bool) -> runlock.RunStart:
+    """The run directory, created and locked by the main process until the returned RunStart's `with` block
+    ends. With --overwrite the replaced run stays aside until the new run's first checkpoint."""
+    lease = runlock.start_run(run.root, overwrite=overwrite, resume=resume) if is_main() else None
+    barrier()  # the other processes start once the folder exists
+    return lease or runlock.RunStart.other_rank()
+
+
+def write_run_start(cfg: Config, run: RunDir, plan: TrainPlan, prep, resume: bool) -> None:
+    """What the run starts from: config.yaml (what was asked), plan.json (what runs), manifest, prompt
+    template, dataset report and held-out rows."""
     if is_main():
-        runlock.start_run(run.root, overwrite=overwrite, resume=resume)
         save_resolved_config(cfg, run.config)
         atomic_write_json(run.plan, plan.to_json())
         write_manifest(
@@ -638,7 +647,6 @@ def interrupted(run: RunDir, plan: TrainPlan, trainer, stop: StopRequest) -> dic
             file=sys.stderr,
         )
     barrier()
-    runlock.end_run(run.root)
     return {"interrupted": True, "step": step, "exit_code": 128 + int(stop.hit)}
 
 
@@ -684,7 +692,6 @@ def finish(
         write_latest(cfg, run)
         log.info("adapter written to %s; summary: %s", run.adapter, json.dumps(summary))
     barrier()
-    runlock.end_run(run.root)
     return summary
 
 

@@ -178,7 +178,7 @@ def run_in_process(script: str, args: list[str], cwd: Path, env: dict) -> subpro
     """Execute `script` as __main__ with `args`, as its own process would, and give back what that process
     would have: the exit code, stdout, stderr. What a process start or exit would reset is saved and put back:
     the environment, the working folder, argv, the standard streams, the root logger, the signal handlers,
-    warning filters, and the exit hooks the project registers (run locks), which run at the end as at exit."""
+    warning filters, and any exit hook the project registers, which runs at the end as at exit."""
     import atexit
     import io
     import logging
