@@ -83,6 +83,7 @@ def main(cfg: Config, overwrite: bool = False, resume: bool = False) -> dict:
 def dry_run(cfg: Config) -> dict:
     """The training plan with the predicted peak GPU memory and tokens/s of one step on the detected GPU (the
     calibrated reference GPU when none is visible; ftkit/estimate.py). Loads no weights, writes nothing."""
+    train.check_options(cfg)
     device = pick_device(cfg.train.device)
     source, offline = resolve_model(cfg.model)
     mconf = causal_lm_config(cfg, source, offline)

@@ -20,6 +20,13 @@ from .cli import UserError
 from .jsonl import read_text
 
 # -- the config --------------------------------------------------------------------------------------
+# Upper bounds on counts and sizes, checked here and nowhere else. Past them a value is a typo (a batch of 1e18, a
+# source weight of 1e9): unchecked, it becomes a MemoryError in the data mix, a 10^14 GB "prediction" in the dry
+# run, or a hang deep in a library, instead of one line naming the key.
+MAX_ROWS_A_BATCH = 1 << 16  # rows a micro-batch, and micro-batches a step
+MAX_TOKENS = 1 << 22  # tokens in a row or a pack: 4M, beyond any base model's context window
+MAX_STEPS = 10**9
+MAX_SOURCE_WEIGHT = 100  # each row of a source repeated at most 100 times in the mix
 DTYPES = Literal["bfloat16", "float16", "float32"]
 
 
@@ -166,7 +173,7 @@ class DataSource(Section):
     # The first max_rows rows, then `weight` times them in the training rows (0.5: a seeded half; 2: each
     # row twice). Held-out rows are taken before the weighting, so a repeated row is never also held out.
     max_rows: int | None = Field(None, ge=1)
-    weight: float = Field(1.0, gt=0)
+    weight: float = Field(1.0, gt=0, le=MAX_SOURCE_WEIGHT)
 
     @model_validator(mode="before")
     @classmethod
@@ -202,7 +209,7 @@ class DataCfg(Section):
     # for bases that have none; or a path to a Jinja chat template file.
     prompt_template: str = "alpaca"
     system_prompt: str | None = None
-    max_length: int = Field(512, ge=16)
+    max_length: int = Field(512, ge=16, le=MAX_TOKENS)
     # Rows held out for evaluation: a fraction (<1) or a row count (>=1).
     eval_size: float = Field(0.05, ge=0)
     max_samples: int | None = Field(None, ge=1)
@@ -245,6 +252,8 @@ class DataCfg(Section):
                 e = err.errors()[0]
                 key = ".".join(str(x) for x in e["loc"])
                 msg = e["msg"].removeprefix("Value error, ")
+                if e["type"] != "value_error":
+                    msg += f" (got {short_repr(e.get('input'))})"
                 raise ValueError(f"data.path entry {k}{f' ({key})' if key else ''}: {msg}") from None
         return out
 
@@ -270,11 +279,11 @@ def explicitly_on(switch) -> bool:
 
 class TrainCfg(Section):
     learning_rate: float = Field(2e-4, gt=0)
-    max_steps: int = Field(-1, ge=-1)
-    num_train_epochs: float = Field(1.0, gt=0)
-    per_device_train_batch_size: int = Field(4, ge=1)
-    per_device_eval_batch_size: int = Field(8, ge=1)
-    gradient_accumulation_steps: int = Field(4, ge=1)
+    max_steps: int = Field(-1, ge=-1, le=MAX_STEPS)
+    num_train_epochs: float = Field(1.0, gt=0, le=MAX_STEPS)
+    per_device_train_batch_size: int = Field(4, ge=1, le=MAX_ROWS_A_BATCH)
+    per_device_eval_batch_size: int = Field(8, ge=1, le=MAX_ROWS_A_BATCH)
+    gradient_accumulation_steps: int = Field(4, ge=1, le=MAX_ROWS_A_BATCH)
     warmup_steps: float = Field(0.03, ge=0)
     lr_scheduler_type: str = "cosine"
     weight_decay: float = Field(0.0, ge=0)
@@ -302,7 +311,7 @@ class TrainCfg(Section):
     # `lr_scaling` from those rows to the packed rows a step (benchmarks/README.md, "Time to quality", says
     # what it costs in quality). Off: the optimizer sees exactly the YAML's rows a step. Implies padding_free.
     packing: bool = False
-    pack_tokens: int = Field(16384, ge=64)
+    pack_tokens: int = Field(16384, ge=64, le=MAX_TOKENS)
     lr_scaling: Literal["sqrt", "linear", "none"] = "linear"
     # With a GPU, run the YAML's rows a step as fewer, larger micro-batches (less accumulation) when the
     # estimate says they fit and are faster; the rows a step and the learning rate do not change.
@@ -403,13 +412,13 @@ class MergeCfg(Section):
 
 
 class InferenceCfg(Section):
-    max_new_tokens: int = Field(256, ge=1)
+    max_new_tokens: int = Field(256, ge=1, le=MAX_TOKENS)
     do_sample: bool = False
     temperature: float = Field(0.7, gt=0)
     top_p: float = Field(0.9, gt=0, le=1)
     top_k: int = Field(50, ge=0)
     repetition_penalty: float = Field(1.0, gt=0)
-    batch_size: int = Field(16, ge=1)
+    batch_size: int = Field(16, ge=1, le=MAX_ROWS_A_BATCH)
     # "auto": the merged model when the run has one, else base + adapter.
     use: Literal["auto", "merged", "adapter", "base"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -443,6 +452,14 @@ class PathsCfg(Section):
     def _usable_path(cls, v: str, info):
         if not v.strip():
             raise ValueError(f"paths.{info.field_name} is empty; name a folder, e.g. runs/my-run")
+        # A newline or another control character is a paste or quoting slip, never meant: the folder would be
+        # named unlike anything the user can type, and a line-based reader (the latest pointer) splits it.
+        bad = next((c for c in v if ord(c) < 32 or ord(c) == 127), None)
+        if bad is not None:
+            raise ValueError(
+                f"paths.{info.field_name}={v!r} holds the control character {bad!r}; remove it (a newline or tab "
+                "in a path is a quoting slip)"
+            )
         # A shell expands ~ only at the start of a word it sees; from YAML or key=~/x it arrives literal.
         v = os.path.expanduser(v)
         limit = 255
@@ -670,6 +687,10 @@ def parse_override(item: str) -> tuple[str, Any]:
     except UserError as e:
         raise UserError(f"override {key}: {e}") from None
     except yaml.YAMLError:
+        parsed = value
+    if isinstance(parsed, str) and any(ord(c) < 32 for c in value):
+        # YAML folds a newline in a plain scalar into a space: `paths.output_dir=$'a\nb'` would name the folder
+        # "a b". A text value is kept as typed, so that what is checked and saved is what was asked.
         parsed = value
     if isinstance(parsed, dict) and any(":" in str(k) and v is None for k, v in parsed.items()):
         # YAML reads {a:b} as the key "a:b" with no value: a mapping needs a space after each colon.

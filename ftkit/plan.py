@@ -188,6 +188,28 @@ def _divisors(n: int) -> list[int]:
     return sorted(set(small + [n // d for d in small]))
 
 
+def check_packs(t, lengths: Sequence[int], packs_a_step: int) -> None:
+    """The throughput mode's packs against the data: enough tokens for one step, and no row longer than a pack
+    (TRL cuts such a row at the pack's end, so its answer's end and EOS would never be trained, silently)."""
+    if not lengths:
+        return
+    total = sum(lengths)
+    if total < t.pack_tokens * packs_a_step:
+        raise UserError(
+            f"train.packing=true (the throughput mode) fills each step with {packs_a_step} pack(s) of "
+            f"{t.pack_tokens} tokens, but the training data holds only {total} tokens; lower "
+            f"train.pack_tokens (e.g. {max(64, total // packs_a_step // 2)}) or set train.packing=false"
+        )
+    longer = sum(n > t.pack_tokens for n in lengths)
+    if longer:
+        raise UserError(
+            f"train.pack_tokens={t.pack_tokens} is shorter than {longer} of {len(lengths)} training rows (the "
+            f"longest {max(lengths)} tokens): a pack would cut them, and their ends and EOS would never be "
+            f"trained; raise train.pack_tokens to at least {max(lengths)}, or lower data.max_length to "
+            f"{t.pack_tokens} (rows are then dropped or truncated by data.too_long, and counted)"
+        )
+
+
 def make_plan(cfg: Config, hw: Hardware, lengths: Sequence[int], mconf, *, strict: bool = True) -> TrainPlan:
     """Decide the plan. `lengths`: the token lengths of the training rows (this process's view of the whole
     set); `mconf`: the model's config (no weights needed). Raises UserError, before any model loads, for a
@@ -295,13 +317,7 @@ def make_plan(cfg: Config, hw: Hardware, lengths: Sequence[int], mconf, *, stric
     if packing:
         rows_micro, accum = t.pack_tokens / mean_len, A
         typical = worst = float(t.pack_tokens)
-        total = sum(lengths)
-        if lengths and total < t.pack_tokens * A * W:
-            raise UserError(
-                f"train.packing=true (the throughput mode) fills each step with {A * W} pack(s) of "
-                f"{t.pack_tokens} tokens, but the training data holds only {total} tokens; lower "
-                f"train.pack_tokens (e.g. {max(64, total // (A * W) // 2)}) or set train.packing=false"
-            )
+        check_packs(t, lengths, A * W)
         gc = next((g for g in gc_options if not cuda or fits(shape(worst, accum, g))), gc_options[-1])
         step_rows = rows_micro * A * W
         lr = t.learning_rate * lr_scale(step_rows, asked_rows, t.lr_scaling)

@@ -69,6 +69,16 @@ def open_run(cfg: Config, overwrite: bool, resume: bool) -> tuple[RunDir, bool]:
     if resume and not run.config.is_file():
         raise UserError(f"--resume: '{run.root}' holds no run to resume; drop --resume to start one")
     runlock.check_run_target(run.root, overwrite, resume)
+    check_options(cfg)
+    if resume:
+        done = complete_checkpoints(run.checkpoints)
+        check_resume(cfg, run, trained_step(done[-1]) if done else None)
+    return run, resume
+
+
+def check_options(cfg: Config) -> None:
+    """What the config asks of the installed libraries and the launch, before any data or weights load; the dry
+    run checks the same, so that it accepts nothing the real run refuses."""
     check_latest_pointer(cfg.paths.latest)
     check_library_options(cfg)
     if fsdp_enabled() and mutates_base(cfg.lora.init_lora_weights):
@@ -77,10 +87,6 @@ def open_run(cfg: Config, overwrite: bool, resume: bool) -> tuple[RunDir, bool]:
             "converted against its initial weights when saved, which the sharded save here does not do; use true "
             "or gaussian, or train on one process"
         )
-    if resume:
-        done = complete_checkpoints(run.checkpoints)
-        check_resume(cfg, run, trained_step(done[-1]) if done else None)
-    return run, resume
 
 
 def inspect_model(cfg: Config, source: str, offline: bool):
@@ -633,7 +639,7 @@ def finish(
         "first_train_loss": next((h["loss"] for h in state.log_history if "loss" in h), None),
         "final_train_loss": train_loss,
         "final_eval_loss": eval_loss,
-        "train_loss_mean": result.training_loss,
+        "train_loss_mean": mean_train_loss(state.log_history) if resumed_from else result.training_loss,
         "best_checkpoint": state.best_model_checkpoint,
         "best_metric": state.best_metric,
         "trainable_params": params.trainable,
@@ -723,6 +729,19 @@ def peak_memory_gb(device: str) -> float:
 
         return round(torch.cuda.max_memory_allocated() / 1e9, 3)  # GB (1e9), as plan.json's predictions
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9, 3)  # Linux reports KiB
+
+
+def mean_train_loss(history: list[dict]) -> float | None:
+    """The mean training loss a step over the logged steps of a resumed run. Not the Trainer's `training_loss`:
+    after a resume that sums the losses of this process's steps only and divides by every step of the run. Each
+    logged loss is the mean over the steps since the previous log, so it is weighted by how many it covers."""
+    total = steps = last = 0
+    for h in history:
+        if "loss" in h:
+            total += h["loss"] * (h["step"] - last)
+            steps += h["step"] - last
+            last = h["step"]
+    return total / steps if steps else None
 
 
 def final_losses(history: list[dict]) -> tuple[float | None, float | None]:

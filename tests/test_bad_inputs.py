@@ -1126,6 +1126,49 @@ CASES = [
         "duplicate key",
         {"c.yaml": "quant:\n  load_in_4bit: true\n  load_in_4bit: false\n"},
     ),
+    # -- issue 24: trust round 4 ---------------------------------------------------------------------
+    Case(
+        "packing-rows-longer-than-a-pack",
+        "finetune.py",
+        ft("train.packing=true", "train.pack_tokens=64", "data.max_length=256"),
+        "shorter than",
+        {"data.json": json.dumps([dict(r, output=(r["output"] + " ") * 6) for r in ROWS])},
+    ),
+    *(
+        Case(f"dry-run-{key.split('.')[1]}", "finetune.py", ft(f"{key}={value}", "--dry-run"), key, GOOD)
+        for key, value in [
+            ("train.optim", "adamw_torhc"),
+            ("train.lr_scheduler_type", "cosin"),
+            ("train.report_to", "wandb"),
+            ("model.attn_implementation", "sdpaa"),
+            ("train.per_device_train_batch_size", 10**18),
+            ("train.gradient_accumulation_steps", 10**18),
+            ("data.max_length", 10**12),
+        ]
+    ),
+    Case("source-weight-huge", "finetune.py", ft("data.path=[{{path: {tmp}/data.json, weight: 1e9}}]"), "weight", GOOD),
+    Case("output-dir-newline", "finetune.py", ft("paths.output_dir={tmp}/a\nb"), "control character", GOOD),
+    Case(
+        "output-dir-tab-dry-run",
+        "finetune.py",
+        ft("paths.output_dir={tmp}/a\tb", "--dry-run"),
+        "paths.output_dir",
+        GOOD,
+    ),
+    Case(
+        "conversations-without-turns",
+        "dataset.py",
+        ft(data="{tmp}/c.jsonl"),
+        "no usable rows left (10 empty outputs or conversations",
+        {"c.jsonl": (json.dumps({"messages": []}) + "\n") * 10},
+    ),
+    Case(
+        "conversations-user-only",
+        "finetune.py",
+        ft(data="{tmp}/c.jsonl"),
+        "has an assistant turn to train",
+        {"c.jsonl": "".join(json.dumps({"messages": [{"role": "user", "content": f"q{i}"}]}) + "\n" for i in range(9))},
+    ),
 ]
 
 

@@ -116,6 +116,11 @@ def test_a_copied_run_resumes_itself_and_the_original_is_untouched(tmp_path, tra
     assert max(s for s in steps if s is not None) == 4
     assert (copy / "checkpoints" / "checkpoint-4").is_dir()
     assert load_config(copy / "config.yaml").paths.output_dir == str(copy)
+    # The summary's mean loss is over every step of the run (one logged a step here), not diluted by the resume.
+    losses = [json.loads(x)["loss"] for x in (copy / "train_log.jsonl").read_text().splitlines() if '"loss"' in x]
+    assert len(losses) == 4
+    mean = json.loads((copy / "run_summary.json").read_text())["train_loss_mean"]
+    assert mean == pytest.approx(sum(losses) / 4, rel=1e-6)
 
 
 def test_the_users_dataset_report_in_a_new_folder_is_left_alone(tmp_path, tiny_llama, data_file, trained):
@@ -270,3 +275,26 @@ def test_a_lock_released_in_order_is_not_reported_as_taken_over(tmp_path, caplog
         pass
     assert f"from pid {os.getppid()}, which stopped without releasing it" in caplog.text
     assert "no longer running" not in caplog.text
+
+
+# -- round 4: silently wrong ---------------------------------------------------------------------------------------
+def test_conversations_without_an_assistant_turn_are_not_held_out(tmp_path, tiny_llama):
+    from transformers import AutoTokenizer
+
+    from ftkit.data import prepare
+    from ftkit.scoring import held_out_row
+
+    rows = [
+        {"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]}
+        for i in range(8)
+    ]
+    rows += [{"messages": [{"role": "user", "content": f"only a question {i}"}]} for i in range(8)]
+    data = tmp_path / "c.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = load_config(DEMO, [f"model.name_or_path={tiny_llama}", f"data.path={data}", "data.eval_size=8"])
+    loaded = load_clean_split(cfg.data)
+    assert any(len(r["messages"]) == 1 for r in loaded[1])  # the split did hold some out
+    prep = prepare(cfg, AutoTokenizer.from_pretrained(tiny_llama), loaded)
+    assert prep.eval_records and all(len(r["messages"]) == 2 for r in prep.eval_records)
+    for k, r in enumerate(prep.eval_records, 1):
+        held_out_row(r, f"line {k}")  # what evaluate.py reads back from eval_rows.jsonl
