@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import difflib
+import errno
 import logging
 import os
 import re
@@ -36,6 +37,28 @@ def user_errors(what: str, fix: str, types: tuple[type[BaseException], ...] = (O
         yield
     except types as e:
         raise UserError(f"{what}: {str(e).splitlines()[0][:200] if str(e) else type(e).__name__}; {fix}") from None
+
+
+# OSErrors that are the machine's state, never a bug of ours (a full or read-only disk, a file the user made
+# unwritable, a path longer than the file system allows), with the fix each needs.
+_MACHINE_ERRNOS = {
+    errno.ENOSPC: "free space on that disk, or write to another one",
+    errno.EDQUOT: "free space within your disk quota, or write to another disk",
+    errno.EFBIG: "write to a file system that allows larger files",
+    errno.EROFS: "the file system is read-only: write to another folder",
+    errno.EACCES: "make it writable (chmod), or write to another folder",
+    errno.EPERM: "make it writable (chmod, or chattr -i for an immutable file), or write to another folder",
+    errno.ENAMETOOLONG: "choose a shorter path",
+}
+
+
+def machine_error(e: OSError) -> UserError | None:
+    """The one-line error for an OSError of the machine's state (see _MACHINE_ERRNOS); None for any other."""
+    fix = _MACHINE_ERRNOS.get(e.errno)
+    if fix is None:
+        return None
+    where = f" at '{e.filename}'" if e.filename else " while writing"
+    return UserError(f"{e.strerror or os.strerror(e.errno)}{where}; {fix}")
 
 
 def setup_logging(debug: bool = False, quiet: bool = False) -> None:
@@ -156,13 +179,14 @@ def run_main(main: Callable[[Sequence[str]], int | None], argv: Sequence[str] | 
     before = signal.signal(signal.SIGTERM, _terminated)
     try:
         rc = main(argv)
-    except UserError as e:
-        if debug:
+    except (UserError, OSError) as e:
+        err = e if isinstance(e, UserError) else machine_error(e)
+        if debug or err is None:
             raise
         _close_progress_bars()
         for fn in _BEFORE_ERROR:
             fn()
-        print(f"error: {redact(str(e))}", file=sys.stderr)
+        print(f"error: {redact(str(err))}", file=sys.stderr)
         sys.exit(EXIT_USAGE)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

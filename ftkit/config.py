@@ -27,6 +27,7 @@ MAX_ROWS_A_BATCH = 1 << 16  # rows a micro-batch, and micro-batches a step
 MAX_TOKENS = 1 << 22  # tokens in a row or a pack: 4M, beyond any base model's context window
 MAX_STEPS = 10**9
 MAX_SOURCE_WEIGHT = 100  # each row of a source repeated at most 100 times in the mix
+MAX_PATH_BYTES = 4096 - 256  # a run folder's path: its deepest file adds at most 256 bytes
 DTYPES = Literal["bfloat16", "float16", "float32"]
 
 
@@ -159,6 +160,14 @@ def _check_columns(v: dict[str, str] | None) -> dict[str, str] | None:
             )
         if not col.strip():
             raise ValueError(f"data.columns.{key} is empty; give the field name your file uses")
+    by_col: dict[str, str] = {}
+    for key, col in (v or {}).items():
+        if col in by_col:
+            raise ValueError(
+                f"data.columns maps both {by_col[col]} and {key} to the column '{col}'; a column feeds one field: "
+                "map each field to its own column"
+            )
+        by_col[col] = key
     return v
 
 
@@ -462,13 +471,21 @@ class PathsCfg(Section):
             )
         # A shell expands ~ only at the start of a word it sees; from YAML or key=~/x it arrives literal.
         v = os.path.expanduser(v)
-        limit = 255
-        for part in Path(v).parts:
+        # File systems allow 255 bytes a name and 4096 a path. The run folder's own name gets a suffix when a
+        # replaced run is kept aside (".NAME.old-PID"), and the files inside it add their own path.
+        parts = Path(v).parts
+        for k, part in enumerate(parts, 1):
+            limit = 255 - (len(".old-") + 12 if k == len(parts) else 0)
             if len(part.encode()) > limit:
                 raise ValueError(
                     f"paths.{info.field_name} has a folder name of {len(part.encode())} bytes "
-                    f"('{part[:40]}...'); file systems allow {limit}; choose a shorter name"
+                    f"('{part[:40]}...'); at most {limit} fit; choose a shorter name"
                 )
+        if len(os.path.abspath(v).encode()) > MAX_PATH_BYTES:
+            raise ValueError(
+                f"paths.{info.field_name} is {len(os.path.abspath(v).encode())} bytes long as a full path; at most "
+                f"{MAX_PATH_BYTES} leave room for the run's files within the file system's 4096; choose a shorter path"
+            )
         return v
 
 

@@ -1156,6 +1156,21 @@ CASES = [
         GOOD,
     ),
     Case(
+        "columns-two-fields-one-column",
+        "dataset.py",
+        ft("data.columns={{instruction: output, output: output}}"),
+        "maps both instruction and output to the column 'output'",
+        GOOD,
+    ),
+    Case("output-dir-name-leaves-no-room", "finetune.py", ft("paths.output_dir={tmp}/" + "x" * 245), "at most", GOOD),
+    Case(
+        "output-dir-path-too-long",
+        "dataset.py",
+        ft("paths.output_dir={tmp}/" + "/".join(["y" * 200] * 20)),
+        "as a full path",
+        GOOD,
+    ),
+    Case(
         "conversations-without-turns",
         "dataset.py",
         ft(data="{tmp}/c.jsonl"),

@@ -298,3 +298,56 @@ def test_conversations_without_an_assistant_turn_are_not_held_out(tmp_path, tiny
     assert prep.eval_records and all(len(r["messages"]) == 2 for r in prep.eval_records)
     for k, r in enumerate(prep.eval_records, 1):
         held_out_row(r, f"line {k}")  # what evaluate.py reads back from eval_rows.jsonl
+
+
+# -- round 4: tracebacks become one line -----------------------------------------------------------------------------
+def test_an_unwritable_lock_is_refused_before_any_work(tmp_path, tiny_llama, data_file, monkeypatch):
+    """An immutable (chattr +i) or read-only .lock: refused by the first check, not after the model loaded."""
+    real_open = os.open
+
+    def refusing_open(path, flags, *a, **kw):
+        if Path(path).name == ".lock" and flags & (os.O_RDWR | os.O_WRONLY):
+            raise PermissionError(1, "Operation not permitted", str(path))
+        return real_open(path, flags, *a, **kw)
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / ".lock").write_text("")
+    monkeypatch.setattr(os, "open", refusing_open)
+    over = tiny_overrides(tiny_llama, data_file, out)
+    for script in ("dataset.py", "finetune.py"):
+        one_error_line(run_script(script, "--config", DEMO, *over), "cannot open the run's lock", "chattr -i")
+    assert [p.name for p in out.iterdir()] == [".lock"]
+
+
+@pytest.mark.parametrize(
+    "code, words",
+    [(28, "No space left on device"), (30, "Read-only file system"), (13, "Permission denied"), (36, "too long")],
+)
+def test_a_full_or_read_only_disk_in_dataset_is_one_line_and_leaves_no_folder(
+    tmp_path, tiny_llama, data_file, monkeypatch, code, words
+):
+    import ftkit.paths
+
+    def failing_write(path, *a, **kw):
+        raise OSError(code, os.strerror(code), str(path))
+
+    monkeypatch.setattr(ftkit.paths, "atomic_write_json", failing_write)
+    out = tmp_path / "new"
+    r = run_script("dataset.py", "--config", DEMO, *tiny_overrides(tiny_llama, data_file, out))
+    one_error_line(r, words, str(out / "dataset_report.json"))
+    assert not out.exists()
+
+
+def test_a_full_disk_when_the_adapter_is_saved_is_one_line_and_the_run_resumes(tmp_path, trained, monkeypatch):
+    from transformers import PreTrainedTokenizerBase
+
+    def full(self, *a, **kw):
+        raise OSError(28, "No space left on device", str(a[0]) if a else None)
+
+    run = tmp_path / "run"
+    shutil.copytree(trained, run, symlinks=True)
+    monkeypatch.setattr(PreTrainedTokenizerBase, "save_pretrained", full)
+    r = run_script("finetune.py", "--config", str(run / "config.yaml"), "--resume", "train.max_steps=3")
+    one_error_line(r, "No space left on device", "free space")
+    assert (run / "checkpoints" / "checkpoint-2").is_dir() and (run / "adapter").is_dir()
