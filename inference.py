@@ -47,7 +47,7 @@ from ftkit.cli import UserError, build_parser, parse_args, run_main
 from ftkit.config import Config
 from ftkit.generation import generate, load_for_inference, stream_one
 from ftkit.gguf import gguf_type
-from ftkit.jsonl import read_jsonl
+from ftkit.jsonl import check_text, read_jsonl
 from ftkit.llamacpp import sampling_defaults, serve
 from ftkit.paths import RunDir, stage_config
 from ftkit.scoring import held_out_row, prompt_of
@@ -219,6 +219,8 @@ def cli(argv) -> None:
         raise UserError("--output-file needs --input-file (the prompts to answer)")
     if a.prompt is not None and not a.prompt.strip():
         raise UserError("the prompt is empty; pass some text with --prompt")
+    for flag, text in (("--prompt", a.prompt), ("--input", a.input)):
+        check_text(text, flag, "pass UTF-8 text (check the terminal's or the script's encoding)")
     if a.input_file is not None:
         read_prompt_file(a.input_file)  # a bad line fails before any run or model is looked at
     if a.serve is not None:

@@ -22,6 +22,7 @@ from .generation import (
     load_for_inference,
     static_cache_len,
 )
+from .jsonl import check_text
 from .paths import RunDir, atomic_write_text
 from .prompts import PromptTemplate
 
@@ -216,6 +217,7 @@ def chat(
             session.print("\n(Ctrl+C stops an answer; /quit or Ctrl+D leaves)")
             continue
         try:
+            check_text(line, "that line", "type it again")
             if not session.handle(line):
                 break
         except UserError as e:

@@ -8,7 +8,7 @@ import struct
 import zipfile
 from pathlib import Path
 
-from .cli import log
+from .cli import UserError, log
 
 CHECKPOINT_FILES = ("adapter_model.safetensors", "trainer_state.json", "optimizer.pt", "scheduler.pt")
 
@@ -82,6 +82,27 @@ def checkpoint_missing(c: Path) -> list[str]:
             if why:
                 missing.append(f"{f} ({why})")
     return missing
+
+
+def check_loads_as_tensors(c: Path) -> None:
+    """The checkpoint's pickled files (optimizer, scheduler, RNG states) hold only what the Trainer's
+    weights-only load accepts. Another file fails that load deep in the resume, with torch's advice to load it
+    unsafely, which would run whatever code it carries: it is refused here, unloaded, before the model loads."""
+    import torch
+    from transformers.trainer_pt_utils import safe_globals
+
+    for f in sorted(p for p in c.iterdir() if p.suffix in (".pt", ".pth") and p.is_file()):
+        with safe_globals():  # the numpy types the Trainer allows for the RNG states
+            try:
+                unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(str(f))
+            except (ValueError, RuntimeError, OSError) as e:
+                unsafe = [f"(unreadable: {str(e)[:60]})"]
+        if unsafe:
+            raise UserError(
+                f"--resume: '{f}' is not a file this project wrote: it holds {', '.join(unsafe[:3])}, which only an "
+                f"unsafe load (one that can run code) would read; it was not loaded. Move '{c}' out of the run to "
+                "resume from an older checkpoint, or start a new run in another paths.output_dir"
+            )
 
 
 def checkpoint_step(c: Path) -> int:

@@ -17,7 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .cli import UserError
-from .jsonl import read_text
+from .jsonl import check_text, read_text
 
 # -- the config --------------------------------------------------------------------------------------
 # Upper bounds on counts and sizes, checked here and nowhere else. Past them a value is a typo (a batch of 1e18, a
@@ -746,6 +746,9 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Confi
             raw[sec] = {}
         raw[sec][leaf] = value
     raw = {k: (v if v is not None else {}) for k, v in raw.items()}
+    for sec, values in raw.items():
+        for leaf, value in values.items() if isinstance(values, dict) else ():
+            check_text(value, f"{where}: {sec}.{leaf}", "write it as UTF-8 text")
     try:
         return Config.model_validate(raw)
     except ValidationError as err:

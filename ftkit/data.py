@@ -15,7 +15,7 @@ from typing import Any
 
 from .cli import UserError, log, user_errors
 from .config import Config, DataCfg
-from .jsonl import fail_if_bad, parse_jsonl, read_text
+from .jsonl import check_text, fail_if_bad, parse_jsonl, read_text
 from .models import hub_mode
 from .paths import combined_hash, file_sha256
 from .prompts import IGNORE_INDEX, PromptTemplate, encode_conversations
@@ -44,6 +44,9 @@ def _read_json(p: Path, text: str) -> list:
         data = lists[0]
     if not isinstance(data, list):
         raise UserError(f"{p}: expected a JSON list of records, got {type(data).__name__}")
+    if "\\u" in text:  # only an escape can make a surrogate in JSON read as UTF-8
+        for i, r in enumerate(data, 1):
+            check_text(r, f"{p}: row {i}", "fix the text or delete the row")
     return data
 
 

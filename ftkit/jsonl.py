@@ -26,6 +26,24 @@ def read_text(path: Path, what: str, fix: str) -> str:
         raise UserError(f"{what} '{path}' cannot be read ({e.strerror}); fix its permissions") from None
 
 
+def not_text(value) -> str | None:
+    """Where `value` (a string, or the strings in a parsed JSON value) holds a lone surrogate, which no file or
+    tokenizer can encode: valid JSON ("\\ud800", half of an emoji cut in two) and what Python makes of bytes
+    that are not UTF-8 on a command line. None when all of it is text."""
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as e:
+        return f"{e.object[e.start]!r} (a lone surrogate: invalid UTF-8, or half of a character such as an emoji)"
+    return None
+
+
+def check_text(value, where: str, fix: str) -> None:
+    """Refuse text no tokenizer can encode (see not_text) with one line naming `where` and `fix`."""
+    bad = not_text(value)
+    if bad:
+        raise UserError(f"{where} holds {bad}, which is not text; {fix}")
+
+
 def parse_jsonl(path: Path, text: str) -> tuple[list[tuple[int, object]], list[str]]:
     """(line number, value) for each non-blank line, and one problem per malformed line. Callers add their
     own per-row problems to the same list and end with `fail_if_bad`, so every reader reports every bad line
@@ -38,6 +56,10 @@ def parse_jsonl(path: Path, text: str) -> tuple[list[tuple[int, object]], list[s
             rows.append((n, json.loads(line)))
         except json.JSONDecodeError as e:
             bad.append(f"line {n} is not valid JSON ({e.msg})")
+            continue
+        if "\\u" in line and (why := not_text(rows[-1][1])):  # only an escape can make a surrogate here
+            rows.pop()
+            bad.append(f"line {n} holds {why}")
     return rows, bad
 
 

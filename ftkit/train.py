@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import patches, runlock
-from .checkpoints import complete_checkpoints, trained_step
+from .checkpoints import check_loads_as_tensors, complete_checkpoints, trained_step
 from .cli import UserError, log
 from .config import Config, check_library_options, mutates_base
 from .distributed import barrier, dist_info, fsdp_enabled, is_main
@@ -73,6 +73,8 @@ def open_run(cfg: Config, overwrite: bool, resume: bool) -> tuple[RunDir, bool]:
     if resume:
         done = complete_checkpoints(run.checkpoints)
         check_resume(cfg, run, trained_step(done[-1]) if done else None)
+        if done:
+            check_loads_as_tensors(done[-1])
     return run, resume
 
 

@@ -1171,6 +1171,37 @@ CASES = [
         GOOD,
     ),
     Case(
+        "prompt-not-utf8", "inference.py", ["--config", "{run}/config.yaml", "--prompt", "caf\udcff"], "--prompt holds"
+    ),
+    Case(
+        "input-not-utf8",
+        "inference.py",
+        ["--config", "{run}/config.yaml", "--prompt", "x", "--input", "\udcff"],
+        "--input",
+    ),
+    Case(
+        "prompt-file-lone-surrogate",
+        "inference.py",
+        ["--config", "{run}/config.yaml", "--input-file", "{tmp}/p.jsonl"],
+        "line 2 holds '\\ud83d'",
+        {"p.jsonl": '{"instruction": "hi"}\n{"instruction": "cut \\ud83d"}\n'},
+    ),
+    Case(
+        "data-lone-surrogate-jsonl",
+        "dataset.py",
+        ft(data="{tmp}/d.jsonl"),
+        "line 33 holds",
+        {"d.jsonl": GOOD_JSONL + '{"instruction": "x", "output": "cut \\udc00 here"}\n'},
+    ),
+    Case(
+        "data-lone-surrogate-json",
+        "finetune.py",
+        ft(),
+        "row 3 holds '\\ud800'",
+        {"data.json": json.dumps([*ROWS[:2], dict(ROWS[2], output="\ud800"), *ROWS[3:]])},
+    ),
+    Case("config-not-utf8-override", "finetune.py", ft("data.system_prompt=a\udcff"), "data.system_prompt holds", GOOD),
+    Case(
         "conversations-without-turns",
         "dataset.py",
         ft(data="{tmp}/c.jsonl"),

@@ -351,3 +351,18 @@ def test_a_full_disk_when_the_adapter_is_saved_is_one_line_and_the_run_resumes(t
     r = run_script("finetune.py", "--config", str(run / "config.yaml"), "--resume", "train.max_steps=3")
     one_error_line(r, "No space left on device", "free space")
     assert (run / "checkpoints" / "checkpoint-2").is_dir() and (run / "adapter").is_dir()
+
+
+def test_a_resume_whose_optimizer_state_needs_an_unsafe_load_is_refused_unloaded(tmp_path, trained):
+    import argparse
+
+    import torch
+
+    run = tmp_path / "run"
+    shutil.copytree(trained, run, symlinks=True)
+    opt = run / "checkpoints" / "checkpoint-2" / "optimizer.pt"
+    torch.save({"state": {}, "param_groups": [], "extra": argparse.Namespace(note="not ours")}, opt)
+    r = run_script("finetune.py", "--config", str(run / "config.yaml"), "--resume", "train.max_steps=4")
+    line = one_error_line(r, str(opt), "not a file this project wrote", "argparse.Namespace")
+    assert "weights_only" not in r.stderr and "checkpoint-4" not in str(list(run.rglob("*")))
+    assert "Move" in line
