@@ -12,7 +12,7 @@ from .cli import UserError, log
 from .config import Config, DataCfg
 from .data import clean_conversation
 from .generation import check_fits_context, generate, load_for_inference, prompt_ids
-from .jsonl import fail_if_bad, parse_jsonl, read_text
+from .jsonl import fail_if_bad, loads, parse_jsonl, read_text
 from .paths import RunDir, atomic_write_text, check_writable
 from .runlock import clean_tmp_leftovers
 
@@ -106,7 +106,7 @@ def read_done(path: Path) -> dict[str, dict]:
         if not line.strip():
             continue
         try:
-            row = json.loads(line)
+            row = loads(line)
         except json.JSONDecodeError:
             row = None
         if not isinstance(row, dict) or "id" not in row or "response" not in row:

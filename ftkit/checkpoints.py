@@ -9,6 +9,7 @@ import zipfile
 from pathlib import Path
 
 from .cli import UserError, log
+from .jsonl import loads
 
 CHECKPOINT_FILES = ("adapter_model.safetensors", "trainer_state.json", "optimizer.pt", "scheduler.pt")
 
@@ -25,7 +26,7 @@ def safetensors_problem(path: Path) -> str | None:
             n = struct.unpack("<Q", head)[0]
             if n > min(size - 8, 100 * 2**20):
                 return "cut off or corrupt (header longer than the file)"
-            header = json.loads(f.read(n))
+            header = loads(f.read(n))
     except (OSError, ValueError, UnicodeDecodeError) as e:
         return f"unreadable ({str(e)[:80]})"
     if not isinstance(header, dict):
@@ -69,7 +70,7 @@ def checkpoint_missing(c: Path) -> list[str]:
         missing.append("rng_state.pth")
     if "trainer_state.json" not in missing:
         try:
-            json.loads((c / "trainer_state.json").read_text())
+            loads((c / "trainer_state.json").read_text())
         except (json.JSONDecodeError, OSError, UnicodeDecodeError):
             missing.append("trainer_state.json (cut off)")
     if "adapter_model.safetensors" not in missing and (c / "adapter_model.safetensors").is_file():
@@ -129,4 +130,4 @@ def complete_checkpoints(ckpt_dir: Path) -> list[Path]:
 
 
 def trained_step(c: Path) -> int:
-    return int(json.loads((c / "trainer_state.json").read_text())["global_step"])
+    return int(loads((c / "trainer_state.json").read_text())["global_step"])

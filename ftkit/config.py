@@ -730,6 +730,8 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Confi
             raw = yaml.load(text, Loader=_StrictLoader) or {}
         except UserError as e:
             raise UserError(f"{p}: {e}") from None
+        except RecursionError:  # PyYAML composes recursively: a hostile file of 100,000 brackets
+            raise UserError(f"{p}: nested too deeply to be a config; fix the file") from None
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

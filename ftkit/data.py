@@ -15,7 +15,7 @@ from typing import Any
 
 from .cli import UserError, log, user_errors
 from .config import Config, DataCfg
-from .jsonl import check_text, fail_if_bad, parse_jsonl, read_text
+from .jsonl import check_text, fail_if_bad, loads, parse_jsonl, read_text
 from .models import hub_mode
 from .paths import combined_hash, file_sha256
 from .prompts import IGNORE_INDEX, PromptTemplate, encode_conversations
@@ -26,7 +26,7 @@ LOCAL_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
 # -- loading ---------------------------------------------------------------------------------------
 def _read_json(p: Path, text: str) -> list:
     try:
-        data = json.loads(text)
+        data = loads(text)
     except json.JSONDecodeError as e:
         raise UserError(
             f"{p}: malformed JSON at line {e.lineno}, column {e.colno}: {e.msg}; fix the file "

@@ -26,6 +26,15 @@ def read_text(path: Path, what: str, fix: str) -> str:
         raise UserError(f"{what} '{path}' cannot be read ({e.strerror}); fix its permissions") from None
 
 
+def loads(text):
+    """json.loads, with a document nested too deeply for Python's recursion (a hostile file: 200,000 brackets)
+    raised as the decode error it is, so that every caller's handling of a corrupt file covers it."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise json.JSONDecodeError("nested too deeply", text if isinstance(text, str) else "", 0) from None
+
+
 def not_text(value) -> str | None:
     """Where `value` (a string, or the strings in a parsed JSON value) holds a lone surrogate, which no file or
     tokenizer can encode: valid JSON ("\\ud800", half of an emoji cut in two) and what Python makes of bytes
@@ -53,7 +62,7 @@ def parse_jsonl(path: Path, text: str) -> tuple[list[tuple[int, object]], list[s
         if not line.strip():
             continue
         try:
-            rows.append((n, json.loads(line)))
+            rows.append((n, loads(line)))
         except json.JSONDecodeError as e:
             bad.append(f"line {n} is not valid JSON ({e.msg})")
             continue
@@ -84,7 +93,7 @@ def read_log_rows(path: Path) -> list[dict]:
     out = []
     for line in Path(path).read_text(encoding="utf-8", errors="replace").splitlines():
         try:
-            row = json.loads(line)
+            row = loads(line)
         except json.JSONDecodeError:
             continue
         if isinstance(row, dict):

@@ -13,6 +13,7 @@ from typing import Iterator
 
 from .cli import UserError, log
 from .gguf import check_adapter_fits
+from .jsonl import loads
 
 INSTALL_HINT = (
     "install llama.cpp's Python binding with `make llama-cpp` (builds llama-cpp-python from source, about 6 "
@@ -165,7 +166,7 @@ def with_request_defaults(app, defaults: dict):
             body += msg.get("body", b"")
             more = msg.get("more_body", False)
         try:
-            req = json.loads(body)
+            req = loads(body)
             if isinstance(req, dict):
                 body = json.dumps({**defaults, **{k: v for k, v in req.items() if v is not None}}).encode()
         except ValueError:

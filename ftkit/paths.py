@@ -21,6 +21,7 @@ from typing import Any, Iterator, Sequence
 
 from .cli import UserError, log, redact
 from .config import Config, load_config
+from .jsonl import loads
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -399,7 +400,7 @@ def check_resume(cfg: Config, run: RunDir, newest_step: int | None) -> None:
         if old != new:
             diffs.append(f"{key} (saved {short_repr(old, 40)}, now {short_repr(new, 40)})")
     try:
-        recorded = json.loads(run.manifest.read_text()).get("data_sha256") if run.manifest.is_file() else None
+        recorded = loads(run.manifest.read_text()).get("data_sha256") if run.manifest.is_file() else None
     except (OSError, ValueError):
         recorded = None
     now = local_data_hash(cfg.data.path)

@@ -12,12 +12,12 @@ content plus its end-of-turn token, whatever the template's layout.
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from .cli import UserError
+from .jsonl import loads
 
 IGNORE_INDEX = -100  # the label value that torch's cross-entropy skips
 
@@ -254,7 +254,7 @@ class PromptTemplate:
                 "or point --config at a finished run"
             )
         try:
-            return cls(**json.loads(path.read_text(encoding="utf-8")))
+            return cls(**loads(path.read_text(encoding="utf-8")))
         except (ValueError, TypeError, OSError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
             raise UserError(f"'{path}' is not a valid prompt template ({e}); re-run finetune.py") from None
 

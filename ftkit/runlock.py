@@ -18,7 +18,6 @@ import atexit
 import contextlib
 import errno
 import fcntl
-import json
 import os
 import re
 import shutil
@@ -26,6 +25,7 @@ import stat
 from pathlib import Path
 
 from .cli import UserError, before_error_line, log
+from .jsonl import loads
 from .paths import RunDir
 
 LOCK_NAME = ".lock"
@@ -239,7 +239,7 @@ def is_own_report(path: Path) -> bool:
     if path.is_symlink() or not path.is_file():
         return False
     try:
-        rep = json.loads(path.read_text(encoding="utf-8"))
+        rep = loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
     return isinstance(rep, dict) and {"rows_in_file", "train_rows", "length_histogram"} <= rep.keys()

@@ -19,6 +19,7 @@ from .checkpoints import check_loads_as_tensors, complete_checkpoints, trained_s
 from .cli import UserError, log
 from .config import Config, check_library_options, mutates_base
 from .distributed import barrier, dist_info, fsdp_enabled, is_main
+from .jsonl import loads
 from .models import load_causal_lm, load_tokenizer, model_skeleton, torch_dtype
 from .paths import (
     RunDir,
@@ -551,7 +552,7 @@ def truncate_train_log(path: Path, step: int) -> int:
     kept, dropped = [], 0
     for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
         try:
-            row = json.loads(line)
+            row = loads(line)
         except json.JSONDecodeError:
             dropped += 1
             continue

@@ -1202,6 +1202,21 @@ CASES = [
     ),
     Case("config-not-utf8-override", "finetune.py", ft("data.system_prompt=a\udcff"), "data.system_prompt holds", GOOD),
     Case(
+        "adapter-config-nested-deep",
+        "merge_adapter.py",
+        ["--config", "{tmp}/run/config.yaml"],
+        "nested too deeply",
+        setup="run-deep-adapter-config",
+    ),
+    Case("data-nested-deep", "dataset.py", ft(), "nested too deeply", {"data.json": "[" * 200_000 + "]" * 200_000}),
+    Case(
+        "config-nested-deep",
+        "finetune.py",
+        ["--config", "{tmp}/c.yaml"],
+        "nested too deeply",
+        {"c.yaml": "train: " + "[" * 100_000 + "]" * 100_000 + "\n"},
+    ),
+    Case(
         "conversations-without-turns",
         "dataset.py",
         ft(data="{tmp}/c.jsonl"),
@@ -1287,6 +1302,7 @@ def nan_weights(path: Path) -> None:
     )
 
 
+DEEP = 200_000
 LOCK_HOLDER = (
     "import fcntl, os, sys, time\n"
     "fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)\n"
@@ -1314,6 +1330,8 @@ def prepare(setup: str, tmp: Path, trained_run: Path, models: dict) -> list:
             p = run / "eval_rows.jsonl"
             first = p.read_text().splitlines()[0]
             p.write_text(first + "\n" + first[: len(first) // 2] + "\n")
+        elif setup == "run-deep-adapter-config":  # valid JSON, nested past Python's recursion limit
+            (run / "adapter" / "adapter_config.json").write_text('{"a": ' + "[" * DEEP + "]" * DEEP + "}")
         elif setup == "run-dora-adapter":
             p = run / "adapter" / "adapter_config.json"
             p.write_text(json.dumps(dict(json.loads(p.read_text()), use_dora=True)))
