@@ -178,7 +178,12 @@ def run_main(main: Callable[[Sequence[str]], int | None], argv: Sequence[str] | 
     # files; finetune installs its own handler while training (checkpoint, then stop).
     before = signal.signal(signal.SIGTERM, _terminated)
     try:
-        rc = main(argv)
+        try:
+            rc = main(argv)
+        finally:
+            # A SIGTERM that lands after main returned (an export just finished) raises Terminated here, inside
+            # the handlers below, instead of from a `finally` beside them, which nothing would catch.
+            signal.signal(signal.SIGTERM, before)
     except (UserError, OSError) as e:
         err = e if isinstance(e, UserError) else machine_error(e)
         if debug or err is None:
@@ -192,10 +197,10 @@ def run_main(main: Callable[[Sequence[str]], int | None], argv: Sequence[str] | 
         print("interrupted", file=sys.stderr)
         sys.exit(128 + signal.SIGINT)
     except Terminated:
+        signal.signal(signal.SIGTERM, before)  # when it landed before the restore above could run
         print("terminated", file=sys.stderr)
         sys.exit(128 + signal.SIGTERM)
     finally:
-        signal.signal(signal.SIGTERM, before)
         # The hooks belong to this call: a notebook or a test may run several stages in one process.
         _BEFORE_ERROR.clear()
     sys.exit(rc or 0)

@@ -366,3 +366,25 @@ def test_a_resume_whose_optimizer_state_needs_an_unsafe_load_is_refused_unloaded
     line = one_error_line(r, str(opt), "not a file this project wrote", "argparse.Namespace")
     assert "weights_only" not in r.stderr and "checkpoint-4" not in str(list(run.rglob("*")))
     assert "Move" in line
+
+
+def test_a_sigterm_landing_as_a_stage_returns_ends_as_terminated(monkeypatch):
+    """The signal delivered just as run_main restores the SIGTERM handler (an export has just finished)."""
+    import signal
+
+    from ftkit import cli
+
+    real, calls = signal.signal, []
+
+    def lands_on_restore(sig, handler):
+        calls.append(handler)
+        if sig == signal.SIGTERM and len(calls) == 2:
+            cli._terminated(sig, None)
+        return real(sig, handler)
+
+    before = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(signal, "signal", lands_on_restore)
+    with pytest.raises(SystemExit) as e:
+        cli.run_main(lambda argv: 0, [])
+    assert e.value.code == 128 + signal.SIGTERM
+    assert signal.getsignal(signal.SIGTERM) == before
