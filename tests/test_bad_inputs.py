@@ -1217,6 +1217,32 @@ CASES = [
         {"c.yaml": "train: " + "[" * 100_000 + "]" * 100_000 + "\n"},
     ),
     Case(
+        "template-syntax-error",
+        "dataset.py",
+        ft("data.prompt_template={tmp}/t.jinja"),
+        "has a Jinja syntax error at line 1",
+        {**GOOD, "t.jinja": "{% for m in messages %}{{ m['content'] }"},
+    ),
+    Case(
+        "template-builds-gigabytes",
+        "dataset.py",
+        ft("data.prompt_template={tmp}/t.jinja"),
+        "built a value of 1,000,000,000 items",
+        {**GOOD, "t.jinja": "{% for m in messages %}{{ m['content'] * 1000000000 }}{% endfor %}"},
+    ),
+    Case(
+        "template-writes-too-much",
+        "dataset.py",
+        ft("data.prompt_template={tmp}/t.jinja"),
+        "wrote more than",
+        {
+            **GOOD,
+            "t.jinja": "{% for i in range(99999) %}{{ 'x' * 1000 }}{% endfor %}"
+            "{% for m in messages %}{{ m['content'] }}{% endfor %}",
+        },
+        max_s=30,
+    ),
+    Case(
         "conversations-without-turns",
         "dataset.py",
         ft(data="{tmp}/c.jsonl"),
