@@ -241,7 +241,7 @@ def flag_overrides(parser: argparse.ArgumentParser, argv: Sequence[str]) -> tupl
     that is another tool's name for a config key (`--lora_r 8`, `--output_dir x`) is an error naming the key."""
     from .config import SECTIONS, alias_hint
 
-    known = set(parser._option_string_actions)
+    actions = parser._option_string_actions  # argparse keeps no public map
     rest: list[str] = []
     found: list[str] = []
     i = 0
@@ -249,7 +249,14 @@ def flag_overrides(parser: argparse.ArgumentParser, argv: Sequence[str]) -> tupl
     while i < len(argv):
         tok = argv[i]
         name, eq, value = tok.partition("=")
-        if not tok.startswith("--") or name in known or tok == "--":
+        if _is_override(tok, SECTIONS) and not _value_of_option(actions, argv[i - 1] if i else ""):
+            # Anywhere on the line: argparse takes positionals in one run, so `--resume train.max_steps=6`
+            # after an earlier override would be "unrecognized"; and an option's optional value (--adapter
+            # [DIR]) is no place for a setting.
+            found.append(tok)
+            i += 1
+            continue
+        if not tok.startswith("--") or name in actions or tok == "--":
             rest.append(tok)
             i += 1
             continue
@@ -270,6 +277,16 @@ def flag_overrides(parser: argparse.ArgumentParser, argv: Sequence[str]) -> tupl
         found.append(f"{key}={value}")
         i += 1
     return rest, found
+
+
+def _is_override(tok: str, sections) -> bool:
+    return re.match(r"^(\w+)\.\w+=", tok) is not None and tok.split(".", 1)[0] in sections
+
+
+def _value_of_option(actions: dict, prev: str) -> bool:
+    """Whether the token after `prev` is that option's required value (`--prompt train.x=1` asks about it)."""
+    action = actions.get(prev)
+    return action is not None and action.nargs not in (0, "?", "*")
 
 
 def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argparse.Namespace:

@@ -447,3 +447,19 @@ def test_a_template_that_loops_without_end_is_stopped(tmp_path, tiny_llama, data
     one_error_line(run_script("dataset.py", "--config", DEMO, *over), str(hang), "ran for more than 0.5 s")
     assert time.perf_counter() - t0 < 15
     assert not (tmp_path / "run").exists()
+
+
+# -- round 4: unclear messages -------------------------------------------------------------------------------------
+def test_an_override_after_a_flag_is_an_override():
+    from ftkit.cli import build_parser, parse_args
+
+    p = build_parser("test")
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--prompt")
+    p.add_argument("--adapter", nargs="?", const=True)
+    a = parse_args(p, ["--config", "c.yaml", "train.max_steps=3", "--resume", "train.save_steps=2", "--adapter"])
+    assert a.resume and a.adapter is True and a.overrides == ["train.max_steps=3", "train.save_steps=2"]
+    a = parse_args(p, ["--prompt", "train.max_steps=3", "--adapter", "inference.do_sample=false"])
+    assert a.prompt == "train.max_steps=3" and a.adapter is True and a.overrides == ["inference.do_sample=false"]
+    a = parse_args(p, ["--train.max_steps", "5", "lora.r=8", "--train.max_steps=6"])
+    assert a.overrides == ["train.max_steps=5", "lora.r=8", "train.max_steps=6"]
