@@ -35,10 +35,12 @@ Run:
     python inference.py --input-file prompts.jsonl --output-file answers.jsonl inference.batch_size=32
     python inference.py --chat
     python inference.py --serve --port 8000     # then: OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="-")
+    FTKIT_API_KEY=... python inference.py --serve --host 0.0.0.0   # clients then pass api_key=that key
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from ftkit.answers import answer_file, read_prompt_file
@@ -130,7 +132,9 @@ def check_gguf_file(path: Path, flag: str, kind: str) -> Path:
     return path
 
 
-def serve_gguf(cfg: Config, run: RunDir | None, gguf: Path | None, lora: Path | None, host: str, port: int) -> None:
+def serve_gguf(
+    cfg: Config, run: RunDir | None, gguf: Path | None, lora: Path | None, host: str, port: int, api_key: str | None
+) -> None:
     """The OpenAI-compatible server on the run's export (or the given GGUF), until Ctrl+C."""
     if gguf is None:
         if run is None:
@@ -141,7 +145,7 @@ def serve_gguf(cfg: Config, run: RunDir | None, gguf: Path | None, lora: Path | 
     # room for the longest training row plus an answer; llama.cpp allocates the KV cache for all of it
     n_ctx = max(2048, -(-(cfg.data.max_length + cfg.inference.max_new_tokens) // 256) * 256)
     alias = run.root.name if run is not None else gguf.stem
-    serve(gguf, lora, host, port, n_ctx, alias, sampling_defaults(cfg.inference))
+    serve(gguf, lora, host, port, n_ctx, alias, sampling_defaults(cfg.inference), api_key)
 
 
 def cli(argv) -> None:
@@ -184,6 +188,12 @@ def cli(argv) -> None:
     p.add_argument("--lora", type=Path, metavar="GGUF", help="with --serve: a LoRA adapter GGUF applied over it")
     p.add_argument("--host", default="127.0.0.1", help="with --serve: the address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="with --serve: the TCP port (default 8000)")
+    p.add_argument(
+        "--api-key",
+        default=os.environ.get("FTKIT_API_KEY"),
+        help="with --serve: requests must send 'Authorization: Bearer KEY' (default: $FTKIT_API_KEY, which keeps "
+        "the key out of the process list); without one, binding beyond 127.0.0.1 warns",
+    )
     a = parse_args(p, argv)
     adapter = None
     if a.adapter is not None:
@@ -206,8 +216,10 @@ def cli(argv) -> None:
     ]
     if len(modes) > 1:
         raise UserError(f"{' and '.join(modes)} do different things; pass one of them")
-    if a.serve is None and (a.lora is not None or "--port" in argv or "--host" in argv):
-        raise UserError("--lora, --host and --port go with --serve; add --serve")
+    if a.serve is None and (
+        a.lora is not None or any(t.split("=", 1)[0] in ("--port", "--host", "--api-key") for t in argv)
+    ):
+        raise UserError("--lora, --host, --port and --api-key go with --serve; add --serve")
     if a.serve is not None and (a.use is not None or a.adapter is not None):
         raise UserError(
             "--serve serves a GGUF, not the HF weights --merged/--adapter/--base pick; for an adapter pass "
@@ -238,7 +250,7 @@ def cli(argv) -> None:
             cfg, run = load_config(None, a.overrides), None  # a GGUF of its own needs no run
         else:
             cfg, run = stage_config(a.config, a.overrides)
-        serve_gguf(cfg, run, gguf, a.lora, a.host, a.port)
+        serve_gguf(cfg, run, gguf, a.lora, a.host, a.port, a.api_key)
         return
     cfg, run = stage_config(a.config, a.overrides)
     if a.compare:

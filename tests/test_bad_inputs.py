@@ -1243,6 +1243,12 @@ CASES = [
         max_s=30,
     ),
     Case(
+        "api-key-without-serve",
+        "inference.py",
+        ["--config", "{run}/config.yaml", "--prompt", "hi", "--api-key=k"],
+        "--api-key go with --serve",
+    ),
+    Case(
         "conversations-without-turns",
         "dataset.py",
         ft(data="{tmp}/c.jsonl"),

@@ -463,3 +463,37 @@ def test_an_override_after_a_flag_is_an_override():
     assert a.prompt == "train.max_steps=3" and a.adapter is True and a.overrides == ["inference.do_sample=false"]
     a = parse_args(p, ["--train.max_steps", "5", "lora.r=8", "--train.max_steps=6"])
     assert a.overrides == ["train.max_steps=5", "lora.r=8", "train.max_steps=6"]
+
+
+# -- round 4: the server -------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "host, key, warned", [("0.0.0.0", None, True), ("0.0.0.0", "s3cret-key", False), ("127.0.0.1", None, False)]
+)
+def test_serving_beyond_loopback_without_an_api_key_warns(tmp_path, monkeypatch, caplog, host, key, warned):
+    pytest.importorskip("llama_cpp.server.app")
+    import llama_cpp.server.app
+    import uvicorn
+
+    import ftkit.llamacpp as lc
+
+    seen = {}
+    monkeypatch.setattr(lc, "require", lambda what: None)
+    monkeypatch.setattr(
+        llama_cpp.server.app,
+        "create_app",
+        lambda server_settings, model_settings: seen.update(api_key=server_settings.api_key),
+    )
+    monkeypatch.setattr(uvicorn, "run", lambda *a, **kw: None)
+    with caplog.at_level("WARNING", logger="ftkit"):
+        lc.serve(tmp_path / "m.gguf", None, host, free_port(), 2048, "m", {}, key)
+    assert seen["api_key"] == key
+    assert ("without an API key" in caplog.text) == warned
+    assert lc.loopback_only("::1") and lc.loopback_only("localhost") and not lc.loopback_only("example.org")
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
