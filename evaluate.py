@@ -42,7 +42,7 @@ from ftkit.cli import UserError, build_parser, log, parse_args, run_main
 from ftkit.config import Config
 from ftkit.jsonl import read_jsonl, read_log_rows
 from ftkit.models import resolve_model
-from ftkit.paths import RunDir, atomic_dir, atomic_write_json, stage_config
+from ftkit.paths import RunDir, atomic_dir, atomic_write_json, check_own_dir, stage_config
 from ftkit.prompts import PromptTemplate
 from ftkit.runlock import RunLock, check_unlocked, clean_tmp_leftovers
 from ftkit.scoring import aggregate, family_of, held_out_row, is_verifiable, measure, pick_examples
@@ -62,6 +62,10 @@ def read_rows(path: Path) -> list[dict]:
     if not rows:
         raise UserError(f"'{path}' holds no rows to evaluate; set data.eval_size above 0 and train again")
     return rows
+
+
+# eval/ is this stage's when it holds the report it writes.
+OWN_EVAL = ("eval_report.json", "evaluate.py")
 
 
 def preflight(cfg: Config, run: RunDir, use: str, rows_path: Path) -> tuple[list[dict], str]:
@@ -243,6 +247,7 @@ def main(
         harness.check_installed()
     check_unlocked(run.root)
     clean_tmp_leftovers(run.root, names=("eval",))
+    check_own_dir(run.eval, *OWN_EVAL)  # before any model loads; atomic_dir checks again under the lock
     rows, tuned_use = preflight(cfg, run, use or cfg.inference.use, rows_path)
     log.info(
         "evaluating %d held-out rows (%d verifiable) with the base and the fine-tuned model",
@@ -316,7 +321,7 @@ def main(
                 )
     if lm_eval:
         report["lm_eval"] = run_harness(cfg, run, tuned_use, rows)
-    with RunLock(run.root, "evaluate.py"), atomic_dir(run.eval) as tmp:
+    with RunLock(run.root, "evaluate.py"), atomic_dir(run.eval, *OWN_EVAL) as tmp:
         has_curves = plot_loss_curves(
             read_log_rows(run.train_log), tmp / "loss_curves.png", report["overall"]["base"]["eval_loss"]
         )

@@ -293,7 +293,7 @@ class TrainCfg(Section):
     per_device_train_batch_size: int = Field(4, ge=1, le=MAX_ROWS_A_BATCH)
     per_device_eval_batch_size: int = Field(8, ge=1, le=MAX_ROWS_A_BATCH)
     gradient_accumulation_steps: int = Field(4, ge=1, le=MAX_ROWS_A_BATCH)
-    warmup_steps: float = Field(0.03, ge=0)
+    warmup_steps: float = Field(0.03, ge=0, le=MAX_STEPS)
     lr_scheduler_type: str = "cosine"
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float = Field(1.0, gt=0)

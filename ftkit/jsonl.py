@@ -17,7 +17,9 @@ def read_text(path: Path, what: str, fix: str) -> str:
     if path.is_dir():
         raise UserError(f"{what} '{path}' is a folder, not a file; {fix}")
     if not path.is_file():
-        raise UserError(f"{what} '{path}' not found; {fix}")
+        # A FIFO or a device (/dev/zero) exists but would block or never end when read.
+        found = "is not a regular file (a pipe, a device or a socket)" if path.exists() else "not found"
+        raise UserError(f"{what} '{path}' {found}; {fix}")
     try:
         return path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as e:

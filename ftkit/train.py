@@ -695,7 +695,7 @@ def save_adapter(trainer, run: RunDir, n_lora: int, initial: dict | None = None)
         from safetensors import safe_open
         from safetensors.torch import save_file
 
-        with atomic_dir(run.adapter) as tmp:
+        with atomic_dir(run.adapter, "adapter_config.json", "finetune.py") as tmp:
             if tensors is None and initial is not None:
                 import tempfile
 

@@ -1146,6 +1146,13 @@ CASES = [
             ("data.max_length", 10**12),
         ]
     ),
+    Case(
+        "dry-run-best-checkpoint-not-saved",
+        "finetune.py",
+        ft("train.load_best_model_at_end=true", "train.save_steps=3", "--dry-run"),
+        "must be a multiple of train.eval_steps",
+        GOOD,
+    ),
     Case("source-weight-huge", "finetune.py", ft("data.path=[{{path: {tmp}/data.json, weight: 1e9}}]"), "weight", GOOD),
     Case("output-dir-newline", "finetune.py", ft("paths.output_dir={tmp}/a\nb"), "control character", GOOD),
     Case(
@@ -1248,6 +1255,21 @@ CASES = [
         ["--config", "{run}/config.yaml", "--prompt", "hi", "--api-key=k"],
         "--api-key go with --serve",
     ),
+    Case(
+        "merged-is-the-users-folder",
+        "merge_adapter.py",
+        ["--config", "{tmp}/run/config.yaml"],
+        "without merge_check.json, which merge_adapter.py did not write",
+        setup="run-users-merged",
+    ),
+    Case(
+        "eval-is-the-users-file",
+        "evaluate.py",
+        ["--config", "{tmp}/run/config.yaml"],
+        "is a file, which evaluate.py did not write",
+        setup="run-users-eval",
+    ),
+    Case("data-is-a-device", "dataset.py", ft(data="/dev/zero"), "not a regular file", GOOD),
     Case(
         "conversations-without-turns",
         "dataset.py",
@@ -1362,6 +1384,11 @@ def prepare(setup: str, tmp: Path, trained_run: Path, models: dict) -> list:
             p = run / "eval_rows.jsonl"
             first = p.read_text().splitlines()[0]
             p.write_text(first + "\n" + first[: len(first) // 2] + "\n")
+        elif setup == "run-users-merged":  # the user's folder where merge writes, in a run never merged
+            (run / "merged").mkdir()
+            (run / "merged" / "notes.txt").write_text("mine\n")
+        elif setup == "run-users-eval":
+            (run / "eval").write_text("mine\n")
         elif setup == "run-deep-adapter-config":  # valid JSON, nested past Python's recursion limit
             (run / "adapter" / "adapter_config.json").write_text('{"a": ' + "[" * DEEP + "]" * DEEP + "}")
         elif setup == "run-dora-adapter":
