@@ -287,7 +287,8 @@ def explicitly_on(switch) -> bool:
 
 
 class TrainCfg(Section):
-    learning_rate: float = Field(2e-4, gt=0)
+    # Bounded: past 10 no optimizer here trains, and past float32's range the step itself overflows.
+    learning_rate: float = Field(2e-4, gt=0, le=10)
     max_steps: int = Field(-1, ge=-1, le=MAX_STEPS)
     num_train_epochs: float = Field(1.0, gt=0, le=MAX_STEPS)
     per_device_train_batch_size: int = Field(4, ge=1, le=MAX_ROWS_A_BATCH)

@@ -1144,6 +1144,8 @@ CASES = [
             ("train.per_device_train_batch_size", 10**18),
             ("train.gradient_accumulation_steps", 10**18),
             ("data.max_length", 10**12),
+            ("train.learning_rate", 1e300),
+            ("train.warmup_steps", 1e300),
         ]
     ),
     Case(
