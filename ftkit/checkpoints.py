@@ -3,7 +3,6 @@ file cut off by a kill or a full disk is found before a resume or a load trips o
 
 from __future__ import annotations
 
-import json
 import struct
 import zipfile
 from pathlib import Path
@@ -70,9 +69,11 @@ def checkpoint_missing(c: Path) -> list[str]:
         missing.append("rng_state.pth")
     if "trainer_state.json" not in missing:
         try:
-            loads((c / "trainer_state.json").read_text())
-        except (json.JSONDecodeError, OSError, UnicodeDecodeError):
-            missing.append("trainer_state.json (cut off)")
+            step = loads((c / "trainer_state.json").read_text()).get("global_step")
+        except (ValueError, OSError, AttributeError):  # cut off, not UTF-8, or not an object
+            step = None
+        if not isinstance(step, int) or isinstance(step, bool):
+            missing.append("trainer_state.json (cut off, or not the Trainer's)")
     if "adapter_model.safetensors" not in missing and (c / "adapter_model.safetensors").is_file():
         why = safetensors_problem(c / "adapter_model.safetensors")
         if why:

@@ -308,7 +308,8 @@ class TrainCfg(Section):
     eval_steps: int | None = Field(None, ge=1)
     early_stopping_patience: int | None = Field(None, ge=1)
     load_best_model_at_end: bool = False
-    seed: int = 42
+    # numpy's generator, which transformers seeds too, takes 0 to 2**32 - 1.
+    seed: int = Field(42, ge=0, le=2**32 - 1)
     bf16: bool = True
     # "auto": CPU when no CUDA device is visible.
     device: Literal["auto", "cpu", "cuda"] = "auto"

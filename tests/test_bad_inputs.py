@@ -1145,6 +1145,7 @@ CASES = [
             ("train.gradient_accumulation_steps", 10**18),
             ("data.max_length", 10**12),
             ("train.learning_rate", 1e300),
+            ("train.seed", 10**23),
             ("train.warmup_steps", 1e300),
         ]
     ),

@@ -497,3 +497,16 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("state", ['{"a": 1}', "[1]", '{"global_step": "2"}', '{"global_step": true}'])
+def test_a_trainer_state_that_is_not_the_trainers_marks_the_checkpoint_incomplete(tmp_path, trained, state):
+    from ftkit.checkpoints import checkpoint_missing, complete_checkpoints
+
+    run = tmp_path / "run"
+    shutil.copytree(trained, run, symlinks=True)
+    (run / "checkpoints" / "checkpoint-2" / "trainer_state.json").write_text(state)
+    assert "trainer_state.json (cut off, or not the Trainer's)" in checkpoint_missing(
+        run / "checkpoints" / "checkpoint-2"
+    )
+    assert complete_checkpoints(run / "checkpoints") == []
