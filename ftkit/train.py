@@ -28,6 +28,7 @@ from .paths import (
     atomic_write_text,
     check_free_space,
     check_latest_pointer,
+    check_own_dir,
     check_resume,
     save_resolved_config,
     write_latest,
@@ -41,6 +42,9 @@ from .quant import (
     validate_modules_to_save,
     validate_target_modules,
 )
+
+# adapter/ is finetune's when it holds the adapter config it writes.
+OWN_ADAPTER = ("adapter_config.json", "finetune.py")
 
 
 # -- before anything is written ------------------------------------------------------------------------------
@@ -72,6 +76,13 @@ def open_run(cfg: Config, overwrite: bool, resume: bool) -> tuple[RunDir, bool]:
     runlock.check_run_target(run.root, overwrite, resume)
     check_options(cfg)
     if resume:
+        # Resuming writes into these: a link would have another run's (or the user's) folder written instead.
+        if run.checkpoints.is_symlink():
+            raise UserError(
+                f"'{run.checkpoints}' is a symlink; a resume writes its checkpoints there, into the folder it points "
+                "at: replace the link by a copy of the checkpoints, or start a new run in another paths.output_dir"
+            )
+        check_own_dir(run.adapter, *OWN_ADAPTER)
         done = complete_checkpoints(run.checkpoints)
         check_resume(cfg, run, trained_step(done[-1]) if done else None)
         if done:
@@ -695,7 +706,7 @@ def save_adapter(trainer, run: RunDir, n_lora: int, initial: dict | None = None)
         from safetensors import safe_open
         from safetensors.torch import save_file
 
-        with atomic_dir(run.adapter, "adapter_config.json", "finetune.py") as tmp:
+        with atomic_dir(run.adapter, *OWN_ADAPTER) as tmp:
             if tensors is None and initial is not None:
                 import tempfile
 

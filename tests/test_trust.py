@@ -510,3 +510,15 @@ def test_a_trainer_state_that_is_not_the_trainers_marks_the_checkpoint_incomplet
         run / "checkpoints" / "checkpoint-2"
     )
     assert complete_checkpoints(run / "checkpoints") == []
+
+
+def test_a_resume_never_writes_through_a_linked_checkpoints_folder(tmp_path, trained):
+    run, other = tmp_path / "run", tmp_path / "other"
+    shutil.copytree(trained, run, symlinks=True)
+    shutil.copytree(trained, other, symlinks=True)
+    shutil.rmtree(run / "checkpoints")
+    (run / "checkpoints").symlink_to(other / "checkpoints")
+    before = tree_digest(other)
+    r = run_script("finetune.py", "--config", str(run / "config.yaml"), "--resume", "train.max_steps=4")
+    one_error_line(r, str(run / "checkpoints"), "is a symlink")
+    assert tree_digest(other) == before
