@@ -15,6 +15,7 @@ Run:
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 from ftkit.cli import build_parser, log, parse_args, run_main
@@ -47,9 +48,15 @@ def main(cfg: Config) -> dict:
     tok = load_tokenizer(cfg)
     prep = prepare(cfg, tok, loaded)
     print_report(prep.report)
-    run.root.mkdir(parents=True, exist_ok=True)
-    with RunLock(run.root, "dataset.py"):
-        atomic_write_json(run.dataset_report, prep.report)
+    created = not run.root.exists()
+    try:
+        run.root.mkdir(parents=True, exist_ok=True)
+        with RunLock(run.root, "dataset.py"):
+            atomic_write_json(run.dataset_report, prep.report)
+    except OSError:
+        if created:  # made a moment ago, so it holds nothing but our lock: a failed write leaves no folder
+            shutil.rmtree(run.root, ignore_errors=True)
+        raise
     log.info("wrote %s", run.dataset_report)
     return prep.report
 

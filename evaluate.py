@@ -43,7 +43,7 @@ from ftkit.config import Config
 from ftkit.errors import UserError
 from ftkit.jsonl import read_jsonl, read_log_rows
 from ftkit.models import resolve_model
-from ftkit.paths import RunDir, atomic_dir, atomic_write_json, stage_config
+from ftkit.paths import RunDir, atomic_dir, atomic_write_json, check_own_dir, stage_config
 from ftkit.prompts import PromptTemplate
 from ftkit.runlock import RunLock, check_unlocked, clean_tmp_leftovers
 from ftkit.scoring import aggregate, family_of, held_out_row, is_verifiable, measure, pick_examples
@@ -63,6 +63,10 @@ def read_rows(path: Path) -> list[dict]:
     if not rows:
         raise UserError(f"'{path}' holds no rows to evaluate; set data.eval_size above 0 and train again")
     return rows
+
+
+# eval/ is this stage's when it holds the report it writes.
+OWN_EVAL = ("eval_report.json", "evaluate.py")
 
 
 def preflight(cfg: Config, run: RunDir, use: str, rows_path: Path) -> tuple[list[dict], str]:
@@ -245,6 +249,7 @@ def main(
         harness.check_installed()
     check_unlocked(run.root)
     clean_tmp_leftovers(run.root, names=("eval",))
+    check_own_dir(run.eval, *OWN_EVAL)  # before any model loads; atomic_dir checks again under the lock
     rows, tuned_use = preflight(cfg, run, use or cfg.inference.use, rows_path)
     log.info(
         "evaluating %d held-out rows (%d verifiable) with the base and the fine-tuned model",
@@ -342,7 +347,7 @@ def check_scored(report: dict) -> None:
 
 def write_report(run: RunDir, report: dict) -> None:
     """<run>/eval/: the report (JSON and Markdown) and its plots, replaced as one folder."""
-    with RunLock(run.root, "evaluate.py"), atomic_dir(run.eval) as tmp:
+    with RunLock(run.root, "evaluate.py"), atomic_dir(run.eval, *OWN_EVAL) as tmp:
         has_curves = plot_loss_curves(
             read_log_rows(run.train_log), tmp / "loss_curves.png", report["overall"]["base"]["eval_loss"]
         )

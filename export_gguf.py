@@ -121,11 +121,11 @@ def claim_outfile(outfile: Path, run: RunDir | None, need: int, what: str, model
     passed too); returns the run's lock when the file goes inside the run, so no other stage writes there."""
     check_outfile(outfile)
     check_own_outputs(outfile, modelfile)
+    inside_run = run is not None and outfile.resolve().is_relative_to(run.root.resolve())
     if run is not None:
-        check_unlocked(run.root)
+        check_unlocked(run.root, writing=inside_run)
     check_free_space(outfile.parent, need, what, "--outfile")
     clean_tmp_leftovers(outfile.parent, names=(outfile.name, f"{outfile.name}.src") + (("Modelfile",) * modelfile))
-    inside_run = run is not None and outfile.resolve().is_relative_to(run.root.resolve())
     return RunLock(run.root, "export_gguf.py") if inside_run else contextlib.nullcontext()
 
 

@@ -88,14 +88,18 @@ def main(cfg: Config, overwrite: bool = False, resume: bool = False) -> dict:
 def dry_run(cfg: Config) -> dict:
     """The training plan with the predicted peak GPU memory and tokens/s of one step on the detected GPU (the
     calibrated reference GPU when none is visible; ftkit/estimate.py). Loads no weights, writes nothing."""
+    train.check_options(cfg)
     device = pick_device(cfg.train.device)
     source, offline = resolve_model(cfg.model)
     mconf = causal_lm_config(cfg, source, offline)
-    lengths, note = [], ""
+    lengths, note, n_eval = [], "", None
     try:
-        lengths = prepare(cfg, load_tokenizer(cfg, source, offline)).train.lengths
+        prep = prepare(cfg, load_tokenizer(cfg, source, offline))
+        lengths, n_eval = prep.train.lengths, len(prep.eval.rows)
     except UserError as e:
         note = f" (data not readable: {e}; rows assumed {cfg.data.max_length // 2} tokens)"
+    if n_eval is not None:
+        train.check_eval_settings(cfg, n_eval)
     world = dist_info()["world_size"]
     hw = (
         detect_hardware(device, world, fsdp_enabled())

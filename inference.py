@@ -35,10 +35,12 @@ Run:
     python inference.py --input-file prompts.jsonl --output-file answers.jsonl inference.batch_size=32
     python inference.py --chat
     python inference.py --serve --port 8000     # then: OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="-")
+    FTKIT_API_KEY=... python inference.py --serve --host 0.0.0.0   # clients then pass api_key=that key
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from ftkit.answers import answer_file, read_prompt_file
@@ -48,7 +50,7 @@ from ftkit.config import Config
 from ftkit.errors import UserError
 from ftkit.generation import generate, load_for_inference, stream_one
 from ftkit.gguf import gguf_type
-from ftkit.jsonl import read_jsonl
+from ftkit.jsonl import check_text, read_jsonl
 from ftkit.llamacpp import sampling_defaults, serve
 from ftkit.paths import RunDir, stage_config
 from ftkit.scoring import held_out_row, prompt_of
@@ -134,7 +136,9 @@ def check_gguf_file(path: Path, flag: str, kind: str) -> Path:
     return path
 
 
-def serve_gguf(cfg: Config, run: RunDir | None, gguf: Path | None, lora: Path | None, host: str, port: int) -> None:
+def serve_gguf(
+    cfg: Config, run: RunDir | None, gguf: Path | None, lora: Path | None, host: str, port: int, api_key: str | None
+) -> None:
     """The OpenAI-compatible server on the run's export (or the given GGUF), until Ctrl+C."""
     if gguf is None:
         if run is None:
@@ -145,7 +149,7 @@ def serve_gguf(cfg: Config, run: RunDir | None, gguf: Path | None, lora: Path | 
     # room for the longest training row plus an answer; llama.cpp allocates the KV cache for all of it
     n_ctx = max(2048, -(-(cfg.data.max_length + cfg.inference.max_new_tokens) // 256) * 256)
     alias = run.root.name if run is not None else gguf.stem
-    serve(gguf, lora, host, port, n_ctx, alias, sampling_defaults(cfg.inference))
+    serve(gguf, lora, host, port, n_ctx, alias, sampling_defaults(cfg.inference), api_key)
 
 
 def cli(argv) -> None:
@@ -209,6 +213,11 @@ def build_cli_parser():
     # No defaults here: "given" is then one test for `--port 9000` and `--port=9000` (check_flags).
     p.add_argument("--host", help=f"with --serve: the address to listen on (default {DEFAULT_HOST})")
     p.add_argument("--port", type=int, help=f"with --serve: the TCP port (default {DEFAULT_PORT})")
+    p.add_argument(
+        "--api-key",
+        help="with --serve: requests must send 'Authorization: Bearer KEY' (default: $FTKIT_API_KEY, which keeps "
+        "the key out of the process list); without one, binding beyond 127.0.0.1 warns",
+    )
     return p
 
 
@@ -240,8 +249,8 @@ def check_flags(a) -> None:
     ]
     if len(modes) > 1:
         raise UserError(f"{' and '.join(modes)} do different things; pass one of them")
-    if a.serve is None and (a.lora is not None or a.port is not None or a.host is not None):
-        raise UserError("--lora, --host and --port go with --serve; add --serve")
+    if a.serve is None and (a.lora is not None or a.port is not None or a.host is not None or a.api_key is not None):
+        raise UserError("--lora, --host, --port and --api-key go with --serve; add --serve")
     if a.serve is not None and (a.use is not None or a.adapter is not None):
         raise UserError(
             "--serve serves a GGUF, not the HF weights --merged/--adapter/--base pick; for an adapter pass "
@@ -253,6 +262,8 @@ def check_flags(a) -> None:
         raise UserError("--output-file needs --input-file (the prompts to answer)")
     if a.prompt is not None and not a.prompt.strip():
         raise UserError("the prompt is empty; pass some text with --prompt")
+    for flag, text in (("--prompt", a.prompt), ("--input", a.input)):
+        check_text(text, flag, "pass UTF-8 text (check the terminal's or the script's encoding)")
     if a.input_file is not None:
         read_prompt_file(a.input_file)  # a bad line fails before any run or model is looked at
 
@@ -275,7 +286,7 @@ def serve_cli(a) -> None:
         cfg, run = load_config(None, a.overrides), None  # a GGUF of its own needs no run
     else:
         cfg, run = stage_config(a.config, a.overrides)
-    serve_gguf(cfg, run, gguf, a.lora, host, port)
+    serve_gguf(cfg, run, gguf, a.lora, host, port, a.api_key or os.environ.get("FTKIT_API_KEY"))
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ from ftkit.models import (
     resolve_model,
     torch_dtype,
 )
-from ftkit.paths import RunDir, atomic_dir, check_free_space, save_resolved_config, stage_config
+from ftkit.paths import RunDir, atomic_dir, check_free_space, check_own_dir, save_resolved_config, stage_config
 from ftkit.prompts import PromptTemplate
 from ftkit.runlock import RunLock, check_unlocked, clean_tmp_leftovers
 
@@ -51,6 +51,10 @@ def reference_logits(model, tok, template: PromptTemplate, prompts: list[str]) -
             ids = torch.tensor([template.prompt_ids(tok, p)], device=model.device)
             out.append((ids, model(input_ids=ids).logits.float().cpu()))
     return out
+
+
+# merged/ is this stage's when it holds the merge check it writes last.
+OWN_MERGED = ("merge_check.json", "merge_adapter.py")
 
 
 def preflight(cfg: Config, run: RunDir) -> tuple[str, bool]:
@@ -86,6 +90,7 @@ def main(cfg: Config, run: RunDir) -> dict:
     check_unlocked(run.root)
     # A merge killed mid-save leaves a .merged.tmp-PID as big as the model: found and removed here.
     clean_tmp_leftovers(run.root, names=("merged",))
+    check_own_dir(run.merged, *OWN_MERGED)  # before the model loads; atomic_dir checks again under the lock
     source, offline = preflight(cfg, run)
     peft_model = load_base_with_adapter(cfg, run, source, offline, dtype, device)
     tok = load_tokenizer(cfg, str(run.adapter), True)
@@ -149,7 +154,7 @@ def main(cfg: Config, run: RunDir) -> dict:
         stops = template.stop_token_ids
         merged.generation_config.eos_token_id = stops if len(stops) > 1 else (stops[0] if stops else None)
         merged.generation_config.pad_token_id = tok.pad_token_id
-    with RunLock(run.root, "merge_adapter.py"), atomic_dir(run.merged) as tmp:
+    with RunLock(run.root, "merge_adapter.py"), atomic_dir(run.merged, *OWN_MERGED) as tmp:
         merged.save_pretrained(tmp, safe_serialization=True, max_shard_size=cfg.merge.max_shard_size)
         tok.save_pretrained(tmp)
         (tmp / "merge_check.json").write_text(json.dumps(check, indent=2) + "\n")

@@ -13,7 +13,7 @@ from .config import Config, DataCfg
 from .data import clean_conversation
 from .errors import UserError
 from .generation import check_fits_context, generate, load_for_inference, prompt_ids
-from .jsonl import fail_if_bad, parse_jsonl, read_text
+from .jsonl import fail_if_bad, loads, parse_jsonl, read_text
 from .paths import RunDir, atomic_write_text, check_writable
 from .runlock import clean_tmp_leftovers
 
@@ -107,7 +107,7 @@ def read_done(path: Path) -> dict[str, dict]:
         if not line.strip():
             continue
         try:
-            row = json.loads(line)
+            row = loads(line)
         except json.JSONDecodeError:
             row = None
         if not isinstance(row, dict) or "id" not in row or "response" not in row:

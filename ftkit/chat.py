@@ -22,6 +22,7 @@ from .generation import (
     load_for_inference,
     static_cache_len,
 )
+from .jsonl import check_text, loads
 from .paths import RunDir, atomic_write_text
 from .prompts import PromptTemplate
 
@@ -31,7 +32,7 @@ def is_transcript(path: Path) -> bool:
     /save wrote one indented JSON object, which parses whole)."""
     try:
         text = path.read_text(encoding="utf-8")
-        objs = [json.loads(text)] if text.lstrip().startswith("{\n") else [json.loads(x) for x in text.splitlines()]
+        objs = [loads(text)] if text.lstrip().startswith("{\n") else [loads(x) for x in text.splitlines()]
     except (OSError, ValueError):
         return False
     return bool(objs) and all(isinstance(o, dict) and {"saved", "messages", "template"} <= o.keys() for o in objs)
@@ -216,6 +217,7 @@ def chat(
             session.print("\n(Ctrl+C stops an answer; /quit or Ctrl+D leaves)")
             continue
         try:
+            check_text(line, "that line", "type it again")
             if not session.handle(line):
                 break
         except UserError as e:

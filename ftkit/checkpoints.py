@@ -3,12 +3,12 @@ file cut off by a kill or a full disk is found before a resume or a load trips o
 
 from __future__ import annotations
 
-import json
 import struct
 import zipfile
 from pathlib import Path
 
-from .cli import log
+from .cli import UserError, log
+from .jsonl import loads
 
 CHECKPOINT_FILES = ("adapter_model.safetensors", "trainer_state.json", "optimizer.pt", "scheduler.pt")
 
@@ -25,7 +25,7 @@ def safetensors_problem(path: Path) -> str | None:
             n = struct.unpack("<Q", head)[0]
             if n > min(size - 8, 100 * 2**20):
                 return "cut off or corrupt (header longer than the file)"
-            header = json.loads(f.read(n))
+            header = loads(f.read(n))
     except (OSError, ValueError, UnicodeDecodeError) as e:
         return f"unreadable ({str(e)[:80]})"
     if not isinstance(header, dict):
@@ -69,9 +69,11 @@ def checkpoint_missing(c: Path) -> list[str]:
         missing.append("rng_state.pth")
     if "trainer_state.json" not in missing:
         try:
-            json.loads((c / "trainer_state.json").read_text())
-        except (json.JSONDecodeError, OSError, UnicodeDecodeError):
-            missing.append("trainer_state.json (cut off)")
+            step = loads((c / "trainer_state.json").read_text()).get("global_step")
+        except (ValueError, OSError, AttributeError):  # cut off, not UTF-8, or not an object
+            step = None
+        if not isinstance(step, int) or isinstance(step, bool):
+            missing.append("trainer_state.json (cut off, or not the Trainer's)")
     if "adapter_model.safetensors" not in missing and (c / "adapter_model.safetensors").is_file():
         why = safetensors_problem(c / "adapter_model.safetensors")
         if why:
@@ -82,6 +84,27 @@ def checkpoint_missing(c: Path) -> list[str]:
             if why:
                 missing.append(f"{f} ({why})")
     return missing
+
+
+def check_loads_as_tensors(c: Path) -> None:
+    """The checkpoint's pickled files (optimizer, scheduler, RNG states) hold only what the Trainer's
+    weights-only load accepts. Another file fails that load deep in the resume, with torch's advice to load it
+    unsafely, which would run whatever code it carries: it is refused here, unloaded, before the model loads."""
+    import torch
+    from transformers.trainer_pt_utils import safe_globals
+
+    for f in sorted(p for p in c.iterdir() if p.suffix in (".pt", ".pth") and p.is_file()):
+        with safe_globals():  # the numpy types the Trainer allows for the RNG states
+            try:
+                unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(str(f))
+            except (ValueError, RuntimeError, OSError) as e:
+                unsafe = [f"(unreadable: {str(e)[:60]})"]
+        if unsafe:
+            raise UserError(
+                f"--resume: '{f}' is not a file this project wrote: it holds {', '.join(unsafe[:3])}, which only an "
+                f"unsafe load (one that can run code) would read; it was not loaded. Move '{c}' out of the run to "
+                "resume from an older checkpoint, or start a new run in another paths.output_dir"
+            )
 
 
 def checkpoint_step(c: Path) -> int:
@@ -108,4 +131,4 @@ def complete_checkpoints(ckpt_dir: Path) -> list[Path]:
 
 
 def trained_step(c: Path) -> int:
-    return int(json.loads((c / "trainer_state.json").read_text())["global_step"])
+    return int(loads((c / "trainer_state.json").read_text())["global_step"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import errno
 import logging
 import os
 import re
@@ -23,6 +24,28 @@ log = logging.getLogger("ftkit")
 
 # Exit code for bad input, distinct from 1 (crash) so that scripts and CI can tell the two apart.
 EXIT_USAGE = 2
+
+
+# OSErrors that are the machine's state, never a bug of ours (a full or read-only disk, a file the user made
+# unwritable, a path longer than the file system allows), with the fix each needs.
+_MACHINE_ERRNOS = {
+    errno.ENOSPC: "free space on that disk, or write to another one",
+    errno.EDQUOT: "free space within your disk quota, or write to another disk",
+    errno.EFBIG: "write to a file system that allows larger files",
+    errno.EROFS: "the file system is read-only: write to another folder",
+    errno.EACCES: "make it writable (chmod), or write to another folder",
+    errno.EPERM: "make it writable (chmod, or chattr -i for an immutable file), or write to another folder",
+    errno.ENAMETOOLONG: "choose a shorter path",
+}
+
+
+def machine_error(e: OSError) -> UserError | None:
+    """The one-line error for an OSError of the machine's state (see _MACHINE_ERRNOS); None for any other."""
+    fix = _MACHINE_ERRNOS.get(e.errno)
+    if fix is None:
+        return None
+    where = f" at '{e.filename}'" if e.filename else " while writing"
+    return UserError(f"{e.strerror or os.strerror(e.errno)}{where}; {fix}")
 
 
 def setup_logging(debug: bool = False, quiet: bool = False) -> None:
@@ -134,21 +157,26 @@ def run_main(main: Callable[[Sequence[str]], int | None], argv: Sequence[str] | 
     # files; finetune installs its own handler while training (checkpoint, then stop).
     before = signal.signal(signal.SIGTERM, _terminated)
     try:
-        rc = main(argv)
-    except UserError as e:
-        if debug:
+        try:
+            rc = main(argv)
+        finally:
+            # A SIGTERM that lands after main returned (an export just finished) raises Terminated here, inside
+            # the handlers below, instead of from a `finally` beside them, which nothing would catch.
+            signal.signal(signal.SIGTERM, before)
+    except (UserError, OSError) as e:
+        err = e if isinstance(e, UserError) else machine_error(e)
+        if debug or err is None:
             raise
         _close_progress_bars()
-        print(f"error: {redact(str(e))}", file=sys.stderr)
+        print(f"error: {redact(str(err))}", file=sys.stderr)
         sys.exit(EXIT_USAGE)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(128 + signal.SIGINT)
     except Terminated:
+        signal.signal(signal.SIGTERM, before)  # when it landed before the restore above could run
         print("terminated", file=sys.stderr)
         sys.exit(128 + signal.SIGTERM)
-    finally:
-        signal.signal(signal.SIGTERM, before)
     sys.exit(rc or 0)
 
 
@@ -191,7 +219,7 @@ def flag_overrides(parser: argparse.ArgumentParser, argv: Sequence[str]) -> tupl
     that is another tool's name for a config key (`--lora_r 8`, `--output_dir x`) is an error naming the key."""
     from .config import SECTIONS, alias_hint
 
-    known = set(parser._option_string_actions)
+    actions = parser._option_string_actions  # argparse keeps no public map
     rest: list[str] = []
     found: list[str] = []
     i = 0
@@ -199,7 +227,14 @@ def flag_overrides(parser: argparse.ArgumentParser, argv: Sequence[str]) -> tupl
     while i < len(argv):
         tok = argv[i]
         name, eq, value = tok.partition("=")
-        if not tok.startswith("--") or name in known or tok == "--":
+        if _is_override(tok, SECTIONS) and not _value_of_option(actions, argv[i - 1] if i else ""):
+            # Anywhere on the line: argparse takes positionals in one run, so `--resume train.max_steps=6`
+            # after an earlier override would be "unrecognized"; and an option's optional value (--adapter
+            # [DIR]) is no place for a setting.
+            found.append(tok)
+            i += 1
+            continue
+        if not tok.startswith("--") or name in actions or tok == "--":
             rest.append(tok)
             i += 1
             continue
@@ -220,6 +255,16 @@ def flag_overrides(parser: argparse.ArgumentParser, argv: Sequence[str]) -> tupl
         found.append(f"{key}={value}")
         i += 1
     return rest, found
+
+
+def _is_override(tok: str, sections) -> bool:
+    return re.match(r"^(\w+)\.\w+=", tok) is not None and tok.split(".", 1)[0] in sections
+
+
+def _value_of_option(actions: dict, prev: str) -> bool:
+    """Whether the token after `prev` is that option's required value (`--prompt train.x=1` asks about it)."""
+    action = actions.get(prev)
+    return action is not None and action.nargs not in (0, "?", "*")
 
 
 def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argparse.Namespace:

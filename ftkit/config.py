@@ -17,9 +17,17 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import UserError
-from .jsonl import read_text
+from .jsonl import check_text, read_text
 
 # -- the config --------------------------------------------------------------------------------------
+# Upper bounds on counts and sizes, checked here and nowhere else. Past them a value is a typo (a batch of 1e18, a
+# source weight of 1e9): unchecked, it becomes a MemoryError in the data mix, a 10^14 GB "prediction" in the dry
+# run, or a hang deep in a library, instead of one line naming the key.
+MAX_ROWS_A_BATCH = 1 << 16  # rows a micro-batch, and micro-batches a step
+MAX_TOKENS = 1 << 22  # tokens in a row or a pack: 4M, beyond any base model's context window
+MAX_STEPS = 10**9
+MAX_SOURCE_WEIGHT = 100  # each row of a source repeated at most 100 times in the mix
+MAX_PATH_BYTES = 4096 - 256  # a run folder's path: its deepest file adds at most 256 bytes
 DTYPES = Literal["bfloat16", "float16", "float32"]
 
 
@@ -152,6 +160,14 @@ def _check_columns(v: dict[str, str] | None) -> dict[str, str] | None:
             )
         if not col.strip():
             raise ValueError(f"data.columns.{key} is empty; give the field name your file uses")
+    by_col: dict[str, str] = {}
+    for key, col in (v or {}).items():
+        if col in by_col:
+            raise ValueError(
+                f"data.columns maps both {by_col[col]} and {key} to the column '{col}'; a column feeds one field: "
+                "map each field to its own column"
+            )
+        by_col[col] = key
     return v
 
 
@@ -166,7 +182,7 @@ class DataSource(Section):
     # The first max_rows rows, then `weight` times them in the training rows (0.5: a seeded half; 2: each
     # row twice). Held-out rows are taken before the weighting, so a repeated row is never also held out.
     max_rows: int | None = Field(None, ge=1)
-    weight: float = Field(1.0, gt=0)
+    weight: float = Field(1.0, gt=0, le=MAX_SOURCE_WEIGHT)
 
     @model_validator(mode="before")
     @classmethod
@@ -202,7 +218,7 @@ class DataCfg(Section):
     # for bases that have none; or a path to a Jinja chat template file.
     prompt_template: str = "alpaca"
     system_prompt: str | None = None
-    max_length: int = Field(512, ge=16)
+    max_length: int = Field(512, ge=16, le=MAX_TOKENS)
     # Rows held out for evaluation: a fraction (<1) or a row count (>=1).
     eval_size: float = Field(0.05, ge=0)
     max_samples: int | None = Field(None, ge=1)
@@ -245,6 +261,8 @@ class DataCfg(Section):
                 e = err.errors()[0]
                 key = ".".join(str(x) for x in e["loc"])
                 msg = e["msg"].removeprefix("Value error, ")
+                if e["type"] != "value_error":
+                    msg += f" (got {short_repr(e.get('input'))})"
                 raise ValueError(f"data.path entry {k}{f' ({key})' if key else ''}: {msg}") from None
         return out
 
@@ -269,13 +287,15 @@ def explicitly_on(switch) -> bool:
 
 
 class TrainCfg(Section):
-    learning_rate: float = Field(2e-4, gt=0)
-    max_steps: int = Field(-1, ge=-1)
-    num_train_epochs: float = Field(1.0, gt=0)
-    per_device_train_batch_size: int = Field(4, ge=1)
-    per_device_eval_batch_size: int = Field(8, ge=1)
-    gradient_accumulation_steps: int = Field(4, ge=1)
-    warmup_steps: float = Field(0.03, ge=0)
+    # Bounded where float32 still carries the step: 1e300 overflowed inside Adam as a traceback, while up to
+    # 1e30 a run diverges and says so in one line (tests/test_faults.py makes runs diverge that way).
+    learning_rate: float = Field(2e-4, gt=0, le=1e30)
+    max_steps: int = Field(-1, ge=-1, le=MAX_STEPS)
+    num_train_epochs: float = Field(1.0, gt=0, le=MAX_STEPS)
+    per_device_train_batch_size: int = Field(4, ge=1, le=MAX_ROWS_A_BATCH)
+    per_device_eval_batch_size: int = Field(8, ge=1, le=MAX_ROWS_A_BATCH)
+    gradient_accumulation_steps: int = Field(4, ge=1, le=MAX_ROWS_A_BATCH)
+    warmup_steps: float = Field(0.03, ge=0, le=MAX_STEPS)
     lr_scheduler_type: str = "cosine"
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float = Field(1.0, gt=0)
@@ -289,7 +309,8 @@ class TrainCfg(Section):
     eval_steps: int | None = Field(None, ge=1)
     early_stopping_patience: int | None = Field(None, ge=1)
     load_best_model_at_end: bool = False
-    seed: int = 42
+    # numpy's generator, which transformers seeds too, takes 0 to 2**32 - 1.
+    seed: int = Field(42, ge=0, le=2**32 - 1)
     bf16: bool = True
     # "auto": CPU when no CUDA device is visible.
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -302,7 +323,7 @@ class TrainCfg(Section):
     # `lr_scaling` from those rows to the packed rows a step (benchmarks/README.md, "Time to quality", says
     # what it costs in quality). Off: the optimizer sees exactly the YAML's rows a step. Implies padding_free.
     packing: bool = False
-    pack_tokens: int = Field(16384, ge=64)
+    pack_tokens: int = Field(16384, ge=64, le=MAX_TOKENS)
     lr_scaling: Literal["sqrt", "linear", "none"] = "linear"
     # With a GPU, run the YAML's rows a step as fewer, larger micro-batches (less accumulation) when the
     # estimate says they fit and are faster; the rows a step and the learning rate do not change.
@@ -403,13 +424,13 @@ class MergeCfg(Section):
 
 
 class InferenceCfg(Section):
-    max_new_tokens: int = Field(256, ge=1)
+    max_new_tokens: int = Field(256, ge=1, le=MAX_TOKENS)
     do_sample: bool = False
     temperature: float = Field(0.7, gt=0)
     top_p: float = Field(0.9, gt=0, le=1)
     top_k: int = Field(50, ge=0)
     repetition_penalty: float = Field(1.0, gt=0)
-    batch_size: int = Field(16, ge=1)
+    batch_size: int = Field(16, ge=1, le=MAX_ROWS_A_BATCH)
     # "auto": the merged model when the run has one, else base + adapter.
     use: Literal["auto", "merged", "adapter", "base"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -443,15 +464,31 @@ class PathsCfg(Section):
     def _usable_path(cls, v: str, info):
         if not v.strip():
             raise ValueError(f"paths.{info.field_name} is empty; name a folder, e.g. runs/my-run")
+        # A newline or another control character is a paste or quoting slip, never meant: the folder would be
+        # named unlike anything the user can type, and a line-based reader (the latest pointer) splits it.
+        bad = next((c for c in v if ord(c) < 32 or ord(c) == 127), None)
+        if bad is not None:
+            raise ValueError(
+                f"paths.{info.field_name}={v!r} holds the control character {bad!r}; remove it (a newline or tab "
+                "in a path is a quoting slip)"
+            )
         # A shell expands ~ only at the start of a word it sees; from YAML or key=~/x it arrives literal.
         v = os.path.expanduser(v)
-        limit = 255
-        for part in Path(v).parts:
+        # File systems allow 255 bytes a name and 4096 a path. The run folder's own name gets a suffix when a
+        # replaced run is kept aside (".NAME.old-PID"), and the files inside it add their own path.
+        parts = Path(v).parts
+        for k, part in enumerate(parts, 1):
+            limit = 255 - (len(".old-") + 12 if k == len(parts) else 0)
             if len(part.encode()) > limit:
                 raise ValueError(
                     f"paths.{info.field_name} has a folder name of {len(part.encode())} bytes "
-                    f"('{part[:40]}...'); file systems allow {limit}; choose a shorter name"
+                    f"('{part[:40]}...'); at most {limit} fit; choose a shorter name"
                 )
+        if len(os.path.abspath(v).encode()) > MAX_PATH_BYTES:
+            raise ValueError(
+                f"paths.{info.field_name} is {len(os.path.abspath(v).encode())} bytes long as a full path; at most "
+                f"{MAX_PATH_BYTES} leave room for the run's files within the file system's 4096; choose a shorter path"
+            )
         return v
 
 
@@ -671,6 +708,10 @@ def parse_override(item: str) -> tuple[str, Any]:
         raise UserError(f"override {key}: {e}") from None
     except yaml.YAMLError:
         parsed = value
+    if isinstance(parsed, str) and any(ord(c) < 32 for c in value):
+        # YAML folds a newline in a plain scalar into a space: `paths.output_dir=$'a\nb'` would name the folder
+        # "a b". A text value is kept as typed, so that what is checked and saved is what was asked.
+        parsed = value
     if isinstance(parsed, dict) and any(":" in str(k) and v is None for k, v in parsed.items()):
         # YAML reads {a:b} as the key "a:b" with no value: a mapping needs a space after each colon.
         fixed = ", ".join(
@@ -692,6 +733,8 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Confi
             raw = yaml.load(text, Loader=_StrictLoader) or {}
         except UserError as e:
             raise UserError(f"{p}: {e}") from None
+        except RecursionError:  # PyYAML composes recursively: a hostile file of 100,000 brackets
+            raise UserError(f"{p}: nested too deeply to be a config; fix the file") from None
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -708,6 +751,9 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Confi
             raw[sec] = {}
         raw[sec][leaf] = value
     raw = {k: (v if v is not None else {}) for k, v in raw.items()}
+    for sec, values in raw.items():
+        for leaf, value in values.items() if isinstance(values, dict) else ():
+            check_text(value, f"{where}: {sec}.{leaf}", "write it as UTF-8 text")
     try:
         return Config.model_validate(raw)
     except ValidationError as err:

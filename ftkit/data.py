@@ -16,7 +16,7 @@ from typing import Any
 from .cli import log
 from .config import Config, DataCfg
 from .errors import UserError, user_errors
-from .jsonl import fail_if_bad, parse_jsonl, read_text
+from .jsonl import check_text, fail_if_bad, loads, parse_jsonl, read_text
 from .models import hub_mode
 from .paths import combined_hash, file_sha256
 from .prompts import IGNORE_INDEX, PromptTemplate, encode_conversations
@@ -27,7 +27,7 @@ LOCAL_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
 # -- loading ---------------------------------------------------------------------------------------
 def _read_json(p: Path, text: str) -> list:
     try:
-        data = json.loads(text)
+        data = loads(text)
     except json.JSONDecodeError as e:
         raise UserError(
             f"{p}: malformed JSON at line {e.lineno}, column {e.colno}: {e.msg}; fix the file "
@@ -45,6 +45,9 @@ def _read_json(p: Path, text: str) -> list:
         data = lists[0]
     if not isinstance(data, list):
         raise UserError(f"{p}: expected a JSON list of records, got {type(data).__name__}")
+    if "\\u" in text:  # only an escape can make a surrogate in JSON read as UTF-8
+        for i, r in enumerate(data, 1):
+            check_text(r, f"{p}: row {i}", "fix the text or delete the row")
     return data
 
 
@@ -222,6 +225,8 @@ def clean_records(records: list, d: DataCfg, source: str) -> tuple[list[dict], C
     for i, r in enumerate(records, 1):
         at = f"line {lines[i - 1]}" if lines else f"row {i}"
         row = _clean_alpaca(r, d, at, source, st) if fmt == "alpaca" else clean_conversation(r, d, fmt, at, source)
+        if row is not None and "messages" in row and all(m["role"] == "system" for m in row["messages"]):
+            row = _empty_output(d, st, f"{source}: {at} is a conversation without turns")
         if row is None:
             continue
         key = row_key(row)
@@ -235,7 +240,7 @@ def clean_records(records: list, d: DataCfg, source: str) -> tuple[list[dict], C
     st.kept = len(out)
     if not out:
         raise UserError(
-            f"{source}: no usable rows left ({st.empty_output} empty outputs, {st.duplicates} "
+            f"{source}: no usable rows left ({st.empty_output} empty outputs or conversations, {st.duplicates} "
             "duplicates); check the file"
         )
     return out, st
@@ -276,16 +281,20 @@ def _clean_alpaca(r, d: DataCfg, at: str, source: str, st: CleanStats) -> dict |
     if not inst:
         raise UserError(f"{source}: {at} has an empty instruction; fill it in or delete the row")
     if not outp:
-        st.empty_output += 1
-        if d.empty_output == "fail":
-            raise UserError(f"{source}: {at} has an empty output; fill it in, delete it, or set data.empty_output=drop")
-        return None
+        return _empty_output(d, st, f"{source}: {at} has an empty output")
     return {
         **{k: v for k, v in r.items() if k not in ("instruction", "input", "output")},
         "instruction": inst,
         "input": inp,
         "output": outp,
     }
+
+
+def _empty_output(d: DataCfg, st: CleanStats, what: str) -> None:
+    """A row with nothing to learn from: counted and dropped, or refused under data.empty_output=fail."""
+    st.empty_output += 1
+    if d.empty_output == "fail":
+        raise UserError(f"{what}; fill it in, delete it, or set data.empty_output=drop")
 
 
 def clean_conversation(r, d: DataCfg, fmt: str, at: str, source: str = "") -> dict:
@@ -602,11 +611,7 @@ def prepare(cfg: Config, tok, loaded: tuple | None = None) -> Prepared:
     tr = encode_rows(train_rows, template, tok, d, source_name(d))
     ev = encode_rows(eval_rows, template, tok, d, source_name(d))
     if not tr.rows:
-        raise UserError(
-            f"no training rows left after applying data.too_long={d.too_long} at data.max_length="
-            f"{d.max_length} ({tr.untrainable} conversations without a trained assistant turn); raise "
-            "data.max_length"
-        )
+        raise UserError(_no_training_rows(d, tr))
     n_tokens = [sum(1 for x in r["labels"] if x != IGNORE_INDEX) for r in tr.rows]
     report = {
         "source": source_name(d),
@@ -639,8 +644,25 @@ def prepare(cfg: Config, tok, loaded: tuple | None = None) -> Prepared:
     if st.mix:
         report["mix"] = st.mix
         report["duplicates_across_sources"] = st.shared
-    eval_kept = [r for r in eval_rows]  # raw held-out rows: evaluate.py generates from them
+    # The raw held-out rows, which evaluate.py answers and scores on their last assistant turn: a conversation
+    # without one has no reference, and evaluate.py would refuse the run's own eval_rows.jsonl for it.
+    eval_kept = [r for r in eval_rows if "messages" not in r or any(m["role"] == "assistant" for m in r["messages"])]
     return Prepared(tr, ev, eval_kept, template, report, digest)
+
+
+def _no_training_rows(d: DataCfg, tr: Encoded) -> str:
+    too_long = tr.dropped_too_long + tr.fully_masked
+    if not too_long:
+        # A longer max_length would change nothing for these.
+        return (
+            f"none of the {tr.untrainable} training conversations has an assistant turn to train (each is user-only, "
+            'or marks every assistant turn "train": false); add the assistant\'s answers, or unmask them'
+        )
+    untrainable = f", and {tr.untrainable} conversations without a trained assistant turn" if tr.untrainable else ""
+    return (
+        f"no training rows left after applying data.too_long={d.too_long} at data.max_length={d.max_length} "
+        f"({too_long} rows too long{untrainable}); raise data.max_length"
+    )
 
 
 def _example_rows(enc: Encoded) -> list[int]:

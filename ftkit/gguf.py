@@ -16,6 +16,7 @@ from typing import Any, Callable, Iterator
 from .cli import log
 from .config import InferenceCfg
 from .errors import UserError, user_errors
+from .jsonl import loads
 from .prompts import PromptTemplate
 
 
@@ -98,7 +99,7 @@ def read_checkpoint(path: Path) -> Checkpoint:
     index = path / "model.safetensors.index.json"
     if index.is_file():
         try:
-            weight_map = json.loads(index.read_text())["weight_map"]
+            weight_map = loads(index.read_text())["weight_map"]
         except (json.JSONDecodeError, KeyError, TypeError):
             raise UserError(f"'{index}' is not a valid shard index; re-run merge_adapter.py") from None
         files = {name: path / f for name, f in weight_map.items()}
@@ -134,7 +135,7 @@ def safetensors_header(shard: Path) -> dict[str, dict]:
             n = int.from_bytes(f.read(8), "little")
             if size < 8 or n <= 0 or 8 + n > size:
                 raise ValueError("header length past the end of the file")
-            header = json.loads(f.read(n))
+            header = loads(f.read(n))
         header.pop("__metadata__", None)
         end = max((v["data_offsets"][1] for v in header.values()), default=0)
         if 8 + n + end > size:

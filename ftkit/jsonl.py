@@ -17,13 +17,42 @@ def read_text(path: Path, what: str, fix: str) -> str:
     if path.is_dir():
         raise UserError(f"{what} '{path}' is a folder, not a file; {fix}")
     if not path.is_file():
-        raise UserError(f"{what} '{path}' not found; {fix}")
+        # A FIFO or a device (/dev/zero) exists but would block or never end when read.
+        found = "is not a regular file (a pipe, a device or a socket)" if path.exists() else "not found"
+        raise UserError(f"{what} '{path}' {found}; {fix}")
     try:
         return path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as e:
         raise UserError(f"{path}: not UTF-8 text (bad byte at offset {e.start}); re-save the file as UTF-8") from None
     except OSError as e:
         raise UserError(f"{what} '{path}' cannot be read ({e.strerror}); fix its permissions") from None
+
+
+def loads(text):
+    """json.loads, with a document nested too deeply for Python's recursion (a hostile file: 200,000 brackets)
+    raised as the decode error it is, so that every caller's handling of a corrupt file covers it."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise json.JSONDecodeError("nested too deeply", text if isinstance(text, str) else "", 0) from None
+
+
+def not_text(value) -> str | None:
+    """Where `value` (a string, or the strings in a parsed JSON value) holds a lone surrogate, which no file or
+    tokenizer can encode: valid JSON ("\\ud800", half of an emoji cut in two) and what Python makes of bytes
+    that are not UTF-8 on a command line. None when all of it is text."""
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as e:
+        return f"{e.object[e.start]!r} (a lone surrogate: invalid UTF-8, or half of a character such as an emoji)"
+    return None
+
+
+def check_text(value, where: str, fix: str) -> None:
+    """Refuse text no tokenizer can encode (see not_text) with one line naming `where` and `fix`."""
+    bad = not_text(value)
+    if bad:
+        raise UserError(f"{where} holds {bad}, which is not text; {fix}")
 
 
 def parse_jsonl(path: Path, text: str) -> tuple[list[tuple[int, object]], list[str]]:
@@ -35,9 +64,13 @@ def parse_jsonl(path: Path, text: str) -> tuple[list[tuple[int, object]], list[s
         if not line.strip():
             continue
         try:
-            rows.append((n, json.loads(line)))
+            rows.append((n, loads(line)))
         except json.JSONDecodeError as e:
             bad.append(f"line {n} is not valid JSON ({e.msg})")
+            continue
+        if "\\u" in line and (why := not_text(rows[-1][1])):  # only an escape can make a surrogate here
+            rows.pop()
+            bad.append(f"line {n} holds {why}")
     return rows, bad
 
 
@@ -62,7 +95,7 @@ def read_log_rows(path: Path) -> list[dict]:
     out = []
     for line in Path(path).read_text(encoding="utf-8", errors="replace").splitlines():
         try:
-            row = json.loads(line)
+            row = loads(line)
         except json.JSONDecodeError:
             continue
         if isinstance(row, dict):

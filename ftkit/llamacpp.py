@@ -14,6 +14,7 @@ from typing import Iterator
 from .cli import log
 from .errors import UserError
 from .gguf import check_adapter_fits
+from .jsonl import loads
 
 INSTALL_HINT = (
     "install llama.cpp's Python binding with `make llama-cpp` (builds llama-cpp-python from source, about 6 "
@@ -178,7 +179,7 @@ def with_request_defaults(app, defaults: dict):
             body += msg.get("body", b"")
             more = msg.get("more_body", False)
         try:
-            req = json.loads(body)
+            req = loads(body)
             if isinstance(req, dict):
                 body = json.dumps({**defaults, **{k: v for k, v in req.items() if v is not None}}).encode()
         except ValueError:
@@ -199,7 +200,26 @@ def with_request_defaults(app, defaults: dict):
     return wrapped
 
 
-def serve(model: Path, lora: Path | None, host: str, port: int, n_ctx: int, alias: str, defaults: dict) -> None:
+def loopback_only(host: str) -> bool:
+    """Whether `host` is an address only this machine reaches ("localhost", 127.0.0.0/8, ::1)."""
+    import ipaddress
+
+    try:
+        return host == "localhost" or ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # a host name: it may resolve to any interface
+        return False
+
+
+def serve(
+    model: Path,
+    lora: Path | None,
+    host: str,
+    port: int,
+    n_ctx: int,
+    alias: str,
+    defaults: dict,
+    api_key: str | None = None,
+) -> None:
     """llama-cpp-python's OpenAI-compatible server (/v1/chat/completions, /v1/completions, /v1/models) on the
     GGUF; the chat prompt is rendered from the GGUF's own tokenizer.chat_template (chat_format left unset), and
     requests default to the run's inference settings."""
@@ -213,6 +233,13 @@ def serve(model: Path, lora: Path | None, host: str, port: int, n_ctx: int, alia
             f"the server needs llama-cpp-python's [server] extra ({e.name} is missing): {INSTALL_HINT}"
         ) from None
     check_port(host, port)
+    if not api_key and not loopback_only(host):
+        log.warning(
+            "serving on %s without an API key: anyone who can reach port %d of this machine can use the model; "
+            "pass --api-key KEY (or set FTKIT_API_KEY), or bind --host 127.0.0.1",
+            host,
+            port,
+        )
     if lora is not None:
         check_adapter_fits(model, lora)
     settings = ModelSettings(
@@ -224,14 +251,16 @@ def serve(model: Path, lora: Path | None, host: str, port: int, n_ctx: int, alia
         verbose=False,
     )
     with refusal_as_user_error(model, lora):
-        app = create_app(server_settings=ServerSettings(host=host, port=port), model_settings=[settings])
+        server = ServerSettings(host=host, port=port, api_key=api_key or None)  # clients send "Bearer KEY"
+        app = create_app(server_settings=server, model_settings=[settings])
     log.info(
-        "serving %s%s as '%s' on http://%s:%d/v1 (Ctrl+C stops); request defaults: %s",
+        "serving %s%s as '%s' on http://%s:%d/v1%s (Ctrl+C stops); request defaults: %s",
         model,
         f" + {lora}" if lora else "",
         alias,
         host,
         port,
+        ", API key required" if api_key else "",
         ", ".join(f"{k}={v}" for k, v in defaults.items()),
     )
     uvicorn.run(with_request_defaults(app, defaults), host=host, port=port, log_level="warning")

@@ -15,6 +15,7 @@ from urllib.parse import urlparse
 from .cli import log
 from .config import Config, ModelCfg, check_attn_implementation
 from .errors import UserError, user_errors
+from .jsonl import loads
 
 
 def pick_device(pref: str) -> str:
@@ -318,7 +319,7 @@ def read_adapter_config(adapter: Path) -> dict:
             "adapter_model.safetensors); finish training first or fix paths.output_dir"
         )
     try:
-        cfg = json.loads((adapter / "adapter_config.json").read_text(encoding="utf-8"))
+        cfg = loads((adapter / "adapter_config.json").read_text(encoding="utf-8"))
     except (ValueError, OSError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise UserError(
             f"'{adapter / 'adapter_config.json'}' is cut off or corrupt ({str(e)[:80]}); it is not a "

@@ -22,6 +22,7 @@ from typing import Any, Iterator, Sequence
 from .cli import log, redact
 from .config import Config, load_config
 from .errors import UserError
+from .jsonl import loads
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -119,13 +120,29 @@ def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
 
 
+def check_own_dir(target: Path, mark: str, stage: str) -> None:
+    """A stage's output folder in a run (merged/, eval/, adapter/) is replaced only when a stage wrote it, which
+    `mark`, a file it always writes inside, says. A file, a symlink or a folder without it is the user's."""
+    if not (target.exists() or target.is_symlink()):
+        return
+    if target.is_symlink() or not target.is_dir() or not (target / mark).is_file():
+        kind = "a symlink" if target.is_symlink() else "a file" if not target.is_dir() else f"a folder without {mark}"
+        raise UserError(
+            f"'{target}' is {kind}, which {stage} did not write; it is left untouched: move it out of the run, "
+            f"then run {stage} again"
+        )
+
+
 @contextlib.contextmanager
-def atomic_dir(target: Path) -> Iterator[Path]:
-    """Yield a temporary sibling folder; on success it replaces `target` in one rename.
+def atomic_dir(target: Path, mark: str | None = None, stage: str = "") -> Iterator[Path]:
+    """Yield a temporary sibling folder; on success it replaces `target` in one rename (with `mark`: only a
+    `target` that check_own_dir finds ours).
 
     A crash leaves only a `.tmp` folder, which no stage reads, so a half-saved adapter or merged model
     can never be mistaken for a complete one.
     """
+    if mark:
+        check_own_dir(target, mark, stage)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
     if tmp.is_symlink() or tmp.is_file():
@@ -400,7 +417,7 @@ def check_resume(cfg: Config, run: RunDir, newest_step: int | None) -> None:
         if old != new:
             diffs.append(f"{key} (saved {short_repr(old, 40)}, now {short_repr(new, 40)})")
     try:
-        recorded = json.loads(run.manifest.read_text()).get("data_sha256") if run.manifest.is_file() else None
+        recorded = loads(run.manifest.read_text()).get("data_sha256") if run.manifest.is_file() else None
     except (OSError, ValueError):
         recorded = None
     now = local_data_hash(cfg.data.path)

@@ -391,18 +391,34 @@ def gc_choices(cfg: Config, hw: Hardware) -> list[bool]:
     return [bool(cfg.train.gradient_checkpointing)]
 
 
+def check_packs(t, lengths: Sequence[int], packs_a_step: int) -> None:
+    """The throughput mode's packs against the data: enough tokens for one step, and no row longer than a pack
+    (TRL cuts such a row at the pack's end, so its answer's end and EOS would never be trained, silently)."""
+    if not lengths:
+        return
+    total = sum(lengths)
+    if total < t.pack_tokens * packs_a_step:
+        raise UserError(
+            f"train.packing=true (the throughput mode) fills each step with {packs_a_step} pack(s) of "
+            f"{t.pack_tokens} tokens, but the training data holds only {total} tokens; lower "
+            f"train.pack_tokens (e.g. {max(64, total // packs_a_step // 2)}) or set train.packing=false"
+        )
+    longer = sum(n > t.pack_tokens for n in lengths)
+    if longer:
+        raise UserError(
+            f"train.pack_tokens={t.pack_tokens} is shorter than {longer} of {len(lengths)} training rows (the "
+            f"longest {max(lengths)} tokens): a pack would cut them, and their ends and EOS would never be "
+            f"trained; raise train.pack_tokens to at least {max(lengths)}, or lower data.max_length to "
+            f"{t.pack_tokens} (rows are then dropped or truncated by data.too_long, and counted)"
+        )
+
+
 def packed_batches(cfg: Config, hw: Hardware, rows: RowLengths, cost: Cost) -> tuple[Batches, list[Change]]:
     """The throughput mode: one pack of train.pack_tokens a micro-batch, the learning rate rescaled."""
     t, why = cfg.train, _Reasons()
     B, A, W = t.per_device_train_batch_size, t.gradient_accumulation_steps, hw.world_size
     asked_rows = B * A * W
-    total = sum(rows.lengths)
-    if rows.lengths and total < t.pack_tokens * A * W:
-        raise UserError(
-            f"train.packing=true (the throughput mode) fills each step with {A * W} pack(s) of "
-            f"{t.pack_tokens} tokens, but the training data holds only {total} tokens; lower "
-            f"train.pack_tokens (e.g. {max(64, total // (A * W) // 2)}) or set train.packing=false"
-        )
+    check_packs(t, rows.lengths, A * W)
     rows_micro, pack = t.pack_tokens / rows.mean, float(t.pack_tokens)
     options = gc_choices(cfg, hw)
     gc = next((g for g in options if not hw.cuda or cost.fits(pack, A, g)), options[-1])

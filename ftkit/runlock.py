@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import json
 import os
 import re
 import shutil
@@ -26,6 +25,7 @@ from pathlib import Path
 
 from .cli import log
 from .errors import UserError
+from .jsonl import loads
 from .paths import RunDir
 
 LOCK_NAME = ".lock"
@@ -59,6 +59,11 @@ def open_lock_file(path: Path, flags: int) -> int:
     try:
         fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
     except OSError as e:
+        if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise UserError(
+                f"cannot open the run's lock '{path}' for writing ({e.strerror}); make it and its folder writable "
+                "(chmod, or chattr -i for an immutable file), or set paths.output_dir to another folder"
+            ) from None
         # ELOOP: a symlink (O_NOFOLLOW); EISDIR: a folder; ENXIO: a socket or a FIFO without a reader
         if e.errno not in (errno.ELOOP, errno.EISDIR, errno.ENXIO):
             raise
@@ -133,9 +138,13 @@ class RunLock:
                 if pid_alive(int(pid))
                 else "is no longer running (it stopped without releasing the lock)",
             )
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()} {self.what}\n".encode())
-        os.fsync(fd)
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()} {self.what}\n".encode())
+            os.fsync(fd)
+        except OSError as e:  # a full disk: the error names the lock, which a bare descriptor's would not
+            os.close(fd)
+            raise OSError(e.errno, e.strerror, str(self.path)) from None
         self.fd = fd
         return self
 
@@ -161,13 +170,16 @@ def _holder_pid(lock_path: Path) -> str:
     return holder.split()[0] if holder != "unknown" else "unknown"
 
 
-def check_unlocked(root: Path) -> None:
-    """Fail early, before any work, when another process holds the run's lock; takes nothing."""
+def check_unlocked(root: Path, writing: bool = True) -> None:
+    """Fail early, before any work, when another process holds the run's lock, or (`writing`) when the lock
+    could not be taken for lack of permission; takes nothing."""
     p = Path(root) / LOCK_NAME
     if not p.exists() and not p.is_symlink():
         return
     try:
-        fd = open_lock_file(p, os.O_RDONLY)
+        # Opened for writing only to learn whether it can be (an immutable or read-only lock would otherwise
+        # fail after the model loaded); opening changes nothing in it.
+        fd = open_lock_file(p, os.O_RDWR if writing else os.O_RDONLY)
     except OSError:
         return
     try:
@@ -227,7 +239,7 @@ def is_own_report(path: Path) -> bool:
     if path.is_symlink() or not path.is_file():
         return False
     try:
-        rep = json.loads(path.read_text(encoding="utf-8"))
+        rep = loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
     return isinstance(rep, dict) and {"rows_in_file", "train_rows", "length_histogram"} <= rep.keys()

@@ -14,12 +14,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import patches, runlock
-from .checkpoints import complete_checkpoints, trained_step
+from .checkpoints import check_loads_as_tensors, complete_checkpoints, trained_step
 from .cli import log
 from .config import Config, check_library_options, mutates_base
 from .distributed import barrier, dist_info, elastic_shutdown_timeout, is_main
 from .errors import UserError
 from .estimate import optim_state_bytes
+from .jsonl import loads
 from .models import load_causal_lm, load_tokenizer, model_skeleton, torch_dtype
 from .paths import (
     RunDir,
@@ -28,6 +29,7 @@ from .paths import (
     atomic_write_text,
     check_free_space,
     check_latest_pointer,
+    check_own_dir,
     check_resume,
     save_resolved_config,
     write_latest,
@@ -41,6 +43,9 @@ from .quant import (
     validate_modules_to_save,
     validate_target_modules,
 )
+
+# adapter/ is finetune's when it holds the adapter config it writes.
+OWN_ADAPTER = ("adapter_config.json", "finetune.py")
 
 
 # -- before anything is written ------------------------------------------------------------------------------
@@ -70,12 +75,27 @@ def open_run(cfg: Config, overwrite: bool, resume: bool) -> tuple[RunDir, bool]:
     if resume and not run.config.is_file():
         raise UserError(f"--resume: '{run.root}' holds no run to resume; drop --resume to start one")
     runlock.check_run_target(run.root, overwrite, resume)
-    check_latest_pointer(cfg.paths.latest)
-    check_library_options(cfg)
+    check_options(cfg)
     if resume:
+        # Resuming writes into these: a link would have another run's (or the user's) folder written instead.
+        if run.checkpoints.is_symlink():
+            raise UserError(
+                f"'{run.checkpoints}' is a symlink; a resume writes its checkpoints there, into the folder it points "
+                "at: replace the link by a copy of the checkpoints, or start a new run in another paths.output_dir"
+            )
+        check_own_dir(run.adapter, *OWN_ADAPTER)
         done = complete_checkpoints(run.checkpoints)
         check_resume(cfg, run, trained_step(done[-1]) if done else None)
+        if done:
+            check_loads_as_tensors(done[-1])
     return run, resume
+
+
+def check_options(cfg: Config) -> None:
+    """What the config asks of the installed libraries and the launch, before any data or weights load; the dry
+    run checks the same, so that it accepts nothing the real run refuses."""
+    check_latest_pointer(cfg.paths.latest)
+    check_library_options(cfg)
 
 
 def inspect_model(cfg: Config, source: str, offline: bool):
@@ -584,7 +604,7 @@ def truncate_train_log(path: Path, step: int) -> int:
     kept, dropped = [], 0
     for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
         try:
-            row = json.loads(line)
+            row = loads(line)
         except json.JSONDecodeError:
             dropped += 1
             continue
@@ -673,7 +693,7 @@ def finish(
         "first_train_loss": next((h["loss"] for h in state.log_history if "loss" in h), None),
         "final_train_loss": train_loss,
         "final_eval_loss": eval_loss,
-        "train_loss_mean": result.training_loss,
+        "train_loss_mean": mean_train_loss(state.log_history) if resumed_from else result.training_loss,
         "best_checkpoint": state.best_model_checkpoint,
         "best_metric": state.best_metric,
         "trainable_params": params.trainable,
@@ -725,7 +745,7 @@ def save_adapter(trainer, run: RunDir, n_lora: int, initial: dict | None = None)
         from safetensors import safe_open
         from safetensors.torch import save_file
 
-        with atomic_dir(run.adapter) as tmp:
+        with atomic_dir(run.adapter, *OWN_ADAPTER) as tmp:
             if tensors is None and initial is not None:
                 import tempfile
 
@@ -762,6 +782,19 @@ def peak_memory_gb(device: str) -> float:
 
         return round(torch.cuda.max_memory_allocated() / 1e9, 3)  # GB (1e9), as plan.json's predictions
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9, 3)  # Linux reports KiB
+
+
+def mean_train_loss(history: list[dict]) -> float | None:
+    """The mean training loss a step over the logged steps of a resumed run. Not the Trainer's `training_loss`:
+    after a resume that sums the losses of this process's steps only and divides by every step of the run. Each
+    logged loss is the mean over the steps since the previous log, so it is weighted by how many it covers."""
+    total = steps = last = 0
+    for h in history:
+        if "loss" in h:
+            total += h["loss"] * (h["step"] - last)
+            steps += h["step"] - last
+            last = h["step"]
+    return total / steps if steps else None
 
 
 def final_losses(history: list[dict]) -> tuple[float | None, float | None]:

@@ -1159,6 +1159,167 @@ CASES = [
         "duplicate key",
         {"c.yaml": "quant:\n  load_in_4bit: true\n  load_in_4bit: false\n"},
     ),
+    # -- issue 24: trust round 4 ---------------------------------------------------------------------
+    Case(
+        "packing-rows-longer-than-a-pack",
+        "finetune.py",
+        ft("train.packing=true", "train.pack_tokens=64", "data.max_length=256"),
+        "shorter than",
+        {"data.json": json.dumps([dict(r, output=(r["output"] + " ") * 6) for r in ROWS])},
+    ),
+    *(
+        Case(f"dry-run-{key.split('.')[1]}", "finetune.py", ft(f"{key}={value}", "--dry-run"), key, GOOD)
+        for key, value in [
+            ("train.optim", "adamw_torhc"),
+            ("train.lr_scheduler_type", "cosin"),
+            ("train.report_to", "wandb"),
+            ("model.attn_implementation", "sdpaa"),
+            ("train.per_device_train_batch_size", 10**18),
+            ("train.gradient_accumulation_steps", 10**18),
+            ("data.max_length", 10**12),
+            ("train.learning_rate", 1e300),
+            ("train.seed", 10**23),
+            ("train.warmup_steps", 1e300),
+        ]
+    ),
+    Case(
+        "dry-run-best-checkpoint-not-saved",
+        "finetune.py",
+        ft("train.load_best_model_at_end=true", "train.save_steps=3", "--dry-run"),
+        "must be a multiple of train.eval_steps",
+        GOOD,
+    ),
+    Case("source-weight-huge", "finetune.py", ft("data.path=[{{path: {tmp}/data.json, weight: 1e9}}]"), "weight", GOOD),
+    Case("output-dir-newline", "finetune.py", ft("paths.output_dir={tmp}/a\nb"), "control character", GOOD),
+    Case(
+        "output-dir-tab-dry-run",
+        "finetune.py",
+        ft("paths.output_dir={tmp}/a\tb", "--dry-run"),
+        "paths.output_dir",
+        GOOD,
+    ),
+    Case(
+        "columns-two-fields-one-column",
+        "dataset.py",
+        ft("data.columns={{instruction: output, output: output}}"),
+        "maps both instruction and output to the column 'output'",
+        GOOD,
+    ),
+    Case("output-dir-name-leaves-no-room", "finetune.py", ft("paths.output_dir={tmp}/" + "x" * 245), "at most", GOOD),
+    Case(
+        "output-dir-path-too-long",
+        "dataset.py",
+        ft("paths.output_dir={tmp}/" + "/".join(["y" * 200] * 20)),
+        "as a full path",
+        GOOD,
+    ),
+    Case(
+        "prompt-not-utf8", "inference.py", ["--config", "{run}/config.yaml", "--prompt", "caf\udcff"], "--prompt holds"
+    ),
+    Case(
+        "input-not-utf8",
+        "inference.py",
+        ["--config", "{run}/config.yaml", "--prompt", "x", "--input", "\udcff"],
+        "--input",
+    ),
+    Case(
+        "prompt-file-lone-surrogate",
+        "inference.py",
+        ["--config", "{run}/config.yaml", "--input-file", "{tmp}/p.jsonl"],
+        "line 2 holds '\\ud83d'",
+        {"p.jsonl": '{"instruction": "hi"}\n{"instruction": "cut \\ud83d"}\n'},
+    ),
+    Case(
+        "data-lone-surrogate-jsonl",
+        "dataset.py",
+        ft(data="{tmp}/d.jsonl"),
+        "line 33 holds",
+        {"d.jsonl": GOOD_JSONL + '{"instruction": "x", "output": "cut \\udc00 here"}\n'},
+    ),
+    Case(
+        "data-lone-surrogate-json",
+        "finetune.py",
+        ft(),
+        "row 3 holds '\\ud800'",
+        {"data.json": json.dumps([*ROWS[:2], dict(ROWS[2], output="\ud800"), *ROWS[3:]])},
+    ),
+    Case("config-not-utf8-override", "finetune.py", ft("data.system_prompt=a\udcff"), "data.system_prompt holds", GOOD),
+    Case(
+        "adapter-config-nested-deep",
+        "merge_adapter.py",
+        ["--config", "{tmp}/run/config.yaml"],
+        "nested too deeply",
+        setup="run-deep-adapter-config",
+    ),
+    Case("data-nested-deep", "dataset.py", ft(), "nested too deeply", {"data.json": "[" * 200_000 + "]" * 200_000}),
+    Case(
+        "config-nested-deep",
+        "finetune.py",
+        ["--config", "{tmp}/c.yaml"],
+        "nested too deeply",
+        {"c.yaml": "train: " + "[" * 100_000 + "]" * 100_000 + "\n"},
+    ),
+    Case(
+        "template-syntax-error",
+        "dataset.py",
+        ft("data.prompt_template={tmp}/t.jinja"),
+        "has a Jinja syntax error at line 1",
+        {**GOOD, "t.jinja": "{% for m in messages %}{{ m['content'] }"},
+    ),
+    Case(
+        "template-builds-gigabytes",
+        "dataset.py",
+        ft("data.prompt_template={tmp}/t.jinja"),
+        "built a value of 1,000,000,000 items",
+        {**GOOD, "t.jinja": "{% for m in messages %}{{ m['content'] * 1000000000 }}{% endfor %}"},
+    ),
+    Case(
+        "template-writes-too-much",
+        "dataset.py",
+        ft("data.prompt_template={tmp}/t.jinja"),
+        "wrote more than",
+        {
+            **GOOD,
+            "t.jinja": "{% for i in range(99999) %}{{ 'x' * 1000 }}{% endfor %}"
+            "{% for m in messages %}{{ m['content'] }}{% endfor %}",
+        },
+        max_s=30,
+    ),
+    Case(
+        "api-key-without-serve",
+        "inference.py",
+        ["--config", "{run}/config.yaml", "--prompt", "hi", "--api-key=k"],
+        "--api-key go with --serve",
+    ),
+    Case(
+        "merged-is-the-users-folder",
+        "merge_adapter.py",
+        ["--config", "{tmp}/run/config.yaml"],
+        "without merge_check.json, which merge_adapter.py did not write",
+        setup="run-users-merged",
+    ),
+    Case(
+        "eval-is-the-users-file",
+        "evaluate.py",
+        ["--config", "{tmp}/run/config.yaml"],
+        "is a file, which evaluate.py did not write",
+        setup="run-users-eval",
+    ),
+    Case("data-is-a-device", "dataset.py", ft(data="/dev/zero"), "not a regular file", GOOD),
+    Case(
+        "conversations-without-turns",
+        "dataset.py",
+        ft(data="{tmp}/c.jsonl"),
+        "no usable rows left (10 empty outputs or conversations",
+        {"c.jsonl": (json.dumps({"messages": []}) + "\n") * 10},
+    ),
+    Case(
+        "conversations-user-only",
+        "finetune.py",
+        ft(data="{tmp}/c.jsonl"),
+        "has an assistant turn to train",
+        {"c.jsonl": "".join(json.dumps({"messages": [{"role": "user", "content": f"q{i}"}]}) + "\n" for i in range(9))},
+    ),
 ]
 
 
@@ -1231,6 +1392,7 @@ def nan_weights(path: Path) -> None:
     )
 
 
+DEEP = 200_000
 LOCK_HOLDER = (
     "import fcntl, os, sys, time\n"
     "fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)\n"
@@ -1258,6 +1420,13 @@ def prepare(setup: str, tmp: Path, trained_run: Path, models: dict) -> list:
             p = run / "eval_rows.jsonl"
             first = p.read_text().splitlines()[0]
             p.write_text(first + "\n" + first[: len(first) // 2] + "\n")
+        elif setup == "run-users-merged":  # the user's folder where merge writes, in a run never merged
+            (run / "merged").mkdir()
+            (run / "merged" / "notes.txt").write_text("mine\n")
+        elif setup == "run-users-eval":
+            (run / "eval").write_text("mine\n")
+        elif setup == "run-deep-adapter-config":  # valid JSON, nested past Python's recursion limit
+            (run / "adapter" / "adapter_config.json").write_text('{"a": ' + "[" * DEEP + "]" * DEEP + "}")
         elif setup == "run-dora-adapter":
             p = run / "adapter" / "adapter_config.json"
             p.write_text(json.dumps(dict(json.loads(p.read_text()), use_dora=True)))
