@@ -7,7 +7,8 @@ import struct
 import zipfile
 from pathlib import Path
 
-from .cli import UserError, log
+from .cli import log
+from .errors import UserError
 from .jsonl import loads
 
 CHECKPOINT_FILES = ("adapter_model.safetensors", "trainer_state.json", "optimizer.pt", "scheduler.pt")

@@ -15,7 +15,7 @@ import signal
 import threading
 import time
 
-from .cli import UserError
+from .errors import UserError
 
 # A real template renders a conversation in milliseconds; these are far past any honest one.
 RENDER_SECONDS = 20.0
