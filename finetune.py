@@ -39,7 +39,7 @@ from ftkit import train
 from ftkit.cli import build_parser, log, parse_args, run_main
 from ftkit.config import Config
 from ftkit.data import load_clean_split, prepare, print_report
-from ftkit.distributed import dist_info, fsdp_enabled, is_main, setup
+from ftkit.distributed import check_distributed, dist_info, fsdp_enabled, is_main, setup
 from ftkit.errors import UserError
 from ftkit.models import causal_lm_config, load_tokenizer, pick_device, resolve_model
 from ftkit.paths import load_run_config
@@ -90,6 +90,9 @@ def dry_run(cfg: Config) -> dict:
     calibrated reference GPU when none is visible; ftkit/estimate.py). Loads no weights, writes nothing."""
     train.check_options(cfg)
     device = pick_device(cfg.train.device)
+    check_distributed(
+        cfg, device
+    )  # the launch's checks too (FSDP settings, GPUs without a launcher), as setup() runs them
     source, offline = resolve_model(cfg.model)
     mconf = causal_lm_config(cfg, source, offline)
     lengths, note, n_eval = [], "", None

@@ -184,6 +184,19 @@ CASES = [
         GOOD,
         env={"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"},
     ),
+    Case(  # the dry run runs the launch's checks as the real run does
+        "dry-run-lora-init-olora-under-fsdp",
+        "finetune.py",
+        ft(
+            "quant.bnb_4bit_quant_storage=bfloat16",
+            "train.optim=adamw_torch",
+            "lora.init_lora_weights=olora",
+            "--dry-run",
+        ),
+        "under FSDP is not supported",
+        GOOD,
+        env={"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"},
+    ),
     Case(
         "lora-init-olora-under-fsdp",
         "finetune.py",
