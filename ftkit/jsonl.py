@@ -38,13 +38,24 @@ def loads(text):
 
 
 def not_text(value) -> str | None:
-    """Where `value` (a string, or the strings in a parsed JSON value) holds a lone surrogate, which no file or
-    tokenizer can encode: valid JSON ("\\ud800", half of an emoji cut in two) and what Python makes of bytes
-    that are not UTF-8 on a command line. None when all of it is text."""
-    try:
-        json.dumps(value, ensure_ascii=False).encode("utf-8")
-    except UnicodeEncodeError as e:
-        return f"{e.object[e.start]!r} (a lone surrogate: invalid UTF-8, or half of a character such as an emoji)"
+    """Where `value` (a string, or the strings in a parsed JSON or YAML value) holds a lone surrogate, which no
+    file or tokenizer can encode: valid JSON ("\\ud800", half of an emoji cut in two) and what Python makes of
+    bytes that are not UTF-8 on a command line. None when all of it is text. Each container is read once: a YAML
+    alias bomb is a few shared lists that would expand to billions of strings if walked as a tree."""
+    seen: set[int] = set()
+    todo = [value]
+    while todo:
+        v = todo.pop()
+        if isinstance(v, str):
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError as e:
+                return (
+                    f"{e.object[e.start]!r} (a lone surrogate: invalid UTF-8, or half of a character such as an emoji)"
+                )
+        elif isinstance(v, (list, tuple, dict)) and id(v) not in seen:
+            seen.add(id(v))
+            todo.extend([*v.keys(), *v.values()] if isinstance(v, dict) else v)
     return None
 
 

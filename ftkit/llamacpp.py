@@ -280,12 +280,30 @@ def teacher_forced(llm, prompt: list[int], answer: list[int]) -> tuple[float, li
     return float(-logp[np.arange(len(answer)), answer].sum()), [int(t) for t in top]
 
 
+def greedy_after_teacher_forcing(llm, prompt: list[int], answer: list[int], top: list[int], n: int) -> list[int]:
+    """greedy_ids(llm, prompt, n), read from a teacher-forced pass over prompt + answer that left `top` (its argmax
+    at each answer position) and its KV cache behind. While greedy decoding reproduces the reference answer, its
+    next token is the teacher-forced argmax at that position, so only the tokens after the first disagreement are
+    decoded, from the cached prefix: the same answer, without re-reading the prompt or the agreeing tokens."""
+    out: list[int] = []
+    for want, got in zip(answer, top):
+        if len(out) == n or _is_eog(llm, got):
+            return out
+        out.append(got)
+        if got != want:
+            break
+    if len(out) == n:
+        return out
+    return out + greedy_ids(llm, prompt + out, n - len(out))
+
+
 def export_quality(
     files: dict[str, Path], rows: list[dict], template, tok, max_length: int, max_new_tokens: int
 ) -> dict:
     """Each GGUF run inside llama.cpp on held-out Alpaca rows: perplexity of the reference answers, top-1
     agreement with the first file's (the reference export's) argmax at every answer position, and exact match
-    of greedy answers on the verifiable rows, detokenized by llama.cpp."""
+    of greedy answers on the verifiable rows, detokenized by llama.cpp. Each row is read once per file: the
+    greedy answer continues from the teacher-forced pass (greedy_after_teacher_forcing)."""
     import math
 
     from .scoring import exact_match, generation_budget, is_verifiable
@@ -295,21 +313,23 @@ def export_quality(
         ids, labels = template.encode(tok, r["instruction"], r.get("input") or None, r["output"], max_length)[:2]
         k = next(i for i, lab in enumerate(labels) if lab != -100)
         pairs.append((ids[:k], ids[k:]))
-    verifiable = [i for i, r in enumerate(rows) if is_verifiable(r)]
-    budget = generation_budget(tok, [rows[i] for i in verifiable] or rows, max_new_tokens)
+    verifiable = {i for i, r in enumerate(rows) if is_verifiable(r)}
+    budget = generation_budget(tok, [rows[i] for i in sorted(verifiable)] or rows, max_new_tokens)
     n_ctx = max(len(p) + len(a) for p, a in pairs) + budget + 16
     out: dict[str, dict] = {}
     ref_top: list[list[int]] | None = None
     for name, what in files.items():
         path, lora = what if isinstance(what, tuple) else (what, None)
         llm = load(path, lora=lora, n_ctx=n_ctx, logits_all=True)
-        nll, n, tops = 0.0, 0, []
-        for p, a in pairs:
+        nll, n, tops, answers = 0.0, 0, [], []
+        for i, (p, a) in enumerate(pairs):
             s, top = teacher_forced(llm, p, a)
             nll, n = nll + s, n + len(a)
             tops.append(top)
-        answers = [llm.detokenize(greedy_ids(llm, pairs[i][0], budget)).decode("utf-8", "replace") for i in verifiable]
-        em = [exact_match(ans, rows[i]["output"]) for ans, i in zip(answers, verifiable)]
+            if i in verifiable:
+                ids = greedy_after_teacher_forcing(llm, p, a, top, budget)
+                answers.append(llm.detokenize(ids).decode("utf-8", "replace"))
+        em = [exact_match(ans, rows[i]["output"]) for ans, i in zip(answers, sorted(verifiable))]
         ref_top = ref_top or tops
         same = sum(x == y for a, b in zip(tops, ref_top) for x, y in zip(a, b))
         out[name] = {

@@ -639,7 +639,7 @@ CASES = [
         ["--config", "{tmp}/c.yaml"],
         "train.optim",
         {"c.yaml": "train:\n  optim: " + ALIAS_BOMB + "\n"},
-        max_s=60,
+        max_s=10,
     ),
     Case("config-output-dir-name-too-long", "finetune.py", ft("paths.output_dir={tmp}/" + "r" * 300), "bytes", GOOD),
     Case("config-is-a-folder", "finetune.py", ["--config", "{tmp}"], "is a folder"),
