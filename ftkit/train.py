@@ -323,6 +323,10 @@ def sft_config(cfg: Config, run: RunDir, plan: TrainPlan):
 
     t = cfg.train
     do_eval = plan.eval_steps is not None
+    # transformers 5.24 (not 5.17) calls gradient_checkpointing activation_checkpointing: the old name warns on every
+    # run and goes in v6; the versions before know only the old name.
+    renamed = "activation_checkpointing" in SFTConfig.__dataclass_fields__
+    recompute = "activation_checkpointing" if renamed else "gradient_checkpointing"
     return SFTConfig(
         output_dir=str(run.checkpoints),
         learning_rate=plan.learning_rate,
@@ -337,8 +341,10 @@ def sft_config(cfg: Config, run: RunDir, plan: TrainPlan):
         weight_decay=t.weight_decay,
         max_grad_norm=t.max_grad_norm,
         optim=t.optim,
-        gradient_checkpointing=plan.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if plan.gradient_checkpointing else None,
+        **{
+            recompute: plan.gradient_checkpointing,
+            f"{recompute}_kwargs": {"use_reentrant": False} if plan.gradient_checkpointing else None,
+        },
         logging_steps=t.logging_steps,
         save_strategy="steps",
         save_steps=t.save_steps,

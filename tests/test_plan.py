@@ -196,8 +196,11 @@ def test_sft_config_copies_the_plan(tmp_path):
 
     cfg = load_config(REPO / "configs" / "demo.yaml")
     plan = make_plan(cfg, Hardware(**CPU), [100, 200, 50, 80], LLAMA, eval_rows=20)
-    args = sft_config(cfg, RunDir(tmp_path), dataclasses.replace(plan, per_device_eval_batch_size=3, max_length=77))
+    odd = dataclasses.replace(plan, per_device_eval_batch_size=3, max_length=77, gradient_checkpointing=True)
+    args = sft_config(cfg, RunDir(tmp_path), odd)
     assert (args.eval_strategy, args.eval_steps, args.metric_for_best_model) == ("steps", 50, "eval_loss")
     assert (args.per_device_eval_batch_size, args.max_length) == (3, 77)
+    # transformers 5.24 calls it activation_checkpointing and keeps the old name as a mirror of it
+    assert args.gradient_checkpointing is True and args.gradient_checkpointing_kwargs == {"use_reentrant": False}
     args = sft_config(cfg, RunDir(tmp_path), dataclasses.replace(plan, eval_steps=None))
     assert (args.eval_strategy, args.eval_steps, args.metric_for_best_model) == ("no", None, None)
