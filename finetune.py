@@ -59,11 +59,11 @@ def main(cfg: Config, overwrite: bool = False, resume: bool = False) -> dict:
     prep = prepare(cfg, tok, loaded)
     if is_main():
         print_report(prep.report)
-    plan = make_plan(cfg, hw, prep.train.lengths, skeleton.config)
+    plan = make_plan(cfg, hw, prep.train.lengths, skeleton.config, eval_rows=len(prep.eval.rows))
     train.check_run_inputs(cfg, run, plan, skeleton, len(prep.train.rows), len(prep.eval.rows))
     if is_main():
         log.info("%s", plan.describe())
-    args = train.sft_config(cfg, run, plan, len(prep.eval.rows))
+    args = train.sft_config(cfg, run, plan)
     del skeleton
     # 2. The model: 4-bit base, LoRA, the planned switches.
     model, params = train.build_model(cfg, plan, source, offline)
@@ -109,7 +109,7 @@ def dry_run(cfg: Config) -> dict:
         if device == "cuda"
         else reference_hardware(world, fsdp_enabled())
     )
-    plan = make_plan(cfg, hw, lengths, mconf, strict=False)
+    plan = make_plan(cfg, hw, lengths, mconf, eval_rows=n_eval, strict=False)
     where = plan.gpu if device == "cuda" else f"{plan.gpu} (no GPU detected here; the calibrated reference)"
     print(f"dry run: {cfg.model.name_or_path} on {where}{note}")
     print(plan.prediction())

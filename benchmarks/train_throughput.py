@@ -256,12 +256,12 @@ def project_trainer(
             *overrides,
         ],
     )
-    plan = make_plan(cfg, detect_hardware(device), lengths, base.config)
+    plan = make_plan(cfg, detect_hardware(device), lengths, base.config, eval_rows=0)
     if plan_override:
         plan = dataclasses.replace(plan, **plan_override)
     model = train.apply_lora(cfg, plan, base)[0]  # (model, trainable, total, initial weights)
     train.apply_speed_switches(plan, model)
-    args = train.sft_config(cfg, RunDir(Path(tempfile.mkdtemp())), plan, 0)
+    args = train.sft_config(cfg, RunDir(Path(tempfile.mkdtemp())), plan)
     args.disable_tqdm = True
     trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok)
     return trainer, plan.to_json()

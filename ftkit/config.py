@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .errors import UserError
 from .jsonl import check_text, read_text
+from .templates import TEMPLATES
 
 # -- the config --------------------------------------------------------------------------------------
 # Upper bounds on counts and sizes, checked here and nowhere else. Past them a value is a typo (a batch of 1e18, a
@@ -145,8 +146,9 @@ class LoraCfg(Section):
 # The fields a data.columns mapping may rename: Alpaca's three, the conversation lists of the two chat formats,
 # and ShareGPT's top-level system prompt.
 DATA_COLUMNS = ("instruction", "input", "output", "messages", "conversations", "system")
-# Prompt templates by name; any other value must be a path to a Jinja chat template file.
-TEMPLATE_NAMES = ("alpaca", "chat", "llama3", "chatml")
+# Prompt templates by name: the tokenizer's own, or a registered one; any other value must be a path to a Jinja
+# chat template file.
+TEMPLATE_NAMES = ("chat", *TEMPLATES)
 
 
 def _check_columns(v: dict[str, str] | None) -> dict[str, str] | None:

@@ -18,6 +18,7 @@ from .config import InferenceCfg
 from .errors import UserError, user_errors
 from .jsonl import loads
 from .prompts import PromptTemplate
+from .templates import TEMPLATES, ChatTemplate, go_literal
 
 
 @dataclass(frozen=True)
@@ -495,77 +496,70 @@ def gguf_chat_template(template: PromptTemplate) -> str | None:
     )
 
 
-CHATML_GO = (
-    "{{- if .System }}<|im_start|>system\n{{ .System }}<|im_end|>\n{{ end }}"
-    '{{- range .Messages }}{{- if ne .Role "system" }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n'
-    "{{ end }}{{- end }}<|im_start|>assistant\n"
-)
+# A chat of three turns whose texts cannot occur in a template: where each lands in a rendering shows its layout.
+PROBE_CHAT = [
+    {"role": "user", "content": "\x01"},
+    {"role": "assistant", "content": "\x02"},
+    {"role": "user", "content": "\x03"},
+]
 
 
-LLAMA3_GO = (
-    "{{- if .System }}<|start_header_id|>system<|end_header_id|>\n\n{{ .System }}<|eot_id|>{{ end }}"
-    '{{- range .Messages }}{{- if ne .Role "system" }}<|start_header_id|>{{ .Role }}<|end_header_id|>\n\n'
-    "{{ .Content }}<|eot_id|>{{ end }}{{- end }}<|start_header_id|>assistant<|end_header_id|>\n\n"
-)
-
-
-SYSTEM_RE = {
-    "chatml": r"<\|im_start\|>system\n(.*?)<\|im_end\|>",
-    "llama3": r"<\|start_header_id\|>system<\|end_header_id\|>\n\n(.*?)<\|eot_id\|>",
-}
-
-
-def _go_literal(text: str) -> str:
-    # Text outside actions is copied verbatim by Go templates, except an opening delimiter.
-    return text.replace("{{", '{{ "{{" }}')
+def _as(template: PromptTemplate, entry: ChatTemplate) -> PromptTemplate:
+    return replace(template, chat_template=entry.jinja, name=entry.name)
 
 
 def chat_style(tok, template: PromptTemplate) -> str | None:
-    """ChatML or Llama-3, told apart by the stop tokens, and confirmed by how the template renders a turn."""
+    """The registered template (ftkit/templates.py) a chat template renders as, whatever its origin (the tokenizer's
+    own, a file, a registered name): its end of turn is one of the stop tokens, and its rendering of a probe chat
+    appears whole in this template's (which may add BOS or a default system turn around it)."""
     if template.kind != "chat":
         return None
-    stops = {tok.convert_ids_to_tokens(i) for i in template.stop_token_ids}
-    rendered = template.render_prompt(tok, "\x01")
-    if "<|im_end|>" in stops and "<|im_start|>user\n\x01<|im_end|>\n<|im_start|>assistant\n" in rendered:
-        return "chatml"
-    if (
-        "<|eot_id|>" in stops
-        and (
-            "<|start_header_id|>user<|end_header_id|>\n\n\x01<|eot_id|>"
-            "<|start_header_id|>assistant<|end_header_id|>\n\n"
-        )
-        in rendered
-    ):
-        return "llama3"
+    try:
+        rendered = template.render(tok, PROBE_CHAT, True)
+    except UserError:  # a template that refuses the probe chat is none of the registered layouts
+        return None
+    bos = tok.bos_token or ""
+    for entry in TEMPLATES.values():
+        end = entry.end_of_turn_text(tok.eos_token)
+        if end is None or tok.convert_tokens_to_ids(end) not in template.stop_token_ids:
+            continue
+        text = _as(template, entry).render(tok, PROBE_CHAT, True)
+        if (text[len(bos) :] if bos and text.startswith(bos) else text) in rendered:
+            return entry.name
     return None
 
 
 def default_system(tok, template: PromptTemplate, style: str | None) -> str | None:
-    """The system prompt training used: the configured one, else the one the chat template adds by itself."""
+    """The system prompt training used: the configured one, else the one the chat template adds by itself (what it
+    writes, given no system turn, where its registered style writes a system turn's text)."""
     if template.system_prompt:
         return template.system_prompt
     if style is None:
         return None
-    m = re.search(SYSTEM_RE[style], template.render_prompt(tok, "\x01"), re.S)
-    return m.group(1) if m else None
+    user = PROBE_CHAT[:1]
+    with_system = _as(template, TEMPLATES[style]).render(tok, [{"role": "system", "content": "\x04"}, *user], True)
+    head, _, tail = with_system.partition("\x04")
+    text = template.render(tok, user, True)
+    if len(text) > len(head) + len(tail) and text.startswith(head) and text.endswith(tail):
+        return text[len(head) : len(text) - len(tail)]
+    return None
 
 
 def ollama_template(tok, template: PromptTemplate, add_bos: bool) -> tuple[str, str | None, str]:
-    """(Go TEMPLATE, SYSTEM, style). ChatML and Llama-3 get multi-turn templates over .Messages; anything else
-    a single-turn template cut from the training render itself, with .System and .Prompt in place."""
+    """(Go TEMPLATE, SYSTEM, style). A template that renders as a registered one gets that entry's multi-turn Ollama
+    form; anything else a single-turn template cut from the training render itself, with .System and .Prompt in
+    place."""
     style = chat_style(tok, template)
     system = default_system(tok, template, style)
-    if style == "chatml":
-        return CHATML_GO, system, style
-    if style == "llama3":
-        return LLAMA3_GO, system, style
+    if style is not None:
+        return TEMPLATES[style].ollama_form(tok.eos_token), system, style
     bos = tok.bos_token if add_bos else None
 
     def cut(t: PromptTemplate) -> str:
         text = t.render_prompt(tok, "\x01")
         if bos and text.startswith(bos):
             text = text[len(bos) :]  # llama.cpp adds BOS itself
-        return _go_literal(text).replace("\x01", "{{ .Prompt }}").replace("\x02", "{{ .System }}")
+        return go_literal(text).replace("\x01", "{{ .Prompt }}").replace("\x02", "{{ .System }}")
 
     no_sys = cut(replace(template, system_prompt=None))
     with_sys = cut(replace(template, system_prompt="\x02"))

@@ -111,6 +111,10 @@ class TrainPlan:
     upcast_frozen_fp32: bool
     tiled_mlp: bool
     offload_layers: int
+    # What TRL is told besides the batches (trainer_inputs): evaluation, and how long a row or pack may be.
+    eval_steps: int | None  # evaluate the held-out rows every N steps; None: no evaluation
+    per_device_eval_batch_size: int  # rows an eval micro-batch holds (packs, when packing)
+    max_length: int | None  # TRL's max_length: the pack's length when packing; None: rows come cut already
     mean_row_tokens: float
     gpu: str
     gpu_memory_gb: float
@@ -203,15 +207,18 @@ class _Reasons(list):
         return planned
 
 
-def make_plan(cfg: Config, hw: Hardware, lengths: Sequence[int], mconf, *, strict: bool = True) -> TrainPlan:
+def make_plan(
+    cfg: Config, hw: Hardware, lengths: Sequence[int], mconf, *, eval_rows: int | None, strict: bool = True
+) -> TrainPlan:
     """Decide the plan. `lengths`: the token lengths of the training rows (this process's view of the whole
-    set); `mconf`: the model's config (no weights needed). Raises UserError, before any model loads, for a
+    set); `eval_rows`: how many held-out rows there are (None: not known, as in a dry run that could not read the
+    data); `mconf`: the model's config (no weights needed). Raises UserError, before any model loads, for a
     plan that cannot fit the GPU (unless `strict` is off, as for --dry-run) and for a throughput mode the data
     cannot fill. Reads cfg, never writes it.
 
-    Four decisions, in order, each returning its values and the reasons for those that differ from the YAML:
+    Five decisions, in order, each returning its values and the reasons for those that differ from the YAML:
     the kernels, the batches (micro-batches, accumulation, the learning rate), recompute (checkpointing, tiled
-    MLP, offloaded layers) and whether the result fits."""
+    MLP, offloaded layers), whether the result fits, and what TRL is told besides (evaluation, row length)."""
     kern, why_kernels = kernels(cfg, hw)
     rows = RowLengths.of(lengths, cfg.data.max_length)
     cost = Cost(model_numbers(mconf, cfg.lora.r, cfg.lora.target_modules), hw, kern, rows.mean, cfg.train.optim)
@@ -219,6 +226,7 @@ def make_plan(cfg: Config, hw: Hardware, lengths: Sequence[int], mconf, *, stric
     bat, why_batches = decide_batches(cfg, hw, rows, cost)
     rec, why_recompute = recompute(cfg, hw, bat, cost)
     largest = fit(cfg, hw, bat, rec, cost, strict)
+    given, why_given = trainer_inputs(cfg, kern, eval_rows)
     packing = cfg.train.packing is True
     return TrainPlan(
         device=hw.device,
@@ -240,12 +248,15 @@ def make_plan(cfg: Config, hw: Hardware, lengths: Sequence[int], mconf, *, stric
         upcast_frozen_fp32=kern.upcast,
         tiled_mlp=rec.tiled,
         offload_layers=rec.offload,
+        eval_steps=given.eval_steps,
+        per_device_eval_batch_size=given.eval_batch,
+        max_length=given.max_length,
         mean_row_tokens=round(rows.mean, 1),
         gpu=hw.gpu_name,
         gpu_memory_gb=hw.gpu_memory_gb,
         estimate=cost.est(bat.typical, bat.accum, rec.gc, rec.tiled, rec.offload),
         estimate_largest=largest,
-        changes=(*why_kernels, *why_batches, *why_recompute),
+        changes=(*why_kernels, *why_batches, *why_recompute, *why_given),
     )
 
 
@@ -610,3 +621,40 @@ def fit(cfg: Config, hw: Hardware, bat: Batches, rec: Recompute, cost: Cost, str
             f"{', or '.join(fixes)} (finetune.py --dry-run shows the plan)"
         )
     return big
+
+
+# -- what TRL is told besides the batches -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TrainerInputs:
+    eval_steps: int | None  # None: no evaluation
+    eval_batch: int
+    max_length: int | None
+
+
+def trainer_inputs(cfg: Config, kern: Kernels, eval_rows: int | None) -> tuple[TrainerInputs, list[Change]]:
+    """Whether the held-out rows are evaluated, how many make an eval micro-batch, and TRL's max_length."""
+    t, why = cfg.train, _Reasons()
+    packing = t.packing is True
+    eval_steps = t.eval_steps
+    if eval_steps and eval_rows == 0:
+        eval_steps = why.change(
+            "train.eval_steps",
+            t.eval_steps,
+            None,
+            "no held-out rows to evaluate on (data.eval_size is 0, or every held-out row was dropped)",
+        )
+    eval_batch = t.per_device_eval_batch_size
+    if packing:
+        eval_batch = why.change(
+            "train.per_device_eval_batch_size",
+            eval_batch,
+            1,
+            f"train.packing=true: TRL packs the held-out rows too, and one pack of {t.pack_tokens} tokens is an "
+            "eval micro-batch as it is a training one",
+        )
+    # TRL's max_length is the length of its packs when packing. Otherwise the rows arrive cut to data.max_length
+    # already (data.too_long), so it changes nothing; and TRL refuses it with padding-free rows and no packing.
+    max_length = t.pack_tokens if packing else None if kern.padding_free else cfg.data.max_length
+    return TrainerInputs(eval_steps, eval_batch, max_length), why

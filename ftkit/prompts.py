@@ -19,6 +19,7 @@ from typing import Any
 
 from .errors import UserError
 from .jsonl import loads
+from .templates import ALPACA_PREAMBLE, TEMPLATES
 
 IGNORE_INDEX = -100  # the label value that torch's cross-entropy skips
 # From this many assistant turns a conversation is cut in one render (PromptTemplate._pieces_in_one_pass).
@@ -29,44 +30,8 @@ ALPACA_WITH_INPUT = (
     "Write a response that appropriately completes the request.\n\n"
     "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
 )
-ALPACA_NO_INPUT = (
-    "Below is an instruction that describes a task. "
-    "Write a response that appropriately completes the request.\n\n"
-    "### Instruction:\n{instruction}\n\n### Response:\n"
-)
-
-
-# Chat templates shipped for bases that have none. llama3 is Meta's Llama-3-Instruct template, verbatim, so a
-# model tuned from the Llama-3 base speaks the format that Llama-3 tools and runtimes expect.
-LLAMA3_TEMPLATE = (
-    "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = '<|start_header_id|>' + "
-    "message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}"
-    "{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}{% if add_generation_prompt %}"
-    "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
-)
-CHATML_TEMPLATE = (
-    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + "
-    "'\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
-# The Alpaca layout, turn after turn: a single-turn conversation renders as ALPACA_NO_INPUT plus the answer
-# and EOS, so conversations and Alpaca rows train one format. No BOS in the text: as with Alpaca prompts,
-# the tokenizer adds its own (PromptTemplate.text_ids).
-ALPACA_CHAT_TEMPLATE = (
-    "{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'] + '\n\n' }}{% set loop_messages = "
-    "messages[1:] %}{% else %}{{ 'Below is an instruction that describes a task. Write a response that "
-    "appropriately completes the request.\n\n' }}{% set loop_messages = messages %}{% endif %}"
-    "{% for message in loop_messages %}{% if message['role'] == 'user' %}{{ '### Instruction:\n' + "
-    "message['content'] + '\n\n### Response:\n' }}{% elif message['role'] == 'assistant' %}"
-    "{{ message['content'] + eos_token + '\n\n' }}{% endif %}{% endfor %}"
-)
-SHIPPED_TEMPLATES = {"llama3": LLAMA3_TEMPLATE, "chatml": CHATML_TEMPLATE, "alpaca": ALPACA_CHAT_TEMPLATE}
-# The markers a shipped template writes that must be single tokens of the tokenizer: spelled out in pieces,
-# the end-of-turn marker could not be a stop token, and the model would never learn where a turn ends.
-TEMPLATE_TOKENS = {
-    "llama3": ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
-    "chatml": ("<|im_start|>", "<|im_end|>"),
-    "alpaca": (),
-}
+# The registry's alpaca chat template renders a single-turn conversation as exactly this prompt.
+ALPACA_NO_INPUT = ALPACA_PREAMBLE + "\n\n### Instruction:\n{instruction}\n\n### Response:\n"
 
 
 @dataclass
@@ -97,7 +62,7 @@ class PromptTemplate:
         cls, kind: str, tokenizer, system_prompt: str | None = None, conversations: bool = False
     ) -> "PromptTemplate":
         """The template data.prompt_template names. `conversations`: the rows are multi-turn, so "alpaca"
-        means the Alpaca layout as a chat template (ALPACA_CHAT_TEMPLATE) rather than the single-turn prompt."""
+        means the Alpaca layout as a chat template (the registry's alpaca entry) rather than the single-turn prompt."""
         if kind == "alpaca" and not conversations:
             t = cls(kind="alpaca", system_prompt=system_prompt, name="alpaca")
             stops = set()
@@ -188,7 +153,7 @@ class PromptTemplate:
                 raise UserError(
                     f"the {self.name or 'chat'} template renders earlier turns differently once later turns "
                     "are added, so the assistant turns cannot be masked exactly; choose another "
-                    "data.prompt_template (llama3, chatml, alpaca)"
+                    f"data.prompt_template ({', '.join(TEMPLATES)})"
                 )
             new = f[len(p) :]
             at, end, tail = self._turn_end(tokenizer, m, new)
@@ -266,9 +231,14 @@ class PromptTemplate:
         return at, end, tail
 
     def text_ids(self, tokenizer, text: str) -> list[int]:
-        """Token ids of the text that starts a prompt. A chat template writes its own BOS into the text; the
-        Alpaca layouts (the prompt, and the shipped alpaca chat template) rely on the tokenizer's."""
-        return tokenizer(text, add_special_tokens=self.kind != "chat" or self.name == "alpaca")["input_ids"]
+        """Token ids of the text that starts a prompt, with the tokenizer's BOS where the text has none of its own."""
+        return tokenizer(text, add_special_tokens=self.tokenizer_bos())["input_ids"]
+
+    def tokenizer_bos(self) -> bool:
+        """Whether the tokenizer, not the text, gives a prompt its BOS: a chat template writes its own, the Alpaca
+        layouts (the prompt, and the registry's alpaca chat template) rely on the tokenizer's."""
+        entry = TEMPLATES.get(self.name or "")
+        return self.kind != "chat" or (entry is not None and entry.tokenizer_bos)
 
     def prompt_ids(self, tokenizer, instruction: str, input_text: str | None = None) -> list[int]:
         return self.text_ids(tokenizer, self.render_prompt(tokenizer, instruction, input_text))
@@ -334,18 +304,18 @@ def _jinja(kind: str, tokenizer) -> str:
         if not getattr(tokenizer, "chat_template", None):
             raise UserError(
                 "data.prompt_template is 'chat' but the tokenizer has no chat template; use "
-                "data.prompt_template=llama3, chatml or alpaca for a base (non-instruct) model"
+                f"data.prompt_template={', '.join(TEMPLATES)} (a shipped template) for a base (non-instruct) model"
             )
         return tokenizer.chat_template
-    if kind in SHIPPED_TEMPLATES:
+    if kind in TEMPLATES:
         vocab = tokenizer.get_vocab()
-        missing = [t for t in TEMPLATE_TOKENS[kind] if t not in vocab]
+        missing = [t for t in TEMPLATES[kind].tokens if t not in vocab]
         if missing:
             raise UserError(
                 f"data.prompt_template={kind} writes {', '.join(missing)}, which the tokenizer does not have "
                 "as tokens; use data.prompt_template=alpaca, or a template made of this tokenizer's tokens"
             )
-        return SHIPPED_TEMPLATES[kind]
+        return TEMPLATES[kind].jinja
     from .jsonl import read_text
 
     text = read_text(Path(kind).expanduser(), "data.prompt_template", "point it at a Jinja chat template file")
@@ -385,7 +355,7 @@ def encode_conversations(
     """
     from concurrent.futures import ThreadPoolExecutor
 
-    bos = template.text_ids(tokenizer, "") if template.name == "alpaca" else []
+    bos = template.text_ids(tokenizer, "") if template.tokenizer_bos() else []
     out = []
     with ThreadPoolExecutor(1) as pool:
         jobs = []

@@ -316,13 +316,17 @@ def tensorboard_callback(run: RunDir):
     return cb
 
 
-def sft_config(cfg: Config, run: RunDir, plan: TrainPlan, n_eval: int):
-    """TRL's arguments: the batch, learning rate and switches from the plan, everything else from the YAML."""
+def sft_config(cfg: Config, run: RunDir, plan: TrainPlan):
+    """TRL's arguments: what the run decided (batches, learning rate, switches, evaluation, row length) from the
+    plan, everything else from the YAML."""
     from trl import SFTConfig
 
     t = cfg.train
-    packing = plan.packing
-    do_eval = bool(t.eval_steps) and n_eval > 0
+    do_eval = plan.eval_steps is not None
+    # transformers 5.24 (not 5.17) calls gradient_checkpointing activation_checkpointing: the old name warns on every
+    # run and goes in v6; the versions before know only the old name.
+    renamed = "activation_checkpointing" in SFTConfig.__dataclass_fields__
+    recompute = "activation_checkpointing" if renamed else "gradient_checkpointing"
     return SFTConfig(
         output_dir=str(run.checkpoints),
         learning_rate=plan.learning_rate,
@@ -330,21 +334,23 @@ def sft_config(cfg: Config, run: RunDir, plan: TrainPlan, n_eval: int):
         num_train_epochs=t.num_train_epochs,
         # packed: one micro-batch is one packed row of train.pack_tokens tokens
         per_device_train_batch_size=plan.per_device_train_batch_size,
-        per_device_eval_batch_size=1 if packing else t.per_device_eval_batch_size,
+        per_device_eval_batch_size=plan.per_device_eval_batch_size,
         gradient_accumulation_steps=plan.gradient_accumulation_steps,
         warmup_steps=t.warmup_steps,
         lr_scheduler_type=t.lr_scheduler_type,
         weight_decay=t.weight_decay,
         max_grad_norm=t.max_grad_norm,
         optim=t.optim,
-        gradient_checkpointing=plan.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if plan.gradient_checkpointing else None,
+        **{
+            recompute: plan.gradient_checkpointing,
+            f"{recompute}_kwargs": {"use_reentrant": False} if plan.gradient_checkpointing else None,
+        },
         logging_steps=t.logging_steps,
         save_strategy="steps",
         save_steps=t.save_steps,
         save_total_limit=t.save_total_limit,
         eval_strategy="steps" if do_eval else "no",
-        eval_steps=t.eval_steps if do_eval else None,
+        eval_steps=plan.eval_steps,
         load_best_model_at_end=t.load_best_model_at_end or bool(t.early_stopping_patience),
         metric_for_best_model="eval_loss" if do_eval else None,
         greater_is_better=False if do_eval else None,
@@ -352,9 +358,8 @@ def sft_config(cfg: Config, run: RunDir, plan: TrainPlan, n_eval: int):
         data_seed=t.seed,
         bf16=t.bf16,
         use_cpu=plan.device == "cpu",
-        # Rows arrive truncated to data.max_length; TRL refuses max_length with padding_free and no packing.
-        max_length=t.pack_tokens if packing else (None if plan.padding_free else cfg.data.max_length),
-        packing=packing,
+        max_length=plan.max_length,
+        packing=plan.packing,
         packing_strategy="bfd",
         padding_free=plan.padding_free,
         use_liger_kernel=plan.use_liger_kernel,

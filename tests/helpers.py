@@ -1,9 +1,12 @@
 """What tests share besides fixtures: the repo path, the tiny random Llama builders, a tiny Alpaca table, the
-overrides that make the demo config a seconds-long run, and running a stage script as a user does."""
+overrides that make the demo config a seconds-long run, running a stage script as a user does, and a renderer
+of the Go templates that Ollama Modelfiles hold."""
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -257,3 +260,77 @@ def _library_stream_handlers(stream=None) -> list:
                 if (stream is None and s in (sys.stderr, sys.__stderr__)) or (stream is not None and s is stream):
                     found.append(h)
     return found
+
+
+# -- Ollama's Go templates -----------------------------------------------------------------------------------
+GO_ACTION = re.compile(r"\{\{(-?)\s*(.*?)\s*(-?)\}\}", re.S)
+
+
+def go_render(tpl: str, data: dict) -> str:
+    """The subset of Go's text/template the Modelfiles use: {{ .X }}, {{ "lit" }}, if/else/end on .X, (eq .X "lit")
+    or (ne .X "lit"), range .Messages, and {{- / -}} whitespace trimming (Ollama renders with Go's engine). Any other
+    action is an error rather than a guess."""
+    tokens, pos, trim_next = [], 0, False
+    for m in GO_ACTION.finditer(tpl):
+        text = tpl[pos : m.start()]
+        text = text.lstrip(" \t\r\n") if trim_next else text
+        tokens += [("text", text.rstrip(" \t\r\n") if m.group(1) else text), ("act", m.group(2))]
+        pos, trim_next = m.end(), bool(m.group(3))
+    tail = tpl[pos:]
+    tokens.append(("text", tail.lstrip(" \t\r\n") if trim_next else tail))
+
+    def parse(i):
+        nodes = []
+        while i < len(tokens):
+            kind, val = tokens[i]
+            i += 1
+            if kind == "text":
+                nodes.append(("text", val))
+            elif val in ("end", "else"):
+                return nodes, i, val
+            elif val.startswith(("if ", "range ")):
+                body, i, how = parse(i)
+                other = []
+                if how == "else":
+                    other, i, how = parse(i)
+                nodes.append((val.split()[0], val.split(" ", 1)[1], body, other))
+            else:
+                nodes.append(("expr", val))
+        return nodes, i, None
+
+    def value(expr, dot):
+        args = re.findall(r'"[^"]*"|\S+', expr)
+        if args[0] in ("eq", "ne") and len(args) == 3:
+            return (value(args[1], dot) == value(args[2], dot)) == (args[0] == "eq")
+        if len(args) == 1 and args[0].startswith('"'):
+            return json.loads(args[0])
+        if len(args) == 1 and re.fullmatch(r"\.[A-Za-z]+", args[0]):
+            return dot[args[0][1:]]  # a field the data lacks is an error, not an empty string
+        raise ValueError(f"Go template syntax this renderer does not know: {{{{ {expr} }}}}")
+
+    def run(nodes, dot):
+        out = ""
+        for n in nodes:
+            if n[0] == "text":
+                out += n[1]
+            elif n[0] == "expr":
+                out += str(value(n[1], dot))
+            elif n[0] == "if":
+                out += run(n[2] if value(n[1], dot) else n[3], dot)
+            else:
+                out += "".join(run(n[2], item) for item in value(n[1], dot))
+        return out
+
+    return run(parse(0)[0], data)
+
+
+def parse_modelfile(text: str) -> dict:
+    m = re.search(r'^TEMPLATE """(.*?)"""$', text, re.S | re.M)
+    s = re.search(r'^SYSTEM """(.*?)"""$', text, re.S | re.M)
+    stops = [json.loads(x) for x in re.findall(r"^PARAMETER stop (.*)$", text, re.M)]
+    return {
+        "template": m.group(1),
+        "system": s.group(1) if s else "",
+        "stops": stops,
+        "from": re.search(r"^FROM (.*)$", text, re.M).group(1),
+    }

@@ -261,7 +261,7 @@ def test_conversation_chain_end_to_end(tmp_path, tiny_llama):
     model: the run's files, the frozen template, and a training loss that falls."""
     from helpers import run_script, tiny_overrides
 
-    from ftkit.prompts import CHATML_TEMPLATE
+    from ftkit.templates import TEMPLATES
 
     words = ["apple", "river", "stone", "cloud", "green", "music", "table", "light", "paper", "house", "bread", "chair"]
     rows = [
@@ -304,7 +304,7 @@ def test_conversation_chain_end_to_end(tmp_path, tiny_llama):
     for f in ("prompt_template.json", "dataset_report.json", "eval_rows.jsonl", "adapter/adapter_model.safetensors"):
         assert (run / f).is_file(), f
     tpl = json.loads((run / "prompt_template.json").read_text())
-    assert tpl["name"] == "chatml" and tpl["chat_template"] == CHATML_TEMPLATE and tpl["kind"] == "chat"
+    assert tpl["name"] == "chatml" and tpl["chat_template"] == TEMPLATES["chatml"].jinja and tpl["kind"] == "chat"
     assert json.loads((run / "dataset_report.json").read_text())["conversations"]["turns_per_row"]["max"] == 4
     held_out = [json.loads(line) for line in (run / "eval_rows.jsonl").read_text().splitlines()]
     assert len(held_out) == 2 and held_out[0]["messages"][0] == {"role": "system", "content": "Repeat words"}

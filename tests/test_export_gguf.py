@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import REPO, run_script
+from helpers import REPO, go_render, parse_modelfile, run_script
 from test_inference import make_run
 
 import export_gguf
@@ -337,76 +337,6 @@ def test_cli_exports_the_most_recent_run(tmp_path, small_llama):
 
 
 # -- the Modelfile -------------------------------------------------------------------------------------------------
-GO_ACTION = re.compile(r"\{\{(-?)\s*(.*?)\s*(-?)\}\}", re.S)
-
-
-def go_render(tpl: str, data: dict) -> str:
-    """The subset of Go's text/template the Modelfiles use: {{ .X }}, {{ "lit" }}, if/else/end on .X or
-    (ne .X "lit"), range .Messages, and {{- / -}} whitespace trimming (Ollama renders with Go's engine)."""
-    tokens, pos, trim_next = [], 0, False
-    for m in GO_ACTION.finditer(tpl):
-        text = tpl[pos : m.start()]
-        text = text.lstrip(" \t\r\n") if trim_next else text
-        tokens += [("text", text.rstrip(" \t\r\n") if m.group(1) else text), ("act", m.group(2))]
-        pos, trim_next = m.end(), bool(m.group(3))
-    tail = tpl[pos:]
-    tokens.append(("text", tail.lstrip(" \t\r\n") if trim_next else tail))
-
-    def parse(i):
-        nodes = []
-        while i < len(tokens):
-            kind, val = tokens[i]
-            i += 1
-            if kind == "text":
-                nodes.append(("text", val))
-            elif val in ("end", "else"):
-                return nodes, i, val
-            elif val.startswith(("if ", "range ")):
-                body, i, how = parse(i)
-                other = []
-                if how == "else":
-                    other, i, how = parse(i)
-                nodes.append((val.split()[0], val.split(" ", 1)[1], body, other))
-            else:
-                nodes.append(("expr", val))
-        return nodes, i, None
-
-    def value(expr, dot):
-        args = re.findall(r'"[^"]*"|\S+', expr)
-        if args[0] == "ne":
-            return value(args[1], dot) != value(args[2], dot)
-        if args[0].startswith('"'):
-            return json.loads(args[0])
-        return dot.get(args[0][1:], "")
-
-    def run(nodes, dot):
-        out = ""
-        for n in nodes:
-            if n[0] == "text":
-                out += n[1]
-            elif n[0] == "expr":
-                out += str(value(n[1], dot))
-            elif n[0] == "if":
-                out += run(n[2] if value(n[1], dot) else n[3], dot)
-            else:
-                out += "".join(run(n[2], item) for item in value(n[1], dot))
-        return out
-
-    return run(parse(0)[0], data)
-
-
-def parse_modelfile(text: str) -> dict:
-    m = re.search(r'^TEMPLATE """(.*?)"""$', text, re.S | re.M)
-    s = re.search(r'^SYSTEM """(.*?)"""$', text, re.S | re.M)
-    stops = [json.loads(x) for x in re.findall(r"^PARAMETER stop (.*)$", text, re.M)]
-    return {
-        "template": m.group(1),
-        "system": s.group(1) if s else "",
-        "stops": stops,
-        "from": re.search(r"^FROM (.*)$", text, re.M).group(1),
-    }
-
-
 def test_modelfile_renders_the_training_prompt(tmp_path, tiny_llama, monkeypatch):
     from transformers import AutoTokenizer
 

@@ -103,7 +103,7 @@ def planned(tokens: int, device="cuda", host=120e9, **over):
     from transformers import LlamaConfig
 
     hw = Hardware(device=device, gpu_name=H200[0], gpu_memory=H200[1], liger_installed=True, host_memory=host)
-    return cfg, make_plan(cfg, hw, [tokens], LlamaConfig(**REFERENCE_MODEL))
+    return cfg, make_plan(cfg, hw, [tokens], LlamaConfig(**REFERENCE_MODEL), eval_rows=20)
 
 
 def test_auto_switches_follow_the_longest_row():

@@ -21,10 +21,10 @@ H200 = dict(device="cuda", gpu_name="NVIDIA H200", gpu_memory=150e9, liger_insta
 CPU = dict(device="cpu")
 
 
-def plan_for(hw: dict, *over: str, config: str = "llama3_alpaca.yaml", lengths=ALPACA_LENGTHS):
+def plan_for(hw: dict, *over: str, config: str = "llama3_alpaca.yaml", lengths=ALPACA_LENGTHS, eval_rows=20):
     cfg = load_config(REPO / "configs" / config, list(over))
     before = cfg.model_dump()
-    plan = make_plan(cfg, Hardware(**hw), lengths, LLAMA)
+    plan = make_plan(cfg, Hardware(**hw), lengths, LLAMA, eval_rows=eval_rows)
     assert cfg.model_dump() == before, "make_plan must not change the config"
     return plan
 
@@ -169,3 +169,38 @@ def test_huge_batches_plan_quickly():
         lengths=[],
     )
     assert p.rows_per_step == most * most
+
+
+def test_evaluation_and_row_length_are_the_plans():
+    """What TRL is told besides the batches: whether the held-out rows are evaluated, in what micro-batches, and
+    its max_length; a reason wherever that differs from the YAML."""
+    plan = plan_for(H200)  # padding-free rows: TRL gets no max_length, the rows come cut to data.max_length
+    assert (plan.eval_steps, plan.per_device_eval_batch_size, plan.max_length) == (200, 8, None)
+    assert not changed(plan, "train.eval_steps") and not changed(plan, "train.per_device_eval_batch_size")
+    assert plan_for(H200, "train.padding_free=false").max_length == 512
+    packed = plan_for(H200, "train.packing=true", "train.pack_tokens=16384")
+    assert (packed.per_device_eval_batch_size, packed.max_length) == (1, 16384)
+    assert "TRL packs the held-out rows too" in changed(packed, "train.per_device_eval_batch_size").reason
+    none = plan_for(H200, eval_rows=0)
+    assert none.eval_steps is None and "no held-out rows" in changed(none, "train.eval_steps").reason
+    assert plan_for(H200, eval_rows=None).eval_steps == 200  # not known (a dry run without the data): as asked
+    assert plan_for(H200, "train.eval_steps=null", eval_rows=0).eval_steps is None
+
+
+def test_sft_config_copies_the_plan(tmp_path):
+    """TRL's arguments take evaluation, the eval micro-batch and max_length from the plan, whatever the YAML says."""
+    import dataclasses
+
+    from ftkit.paths import RunDir
+    from ftkit.train import sft_config
+
+    cfg = load_config(REPO / "configs" / "demo.yaml")
+    plan = make_plan(cfg, Hardware(**CPU), [100, 200, 50, 80], LLAMA, eval_rows=20)
+    odd = dataclasses.replace(plan, per_device_eval_batch_size=3, max_length=77, gradient_checkpointing=True)
+    args = sft_config(cfg, RunDir(tmp_path), odd)
+    assert (args.eval_strategy, args.eval_steps, args.metric_for_best_model) == ("steps", 50, "eval_loss")
+    assert (args.per_device_eval_batch_size, args.max_length) == (3, 77)
+    # transformers 5.24 calls it activation_checkpointing and keeps the old name as a mirror of it
+    assert args.gradient_checkpointing is True and args.gradient_checkpointing_kwargs == {"use_reentrant": False}
+    args = sft_config(cfg, RunDir(tmp_path), dataclasses.replace(plan, eval_steps=None))
+    assert (args.eval_strategy, args.eval_steps, args.metric_for_best_model) == ("no", None, None)

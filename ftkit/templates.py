@@ -1,0 +1,120 @@
+"""The prompt-template registry: one entry per named chat template, holding everything the stages need of it.
+
+An entry gives the name (`data.prompt_template`), the Jinja chat template (training, inference, evaluation and
+the GGUF's tokenizer.chat_template), the Ollama TEMPLATE (the Modelfile; a Go text/template over .System and
+.Messages), the end-of-turn marker (trained after every answer, and where generation stops) and the markers that
+must be single tokens of the tokenizer. Adding a template is adding one entry to TEMPLATES: config validation,
+prompts.py and gguf.py read it from here, and tests/test_templates.py renders a multi-turn conversation through
+every entry in all three forms and checks that they agree.
+
+"chat" (the tokenizer's own template) and a path to a .jinja file are not entries: their Jinja comes with the
+tokenizer or the file, and the Modelfile gets a registered entry's Ollama form when they render as one does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# Stands for the tokenizer's EOS token in an entry's Ollama form and end of turn: a template that closes answers
+# with EOS (alpaca) has no marker of its own, and EOS is the tokenizer's. NULs cannot occur in a template's text.
+EOS = "\x00eos_token\x00"
+
+
+def go_literal(text: str) -> str:
+    """`text` as literal text of a Go template: copied verbatim, except an opening delimiter."""
+    return text.replace("{{", '{{ "{{" }}')
+
+
+@dataclass(frozen=True)
+class ChatTemplate:
+    name: str
+    jinja: str  # renders with transformers' variables: messages, add_generation_prompt, bos_token, eos_token
+    # Ollama's form: .Messages (every turn, system ones included) and .System (the system text); it ends with the
+    # assistant header, since Ollama renders it to generate. Required, and multi-turn: a Modelfile without it
+    # would answer every turn as if it were the first.
+    ollama: str
+    end_of_turn: str  # the marker after each answer (EOS: the tokenizer's EOS token)
+    tokens: tuple[str, ...] = ()  # markers that must be single tokens; spelled in pieces, no stop could match
+    # The text has no BOS and the tokenizer adds its own, as for Alpaca prompts; otherwise the Jinja writes BOS
+    # where the template wants one (bos_token) and the tokenizer adds none.
+    tokenizer_bos: bool = False
+
+    def __post_init__(self):
+        if ".Messages" not in self.ollama:
+            raise ValueError(
+                f"template {self.name}: the Ollama form must range over .Messages; a single-turn form would drop "
+                "every earlier turn of a chat"
+            )
+        if self.end_of_turn != EOS and self.end_of_turn not in self.tokens:
+            raise ValueError(f"template {self.name}: its end of turn {self.end_of_turn!r} must be one of its tokens")
+
+    def ollama_form(self, eos_token: str | None) -> str:
+        """The Modelfile TEMPLATE for a tokenizer whose EOS token is `eos_token` (none: nothing, as the Jinja's
+        undefined eos_token renders)."""
+        return self.ollama.replace(EOS, go_literal(eos_token or ""))
+
+    def end_of_turn_text(self, eos_token: str | None) -> str | None:
+        return eos_token if self.end_of_turn == EOS else self.end_of_turn
+
+
+# Meta's Llama-3-Instruct template, verbatim, so that a model tuned from the Llama-3 base (whose tokenizer has the
+# tokens but no template) speaks the format that Llama-3 tools and runtimes expect.
+LLAMA3 = ChatTemplate(
+    name="llama3",
+    jinja=(
+        "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = '<|start_header_id|>' + "
+        "message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + '<|eot_id|>' %}"
+        "{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}"
+        "{% if add_generation_prompt %}"
+        "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+    ),
+    # No BOS: llama.cpp adds it itself (the GGUF's add_bos_token).
+    ollama=(
+        "{{- if .System }}<|start_header_id|>system<|end_header_id|>\n\n{{ .System }}<|eot_id|>{{ end }}"
+        '{{- range .Messages }}{{- if ne .Role "system" }}<|start_header_id|>{{ .Role }}<|end_header_id|>\n\n'
+        "{{ .Content }}<|eot_id|>{{ end }}{{- end }}<|start_header_id|>assistant<|end_header_id|>\n\n"
+    ),
+    end_of_turn="<|eot_id|>",
+    tokens=("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
+)
+
+CHATML = ChatTemplate(
+    name="chatml",
+    jinja=(
+        "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + "
+        "'\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+    ),
+    ollama=(
+        "{{- if .System }}<|im_start|>system\n{{ .System }}<|im_end|>\n{{ end }}"
+        '{{- range .Messages }}{{- if ne .Role "system" }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n'
+        "{{ end }}{{- end }}<|im_start|>assistant\n"
+    ),
+    end_of_turn="<|im_end|>",
+    tokens=("<|im_start|>", "<|im_end|>"),
+)
+
+# The Alpaca layout, turn after turn: a single-turn conversation renders as the Alpaca prompt without input
+# (prompts.ALPACA_NO_INPUT) plus the answer and EOS, so conversations and Alpaca rows train one format. No BOS in
+# the text: as with Alpaca prompts, the tokenizer adds its own (PromptTemplate.text_ids), as llama.cpp does.
+ALPACA_PREAMBLE = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request."
+)
+ALPACA = ChatTemplate(
+    name="alpaca",
+    jinja=(
+        "{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'] + '\n\n' }}{% set loop_messages = "
+        "messages[1:] %}{% else %}{{ '" + ALPACA_PREAMBLE + "\n\n' }}{% set loop_messages = messages %}{% endif %}"
+        "{% for message in loop_messages %}{% if message['role'] == 'user' %}{{ '### Instruction:\n' + "
+        "message['content'] + '\n\n### Response:\n' }}{% elif message['role'] == 'assistant' %}"
+        "{{ message['content'] + eos_token + '\n\n' }}{% endif %}{% endfor %}"
+    ),
+    ollama=(
+        "{{- if .System }}{{ .System }}\n\n{{ else }}" + ALPACA_PREAMBLE + "\n\n{{ end }}"
+        '{{- range .Messages }}{{- if eq .Role "user" }}### Instruction:\n{{ .Content }}\n\n### Response:\n{{ end }}'
+        '{{- if eq .Role "assistant" }}{{ .Content }}' + EOS + "\n\n{{ end }}{{- end }}"
+    ),
+    end_of_turn=EOS,
+    tokenizer_bos=True,
+)
+
+TEMPLATES: dict[str, ChatTemplate] = {t.name: t for t in (ALPACA, LLAMA3, CHATML)}

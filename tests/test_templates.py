@@ -1,0 +1,115 @@
+"""ftkit/templates.py, the registry: every registered template renders one multi-turn conversation the same in all
+three of its forms. The project's renderer (what training and inference use) and transformers' apply_chat_template
+render its Jinja; the Modelfile that export writes gets its Ollama form, rendered as Ollama would (helpers.go_render);
+training's turn pieces and stop tokens end each answer with its end-of-turn marker. In process, on a tokenizer made
+here that has every registered marker."""
+
+import pytest
+from helpers import go_render, parse_modelfile
+
+from ftkit import gguf
+from ftkit.config import load_config
+from ftkit.prompts import PromptTemplate
+from ftkit.templates import TEMPLATES, ChatTemplate
+
+BOS, EOS = "<|begin_of_text|>", "<|end_of_text|>"
+SYSTEM = "Be brief."
+CHAT = [
+    {"role": "user", "content": "What is 2 plus 3?"},
+    {"role": "assistant", "content": "5"},
+    {"role": "user", "content": "Double it"},
+    {"role": "assistant", "content": "It is 10"},
+]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    """A byte-level BPE whose special tokens are every registered template's markers, with BOS and EOS apart from
+    them (as Llama-3's base has) and BOS added by the tokenizer; no chat template of its own."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = [BOS, EOS, *dict.fromkeys(t for entry in TEMPLATES.values() for t in entry.tokens)]
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    bpe.train_from_iterator(
+        [m["content"] for m in CHAT] + [SYSTEM, "### Instruction:\n### Response:\n"],
+        trainers.BpeTrainer(
+            vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        ),
+    )
+    bpe.post_processor = processors.TemplateProcessing(single=f"{BOS} $A", special_tokens=[(BOS, 0)])
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token=BOS, eos_token=EOS)
+
+
+def ollama_values(messages: list[dict], modelfile_system: str) -> dict:
+    """What Ollama hands a TEMPLATE for a chat request: the Modelfile's SYSTEM as a system turn when the request has
+    none, .System the system turns' text, .Messages every turn (system ones included)."""
+    if modelfile_system and not any(m["role"] == "system" for m in messages):
+        messages = [{"role": "system", "content": modelfile_system}, *messages]
+    return {
+        "System": "\n\n".join(m["content"] for m in messages if m["role"] == "system"),
+        "Messages": [{"Role": m["role"], "Content": m["content"]} for m in messages],
+    }
+
+
+@pytest.mark.parametrize("system", [None, SYSTEM])
+@pytest.mark.parametrize("name", TEMPLATES)
+def test_every_template_renders_a_chat_alike_in_all_three_forms(tok, name, system):
+    entry = TEMPLATES[name]
+    chat = ([{"role": "system", "content": system}] if system else []) + CHAT
+    t = PromptTemplate.from_config(name, tok, conversations=True)
+    assert t.chat_template == entry.jinja and gguf.gguf_chat_template(t) == entry.jinja
+
+    def jinja(messages, generation_prompt):
+        return tok.apply_chat_template(
+            messages, chat_template=entry.jinja, tokenize=False, add_generation_prompt=generation_prompt
+        )
+
+    # 1. The project's renderer is transformers', for a chat that ends with an answer and for the next prompt.
+    full = jinja(chat, False)
+    assert t.render(tok, chat, False) == full
+    assert t.render(tok, chat[:-1], True) == jinja(chat[:-1], True)
+
+    # 2. Training: the pieces put back together are the rendering, and what is trained is each answer followed by
+    #    the entry's end-of-turn marker, which is also where generation stops.
+    end = entry.end_of_turn_text(tok.eos_token)
+    pieces = t.pieces(tok, chat)
+    joined = "".join(p.text for p in pieces)
+    assert full.startswith(joined) and not full[len(joined) :].strip()
+    assert [p.text for p in pieces if p.trained] == [m["content"] + end for m in CHAT if m["role"] == "assistant"]
+    assert t.end_of_turn_id(tok) == tok.convert_tokens_to_ids(end) and t.end_of_turn_id(tok) in t.stop_token_ids
+
+    # 3. The Modelfile carries the entry's multi-turn Ollama form, which renders every turn as the Jinja does (BOS
+    #    left to llama.cpp, which adds it itself), whether the chat waits for an answer or ends with one.
+    mf = parse_modelfile(gguf.modelfile_text("m.gguf", tok, t, load_config(None).inference, True, "src"))
+    assert mf["template"] == entry.ollama_form(tok.eos_token) and end in mf["stops"]
+    for messages in (chat[:-1], chat):
+        want = jinja(messages, True)
+        want = want[len(BOS) :] if want.startswith(BOS) else want
+        assert go_render(mf["template"], ollama_values(messages, mf["system"])) == want
+
+
+def test_the_tokenizers_own_template_gets_the_ollama_form_it_renders_as(tok):
+    """A tokenizer whose own template ("chat") is a registered layout exports as that entry, multi-turn."""
+    for name, entry in TEMPLATES.items():
+        own = tok.__class__(tokenizer_object=tok.backend_tokenizer, bos_token=BOS, eos_token=EOS)
+        own.chat_template = entry.jinja
+        t = PromptTemplate.from_config("chat", own)
+        assert gguf.chat_style(own, t) == name
+        go, _, style = gguf.ollama_template(own, t, True)
+        assert style == name and go == entry.ollama_form(EOS)
+
+
+def test_an_entry_cannot_leave_out_its_multi_turn_ollama_form():
+    with pytest.raises(TypeError, match="ollama"):
+        ChatTemplate(name="x", jinja="{{ messages }}", end_of_turn="<x>", tokens=("<x>",))
+    with pytest.raises(ValueError, match="range over .Messages"):
+        ChatTemplate(name="x", jinja="{{ messages }}", ollama="{{ .Prompt }}", end_of_turn="<x>", tokens=("<x>",))
+    with pytest.raises(ValueError, match="must be one of its tokens"):
+        ChatTemplate(name="x", jinja="{{ messages }}", ollama="{{ range .Messages }}{{ end }}", end_of_turn="<y>")
+
+
+def test_config_takes_every_registered_name():
+    for name in TEMPLATES:
+        assert load_config(None, [f"data.prompt_template={name}"]).data.prompt_template == name
