@@ -57,6 +57,56 @@ def save_random_llama(out: Path, tok, seed: int, tied: bool, bf16: bool, **sizes
     return out
 
 
+# Per-architecture settings a tiny model needs beyond the shared sizes: the transformers defaults are the real
+# models' (Gemma's head_dim 256, a 4096-token sliding window), which would make "tiny" neither tiny nor exercised.
+TINY_ARCH = {
+    "llama": {},
+    "qwen2": {"use_sliding_window": False},
+    "mistral": {"sliding_window": None},
+    "qwen3": {"use_sliding_window": False},
+    "phi3": {"pad_token_id": None},
+    # a window shorter than the test prompts, so that llama.cpp's sliding-window layers are really compared
+    "gemma2": {"sliding_window": 4, "query_pre_attn_scalar": 16},
+    "gemma3_text": {"sliding_window": 4, "query_pre_attn_scalar": 16, "rope_scaling": None},
+}
+
+
+def build_tiny_model(out: Path, model_type: str, tok, seed: int = 0, tied: bool = False) -> Path:
+    """A 2-layer model of `model_type` from transformers' own config class (hidden 64, 4 heads of 16, 2 KV heads,
+    MLP 128) for `tok`, saved with it in `out` in float32. The weights are drawn here from one seeded generator
+    in name order, not by transformers' initialisers, so the same seed gives the same bytes across versions."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.for_model(
+        model_type,
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=512,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        tie_word_embeddings=tied,
+        **TINY_ARCH[model_type],
+    )
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in sorted(model.state_dict().items()):
+            # unit-scale activations (weights ~ 1/sqrt(fan-in)): logits far enough apart that the top token
+            # of a random model is not a near-tie that any rounding flips
+            noise = torch.randn(p.shape, generator=g)
+            p.copy_(noise / p.shape[1] ** 0.5 if p.dim() == 2 else 1 + 0.1 * noise if "norm" in name else 0.1 * noise)
+    model.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    return out
+
+
 def build_offline_llama(out: Path, seed: int = 0, tied: bool = False) -> Path:
     """A small random Llama (hidden 256, 4 layers, 4 heads / 2 KV heads, MLP 512, bf16) with a byte-level
     BPE tokenizer trained in-process on the Alpaca prompt text: no download, no SmolLM2 package, so it can
