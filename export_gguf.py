@@ -7,7 +7,8 @@ K-quants (q4_k_m, q5_k_m, q6_k, ...) through llama.cpp's own quantizer, which ne
 
 Reads:  the most recent run's <run>/merged/ (config.json, *.safetensors, tokenizer files), <run>/config.yaml and
         <run>/prompt_template.json (the template used in training) -- or, with --config, that config's run;
-        or any HF Llama checkpoint folder with --model DIR (its own chat template, else Alpaca, is used).
+        or any HF checkpoint folder of a supported architecture with --model DIR (its own chat template, else
+        Alpaca, is used).
         With --adapter: <run>/adapter/ instead of merged/.
 Writes: --outfile, default <run>/export/<BaseName>-<Size>-<FineTune>-<TYPE>.gguf (llama.cpp's naming, e.g.
         SmolLM2-135M-Instruct-demo-Q4_K_M.gguf; general.name/basename/size_label/finetune/base_model set to
@@ -34,9 +35,11 @@ Run:
     llama-cli -m base-F16.gguf --lora runs/<run>/export/<...>-F16-LoRA.gguf -cnv
     python inference.py --serve                      # OpenAI-compatible server on the newest export
 
-Supported: the Llama architecture (`model_type: llama`: Llama 2/3, SmolLM2, TinyLlama, ...) with a
-byte-level BPE tokenizer (Llama 3, SmolLM2, GPT-2 style). Llama-3.1 "llama3" and linear RoPE scaling are
-written the way llama.cpp reads them.
+Supported (ftkit/gguf_arch.py, by config.model_type): llama (Llama 2/3, SmolLM2, TinyLlama), mistral, qwen2,
+qwen3, phi3, gemma2 and gemma3_text, with a byte-level BPE tokenizer (Llama 3, Qwen, SmolLM2, GPT-2 style). Names
+and keys come from the gguf package's tables; the transforms llama.cpp's converter applies (Llama-family rotary row
+order, Gemma's norms as w + 1) are applied here. Llama-3.1 "llama3" and linear RoPE scaling are written the way
+llama.cpp reads them. Any other architecture is refused in one line, before anything is written.
 """
 
 from __future__ import annotations
@@ -52,7 +55,6 @@ from ftkit.data import encode_rows, load_clean_split, source_name
 from ftkit.errors import UserError, user_errors
 from ftkit.gguf import (
     ADAPTER_TYPES,
-    ARCH,
     MODELFILE_HEADER,
     TYPES,
     check_quantized,
@@ -70,6 +72,7 @@ from ftkit.gguf import (
     write_gguf,
     written_by_us,
 )
+from ftkit.gguf_arch import arch_of
 from ftkit.gptq import LEVELS, CalibratedRounding
 from ftkit.llamacpp import quantize, require
 from ftkit.models import causal_lm_config, read_adapter_config, resolve_model
@@ -351,8 +354,7 @@ def export_adapter(cfg: Config, run: RunDir | None, qtype: str = "f16", outfile:
         raise UserError("--adapter exports a run's adapter; pass --config for the run (not --model)")
     adapter_cfg = read_adapter_config(run.adapter)
     base, names = adapter_names(cfg, run)
-    if base.model_type != ARCH:
-        raise UserError(f"the base model is '{base.model_type}'; export_gguf.py writes Llama adapters only")
+    arch_of(base, "the base model")
     ap = plan_adapter(run.adapter, adapter_cfg, base, qtype)
     outfile = outfile or run.export / names.file_name(qtype, adapter=True)
     lock = claim_outfile(outfile, run, sum(p.nbytes for p in ap.plans) + (16 << 20), "the adapter GGUF", False)
@@ -376,17 +378,18 @@ def adapter_names(cfg: Config, run: RunDir):
     the base, so its size label comes from the config alone."""
     source, offline = resolve_model(cfg.model)
     base = causal_lm_config(cfg, source, offline)
-    return base, export_names(base, llama_parameters(base), cfg.model.name_or_path, run.root.name)
+    return base, export_names(base, config_parameters(base), cfg.model.name_or_path, run.root.name)
 
 
-def llama_parameters(c) -> int:
-    """Parameter count of a Llama from its config alone (the adapter export has no weights of the base)."""
-    hd = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    kv = c.num_key_value_heads or c.num_attention_heads
-    attn = c.hidden_size * hd * (2 * c.num_attention_heads + 2 * kv)
-    mlp = 3 * c.hidden_size * c.intermediate_size
-    heads = 1 if getattr(c, "tie_word_embeddings", False) else 2
-    return c.num_hidden_layers * (attn + mlp + 2 * c.hidden_size) + c.hidden_size + heads * c.vocab_size * c.hidden_size
+def config_parameters(config) -> int:
+    """Parameter count from the config alone (the adapter export has no weights of the base): the model built on
+    the meta device, which allocates nothing; a tied head counts once."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return sum(p.numel() for p in model.parameters())
 
 
 def cli(argv) -> None:
@@ -400,7 +403,7 @@ def cli(argv) -> None:
         metavar="TYPE",
         help=f"weight format, any case (default f16): {', '.join(TYPES)}; --adapter: {', '.join(ADAPTER_TYPES)}",
     )
-    p.add_argument("--model", type=Path, help="export this HF Llama checkpoint folder instead of <run>/merged")
+    p.add_argument("--model", type=Path, help="export this HF checkpoint folder instead of <run>/merged")
     p.add_argument("--adapter", action="store_true", help="export <run>/adapter as a llama.cpp LoRA adapter GGUF")
     p.add_argument(
         "--base",

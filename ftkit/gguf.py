@@ -1,7 +1,7 @@
-"""Writing a Llama checkpoint (or its LoRA adapter) as GGUF: tensors mapped and quantized through the `gguf`
-package (no build step), K-quants through llama.cpp's own quantizer (ftkit.llamacpp), the tokenizer and chat
-template as llama.cpp expects them, names and `general.*` metadata by llama.cpp's conventions, and an Ollama
-Modelfile."""
+"""Writing a checkpoint of an architecture llama.cpp runs (ftkit/gguf_arch.py: Llama, Mistral, Qwen2/3, Phi-3,
+Gemma 2/3), or its LoRA adapter, as GGUF: tensors mapped and quantized through the `gguf` package (no build step),
+K-quants through llama.cpp's own quantizer (ftkit.llamacpp), the tokenizer and chat template as llama.cpp expects
+them, names and `general.*` metadata by llama.cpp's conventions, and an Ollama Modelfile."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from typing import Any, Callable, Iterator
 from .cli import log
 from .config import InferenceCfg
 from .errors import UserError, user_errors
+from .gguf_arch import Arch, arch_of, head_dim
 from .jsonl import loads
 from .prompts import PromptTemplate
 from .templates import TEMPLATES, ChatTemplate, go_literal
@@ -67,13 +68,10 @@ def source_type(config) -> str:
     return {"bfloat16": "bf16", "float32": "f32"}.get(dtype.replace("torch.", ""), "f16")
 
 
-ARCH = "llama"
-
-
 @dataclass
 class Checkpoint:
     path: Path
-    config: Any  # transformers LlamaConfig
+    config: Any  # a transformers config of an architecture in ftkit.gguf_arch.ARCHS
     files: dict[str, Path]  # HF tensor name -> safetensors file
     shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
@@ -91,12 +89,7 @@ def read_checkpoint(path: Path) -> Checkpoint:
         )
     with user_errors(f"cannot read '{path / 'config.json'}'", "re-run merge_adapter.py"):
         config = AutoConfig.from_pretrained(path, local_files_only=True)
-    if config.model_type != ARCH:
-        raise UserError(
-            f"'{path}' is a '{config.model_type}' model; export_gguf.py writes the Llama architecture "
-            "only (model_type 'llama': Llama 2/3, SmolLM2, TinyLlama); convert other architectures "
-            "with llama.cpp's convert_hf_to_gguf.py"
-        )
+    arch_of(config, f"'{path}'")
     index = path / "model.safetensors.index.json"
     if index.is_file():
         try:
@@ -196,14 +189,19 @@ def llama3_rope_factors(config) -> list[float]:
 
 
 def rope_params(config) -> dict:
+    """The RoPE of the global (full-attention) layers: llama.cpp's rope.* keys describe those; a model with
+    sliding layers (Gemma 3) keeps its local RoPE in a second entry, which ftkit.gguf_arch checks."""
     rp = dict(getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {})
+    rp = dict(rp.get("full_attention") or rp)
     rp.setdefault("rope_theta", getattr(config, "rope_theta", 10000.0))
     rp["rope_type"] = rp.get("rope_type") or rp.get("type") or "default"
     return rp
 
 
-def head_dim(config) -> int:
-    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+def rotary_dims(config) -> int:
+    """Dimensions of each head that RoPE rotates (Phi-3-style partial_rotary_factor: the first part of each head)."""
+    factor = rope_params(config).get("partial_rotary_factor") or getattr(config, "partial_rotary_factor", None)
+    return int(head_dim(config) * (factor or 1.0))
 
 
 @dataclass
@@ -215,6 +213,7 @@ class TensorPlan:
     permute_heads: int = 0  # >0: apply interleave_rope_rows with this many heads
     values: list[float] | None = None
     scale: float = 1.0  # multiplied in before conversion (a LoRA B matrix's per-module scaling)
+    shift: float = 0.0  # added before conversion (Arch.norm_shift: Gemma's norms stored as w + 1)
 
     @property
     def n_elements(self) -> int:
@@ -239,7 +238,10 @@ def storage_type(shape: tuple[int, ...], matrix_type: str) -> str:
 
 
 def rope_heads(cfg, module: str) -> int:
-    """Heads whose rows interleave_rope_rows reorders: q_proj and k_proj only (0: leave as is)."""
+    """Heads whose rows interleave_rope_rows reorders: q_proj and k_proj of a rope_rows architecture only (0: leave
+    as is)."""
+    if not arch_of(cfg, "the model").rope_rows:
+        return 0
     if module.endswith("self_attn.q_proj"):
         return cfg.num_attention_heads
     if module.endswith("self_attn.k_proj"):
@@ -248,15 +250,23 @@ def rope_heads(cfg, module: str) -> int:
 
 
 def gguf_module_name(cfg, module: str) -> str | None:
-    """HF module path ('model.layers.0.self_attn.q_proj') -> llama GGUF name ('blk.0.attn_q'), None if none."""
-    import gguf
+    """HF module path ('model.layers.0.self_attn.q_proj') -> GGUF name ('blk.0.attn_q') by the gguf package's
+    table for the architecture, None if it has no place there."""
+    return arch_of(cfg, "the model").tensor_names(cfg.num_hidden_layers).get_name(module)
 
-    return gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, cfg.num_hidden_layers).get_name(module)
+
+def required_tensors(arch: Arch, cfg, tied: bool) -> list[str]:
+    """What llama.cpp needs of the architecture: the embedding, the final norm, every block's tensors, the head."""
+    need = ["token_embd.weight", "output_norm.weight"] + [
+        f"{n}.weight" for n in arch.block_tensors(cfg.num_hidden_layers)
+    ]
+    return need if tied else need + ["output.weight"]
 
 
 def plan_tensors(ckpt: Checkpoint, qtype: str) -> list[TensorPlan]:
     """Map every HF tensor to its GGUF name and storage type; unknown tensors are an error, not dropped."""
     cfg = ckpt.config
+    arch = arch_of(cfg, f"'{ckpt.path}'")
     tied = bool(getattr(cfg, "tie_word_embeddings", False))
     head = "token_embd.weight" if tied else "output.weight"
     plans = []
@@ -267,31 +277,16 @@ def plan_tensors(ckpt: Checkpoint, qtype: str) -> list[TensorPlan]:
         gname = gguf_module_name(cfg, base) if suffix in ("weight", "bias") else None
         if gname is None:
             raise UserError(
-                f"tensor '{hf_name}' has no place in a llama GGUF; this checkpoint is not a plain Llama "
-                "(extra modules?), which export_gguf.py does not support"
+                f"tensor '{hf_name}' has no place in a {arch.name} GGUF; this checkpoint is not a plain "
+                f"{cfg.model_type} (extra modules?), which export_gguf.py does not support"
             )
         gguf_name = f"{gname}.{suffix}"
         matrix = "Q8_0" if qtype in SMALL_TYPES and gguf_name == head else TYPES[qtype].matrix
-        plans.append(TensorPlan(hf_name, gguf_name, tuple(shape), storage_type(shape, matrix), rope_heads(cfg, base)))
+        shift = arch.norm_shift if len(shape) == 1 and gname.endswith("norm") else 0.0
+        qt = storage_type(shape, matrix)
+        plans.append(TensorPlan(hf_name, gguf_name, tuple(shape), qt, rope_heads(cfg, base), shift=shift))
     names = {p.gguf_name for p in plans}
-    need = ["token_embd.weight", "output_norm.weight"] + [
-        f"blk.{i}.{n}.weight"
-        for i in range(cfg.num_hidden_layers)
-        for n in (
-            "attn_norm",
-            "attn_q",
-            "attn_k",
-            "attn_v",
-            "attn_output",
-            "ffn_norm",
-            "ffn_gate",
-            "ffn_up",
-            "ffn_down",
-        )
-    ]
-    if not tied:
-        need.append("output.weight")
-    lost = [n for n in need if n not in names]
+    lost = [n for n in required_tensors(arch, cfg, tied) if n not in names]
     if lost:
         raise UserError(
             f"the checkpoint in '{ckpt.path}' lacks tensor '{lost[0]}' ({len(lost)} missing); it is "
@@ -339,6 +334,8 @@ def iter_tensor_data(
             t = handles[f].get_tensor(p.hf_name).float()
             if p.scale != 1.0:
                 t = t * p.scale
+            if p.shift:
+                t = t + p.shift
             if p.permute_heads:
                 t = interleave_rope_rows(t, p.permute_heads)
             if p.qtype == "F32":
@@ -690,7 +687,13 @@ def _add_general(w, names: Names, kind: str) -> None:
 
 
 def _write_file(
-    tmp: Path, out: Path, metadata: Callable[[Any], None], plans: list[TensorPlan], data: Iterator, desc: str
+    tmp: Path,
+    out: Path,
+    arch: str,
+    metadata: Callable[[Any], None],
+    plans: list[TensorPlan],
+    data: Iterator,
+    desc: str,
 ) -> None:
     """Header, metadata (added by `metadata(writer)`), tensor table, then tensor data one at a time; fsync'd,
     size-checked, renamed. Any failure (Ctrl+C included) removes the temporary file, so `out` is either the old
@@ -699,7 +702,7 @@ def _write_file(
     import numpy as np
     from tqdm import tqdm
 
-    w = gguf.GGUFWriter(tmp, ARCH)
+    w = gguf.GGUFWriter(tmp, arch)
     try:
         metadata(w)
         for p in plans:
@@ -744,6 +747,7 @@ def write_gguf(
     import gguf
 
     cfg = ckpt.config
+    arch = arch_of(cfg, f"'{ckpt.path}'")
 
     def metadata(w) -> None:
         _add_general(w, names, "model")
@@ -756,13 +760,15 @@ def write_gguf(
         w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
         rp = rope_params(cfg)
         w.add_rope_freq_base(rp["rope_theta"])
-        w.add_rope_dimension_count(head_dim(cfg))
+        w.add_rope_dimension_count(rotary_dims(cfg))
         if head_dim(cfg) != cfg.hidden_size // cfg.num_attention_heads:
             w.add_key_length(head_dim(cfg))
             w.add_value_length(head_dim(cfg))
         if rp["rope_type"] == "linear":
             w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
             w.add_rope_scaling_factor(rp["factor"])
+        if arch.keys:
+            arch.keys(w, cfg)
         w.add_vocab_size(cfg.vocab_size)
         w.add_file_type(gguf.LlamaFileType[TYPES[qtype].file_type])
         if TYPES[qtype].matrix.startswith("Q"):
@@ -790,7 +796,8 @@ def write_gguf(
             (w.add_uint32 if isinstance(val, int) else w.add_string)(key, val)
 
     tmp = tmp or tmp_path_for(out)
-    _write_file(tmp, out, metadata, plans, iter_tensor_data(ckpt, plans, rounding), f"writing {qtype}")
+    data = iter_tensor_data(ckpt, plans, rounding)
+    _write_file(tmp, out, arch.name, metadata, plans, data, f"writing {qtype}")
 
 
 # -- the LoRA adapter as a llama.cpp adapter GGUF (llama.cpp's --lora, Ollama's ADAPTER) ---------------------------
@@ -859,7 +866,7 @@ def plan_adapter(adapter_dir: Path, adapter_cfg: dict, base_config, qtype: str) 
     for module, ab in sorted(pairs.items(), key=lambda kv: _order(kv[0])):
         gname = gguf_module_name(base_config, module)
         if gname is None or not gname.startswith("blk.") or len(ab) != 2:
-            what = "has only one of lora_A/lora_B" if len(ab) != 2 else "is not a projection inside a Llama block"
+            what = "has only one of lora_A/lora_B" if len(ab) != 2 else "is not a projection inside a decoder block"
             raise UserError(
                 f"adapter module '{module}' {what}; a llama.cpp adapter cannot carry it: export the merged model"
             )
@@ -898,7 +905,8 @@ def write_adapter_gguf(ap: AdapterPlan, qtype: str, names: Names, out: Path) -> 
         w.add_file_type(gguf.LlamaFileType[TYPES[qtype].file_type])
 
     tmp = tmp_path_for(out)
-    _write_file(tmp, out, metadata, ap.plans, iter_tensor_data(ap.ckpt, ap.plans), f"writing LoRA {qtype}")
+    arch = arch_of(ap.ckpt.config, "the adapter's base").name
+    _write_file(tmp, out, arch, metadata, ap.plans, iter_tensor_data(ap.ckpt, ap.plans), f"writing LoRA {qtype}")
 
 
 def read_gguf(path: Path):

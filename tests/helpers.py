@@ -64,23 +64,25 @@ TINY_ARCH = {
     "qwen2": {"use_sliding_window": False},
     "mistral": {"sliding_window": None},
     "qwen3": {"use_sliding_window": False},
-    "phi3": {"pad_token_id": None},
+    "phi3": {"sliding_window": None},
     # a window shorter than the test prompts, so that llama.cpp's sliding-window layers are really compared
     "gemma2": {"sliding_window": 4, "query_pre_attn_scalar": 16},
     "gemma3_text": {"sliding_window": 4, "query_pre_attn_scalar": 16, "rope_scaling": None},
 }
 
 
-def build_tiny_model(out: Path, model_type: str, tok, seed: int = 0, tied: bool = False) -> Path:
+def build_tiny_model(out: Path, model_type: str, tok, seed: int = 0, tied: bool = False, vocab_size: int = 0) -> Path:
     """A 2-layer model of `model_type` from transformers' own config class (hidden 64, 4 heads of 16, 2 KV heads,
-    MLP 128) for `tok`, saved with it in `out` in float32. The weights are drawn here from one seeded generator
+    MLP 128) for `tok`, saved with it in `out` in float32; `vocab_size`: embedding rows, when more than the
+    tokenizer's (padding, as released models have, and room for the tokens transformers' own tokenizer class for
+    the model type adds, e.g. Qwen2's <|endoftext|>). The weights are drawn here from one seeded generator
     in name order, not by transformers' initialisers, so the same seed gives the same bytes across versions."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     cfg = AutoConfig.for_model(
         model_type,
-        vocab_size=len(tok),
+        vocab_size=vocab_size or len(tok),
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=2,
@@ -108,10 +110,25 @@ def build_tiny_model(out: Path, model_type: str, tok, seed: int = 0, tied: bool 
 
 
 def build_offline_llama(out: Path, seed: int = 0, tied: bool = False) -> Path:
-    """A small random Llama (hidden 256, 4 layers, 4 heads / 2 KV heads, MLP 512, bf16) with a byte-level
-    BPE tokenizer trained in-process on the Alpaca prompt text: no download, no SmolLM2 package, so it can
-    be built on a bare GPU machine. The tokenizer has BOS/EOS/pad tokens and no chat template (train it with
-    data.prompt_template=alpaca); every byte is in its alphabet, so any text tokenizes."""
+    """A small random Llama (hidden 256, 4 layers, 4 heads / 2 KV heads, MLP 512, bf16) with offline_tokenizer():
+    no download, no SmolLM2 package, so it can be built on a bare GPU machine."""
+    return save_random_llama(
+        out,
+        offline_tokenizer(),
+        seed,
+        tied,
+        bf16=True,
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=4,
+        max_position_embeddings=2048,
+    )
+
+
+def offline_tokenizer():
+    """A 512-token byte-level BPE tokenizer trained in-process on the Alpaca prompt text, with BOS/EOS/pad tokens and
+    no chat template (train with data.prompt_template=alpaca); every byte is in its alphabet, so any text
+    tokenizes. Small: a GGUF reader parses its vocabulary in milliseconds, SmolLM2's 49k in seconds."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -135,19 +152,8 @@ def build_offline_llama(out: Path, seed: int = 0, tied: bool = False) -> Path:
     core.post_processor = processors.TemplateProcessing(
         single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, core.token_to_id(bos))]
     )
-    tok = PreTrainedTokenizerFast(
+    return PreTrainedTokenizerFast(
         tokenizer_object=core, bos_token=bos, eos_token=eos, pad_token=pad, model_max_length=2048
-    )
-    return save_random_llama(
-        out,
-        tok,
-        seed,
-        tied,
-        bf16=True,
-        hidden_size=256,
-        intermediate_size=512,
-        num_hidden_layers=4,
-        max_position_embeddings=2048,
     )
 
 

@@ -13,7 +13,7 @@ import hashlib
 from pathlib import Path
 
 import pytest
-from helpers import build_tiny_model
+from helpers import build_tiny_model, offline_tokenizer
 
 import export_gguf
 from ftkit.config import load_config
@@ -54,3 +54,123 @@ DEMO_BYTES = {
 def test_demo_model_export_keeps_its_bytes(tmp_path, embedded_model, qtype):
     out = export_gguf.main(load_config(None), None, qtype, tmp_path / "m.gguf", model_dir=Path(embedded_model))
     assert hashlib.sha256(out.read_bytes()).hexdigest() == DEMO_BYTES[qtype]
+
+
+# (model_type, tied head): each architecture once, tied where its small models tie (Gemma 2 always does).
+ARCH_CASES = [
+    ("llama", False),
+    ("qwen2", True),
+    ("mistral", False),
+    ("qwen3", True),
+    ("gemma2", True),
+    ("gemma3_text", True),
+]
+# Past Gemma's 4-token test window, so that sliding-window layers attend differently from global ones.
+IDS = [0, 40, 500, 60, 270, 80, 90, 100, 200, 300, 44, 345, 17, 99]
+
+
+@pytest.fixture(scope="session")
+def arch_export(tmp_path_factory):
+    """get(model_type, qtype) -> (HF folder, GGUF): each tiny model built once and each export written once per
+    test run, shared by the fast-tier checks and the llama.cpp ones. The 512-token offline tokenizer: the GGUF
+    reader and llama.cpp parse its vocabulary in milliseconds."""
+    root = tmp_path_factory.mktemp("arch")
+    tok = offline_tokenizer()
+    models: dict[str, Path] = {}
+    files: dict[tuple[str, str], Path] = {}
+
+    def get(model_type: str, qtype: str = "f16") -> tuple[Path, Path]:
+        if model_type not in models:
+            tied = dict(ARCH_CASES)[model_type]
+            models[model_type] = build_tiny_model(root / f"tiny-{model_type}", model_type, tok, 0, tied, vocab_size=512)
+        if (model_type, qtype) not in files:
+            out = root / "out" / f"{model_type}-{qtype}.gguf"
+            files[model_type, qtype] = export_gguf.main(
+                load_config(None), None, qtype, out, model_dir=models[model_type]
+            )
+        return models[model_type], files[model_type, qtype]
+
+    return get
+
+
+def hf_tensors(model_dir: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(model_dir / "model.safetensors")
+
+
+@pytest.mark.parametrize("model_type", [m for m, _ in ARCH_CASES])
+def test_f16_export_follows_the_gguf_tables(arch_export, model_type):
+    """Every tensor is one llama.cpp's table has for the architecture, with the HF tensor's shape (ggml order) and
+    values (Gemma's norms + 1, Llama-family q/k rows in llama.cpp's rotary order); every hyperparameter llama.cpp
+    reads for it is there, with the config's value."""
+    import gguf as gg
+    import numpy as np
+    from transformers import AutoConfig
+    from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
+
+    from ftkit.gguf_arch import ARCHS
+
+    model_dir, out = arch_export(model_type)
+    arch, cfg, hf = ARCHS[model_type], AutoConfig.from_pretrained(model_dir), hf_tensors(model_dir)
+    reader = gg.GGUFReader(out)
+    field = lambda k: reader.fields[k].contents()  # noqa: E731
+    assert field("general.architecture") == arch.name
+    table = gg.MODEL_TENSORS[gg.MODEL_ARCH[arch.gguf_arch]]
+    allowed = {gg.TENSOR_NAMES[t].format(bid=i) for t in table for i in range(cfg.num_hidden_layers)}
+    got = {t.name: t for t in reader.tensors}
+    assert {n.rsplit(".", 1)[0] for n in got} <= allowed
+    names = gg.get_tensor_name_map(gg.MODEL_ARCH[arch.gguf_arch], cfg.num_hidden_layers)
+    for hf_name, w in hf.items():
+        base, suffix = hf_name.rsplit(".", 1)
+        if hf_name == "lm_head.weight" and cfg.tie_word_embeddings:
+            continue
+        t = got.pop(f"{names.get_name(base)}.{suffix}")
+        assert tuple(int(x) for x in reversed(t.shape)) == tuple(w.shape), hf_name
+        data = np.asarray(t.data, dtype=np.float32).reshape(w.shape)
+        want = w.float().numpy() + (arch.norm_shift if base.endswith("norm") else 0.0)
+        if arch.rope_rows and base.endswith(("q_proj", "k_proj")):
+            heads = cfg.num_attention_heads if base.endswith("q_proj") else cfg.num_key_value_heads
+            data = LlamaTensorProcessor()._reverse_permute_weights(data, heads, heads)
+        assert np.allclose(data, want, atol=2e-3, rtol=1e-3), hf_name
+    assert got == {}  # nothing written that the checkpoint does not have
+    name = arch.name
+    keys = {
+        gg.Keys.LLM.BLOCK_COUNT: cfg.num_hidden_layers,
+        gg.Keys.LLM.EMBEDDING_LENGTH: cfg.hidden_size,
+        gg.Keys.LLM.FEED_FORWARD_LENGTH: cfg.intermediate_size,
+        gg.Keys.LLM.CONTEXT_LENGTH: cfg.max_position_embeddings,
+        gg.Keys.Attention.HEAD_COUNT: cfg.num_attention_heads,
+        gg.Keys.Attention.HEAD_COUNT_KV: cfg.num_key_value_heads,
+        gg.Keys.Rope.DIMENSION_COUNT: 16,
+    }
+    if model_type == "gemma2":
+        keys |= {
+            gg.Keys.LLM.ATTN_LOGIT_SOFTCAPPING: cfg.attn_logit_softcapping,
+            gg.Keys.LLM.FINAL_LOGIT_SOFTCAPPING: cfg.final_logit_softcapping,
+        }
+    if model_type.startswith("gemma"):
+        keys[gg.Keys.Attention.SLIDING_WINDOW] = cfg.sliding_window
+    for key, value in keys.items():
+        assert field(key.format(arch=name)) == pytest.approx(value), key
+    assert field(gg.Keys.Rope.FREQ_BASE.format(arch=name)) == pytest.approx(1e6 if model_type == "gemma3_text" else 1e4)
+
+
+def test_an_architecture_llama_cpp_would_run_differently_is_one_line_and_writes_nothing(tmp_path):
+    """Gemma 2 with its own head (llama.cpp's gemma2 reuses the embedding) and a model type with no mapping: exit 2,
+    one line naming the architectures that work, no file."""
+    from helpers import run_script
+
+    from ftkit.gguf_arch import ARCHS
+
+    tok = offline_tokenizer()
+    untied = build_tiny_model(tmp_path / "gemma2", "gemma2", tok, tied=False, vocab_size=512)
+    out = tmp_path / "out" / "m.gguf"
+    r = run_script("export_gguf.py", "--model", str(untied), "--outfile", str(out))
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "own output head" in r.stderr and not out.parent.exists()
+    other = build_tiny_model(tmp_path / "olmo", "llama", tok, vocab_size=512)
+    (other / "config.json").write_text((other / "config.json").read_text().replace('"llama"', '"olmo2"'))
+    r = run_script("export_gguf.py", "--model", str(other), "--outfile", str(out))
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "'olmo2' model" in r.stderr and all(m in r.stderr for m in ARCHS) and not out.parent.exists()
