@@ -10,6 +10,7 @@ with transformers' for the same token ids.
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 import pytest
@@ -237,3 +238,40 @@ def test_llama_cpp_logits_agree_with_transformers(arch_export, model_type, qtype
     elif qtype == "q8_0":
         decisive = margin >= 0.25
         assert decisive.sum() >= len(IDS) // 2 and same[decisive].all(), (margin.round(3), same)
+
+
+@pytest.mark.llamacpp
+@pytest.mark.parametrize("model_type", [m for m, _ in ARCH_CASES])
+def test_adapter_gguf_over_the_base_is_the_merged_model(arch_export, tmp_path, model_type):
+    """A LoRA on every linear layer (random B, so it changes the logits), written as the architecture's adapter GGUF
+    and applied by llama.cpp over the f16 base, gives transformers' merged model's logits."""
+    import gguf as gg
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from ftkit.gguf import export_names, plan_adapter, write_adapter_gguf
+    from ftkit.gguf_arch import ARCHS
+
+    model_dir, base = arch_export(model_type, "f16")
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    lcfg = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
+    peft_model = get_peft_model(model, lcfg)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    merged = peft_model.merge_and_unload().eval()
+    with torch.no_grad():
+        want = merged(torch.tensor([IDS])).logits[0].numpy()
+    adapter_cfg = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    ap = plan_adapter(tmp_path / "adapter", adapter_cfg, merged.config, "f32")
+    lora = tmp_path / "adapter.gguf"
+    write_adapter_gguf(ap, "f32", export_names(merged.config, 10**6, str(model_dir), "t"), lora)
+    reader = gg.GGUFReader(lora)
+    arch = ARCHS[model_type]
+    assert reader.fields["general.architecture"].contents() == arch.name
+    table = {gg.TENSOR_NAMES[t].format(bid=i) for t in gg.MODEL_TENSORS[gg.MODEL_ARCH[arch.gguf_arch]] for i in (0, 1)}
+    lora_names = {t.name.rsplit(".", 2)[0] for t in reader.tensors}
+    assert lora_names <= table and len(reader.tensors) == 2 * 7 * 2  # 2 blocks x 7 projections x (a, b)
+    got, plain = llama_cpp_logits(base, IDS, lora), llama_cpp_logits(base, IDS)
+    assert cosines(want, got).min() > 0.999 and (want.argmax(-1) == got.argmax(-1)).all()
+    assert cosines(want, plain).min() < 0.99  # the adapter matters: the check above is not base == base
