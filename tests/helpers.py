@@ -40,14 +40,7 @@ def save_random_llama(out: Path, tok, seed: int, tied: bool, bf16: bool, **sizes
 
     torch.manual_seed(seed)
     cfg = LlamaConfig(
-        vocab_size=len(tok),
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-        tie_word_embeddings=tied,
-        **sizes,
+        vocab_size=len(tok), num_attention_heads=4, num_key_value_heads=2, **tokens_of(tok, tied), **sizes
     )
     model = LlamaForCausalLM(cfg)
     if bf16:
@@ -55,6 +48,16 @@ def save_random_llama(out: Path, tok, seed: int, tied: bool, bf16: bool, **sizes
     model.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
     return out
+
+
+def tokens_of(tok, tied: bool) -> dict:
+    """A model config's token ids and head tying, for `tok`."""
+    return dict(
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        tie_word_embeddings=tied,
+    )
 
 
 # Per-architecture settings a tiny model needs beyond the shared sizes: the transformers defaults are the real
@@ -90,10 +93,7 @@ def build_tiny_model(out: Path, model_type: str, tok, seed: int = 0, tied: bool 
         num_key_value_heads=2,
         head_dim=16,
         max_position_embeddings=512,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-        tie_word_embeddings=tied,
+        **tokens_of(tok, tied),
         **TINY_ARCH[model_type],
     )
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
