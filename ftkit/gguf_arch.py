@@ -115,6 +115,12 @@ def _gemma3_keys(w, config) -> None:
     w.add_sliding_window(config.sliding_window)
 
 
+def _phi3_keys(w, config) -> None:
+    # llama.cpp reads Phi-3's window and then disables it (with a warning); written as its converter does
+    if getattr(config, "sliding_window", None):
+        w.add_sliding_window(config.sliding_window)
+
+
 GEMMA2 = Arch("GEMMA2", DENSE + POST_NORMS, norm_shift=1.0, always_tied=True, keys=_gemma2_keys, check=_gemma2_check)
 ARCHS: dict[str, Arch] = {
     "llama": Arch("LLAMA", DENSE, rope_rows=True),
@@ -122,6 +128,8 @@ ARCHS: dict[str, Arch] = {
     "mistral": Arch("LLAMA", DENSE, rope_rows=True),
     "qwen2": Arch("QWEN2", DENSE, check=_qwen2_check),
     "qwen3": Arch("QWEN3", DENSE + QK_NORM),
+    # Phi-3 keeps q/k/v in one matrix and gate/up in one (gate rows first), as llama.cpp's phi3 reads them
+    "phi3": Arch("PHI3", ("ATTN_NORM", "ATTN_QKV", "ATTN_OUT", "FFN_NORM", "FFN_UP", "FFN_DOWN"), keys=_phi3_keys),
     "gemma2": GEMMA2,
     "gemma3_text": Arch("GEMMA3", DENSE + QK_NORM + POST_NORMS, norm_shift=1.0, keys=_gemma3_keys, check=_gemma3_check),
 }

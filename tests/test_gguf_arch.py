@@ -63,6 +63,7 @@ ARCH_CASES = [
     ("qwen2", True),
     ("mistral", False),
     ("qwen3", True),
+    ("phi3", False),
     ("gemma2", True),
     ("gemma3_text", True),
 ]
@@ -83,7 +84,9 @@ def arch_export(tmp_path_factory):
     def get(model_type: str, qtype: str = "f16") -> tuple[Path, Path]:
         if model_type not in models:
             tied = dict(ARCH_CASES)[model_type]
-            models[model_type] = build_tiny_model(root / f"tiny-{model_type}", model_type, tok, 0, tied, vocab_size=512)
+            # general.name comes from the folder's; llama.cpp keys per-token rules on names containing "phi3"
+            folder = root / f"tiny-{len(models)}"
+            models[model_type] = build_tiny_model(folder, model_type, tok, 0, tied, vocab_size=512)
         if (model_type, qtype) not in files:
             out = root / "out" / f"{model_type}-{qtype}.gguf"
             files[model_type, qtype] = export_gguf.main(
@@ -237,7 +240,7 @@ def test_llama_cpp_logits_agree_with_transformers(arch_export, model_type, qtype
         assert same.all(), same
     elif qtype == "q8_0":
         decisive = margin >= 0.25
-        assert decisive.sum() >= len(IDS) // 2 and same[decisive].all(), (margin.round(3), same)
+        assert decisive.sum() >= 4 and same[decisive].all(), (margin.round(3), same)
 
 
 @pytest.mark.llamacpp
@@ -271,7 +274,8 @@ def test_adapter_gguf_over_the_base_is_the_merged_model(arch_export, tmp_path, m
     assert reader.fields["general.architecture"].contents() == arch.name
     table = {gg.TENSOR_NAMES[t].format(bid=i) for t in gg.MODEL_TENSORS[gg.MODEL_ARCH[arch.gguf_arch]] for i in (0, 1)}
     lora_names = {t.name.rsplit(".", 2)[0] for t in reader.tensors}
-    assert lora_names <= table and len(reader.tensors) == 2 * 7 * 2  # 2 blocks x 7 projections x (a, b)
+    linears = [n for n, m in merged.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n]
+    assert lora_names <= table and len(reader.tensors) == 2 * len(linears)  # a lora_a and a lora_b for each
     got, plain = llama_cpp_logits(base, IDS, lora), llama_cpp_logits(base, IDS)
     assert cosines(want, got).min() > 0.999 and (want.argmax(-1) == got.argmax(-1)).all()
     assert cosines(want, plain).min() < 0.99  # the adapter matters: the check above is not base == base
