@@ -70,22 +70,31 @@ TINY_ARCH = {
     "phi3": {"sliding_window": None},
     # a window shorter than the test prompts, so that llama.cpp's sliding-window layers are really compared
     "gemma2": {"sliding_window": 4, "query_pre_attn_scalar": 16},
-    "gemma3_text": {"sliding_window": 4, "query_pre_attn_scalar": 16, "rope_scaling": None},
+    # six layers: llama.cpp's Gemma 3 layout has one global layer in six; the global layers' RoPE scaled linearly by
+    # 8, as Gemma 3 4B/12B/27B ship (the sliding layers keep theta 10000, unscaled)
+    "gemma3_text": {
+        "sliding_window": 4,
+        "query_pre_attn_scalar": 16,
+        "num_hidden_layers": 6,
+        "rope_parameters": {
+            "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1000000.0},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+        },
+    },
 }
 
 
 def build_tiny_model(out: Path, model_type: str, tok, seed: int = 0, tied: bool = False, vocab_size: int = 0) -> Path:
     """A 2-layer model of `model_type` from transformers' own config class (hidden 64, 4 heads of 16, 2 KV heads,
-    MLP 128) for `tok`, saved with it in `out` in float32; `vocab_size`: embedding rows, when more than the
-    tokenizer's (padding, as released models have, and room for the tokens transformers' own tokenizer class for
-    the model type adds, e.g. Qwen2's <|endoftext|>). The weights are drawn here from one seeded generator
-    in name order, not by transformers' initialisers, so the same seed gives the same bytes across versions."""
+    MLP 128; TINY_ARCH may change that) for `tok`, saved with it in `out` in float32; `vocab_size`: embedding
+    rows, when more than the tokenizer's (padding, as released models have, and room for the tokens transformers'
+    own tokenizer class for the model type adds, e.g. Qwen2's <|endoftext|>). The weights are drawn here from one
+    seeded generator in name order, not by transformers' initialisers, so the same seed gives the same bytes across
+    versions."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    cfg = AutoConfig.for_model(
-        model_type,
-        vocab_size=vocab_size or len(tok),
+    sizes = dict(
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=2,
@@ -93,8 +102,9 @@ def build_tiny_model(out: Path, model_type: str, tok, seed: int = 0, tied: bool 
         num_key_value_heads=2,
         head_dim=16,
         max_position_embeddings=512,
-        **tokens_of(tok, tied),
-        **TINY_ARCH[model_type],
+    )
+    cfg = AutoConfig.for_model(
+        model_type, vocab_size=vocab_size or len(tok), **tokens_of(tok, tied), **(sizes | TINY_ARCH[model_type])
     )
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     g = torch.Generator().manual_seed(seed)

@@ -160,6 +160,9 @@ def test_f16_export_follows_the_gguf_tables(arch_export, model_type):
     for key, value in keys.items():
         assert field(key.format(arch=name)) == pytest.approx(value), key
     assert field(gg.Keys.Rope.FREQ_BASE.format(arch=name)) == pytest.approx(1e6 if model_type == "gemma3_text" else 1e4)
+    if model_type == "gemma3_text":  # the global layers' linear RoPE scaling; llama.cpp keeps the sliding ones unscaled
+        assert field(gg.Keys.Rope.SCALING_TYPE.format(arch=name)) == "linear"
+        assert field(gg.Keys.Rope.SCALING_FACTOR.format(arch=name)) == 8.0
 
 
 def test_an_architecture_llama_cpp_would_run_differently_is_one_line_and_writes_nothing(tmp_path):
@@ -227,9 +230,10 @@ def assert_agree(want, got, cosine: float, margin: float | None) -> None:
     assert decisive.sum() >= 4 and same[decisive].all(), ((top2[:, 1] - top2[:, 0]).round(3), same)
 
 
-# Observed on these tiny models (logit std 1-2): f16 cosine >= 0.99996, q8_0 >= 0.9966, Q4_K_M >= 0.95 (rows of 64
-# are not K-quant blocks of 256: llama.cpp falls back to 4/5-bit legacy blocks for most tensors).
-COSINE = {"f16": 0.999, "q8_0": 0.99, "q4_k_m": 0.9}
+# Observed on these tiny models (logit std 1-2): f16 cosine >= 0.99996, q8_0 >= 0.9966, Q4_K_M >= 0.95 on two layers,
+# 0.81 on Gemma 3's six (rows of 64 are not K-quant blocks of 256: llama.cpp falls back to 4/5-bit legacy blocks for
+# most tensors, and random weights carry no structure that survives 4 bits).
+COSINE = {"f16": 0.999, "q8_0": 0.99, "q4_k_m": 0.75}
 # The same top token: everywhere at f16; at q8_0 wherever the top-2 margin is wider than 8-bit rounding moves logits
 # here (observed max shift 0.22 over these positions); not at Q4_K_M.
 MARGIN = {"f16": 0.0, "q8_0": 0.25, "q4_k_m": None}
@@ -278,7 +282,8 @@ def test_adapter_gguf_over_the_base_is_the_merged_model(arch_export, tmp_path, m
     reader = gg.GGUFReader(lora)
     arch = ARCHS[model_type]
     assert reader.fields["general.architecture"].contents() == arch.name
-    table = {gg.TENSOR_NAMES[t].format(bid=i) for t in gg.MODEL_TENSORS[gg.MODEL_ARCH[arch.gguf_arch]] for i in (0, 1)}
+    kinds, layers = gg.MODEL_TENSORS[gg.MODEL_ARCH[arch.gguf_arch]], range(merged.config.num_hidden_layers)
+    table = {gg.TENSOR_NAMES[t].format(bid=i) for t in kinds for i in layers}
     lora_names = {t.name.rsplit(".", 2)[0] for t in reader.tensors}
     linears = [n for n, m in merged.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n]
     assert lora_names <= table and len(reader.tensors) == 2 * len(linears)  # a lora_a and a lora_b for each
