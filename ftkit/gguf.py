@@ -390,8 +390,9 @@ def pre_tokenizer_name(tj: dict) -> str:
         return "gpt-2"
     if kinds == ["Digits", "ByteLevel"] and parts[0].get("individual_digits") and parts[1].get("use_regex", True):
         return "smollm"
-    if kinds == ["Split", "ByteLevel"] and parts[0].get("pattern", {}).get("Regex") == LLAMA3_SPLIT:
-        return "llama-bpe"
+    split = parts[0].get("pattern", {}).get("Regex") if kinds == ["Split", "ByteLevel"] else None
+    if split in SPLITS:
+        return SPLITS[split]
     log.warning("unrecognised pre-tokenizer %s; writing 'default' (llama.cpp may split text differently)", kinds)
     return "default"
 
@@ -400,6 +401,10 @@ LLAMA3_SPLIT = (
     "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*"
     "|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+"
 )
+# Qwen2/2.5/3's: Llama 3's, but digits one at a time (\p{N} where Llama 3 has \p{N}{1,3})
+QWEN2_SPLIT = LLAMA3_SPLIT.replace("\\p{N}{1,3}", "\\p{N}")
+# tokenizer.json's Split regex -> llama.cpp's pre-tokenizer name (tokenizer.ggml.pre)
+SPLITS = {LLAMA3_SPLIT: "llama-bpe", QWEN2_SPLIT: "qwen2"}
 
 
 def read_vocab(tok, template: PromptTemplate, vocab_size: int) -> Vocab:

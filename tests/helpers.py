@@ -135,10 +135,11 @@ def build_offline_llama(out: Path, seed: int = 0, tied: bool = False) -> Path:
     )
 
 
-def offline_tokenizer():
+def offline_tokenizer(pre_tokenizer=None):
     """A 512-token byte-level BPE tokenizer trained in-process on the Alpaca prompt text, with BOS/EOS/pad tokens and
     no chat template (train with data.prompt_template=alpaca); every byte is in its alphabet, so any text
-    tokenizes. Small: a GGUF reader parses its vocabulary in milliseconds, SmolLM2's 49k in seconds."""
+    tokenizes. Small: a GGUF reader parses its vocabulary in milliseconds, SmolLM2's 49k in seconds.
+    `pre_tokenizer`: another split before BPE (the default: GPT-2's byte-level regex)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -146,7 +147,7 @@ def offline_tokenizer():
 
     bos, eos, pad = "<|begin_of_text|>", "<|end_of_text|>", "<|pad|>"
     core = Tokenizer(models.BPE())
-    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.pre_tokenizer = pre_tokenizer or pre_tokenizers.ByteLevel(add_prefix_space=False)
     core.decoder = decoders.ByteLevel()
     corpus = [ALPACA_WITH_INPUT, ALPACA_NO_INPUT] * 20 + [" ".join(r.values()) for r in ALPACA_ROWS] * 5
     core.train_from_iterator(

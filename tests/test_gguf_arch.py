@@ -342,3 +342,40 @@ def test_trained_run_exports_and_runs_in_llama_cpp(arch_export, tmp_path, model_
     # base
     moved, rounding = np.abs(got - plain).mean(), np.abs(got - split).mean()
     assert moved > 5 * rounding, (moved, rounding)
+
+
+def qwen_style_tokenizer():
+    """The offline tokenizer's vocabulary trained behind Qwen2/2.5/3's pre-tokenizer (a Split on its regex, then
+    byte-level without a regex of its own): digits one at a time, where Llama 3 groups three."""
+    from tokenizers import Regex, pre_tokenizers
+
+    from ftkit.gguf import QWEN2_SPLIT
+
+    split = pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated")
+    return offline_tokenizer(
+        pre_tokenizers.Sequence([split, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    )
+
+
+@pytest.mark.llamacpp
+def test_qwen_pre_tokenizer_is_named_so_llama_cpp_splits_text_as_qwen_does(tmp_path):
+    """A Qwen-style tokenizer's GGUF says tokenizer.ggml.pre 'qwen2' (not 'default', which groups digits and splits
+    words otherwise), and llama.cpp then tokenizes text into the ids transformers does."""
+    import gguf as gg
+
+    from ftkit.llamacpp import load
+    from ftkit.prompts import ALPACA_NO_INPUT
+
+    tok = qwen_style_tokenizer()
+    model = build_tiny_model(tmp_path / "tiny", "qwen2", tok, vocab_size=512)
+    out = export_gguf.main(load_config(None), None, "f16", tmp_path / "out" / "m.gguf", model_dir=model)
+    assert gg.GGUFReader(out).fields["tokenizer.ggml.pre"].contents() == "qwen2"
+    llm = load(out, n_ctx=64)
+    # text the tokenizer was trained on: its merges span what one regex splits and the other keeps together
+    texts = [ALPACA_NO_INPUT.format(instruction="Sort the numbers: 3, 1, 2."), "Add 12345 and 678.", "naïve café 3.14"]
+    try:
+        for text in texts:
+            want = tok(text, add_special_tokens=False)["input_ids"]
+            assert llm.tokenize(text.encode(), add_bos=False, special=False) == want, text
+    finally:
+        llm.close()
