@@ -66,10 +66,11 @@ TINY_ARCH = {
     "llama": {},
     "qwen2": {"use_sliding_window": False},
     "mistral": {"sliding_window": None},
-    "qwen3": {"use_sliding_window": False},
+    # heads wider than hidden_size / heads, as Qwen3 and Gemma ship (attention.key_length must then be written)
+    "qwen3": {"use_sliding_window": False, "head_dim": 32},
     "phi3": {"sliding_window": None},
     # a window shorter than the test prompts, so that llama.cpp's sliding-window layers are really compared
-    "gemma2": {"sliding_window": 4, "query_pre_attn_scalar": 16},
+    "gemma2": {"sliding_window": 4, "query_pre_attn_scalar": 32, "head_dim": 32},
     # six layers: llama.cpp's Gemma 3 layout has one global layer in six; the global layers' RoPE scaled linearly by
     # 8, as Gemma 3 4B/12B/27B ship (the sliding layers keep theta 10000, unscaled)
     "gemma3_text": {
@@ -113,7 +114,8 @@ def build_tiny_model(out: Path, model_type: str, tok, seed: int = 0, tied: bool 
             # unit-scale activations (weights ~ 1/sqrt(fan-in)): logits far enough apart that the top token
             # of a random model is not a near-tie that any rounding flips
             noise = torch.randn(p.shape, generator=g)
-            p.copy_(noise / p.shape[1] ** 0.5 if p.dim() == 2 else 1 + 0.1 * noise if "norm" in name else 0.1 * noise)
+            # norms: around the model's own constant start, 1 for a weight, 0 for Gemma's offset (scale 1 + w)
+            p.copy_(noise / p.shape[1] ** 0.5 if p.dim() == 2 else p + 0.1 * noise if "norm" in name else 0.1 * noise)
     model.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
     return out

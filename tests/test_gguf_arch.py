@@ -68,7 +68,8 @@ ARCH_CASES = [
     ("gemma3_text", True),
 ]
 # Past Gemma's 4-token test window, so that sliding-window layers attend differently from global ones.
-IDS = [0, 40, 500, 60, 270, 80, 90, 100, 200, 300, 44, 345, 17, 99]
+# 28 positions: enough where the top token is decisive (see assert_agree) whatever the random model.
+IDS = [0, 40, 500, 60, 270, 80, 90, 100, 200, 300, 44, 345, 17, 99] + list(range(120, 460, 25))
 
 
 @pytest.fixture(scope="session")
@@ -148,8 +149,10 @@ def test_f16_export_follows_the_gguf_tables(arch_export, model_type):
         gg.Keys.LLM.CONTEXT_LENGTH: cfg.max_position_embeddings,
         gg.Keys.Attention.HEAD_COUNT: cfg.num_attention_heads,
         gg.Keys.Attention.HEAD_COUNT_KV: cfg.num_key_value_heads,
-        gg.Keys.Rope.DIMENSION_COUNT: 16,
+        gg.Keys.Rope.DIMENSION_COUNT: cfg.head_dim,
     }
+    if cfg.head_dim != cfg.hidden_size // cfg.num_attention_heads:
+        keys |= {gg.Keys.Attention.KEY_LENGTH: cfg.head_dim, gg.Keys.Attention.VALUE_LENGTH: cfg.head_dim}
     if model_type == "gemma2":
         keys |= {
             gg.Keys.LLM.ATTN_LOGIT_SOFTCAPPING: cfg.attn_logit_softcapping,
@@ -288,7 +291,7 @@ def test_adapter_gguf_over_the_base_is_the_merged_model(arch_export, tmp_path, m
     linears = [n for n, m in merged.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n]
     assert lora_names <= table and len(reader.tensors) == 2 * len(linears)  # a lora_a and a lora_b for each
     got, plain = llama_cpp_logits(base, IDS, lora), llama_cpp_logits(base, IDS)
-    assert_agree(want, got, 0.999, 0.0)
+    assert_agree(want, got, 0.999, 0.05)  # the adapter's sum is rounded apart from the f16 base: past near-ties
     assert cosines(want, plain).min() < 0.99  # the adapter matters: the check above is not base == base
 
 
