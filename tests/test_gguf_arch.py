@@ -168,24 +168,33 @@ def test_f16_export_follows_the_gguf_tables(arch_export, model_type):
         assert field(gg.Keys.Rope.SCALING_FACTOR.format(arch=name)) == 8.0
 
 
-def test_an_architecture_llama_cpp_would_run_differently_is_one_line_and_writes_nothing(tmp_path):
-    """Gemma 2 with its own head (llama.cpp's gemma2 reuses the embedding) and a model type with no mapping: exit 2,
-    one line naming the architectures that work, no file."""
+# (model_type, tied, config.json changes, what the one line says): what llama.cpp would compute otherwise
+REFUSED = [
+    ("gemma2", False, {}, "own output head"),  # llama.cpp's gemma2 reuses the embedding
+    ("gemma2", True, {"attn_logit_softcapping": None}, "no logit soft-capping"),
+    ("gemma2", True, {"query_pre_attn_scalar": 64}, "query_pre_attn_scalar 64"),
+    ("gemma3_text", True, {"layer_types": ["full_attention"] * 6}, "layer_types"),
+    ("qwen2", False, {"use_sliding_window": True, "sliding_window": 4}, "sliding-window attention"),
+    ("llama", False, {"model_type": "olmo2"}, "'olmo2' model"),  # no mapping at all
+]
+
+
+@pytest.mark.parametrize("model_type,tied,change,says", REFUSED, ids=[f"{r[0]}-{r[3][:12]}" for r in REFUSED])
+def test_what_llama_cpp_would_run_differently_is_one_line_and_writes_nothing(tmp_path, model_type, tied, change, says):
+    """Exit 2 and one line, naming the architectures that work where there is no mapping; no file."""
     from helpers import run_script
 
     from ftkit.gguf_arch import ARCHS
 
-    tok = offline_tokenizer()
-    untied = build_tiny_model(tmp_path / "gemma2", "gemma2", tok, tied=False, vocab_size=512)
+    model = build_tiny_model(tmp_path / "m", model_type, offline_tokenizer(), tied=tied, vocab_size=512)
+    cfg = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps(cfg | change))
     out = tmp_path / "out" / "m.gguf"
-    r = run_script("export_gguf.py", "--model", str(untied), "--outfile", str(out))
+    r = run_script("export_gguf.py", "--model", str(model), "--outfile", str(out))
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
-    assert "own output head" in r.stderr and not out.parent.exists()
-    other = build_tiny_model(tmp_path / "olmo", "llama", tok, vocab_size=512)
-    (other / "config.json").write_text((other / "config.json").read_text().replace('"llama"', '"olmo2"'))
-    r = run_script("export_gguf.py", "--model", str(other), "--outfile", str(out))
-    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
-    assert "'olmo2' model" in r.stderr and all(m in r.stderr for m in ARCHS) and not out.parent.exists()
+    assert says in r.stderr and not out.parent.exists(), r.stderr
+    if "model_type" in change:
+        assert all(m in r.stderr for m in ARCHS)
 
 
 # -- inside llama.cpp ----------------------------------------------------------------------------------------------
