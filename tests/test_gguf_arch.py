@@ -305,16 +305,18 @@ def test_adapter_gguf_over_the_base_is_the_merged_model(arch_export, tmp_path, m
 
 
 # Through the stage scripts: the two architectures furthest from Llama in what the export does (Gemma 2's norms,
-# soft-capping and windows; Phi-3's fused projections, which LoRA targets by their own names).
-E2E = {"gemma2": "all-linear", "phi3": "all-linear"}
+# soft-capping and windows; Phi-3's fused projections, which LoRA targets by their own names and GPTQ rounds as
+# one matrix each), with the merged model's export types (q4_0: GPTQ on the run's rows; on Phi-3 only, ~15 s).
+E2E = {"gemma2": ("f16",), "phi3": ("f16", "q4_0")}
 
 
 @pytest.mark.llamacpp
 @pytest.mark.parametrize("model_type", list(E2E))
 def test_trained_run_exports_and_runs_in_llama_cpp(arch_export, tmp_path, model_type):
-    """finetune.py (a few LoRA steps) -> merge_adapter.py -> export_gguf.py (the merged model at f16, the adapter,
-    the base with a Modelfile that applies it): llama.cpp on the merged export gives transformers' logits for the
-    merged model, and the adapter over the base gives the merged export's."""
+    """finetune.py (a few LoRA steps) -> merge_adapter.py -> export_gguf.py (the merged model at f16 and GPTQ q4_0,
+    the adapter, the base with a Modelfile that applies it): llama.cpp on the merged export gives transformers'
+    logits for the merged model, and the adapter over the base gives the merged export's."""
+    import gguf as gg
     import numpy as np
     from conftest import TINY_ALPACA
     from helpers import run_script, tiny_overrides
@@ -325,7 +327,7 @@ def test_trained_run_exports_and_runs_in_llama_cpp(arch_export, tmp_path, model_
     run = tmp_path / "run"
     extra = {
         "data.prompt_template": "alpaca",
-        "lora.target_modules": E2E[model_type],
+        "lora.target_modules": "all-linear",
         "model.dtype": "float32",
         "train.max_steps": 3,
         "train.learning_rate": 2e-2,  # a few steps that move a random model visibly
@@ -337,7 +339,7 @@ def test_trained_run_exports_and_runs_in_llama_cpp(arch_export, tmp_path, model_
     assert r.returncode == 0, r.stderr[-3000:]
     r = run_script("merge_adapter.py", "--config", str(run / "config.yaml"))
     assert r.returncode == 0, r.stderr[-3000:]
-    for args in (["--type", "f16"], ["--adapter"], ["--base", "--type", "f16"]):
+    for args in [["--type", t] for t in E2E[model_type]] + [["--adapter"], ["--base", "--type", "f16"]]:
         r = run_script("export_gguf.py", "--config", str(run / "config.yaml"), *args)
         assert r.returncode == 0, (args, r.stderr[-3000:])
     export = run / "export"
@@ -348,6 +350,11 @@ def test_trained_run_exports_and_runs_in_llama_cpp(arch_export, tmp_path, model_
     # trained logits have near-ties that random ones did not: the top token is compared past f16's rounding (0.05)
     want, got = transformers_logits(run / "merged", IDS), llama_cpp_logits(merged, IDS)
     assert_agree(want, got, 0.999, 0.05)
+    # q4_0 is GPTQ-rounded on the run's rows, layer by layer of this architecture, and still runs
+    for q40 in export.glob("*-Q4_0.gguf"):
+        assert "quantize.gptq.rows" in gg.GGUFReader(q40).fields
+        assert_agree(want, llama_cpp_logits(q40, IDS), COSINE["q4_k_m"], None)
+    assert len(list(export.glob("*.gguf"))) == len(E2E[model_type]) + 1  # the types asked for and the adapter
     split, plain = llama_cpp_logits(base, IDS, lora), llama_cpp_logits(base, IDS)
     assert_agree(got, split, 0.999, 0.05)
     # training moved the logits far more than the adapter's separate rounding does: the check above is not base ==
