@@ -168,6 +168,21 @@ def test_f16_export_follows_the_gguf_tables(arch_export, model_type):
         assert field(gg.Keys.Rope.SCALING_FACTOR.format(arch=name)) == 8.0
 
 
+def test_every_mapped_architecture_is_in_the_gguf_tables():
+    """What ftkit.gguf_arch requires of each block is what llama.cpp's table has for the architecture (a gguf
+    package that renames or drops a tensor fails here, not at load time), and an architecture without an output
+    tensor is the one marked always tied."""
+    import gguf as gg
+
+    from ftkit.gguf_arch import ARCHS
+
+    for model_type, arch in ARCHS.items():
+        table = set(gg.MODEL_TENSORS[gg.MODEL_ARCH[arch.gguf_arch]])
+        assert {gg.MODEL_TENSOR[b] for b in arch.blocks} <= table, model_type
+        assert (gg.MODEL_TENSOR.OUTPUT not in table) == arch.always_tied, model_type
+        assert {gg.MODEL_TENSOR.TOKEN_EMBD, gg.MODEL_TENSOR.OUTPUT_NORM} <= table, model_type
+
+
 # (model_type, tied, config.json changes, what the one line says): what llama.cpp would compute otherwise
 REFUSED = [
     ("gemma2", False, {}, "own output head"),  # llama.cpp's gemma2 reuses the embedding
