@@ -18,8 +18,9 @@ from .errors import UserError
 # Every dense decoder block: pre-attention norm, q/k/v/o, pre-MLP norm, the gated MLP.
 DENSE = ("ATTN_NORM", "ATTN_Q", "ATTN_K", "ATTN_V", "ATTN_OUT", "FFN_NORM", "FFN_GATE", "FFN_UP", "FFN_DOWN")
 QK_NORM = ("ATTN_Q_NORM", "ATTN_K_NORM")
-# Gemma 2/3 norm the outputs of attention and MLP again before adding them to the residual stream.
-POST_NORMS = ("ATTN_POST_NORM", "FFN_POST_NORM")
+# Gemma 2/3 norm the outputs of attention and MLP again before adding them to the residual stream; their pre-MLP
+# norm is gguf's FFN_PRE_NORM (the same file name, blk.N.ffn_norm, as the dense FFN_NORM).
+GEMMA_BLOCK = tuple("FFN_PRE_NORM" if b == "FFN_NORM" else b for b in DENSE) + ("ATTN_POST_NORM", "FFN_POST_NORM")
 
 
 @dataclass(frozen=True)
@@ -121,7 +122,7 @@ def _phi3_keys(w, config) -> None:
         w.add_sliding_window(config.sliding_window)
 
 
-GEMMA2 = Arch("GEMMA2", DENSE + POST_NORMS, norm_shift=1.0, always_tied=True, keys=_gemma2_keys, check=_gemma2_check)
+GEMMA2 = Arch("GEMMA2", GEMMA_BLOCK, norm_shift=1.0, always_tied=True, keys=_gemma2_keys, check=_gemma2_check)
 ARCHS: dict[str, Arch] = {
     "llama": Arch("LLAMA", DENSE, rope_rows=True),
     # llama.cpp runs Mistral as Llama (its converter registers MistralForCausalLM with the Llama model)
@@ -131,7 +132,7 @@ ARCHS: dict[str, Arch] = {
     # Phi-3 keeps q/k/v in one matrix and gate/up in one (gate rows first), as llama.cpp's phi3 reads them
     "phi3": Arch("PHI3", ("ATTN_NORM", "ATTN_QKV", "ATTN_OUT", "FFN_NORM", "FFN_UP", "FFN_DOWN"), keys=_phi3_keys),
     "gemma2": GEMMA2,
-    "gemma3_text": Arch("GEMMA3", DENSE + QK_NORM + POST_NORMS, norm_shift=1.0, keys=_gemma3_keys, check=_gemma3_check),
+    "gemma3_text": Arch("GEMMA3", GEMMA_BLOCK + QK_NORM, norm_shift=1.0, keys=_gemma3_keys, check=_gemma3_check),
 }
 
 
