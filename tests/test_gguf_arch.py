@@ -44,10 +44,8 @@ def test_llama_export_keeps_its_bytes(tmp_path, smol_tok, tie, qtype):
 
 
 # The demo model (SmolLM2-135M-Instruct, converted from its packaged GGUF), exported by the same Llama-only writer.
-DEMO_BYTES = {
-    "f16": "b5afa2c200ba4343f5c1d898f7c0555026a5dc5b9879eff161fa86a23e26e5b8",
-    "q8_0": "fca4d8c47f29cd631069bc25cc5fdf7f42dd0b5c2aef6189a27d5fd9a34e568f",
-}
+# f16 only: q8_0 of it was fca4d8c4...e568f, but its ~15 s adds nothing the tiny model's q8_0 does not check.
+DEMO_BYTES = {"f16": "b5afa2c200ba4343f5c1d898f7c0555026a5dc5b9879eff161fa86a23e26e5b8"}
 
 
 @pytest.mark.slow
