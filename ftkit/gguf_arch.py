@@ -122,7 +122,6 @@ def _phi3_keys(w, config) -> None:
         w.add_sliding_window(config.sliding_window)
 
 
-GEMMA2 = Arch("GEMMA2", GEMMA_BLOCK, norm_shift=1.0, always_tied=True, keys=_gemma2_keys, check=_gemma2_check)
 ARCHS: dict[str, Arch] = {
     "llama": Arch("LLAMA", DENSE, rope_rows=True),
     # llama.cpp runs Mistral as Llama (its converter registers MistralForCausalLM with the Llama model)
@@ -131,7 +130,7 @@ ARCHS: dict[str, Arch] = {
     "qwen3": Arch("QWEN3", DENSE + QK_NORM),
     # Phi-3 keeps q/k/v in one matrix and gate/up in one (gate rows first), as llama.cpp's phi3 reads them
     "phi3": Arch("PHI3", ("ATTN_NORM", "ATTN_QKV", "ATTN_OUT", "FFN_NORM", "FFN_UP", "FFN_DOWN"), keys=_phi3_keys),
-    "gemma2": GEMMA2,
+    "gemma2": Arch("GEMMA2", GEMMA_BLOCK, norm_shift=1.0, always_tied=True, keys=_gemma2_keys, check=_gemma2_check),
     "gemma3_text": Arch("GEMMA3", GEMMA_BLOCK + QK_NORM, norm_shift=1.0, keys=_gemma3_keys, check=_gemma3_check),
 }
 
