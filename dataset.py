@@ -20,9 +20,9 @@ from pathlib import Path
 
 from ftkit.cli import build_parser, log, parse_args, run_main
 from ftkit.config import Config
-from ftkit.data import load_clean_split, prepare, print_report
 from ftkit.errors import UserError
 from ftkit.models import load_tokenizer
+from ftkit.pairs import load_clean_split, prepare, print_report
 from ftkit.paths import RunDir, atomic_write_json, load_run_config
 from ftkit.runlock import RunLock, check_unlocked, is_own_report, is_project_run
 
@@ -44,7 +44,7 @@ def main(cfg: Config) -> dict:
         )
     if run.root.exists() and not run.root.is_dir():
         raise UserError(f"paths.output_dir '{run.root}' is a file, not a folder; choose a new folder")
-    loaded = load_clean_split(cfg.data)  # data errors first: they need no tokenizer
+    loaded = load_clean_split(cfg.data, cfg.train.method)  # data errors first: they need no tokenizer
     tok = load_tokenizer(cfg)
     prep = prepare(cfg, tok, loaded)
     print_report(prep.report)

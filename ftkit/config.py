@@ -324,7 +324,9 @@ LOSS_TYPES = {
 def check_method_options(t) -> None:
     """A method option set for a method that has no such option, and loss types the method's trainer lacks."""
     for key, methods in METHOD_OPTIONS.items():
-        if key in t.model_fields_set and t.method not in methods:
+        # A saved config.yaml holds every key at its value: only a value other than the default is a choice.
+        default = type(t).model_fields[key].get_default(call_default_factory=True)
+        if key in t.model_fields_set and getattr(t, key) != default and t.method not in methods:
             raise ValueError(
                 f"train.{key} applies to train.method={' or '.join(methods)}, not {t.method}; remove it or change "
                 "train.method"
