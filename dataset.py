@@ -2,15 +2,19 @@
 
 Reads:  `data.path` — a hub dataset id, or a local .json / .jsonl / .csv / .parquet file of Alpaca records
         (`instruction`, optional `input`, `output`), OpenAI `messages` or ShareGPT `conversations` rows
-        (`data.format`, `data.columns`); the tokenizer of `model.name_or_path`.
+        (`data.format`, `data.columns`), or preference rows for train.method=dpo|kto|orpo|simpo (chosen/rejected
+        pairs, KTO's prompt/completion/label; ftkit/pairs.py); the tokenizer of `model.name_or_path`.
 Writes: <paths.output_dir>/dataset_report.json (row counts, token-length histogram, truncated, fully
         masked, empty-output and duplicate rows, two rendered examples with their label masks; for
-        conversations also turns per row, tokens per role, trained share, cut and dropped conversations).
+        conversations also turns per row, tokens per role, trained share, cut and dropped conversations; for pairs
+        the mean tokens of the prompt and each side, equal pairs dropped, empty sides, pairs cut at max_length and
+        one rendered example of each side with its mask).
 
 Run:
     python dataset.py --config configs/demo.yaml
     python dataset.py --config configs/llama3_alpaca.yaml data.path=/data/alpaca.json data.max_length=1024
     python dataset.py --config configs/llama3_alpaca.yaml data.path=chats.jsonl data.prompt_template=llama3
+    python dataset.py --config configs/demo_dpo.yaml                  # preference pairs (train.method=dpo)
 """
 
 from __future__ import annotations
