@@ -102,6 +102,11 @@ def load_clean_split(d: DataCfg, method: str = "sft") -> tuple[list[dict], list[
     check_method(fmt, method, d.path, at, records[first] if isinstance(records[first], dict) else ())
     if fmt is None:
         return load_sft_split(d)
+    if d.columns:
+        raise UserError(
+            f"data.columns renames the SFT fields ({', '.join(d.columns)}); {d.path} holds {fmt} rows, whose fields "
+            "(prompt/instruction, chosen, rejected, completion, label) are read by these names: remove data.columns"
+        )
     rows, st = clean_rows(records, d, fmt)
     train_rows, eval_rows = split_records(rows, d.eval_size, d.seed, _dup_note(st))
     return train_rows, eval_rows, st, digest

@@ -1411,6 +1411,13 @@ CASES = [
         {"p.jsonl": pairs_with(PAIRS[0])},
     ),
     Case(
+        "pairs-with-sft-columns",
+        "dataset.py",
+        ft("train.method=dpo", "data.columns={{output: answer}}", data="{tmp}/p.jsonl"),
+        "data.columns renames the SFT fields (output)",
+        {"p.jsonl": pairs_with(PAIRS[0])},
+    ),
+    Case(
         "method-option-of-another-method",
         "finetune.py",
         ft("train.method=dpo", "train.simpo_gamma=1.0"),
