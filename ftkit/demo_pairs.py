@@ -106,3 +106,22 @@ def generate_pairs(
             }
         )
     return out
+
+
+def base_answers(cfg, rows: list[dict], max_new_tokens: int = 32) -> dict:
+    """The base model's own greedy answers to the rows' prompts, rendered as the run will render them (cfg's
+    template as a chat template, ftkit/pairs.py), for generate_pairs(base_answers=...)."""
+    from .generation import generate
+    from .models import load_causal_lm, load_tokenizer, pick_device, resolve_model, torch_dtype
+    from .prompts import PromptTemplate
+
+    source, offline = resolve_model(cfg.model)
+    tok = load_tokenizer(cfg, source, offline)
+    device = pick_device(cfg.inference.device)
+    model = load_causal_lm(cfg, source, offline, dtype=torch_dtype(cfg.model.dtype), device_map={"": device}).eval()
+    d = cfg.data
+    template = PromptTemplate.from_config(d.prompt_template, tok, d.system_prompt, conversations=True)
+    greedy = cfg.inference.model_copy(update={"do_sample": False, "max_new_tokens": max_new_tokens})
+    prompts = [(r["instruction"], r["input"] or None) for r in rows]
+    answers = generate(model, tok, template, prompts, greedy, progress=True)
+    return {(r["instruction"], r["input"]): a for r, a in zip(rows, answers)}
