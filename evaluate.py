@@ -14,6 +14,11 @@ Writes: <run>/eval/ (atomically: a failed evaluation leaves the previous eval/ u
         and prints the before/after table. With --lm-eval, also EleutherAI's lm-evaluation-harness on the same
         rows as a local task (ftkit/harness.py), base vs fine-tuned, in both reports.
 
+A preference run's held-out pairs (train.method=dpo|kto|orpo|simpo): the chosen answer is the reference for
+the scores above, and the preference accuracy is the share of pairs where the model's summed log-probability of
+the chosen answer is above the rejected one's (the prompt masked as in training), with the mean margin between
+the two (nats), base vs fine-tuned.
+
 Held-out conversations (`messages` rows, as finetune.py holds out from conversation data): each is
 answered from the turns before its last assistant turn, which is the reference; the loss is over all its
 assistant turns, masked as in training.
@@ -46,7 +51,7 @@ from ftkit.models import resolve_model
 from ftkit.paths import RunDir, atomic_dir, atomic_write_json, check_own_dir, stage_config
 from ftkit.prompts import PromptTemplate
 from ftkit.runlock import RunLock, check_unlocked, clean_tmp_leftovers
-from ftkit.scoring import aggregate, family_of, held_out_row, is_verifiable, measure, pick_examples
+from ftkit.scoring import aggregate, family_of, held_out_row, is_verifiable, measure, pick_examples, preference
 
 
 def read_rows(path: Path) -> list[dict]:
@@ -115,6 +120,14 @@ def table_lines(report: dict) -> list[str]:
         lines.append(line("**all verifiable**", report["verifiable"], "exact_match"))
     if o["rows"] - o["verifiable_rows"]:
         lines.append(line("**all open-ended**", report["open_ended"], "rouge_l"))
+    pref = report.get("preference")
+    if pref:
+        for key, label, spec in (("accuracy", "preference accuracy %", ".1f"), ("mean_margin", "mean margin", ".3f")):
+            b, t = pref["base"][key], pref["fine_tuned"][key]
+            lines.append(
+                f"| **held-out pairs** | {pref['pairs']} | {label} | {_fmt(b, spec)} | {_fmt(t, spec)} | "
+                f"{_fmt(t - b, '+' + spec)} | | |"
+            )
     lines.append(
         f"| **all rows** | {o['rows']} | perplexity | {_fmt(o['base']['perplexity'], '.2f')} | "
         f"{_fmt(o['fine_tuned']['perplexity'], '.2f')} | "
@@ -303,6 +316,7 @@ def build_report(
             "max_length": cfg.data.max_length,
         },
         "overall": agg["overall"],
+        "preference": preference(rows, base, tuned),
         "verifiable": sub(ver),
         "open_ended": sub(opn),
         "families": agg["families"],
@@ -325,12 +339,15 @@ def build_report(
 
 def row_result(m: dict) -> dict:
     """One model's answer to one row, as the report keeps it."""
-    return {
+    out = {
         "answer": m["answer"],
         "score": m["score"],
         "tokens": m["tokens"],
         "loss": round(m["nll_sum"] / m["tokens"], 4) if m["tokens"] else None,
     }
+    if "rejected_nll_sum" in m:  # a pair: chosen minus rejected log-probability
+        out["margin"] = round(m["rejected_nll_sum"] - m["nll_sum"], 4)
+    return out
 
 
 def check_scored(report: dict) -> None:

@@ -1,4 +1,5 @@
-"""QLoRA fine-tuning: 4-bit base + LoRA adapters, trained with TRL's SFTTrainer on Alpaca rows.
+"""QLoRA fine-tuning: 4-bit base + LoRA adapters, trained with TRL's SFTTrainer on Alpaca rows or conversations,
+or (train.method=dpo|kto|orpo|simpo) with TRL's preference trainers on chosen/rejected pairs.
 
 Reads:  the YAML config; `model.name_or_path` (hub id or local folder); `data.path`.
 Writes: a new run directory, <paths.output_dir>/:
@@ -14,6 +15,7 @@ Run:
     python finetune.py --config configs/demo.yaml
     python finetune.py --config configs/llama3_alpaca.yaml train.max_steps=500
     python finetune.py --config configs/demo.yaml --resume          # continue a killed run
+    python finetune.py --config configs/demo_dpo.yaml               # DPO on preference pairs (train.method)
     accelerate launch --config_file configs/accelerate/ddp.yaml finetune.py --config ...
 An existing run directory is never overwritten unless --overwrite is given.
 
@@ -38,10 +40,10 @@ import time
 from ftkit import train
 from ftkit.cli import build_parser, log, parse_args, run_main
 from ftkit.config import Config
-from ftkit.data import load_clean_split, prepare, print_report
 from ftkit.distributed import check_distributed, dist_info, fsdp_enabled, is_main, setup
 from ftkit.errors import UserError
 from ftkit.models import causal_lm_config, load_tokenizer, pick_device, resolve_model
+from ftkit.pairs import load_clean_split, prepare, print_report
 from ftkit.paths import load_run_config
 from ftkit.plan import detect_hardware, make_plan, reference_hardware
 
@@ -52,7 +54,7 @@ def main(cfg: Config, overwrite: bool = False, resume: bool = False) -> dict:
     #    weights), the plan (a plan that cannot fit the GPU stops here), the disk (for the planned steps' saves)
     #    and TRL's arguments.
     run, resume = train.open_run(cfg, overwrite, resume)
-    loaded = load_clean_split(cfg.data)
+    loaded = load_clean_split(cfg.data, cfg.train.method)
     hw = setup(cfg)
     source, offline = resolve_model(cfg.model)
     skeleton, tok = train.inspect_model(cfg, source, offline)
@@ -63,7 +65,7 @@ def main(cfg: Config, overwrite: bool = False, resume: bool = False) -> dict:
     train.check_run_inputs(cfg, run, plan, skeleton, len(prep.train.rows), len(prep.eval.rows))
     if is_main():
         log.info("%s", plan.describe())
-    args = train.sft_config(cfg, run, plan)
+    args = train.trainer_args(cfg, run, plan)
     del skeleton
     # 2. The model: 4-bit base, LoRA, the planned switches.
     model, params = train.build_model(cfg, plan, source, offline)

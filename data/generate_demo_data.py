@@ -3,6 +3,8 @@
 Run:
     python data/generate_demo_data.py                      # rebuilds the shipped data/demo_tasks.jsonl
     python data/generate_demo_data.py --conversations      # rebuilds the shipped data/demo_conversations.jsonl
+    python data/generate_demo_data.py --pairs              # rebuilds the shipped data/demo_pairs.jsonl (DPO demo)
+    python data/generate_demo_data.py --pairs --from-base configs/demo_dpo.yaml   # rejected = the base's own answers
     python data/generate_demo_data.py --seed 1 --per-family 50 --out /tmp/tasks.jsonl
 """
 
@@ -29,6 +31,7 @@ from ftkit.demo_data import (  # noqa: E402
     to_jsonl,
     write_atomic,
 )
+from ftkit.demo_pairs import DEFAULT_PAIRS_OUT, DEFAULT_PAIRS_PER_FAMILY, base_answers, generate_pairs  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,8 +51,34 @@ def main(argv: list[str] | None = None) -> int:
         help=f"write the multi-turn section instead (messages rows; default --out {DEFAULT_CONVERSATIONS_OUT.name}, "
         f"--per-family {DEFAULT_CONVERSATIONS_PER_FAMILY})",
     )
+    ap.add_argument(
+        "--pairs",
+        action="store_true",
+        help=f"write preference pairs of the tasks instead (chosen: the answer, rejected: a plausible wrong one; "
+        f"default --out {DEFAULT_PAIRS_OUT.name}, --per-family {DEFAULT_PAIRS_PER_FAMILY})",
+    )
+    ap.add_argument(
+        "--from-base",
+        metavar="CONFIG",
+        default=None,
+        help="with --pairs: the base model of CONFIG answers every task first, and its wrong answers are the rejected "
+        "ones (a right one is replaced by a corruption)",
+    )
     args = ap.parse_args(argv)
     try:
+        if args.pairs:
+            tasks = generate(args.seed, DEFAULT_PER_FAMILY)
+            per_family = args.per_family or DEFAULT_PAIRS_PER_FAMILY
+            base = None
+            if args.from_base:
+                from ftkit.config import load_config
+
+                picked = generate_pairs(tasks, args.seed, per_family)
+                base = base_answers(load_config(args.from_base), picked)
+            rows = generate_pairs(tasks, args.seed, per_family, base)
+            write_atomic(args.out or DEFAULT_PAIRS_OUT, to_jsonl(rows))
+            print(f"wrote {len(rows)} pairs to {args.out or DEFAULT_PAIRS_OUT}")
+            return 0
         if args.conversations:
             rows = generate_conversations(args.seed, args.per_family or DEFAULT_CONVERSATIONS_PER_FAMILY)
         else:

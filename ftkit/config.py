@@ -178,7 +178,7 @@ class DataSource(Section):
     data section's), and how much of it goes into the mix."""
 
     path: str
-    format: Literal["auto", "alpaca", "messages", "sharegpt"] | None = None
+    format: Literal["auto", "alpaca", "messages", "sharegpt"] | None = None  # a mix is SFT rows only
     columns: dict[str, str] | None = None
     split: str | None = None
     # The first max_rows rows, then `weight` times them in the training rows (0.5: a seeded half; 2: each
@@ -211,8 +211,11 @@ class DataCfg(Section):
     path: str | list[DataSource] = "yahma/alpaca-cleaned"
     split: str = "train"
     # How rows are read: "alpaca" (instruction/input/output), "messages" (OpenAI {"messages": [{role,
-    # content}]}), "sharegpt" ({"conversations": [{from, value}]}); "auto" decides from the first rows.
-    format: Literal["auto", "alpaca", "messages", "sharegpt"] = "auto"
+    # content}]}), "sharegpt" ({"conversations": [{from, value}]}); for preference methods (train.method)
+    # "alpaca_preference" (instruction/input/chosen/rejected, LLaMA-Factory), "preference" (TRL's
+    # prompt/chosen/rejected, as text or as message lists), "unpaired" (KTO's prompt/completion/label);
+    # "auto" decides from the first rows.
+    format: Literal["auto", "alpaca", "messages", "sharegpt", "alpaca_preference", "preference", "unpaired"] = "auto"
     # Field names of this file for the fields above, e.g. {instruction: question, output: answer}.
     columns: dict[str, str] = Field(default_factory=dict)
     # "alpaca": the Stanford Alpaca prompt (for conversations, the same layout turn after turn); "chat": the
@@ -288,6 +291,65 @@ def explicitly_on(switch) -> bool:
     return switch not in (False, 0, "auto")
 
 
+# The preference methods, and which of them each method option feeds (its TRL config in the comment at the key).
+PREFERENCE_METHODS = ("dpo", "orpo", "kto", "simpo")
+METHOD_OPTIONS = {
+    "beta": PREFERENCE_METHODS,
+    "loss_type": ("dpo", "kto"),
+    "loss_weights": ("dpo",),
+    "simpo_gamma": ("simpo",),
+    "cpo_alpha": ("simpo",),
+}
+# The loss_type values of TRL 1.16's DPOConfig and KTOConfig (tests/test_patches.py checks them against TRL).
+LOSS_TYPES = {
+    "dpo": (
+        "sigmoid",
+        "hinge",
+        "ipo",
+        "exo_pair",
+        "nca_pair",
+        "robust",
+        "bco_pair",
+        "sppo_hard",
+        "aot",
+        "aot_unpaired",
+        "apo_zero",
+        "apo_down",
+        "discopop",
+        "sft",
+        "sigmoid_norm",
+    ),
+    "kto": ("kto", "apo_zero_unpaired"),
+}
+
+
+def check_method_options(t) -> None:
+    """A method option set for a method that has no such option, and loss types the method's trainer lacks."""
+    for key, methods in METHOD_OPTIONS.items():
+        # A saved config.yaml holds every key at its value: only a value other than the default is a choice.
+        default = type(t).model_fields[key].get_default(call_default_factory=True)
+        if key in t.model_fields_set and getattr(t, key) != default and t.method not in methods:
+            raise ValueError(
+                f"train.{key} applies to train.method={' or '.join(methods)}, not {t.method}; remove it or change "
+                "train.method"
+            )
+    if t.loss_type is not None:
+        valid = LOSS_TYPES[t.method]
+        bad = [x for x in t.loss_type if x not in valid]
+        if bad or not t.loss_type or (t.method == "kto" and len(t.loss_type) != 1):
+            close = difflib.get_close_matches(bad[0], valid, n=1, cutoff=0.5) if bad else []
+            hint = f"did you mean '{close[0]}'? " if close else ""
+            raise ValueError(
+                f"train.loss_type={t.loss_type} is not a {t.method} loss of TRL; {hint}valid: {', '.join(valid)}"
+                + (" (one of them)" if t.method == "kto" else "")
+            )
+    if t.loss_weights is not None and len(t.loss_weights) != len(t.loss_type or ["sigmoid"]):
+        raise ValueError(
+            f"train.loss_weights has {len(t.loss_weights)} weight(s) for {len(t.loss_type or ['sigmoid'])} "
+            "train.loss_type value(s); give one weight a loss"
+        )
+
+
 class TrainCfg(Section):
     # Bounded where float32 still carries the step: 1e300 overflowed inside Adam as a traceback, while up to
     # 1e30 a run diverges and says so in one line (tests/test_faults.py makes runs diverge that way).
@@ -353,6 +415,28 @@ class TrainCfg(Section):
     # `tensorboard --logdir runs/<name>` shows the curves; each tracker's package is checked before the run.
     report_to: list[str] = Field(default_factory=lambda: ["tensorboard"])
     resume: Literal["never", "auto"] = "never"
+    # What training optimizes: "sft" (SFTTrainer on answers), or a preference method on chosen/rejected pairs:
+    # "dpo" (TRL's DPOTrainer), "kto" (KTOTrainer, pairs or unpaired rows), "orpo" (trl.experimental's
+    # ORPOTrainer), "simpo" (trl.experimental's CPOTrainer with loss_type=simpo). DPO and KTO compare with
+    # the base with the adapter disabled: no second copy of the model.
+    method: Literal["sft", "dpo", "orpo", "kto", "simpo"] = "sft"
+    # The method options, named as TRL's configs name them; each applies to the methods in METHOD_OPTIONS and
+    # is an error with another method. beta: DPOConfig/KTOConfig/ORPOConfig/CPOConfig(beta=), 0.1 in all four.
+    beta: float = Field(0.1, gt=0, le=1e3)
+    # DPOConfig(loss_type=) (a list combines losses with loss_weights: [sigmoid, sft] is RPO, which TRL 1.16
+    # has instead of an rpo_alpha) or KTOConfig(loss_type=); null: TRL's default (sigmoid / kto).
+    loss_type: list[str] | None = None
+    loss_weights: list[Annotated[float, Field(ge=0, le=1e3)]] | None = None
+    # CPOConfig(simpo_gamma=): SimPO's target reward margin.
+    simpo_gamma: float = Field(0.5, ge=0, le=1e3)
+    # CPOConfig(cpo_alpha=): the weight of CPO's NLL term on the chosen answers. 0 is SimPO as published; TRL's own
+    # default (1.0) is CPO-SimPO.
+    cpo_alpha: float = Field(0.0, ge=0, le=1e3)
+
+    @field_validator("loss_type", mode="before")
+    @classmethod
+    def _loss_as_list(cls, v):
+        return [v] if isinstance(v, str) else v
 
     @field_validator("report_to", mode="before")
     @classmethod
@@ -386,6 +470,7 @@ class TrainCfg(Section):
             raise ValueError("train.early_stopping_patience needs train.eval_steps (evaluation every N steps)")
         if self.load_best_model_at_end and not self.eval_steps:
             raise ValueError("train.load_best_model_at_end needs train.eval_steps")
+        check_method_options(self)
         for k in ("tiled_mlp", "activation_offloading"):
             v = getattr(self, k)
             if explicitly_on(v) and self.gradient_checkpointing is False:
@@ -516,6 +601,24 @@ class Config(Section):
             )
         return self
 
+    @model_validator(mode="after")
+    def _method_fits(self):
+        t = self.train
+        if t.method in ("dpo", "kto") and self.lora.init_lora_weights is not True:
+            # The reference is the base with the adapter disabled, which is the starting model only when the
+            # adapter starts as no change (B = 0); PiSSA/OLoRA even rewrite the base weights it would compare with.
+            raise ValueError(
+                f"train.method={t.method} compares with the base model (the adapter disabled), which is the model "
+                f"training starts from only with lora.init_lora_weights=true, not {self.lora.init_lora_weights}; "
+                "set lora.init_lora_weights=true"
+            )
+        if t.method != "sft" and t.packing:
+            raise ValueError(
+                f"train.packing=true packs answers into token packs; train.method={t.method} trains on pairs of "
+                "answers to one prompt, which TRL's preference trainers never pack: set train.packing=false"
+            )
+        return self
+
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
 
@@ -596,6 +699,11 @@ ALIASES = {
     "auto_resume_from_checkpoints": "train.resume",
     "quantization_bit": "quant.load_in_4bit",
     "output_dir": "paths.output_dir",
+    "rl": "train.method",
+    "pref_beta": "train.beta",
+    "dpo_beta": "train.beta",
+    "pref_loss": "train.loss_type",
+    "rpo_alpha": "train.loss_weights",
     "save_dir": "paths.output_dir",
 }
 

@@ -11,6 +11,8 @@ no longer needs it (then delete the patch and its test).
   collator class swap (log_first_batch)  transformers 5.17      test_callbacks_still_do_not_see_the_batch
   LoRA weights back to fp32 after TRL    trl 1.16, peft 0.21    test_trl_still_casts_qlora_adapters_to_bf16
     (keep_lora_fp32)
+  TRL's "ref" adapter copy deleted       trl 1.16, peft 0.21    test_trl_still_copies_the_adapter_as_reference
+    (drop_reference_adapter_copy)
 
 Not patches: the "sdpa_varlen" attention (ftkit/attention.py) goes through transformers' public
 AttentionInterface.register, and liger-kernel's kernels are applied by the Trainer itself.
@@ -141,10 +143,17 @@ def log_first_batch(collator, log_fn) -> None:
                 self._first_logged = True
                 import zlib
 
-                log_fn([f"{zlib.crc32(str(list(f['input_ids'])).encode()):08x}" for f in features])
+                log_fn([f"{zlib.crc32(str(_row_ids(f)).encode()):08x}" for f in features])
             return base.__call__(self, features, *args, **kwargs)
 
     collator.__class__ = FirstBatchLogged
+
+
+def _row_ids(f: dict) -> list:
+    """A row's token ids: SFT's input_ids, or every id column of a preference row (prompt and both sides)."""
+    if "input_ids" in f:
+        return list(f["input_ids"])
+    return [list(f[k]) for k in sorted(f) if k.endswith("_ids")]
 
 
 # -- QLoRA adapters in fp32 ------------------------------------------------------------------------------------
@@ -159,3 +168,16 @@ def keep_lora_fp32(model) -> int:
             p.data = p.data.float()
             n += 1
     return n
+
+
+# -- the DPO/KTO reference ---------------------------------------------------------------------------------------
+def drop_reference_adapter_copy(model) -> bool:
+    """Delete the "ref" adapter TRL's DPOTrainer and KTOTrainer add to a PEFT model they are given (a copy of its
+    adapter, for re-training an existing one). Here the adapter is new and starts as no change (the config makes
+    train.method=dpo|kto use lora.init_lora_weights=true), so the copy equals the base: without it TRL computes the
+    reference with the adapter disabled, as for a PEFT config, and no copy is kept, run or saved into adapter/.
+    Returns whether there was one."""
+    if "ref" not in getattr(model, "peft_config", {}):
+        return False
+    model.delete_adapter("ref")
+    return True

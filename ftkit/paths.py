@@ -379,6 +379,7 @@ RESUME_KEYS = (
     "lora.modules_to_save",
     "data.prompt_template",
     "data.system_prompt",
+    "train.method",  # a run resumed under another method would mix two objectives in one adapter
     "data.format",
     "data.columns",
 )

@@ -111,6 +111,9 @@ class TrainPlan:
     upcast_frozen_fp32: bool
     tiled_mlp: bool
     offload_layers: int
+    method: str  # train.method
+    trainer: str  # the TRL trainer that runs it
+    reference: str | None  # what DPO/KTO compare with; None for methods without a reference
     # What TRL is told besides the batches (trainer_inputs): evaluation, and how long a row or pack may be.
     eval_steps: int | None  # evaluate the held-out rows every N steps; None: no evaluation
     per_device_eval_batch_size: int  # rows an eval micro-batch holds (packs, when packing)
@@ -145,7 +148,9 @@ class TrainPlan:
             f"per-device batch {per_device} x accumulation {self.gradient_accumulation_steps} x "
             f"{self.world_size} processes = global batch {self.rows_per_step:g} rows a step"
             f"{' (a mean: packs hold whole rows)' if self.packing else ''}, learning rate {self.learning_rate:.3g}",
-            f"  padding_free={self.padding_free}, attention={self.attn_implementation}, "
+            f"  method {self.method} ({self.trainer}"
+            + (f"; reference: {self.reference}" if self.reference else "")
+            + f"), padding_free={self.padding_free}, attention={self.attn_implementation}, "
             f"gradient_checkpointing={self.gradient_checkpointing}, liger={self.use_liger_kernel}, "
             f"tiled_mlp={self.tiled_mlp}, offloaded_layers={self.offload_layers}",
         ]
@@ -217,9 +222,12 @@ def make_plan(
     cannot fill. Reads cfg, never writes it.
 
     Five decisions, in order, each returning its values and the reasons for those that differ from the YAML:
-    the kernels, the batches (micro-batches, accumulation, the learning rate), recompute (checkpointing, tiled
-    MLP, offloaded layers), whether the result fits, and what TRL is told besides (evaluation, row length)."""
-    kern, why_kernels = kernels(cfg, hw)
+    the method (its trainer and the switches it rules out), the kernels, the batches (micro-batches,
+    accumulation, the learning rate), recompute (checkpointing, tiled MLP, offloaded layers), whether the result
+    fits, and what TRL is told besides (evaluation, row length). For a preference method a row is a pair: its
+    length is both sides' tokens."""
+    meth, why_method = method(cfg, hw)
+    kern, why_kernels = kernels(cfg, hw, meth)
     rows = RowLengths.of(lengths, cfg.data.max_length)
     cost = Cost(model_numbers(mconf, cfg.lora.r, cfg.lora.target_modules), hw, kern, rows.mean, cfg.train.optim)
     decide_batches = packed_batches if cfg.train.packing is True else row_batches
@@ -248,6 +256,9 @@ def make_plan(
         upcast_frozen_fp32=kern.upcast,
         tiled_mlp=rec.tiled,
         offload_layers=rec.offload,
+        method=cfg.train.method,
+        trainer=meth.trainer,
+        reference=meth.reference,
         eval_steps=given.eval_steps,
         per_device_eval_batch_size=given.eval_batch,
         max_length=given.max_length,
@@ -256,8 +267,55 @@ def make_plan(
         gpu_memory_gb=hw.gpu_memory_gb,
         estimate=cost.est(bat.typical, bat.accum, rec.gc, rec.tiled, rec.offload),
         estimate_largest=largest,
-        changes=(*why_kernels, *why_batches, *why_recompute, *why_given),
+        changes=(*why_method, *why_kernels, *why_batches, *why_recompute, *why_given),
     )
+
+
+# -- the method -------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Method:
+    trainer: str
+    reference: str | None
+    padding_free: bool | None  # None: the kernels decision decides; False: the trainer pads its batches
+    liger: bool | None
+
+
+TRAINERS = {
+    "sft": "trl.SFTTrainer",
+    "dpo": "trl.DPOTrainer",
+    "kto": "trl.KTOTrainer",
+    "orpo": "trl.experimental.orpo.ORPOTrainer",
+    "simpo": "trl.experimental.cpo.CPOTrainer (loss_type=simpo)",
+}
+
+
+def method(cfg: Config, hw: Hardware) -> tuple[Method, list[Change]]:
+    """The trainer train.method runs, what DPO/KTO compare with, and the switches a preference trainer rules out:
+    TRL's preference trainers build their own padded batches of both sides (DPOTrainer 1.16 turns its
+    padding_free off with a warning) and compute log-probabilities themselves, where liger's fused loss is the SFT
+    loss."""
+    m, t, why = cfg.train.method, cfg.train, _Reasons()
+    if m == "sft":
+        return Method(TRAINERS[m], None, None, None), why
+    reference = "the base model with the adapter disabled (no second copy)" if m in ("dpo", "kto") else None
+    padding_free = why.change(
+        "train.padding_free",
+        t.padding_free,
+        False,
+        f"train.method={m}: {TRAINERS[m]} pads each batch of pairs itself (no padding-free path in TRL 1.16)",
+    )
+    liger = t.use_liger_kernel
+    if liger is not False:
+        liger = why.change(
+            "train.use_liger_kernel",
+            liger,
+            False,
+            f"train.method={m}: the trainer computes each side's log-probabilities itself; liger's fused loss is "
+            "the SFT loss",
+        )
+    return Method(TRAINERS[m], reference, padding_free, liger), why
 
 
 # -- kernels ----------------------------------------------------------------------------------------------
@@ -271,10 +329,13 @@ class Kernels:
     upcast: bool
 
 
-def kernels(cfg: Config, hw: Hardware) -> tuple[Kernels, list[Change]]:
-    """Liger's fused kernels, padding-free rows and the attention that keeps them apart, fp32 frozen weights."""
+def kernels(cfg: Config, hw: Hardware, meth: Method | None = None) -> tuple[Kernels, list[Change]]:
+    """Liger's fused kernels, padding-free rows and the attention that keeps them apart, fp32 frozen weights
+    (`meth`: what the method has decided of these already)."""
     t, cuda, why = cfg.train, hw.cuda, _Reasons()
-    if t.use_liger_kernel == "auto":
+    if meth is not None and meth.liger is not None:
+        liger = meth.liger
+    elif t.use_liger_kernel == "auto":
         liger = why.change(
             "train.use_liger_kernel",
             "auto",
@@ -298,7 +359,9 @@ def kernels(cfg: Config, hw: Hardware) -> tuple[Kernels, list[Change]]:
                 "pip install liger-kernel, or set train.use_liger_kernel=auto"
             )
     packing = t.packing is True
-    if t.padding_free == "auto" or packing:
+    if meth is not None and meth.padding_free is not None:
+        padding_free = meth.padding_free
+    elif t.padding_free == "auto" or packing:
         padding_free = why.change(
             "train.padding_free",
             t.padding_free,
@@ -654,7 +717,11 @@ def trainer_inputs(cfg: Config, kern: Kernels, eval_rows: int | None) -> tuple[T
             f"train.packing=true: TRL packs the held-out rows too, and one pack of {t.pack_tokens} tokens is an "
             "eval micro-batch as it is a training one",
         )
-    # TRL's max_length is the length of its packs when packing. Otherwise the rows arrive cut to data.max_length
-    # already (data.too_long), so it changes nothing; and TRL refuses it with padding-free rows and no packing.
-    max_length = t.pack_tokens if packing else None if kern.padding_free else cfg.data.max_length
+    # SFT: TRL's max_length is the length of its packs when packing. Otherwise the rows arrive cut to
+    # data.max_length already (data.too_long), so it changes nothing; and TRL refuses it with padding-free rows and
+    # no packing. A preference method's max_length is each side's prompt + answer, as data.max_length says.
+    if t.method != "sft":
+        max_length = cfg.data.max_length
+    else:
+        max_length = t.pack_tokens if packing else None if kern.padding_free else cfg.data.max_length
     return TrainerInputs(eval_steps, eval_batch, max_length), why

@@ -52,6 +52,8 @@ def held_out_row(r, at: str) -> dict:
     """A held-out row checked and ready to score. An Alpaca row needs an instruction and a reference answer
     (`output`). A `messages` row is cut after its last assistant turn, which becomes the reference, with its
     last user turn as the `instruction` shown in reports. Errors start with `at` ("FILE: line N")."""
+    if isinstance(r, dict) and ("chosen" in r or "completion" in r):
+        r = pair_as_conversation(r, at)
     if isinstance(r, dict) and isinstance(r.get("messages"), list):
         conv = clean_conversation(r, DataCfg(), "messages", at)["messages"]
         last = max((i for i, m in enumerate(conv) if m["role"] == "assistant"), default=None)
@@ -69,6 +71,23 @@ def held_out_row(r, at: str) -> dict:
     if not isinstance(r.get("output"), str) or not r["output"].strip():
         raise UserError(f"{at} has no reference answer ('output'); evaluation needs one per row")
     return r
+
+
+def pair_as_conversation(r: dict, at: str) -> dict:
+    """A held-out preference pair (a preference run's eval_rows.jsonl) as the conversation that ends with its chosen
+    answer, the reference, with the rejected answer kept beside it for the preference accuracy."""
+    if "completion" in r:
+        raise UserError(
+            f"{at} is an unpaired row (prompt/completion/label): the preference accuracy compares a chosen with a "
+            "rejected answer; pass --rows FILE of held-out pairs (prompt, chosen, rejected)"
+        )
+    prompt, chosen, rejected = r.get("prompt"), r.get("chosen"), r.get("rejected")
+    if isinstance(prompt, str):
+        prompt = [{"role": "user", "content": prompt}]
+    if not isinstance(prompt, list) or not all(isinstance(x, str) and x.strip() for x in (chosen, rejected)):
+        raise UserError(f"{at} is not a held-out pair: it needs a prompt (text or messages), chosen and rejected text")
+    rest = {k: v for k, v in r.items() if k not in ("prompt", "chosen")}
+    return {**rest, "messages": [*prompt, {"role": "assistant", "content": chosen}]}
 
 
 def prompt_of(row: dict) -> Prompt:
@@ -142,11 +161,23 @@ def generation_budget(tok, rows: list[dict], max_new_tokens: int) -> int:
     return min(max_new_tokens, longest + VERIFIABLE_MARGIN_TOKENS)
 
 
+def rejected_nll(model, tok, template: PromptTemplate, rows: list[dict], cfg: Config) -> dict[int, tuple[float, int]]:
+    """The rejected answer's (summed cross-entropy, tokens) for each held-out pair, by row index: the same prompt
+    as the chosen answer's (the row's conversation before its last turn), masked as in training."""
+    pairs = [i for i, r in enumerate(rows) if "rejected" in r]
+    convs = [
+        {"messages": [*rows[i]["messages"][:-1], {"role": "assistant", "content": rows[i]["rejected"]}]} for i in pairs
+    ]
+    nll = response_nll(model, tok, template, convs, cfg.data.max_length, cfg.train.per_device_eval_batch_size)
+    return dict(zip(pairs, nll))
+
+
 def measure(cfg: Config, run: RunDir, use: str, rows: list[dict]) -> dict:
     """Load one model, score it on every row: loss, answers, exact match / ROUGE-L."""
     t0 = time.time()
     model, tok, template, what = load_for_inference(cfg, run, use)
     nll = response_nll(model, tok, template, rows, cfg.data.max_length, cfg.train.per_device_eval_batch_size)
+    rejected = rejected_nll(model, tok, template, rows, cfg)
     answers = [""] * len(rows)
     greedy = cfg.inference.model_copy(update={"do_sample": False})
     budgets = {}
@@ -175,8 +206,28 @@ def measure(cfg: Config, run: RunDir, use: str, rows: list[dict]) -> dict:
     for r, a, (s, n) in zip(rows, answers, nll):
         score = exact_match(a, r["output"]) if is_verifiable(r) else rouge_l(a, r["output"])
         per_row.append({"answer": a, "score": score, "nll_sum": s, "tokens": n})
+    for i, (s, _) in rejected.items():
+        per_row[i]["rejected_nll_sum"] = s
     log.info("%s: scored %d rows in %.0fs", what, len(rows), time.time() - t0)
     return {"weights": what, "rows": per_row, "max_new_tokens": budgets, "seconds": round(time.time() - t0, 1)}
+
+
+def preference(rows: list[dict], base: dict, tuned: dict) -> dict | None:
+    """Held-out preference accuracy (the share of pairs whose chosen answer gets a higher summed log-probability
+    than the rejected one, in %) and the mean margin (chosen minus rejected log-probability, nats), both models;
+    None without pairs."""
+    idx = [i for i, r in enumerate(rows) if "rejected" in r]
+    if not idx:
+        return None
+    out = {"pairs": len(idx)}
+    for name, m in (("base", base), ("fine_tuned", tuned)):
+        margins = [m["rows"][i]["rejected_nll_sum"] - m["rows"][i]["nll_sum"] for i in idx]
+        out[name] = {
+            "accuracy": round(100 * sum(x > 0 for x in margins) / len(idx), 2),
+            "mean_margin": round(sum(margins) / len(idx), 4),
+        }
+    out["delta"] = {k: round(out["fine_tuned"][k] - out["base"][k], 4) for k in ("accuracy", "mean_margin")}
+    return out
 
 
 def _loss(parts: list[dict]) -> tuple[float | None, float | None]:

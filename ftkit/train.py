@@ -316,18 +316,25 @@ def tensorboard_callback(run: RunDir):
     return cb
 
 
-def sft_config(cfg: Config, run: RunDir, plan: TrainPlan):
-    """TRL's arguments: what the run decided (batches, learning rate, switches, evaluation, row length) from the
+def trainer_args(cfg: Config, run: RunDir, plan: TrainPlan):
+    """The arguments of the trainer train.method runs: SFTConfig, or the preference method's TRL config."""
+    if cfg.train.method == "sft":
+        return sft_config(cfg, run, plan)
+    return preference_config(cfg, run, plan)
+
+
+def common_args(cfg: Config, run: RunDir, plan: TrainPlan) -> dict:
+    """transformers' TrainingArguments as every method takes them: the batch, learning rate and switches from the
     plan, everything else from the YAML."""
-    from trl import SFTConfig
+    from transformers import TrainingArguments
 
     t = cfg.train
     do_eval = plan.eval_steps is not None
     # transformers 5.24 (not 5.17) calls gradient_checkpointing activation_checkpointing: the old name warns on every
     # run and goes in v6; the versions before know only the old name.
-    renamed = "activation_checkpointing" in SFTConfig.__dataclass_fields__
+    renamed = "activation_checkpointing" in TrainingArguments.__dataclass_fields__
     recompute = "activation_checkpointing" if renamed else "gradient_checkpointing"
-    return SFTConfig(
+    return dict(
         output_dir=str(run.checkpoints),
         learning_rate=plan.learning_rate,
         max_steps=t.max_steps,
@@ -358,10 +365,6 @@ def sft_config(cfg: Config, run: RunDir, plan: TrainPlan):
         data_seed=t.seed,
         bf16=t.bf16,
         use_cpu=plan.device == "cpu",
-        max_length=plan.max_length,
-        packing=plan.packing,
-        packing_strategy="bfd",
-        padding_free=plan.padding_free,
         use_liger_kernel=plan.use_liger_kernel,
         dataloader_num_workers=t.dataloader_num_workers,
         # tensorboard goes through the callback make_trainer adds, which writes into the run directory.
@@ -371,6 +374,19 @@ def sft_config(cfg: Config, run: RunDir, plan: TrainPlan):
         disable_tqdm=not is_main(),
         # Every LoRA weight gets a gradient on every step; searching for unused ones costs a graph walk.
         ddp_find_unused_parameters=False if plan.world_size > 1 else None,
+    )
+
+
+def sft_config(cfg: Config, run: RunDir, plan: TrainPlan):
+    """TRL's SFTConfig: the common arguments, and packing, padding-free rows and row length as the plan says."""
+    from trl import SFTConfig
+
+    return SFTConfig(
+        **common_args(cfg, run, plan),
+        max_length=plan.max_length,
+        packing=plan.packing,
+        packing_strategy="bfd",
+        padding_free=plan.padding_free,
         # The dataset arrives tokenized with labels: TRL sees input_ids and skips its own tokenizing and
         # templating, but still prepares it (packing, truncation), so its preparation is not skipped.
         dataset_kwargs={"skip_prepare_dataset": False},
@@ -378,21 +394,37 @@ def sft_config(cfg: Config, run: RunDir, plan: TrainPlan):
     )
 
 
-def make_trainer(
-    cfg: Config, run: RunDir, plan: TrainPlan, model, tok, prep, args, stop: "StopRequest", lease: runlock.RunStart
-):
-    """TRL's SFTTrainer on the prepared rows, with the project's callbacks and patches; `lease` (the run folder
-    being written) hears of each checkpoint."""
-    from datasets import Dataset
-    from transformers import EarlyStoppingCallback
-    from trl import SFTTrainer
+def preference_config(cfg: Config, run: RunDir, plan: TrainPlan):
+    """The preference method's TRL config: the common arguments and the method's options (config keys named as
+    TRL's arguments); max_length is each side's prompt + answer, as data.max_length is for an SFT row."""
+    from ftkit import experimental
 
-    callbacks = make_callbacks(run, plan, stop, lease)
-    if "tensorboard" in trackers(cfg):
-        callbacks.append(tensorboard_callback(run))
-    if cfg.train.early_stopping_patience:
-        callbacks.append(EarlyStoppingCallback(early_stopping_patience=cfg.train.early_stopping_patience))
-    trainer = SFTTrainer(
+    t = cfg.train
+    kw = dict(common_args(cfg, run, plan), max_length=plan.max_length, beta=t.beta)
+    if t.method == "dpo":
+        from trl import DPOConfig
+
+        extra = {"loss_type": t.loss_type} if t.loss_type else {}
+        return DPOConfig(**kw, **extra, loss_weights=t.loss_weights, padding_free=False)
+    if t.method == "kto":
+        from trl import KTOConfig
+
+        return KTOConfig(**kw, **({"loss_type": t.loss_type[0]} if t.loss_type else {}))
+    # ORPO and CPO batch the pairs with TRL's DPO collator, which needs the tokenized columns kept.
+    if t.method == "orpo":
+        return experimental.ORPOConfig(**kw, remove_unused_columns=False)
+    return experimental.CPOConfig(
+        **kw, loss_type="simpo", simpo_gamma=t.simpo_gamma, cpo_alpha=t.cpo_alpha, remove_unused_columns=False
+    )
+
+
+def build_trainer(cfg: Config, model, args, tok, prep, callbacks: list):
+    """The trainer of train.method on the prepared rows. DPO and KTO get no reference model: with a PEFT model TRL
+    compares with the model's own forward with the adapter disabled, the base, so no second copy is loaded."""
+    from datasets import Dataset
+
+    m = cfg.train.method
+    kw = dict(
         model=model,
         args=args,
         train_dataset=Dataset.from_list(prep.train.rows),
@@ -400,6 +432,34 @@ def make_trainer(
         processing_class=tok,
         callbacks=callbacks,
     )
+    if m == "sft":
+        from trl import SFTTrainer
+
+        return SFTTrainer(**kw)
+    if m in ("dpo", "kto"):
+        import trl
+
+        trainer = (trl.DPOTrainer if m == "dpo" else trl.KTOTrainer)(ref_model=None, **kw)
+        patches.drop_reference_adapter_copy(trainer.model)
+        return trainer
+    from ftkit import experimental
+
+    return (experimental.ORPOTrainer if m == "orpo" else experimental.CPOTrainer)(**kw)
+
+
+def make_trainer(
+    cfg: Config, run: RunDir, plan: TrainPlan, model, tok, prep, args, stop: "StopRequest", lease: runlock.RunStart
+):
+    """The method's TRL trainer on the prepared rows, with the project's callbacks and patches; `lease` (the run
+    folder being written) hears of each checkpoint."""
+    from transformers import EarlyStoppingCallback
+
+    callbacks = make_callbacks(run, plan, stop, lease)
+    if "tensorboard" in trackers(cfg):
+        callbacks.append(tensorboard_callback(run))
+    if cfg.train.early_stopping_patience:
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=cfg.train.early_stopping_patience))
+    trainer = build_trainer(cfg, model, args, tok, prep, callbacks)
     if not plan.fsdp:  # under FSDP the LoRA weights stay in the storage dtype, which FSDP and its resume need
         patches.keep_lora_fp32(trainer.model)
     rank = dist_info()["rank"]

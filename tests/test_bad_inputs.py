@@ -72,6 +72,19 @@ SYSTEM_REFUSING_TEMPLATE = (
 )
 
 
+# Preference pairs of the same rows (train.method=dpo|kto|orpo|simpo): the answer against a wrong one.
+PAIRS = [
+    dict(instruction=r["instruction"], input=r["input"], chosen=r["output"], rejected=r["output"] + "!") for r in ROWS
+]
+
+
+def pairs_with(row: dict, at: int = 2) -> str:
+    """The pairs file with `row` on line `at`."""
+    rows = [json.dumps(r) for r in PAIRS]
+    rows.insert(at - 1, json.dumps(row))
+    return "\n".join(rows) + "\n"
+
+
 def conv_with(row: dict) -> str:
     """The good messages file with one bad row appended (line 33)."""
     return CONV_JSONL + json.dumps(row) + "\n"
@@ -1325,6 +1338,119 @@ CASES = [
         ft(data="{tmp}/c.jsonl"),
         "no usable rows left (10 empty outputs or conversations",
         {"c.jsonl": (json.dumps({"messages": []}) + "\n") * 10},
+    ),
+    # -- preference tuning (train.method) ------------------------------------------------------------------------
+    Case(
+        "preference-file-to-sft",
+        "finetune.py",
+        ft(data="{tmp}/p.jsonl"),
+        "line 1 is a preference row (chosen, input, instruction, rejected), and train.method=sft",
+        {"p.jsonl": pairs_with(PAIRS[0])},
+        max_s=10,
+    ),
+    Case(
+        "sft-file-to-dpo",
+        "finetune.py",
+        ft("train.method=dpo"),
+        "row 1 has no chosen/rejected answers (it has: input, instruction, output), and train.method=dpo",
+        GOOD,
+        max_s=10,
+    ),
+    Case(
+        "sft-file-to-dpo-in-dataset-report",
+        "dataset.py",
+        ft("train.method=orpo", data="{tmp}/d.jsonl"),
+        "line 1 has no chosen/rejected answers",
+        {"d.jsonl": GOOD_JSONL},
+    ),
+    Case(
+        "pair-missing-side",
+        "finetune.py",
+        ft("train.method=dpo", data="{tmp}/p.jsonl"),
+        "p.jsonl: line 3 has no 'rejected' answer (a pair needs both sides)",
+        {"p.jsonl": pairs_with({"instruction": "Add 1 and 1.", "input": "", "chosen": "2"}, at=3)},
+    ),
+    Case(
+        "pair-null-side",
+        "finetune.py",
+        ft("train.method=simpo", data="{tmp}/p.jsonl"),
+        "line 2 has no 'chosen' answer",
+        {"p.jsonl": pairs_with({"instruction": "Add 1 and 1.", "input": "", "chosen": None, "rejected": "3"})},
+    ),
+    Case(
+        "kto-label-not-boolean",
+        "finetune.py",
+        ft("train.method=kto", data="{tmp}/k.jsonl"),
+        "line 2 has label 'yes'; KTO's label says whether the completion is desirable: write true or false",
+        {
+            "k.jsonl": "".join(
+                json.dumps({"prompt": r["instruction"], "completion": r["output"], "label": lab}) + "\n"
+                for r, lab in zip(ROWS, [True, "yes"] + [False] * 30)
+            )
+        },
+    ),
+    Case(
+        "unpaired-rows-to-dpo",
+        "finetune.py",
+        ft("train.method=dpo", data="{tmp}/k.jsonl"),
+        "is an unpaired row (prompt/completion/label), and train.method=dpo trains on pairs",
+        {"k.jsonl": json.dumps({"prompt": "q", "completion": "a", "label": True}) + "\n"},
+    ),
+    Case(
+        "pairs-all-equal",
+        "finetune.py",
+        ft("train.method=dpo", data="{tmp}/p.jsonl"),
+        "chosen == rejected in every pair",
+        {"p.jsonl": "".join(json.dumps(dict(r, rejected=r["chosen"])) + "\n" for r in PAIRS)},
+    ),
+    Case(
+        "pairs-in-a-mix",
+        "finetune.py",
+        ft("train.method=dpo", "data.path=[{tmp}/p.jsonl,{tmp}/p.jsonl]"),
+        "train.method=dpo reads one preference file",
+        {"p.jsonl": pairs_with(PAIRS[0])},
+    ),
+    Case(
+        "pairs-with-sft-columns",
+        "dataset.py",
+        ft("train.method=dpo", "data.columns={{output: answer}}", data="{tmp}/p.jsonl"),
+        "data.columns renames the SFT fields (output)",
+        {"p.jsonl": pairs_with(PAIRS[0])},
+    ),
+    Case(
+        "method-option-of-another-method",
+        "finetune.py",
+        ft("train.method=dpo", "train.simpo_gamma=1.0"),
+        "train.simpo_gamma applies to train.method=simpo, not dpo",
+        GOOD,
+    ),
+    Case(
+        "method-unknown-loss-type",
+        "finetune.py",
+        ft("train.method=dpo", "train.loss_type=sigmod"),
+        "did you mean 'sigmoid'?",
+        GOOD,
+    ),
+    Case(
+        "method-unknown",
+        "finetune.py",
+        ft("train.method=ppo"),
+        "train.method",
+        GOOD,
+    ),
+    Case(
+        "dpo-with-a-nonzero-lora-init",
+        "finetune.py",
+        ft("train.method=kto", "lora.init_lora_weights=gaussian"),
+        "set lora.init_lora_weights=true",
+        GOOD,
+    ),
+    Case(
+        "dpo-with-packing",
+        "finetune.py",
+        ft("train.method=dpo", "train.packing=true"),
+        "set train.packing=false",
+        GOOD,
     ),
     Case(
         "conversations-user-only",

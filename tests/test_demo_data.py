@@ -305,3 +305,35 @@ def test_shipped_conversations_are_the_default_output(tmp_path):
         "data/demo_conversations.jsonl is stale; run: python data/generate_demo_data.py --conversations"
     )
     assert "recall_word" in res.stdout
+
+
+# -- the preference demo's pairs (ftkit/demo_pairs.py) ---------------------------------------------------------
+def test_shipped_pairs_are_the_default_output(tmp_path, rows):
+    from ftkit import demo_pairs
+
+    out = tmp_path / "pairs.jsonl"
+    assert cli.main(["--pairs", "--out", str(out)]) == 0
+    assert out.read_bytes() == demo_pairs.DEFAULT_PAIRS_OUT.read_bytes()
+    pairs = [json.loads(line) for line in out.read_text().splitlines()]
+    assert Counter(p["family"] for p in pairs) == {
+        f: demo_pairs.DEFAULT_PAIRS_PER_FAMILY for f in gd.VERIFIABLE_FAMILIES
+    }
+    # every rejected answer is wrong, and the chosen one is the task's own answer
+    answers = {(r["instruction"], r["input"]): r["output"] for r in rows}
+    for p in pairs:
+        assert p["chosen"] == answers[p["instruction"], p["input"]]
+        assert gd.normalize_answer(p["rejected"]) != gd.normalize_answer(p["chosen"]) and p["rejected"].strip()
+
+
+def test_pairs_take_the_base_models_wrong_answer_and_only_a_wrong_one(rows):
+    from ftkit.demo_pairs import generate_pairs
+
+    ver = [r for r in rows if r["verifiable"]][:3]
+    base = {
+        (ver[0]["instruction"], ver[0]["input"]): "something else",
+        (ver[1]["instruction"], ver[1]["input"]): f" {ver[1]['output'].upper()}. ",  # right, after normalization
+    }
+    pairs = generate_pairs(ver, base_answers=base)
+    assert [p["rejected_from"] for p in pairs] == ["base", "corrupted", "corrupted"]
+    assert pairs[0]["rejected"] == "something else"
+    assert gd.normalize_answer(pairs[1]["rejected"]) != gd.normalize_answer(ver[1]["output"])

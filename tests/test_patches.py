@@ -2,9 +2,11 @@
 necessary. When one fails, the library has caught up: delete the patch and its test (the table at the top of
 ftkit/patches.py says which is which)."""
 
+import dataclasses
 import importlib.util
 import inspect
 import io
+import re
 
 import torch
 
@@ -76,3 +78,58 @@ def test_keep_lora_fp32_recasts_only_trainable_tensors():
     m.bias.requires_grad_(False)
     assert patches.keep_lora_fp32(m) == 1
     assert m.weight.dtype == torch.float32 and m.bias.dtype == torch.bfloat16
+
+
+def test_trl_still_copies_the_adapter_as_reference():
+    from trl import DPOTrainer, KTOTrainer
+
+    for trainer in (DPOTrainer, KTOTrainer):
+        src = inspect.getsource(trainer.__init__)
+        assert 'model.add_adapter("ref", default_config)' in src, (
+            f"{trainer.__name__} no longer copies a PEFT model's adapter as its reference: "
+            "drop_reference_adapter_copy can go"
+        )
+        # ... and still falls back to the adapter disabled when there is no "ref" adapter
+        assert '"ref" if "ref" in' in inspect.getsource(trainer)
+
+
+def test_drop_reference_adapter_copy_leaves_only_the_trained_adapter():
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+    m = get_peft_model(LlamaForCausalLM(cfg), LoraConfig(r=2, target_modules=["q_proj"]))
+    m.add_adapter("ref", m.peft_config["default"])
+    assert patches.drop_reference_adapter_copy(m)
+    assert list(m.peft_config) == ["default"] and not any(".ref." in n for n, _ in m.named_parameters())
+    assert not patches.drop_reference_adapter_copy(m)
+
+
+def test_trl_experimental_orpo_and_cpo_still_fit():
+    """ftkit/experimental.py's pin: the names, and the options finetune.py passes them."""
+    import dataclasses
+
+    import trl
+
+    from ftkit import experimental
+
+    assert trl.__version__ == experimental.PINNED_TRL, "TRL moved: re-check trl.experimental's ORPO/CPO, then re-pin"
+    orpo = {f.name for f in dataclasses.fields(experimental.ORPOConfig)}
+    cpo = {f.name: f for f in dataclasses.fields(experimental.CPOConfig)}
+    assert {"beta", "max_length", "remove_unused_columns"} <= orpo
+    assert {"beta", "simpo_gamma", "cpo_alpha", "loss_type"} <= set(cpo)
+    assert "simpo" in cpo["loss_type"].metadata["choices"]
+    for trainer in (experimental.ORPOTrainer, experimental.CPOTrainer):
+        params = inspect.signature(trainer.__init__).parameters
+        assert {"model", "args", "train_dataset", "eval_dataset", "processing_class", "callbacks"} <= set(params)
+
+
+def test_the_configs_loss_types_are_trls():
+    from trl import DPOConfig, KTOConfig
+
+    from ftkit.config import LOSS_TYPES
+
+    dpo_help = {f.name: f for f in dataclasses.fields(DPOConfig)}["loss_type"].metadata["help"]
+    assert set(LOSS_TYPES["dpo"]) == set(re.findall(r"`'([a-z_]+)'`", dpo_help))
+    kto = {f.name: f for f in dataclasses.fields(KTOConfig)}["loss_type"]
+    assert set(LOSS_TYPES["kto"]) == set(kto.metadata["choices"])
