@@ -19,6 +19,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+from . import kernel_table
 from .attention import VARLEN_ATTN
 from .config import Config, explicitly_on
 from .errors import UserError
@@ -219,8 +220,8 @@ def make_plan(
     Five decisions, in order, each returning its values and the reasons for those that differ from the YAML:
     the kernels, the batches (micro-batches, accumulation, the learning rate), recompute (checkpointing, tiled
     MLP, offloaded layers), whether the result fits, and what TRL is told besides (evaluation, row length)."""
-    kern, why_kernels = kernels(cfg, hw)
     rows = RowLengths.of(lengths, cfg.data.max_length)
+    kern, why_kernels = kernels(cfg, hw, rows.mean)
     cost = Cost(model_numbers(mconf, cfg.lora.r, cfg.lora.target_modules), hw, kern, rows.mean, cfg.train.optim)
     decide_batches = packed_batches if cfg.train.packing is True else row_batches
     bat, why_batches = decide_batches(cfg, hw, rows, cost)
@@ -271,20 +272,17 @@ class Kernels:
     upcast: bool
 
 
-def kernels(cfg: Config, hw: Hardware) -> tuple[Kernels, list[Change]]:
+def kernels(cfg: Config, hw: Hardware, mean_row_tokens: float) -> tuple[Kernels, list[Change]]:
     """Liger's fused kernels, padding-free rows and the attention that keeps them apart, fp32 frozen weights."""
     t, cuda, why = cfg.train, hw.cuda, _Reasons()
     if t.use_liger_kernel == "auto":
-        liger = why.change(
-            "train.use_liger_kernel",
-            "auto",
-            cuda and hw.liger_installed,
-            "fused RMSNorm/RoPE/SwiGLU kernels, on with a GPU when liger-kernel is installed"
-            if cuda and hw.liger_installed
-            else "liger's kernels need a CUDA GPU"
-            if not cuda
-            else "liger-kernel is not installed",
-        )
+        if cuda and hw.liger_installed:
+            verdict = kernel_table.decide("liger", hw.gpu_name, micro_batch_tokens(cfg, hw, mean_row_tokens))
+            liger, reason = verdict.on, verdict.reason
+        else:
+            liger = False
+            reason = "liger's kernels need a CUDA GPU" if not cuda else "liger-kernel is not installed"
+        liger = why.change("train.use_liger_kernel", "auto", liger, reason)
     else:
         liger = t.use_liger_kernel
         if liger and not cuda:
@@ -328,6 +326,18 @@ def kernels(cfg: Config, hw: Hardware) -> tuple[Kernels, list[Change]]:
             "on CPU bf16 elementwise work is slow; the frozen norms and embeddings run in float32",
         )
     return Kernels(bool(liger), bool(padding_free), attn, bool(upcast)), why
+
+
+def micro_batch_tokens(cfg: Config, hw: Hardware, mean_row_tokens: float) -> float:
+    """About the real tokens of a micro-batch, before the batches are decided (the kernel table is keyed by it):
+    a pack, or on a GPU the step's rows as one micro-batch (what row_batches tries first), else the YAML's."""
+    t = cfg.train
+    if t.packing is True:
+        return float(t.pack_tokens)
+    rows = t.per_device_train_batch_size
+    if hw.cuda and t.regroup_micro_batches:
+        rows *= t.gradient_accumulation_steps
+    return rows * mean_row_tokens
 
 
 # -- what a step costs --------------------------------------------------------------------------------------
