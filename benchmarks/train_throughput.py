@@ -222,6 +222,7 @@ def plain_trainer(base, tok, rows, steps: int, device: str, batch=2, accum=4, ma
     )
 
 
+UNSLOTH_TIMEOUT_S = int(os.environ.get("UNSLOTH_TIMEOUT_S", "360"))
 UNSLOTH_SITE_ENV = "UNSLOTH_SITE"  # a folder holding Unsloth and its own trl/datasets pins (benchmarks/README.md)
 
 
@@ -271,7 +272,11 @@ def unsloth_variant(model_dir: Path, rows, steps: int, warmup: int, batch: int, 
         "--unsloth-child",
         str(work / "spec.json"),
     ]
-    proc = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True)
+    try:  # a hung child (a network call Unsloth makes offline, say) must not take the other variants with it
+        proc = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True, timeout=UNSLOTH_TIMEOUT_S)
+    except subprocess.TimeoutExpired as e:
+        tail = (e.stderr or b"").decode(errors="replace") if isinstance(e.stderr, bytes) else (e.stderr or "")
+        raise RuntimeError(f"unsloth child timed out after {UNSLOTH_TIMEOUT_S} s:\n" + tail[-3000:]) from None
     sys.stdout.write(proc.stdout[-4000:])
     if proc.returncode or not Path(spec["out"]).is_file():
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-25:]
