@@ -505,6 +505,7 @@ def gpu_main(a) -> None:
             "rmsnorm": type(base.model.norm).__module__ + "." + getattr(base.model.norm.forward, "__qualname__", "?"),
             "attn": base.config._attn_implementation,
         }
+        r["liger_active"] = "Liger" in r["kernels"]["rmsnorm"]  # what ran, not what was asked (see liger_ab)
         r["switches"] = {k: v for k, v in info.items() if k not in ("estimate", "estimate_largest", "changes")}
         r["estimate"] = info["estimate"]
         r.update(mfu(r["real_tokens_per_s"], N, bool(info["gradient_checkpointing"])))
@@ -595,13 +596,17 @@ def gpu_main(a) -> None:
                 RESULTS.setdefault("skipped", {})[f"project_yaml_{n}"] = CUDA_ONLY[f"project_yaml_{n}"]
             elif not a.ablations or n in a.ablations.split(","):
                 variant(f"project_yaml_{n}", base, project, rows, lengths, yaml_over + over, W + S, yaml_cfg, po)
+    # Liger patches transformers' Llama modules for the whole process (the norms of a model built later run
+    # LigerRMSNorm too), so liger off is only off in a process that never turned it on: each side of the
+    # comparison runs in a fresh child process, sides alternating so a slow spell lands on both.
+    for side in ("on", "off"):
+        if only and f"liger_{side}" in only:  # one side, in this (fresh) process: what liger_ab starts
+            over = [*yaml_over, f"train.use_liger_kernel={'true' if side == 'on' else 'false'}"]
+            variant(f"project_yaml_liger_{side}", base, project, rows, lengths, over, W + S, yaml_cfg)
     if only and "liger_ab" in only:  # asked for by name only: liger has no CPU path for the smoke run to take
-        # On and off alternate, so that a slow spell of the machine does not land on one side only: the kernel
-        # table (ftkit/kernel_table.py) takes the median of these pairs.
         for rep in range(a.repeat):
-            for side, flag in (("on", "true"), ("off", "false")):
-                over = [*yaml_over, f"train.use_liger_kernel={flag}"]
-                variant(f"project_yaml_liger_{side}_r{rep}", base, project, rows, lengths, over, W + S, yaml_cfg)
+            for side in ("off", "on") if rep % 2 == 0 else ("on", "off"):
+                variant(f"project_yaml_liger_{side}_r{rep}", base, lambda _b, s=side: liger_child(a, model_dir, s))
     if want("project_throughput"):
         variant(
             f"project_throughput_pack{a.throughput_pack}",
@@ -897,6 +902,28 @@ def summarize() -> None:
     print(json.dumps(s))
 
 
+def liger_child(a, model_dir: Path, side: str) -> dict:
+    """One side of the liger comparison measured by a fresh process of this script (see liger_ab)."""
+    import subprocess
+
+    work = Path(tempfile.mkdtemp(prefix="tt-liger-"))
+    out = work / "r.json"
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--out", str(out), "--only", f"liger_{side}"]
+    cmd += ["--model-dir", str(model_dir), "--tokenizer", a.tokenizer, "--data", a.data, "--config", a.config]
+    cmd += ["--warmup", str(a.warmup), "--steps", str(a.steps)] + (["--tiny"] if a.tiny else [])
+    cmd += ["--rows", str(a.rows)] if a.rows else []
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    try:
+        r = json.loads(out.read_text())["variants"][f"project_yaml_liger_{side}"]
+    except (OSError, ValueError, KeyError):
+        raise RuntimeError(f"liger_{side} child exited {proc.returncode}: {proc.stderr[-2000:]}") from None
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    if "error" in r:
+        raise RuntimeError(f"liger_{side} child: {r['error']}")
+    return dict(r, process="fresh")
+
+
 def liger_pairs(v: dict, when: str) -> list[dict]:
     """Rows for the kernel table: each variant measured with liger on beside its twin with it off, same run."""
     pairs = [(f"project_yaml_liger_on_r{i}", f"project_yaml_liger_off_r{i}") for i in range(100)]
@@ -905,7 +932,8 @@ def liger_pairs(v: dict, when: str) -> list[dict]:
     out = []
     for on, off in pairs:
         a, b = v.get(on, {}), v.get(off, {})
-        if a.get("real_tokens_per_s") and b.get("real_tokens_per_s"):
+        # an "off" run whose norms still ran LigerRMSNorm (liger applied earlier in its process) is no baseline
+        if a.get("real_tokens_per_s") and b.get("real_tokens_per_s") and not b.get("liger_active", True):
             out.append(
                 {
                     "tokens_per_micro_batch": a["switches"]["tokens_per_micro_batch"],
@@ -1057,7 +1085,7 @@ def main(argv=None) -> None:
         "--only",
         default="",
         help="comma list of groups: plain_alpaca,plain_yaml,project_yaml,"
-        "project_throughput,plain_fixed,plain_long,unsloth_yaml,liger_ab,"
+        "project_throughput,plain_fixed,plain_long,unsloth_yaml,liger_ab (liger_on/liger_off: one side),"
         "project_same,project_default,project_fixed,project_long,project_long_tiled,project_long_offload,"
         "project_long_auto,contamination",
     )

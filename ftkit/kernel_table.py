@@ -37,10 +37,10 @@ class Verdict:
     reason: str
 
 
-def load(path: Path = TABLE) -> dict:
+def load(path: Path | None = None) -> dict:
     """The table, or {} when there is none (a fresh checkout without results)."""
     try:
-        table = json.loads(Path(path).read_text())
+        table = json.loads(Path(path or TABLE).read_text())
     except (OSError, ValueError):
         return {}
     return table if isinstance(table, dict) else {}
@@ -73,11 +73,11 @@ def decide(kernel: str, gpu: str, tokens: float, table: dict | None = None) -> V
     return Verdict(False, f"{kernel} measured no faster {where} with/without, median x{gain:.2f})")
 
 
-def record(gpu: str, kernel: str, rows: list[dict], path: Path = TABLE) -> dict:
+def record(gpu: str, kernel: str, rows: list[dict], path: Path | None = None) -> dict:
     """Add measured rows to the table (a row already there, by source, is replaced) and write it."""
     table = load(path)
     have = table.setdefault(gpu, {}).setdefault(kernel, [])
     sources = {r["source"] for r in rows}
     have[:] = [r for r in have if r.get("source") not in sources] + rows
-    Path(path).write_text(json.dumps(table, indent=2) + "\n")
+    Path(path or TABLE).write_text(json.dumps(table, indent=2) + "\n")
     return table
