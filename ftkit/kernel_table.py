@@ -18,7 +18,8 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
-TABLE = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "kernel_table.json"
+TABLE_NAME = "benchmarks/results/kernel_table.json"
+TABLE = Path(__file__).resolve().parents[1] / TABLE_NAME
 # A measurement further than this factor from the planned micro-batch says little about it: launch overhead
 # dominates small micro-batches and arithmetic large ones, so a kernel's gain changes sign across that range.
 MAX_SHAPE_RATIO = 4.0
@@ -52,7 +53,7 @@ def decide(kernel: str, gpu: str, tokens: float, table: dict | None = None) -> V
     rows = [r for r in table.get(gpu, {}).get(kernel, []) if r.get("on_tokens_per_s") and r.get("off_tokens_per_s")]
     hint = f"calibrate this GPU with: {CALIBRATE}"
     if not rows:
-        return Verdict(False, f"no {kernel} measurement for GPU {gpu!r} in {TABLE.name}: off; {hint}")
+        return Verdict(False, f"no {kernel} measurement for GPU {gpu!r} in {TABLE_NAME}: off; {hint}")
 
     def distance(r) -> float:
         return abs(math.log(r["tokens_per_micro_batch"] / max(tokens, 1.0)))
@@ -61,13 +62,15 @@ def decide(kernel: str, gpu: str, tokens: float, table: dict | None = None) -> V
     if near > math.log(MAX_SHAPE_RATIO):
         shapes = sorted({r["tokens_per_micro_batch"] for r in rows})
         return Verdict(
-            False, f"{kernel} on {gpu} measured at {shapes} tokens a micro-batch, not near {tokens:.0f}: off; {hint}"
+            False,
+            f"{kernel} on {gpu} measured at {shapes} tokens a micro-batch, not near {tokens:.0f}: off; measure "
+            f"this shape on and off (train_throughput.py liger_on/liger_off groups) and add it with --calibrate",
         )
     same = [r for r in rows if distance(r) - near < 1e-9]
     ratios = [r["on_tokens_per_s"] / r["off_tokens_per_s"] for r in same]
     gain = statistics.median(ratios)
     shown = ", ".join(f"{r['on_tokens_per_s']:.0f} vs {r['off_tokens_per_s']:.0f}" for r in same)
-    where = f"at {same[0]['tokens_per_micro_batch']} tokens a micro-batch on {gpu} ({TABLE.name}: {shown} tok/s"
+    where = f"at {same[0]['tokens_per_micro_batch']} tokens a micro-batch on {gpu} ({TABLE_NAME}: {shown} tok/s"
     if gain > MIN_GAIN:
         return Verdict(True, f"{kernel} measured faster {where}, median x{gain:.2f})")
     return Verdict(False, f"{kernel} measured no faster {where} with/without, median x{gain:.2f})")

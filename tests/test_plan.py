@@ -254,7 +254,7 @@ def test_an_unknown_gpu_gets_liger_off_and_a_hint_to_calibrate(table):
     # a measured GPU at a shape far from the planned one is treated the same way
     table({"NVIDIA H200": kernel_rows((9422, 7296), tokens=65536)})
     c = changed(plan_for(H200), "train.use_liger_kernel")
-    assert c.planned is False and "[65536]" in c.reason and "calibrate" in c.reason
+    assert c.planned is False and "[65536]" in c.reason and "--calibrate" in c.reason
 
 
 def test_an_explicit_liger_choice_is_honoured_whatever_the_table_says(table):
