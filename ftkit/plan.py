@@ -222,7 +222,38 @@ def make_plan(
     MLP, offloaded layers), whether the result fits, and what TRL is told besides (evaluation, row length)."""
     rows = RowLengths.of(lengths, cfg.data.max_length)
     kern, why_kernels = kernels(cfg, hw, rows.mean)
-    cost = Cost(model_numbers(mconf, cfg.lora.r, cfg.lora.target_modules), hw, kern, rows.mean, cfg.train.optim)
+    nums = model_numbers(mconf, cfg.lora.r, cfg.lora.target_modules)
+    plan = _plan_with(cfg, hw, rows, nums, kern, why_kernels, eval_rows, strict=False)
+    liger_free = cfg.train.use_liger_kernel == "auto" and hw.cuda and hw.liger_installed
+    if not plan.fits and liger_free and not kern.liger:
+        # Liger's fused kernels keep fewer activations: where they are not measured faster they still go on when
+        # the plan fits only with them, since a run that does not fit is no faster.
+        with_liger = dataclasses.replace(kern, liger=True)
+        peak = plan.estimate_largest["predicted_peak_gb"]
+        alt = _plan_with(cfg, hw, rows, nums, with_liger, [], eval_rows, strict=False)
+        alt_peak = alt.estimate_largest["predicted_peak_gb"]
+        if alt_peak < peak:
+            speed = next(c.reason for c in why_kernels if c.key == "train.use_liger_kernel")
+            why = [c for c in why_kernels if c.key != "train.use_liger_kernel"]
+            why.insert(
+                0,
+                Change(
+                    "train.use_liger_kernel",
+                    "auto",
+                    True,
+                    f"on for memory: the largest micro-batch is predicted at {alt_peak} GB with liger, {peak} GB "
+                    f"without (by speed alone: {speed})",
+                ),
+            )
+            kern, why_kernels = with_liger, why
+    return _plan_with(cfg, hw, rows, nums, kern, why_kernels, eval_rows, strict)
+
+
+def _plan_with(
+    cfg: Config, hw: Hardware, rows: RowLengths, nums: dict, kern: Kernels, why_kernels, eval_rows, strict: bool
+) -> TrainPlan:
+    """make_plan's decisions after the kernels: batches, recompute, fit, what TRL is told."""
+    cost = Cost(nums, hw, kern, rows.mean, cfg.train.optim)
     decide_batches = packed_batches if cfg.train.packing is True else row_batches
     bat, why_batches = decide_batches(cfg, hw, rows, cost)
     rec, why_recompute = recompute(cfg, hw, bat, cost)

@@ -264,3 +264,17 @@ def test_an_explicit_liger_choice_is_honoured_whatever_the_table_says(table):
     table({"NVIDIA H200": kernel_rows((9422, 7296))})
     p = plan_for(H200, "train.use_liger_kernel=false")
     assert not p.use_liger_kernel and changed(p, "train.use_liger_kernel") is None
+
+
+def test_liger_goes_on_for_memory_where_the_plan_fits_only_with_it(table):
+    # one 300k-token row: never measured on and off at that size, but without liger's kernels its activations
+    # do not fit the GPU, so speed is not the question
+    table({"NVIDIA H200": kernel_rows((7534, 8720))})
+    long_row = ["train.packing=false", "train.per_device_train_batch_size=1", "train.gradient_accumulation_steps=1"]
+    p = plan_for(H200, *long_row, config="llama3_alpaca_h200.yaml", lengths=[300_000])
+    c = changed(p, "train.use_liger_kernel")
+    assert p.use_liger_kernel and p.fits and c.reason.startswith("on for memory"), c.reason
+    assert "not near 300000" in c.reason  # the speed verdict it overrides is kept in the reason
+    # a row that fits either way keeps the measured choice
+    p = plan_for(H200, *long_row, config="llama3_alpaca_h200.yaml", lengths=[3000])
+    assert not p.use_liger_kernel and "no faster" in changed(p, "train.use_liger_kernel").reason
