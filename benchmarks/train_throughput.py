@@ -594,6 +594,9 @@ def gpu_main(a) -> None:
         for n, (over, po) in ablations.items():
             if not cuda and f"project_yaml_{n}" in CUDA_ONLY:
                 RESULTS.setdefault("skipped", {})[f"project_yaml_{n}"] = CUDA_ONLY[f"project_yaml_{n}"]
+            elif n == "no_liger" and cuda and (not a.ablations or n in a.ablations.split(",")):
+                # the default ran liger in this process and it stays patched: off is only off in a fresh one
+                variant("project_yaml_no_liger", base, lambda _b: liger_child(a, model_dir, "off"))
             elif not a.ablations or n in a.ablations.split(","):
                 variant(f"project_yaml_{n}", base, project, rows, lengths, yaml_over + over, W + S, yaml_cfg, po)
     # Liger patches transformers' Llama modules for the whole process (the norms of a model built later run

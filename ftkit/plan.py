@@ -224,8 +224,8 @@ def make_plan(
     kern, why_kernels = kernels(cfg, hw, rows.mean)
     nums = model_numbers(mconf, cfg.lora.r, cfg.lora.target_modules)
     plan = _plan_with(cfg, hw, rows, nums, kern, why_kernels, eval_rows, strict=False)
-    liger_free = cfg.train.use_liger_kernel == "auto" and hw.cuda and hw.liger_installed
-    if not plan.fits and liger_free and not kern.liger:
+    liger_auto = cfg.train.use_liger_kernel == "auto" and hw.cuda and hw.liger_installed
+    if not plan.fits and liger_auto and not kern.liger:
         # Liger's fused kernels keep fewer activations: where they are not measured faster they still go on when
         # the plan fits only with them, since a run that does not fit is no faster.
         with_liger = dataclasses.replace(kern, liger=True)
