@@ -222,6 +222,118 @@ def plain_trainer(base, tok, rows, steps: int, device: str, batch=2, accum=4, ma
     )
 
 
+UNSLOTH_TIMEOUT_S = int(os.environ.get("UNSLOTH_TIMEOUT_S", "360"))
+UNSLOTH_SITE_ENV = "UNSLOTH_SITE"  # a folder holding Unsloth and its own trl/datasets pins (benchmarks/README.md)
+
+
+def unsloth_missing(site: str | None) -> str | None:
+    """Why the unsloth variant cannot run here (None: it can). Unsloth pins trl<=1.15 and datasets<5, which the
+    project's trl 1.16 excludes, so it lives in its own folder (`site`) and runs in a child process."""
+    import importlib.util
+
+    if site and not (Path(site) / "unsloth" / "__init__.py").is_file():
+        return f"unsloth is not importable: no unsloth package in {UNSLOTH_SITE_ENV}={site}"
+    if not site and importlib.util.find_spec("unsloth") is None:
+        return (
+            f"unsloth is not importable: not installed here and {UNSLOTH_SITE_ENV} is unset "
+            "(install the unsloth and unsloth_zoo wheels with pip --target DIR, then UNSLOTH_SITE=DIR)"
+        )
+    return None
+
+
+def unsloth_variant(model_dir: Path, rows, steps: int, warmup: int, batch: int, accum: int, max_length: int):
+    """Unsloth's FastLanguageModel on the same saved base (4-bit NF4 + double quant, its own loader), the same
+    LoRA (r16, alpha 32, no dropout, seven projections), rows, batch and TRL settings as the plain 8 x 2 variant,
+    timed by the same callback; in a child process whose sys.path puts Unsloth's pins first."""
+    import subprocess
+
+    site = os.environ.get(UNSLOTH_SITE_ENV)
+    work = Path(tempfile.mkdtemp(prefix="tt-unsloth-"))
+    spec = dict(
+        model_dir=str(model_dir),
+        rows=rows,
+        steps=steps,
+        warmup=warmup,
+        batch=batch,
+        accum=accum,
+        max_length=max_length,
+        out=str(work / "result.json"),
+    )
+    (work / "spec.json").write_text(json.dumps(spec))
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", UNSLOTH_DISABLE_STATISTICS="1")
+    if site:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [site, os.environ.get("PYTHONPATH")]))
+    # cwd: Unsloth writes its compiled-module cache into the working directory
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--out",
+        spec["out"],
+        "--unsloth-child",
+        str(work / "spec.json"),
+    ]
+    try:  # a hung child (a network call Unsloth makes offline, say) must not take the other variants with it
+        proc = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True, timeout=UNSLOTH_TIMEOUT_S)
+    except subprocess.TimeoutExpired as e:
+        tail = (e.stderr or b"").decode(errors="replace") if isinstance(e.stderr, bytes) else (e.stderr or "")
+        raise RuntimeError(f"unsloth child timed out after {UNSLOTH_TIMEOUT_S} s:\n" + tail[-3000:]) from None
+    sys.stdout.write(proc.stdout[-4000:])
+    if proc.returncode or not Path(spec["out"]).is_file():
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-25:]
+        shutil.rmtree(work, ignore_errors=True)
+        raise RuntimeError(f"unsloth child exited {proc.returncode}:\n" + "\n".join(tail))
+    res = json.loads(Path(spec["out"]).read_text())
+    shutil.rmtree(work, ignore_errors=True)
+    return res
+
+
+def unsloth_child(spec_path: str) -> None:
+    """The child's side of unsloth_variant: train, time, write the result; an uncaught error is its report."""
+    spec = json.loads(Path(spec_path).read_text())
+    import importlib
+
+    importlib.import_module("unsloth")  # before trl and transformers: it patches them on import
+    import torch
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+    from unsloth import FastLanguageModel
+
+    model, tok = FastLanguageModel.from_pretrained(
+        spec["model_dir"], max_seq_length=spec["max_length"], dtype=torch.bfloat16, load_in_4bit=True
+    )
+    model = FastLanguageModel.get_peft_model(
+        model,
+        r=16,
+        lora_alpha=32,
+        lora_dropout=0.0,
+        target_modules=TARGETS,
+        bias="none",
+        use_gradient_checkpointing="unsloth",  # Unsloth's own offloaded checkpointing, as its guides set it
+        random_state=42,
+    )
+    args = SFTConfig(
+        output_dir=tempfile.mkdtemp(),
+        per_device_train_batch_size=spec["batch"],
+        gradient_accumulation_steps=spec["accum"],
+        max_steps=spec["steps"],
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        seed=42,
+        max_length=spec["max_length"],
+        disable_tqdm=True,
+        bf16=True,
+    )
+    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(spec["rows"]), processing_class=tok)
+    r = run_trainer(trainer, spec["warmup"], "cuda")
+    from importlib.metadata import version
+
+    r["versions"] = {m: version(m) for m in ("unsloth", "unsloth_zoo", "trl", "datasets", "transformers")}
+    r["quant"] = str(getattr(model.config, "quantization_config", None))[:400]
+    r["attn"] = getattr(model.config, "_attn_implementation", "?")
+    Path(spec["out"]).write_text(json.dumps(r))
+
+
 def project_trainer(
     base,
     tok,
@@ -363,6 +475,11 @@ def gpu_main(a) -> None:
         r.update(mfu(r["real_tokens_per_s"], N, True))
         return r
 
+    def unsloth_result(model_dir, data, steps):
+        r = unsloth_variant(model_dir, data, steps, W, 8, 2, 1024)
+        r.update(mfu(r["real_tokens_per_s"], N, True))
+        return r
+
     def project(base, data, lens, overrides, steps, config=a.config, plan_override=None):
         liger_err = None
         try:
@@ -388,6 +505,7 @@ def gpu_main(a) -> None:
             "rmsnorm": type(base.model.norm).__module__ + "." + getattr(base.model.norm.forward, "__qualname__", "?"),
             "attn": base.config._attn_implementation,
         }
+        r["liger_active"] = "Liger" in r["kernels"]["rmsnorm"]  # what ran, not what was asked (see liger_ab)
         r["switches"] = {k: v for k, v in info.items() if k not in ("estimate", "estimate_largest", "changes")}
         r["estimate"] = info["estimate"]
         r.update(mfu(r["real_tokens_per_s"], N, bool(info["gradient_checkpointing"])))
@@ -453,6 +571,12 @@ def gpu_main(a) -> None:
     yaml_over = ["train.optim=adamw_bnb_8bit", "data.max_length=1024"]
     if want("plain_yaml"):
         variant("plain_trl_yaml_b8x2_gc", base, plain, rows, 8, 2, 1024, W + S)
+    if want("unsloth_yaml"):
+        why_not = unsloth_missing(os.environ.get(UNSLOTH_SITE_ENV)) or (None if cuda else "Unsloth needs a CUDA GPU")
+        if why_not:
+            RESULTS.setdefault("skipped", {})["unsloth_yaml_b8x2"] = why_not
+        else:  # the child loads its own 4-bit copy from model_dir; `base` stays as it is
+            variant("unsloth_yaml_b8x2", base, lambda _b: unsloth_result(model_dir, rows, W + S))
     if want("project_yaml"):
         variant("project_yaml_default", base, project, rows, lengths, yaml_over, W + S, yaml_cfg)
         ablations = {
@@ -470,8 +594,22 @@ def gpu_main(a) -> None:
         for n, (over, po) in ablations.items():
             if not cuda and f"project_yaml_{n}" in CUDA_ONLY:
                 RESULTS.setdefault("skipped", {})[f"project_yaml_{n}"] = CUDA_ONLY[f"project_yaml_{n}"]
+            elif n == "no_liger" and cuda and (not a.ablations or n in a.ablations.split(",")):
+                # the default ran liger in this process and it stays patched: off is only off in a fresh one
+                variant("project_yaml_no_liger", base, lambda _b: liger_child(a, model_dir, "off"))
             elif not a.ablations or n in a.ablations.split(","):
                 variant(f"project_yaml_{n}", base, project, rows, lengths, yaml_over + over, W + S, yaml_cfg, po)
+    # Liger patches transformers' Llama modules for the whole process (the norms of a model built later run
+    # LigerRMSNorm too), so liger off is only off in a process that never turned it on: each side of the
+    # comparison runs in a fresh child process, sides alternating so a slow spell lands on both.
+    for side in ("on", "off"):
+        if only and f"liger_{side}" in only:  # one side, in this (fresh) process: what liger_ab starts
+            over = [*yaml_over, f"train.use_liger_kernel={'true' if side == 'on' else 'false'}"]
+            variant(f"project_yaml_liger_{side}", base, project, rows, lengths, over, W + S, yaml_cfg)
+    if only and "liger_ab" in only:  # asked for by name only: liger has no CPU path for the smoke run to take
+        for rep in range(a.repeat):
+            for side in ("off", "on") if rep % 2 == 0 else ("on", "off"):
+                variant(f"project_yaml_liger_{side}_r{rep}", base, lambda _b, s=side: liger_child(a, model_dir, s))
     if want("project_throughput"):
         variant(
             f"project_throughput_pack{a.throughput_pack}",
@@ -748,9 +886,14 @@ def summarize() -> None:
             s["ratio_yaml_default_vs_plain_b2x4"] = round(y / plain, 2)
         if tps("plain_trl_yaml_b8x2_gc"):
             s["ratio_yaml_default_vs_plain_trl_b8x2"] = round(y / tps("plain_trl_yaml_b8x2_gc"), 2)
+        if tps("unsloth_yaml_b8x2"):
+            s["ratio_yaml_default_vs_unsloth_b8x2"] = round(y / tps("unsloth_yaml_b8x2"), 2)
         s["ablation_tokens_per_s"] = {
             n.removeprefix("project_yaml_"): tps(n) for n in v if n.startswith("project_yaml_")
         }
+    cal = liger_pairs(v, RESULTS.get("date_utc") or time.strftime("%Y-%m-%d"))
+    if cal:
+        s["kernel_calibration"] = {"gpu": RESULTS.get("device"), "liger": cal}
     RESULTS["summary"] = s
     RESULTS.save()
     print("\nvariant                              tok/s    step_s  peak_GB   MFU")
@@ -760,6 +903,67 @@ def summarize() -> None:
             f"{r.get('peak_gb', '-')!s:>8} {r.get('mfu', '-')!s:>6}  {r.get('error', '')}"
         )
     print(json.dumps(s))
+
+
+def liger_child(a, model_dir: Path, side: str) -> dict:
+    """One side of the liger comparison measured by a fresh process of this script (see liger_ab)."""
+    import subprocess
+
+    work = Path(tempfile.mkdtemp(prefix="tt-liger-"))
+    out = work / "r.json"
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--out", str(out), "--only", f"liger_{side}"]
+    cmd += ["--model-dir", str(model_dir), "--tokenizer", a.tokenizer, "--data", a.data, "--config", a.config]
+    cmd += ["--warmup", str(a.warmup), "--steps", str(a.steps)] + (["--tiny"] if a.tiny else [])
+    cmd += ["--rows", str(a.rows)] if a.rows else []
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    try:
+        r = json.loads(out.read_text())["variants"][f"project_yaml_liger_{side}"]
+    except (OSError, ValueError, KeyError):
+        raise RuntimeError(f"liger_{side} child exited {proc.returncode}: {proc.stderr[-2000:]}") from None
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    if "error" in r:
+        raise RuntimeError(f"liger_{side} child: {r['error']}")
+    return dict(r, process="fresh")
+
+
+def liger_pairs(v: dict, when: str) -> list[dict]:
+    """Rows for the kernel table: each variant measured with liger on beside its twin with it off, same run."""
+    pairs = [(f"project_yaml_liger_on_r{i}", f"project_yaml_liger_off_r{i}") for i in range(100)]
+    if v.get("project_yaml_default", {}).get("switches", {}).get("use_liger_kernel"):
+        pairs.append(("project_yaml_default", "project_yaml_no_liger"))
+    out = []
+    for on, off in pairs:
+        a, b = v.get(on, {}), v.get(off, {})
+        # an "off" run whose norms still ran LigerRMSNorm (liger applied earlier in its process) is no baseline
+        if a.get("real_tokens_per_s") and b.get("real_tokens_per_s") and not b.get("liger_active", True):
+            out.append(
+                {
+                    "tokens_per_micro_batch": a["switches"]["tokens_per_micro_batch"],
+                    "on_tokens_per_s": a["real_tokens_per_s"],
+                    "off_tokens_per_s": b["real_tokens_per_s"],
+                    "source": f"{on} vs {off}",
+                    "measured": when,
+                }
+            )
+    return out
+
+
+def calibrate(files: list[str]) -> dict:
+    """Merge the liger rows of result files into ftkit's kernel table (benchmarks/results/kernel_table.json)."""
+    from ftkit import kernel_table
+
+    table = {}
+    for f in files:
+        d = json.loads(Path(f).read_text())
+        if d.get("tiny") or not str(d.get("device", "")).startswith("NVIDIA"):
+            raise SystemExit(f"{f}: not a GPU run ({d.get('device')}); the table holds GPU measurements only")
+        rows = liger_pairs(d.get("variants", {}), str(d.get("date_utc", "?")))
+        for r in rows:
+            r["source"] = f"{Path(f).name}: {r['source']}"
+        table = kernel_table.record(d["device"], "liger", rows)
+        print(f"{f}: {len(rows)} liger rows for {d['device']}")
+    return table
 
 
 def host_pinned_peak(reset: bool = False) -> float | None:
@@ -870,7 +1074,9 @@ def main(argv=None) -> None:
     p.add_argument("--rows", type=int, help="train on the first N rows only (default: all)")
     p.add_argument("--fixed-rows", type=int)
     p.add_argument("--fixed-len", type=int, help="tokens of each fixed row (default 2048)")
-    p.add_argument("--repeat", type=int, default=1, help="--cpu: run the paths this many times, interleaved")
+    p.add_argument(
+        "--repeat", type=int, default=1, help="--cpu: run the paths this many times, interleaved; liger_ab: pairs"
+    )
     p.add_argument("--pack-tokens", type=ints)
     p.add_argument("--throughput-pack", type=int, help="pack_tokens of project_throughput (default 16384)")
     p.add_argument("--plain-probe", type=ints)
@@ -882,7 +1088,7 @@ def main(argv=None) -> None:
         "--only",
         default="",
         help="comma list of groups: plain_alpaca,plain_yaml,project_yaml,"
-        "project_throughput,plain_fixed,plain_long,"
+        "project_throughput,plain_fixed,plain_long,unsloth_yaml,liger_ab (liger_on/liger_off: one side),"
         "project_same,project_default,project_fixed,project_long,project_long_tiled,project_long_offload,"
         "project_long_auto,contamination",
     )
@@ -893,7 +1099,21 @@ def main(argv=None) -> None:
         help="merge the variants of earlier result files (later ones win) and write the summary to --out",
     )
     p.add_argument("--exclude", default="", help="with --summarize: comma list of variants to leave out")
+    p.add_argument(
+        "--calibrate",
+        nargs="+",
+        metavar="JSON",
+        help="add the liger on/off pairs of GPU result files to the plan's kernel table "
+        "(benchmarks/results/kernel_table.json, read by ftkit/kernel_table.py)",
+    )
+    p.add_argument("--unsloth-child", metavar="SPEC", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
+    if a.unsloth_child:
+        unsloth_child(a.unsloth_child)
+        return
+    if a.calibrate:
+        Path(a.out).write_text(json.dumps(calibrate(a.calibrate), indent=2) + "\n")
+        return
     for k, v in DEFAULTS.items():
         if getattr(a, k) is None:
             setattr(a, k, v[1] if a.tiny else v[0])

@@ -393,7 +393,8 @@ class TrainCfg(Section):
     # estimate says they fit and are faster; the rows a step and the learning rate do not change.
     regroup_micro_batches: bool = True
     # Liger's fused kernels (RMSNorm, RoPE, SwiGLU, fused linear cross-entropy: no 128k-vocab logits in
-    # memory). "auto": on with CUDA when liger-kernel is installed.
+    # memory). "auto": on with CUDA when this GPU's measured kernel table (benchmarks/results/kernel_table.json)
+    # finds it faster at about this micro-batch size, or when the plan fits the GPU only with it; else off.
     use_liger_kernel: bool | Literal["auto"] = "auto"
     # peft.prepare_model_for_kbit_training's upcast of the frozen non-quantized weights (embeddings, head,
     # norms) to float32: 2 GB more for Llama-3-8B and float32 activations. Off, they stay in model.dtype

@@ -19,6 +19,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+from . import kernel_table
 from .attention import VARLEN_ATTN
 from .config import Config, explicitly_on
 from .errors import UserError
@@ -221,15 +222,51 @@ def make_plan(
     plan that cannot fit the GPU (unless `strict` is off, as for --dry-run) and for a throughput mode the data
     cannot fill. Reads cfg, never writes it.
 
-    Five decisions, in order, each returning its values and the reasons for those that differ from the YAML:
-    the method (its trainer and the switches it rules out), the kernels, the batches (micro-batches,
-    accumulation, the learning rate), recompute (checkpointing, tiled MLP, offloaded layers), whether the result
-    fits, and what TRL is told besides (evaluation, row length). For a preference method a row is a pair: its
-    length is both sides' tokens."""
+    Six decisions, in order, each returning its values and the reasons for those that differ from the YAML:
+    the method (its trainer and the switches it rules out), the kernels (liger by the measured table, or for
+    memory), the batches (micro-batches, accumulation, the learning rate), recompute (checkpointing, tiled MLP,
+    offloaded layers), whether the result fits, and what TRL is told besides (evaluation, row length). For a
+    preference method a row is a pair: its length is both sides' tokens."""
     meth, why_method = method(cfg, hw)
-    kern, why_kernels = kernels(cfg, hw, meth)
     rows = RowLengths.of(lengths, cfg.data.max_length)
-    cost = Cost(model_numbers(mconf, cfg.lora.r, cfg.lora.target_modules), hw, kern, rows.mean, cfg.train.optim)
+    kern, why_kernels = kernels(cfg, hw, rows.mean, meth)
+    nums = model_numbers(mconf, cfg.lora.r, cfg.lora.target_modules)
+    kern, why_kernels = liger_for_memory(cfg, hw, rows, nums, meth, kern, why_kernels, eval_rows)
+    return _plan_with(cfg, hw, rows, nums, meth, kern, [*why_method, *why_kernels], eval_rows, strict)
+
+
+def liger_for_memory(cfg, hw: Hardware, rows, nums, meth, kern: Kernels, why_kernels, eval_rows):
+    """Liger's fused kernels keep fewer activations: where they are not measured faster they still go on when the
+    plan fits only with them, since a run that does not fit is no faster. A method that rules liger out keeps it
+    out."""
+    liger_auto = cfg.train.use_liger_kernel == "auto" and hw.cuda and hw.liger_installed and meth.liger is None
+    if not liger_auto or kern.liger:
+        return kern, why_kernels
+    plan = _plan_with(cfg, hw, rows, nums, meth, kern, why_kernels, eval_rows, strict=False)
+    if plan.fits:
+        return kern, why_kernels
+    with_liger = dataclasses.replace(kern, liger=True)
+    peak = plan.estimate_largest["predicted_peak_gb"]
+    alt_peak = _plan_with(cfg, hw, rows, nums, meth, with_liger, [], eval_rows, strict=False).estimate_largest[
+        "predicted_peak_gb"
+    ]
+    if alt_peak >= peak:
+        return kern, why_kernels
+    speed = next(c.reason for c in why_kernels if c.key == "train.use_liger_kernel")
+    why = [c for c in why_kernels if c.key != "train.use_liger_kernel"]
+    reason = (
+        f"on for memory: the largest micro-batch is predicted at {alt_peak} GB with liger, {peak} GB without (by "
+        f"speed alone: {speed})"
+    )
+    return with_liger, [Change("train.use_liger_kernel", "auto", True, reason), *why]
+
+
+def _plan_with(
+    cfg: Config, hw: Hardware, rows: RowLengths, nums: dict, meth, kern: Kernels, why_before, eval_rows, strict: bool
+) -> TrainPlan:
+    """make_plan's decisions after the method and the kernels (`why_before`: their reasons): batches, recompute,
+    fit, what TRL is told."""
+    cost = Cost(nums, hw, kern, rows.mean, cfg.train.optim)
     decide_batches = packed_batches if cfg.train.packing is True else row_batches
     bat, why_batches = decide_batches(cfg, hw, rows, cost)
     rec, why_recompute = recompute(cfg, hw, bat, cost)
@@ -267,7 +304,7 @@ def make_plan(
         gpu_memory_gb=hw.gpu_memory_gb,
         estimate=cost.est(bat.typical, bat.accum, rec.gc, rec.tiled, rec.offload),
         estimate_largest=largest,
-        changes=(*why_method, *why_kernels, *why_batches, *why_recompute, *why_given),
+        changes=(*why_before, *why_batches, *why_recompute, *why_given),
     )
 
 
@@ -329,23 +366,22 @@ class Kernels:
     upcast: bool
 
 
-def kernels(cfg: Config, hw: Hardware, meth: Method | None = None) -> tuple[Kernels, list[Change]]:
+def kernels(
+    cfg: Config, hw: Hardware, mean_row_tokens: float, meth: Method | None = None
+) -> tuple[Kernels, list[Change]]:
     """Liger's fused kernels, padding-free rows and the attention that keeps them apart, fp32 frozen weights
     (`meth`: what the method has decided of these already)."""
     t, cuda, why = cfg.train, hw.cuda, _Reasons()
     if meth is not None and meth.liger is not None:
         liger = meth.liger
     elif t.use_liger_kernel == "auto":
-        liger = why.change(
-            "train.use_liger_kernel",
-            "auto",
-            cuda and hw.liger_installed,
-            "fused RMSNorm/RoPE/SwiGLU kernels, on with a GPU when liger-kernel is installed"
-            if cuda and hw.liger_installed
-            else "liger's kernels need a CUDA GPU"
-            if not cuda
-            else "liger-kernel is not installed",
-        )
+        if cuda and hw.liger_installed:
+            verdict = kernel_table.decide("liger", hw.gpu_name, micro_batch_tokens(cfg, hw, mean_row_tokens))
+            liger, reason = verdict.on, verdict.reason
+        else:
+            liger = False
+            reason = "liger's kernels need a CUDA GPU" if not cuda else "liger-kernel is not installed"
+        liger = why.change("train.use_liger_kernel", "auto", liger, reason)
     else:
         liger = t.use_liger_kernel
         if liger and not cuda:
@@ -391,6 +427,18 @@ def kernels(cfg: Config, hw: Hardware, meth: Method | None = None) -> tuple[Kern
             "on CPU bf16 elementwise work is slow; the frozen norms and embeddings run in float32",
         )
     return Kernels(bool(liger), bool(padding_free), attn, bool(upcast)), why
+
+
+def micro_batch_tokens(cfg: Config, hw: Hardware, mean_row_tokens: float) -> float:
+    """About the real tokens of a micro-batch, before the batches are decided (the kernel table is keyed by it):
+    a pack, or on a GPU the step's rows as one micro-batch (what row_batches tries first), else the YAML's."""
+    t = cfg.train
+    if t.packing is True:
+        return float(t.pack_tokens)
+    rows = t.per_device_train_batch_size
+    if hw.cuda and t.regroup_micro_batches:
+        rows *= t.gradient_accumulation_steps
+    return rows * mean_row_tokens
 
 
 # -- what a step costs --------------------------------------------------------------------------------------

@@ -83,7 +83,13 @@ def test_train_throughput(tmp_path, offline_llama):
     v = res["variants"]
     check_variants(v, TRAIN_VARIANTS | PROBES | {"contamination_check"})
     # only what a CPU cannot run at all is left out, and said so
-    assert set(res.get("skipped", {})) == {"project_yaml_attn_flex_attention", "project_long_tiled_offload32"}
+    assert set(res.get("skipped", {})) == {
+        "project_yaml_attn_flex_attention",
+        "project_long_tiled_offload32",
+        "unsloth_yaml_b8x2",
+    }
+    # Unsloth is never installed with the project (its trl pin excludes ours) and needs a GPU: the reason is kept
+    assert "unsloth" in res["skipped"]["unsloth_yaml_b8x2"].lower() or "CUDA" in res["skipped"]["unsloth_yaml_b8x2"]
     for n in TRAIN_VARIANTS:
         r = v[n]
         for k in ("step_s", "real_tokens_per_s", "real_tokens_per_step", "rows_per_step", "wall_s"):
@@ -104,6 +110,42 @@ def test_train_throughput(tmp_path, offline_llama):
     check_variants(res["variants"], {"plain_demo", "project_demo_default", "project_demo_padding_free"})
     for n, x in res["summary"]["median_tokens_per_s"].items():
         assert positive(x), (n, x)
+
+
+def test_liger_calibration_takes_only_runs_that_really_ran_without_liger(tmp_path, monkeypatch):
+    # liger stays patched in a process once applied: an "off" run after an "on" one is no baseline (issue 27)
+    import sys
+
+    sys.path.insert(0, str(REPO))
+    from benchmarks import train_throughput as tt
+    from ftkit import kernel_table
+
+    on = {"real_tokens_per_s": 9000.0, "switches": {"tokens_per_micro_batch": 3302, "use_liger_kernel": True}}
+    v = {
+        "project_yaml_liger_on_r0": dict(on, liger_active=True),
+        "project_yaml_liger_off_r0": {"real_tokens_per_s": 8000.0, "liger_active": False},
+        "project_yaml_liger_on_r1": dict(on, liger_active=True),
+        "project_yaml_liger_off_r1": {"real_tokens_per_s": 9500.0, "liger_active": True},
+        "project_yaml_default": dict(on, liger_active=True),
+        "project_yaml_no_liger": {"real_tokens_per_s": 9900.0},  # an old file: which norm ran is unknown
+    }
+    rows = tt.liger_pairs(v, "today")
+    assert [(r["source"], r["off_tokens_per_s"]) for r in rows] == [
+        ("project_yaml_liger_on_r0 vs project_yaml_liger_off_r0", 8000.0)
+    ]
+    # --calibrate writes them where the plan reads them, and refuses a CPU smoke run's numbers
+    monkeypatch.setattr(kernel_table, "TABLE", tmp_path / "kernel_table.json")
+    gpu = tmp_path / "gpu.json"
+    gpu.write_text(json.dumps({"device": "NVIDIA H200", "tiny": False, "variants": v, "date_utc": "d"}))
+    table = tt.calibrate([str(gpu)])
+    assert kernel_table.load() == table and [r["source"] for r in table["NVIDIA H200"]["liger"]] == [
+        "gpu.json: project_yaml_liger_on_r0 vs project_yaml_liger_off_r0"
+    ]
+    assert kernel_table.decide("liger", "NVIDIA H200", 3000).on  # 9000 vs 8000
+    cpu = tmp_path / "cpu.json"
+    cpu.write_text(json.dumps({"device": "cpu (2 cores)", "tiny": True, "variants": v}))
+    with pytest.raises(SystemExit, match="not a GPU run"):
+        tt.calibrate([str(cpu)])
 
 
 # -- generate_throughput.py -------------------------------------------------------------------------------

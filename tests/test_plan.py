@@ -204,3 +204,77 @@ def test_sft_config_copies_the_plan(tmp_path):
     assert args.gradient_checkpointing is True and args.gradient_checkpointing_kwargs == {"use_reentrant": False}
     args = sft_config(cfg, RunDir(tmp_path), dataclasses.replace(plan, eval_steps=None))
     assert (args.eval_strategy, args.eval_steps, args.metric_for_best_model) == ("no", None, None)
+
+
+# -- kernels chosen by measurement (ftkit/kernel_table.py) ---------------------------------------------------
+def kernel_rows(*pairs, tokens=3302):
+    return [
+        {"tokens_per_micro_batch": tokens, "on_tokens_per_s": on, "off_tokens_per_s": off, "source": f"run {i}"}
+        for i, (on, off) in enumerate(pairs)
+    ]
+
+
+@pytest.fixture
+def table(tmp_path, monkeypatch):
+    """A kernel table of the test's own, in place of benchmarks/results/kernel_table.json."""
+    import json
+
+    from ftkit import kernel_table
+
+    path = tmp_path / "kernel_table.json"
+    monkeypatch.setattr(kernel_table, "TABLE", path)
+
+    def write(rows_by_gpu: dict):
+        path.write_text(json.dumps({gpu: {"liger": rows} for gpu, rows in rows_by_gpu.items()}))
+
+    return write
+
+
+def test_liger_stays_off_where_the_gpus_table_measured_it_slower(table):
+    table({"NVIDIA H200": kernel_rows((7534, 8720), (6425, 8132), (9000, 8800))})
+    p = plan_for(H200)  # the YAML's 16 rows of ~260 tokens: about 4.2k tokens a micro-batch, near 3302
+    c = changed(p, "train.use_liger_kernel")
+    assert not p.use_liger_kernel and c.planned is False
+    assert "no faster" in c.reason and "7534 vs 8720" in c.reason and "x0.86" in c.reason, c.reason
+
+
+def test_liger_turns_on_where_the_gpus_table_measured_it_faster(table):
+    table({"NVIDIA H200": kernel_rows((9422, 7296), (8762, 7670), (7000, 7100))})
+    p = plan_for(H200)
+    c = changed(p, "train.use_liger_kernel")
+    assert p.use_liger_kernel and c.planned is True and "measured faster" in c.reason and "x1.14" in c.reason
+
+
+def test_an_unknown_gpu_gets_liger_off_and_a_hint_to_calibrate(table):
+    table({"NVIDIA H200": kernel_rows((9422, 7296))})
+    p = plan_for(dict(H200, gpu_name="NVIDIA A100-SXM4-80GB"))
+    c = changed(p, "train.use_liger_kernel")
+    assert not p.use_liger_kernel
+    assert "'NVIDIA A100-SXM4-80GB'" in c.reason and "train_throughput.py --only liger_ab" in c.reason
+    # a measured GPU at a shape far from the planned one is treated the same way
+    table({"NVIDIA H200": kernel_rows((9422, 7296), tokens=65536)})
+    c = changed(plan_for(H200), "train.use_liger_kernel")
+    assert c.planned is False and "[65536]" in c.reason and "--calibrate" in c.reason
+
+
+def test_an_explicit_liger_choice_is_honoured_whatever_the_table_says(table):
+    table({"NVIDIA H200": kernel_rows((7534, 8720))})
+    p = plan_for(H200, "train.use_liger_kernel=true")
+    assert p.use_liger_kernel and changed(p, "train.use_liger_kernel") is None
+    table({"NVIDIA H200": kernel_rows((9422, 7296))})
+    p = plan_for(H200, "train.use_liger_kernel=false")
+    assert not p.use_liger_kernel and changed(p, "train.use_liger_kernel") is None
+
+
+def test_liger_goes_on_for_memory_where_the_plan_fits_only_with_it(table):
+    # one 300k-token row: never measured on and off at that size, but without liger's kernels its activations
+    # do not fit the GPU, so speed is not the question
+    table({"NVIDIA H200": kernel_rows((7534, 8720))})
+    long_row = ["train.packing=false", "train.per_device_train_batch_size=1", "train.gradient_accumulation_steps=1"]
+    p = plan_for(H200, *long_row, config="llama3_alpaca_h200.yaml", lengths=[300_000])
+    c = changed(p, "train.use_liger_kernel")
+    assert p.use_liger_kernel and p.fits and c.reason.startswith("on for memory"), c.reason
+    assert "not near 300000" in c.reason  # the speed verdict it overrides is kept in the reason
+    # a row that fits either way keeps the measured choice
+    p = plan_for(H200, *long_row, config="llama3_alpaca_h200.yaml", lengths=[3000])
+    assert not p.use_liger_kernel and "no faster" in changed(p, "train.use_liger_kernel").reason
