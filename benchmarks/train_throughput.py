@@ -112,13 +112,15 @@ def build_model(model_dir: Path, tokenizer_dir: Path, tiny: bool = False) -> Non
 
 # -- measurement --------------------------------------------------------------------------------------
 class Counter:
-    """Wraps a collator: counts the real (non-padding) tokens of every row it batches."""
+    """Wraps a collator: counts the real (non-padding) tokens of every row it batches (`count`: a row's tokens,
+    by default its input_ids; a preference pair's are both sides)."""
 
-    def __init__(self, collator):
+    def __init__(self, collator, count=None):
         self.collator, self.tokens, self.rows = collator, 0, 0
+        self.count = count or (lambda f: len(f["input_ids"]))
 
     def __call__(self, features):
-        self.tokens += sum(len(f["input_ids"]) for f in features)
+        self.tokens += sum(self.count(f) for f in features)
         self.rows += len(features)
         return self.collator(features)
 
@@ -142,10 +144,10 @@ def timer_callback(counter: Counter, sync: bool):
     return Timer()
 
 
-def run_trainer(trainer, warmup: int, device: str) -> dict:
+def run_trainer(trainer, warmup: int, device: str, count=None) -> dict:
     import torch
 
-    counter = Counter(trainer.data_collator)
+    counter = Counter(trainer.data_collator, count)
     trainer.data_collator = counter
     tm = timer_callback(counter, device == "cuda")
     tm.marks = []
