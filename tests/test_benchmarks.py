@@ -218,3 +218,16 @@ def test_time_to_quality(tmp_path, offline_llama):
         assert r["points"] and all(positive(p["eval_loss"]) for p in r["points"]), (n, r)
     assert v["packed_linear"]["micro_batch"] == 1 and v["plain"]["padding_free"] is False, v
     assert positive(res["summary"]["target_loss_plain_epoch1"]), res["summary"]
+
+
+def test_preference_throughput(tmp_path, offline_llama):
+    # plain TRL DPOTrainer and finetune.py's DPO path on the same pairs, one timed step each on a 2-layer model
+    res = bench("preference_throughput.py", tmp_path / "pt.json", "--tiny", "--tokenizer", str(offline_llama))
+    v = res["variants"]
+    check_variants(v, {"plain_dpo_b8x2", "project_dpo_yaml"})
+    for n, r in v.items():
+        assert r["rows_per_step"] == 16 and positive(r["real_tokens_per_s"]), (n, r)  # the YAML's 8 x 2 pairs
+        assert r["first_losses"][0] == pytest.approx(0.6931, abs=1e-3), (n, r)  # DPO at the reference: log 2
+    # both read the same pairs: the same tokens a step, counted as trained (both sides with the prompt)
+    assert v["plain_dpo_b8x2"]["real_tokens_per_step"] == v["project_dpo_yaml"]["real_tokens_per_step"], v
+    assert res["project_plan"]["method"] == "dpo" and positive(res["summary"]["ratio_project_vs_plain"]), res
