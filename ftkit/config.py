@@ -789,13 +789,23 @@ def _construct_mapping(loader, node, deep=False):
 _StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
 
 
+# pydantic names the member of a union (`bool | Literal["auto"]`) a value failed in the error's location; those
+# tags are not config keys
+_UNION_TAGS = ("function-after", "literal", "list", "str", "bool", "int", "float", "dict", "none", "nullable")
+
+
+def _config_key(loc) -> str:
+    return ".".join(str(p) for p in loc if not str(p).startswith(_UNION_TAGS)) or "config"
+
+
 def _validation_message(err: ValidationError, where: str) -> str:
-    e = err.errors()[0]
-    key = ".".join(str(p) for p in e["loc"] if not str(p).startswith(("function-after", "literal", "list", "str")))
-    key = key or "config"
+    errors = err.errors()
+    e, key = errors[0], _config_key(errors[0]["loc"])
     got = e.get("input")
     got_s = short_repr(got) if not isinstance(got, dict) else "a mapping"
-    msg = e["msg"].removeprefix("Value error, ")
+    # a union's value fails each member: say every form the key takes ("a valid boolean or 'auto'")
+    msgs = [x["msg"].removeprefix("Value error, ") for x in errors if _config_key(x["loc"]) == key]
+    msg = " or ".join(dict.fromkeys(msgs)) if e["type"] != "value_error" else msgs[0]
     if e["type"] == "value_error":
         return f"{where}: {msg}"
     return f"{where}: bad value for '{key}': {msg} (got {got_s}); fix it in the YAML or with {key}=VALUE"

@@ -261,3 +261,20 @@ def test_attention_values_are_transformers_own_and_each_loads():
 def test_report_to_is_a_list_as_in_transformers(value, trackers):
     over = [] if value is None else [f"train.report_to={value}"]
     assert load_config(REPO / "configs" / "demo.yaml", over).train.report_to == trackers
+
+
+@pytest.mark.parametrize(
+    "override, forms",
+    [
+        ("train.use_liger_kernel=maybe", ["a valid boolean", "'auto'"]),
+        ("lora.target_modules=5", ["list", "all-linear"]),
+    ],
+)
+def test_a_union_keys_error_names_the_key_and_every_form_it_takes(override, forms):
+    # pydantic locates a union's failure in its member ('train.use_liger_kernel.bool'): not a key the user can set
+    key = override.split("=")[0]
+    with pytest.raises(UserError) as e:
+        load_config(None, [override])
+    msg = str(e.value)
+    assert f"'{key}'" in msg and f"{key}=VALUE" in msg and f"{key}." not in msg, msg
+    assert all(f in msg for f in forms), msg
