@@ -116,7 +116,9 @@ def project_dpo(base, tok, cfg, rows, lengths, warmup: int, device: str):
     args.disable_tqdm = True
     prep = SimpleNamespace(train=SimpleNamespace(rows=rows), eval=SimpleNamespace(rows=[]))
     trainer = train.build_trainer(cfg, model, args, tok, prep, callbacks=[])
-    return run_trainer(trainer, warmup, device, count=pair_tokens)
+    res = run_trainer(trainer, warmup, device, count=pair_tokens)
+    keys = ("rows_per_micro_batch", "gradient_accumulation_steps", "gradient_checkpointing", "use_liger_kernel")
+    return {**res, "plan": {k: RESULTS["project_plan"][k] for k in keys}}
 
 
 def bench(a) -> None:
@@ -159,6 +161,9 @@ def bench(a) -> None:
     base = train.load_quantized_base(cfg, source, offline, device)
     steps = a.warmup + a.steps
     plain = variant("plain_dpo_b8x2", base, plain_dpo, tok, rows, steps, a.warmup, device, cfg.data.max_length)
+    if device == "cuda":  # liger patches transformers' modules for the whole process: the run without it first
+        off = cfg.model_copy(update={"train": cfg.train.model_copy(update={"use_liger_kernel": False})})
+        variant("project_dpo_yaml_no_liger", base, project_dpo, tok, off, rows, lengths, a.warmup, device)
     proj = variant("project_dpo_yaml", base, project_dpo, tok, cfg, rows, lengths, a.warmup, device)
     if plain and proj:
         RESULTS["summary"] = {

@@ -343,8 +343,11 @@ def method(cfg: Config, hw: Hardware) -> tuple[Method, list[Change]]:
         False,
         f"train.method={m}: {TRAINERS[m]} pads each batch of pairs itself (no padding-free path in TRL 1.16)",
     )
-    liger = t.use_liger_kernel
-    if liger is not False:
+    # TRL 1.16's DPOTrainer takes liger's layer kernels (RMSNorm, RoPE, SwiGLU) and keeps its own fused LM head
+    # for the log-probabilities, so the kernels decision decides for DPO as for SFT. The other trainers would swap
+    # in liger's fused losses of their own, which nothing here has measured or checked.
+    liger = None if m == "dpo" else t.use_liger_kernel
+    if liger is not None and liger is not False:
         liger = why.change(
             "train.use_liger_kernel",
             liger,
