@@ -403,3 +403,62 @@ def parse_modelfile(text: str) -> dict:
         "stops": stops,
         "from": re.search(r"^FROM (.*)$", text, re.M).group(1),
     }
+
+
+# Strings whose tokenization a SentencePiece export must keep: runs of spaces, newlines, accents, and characters
+# outside the tiny vocabulary (emoji, CJK) that only byte fallback can spell.
+SPM_TEXTS = [
+    "Sort the numbers: 3, 1, 2.",
+    "  two leading spaces,  a double one and a trailing one ",
+    "line one\nline two\n\n\tindented",
+    "naïve café 3.14",
+    "emoji 😀 and 🦙, then 日本語",
+]
+
+
+def sentencepiece_tokenizer(folder: Path, style: str):
+    """A ~420-piece SentencePiece BPE (byte fallback, digits split, whitespace kept as is) trained in-process on the
+    Alpaca prompt text, loaded through transformers' own class for `style`: 'llama' (Llama 2 / Mistral / Phi-3:
+    <unk> <s> </s>, a dummy space prefix) or 'gemma' (<pad> <eos> <bos> <unk>, no prefix, turn markers as user
+    symbols). 256 of its pieces are the <0xNN> bytes, the floor for byte fallback."""
+    import io
+
+    import sentencepiece as spm
+    from transformers import GemmaTokenizer, LlamaTokenizer
+
+    from ftkit.prompts import ALPACA_NO_INPUT, ALPACA_WITH_INPUT
+
+    corpus = [ALPACA_WITH_INPUT, ALPACA_NO_INPUT] * 20 + [" ".join(r.values()) for r in ALPACA_ROWS] * 5
+    ids = (
+        dict(unk_id=0, bos_id=1, eos_id=2, pad_id=-1, add_dummy_prefix=True)
+        if style == "llama"
+        else dict(
+            pad_id=0,
+            eos_id=1,
+            bos_id=2,
+            unk_id=3,
+            pad_piece="<pad>",
+            eos_piece="<eos>",
+            bos_piece="<bos>",
+            add_dummy_prefix=False,
+            user_defined_symbols=["<start_of_turn>", "<end_of_turn>"],
+        )
+    )
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(corpus),
+        model_writer=buf,
+        vocab_size=420,
+        model_type="bpe",
+        byte_fallback=True,
+        split_digits=True,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        allow_whitespace_only_pieces=True,
+        minloglevel=2,
+        **ids,
+    )
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "tokenizer.model").write_bytes(buf.getvalue())
+    # BOS first, as Llama 2, Mistral and Gemma tokenize (the bare tokenizer.model says nothing about it)
+    return (LlamaTokenizer if style == "llama" else GemmaTokenizer).from_pretrained(folder, add_bos_token=True)
