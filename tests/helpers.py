@@ -336,9 +336,10 @@ GO_ACTION = re.compile(r"\{\{(-?)\s*(.*?)\s*(-?)\}\}", re.S)
 
 
 def go_render(tpl: str, data: dict) -> str:
-    """The subset of Go's text/template the Modelfiles use: {{ .X }}, {{ "lit" }}, if/else/end on .X, (eq .X "lit")
-    or (ne .X "lit"), range .Messages, and {{- / -}} whitespace trimming (Ollama renders with Go's engine). Any other
-    action is an error rather than a guess."""
+    """The subset of Go's text/template the Modelfiles use: {{ .X }}, {{ $.X }}, {{ $var }}, {{ "lit" }}, {{ 1 }},
+    if/else/else if/end, range .Messages and range $i, $m := .Messages, the functions eq/ne/le/lt on two arguments,
+    and/or (Go's: the first empty argument, or the last), (parenthesised) calls as arguments, and {{- / -}}
+    whitespace trimming (Ollama renders with Go's engine). Any other action is an error rather than a guess."""
     tokens, pos, trim_next = [], 0, False
     for m in GO_ACTION.finditer(tpl):
         text = tpl[pos : m.start()]
@@ -355,42 +356,72 @@ def go_render(tpl: str, data: dict) -> str:
             i += 1
             if kind == "text":
                 nodes.append(("text", val))
-            elif val in ("end", "else"):
+            elif val in ("end", "else") or val.startswith("else if "):
                 return nodes, i, val
             elif val.startswith(("if ", "range ")):
-                body, i, how = parse(i)
-                other = []
-                if how == "else":
-                    other, i, how = parse(i)
-                nodes.append((val.split()[0], val.split(" ", 1)[1], body, other))
+                node, i = block(val, i)
+                nodes.append(node)
             else:
                 nodes.append(("expr", val))
         return nodes, i, None
 
-    def value(expr, dot):
-        args = re.findall(r'"[^"]*"|\S+', expr)
-        if args[0] in ("eq", "ne") and len(args) == 3:
-            return (value(args[1], dot) == value(args[2], dot)) == (args[0] == "eq")
-        if len(args) == 1 and args[0].startswith('"'):
+    def block(head, i):
+        body, i, how = parse(i)
+        other = []
+        if how == "else":
+            other, i, how = parse(i)
+        elif how and how.startswith("else if "):  # Go's {{ else if B }}: {{ else }}{{ if B }}, sharing one {{ end }}
+            inner, i = block(how[len("else ") :], i)
+            other = [inner]
+        return (head.split()[0], head.split(" ", 1)[1], body, other), i
+
+    def value(expr, dot, env):
+        args = re.findall(r'"[^"]*"|\([^()]*\)|[^\s()]+', expr)
+        vals = lambda: [value(a, dot, env) for a in args[1:]]  # noqa: E731
+        if args[0] in ("eq", "ne", "le", "lt") and len(args) == 3:
+            a, b = vals()
+            return {"eq": a == b, "ne": a != b, "le": a <= b, "lt": a < b}[args[0]]
+        if args[0] in ("and", "or") and len(args) >= 3:
+            out = None
+            for v in vals():
+                out = v
+                if bool(v) != (args[0] == "and"):
+                    break
+            return out
+        if len(args) == 1 and (args[0].startswith('"') or args[0].isdigit()):
             return json.loads(args[0])
-        if len(args) == 1 and re.fullmatch(r"\.[A-Za-z]+", args[0]):
-            return dot[args[0][1:]]  # a field the data lacks is an error, not an empty string
+        if len(args) == 1 and args[0].startswith("("):
+            return value(args[0][1:-1], dot, env)
+        if len(args) == 1 and re.fullmatch(r"\$?\.[A-Za-z]+", args[0]):
+            src = env["$"] if args[0].startswith("$") else dot
+            return src[args[0].split(".", 1)[1]]  # a field the data lacks is an error, not an empty string
+        if len(args) == 1 and args[0] in env:
+            return env[args[0]]
         raise ValueError(f"Go template syntax this renderer does not know: {{{{ {expr} }}}}")
 
-    def run(nodes, dot):
+    def loop(head, body, dot, env):
+        names, _, over = head.rpartition(":=")
+        names = [n.strip() for n in names.split(",") if n.strip()]
+        out = ""
+        for i, item in enumerate(value(over.strip(), dot, env)):
+            bound = dict(zip(names, [i, item] if len(names) == 2 else [item]))
+            out += run(body, item, env | bound)
+        return out
+
+    def run(nodes, dot, env):
         out = ""
         for n in nodes:
             if n[0] == "text":
                 out += n[1]
             elif n[0] == "expr":
-                out += str(value(n[1], dot))
+                out += str(value(n[1], dot, env))
             elif n[0] == "if":
-                out += run(n[2] if value(n[1], dot) else n[3], dot)
+                out += run(n[2] if value(n[1], dot, env) else n[3], dot, env)
             else:
-                out += "".join(run(n[2], item) for item in value(n[1], dot))
+                out += loop(n[1], n[2], dot, env)
         return out
 
-    return run(parse(0)[0], data)
+    return run(parse(0)[0], data, {"$": data})
 
 
 def parse_modelfile(text: str) -> dict:

@@ -113,3 +113,38 @@ def test_an_entry_cannot_leave_out_its_multi_turn_ollama_form():
 def test_config_takes_every_registered_name():
     for name in TEMPLATES:
         assert load_config(None, [f"data.prompt_template={name}"]).data.prompt_template == name
+
+
+# The chat templates the instruction-tuned checkpoints ship (tokenizer_config.json of google/gemma-2-2b-it and
+# mistralai/Mistral-7B-Instruct-v0.1): refusing system turns, checking that roles alternate, trimming; each still
+# renders as its registered entry. Not Phi-3-mini's: it appends EOS after the last answer, so a trained answer ends
+# '<|end|>\n' + EOS, EOS is its stop, and it is not the phi3 entry (data.prompt_template=phi3 trains that).
+SHIPPED = {
+    "gemma": (
+        "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+        "{% endif %}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+        "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+        "{% if (message['role'] == 'assistant') %}{% set role = 'model' %}{% else %}{% set role = message['role'] %}"
+        "{% endif %}{{ '<start_of_turn>' + role + '\n' + message['content'] | trim + '<end_of_turn>\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{'<start_of_turn>model\n'}}{% endif %}"
+    ),
+    "mistral": (
+        "{{ bos_token }}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+        "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+        "{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}"
+        "{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token}}{% else %}"
+        "{{ raise_exception('Only user and assistant roles are supported!') }}{% endif %}{% endfor %}"
+    ),
+}
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_a_shipped_template_exports_as_its_registered_entry(tok, name):
+    """The Modelfile writer picks the entry for the checkpoint's own template: its Ollama form and stop token."""
+    own = tok.__class__(tokenizer_object=tok.backend_tokenizer, bos_token=BOS, eos_token=EOS)
+    own.chat_template = SHIPPED[name]
+    t = PromptTemplate.from_config("chat", own)
+    go, _, style = gguf.ollama_template(own, t, True)
+    assert style == name and go == TEMPLATES[name].ollama_form(EOS)
+    mf = parse_modelfile(gguf.modelfile_text("m.gguf", own, t, load_config(None).inference, True, "src"))
+    assert TEMPLATES[name].end_of_turn_text(EOS) in mf["stops"]
