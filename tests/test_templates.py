@@ -148,3 +148,77 @@ def test_a_shipped_template_exports_as_its_registered_entry(tok, name):
     assert style == name and go == TEMPLATES[name].ollama_form(EOS)
     mf = parse_modelfile(gguf.modelfile_text("m.gguf", own, t, load_config(None).inference, True, "src"))
     assert TEMPLATES[name].end_of_turn_text(EOS) in mf["stops"]
+
+
+# ChatML with tools as Qwen2.5 writes them: definitions in a system block, calls as <tool_call> JSON in the
+# assistant's turn, outputs as a user turn in <tool_response>.
+TOOL_TEMPLATE = (
+    "{% if tools %}<|im_start|>system\n<tools>{% for t in tools %}\n{{ t | tojson }}{% endfor %}\n</tools><|im_end|>\n"
+    "{% endif %}{% for m in messages %}{% if m.role == 'tool' %}"
+    "<|im_start|>user\n<tool_response>\n{{ m.content }}\n</tool_response><|im_end|>\n"
+    "{% else %}<|im_start|>{{ m.role }}\n{{ m.content }}{% for c in m.tool_calls or [] %}"
+    "<tool_call>\n{{ {'name': c.function.name, 'arguments': c.function.arguments} | tojson }}\n</tool_call>"
+    "{% endfor %}<|im_end|>\n{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
+
+
+def test_a_tool_call_is_trained_and_the_tools_output_is_not(tok):
+    """A messages row with an OpenAI-style tool call (arguments as a JSON string) and the tool's output: cleaned,
+    rendered with its tool definitions, and masked so that the assistant's call and its final answer are trained
+    (each with <|im_end|>) and the tool's output, the definitions and the user turn are not."""
+    from ftkit.config import DataCfg
+    from ftkit.data import clean_conversation
+    from ftkit.prompts import IGNORE_INDEX, encode_conversations
+
+    call = {"type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
+    row = {
+        "tools": [WEATHER],
+        "messages": [
+            {"role": "user", "content": "Weather in Paris?"},
+            {"role": "assistant", "content": None, "tool_calls": [call]},
+            {"role": "tool", "name": "get_weather", "content": "temperature=18;sky=clear"},
+            {"role": "assistant", "content": "It is 18 C and clear."},
+        ],
+    }
+    from tokenizers import Tokenizer, decoders
+
+    clean = clean_conversation(row, DataCfg(), "messages", "line 1")
+    core = Tokenizer.from_str(tok.backend_tokenizer.to_str())
+    core.decoder = decoders.ByteLevel()  # to read the masked and trained text back
+    own = tok.__class__(tokenizer_object=core, bos_token=BOS, eos_token=EOS)
+    own.chat_template = TOOL_TEMPLATE
+    t = PromptTemplate.from_config("chat", own)
+    [(ids, labels, status)] = encode_conversations(t, own, [clean["messages"]], 512, [clean["tools"]])
+    trained, masked, span = [], "", []
+    for i, lab in zip(ids, labels):
+        if lab == IGNORE_INDEX:
+            masked += own.decode([i])
+            trained, span = (trained + [own.decode(span)], []) if span else (trained, span)
+        else:
+            span.append(i)
+    trained += [own.decode(span)] if span else []
+    text = own.apply_chat_template(clean["messages"], tools=[WEATHER], chat_template=TOOL_TEMPLATE, tokenize=False)
+    # the whole rendering, less the whitespace after the last turn (a wasted token: PromptTemplate.pieces)
+    assert status == "ok" and own.decode(ids) == text.rstrip()
+    assert trained == [
+        '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call><|im_end|>',
+        "It is 18 C and clear.<|im_end|>",
+    ]
+    assert all(x in masked for x in ("temperature=18;sky=clear", "get_weather", "Weather in Paris?"))
+
+
+def test_a_template_that_ignores_tool_calls_is_refused(tok):
+    from ftkit.errors import UserError
+    from ftkit.prompts import encode_conversations
+
+    for name in TEMPLATES:
+        t = PromptTemplate.from_config(name, tok, conversations=True)
+        convo = [
+            {"role": "user", "content": "a"},
+            {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": {"name": "f"}}]},
+            {"role": "tool", "content": "b"},
+            {"role": "assistant", "content": "c"},
+        ]
+        with pytest.raises(UserError, match=f"the {name} template does not render them; use a template that does"):
+            encode_conversations(t, tok, [convo], 512)
