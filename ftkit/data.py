@@ -719,11 +719,13 @@ def _example_rows(enc: Encoded) -> list[int]:
 
 
 def conversation_stats(tok, enc: Encoded) -> dict:
-    """Turns per row and tokens per role over the training conversations. System and user tokens are counted
+    """Turns per row and tokens per role over the training conversations. System, user and tool tokens are counted
     on their text alone; "markup" is what the template adds around the turns, plus assistant turns marked
     "train": false."""
     turns = [sum(m["role"] != "system" for m in r["messages"]) for r in enc.kept]
     by_role: dict[str, list[str]] = {"system": [], "user": []}
+    if any(m["role"] == "tool" for r in enc.kept for m in r["messages"]):
+        by_role["tool"] = []  # tools' outputs: masked text of their own, not markup
     for r in enc.kept:
         for m in r["messages"]:
             if m["role"] in by_role:

@@ -493,3 +493,16 @@ def sentencepiece_tokenizer(folder: Path, style: str):
     (folder / "tokenizer.model").write_bytes(buf.getvalue())
     # BOS first, as Llama 2, Mistral and Gemma tokenize (the bare tokenizer.model says nothing about it)
     return (LlamaTokenizer if style == "llama" else GemmaTokenizer).from_pretrained(folder, add_bos_token=True)
+
+
+# ChatML with tools as Qwen2.5 writes them: definitions in a system block, calls as <tool_call> JSON in the
+# assistant's turn, outputs as a user turn in <tool_response>.
+TOOL_TEMPLATE = (
+    "{% if tools %}<|im_start|>system\n<tools>{% for t in tools %}\n{{ t | tojson }}{% endfor %}\n</tools><|im_end|>\n"
+    "{% endif %}{% for m in messages %}{% if m.role == 'tool' %}"
+    "<|im_start|>user\n<tool_response>\n{{ m.content }}\n</tool_response><|im_end|>\n"
+    "{% else %}<|im_start|>{{ m.role }}\n{{ m.content }}{% for c in m.tool_calls or [] %}"
+    "<tool_call>\n{{ {'name': c.function.name, 'arguments': c.function.arguments} | tojson }}\n</tool_call>"
+    "{% endfor %}<|im_end|>\n{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}

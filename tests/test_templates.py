@@ -5,7 +5,7 @@ training's turn pieces and stop tokens end each answer with its end-of-turn mark
 here that has every registered marker."""
 
 import pytest
-from helpers import go_render, parse_modelfile
+from helpers import TOOL_TEMPLATE, WEATHER, go_render, parse_modelfile
 
 from ftkit import gguf
 from ftkit.config import load_config
@@ -148,19 +148,6 @@ def test_a_shipped_template_exports_as_its_registered_entry(tok, name):
     assert style == name and go == TEMPLATES[name].ollama_form(EOS)
     mf = parse_modelfile(gguf.modelfile_text("m.gguf", own, t, load_config(None).inference, True, "src"))
     assert TEMPLATES[name].end_of_turn_text(EOS) in mf["stops"]
-
-
-# ChatML with tools as Qwen2.5 writes them: definitions in a system block, calls as <tool_call> JSON in the
-# assistant's turn, outputs as a user turn in <tool_response>.
-TOOL_TEMPLATE = (
-    "{% if tools %}<|im_start|>system\n<tools>{% for t in tools %}\n{{ t | tojson }}{% endfor %}\n</tools><|im_end|>\n"
-    "{% endif %}{% for m in messages %}{% if m.role == 'tool' %}"
-    "<|im_start|>user\n<tool_response>\n{{ m.content }}\n</tool_response><|im_end|>\n"
-    "{% else %}<|im_start|>{{ m.role }}\n{{ m.content }}{% for c in m.tool_calls or [] %}"
-    "<tool_call>\n{{ {'name': c.function.name, 'arguments': c.function.arguments} | tojson }}\n</tool_call>"
-    "{% endfor %}<|im_end|>\n{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
 
 
 def test_a_tool_call_is_trained_and_the_tools_output_is_not(tok):
