@@ -18,6 +18,7 @@ from helpers import SPM_TEXTS, build_tiny_model, offline_tokenizer, sentencepiec
 
 import export_gguf
 from ftkit.config import load_config
+from ftkit.templates import TEMPLATES
 
 # sha256 of export_gguf.py's output for build_tiny_model(llama, seed 0) with the SmolLM2 tokenizer, written by the
 # Llama-only writer (commit 3b95f3b) before the writer was built from the gguf package's tables: Llama files
@@ -414,7 +415,19 @@ def test_qwen_pre_tokenizer_is_named_so_llama_cpp_splits_text_as_qwen_does(tmp_p
 
 
 # -- SentencePiece vocabularies (Mistral v0.1-v0.3, Phi-3-mini: Llama 2's; Gemma's) -------------------------------
-SPM_CASES = {"mistral": "llama", "gemma2": "gemma"}
+# model_type -> (helpers.sentencepiece_tokenizer's style, the registry's chat template for the family)
+SPM_CASES = {"mistral": ("llama", "mistral"), "gemma2": ("gemma", "gemma")}
+CHAT_TURNS = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "What is 2 plus 3?"},
+    {"role": "assistant", "content": "5"},
+    {"role": "user", "content": "Double it\n"},
+]
+
+
+def _space_prefix_first(tok) -> bool:
+    pre = json.loads(tok.backend_tokenizer.to_str()).get("pre_tokenizer") or {}
+    return pre.get("type") == "Metaspace" and pre.get("prepend_scheme") == "first"
 
 
 @pytest.fixture(scope="session")
@@ -427,7 +440,7 @@ def spm_export(tmp_path_factory):
 
     def get(model_type: str):
         if model_type not in done:
-            tok = sentencepiece_tokenizer(root / f"sp-{model_type}", SPM_CASES[model_type])
+            tok = sentencepiece_tokenizer(root / f"sp-{model_type}", SPM_CASES[model_type][0])
             model = build_tiny_model(root / f"tiny-{model_type}", model_type, tok, tied=True, vocab_size=512)
             out = export_gguf.main(load_config(None), None, "f16", root / "out" / f"{model_type}.gguf", model_dir=model)
             done[model_type] = (tok, model, out, root / f"sp-{model_type}" / "tokenizer.model")
@@ -458,7 +471,7 @@ def test_sentencepiece_vocabulary_is_written_as_llama_cpp_reads_it(spm_export, m
     assert [tokens[i] for i in byte_ids] == [f"<0x{b:02X}>" for b in range(256)]
     assert types[tok.unk_token_id] == gg.TokenType.UNKNOWN
     assert types[tok.bos_token_id] == types[tok.eos_token_id] == gg.TokenType.CONTROL
-    assert field("tokenizer.ggml.add_space_prefix") == (SPM_CASES[model_type] == "llama")
+    assert field("tokenizer.ggml.add_space_prefix") == (SPM_CASES[model_type][0] == "llama")
     # the helper's tokenizers put BOS first, as these families do: the flag llama.cpp adds it by
     assert field("tokenizer.ggml.add_bos_token") and tok("a")["input_ids"][0] == tok.bos_token_id
     merges = json.loads(tok.backend_tokenizer.to_str())["model"]["merges"]
@@ -473,9 +486,11 @@ def test_sentencepiece_export_tokenizes_and_scores_as_transformers_in_llama_cpp(
     """llama.cpp turns spaces, newlines, accents and byte-fallback characters into the ids transformers does, with
     and without BOS, and its logits for those ids agree with transformers' (f16: cosine and top token).
 
-    One known difference, transformers' and not the export's: where the dummy prefix is on, transformers' Metaspace
-    adds no '▁' to text that already starts with a space, SentencePiece (the model's tokenizer.model) and llama.cpp
-    add one; there llama.cpp must match SentencePiece."""
+    Then a chat rendered by the registry's template for the family, special tokens parsed: the same ids for Gemma.
+    Two known differences, transformers' Metaspace against SentencePiece's (and llama.cpp's) dummy prefix, where the
+    prefix is on: transformers adds no '▁' to text that already starts with a space (llama.cpp must then match the
+    model's tokenizer.model), and with prepend_scheme 'first' (what transformers writes for a converted Llama 2 /
+    Mistral tokenizer) none after a special token, where llama.cpp adds one: exactly those '▁' are extra."""
     import sentencepiece as spm
 
     from ftkit.llamacpp import load
@@ -486,12 +501,23 @@ def test_sentencepiece_export_tokenizes_and_scores_as_transformers_in_llama_cpp(
     try:
         for text in SPM_TEXTS:
             want = tok(text, add_special_tokens=False)["input_ids"]
-            if text.startswith(" ") and SPM_CASES[model_type] == "llama":
+            if text.startswith(" ") and SPM_CASES[model_type][0] == "llama":
                 assert sp.encode(text) != want  # the difference is still there; else this branch can go
                 want = sp.encode(text)
             assert llm.tokenize(text.encode(), add_bos=False, special=False) == want, (text, tok.tokenize(text))
             assert llm.tokenize(text.encode(), add_bos=True, special=False) == [tok.bos_token_id] + want, text
+        chat = tok.apply_chat_template(
+            CHAT_TURNS, chat_template=TEMPLATES[SPM_CASES[model_type][1]].jinja, tokenize=False
+        )
+        want, got = tok(chat, add_special_tokens=False)["input_ids"], llm.tokenize(chat.encode(), False, True)
     finally:
         llm.close()
+    if not _space_prefix_first(tok):
+        assert got == want
+    else:  # llama.cpp prefixes every text after a special token; transformers' Metaspace 'first' only the start
+        special = set(tok.all_special_ids)
+        space = tok.convert_tokens_to_ids("▁")
+        extra = [i for i in range(1, len(got)) if got[i - 1] in special and got[i] == space]
+        assert extra and [t for i, t in enumerate(got) if i not in extra] == want
     ids = tok(" ".join(SPM_TEXTS))["input_ids"][:60]
     assert_agree(transformers_logits(model_dir, ids), llama_cpp_logits(out, ids), COSINE["f16"], MARGIN["f16"])
