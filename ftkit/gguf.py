@@ -426,16 +426,24 @@ def _vocab_kind(tj: dict) -> str:
     )
 
 
-def _space_prefix(tj: dict) -> bool:
-    """Whether SentencePiece's dummy prefix is on: tokenizer.json states it as a Metaspace that prepends (Llama,
-    Mistral) or a Prepend('▁') normalizer (older files); Gemma's replaces spaces only and prepends nothing."""
+def _space_prefix(tj: dict, template: PromptTemplate) -> bool:
+    """tokenizer.ggml.add_space_prefix: whether llama.cpp puts SentencePiece's dummy '▁' before text, which it does
+    at the start and after every special token. tokenizer.json states the prefix as a Prepend('▁') normalizer (on
+    every text between special tokens, as llama.cpp), a Metaspace 'always' (the same), or a Metaspace 'first' (the
+    start of the input only: none after BOS or EOS). Gemma's has none. For 'first', no setting matches everywhere:
+    a chat template that writes its own BOS (or starts at a turn marker) puts a special token before all text, so
+    no prefix matches its prompts exactly; a prompt whose BOS the tokenizer adds (Alpaca's, the registry's alpaca)
+    starts with text, which the prefix matches."""
     nodes = _types_in(tj.get("pre_tokenizer")) + _types_in(tj.get("normalizer"))
-    normalizers = (tj.get("normalizer") or {}).get("normalizers") or []
-    return any(
-        n.get("type") == "Metaspace"
-        and n.get("prepend_scheme", "always" if n.get("add_prefix_space") else "never") != "never"
+    schemes = {
+        n.get("prepend_scheme", "always" if n.get("add_prefix_space") else "never")
         for n in nodes
-    ) or any(n.get("type") == "Prepend" for n in normalizers)
+        if n.get("type") == "Metaspace"
+    }
+    normalizers = (tj.get("normalizer") or {}).get("normalizers") or []
+    if "always" in schemes or any(n.get("type") == "Prepend" for n in normalizers):
+        return True
+    return "first" in schemes and template.tokenizer_bos()
 
 
 def _spm_scores(tokens: list[str], merges: list[str]) -> list[float]:
@@ -520,7 +528,7 @@ def read_vocab(tok, template: PromptTemplate, vocab_size: int) -> Vocab:
         chat_template=gguf_chat_template(template),
         model=kind,
         scores=_spm_scores(tokens, merges) if kind == "llama" else None,
-        add_space_prefix=kind == "llama" and _space_prefix(tj),
+        add_space_prefix=kind == "llama" and _space_prefix(tj, template),
     )
 
 
