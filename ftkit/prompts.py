@@ -77,14 +77,16 @@ class PromptTemplate:
         return t
 
     def end_of_turn_id(self, tokenizer) -> int | None:
-        """The token that closes an assistant turn in the chat template (<|im_end|>, <|eot_id|>, ...): the last
-        trained token of a probe answer; None for Alpaca prompts."""
+        """The token that closes an assistant turn in the chat template (<|im_end|>, <|eot_id|>, ...): the first
+        special token trained after a probe answer (Phi-3's template writes EOS after the last turn's <|end|>, and
+        generation stops at the turn's end), else its last trained token; None for Alpaca prompts."""
         if self.kind != "chat":
             return None
         pieces = self.pieces(tokenizer, [{"role": "user", "content": "q"}, {"role": "assistant", "content": "OK"}])
         end = next(p.text for p in pieces if p.trained)[len("OK") :]
         ids = tokenizer(end, add_special_tokens=False)["input_ids"] if end else []
-        return ids[-1] if ids else None
+        special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+        return next((i for i in ids if i in special), ids[-1] if ids else None)
 
     # -- rendering ---------------------------------------------------------------------------------
     def _messages(self, instruction: str, input_text: str | None) -> list[dict[str, str]]:

@@ -115,10 +115,9 @@ def test_config_takes_every_registered_name():
         assert load_config(None, [f"data.prompt_template={name}"]).data.prompt_template == name
 
 
-# The chat templates the instruction-tuned checkpoints ship (tokenizer_config.json of google/gemma-2-2b-it and
-# mistralai/Mistral-7B-Instruct-v0.1): refusing system turns, checking that roles alternate, trimming; each still
-# renders as its registered entry. Not Phi-3-mini's: it appends EOS after the last answer, so a trained answer ends
-# '<|end|>\n' + EOS, EOS is its stop, and it is not the phi3 entry (data.prompt_template=phi3 trains that).
+# The chat templates the instruction-tuned checkpoints ship (tokenizer_config.json of google/gemma-2-2b-it,
+# mistralai/Mistral-7B-Instruct-v0.1, microsoft/Phi-3-mini-4k-instruct): refusing system turns, checking that roles
+# alternate, trimming, EOS after the last answer; each still renders as its registered entry.
 SHIPPED = {
     "gemma": (
         "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
@@ -134,6 +133,13 @@ SHIPPED = {
         "{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}"
         "{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token}}{% else %}"
         "{{ raise_exception('Only user and assistant roles are supported!') }}{% endif %}{% endfor %}"
+    ),
+    "phi3": (
+        "{% for message in messages %}{% if message['role'] == 'system' %}"
+        "{{'<|system|>\n' + message['content'] + '<|end|>\n'}}{% elif message['role'] == 'user' %}"
+        "{{'<|user|>\n' + message['content'] + '<|end|>\n'}}{% elif message['role'] == 'assistant' %}"
+        "{{'<|assistant|>\n' + message['content'] + '<|end|>\n'}}{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}"
     ),
 }
 
