@@ -12,9 +12,10 @@ Reads:  the most recent run's <run>/merged/ (config.json, *.safetensors, tokeniz
         With --adapter: <run>/adapter/ instead of merged/.
 Writes: --outfile, default <run>/export/<BaseName>-<Size>-<FineTune>-<TYPE>.gguf (llama.cpp's naming, e.g.
         SmolLM2-135M-Instruct-demo-Q4_K_M.gguf; general.name/basename/size_label/finetune/base_model set to
-        match): the weights, the tokenizer (byte-level BPE: tokens, types, merges, bos/eos/pad ids) and a chat
-        template that renders the training prompt; and <outfile dir>/Modelfile for `ollama create`, with the
-        training prompt as an Ollama TEMPLATE, its stop tokens and the run's sampling settings.
+        match): the weights, the tokenizer (byte-level BPE: tokens, types, merges; SentencePiece: tokens, scores,
+        types, space prefix; bos/eos/pad ids) and a chat template that renders the training prompt; and
+        <outfile dir>/Modelfile for `ollama create`, with the training prompt as an Ollama TEMPLATE,
+        its stop tokens and the run's sampling settings.
         With --adapter: <run>/export/<...>-<TYPE>-LoRA.gguf only (tens of MB; apply it over the base's GGUF).
         With --base: the run's base model (model.name_or_path) at --type with the run's chat template, as
         <run>/export/base/<BaseName>-<Size>-<TYPE>.gguf, and a Modelfile there that applies the adapter GGUF.
@@ -36,7 +37,8 @@ Run:
     python inference.py --serve                      # OpenAI-compatible server on the newest export
 
 Supported (ftkit/gguf_arch.py, by config.model_type): llama (Llama 2/3, SmolLM2, TinyLlama), mistral, qwen2,
-qwen3, phi3, gemma2 and gemma3_text, with a byte-level BPE tokenizer (Llama 3, Qwen, SmolLM2, GPT-2 style). Names
+qwen3, phi3, gemma2 and gemma3_text, with a byte-level BPE tokenizer (Llama 3, Qwen, SmolLM2, GPT-2 style) or a
+SentencePiece one with byte fallback (Llama 2, Mistral, Phi-3-mini, Gemma). Names
 and keys come from the gguf package's tables; the transforms llama.cpp's converter applies (Llama-family rotary row
 order, Gemma's norms as w + 1) are applied here. Llama-3.1 "llama3" and linear RoPE scaling are written the way
 llama.cpp reads them. Any other architecture is refused in one line, before anything is written.

@@ -153,6 +153,7 @@ ROLES = {
     "bot": "assistant",
     "model": "assistant",
     "chatgpt": "assistant",
+    "tool": "tool",
 }
 
 
@@ -249,7 +250,9 @@ def clean_records(records: list, d: DataCfg, source: str) -> tuple[list[dict], C
 def row_key(row: dict) -> tuple:
     """What makes two cleaned rows the same example (their text, turn by turn)."""
     if "messages" in row:
-        return tuple((m["role"], m["content"]) for m in row["messages"])
+        return tuple(
+            (m["role"], m["content"], json.dumps(m.get("tool_calls"), sort_keys=True)) for m in row["messages"]
+        )
     return (row["instruction"], row["input"], row["output"])
 
 
@@ -328,32 +331,73 @@ def clean_conversation(r, d: DataCfg, fmt: str, at: str, source: str = "") -> di
         rk, tk = (role_key, text_key) if role_key in t else ("role", "content") if "role" in t else ("from", "value")
         role, text = t.get(rk), t.get(tk)
         if role not in ROLES:
-            raise UserError(
-                f"{where} has an unknown role {short(role)}; use one of {', '.join(ROLES)} (tool and "
-                "function turns are not trained by this project: remove them)"
-            )
+            raise UserError(f"{where} has an unknown role {short(role)}; use one of {', '.join(ROLES)}")
+        calls = _tool_calls(t, where) if ROLES[role] == "assistant" else None
+        if text is None and calls:  # an assistant turn that only calls tools has no text
+            text = ""
         if not isinstance(text, str):
             raise UserError(f"{where} ({role}) has no text in '{tk}' (got {type(text).__name__}); store it as a string")
         m = {"role": ROLES[role], "content": text.strip()}
+        if calls:
+            m["tool_calls"] = calls
+        if m["role"] == "tool":  # which call the output answers, for templates that say so
+            m |= {k: t[k] for k in ("name", "tool_call_id") if isinstance(t.get(k), str)}
         if not _turn_trained(t, where):
             m["train"] = False
         msgs.append(m)
+    _check_turn_order(msgs, loc, offset)
+    return {**{k: v for k, v in r.items() if k not in (key, "system")}, "messages": msgs}
+
+
+def _check_turn_order(msgs: list[dict], loc: str, offset: int) -> None:
+    """An optional system turn, then user and assistant turns in turn; an assistant turn that calls tools is
+    followed by the tools' outputs (one tool turn or more), then by the assistant's next turn."""
+    prev = None
     for n, m in enumerate(msgs):
-        want = "user" if (n - (msgs[0]["role"] == "system")) % 2 == 0 else "assistant"
         if m["role"] == "system" and n == 0:
             continue
-        if m["role"] != want:
+        if prev == "assistant" and msgs[n - 1].get("tool_calls"):
+            want = {"tool"}
+        else:
+            want = {"tool", "assistant"} if prev == "tool" else {"assistant"} if prev == "user" else {"user"}
+        if m["role"] not in want:
             raise UserError(
-                f"{loc} turn {n + 1 - offset} is {m['role']} where {want} was expected; a conversation is an "
-                "optional system turn, then user and assistant turns in turn: merge or remove the turns that "
-                "break it"
+                f"{loc} turn {n + 1 - offset} is {m['role']} where {' or '.join(sorted(want))} was expected; a "
+                "conversation is an optional system turn, then user and assistant turns in turn (an assistant "
+                "turn with tool_calls followed by tool turns): merge or remove the turns that break it"
             )
-        if m["role"] == "assistant" and not m["content"]:
+        if m["role"] == "assistant" and not m["content"] and not m.get("tool_calls"):
             raise UserError(
                 f"{loc} has an empty assistant turn (turn {n + 1 - offset}); fill it in or delete the turn "
                 "and the user turn before it"
             )
-    return {**{k: v for k, v in r.items() if k not in (key, "system")}, "messages": msgs}
+        prev = m["role"]
+
+
+def _tool_calls(t: dict, where: str) -> list[dict] | None:
+    """An assistant turn's tool_calls in the form chat templates read ({"type": "function", "function": {"name",
+    "arguments": an object}}), from OpenAI's (arguments as a JSON string) or a bare {"name", "arguments"}."""
+    calls = t.get("tool_calls")
+    if calls is None:
+        return None
+    if not isinstance(calls, list) or not calls:
+        raise UserError(f"{where} has tool_calls that are not a list of calls; write [{{name, arguments}}, ...]")
+    out = []
+    for c in calls:
+        f = c.get("function", c) if isinstance(c, dict) else None
+        args = f.get("arguments", {}) if isinstance(f, dict) else None
+        if isinstance(args, str):
+            try:
+                args = json.loads(args)
+            except ValueError:
+                args = None
+        if not isinstance(f, dict) or not isinstance(f.get("name"), str) or not isinstance(args, dict):
+            raise UserError(
+                f"{where} has a tool call {short(c)} without a name and JSON-object arguments; write "
+                '{"function": {"name": "...", "arguments": {...}}}'
+            )
+        out.append({"type": "function", "function": {"name": f["name"], "arguments": args}})
+    return out
 
 
 def _turn_trained(t: dict, where: str) -> bool:
@@ -417,7 +461,7 @@ def encode_rows(rows: list[dict], template: PromptTemplate, tok, d: DataCfg, sou
     if rows and ("messages" in rows[0] or template.kind == "chat"):
         # Under a chat template an Alpaca row is a single-turn conversation: all rows go through one batch.
         convs = [(r if "messages" in r else as_messages(r))["messages"] for r in rows]
-        results = encode_conversations(template, tok, convs, d.max_length)
+        results = encode_conversations(template, tok, convs, d.max_length, [r.get("tools") for r in rows])
     else:
         results = (template.encode(tok, r["instruction"], r["input"] or None, r["output"], d.max_length) for r in rows)
     for r, (ids, labels, status) in zip(rows, results):
@@ -675,11 +719,13 @@ def _example_rows(enc: Encoded) -> list[int]:
 
 
 def conversation_stats(tok, enc: Encoded) -> dict:
-    """Turns per row and tokens per role over the training conversations. System and user tokens are counted
+    """Turns per row and tokens per role over the training conversations. System, user and tool tokens are counted
     on their text alone; "markup" is what the template adds around the turns, plus assistant turns marked
     "train": false."""
     turns = [sum(m["role"] != "system" for m in r["messages"]) for r in enc.kept]
     by_role: dict[str, list[str]] = {"system": [], "user": []}
+    if any(m["role"] == "tool" for r in enc.kept for m in r["messages"]):
+        by_role["tool"] = []  # tools' outputs: masked text of their own, not markup
     for r in enc.kept:
         for m in r["messages"]:
             if m["role"] in by_role:

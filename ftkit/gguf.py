@@ -373,6 +373,9 @@ class Vocab:
     unk_id: int | None
     add_bos: bool
     chat_template: str | None
+    model: str = "gpt2"  # tokenizer.ggml.model: 'gpt2' byte-level BPE, 'llama' SentencePiece
+    scores: list[float] | None = None  # SentencePiece only: llama.cpp merges by them
+    add_space_prefix: bool = False  # SentencePiece's dummy prefix; byte-level BPE encodes spaces itself
 
 
 def _types_in(node: Any) -> list[dict]:
@@ -407,24 +410,58 @@ QWEN2_SPLIT = LLAMA3_SPLIT.replace("\\p{N}{1,3}", "\\p{N}")
 SPLITS = {LLAMA3_SPLIT: "llama-bpe", QWEN2_SPLIT: "qwen2"}
 
 
-def read_vocab(tok, template: PromptTemplate, vocab_size: int) -> Vocab:
-    """Byte-level BPE vocabulary in llama.cpp's 'gpt2' layout, from the HF fast tokenizer."""
+def _vocab_kind(tj: dict) -> str:
+    """'gpt2' (byte-level BPE) or 'llama' (SentencePiece BPE with byte fallback: Llama 2, Mistral, Gemma, Phi-3), the
+    two layouts llama.cpp tokenizes as transformers does; anything else is refused."""
+    model = tj.get("model", {})
+    nodes = _types_in(tj.get("pre_tokenizer")) + _types_in(tj.get("decoder"))
+    if model.get("type") == "BPE" and any(n.get("type") == "ByteLevel" for n in nodes):
+        return "gpt2"
+    if model.get("type") == "BPE" and model.get("byte_fallback"):
+        return "llama"
+    raise UserError(
+        f"the tokenizer is {model.get('type')} without byte-level encoding or byte fallback; export_gguf.py writes "
+        "byte-level BPE (Llama 3, Qwen, SmolLM2) and SentencePiece BPE with byte fallback (Mistral, Gemma, Phi-3) "
+        "tokenizers; use llama.cpp's convert_hf_to_gguf.py for others"
+    )
+
+
+def _space_prefix(tj: dict, template: PromptTemplate) -> bool:
+    """tokenizer.ggml.add_space_prefix: whether llama.cpp puts SentencePiece's dummy '▁' before text, which it does
+    at the start and after every special token. tokenizer.json states the prefix as a Prepend('▁') normalizer (on
+    every text between special tokens, as llama.cpp), a Metaspace 'always' (the same), or a Metaspace 'first' (the
+    start of the input only: none after BOS or EOS). Gemma's has none. For 'first', no setting matches everywhere:
+    a chat template that writes its own BOS (or starts at a turn marker) puts a special token before all text, so
+    no prefix matches its prompts exactly; a prompt whose BOS the tokenizer adds (Alpaca's, the registry's alpaca)
+    starts with text, which the prefix matches."""
+    nodes = _types_in(tj.get("pre_tokenizer")) + _types_in(tj.get("normalizer"))
+    schemes = {
+        n.get("prepend_scheme", "always" if n.get("add_prefix_space") else "never")
+        for n in nodes
+        if n.get("type") == "Metaspace"
+    }
+    normalizers = (tj.get("normalizer") or {}).get("normalizers") or []
+    if "always" in schemes or any(n.get("type") == "Prepend" for n in normalizers):
+        return True
+    return "first" in schemes and template.tokenizer_bos()
+
+
+def _spm_scores(tokens: list[str], merges: list[str]) -> list[float]:
+    """llama.cpp's SentencePiece tokenizer merges the adjacent pair whose joined piece scores highest; transformers
+    applies the lowest-ranked merge. A piece's score is minus the rank of the first merge that makes it, so both
+    merge in the same order; pieces no merge makes (characters, bytes, control tokens) are never merge results."""
+    first: dict[str, int] = {}
+    for rank, m in enumerate(merges):
+        first.setdefault(m.replace(" ", "", 1), rank)  # SentencePiece pieces spell spaces '▁': one separator
+    return [-float(first[t]) - 1.0 if t in first else 0.0 for t in tokens]
+
+
+def _token_table(tj: dict, vocab_size: int, kind: str, unk_id: int | None) -> tuple[list[str], list[int]]:
+    """Tokens by id and llama.cpp's token types: added special tokens CONTROL, other added ones USER_DEFINED, and for
+    SentencePiece the unknown piece UNKNOWN and the <0xNN> pieces BYTE (llama.cpp's byte fallback looks them up)."""
     import gguf
 
-    backend = getattr(tok, "backend_tokenizer", None)
-    if backend is None:
-        raise UserError("the tokenizer has no fast (tokenizer.json) form; export needs a byte-level BPE tokenizer")
-    tj = json.loads(backend.to_str())
-    model = tj.get("model", {})
-    byte_level = any(
-        n.get("type") == "ByteLevel" for n in _types_in(tj.get("pre_tokenizer")) + _types_in(tj.get("decoder"))
-    )
-    if model.get("type") != "BPE" or not byte_level:
-        raise UserError(
-            f"the tokenizer is {model.get('type')}{'' if byte_level else ' without byte-level encoding'}; "
-            "export_gguf.py writes byte-level BPE tokenizers (Llama 3, SmolLM2, GPT-2 style) only; "
-            "use llama.cpp's convert_hf_to_gguf.py for SentencePiece (Llama 2) models"
-        )
+    model = tj["model"]
     by_id: dict[int, str] = {i: t for t, i in model["vocab"].items()}
     special: dict[int, bool] = {}
     for added in tj.get("added_tokens", []):
@@ -438,18 +475,37 @@ def read_vocab(tok, template: PromptTemplate, vocab_size: int) -> Vocab:
         )
     tokens, types = [], []
     for i in range(vocab_size):
-        if i not in by_id:  # embedding rows beyond the tokenizer (padding to a multiple): never produced
-            tokens.append(f"[PAD{i}]")
+        t = by_id.get(i)
+        tokens.append(f"[PAD{i}]" if t is None else t)
+        if t is None:  # embedding rows beyond the tokenizer (padding to a multiple): never produced
             types.append(gguf.TokenType.UNUSED)
+        elif kind == "llama" and i == unk_id:
+            types.append(gguf.TokenType.UNKNOWN)
+        elif i in special:
+            types.append(gguf.TokenType.CONTROL if special[i] else gguf.TokenType.USER_DEFINED)
+        elif kind == "llama" and BYTE_PIECE.fullmatch(t):
+            types.append(gguf.TokenType.BYTE)
         else:
-            tokens.append(by_id[i])
-            types.append(
-                gguf.TokenType.CONTROL
-                if special.get(i)
-                else gguf.TokenType.USER_DEFINED
-                if i in special
-                else gguf.TokenType.NORMAL
-            )
+            types.append(gguf.TokenType.NORMAL)
+    return tokens, [int(t) for t in types]
+
+
+BYTE_PIECE = re.compile(r"<0x[0-9A-F]{2}>")
+
+
+def read_vocab(tok, template: PromptTemplate, vocab_size: int) -> Vocab:
+    """The vocabulary in llama.cpp's 'gpt2' (byte-level BPE) or 'llama' (SentencePiece) layout, from the HF fast
+    tokenizer."""
+    backend = getattr(tok, "backend_tokenizer", None)
+    if backend is None:
+        raise UserError("the tokenizer has no fast (tokenizer.json) form; export needs its tokenizer.json")
+    tj = json.loads(backend.to_str())
+    kind = _vocab_kind(tj)
+    model = tj["model"]
+    # a SentencePiece tokenizer.json may leave the BPE model's unk_token empty; the tokenizer still names its <unk>
+    unk = model.get("unk_token") or (tok.unk_token if kind == "llama" else None)
+    unk_id = tok.convert_tokens_to_ids(unk) if unk else None
+    tokens, types = _token_table(tj, vocab_size, kind, unk_id)
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
     probe = tok("a", add_special_tokens=True)["input_ids"]
     add_bos = tok.bos_token_id is not None and probe[:1] == [tok.bos_token_id] and len(probe) > 1
@@ -458,19 +514,21 @@ def read_vocab(tok, template: PromptTemplate, vocab_size: int) -> Vocab:
         end = template.end_of_turn_id(tok)
         if end is not None:
             eos = eot = end  # a chat model ends its turn with this token; llama.cpp must stop there
-    unk = model.get("unk_token")
     return Vocab(
         tokens=tokens,
-        types=[int(t) for t in types],
-        merges=merges,
-        pre=pre_tokenizer_name(tj),
+        types=types,
+        merges=merges if kind == "gpt2" else [],
+        pre=pre_tokenizer_name(tj) if kind == "gpt2" else "default",
         bos_id=tok.bos_token_id,
         eos_id=eos,
         eot_id=eot,
         pad_id=tok.pad_token_id if tok.pad_token_id is not None else eos,
-        unk_id=model["vocab"].get(unk) if unk else None,
+        unk_id=unk_id,
         add_bos=add_bos,
         chat_template=gguf_chat_template(template),
+        model=kind,
+        scores=_spm_scores(tokens, merges) if kind == "llama" else None,
+        add_space_prefix=kind == "llama" and _space_prefix(tj, template),
     )
 
 
@@ -736,6 +794,18 @@ def tmp_path_for(out: Path, tag: str = "tmp") -> Path:
     return out.with_name(f".{out.name}.{tag}-{os.getpid()}")
 
 
+def _add_vocab(w, vocab: Vocab) -> None:
+    w.add_tokenizer_model(vocab.model)
+    if vocab.model == "gpt2":  # a SentencePiece vocabulary has no pre-tokenizer regex and merges by score instead
+        w.add_tokenizer_pre(vocab.pre)
+    w.add_token_list(vocab.tokens)
+    if vocab.scores is not None:
+        w.add_token_scores(vocab.scores)
+    w.add_token_types(vocab.types)
+    if vocab.model == "gpt2":
+        w.add_token_merges(vocab.merges)
+
+
 def write_gguf(
     ckpt: Checkpoint,
     plans: list[TensorPlan],
@@ -778,11 +848,7 @@ def write_gguf(
         w.add_file_type(gguf.LlamaFileType[TYPES[qtype].file_type])
         if TYPES[qtype].matrix.startswith("Q"):
             w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        w.add_tokenizer_model("gpt2")
-        w.add_tokenizer_pre(vocab.pre)
-        w.add_token_list(vocab.tokens)
-        w.add_token_types(vocab.types)
-        w.add_token_merges(vocab.merges)
+        _add_vocab(w, vocab)
         for key, val in (
             ("bos", vocab.bos_id),
             ("eos", vocab.eos_id),
@@ -794,7 +860,7 @@ def write_gguf(
                 getattr(w, f"add_{key}_token_id")(int(val))
         w.add_add_bos_token(vocab.add_bos)
         w.add_add_eos_token(False)
-        w.add_add_space_prefix(False)  # byte-level BPE encodes spaces itself; readers must not add or strip one
+        w.add_add_space_prefix(vocab.add_space_prefix)
         if vocab.chat_template:
             w.add_chat_template(vocab.chat_template)
         for key, val in (extra or {}).items():

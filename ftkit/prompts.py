@@ -77,14 +77,16 @@ class PromptTemplate:
         return t
 
     def end_of_turn_id(self, tokenizer) -> int | None:
-        """The token that closes an assistant turn in the chat template (<|im_end|>, <|eot_id|>, ...): the last
-        trained token of a probe answer; None for Alpaca prompts."""
+        """The token that closes an assistant turn in the chat template (<|im_end|>, <|eot_id|>, ...): the first
+        special token trained after a probe answer (Phi-3's template writes EOS after the last turn's <|end|>, and
+        generation stops at the turn's end), else its last trained token; None for Alpaca prompts."""
         if self.kind != "chat":
             return None
         pieces = self.pieces(tokenizer, [{"role": "user", "content": "q"}, {"role": "assistant", "content": "OK"}])
         end = next(p.text for p in pieces if p.trained)[len("OK") :]
         ids = tokenizer(end, add_special_tokens=False)["input_ids"] if end else []
-        return ids[-1] if ids else None
+        special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+        return next((i for i in ids if i in special), ids[-1] if ids else None)
 
     # -- rendering ---------------------------------------------------------------------------------
     def _messages(self, instruction: str, input_text: str | None) -> list[dict[str, str]]:
@@ -109,17 +111,17 @@ class PromptTemplate:
             return [{"role": "system", "content": self.system_prompt}, *messages]
         return messages
 
-    def render(self, tokenizer, messages: list[dict], generation_prompt: bool) -> str:
+    def render(self, tokenizer, messages: list[dict], generation_prompt: bool, tools: list | None = None) -> str:
         from .templating import render
 
         try:
-            # What tokenizer.apply_chat_template(tokenize=False) renders, under a time and size limit.
+            # What tokenizer.apply_chat_template(tokenize=False, tools=tools) renders, under a time and size limit.
             return render(
                 self.chat_template,
                 self.name or "chat",
                 **tokenizer.special_tokens_map,
-                messages=[{"role": m["role"], "content": m["content"]} for m in messages],
-                tools=None,
+                messages=[{k: m[k] for k in TEMPLATE_KEYS if k in m} for m in messages],
+                tools=tools,
                 documents=None,
                 add_generation_prompt=generation_prompt,
             )
@@ -132,13 +134,35 @@ class PromptTemplate:
                 "turns it refuses (a system turn, often) or choose another data.prompt_template"
             ) from None
 
-    def pieces(self, tokenizer, messages: list[dict]) -> list[Piece]:
+    def supports_tools(self, tokenizer) -> bool:
+        """Whether the template writes an assistant turn's tool call and the tool's output (many ignore both
+        and would train the answer to a question the model never saw asked). Printable probe names: templates
+        write arguments through tojson, which escapes control characters."""
+        call = {"type": "function", "function": {"name": "ftkit_probe_tool", "arguments": {"q": "ftkit_probe_arg"}}}
+        probe = [
+            {"role": "user", "content": "\x01"},
+            {"role": "assistant", "content": "", "tool_calls": [call]},
+            {"role": "tool", "content": "\x05", "name": "ftkit_probe_tool"},
+            {"role": "assistant", "content": "\x02"},
+        ]
+        try:
+            text = self.render(tokenizer, probe, False)
+        except UserError:
+            return False
+        return all(x in text for x in ("ftkit_probe_tool", "ftkit_probe_arg", "\x05", "\x02"))
+
+    def pieces(self, tokenizer, messages: list[dict], tools: list | None = None) -> list[Piece]:
         """The conversation cut at the mask boundaries (module docstring). The template renders the turns up
         to each assistant turn with the generation prompt (P) and with the turn (F); P's new text is masked,
         F's new text is the assistant content, its end-of-turn marker (trained unless the turn says
         "train": false) and whitespace after the marker (masked). Turns after the last assistant turn
         teach nothing and are left out."""
-        if sum(m["role"] == "assistant" for m in messages) >= ONE_PASS_TURNS:
+        # a tool call is trained with its turn's text, which the one-pass markers (in place of the text) would cut
+        if (
+            sum(m["role"] == "assistant" for m in messages) >= ONE_PASS_TURNS
+            and not tools
+            and not any("tool_calls" in m for m in messages)
+        ):
             one_pass = self._pieces_in_one_pass(tokenizer, messages)
             if one_pass is not None:
                 return one_pass
@@ -147,8 +171,8 @@ class PromptTemplate:
         for i, m in enumerate(messages):
             if m["role"] != "assistant":
                 continue
-            p = self.render(tokenizer, messages[:i], True)
-            f = self.render(tokenizer, messages[: i + 1], False)
+            p = self.render(tokenizer, messages[:i], True, tools)
+            f = self.render(tokenizer, messages[: i + 1], False, tools)
             if not p.startswith(done) or not f.startswith(p):
                 raise UserError(
                     f"the {self.name or 'chat'} template renders earlier turns differently once later turns "
@@ -338,11 +362,17 @@ def _token_ids(tokenizer, texts: list[str]) -> list[list[int]]:
     return [e.ids for e in encode(texts, add_special_tokens=False)]
 
 
+# What a message hands a chat template: its text, an assistant's tool calls, which call a tool turn answers.
+TEMPLATE_KEYS = ("role", "content", "tool_calls", "name", "tool_call_id")
 CHUNK = 2000  # conversations rendered while the previous chunk is being tokenized
 
 
 def encode_conversations(
-    template: PromptTemplate, tokenizer, conversations: list[list[dict]], max_length: int
+    template: PromptTemplate,
+    tokenizer,
+    conversations: list[list[dict]],
+    max_length: int,
+    tools: list[list | None] | None = None,
 ) -> list[tuple[list[int], list[int], str]]:
     """(ids, labels, status) per conversation; labels are IGNORE_INDEX except on trained assistant turns.
 
@@ -351,16 +381,23 @@ def encode_conversations(
     A conversation longer than max_length is cut after its last whole assistant turn that fits
     ("truncated_at_turn"); only when even its first trained turn does not fit is it cut inside a turn
     ("truncated"). Status "untrainable": no trained token at all (no assistant turn, or all "train": false);
-    "fully_masked": the cut left none.
+    "fully_masked": the cut left none. `tools`: each conversation's tool definitions (None: none), for the template.
     """
     from concurrent.futures import ThreadPoolExecutor
+
+    tools = tools or [None] * len(conversations)
+    if any(m["role"] == "tool" or "tool_calls" in m for c in conversations for m in c):
+        check_tools(template, tokenizer)
 
     bos = template.text_ids(tokenizer, "") if template.tokenizer_bos() else []
     out = []
     with ThreadPoolExecutor(1) as pool:
         jobs = []
         for at in range(0, len(conversations), CHUNK):
-            cut = [_pieces_of(template, tokenizer, c) for c in conversations[at : at + CHUNK]]
+            cut = [
+                _pieces_of(template, tokenizer, c, t)
+                for c, t in zip(conversations[at : at + CHUNK], tools[at : at + CHUNK])
+            ]
             jobs.append((cut, pool.submit(_token_ids, tokenizer, [p.text for ps in cut for p in ps])))
         for cut, job in jobs:
             toks = iter(job.result())
@@ -368,9 +405,19 @@ def encode_conversations(
     return out
 
 
-def _pieces_of(template: PromptTemplate, tokenizer, conversation: list[dict]) -> list[Piece]:
+def check_tools(template: PromptTemplate, tokenizer) -> None:
+    if not template.supports_tools(tokenizer):
+        raise UserError(
+            f"the rows have tool calls but the {template.name or 'chat'} template does not render them; use a "
+            "template that does: data.prompt_template=chat on a model whose own template renders tools (Qwen2.5, "
+            "Qwen3, Llama 3.1+, Mistral v0.3 instruct), or data.prompt_template=FILE.jinja that writes tool_calls "
+            "and tool turns"
+        )
+
+
+def _pieces_of(template: PromptTemplate, tokenizer, conversation: list[dict], tools: list | None) -> list[Piece]:
     try:
-        return template.pieces(tokenizer, template.with_system(conversation))
+        return template.pieces(tokenizer, template.with_system(conversation), tools)
     except UserError as e:  # the file line is gone after the split; the text finds the row
         first = next((m["content"] for m in conversation if m["role"] != "system"), "")
         raise UserError(f"a conversation (its first user turn starts {first[:40]!r}): {e}") from None

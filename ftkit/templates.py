@@ -117,4 +117,65 @@ ALPACA = ChatTemplate(
     tokenizer_bos=True,
 )
 
-TEMPLATES: dict[str, ChatTemplate] = {t.name: t for t in (ALPACA, LLAMA3, CHATML)}
+# Templates without a system turn of their own (Gemma, Mistral v0.1-v0.3) put the system text before the first
+# user turn's text, as their published templates do; their Ollama forms find that turn by index (0, or 1 after a
+# system turn in .Messages: turns alternate, so index 1 is a user turn only when 0 is the system one).
+_FOLD_SYSTEM = (
+    "{% if messages[0]['role'] == 'system' %}{% set system = messages[0]['content'] + '\n\n' %}"
+    "{% set loop_messages = messages[1:] %}{% else %}{% set system = '' %}{% set loop_messages = messages %}"
+    "{% endif %}{{ bos_token }}"
+)
+_FIRST_USER_SYSTEM = "{{ if and $.System (le $i 1) }}{{ $.System }}\n\n{{ end }}"
+
+# Gemma 2/3 instruction-tuned: 'model' for the assistant's turns; BOS written by the template.
+GEMMA = ChatTemplate(
+    name="gemma",
+    jinja=(
+        _FOLD_SYSTEM + "{% for message in loop_messages %}{% if message['role'] == 'assistant' %}"
+        "{{ '<start_of_turn>model\n' + message['content'] + '<end_of_turn>\n' }}{% else %}"
+        "{{ '<start_of_turn>' + message['role'] + '\n' + (system if loop.first else '') + message['content'] + "
+        "'<end_of_turn>\n' }}{% endif %}{% endfor %}{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}"
+        "{% endif %}"
+    ),
+    ollama=(
+        '{{- range $i, $_ := .Messages }}{{- if eq .Role "user" }}<start_of_turn>user\n'
+        + _FIRST_USER_SYSTEM
+        + '{{ .Content }}<end_of_turn>\n{{ else if eq .Role "assistant" }}<start_of_turn>model\n{{ .Content }}'
+        "<end_of_turn>\n{{ end }}{{- end }}<start_of_turn>model\n"
+    ),
+    end_of_turn="<end_of_turn>",
+    tokens=("<start_of_turn>", "<end_of_turn>"),
+)
+
+# Mistral-7B-Instruct v0.1-v0.3: [INST] ... [/INST] around each user turn, each answer closed by EOS; the prompt
+# ends at [/INST], so there is no assistant header. [INST] is plain text in v0.1/v0.2's vocabulary, hence no tokens.
+MISTRAL = ChatTemplate(
+    name="mistral",
+    jinja=(
+        _FOLD_SYSTEM + "{% for message in loop_messages %}{% if message['role'] == 'user' %}"
+        "{{ '[INST] ' + (system if loop.first else '') + message['content'] + ' [/INST]' }}"
+        "{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token }}{% endif %}{% endfor %}"
+    ),
+    ollama=(
+        '{{- range $i, $_ := .Messages }}{{- if eq .Role "user" }}[INST] '
+        + _FIRST_USER_SYSTEM
+        + '{{ .Content }} [/INST]{{ else if eq .Role "assistant" }}{{ .Content }}'
+        + EOS
+        + "{{ end }}{{- end }}"
+    ),
+    end_of_turn=EOS,
+)
+
+# Phi-3 / Phi-3.5 instruct: every role (system included) as <|role|>, each turn closed by <|end|>.
+PHI3 = ChatTemplate(
+    name="phi3",
+    jinja=(
+        "{% for message in messages %}{{ '<|' + message['role'] + '|>\n' + message['content'] + '<|end|>\n' }}"
+        "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
+    ),
+    ollama="{{- range .Messages }}<|{{ .Role }}|>\n{{ .Content }}<|end|>\n{{ end }}<|assistant|>\n",
+    end_of_turn="<|end|>",
+    tokens=("<|system|>", "<|user|>", "<|assistant|>", "<|end|>"),
+)
+
+TEMPLATES: dict[str, ChatTemplate] = {t.name: t for t in (ALPACA, LLAMA3, CHATML, GEMMA, MISTRAL, PHI3)}

@@ -336,9 +336,10 @@ GO_ACTION = re.compile(r"\{\{(-?)\s*(.*?)\s*(-?)\}\}", re.S)
 
 
 def go_render(tpl: str, data: dict) -> str:
-    """The subset of Go's text/template the Modelfiles use: {{ .X }}, {{ "lit" }}, if/else/end on .X, (eq .X "lit")
-    or (ne .X "lit"), range .Messages, and {{- / -}} whitespace trimming (Ollama renders with Go's engine). Any other
-    action is an error rather than a guess."""
+    """The subset of Go's text/template the Modelfiles use: {{ .X }}, {{ $.X }}, {{ $var }}, {{ "lit" }}, {{ 1 }},
+    if/else/else if/end, range .Messages and range $i, $m := .Messages, the functions eq/ne/le/lt on two arguments,
+    and/or (Go's: the first empty argument, or the last), (parenthesised) calls as arguments, and {{- / -}}
+    whitespace trimming (Ollama renders with Go's engine). Any other action is an error rather than a guess."""
     tokens, pos, trim_next = [], 0, False
     for m in GO_ACTION.finditer(tpl):
         text = tpl[pos : m.start()]
@@ -355,42 +356,72 @@ def go_render(tpl: str, data: dict) -> str:
             i += 1
             if kind == "text":
                 nodes.append(("text", val))
-            elif val in ("end", "else"):
+            elif val in ("end", "else") or val.startswith("else if "):
                 return nodes, i, val
             elif val.startswith(("if ", "range ")):
-                body, i, how = parse(i)
-                other = []
-                if how == "else":
-                    other, i, how = parse(i)
-                nodes.append((val.split()[0], val.split(" ", 1)[1], body, other))
+                node, i = block(val, i)
+                nodes.append(node)
             else:
                 nodes.append(("expr", val))
         return nodes, i, None
 
-    def value(expr, dot):
-        args = re.findall(r'"[^"]*"|\S+', expr)
-        if args[0] in ("eq", "ne") and len(args) == 3:
-            return (value(args[1], dot) == value(args[2], dot)) == (args[0] == "eq")
-        if len(args) == 1 and args[0].startswith('"'):
+    def block(head, i):
+        body, i, how = parse(i)
+        other = []
+        if how == "else":
+            other, i, how = parse(i)
+        elif how and how.startswith("else if "):  # Go's {{ else if B }}: {{ else }}{{ if B }}, sharing one {{ end }}
+            inner, i = block(how[len("else ") :], i)
+            other = [inner]
+        return (head.split()[0], head.split(" ", 1)[1], body, other), i
+
+    def value(expr, dot, env):
+        args = re.findall(r'"[^"]*"|\([^()]*\)|[^\s()]+', expr)
+        vals = lambda: [value(a, dot, env) for a in args[1:]]  # noqa: E731
+        if args[0] in ("eq", "ne", "le", "lt") and len(args) == 3:
+            a, b = vals()
+            return {"eq": a == b, "ne": a != b, "le": a <= b, "lt": a < b}[args[0]]
+        if args[0] in ("and", "or") and len(args) >= 3:
+            out = None
+            for v in vals():
+                out = v
+                if bool(v) != (args[0] == "and"):
+                    break
+            return out
+        if len(args) == 1 and (args[0].startswith('"') or args[0].isdigit()):
             return json.loads(args[0])
-        if len(args) == 1 and re.fullmatch(r"\.[A-Za-z]+", args[0]):
-            return dot[args[0][1:]]  # a field the data lacks is an error, not an empty string
+        if len(args) == 1 and args[0].startswith("("):
+            return value(args[0][1:-1], dot, env)
+        if len(args) == 1 and re.fullmatch(r"\$?\.[A-Za-z]+", args[0]):
+            src = env["$"] if args[0].startswith("$") else dot
+            return src[args[0].split(".", 1)[1]]  # a field the data lacks is an error, not an empty string
+        if len(args) == 1 and args[0] in env:
+            return env[args[0]]
         raise ValueError(f"Go template syntax this renderer does not know: {{{{ {expr} }}}}")
 
-    def run(nodes, dot):
+    def loop(head, body, dot, env):
+        names, _, over = head.rpartition(":=")
+        names = [n.strip() for n in names.split(",") if n.strip()]
+        out = ""
+        for i, item in enumerate(value(over.strip(), dot, env)):
+            bound = dict(zip(names, [i, item] if len(names) == 2 else [item]))
+            out += run(body, item, env | bound)
+        return out
+
+    def run(nodes, dot, env):
         out = ""
         for n in nodes:
             if n[0] == "text":
                 out += n[1]
             elif n[0] == "expr":
-                out += str(value(n[1], dot))
+                out += str(value(n[1], dot, env))
             elif n[0] == "if":
-                out += run(n[2] if value(n[1], dot) else n[3], dot)
+                out += run(n[2] if value(n[1], dot, env) else n[3], dot, env)
             else:
-                out += "".join(run(n[2], item) for item in value(n[1], dot))
+                out += loop(n[1], n[2], dot, env)
         return out
 
-    return run(parse(0)[0], data)
+    return run(parse(0)[0], data, {"$": data})
 
 
 def parse_modelfile(text: str) -> dict:
@@ -403,3 +434,75 @@ def parse_modelfile(text: str) -> dict:
         "stops": stops,
         "from": re.search(r"^FROM (.*)$", text, re.M).group(1),
     }
+
+
+# Strings whose tokenization a SentencePiece export must keep: runs of spaces, newlines, accents, and characters
+# outside the tiny vocabulary (emoji, CJK) that only byte fallback can spell.
+SPM_TEXTS = [
+    "Sort the numbers: 3, 1, 2.",
+    "  two leading spaces,  a double one and a trailing one ",
+    "line one\nline two\n\n\tindented",
+    "naïve café 3.14",
+    "emoji 😀 and 🦙, then 日本語",
+]
+
+
+def sentencepiece_tokenizer(folder: Path, style: str):
+    """A ~420-piece SentencePiece BPE (byte fallback, digits split, whitespace kept as is) trained in-process on the
+    Alpaca prompt text, loaded through transformers' own class for `style`: 'llama' (Llama 2 / Mistral / Phi-3:
+    <unk> <s> </s>, a dummy space prefix) or 'gemma' (<pad> <eos> <bos> <unk>, no prefix, turn markers as user
+    symbols). 256 of its pieces are the <0xNN> bytes, the floor for byte fallback."""
+    import io
+
+    import sentencepiece as spm
+    from transformers import GemmaTokenizer, LlamaTokenizer
+
+    from ftkit.prompts import ALPACA_NO_INPUT, ALPACA_WITH_INPUT
+
+    corpus = [ALPACA_WITH_INPUT, ALPACA_NO_INPUT] * 20 + [" ".join(r.values()) for r in ALPACA_ROWS] * 5
+    ids = (
+        dict(unk_id=0, bos_id=1, eos_id=2, pad_id=-1, add_dummy_prefix=True)
+        if style == "llama"
+        else dict(
+            pad_id=0,
+            eos_id=1,
+            bos_id=2,
+            unk_id=3,
+            pad_piece="<pad>",
+            eos_piece="<eos>",
+            bos_piece="<bos>",
+            add_dummy_prefix=False,
+            user_defined_symbols=["<start_of_turn>", "<end_of_turn>"],
+        )
+    )
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(corpus),
+        model_writer=buf,
+        vocab_size=420,
+        model_type="bpe",
+        byte_fallback=True,
+        split_digits=True,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        allow_whitespace_only_pieces=True,
+        minloglevel=2,
+        **ids,
+    )
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "tokenizer.model").write_bytes(buf.getvalue())
+    # BOS first, as Llama 2, Mistral and Gemma tokenize (the bare tokenizer.model says nothing about it)
+    return (LlamaTokenizer if style == "llama" else GemmaTokenizer).from_pretrained(folder, add_bos_token=True)
+
+
+# ChatML with tools as Qwen2.5 writes them: definitions in a system block, calls as <tool_call> JSON in the
+# assistant's turn, outputs as a user turn in <tool_response>.
+TOOL_TEMPLATE = (
+    "{% if tools %}<|im_start|>system\n<tools>{% for t in tools %}\n{{ t | tojson }}{% endfor %}\n</tools><|im_end|>\n"
+    "{% endif %}{% for m in messages %}{% if m.role == 'tool' %}"
+    "<|im_start|>user\n<tool_response>\n{{ m.content }}\n</tool_response><|im_end|>\n"
+    "{% else %}<|im_start|>{{ m.role }}\n{{ m.content }}{% for c in m.tool_calls or [] %}"
+    "<tool_call>\n{{ {'name': c.function.name, 'arguments': c.function.arguments} | tojson }}\n</tool_call>"
+    "{% endfor %}<|im_end|>\n{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}

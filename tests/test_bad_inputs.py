@@ -85,6 +85,15 @@ def pairs_with(row: dict, at: int = 2) -> str:
     return "\n".join(rows) + "\n"
 
 
+# A user question, the assistant's tool call (OpenAI's form), the tool's output and the answer.
+TOOL_CALL_TURNS = [
+    {"role": "user", "content": "Weather in Paris?"},
+    {"role": "assistant", "tool_calls": [{"function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+    {"role": "tool", "content": "18 C"},
+    {"role": "assistant", "content": "18 C."},
+]
+
+
 def conv_with(row: dict) -> str:
     """The good messages file with one bad row appended (line 33)."""
     return CONV_JSONL + json.dumps(row) + "\n"
@@ -337,8 +346,22 @@ CASES = [
         "conv-unknown-role",
         "dataset.py",
         ft(data="{tmp}/c.jsonl"),
-        "line 33 turn 1 has an unknown role 'tool'",
-        {"c.jsonl": conv_with({"messages": [{"role": "tool", "content": "{}"}]})},
+        "line 33 turn 1 has an unknown role 'function'",
+        {"c.jsonl": conv_with({"messages": [{"role": "function", "content": "{}"}]})},
+    ),
+    Case(
+        "conv-tool-call-template-without-tools",
+        "dataset.py",
+        ft(data="{tmp}/c.jsonl"),
+        "the rows have tool calls but the chat template does not render them; use a template that does",
+        {"c.jsonl": conv_with({"messages": TOOL_CALL_TURNS})},
+    ),
+    Case(
+        "conv-tool-output-without-a-call",
+        "dataset.py",
+        ft(data="{tmp}/c.jsonl"),
+        "line 33 turn 2 is tool where assistant was expected",
+        {"c.jsonl": conv_with({"messages": [TOOL_CALL_TURNS[0], *TOOL_CALL_TURNS[2:]]})},
     ),
     Case(
         "conv-empty-assistant-turn",
@@ -412,8 +435,8 @@ CASES = [
         "conv-mix-entry-bad-row",
         "dataset.py",
         ft("data.path=[{tmp}/data.json, {tmp}/c.jsonl]"),
-        "c.jsonl: line 33 turn 1 has an unknown role 'tool'",
-        {**GOOD, "c.jsonl": conv_with({"messages": [{"role": "tool", "content": "{}"}]})},
+        "c.jsonl: line 33 turn 1 has an unknown role 'function'",
+        {**GOOD, "c.jsonl": conv_with({"messages": [{"role": "function", "content": "{}"}]})},
     ),
     Case(
         "conv-format-undetectable",

@@ -99,7 +99,8 @@ def test_column_mapping_renames_fields(tmp_path):
     "row, match",
     [
         ({"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]}, "line 2 turn 2 is user"),
-        ({"messages": [{"role": "tool", "content": "a"}]}, "line 2 turn 1 has an unknown role 'tool'"),
+        ({"messages": [{"role": "function", "content": "a"}]}, "line 2 turn 1 has an unknown role 'function'"),
+        ({"messages": [{"role": "tool", "content": "a"}]}, "line 2 turn 1 is tool where user was expected"),
         (
             {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": " "}]},
             "line 2 has an empty assistant turn",
@@ -411,3 +412,37 @@ def test_a_template_without_an_end_marker_trains_eos(tok, tmp_path):
     trained = [i for i, x in zip(enc.rows[0]["input_ids"], enc.rows[0]["labels"]) if x != IGNORE_INDEX]
     assert tok.decode(trained) == "".join(c + tok.eos_token for r, c in TURNS if r == "assistant")
     assert t.end_of_turn_id(tok) == tok.eos_token_id
+
+
+def test_dataset_trains_tool_calls_and_masks_tool_outputs(tmp_path, tiny_llama):
+    """dataset.py on messages rows with tool definitions, calls and outputs, under a .jinja template that renders
+    tools: the report's example trains the call and the answer, not the tool's output, and counts tool tokens."""
+    from helpers import TOOL_TEMPLATE, WEATHER, run_script, tiny_overrides
+
+    rows = []
+    for k in range(8):
+        call = {"function": {"name": "get_weather", "arguments": json.dumps({"city": f"Paris {k}"})}}
+        rows.append(
+            {
+                "tools": [WEATHER],
+                "messages": [
+                    {"role": "user", "content": f"Weather in Paris {k}?"},
+                    {"role": "assistant", "content": "", "tool_calls": [call]},
+                    {"role": "tool", "content": f"temperature={k};sky=clear"},
+                    {"role": "assistant", "content": f"It is {k} C and clear."},
+                ],
+            }
+        )
+    (tmp_path / "tools.jinja").write_text(TOOL_TEMPLATE)
+    data = write_jsonl(tmp_path / "conv.jsonl", rows)
+    out = tmp_path / "run"
+    over = tiny_overrides(
+        tiny_llama, data, out, **{"data.eval_size": 2, "data.prompt_template": tmp_path / "tools.jinja"}
+    )
+    r = run_script("dataset.py", "--config", "configs/demo.yaml", *over)
+    assert r.returncode == 0, r.stderr
+    rep = json.loads((out / "dataset_report.json").read_text())
+    assert rep["conversations"]["tokens_per_role"]["tool"] > 0
+    ex = rep["examples"][0]["trained_on"]
+    assert '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris' in ex and "C and clear.<|im_end|>" in ex
+    assert "temperature=" not in ex and "Weather in" not in ex

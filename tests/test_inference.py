@@ -370,6 +370,6 @@ def test_input_file_answers_the_last_user_turn_of_conversations(tmp_path, talky_
     out = answers.answer_file(cfg, run, src, tmp_path / "a.jsonl")
     assert [o["id"] for o in out] == ["m", "s", 2] and all(isinstance(o["response"], str) for o in out)
     assert out[0]["messages"] == talk  # the row is copied through
-    bad = write_jsonl(tmp_path / "bad.jsonl", [{"messages": [{"role": "tool", "content": "x"}]}])
-    with pytest.raises(UserError, match="line 1 turn 1 has an unknown role 'tool'"):
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"messages": [{"role": "function", "content": "x"}]}])
+    with pytest.raises(UserError, match="line 1 turn 1 has an unknown role 'function'"):
         answers.read_prompt_file(bad)

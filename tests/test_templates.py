@@ -5,7 +5,7 @@ training's turn pieces and stop tokens end each answer with its end-of-turn mark
 here that has every registered marker."""
 
 import pytest
-from helpers import go_render, parse_modelfile
+from helpers import TOOL_TEMPLATE, WEATHER, go_render, parse_modelfile
 
 from ftkit import gguf
 from ftkit.config import load_config
@@ -113,3 +113,105 @@ def test_an_entry_cannot_leave_out_its_multi_turn_ollama_form():
 def test_config_takes_every_registered_name():
     for name in TEMPLATES:
         assert load_config(None, [f"data.prompt_template={name}"]).data.prompt_template == name
+
+
+# The chat templates the instruction-tuned checkpoints ship (tokenizer_config.json of google/gemma-2-2b-it,
+# mistralai/Mistral-7B-Instruct-v0.1, microsoft/Phi-3-mini-4k-instruct): refusing system turns, checking that roles
+# alternate, trimming, EOS after the last answer; each still renders as its registered entry.
+SHIPPED = {
+    "gemma": (
+        "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+        "{% endif %}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+        "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+        "{% if (message['role'] == 'assistant') %}{% set role = 'model' %}{% else %}{% set role = message['role'] %}"
+        "{% endif %}{{ '<start_of_turn>' + role + '\n' + message['content'] | trim + '<end_of_turn>\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{'<start_of_turn>model\n'}}{% endif %}"
+    ),
+    "mistral": (
+        "{{ bos_token }}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+        "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+        "{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}"
+        "{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token}}{% else %}"
+        "{{ raise_exception('Only user and assistant roles are supported!') }}{% endif %}{% endfor %}"
+    ),
+    "phi3": (
+        "{% for message in messages %}{% if message['role'] == 'system' %}"
+        "{{'<|system|>\n' + message['content'] + '<|end|>\n'}}{% elif message['role'] == 'user' %}"
+        "{{'<|user|>\n' + message['content'] + '<|end|>\n'}}{% elif message['role'] == 'assistant' %}"
+        "{{'<|assistant|>\n' + message['content'] + '<|end|>\n'}}{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}"
+    ),
+}
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_a_shipped_template_exports_as_its_registered_entry(tok, name):
+    """The Modelfile writer picks the entry for the checkpoint's own template: its Ollama form and stop token."""
+    own = tok.__class__(tokenizer_object=tok.backend_tokenizer, bos_token=BOS, eos_token=EOS)
+    own.chat_template = SHIPPED[name]
+    t = PromptTemplate.from_config("chat", own)
+    go, _, style = gguf.ollama_template(own, t, True)
+    assert style == name and go == TEMPLATES[name].ollama_form(EOS)
+    mf = parse_modelfile(gguf.modelfile_text("m.gguf", own, t, load_config(None).inference, True, "src"))
+    assert TEMPLATES[name].end_of_turn_text(EOS) in mf["stops"]
+
+
+def test_a_tool_call_is_trained_and_the_tools_output_is_not(tok):
+    """A messages row with an OpenAI-style tool call (arguments as a JSON string) and the tool's output: cleaned,
+    rendered with its tool definitions, and masked so that the assistant's call and its final answer are trained
+    (each with <|im_end|>) and the tool's output, the definitions and the user turn are not."""
+    from ftkit.config import DataCfg
+    from ftkit.data import clean_conversation
+    from ftkit.prompts import IGNORE_INDEX, encode_conversations
+
+    call = {"type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
+    row = {
+        "tools": [WEATHER],
+        "messages": [
+            {"role": "user", "content": "Weather in Paris?"},
+            {"role": "assistant", "content": None, "tool_calls": [call]},
+            {"role": "tool", "name": "get_weather", "content": "temperature=18;sky=clear"},
+            {"role": "assistant", "content": "It is 18 C and clear."},
+        ],
+    }
+    from tokenizers import Tokenizer, decoders
+
+    clean = clean_conversation(row, DataCfg(), "messages", "line 1")
+    core = Tokenizer.from_str(tok.backend_tokenizer.to_str())
+    core.decoder = decoders.ByteLevel()  # to read the masked and trained text back
+    own = tok.__class__(tokenizer_object=core, bos_token=BOS, eos_token=EOS)
+    own.chat_template = TOOL_TEMPLATE
+    t = PromptTemplate.from_config("chat", own)
+    [(ids, labels, status)] = encode_conversations(t, own, [clean["messages"]], 512, [clean["tools"]])
+    trained, masked, span = [], "", []
+    for i, lab in zip(ids, labels):
+        if lab == IGNORE_INDEX:
+            masked += own.decode([i])
+            trained, span = (trained + [own.decode(span)], []) if span else (trained, span)
+        else:
+            span.append(i)
+    trained += [own.decode(span)] if span else []
+    text = own.apply_chat_template(clean["messages"], tools=[WEATHER], chat_template=TOOL_TEMPLATE, tokenize=False)
+    # the whole rendering, less the whitespace after the last turn (a wasted token: PromptTemplate.pieces)
+    assert status == "ok" and own.decode(ids) == text.rstrip()
+    assert trained == [
+        '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call><|im_end|>',
+        "It is 18 C and clear.<|im_end|>",
+    ]
+    assert all(x in masked for x in ("temperature=18;sky=clear", "get_weather", "Weather in Paris?"))
+
+
+def test_a_template_that_ignores_tool_calls_is_refused(tok):
+    from ftkit.errors import UserError
+    from ftkit.prompts import encode_conversations
+
+    for name in TEMPLATES:
+        t = PromptTemplate.from_config(name, tok, conversations=True)
+        convo = [
+            {"role": "user", "content": "a"},
+            {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": {"name": "f"}}]},
+            {"role": "tool", "content": "b"},
+            {"role": "assistant", "content": "c"},
+        ]
+        with pytest.raises(UserError, match=f"the {name} template does not render them; use a template that does"):
+            encode_conversations(t, tok, [convo], 512)
