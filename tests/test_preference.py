@@ -203,3 +203,22 @@ def test_demo_pairs_gain_held_out_preference_accuracy(method, embedded_model, tm
     assert pref["pairs"] == 120
     assert pref["fine_tuned"]["accuracy"] >= pref["base"]["accuracy"] + 10, pref
     assert pref["fine_tuned"]["mean_margin"] > pref["base"]["mean_margin"] + 2, pref
+
+
+def test_demo_pairs_from_the_base_models_own_answers(tiny_llama):
+    """generate_demo_data.py --pairs --from-base: the base answers the tasks as a run renders them, and only its
+    wrong answers become the rejected ones."""
+    from ftkit.config import load_config
+    from ftkit.demo_data import generate, normalize_answer
+    from ftkit.demo_pairs import base_answers, generate_pairs
+
+    cfg = load_config(REPO / "configs/demo_dpo.yaml", [f"model.name_or_path={tiny_llama}", "model.gguf_source=null"])
+    tasks = generate_pairs(generate(0, 5), per_family=1)
+    answers = base_answers(cfg, tasks, max_new_tokens=4)
+    assert set(answers) == {(t["instruction"], t["input"]) for t in tasks}
+    pairs = generate_pairs(generate(0, 5), per_family=1, base_answers=answers)
+    for p in pairs:
+        base = answers[p["instruction"], p["input"]].strip()
+        wrong = bool(base) and normalize_answer(base) != normalize_answer(p["chosen"])
+        assert p["rejected_from"] == ("base" if wrong else "corrupted")
+        assert p["rejected"] == base or not wrong
