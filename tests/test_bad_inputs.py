@@ -764,6 +764,14 @@ CASES = [
     # -- issue 13: --resume checks before anything is written -----------------------------------------
     Case("resume-changed-lora-r", "finetune.py", ft("lora.r=4", "--resume"), "lora.r (saved", GOOD, setup="run"),
     Case(
+        "resume-changed-method",
+        "finetune.py",
+        ft("train.method=dpo", "--resume"),
+        "train.method (saved 'sft', now 'dpo')",
+        GOOD,
+        setup="run",
+    ),
+    Case(
         "resume-changed-targets",
         "finetune.py",
         ft("lora.target_modules=[q_proj]", "--resume"),
