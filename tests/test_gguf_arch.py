@@ -9,6 +9,7 @@ with transformers' for the same token ids.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from pathlib import Path
@@ -18,6 +19,7 @@ from helpers import SPM_TEXTS, build_tiny_model, offline_tokenizer, sentencepiec
 
 import export_gguf
 from ftkit.config import load_config
+from ftkit.gguf import SMALL_TYPES
 from ftkit.templates import TEMPLATES
 
 # sha256 of export_gguf.py's output for build_tiny_model(llama, seed 0) with the SmolLM2 tokenizer, written by the
@@ -212,13 +214,19 @@ def test_what_llama_cpp_would_run_differently_is_one_line_and_writes_nothing(tmp
 
 
 # -- inside llama.cpp ----------------------------------------------------------------------------------------------
-def transformers_logits(model_dir: Path, ids: list[int]):
+@functools.cache
+def _transformers_logits(model_dir: Path, ids: tuple[int, ...]):
     import torch
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     with torch.no_grad():
         return model(torch.tensor([ids])).logits[0].numpy()
+
+
+def transformers_logits(model_dir: Path, ids: list[int]):
+    # cached: every type of one tiny model is scored against the same reference, loading it once
+    return _transformers_logits(model_dir, tuple(ids))
 
 
 def llama_cpp_logits(path: Path, ids: list[int], lora: Path | None = None):
@@ -259,10 +267,15 @@ def assert_agree(want, got, cosine: float, margin: float | None) -> None:
 # Observed on these tiny models (logit std 1-2): f16 cosine >= 0.99996, q8_0 >= 0.9966, Q4_K_M >= 0.95 on two layers,
 # 0.81 on Gemma 3's six (rows of 64 are not K-quant blocks of 256: llama.cpp falls back to 4/5-bit legacy blocks for
 # most tensors, and random weights carry no structure that survives 4 bits).
+# The pure-Python 4/5-bit types (round-to-nearest, 32-wide blocks): random weights keep no more of 4-5 bits than
+# under Q4_K_M, so its bound.
 COSINE = {"f16": 0.999, "q8_0": 0.99, "q4_k_m": 0.75}
+COSINE.update({"f32": COSINE["q8_0"], "bf16": COSINE["q8_0"]} | dict.fromkeys(SMALL_TYPES, COSINE["q4_k_m"]))
 # The same top token: everywhere at f16; at q8_0 wherever the top-2 margin is wider than 8-bit rounding moves logits
-# here (observed max shift 0.22 over these positions); not at Q4_K_M.
+# here (observed max shift 0.22 over these positions); not at Q4_K_M. f32 and bf16 (8-bit mantissa) under q8_0's rule:
+# it holds for both, and f32 adds the rows llama.cpp reads unconverted, where a layout slip would not hide in rounding.
 MARGIN = {"f16": 0.0, "q8_0": 0.25, "q4_k_m": None}
+MARGIN.update({"f32": MARGIN["q8_0"], "bf16": MARGIN["q8_0"]} | dict.fromkeys(SMALL_TYPES, None))
 
 
 @pytest.mark.llamacpp
