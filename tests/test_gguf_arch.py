@@ -12,10 +12,11 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import re
 from pathlib import Path
 
 import pytest
-from helpers import SPM_TEXTS, build_tiny_model, offline_tokenizer, sentencepiece_tokenizer
+from helpers import SPM_TEXTS, build_tiny_model, offline_tokenizer, sentencepiece_tokenizer, serving
 
 import export_gguf
 from ftkit.config import load_config
@@ -558,3 +559,45 @@ def test_sentencepiece_export_tokenizes_and_scores_as_transformers_in_llama_cpp(
         assert extra and [t for i, t in enumerate(got) if i not in extra] == want
     ids = (want if chat_name else tok(" ".join(SPM_TEXTS))["input_ids"])[:60]
     assert_agree(transformers_logits(model_dir, ids), llama_cpp_logits(out, ids), COSINE["f16"], MARGIN["f16"])
+
+
+def chat_model(root: Path, model_type: str, chat: str) -> Path:
+    """A tiny `model_type` model whose tokenizer carries TEMPLATES[chat] with its turn markers as special tokens (as
+    the shipped tokenizers have them), exported at f16."""
+    tok = qwen_style_tokenizer() if model_type.startswith("qwen") else offline_tokenizer()
+    markers = sorted(set(re.findall(r"<[|a-z_]+>", TEMPLATES[chat].jinja)) - set(tok.all_special_tokens))
+    tok.add_special_tokens({"additional_special_tokens": markers})
+    tok.chat_template = TEMPLATES[chat].jinja
+    model = build_tiny_model(root / f"tiny-{model_type}", model_type, tok, tied=True, vocab_size=512)
+    return export_gguf.main(load_config(None), None, "f16", root / f"{model_type}.gguf", model_dir=model)
+
+
+@pytest.mark.llamacpp
+@pytest.mark.parametrize("model_type,chat", [("qwen2", "chatml"), ("gemma2", "gemma")])
+def test_serve_answers_the_openai_client_with_the_exports_own_chat_template(tmp_path, model_type, chat):
+    """`inference.py --serve` on a non-Llama f16 export: one chat completion through the `openai` client comes back,
+    with the prompt the GGUF's own template renders (its token count and the greedy answer of llama.cpp's
+    in-process chat, which renders with that template)."""
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    from ftkit.llamacpp import load
+
+    out = chat_model(tmp_path, model_type, chat)
+    msgs = [{"role": "user", "content": "What is 2 plus 3?"}]
+    with serving("--serve", str(out)) as (client, models):
+        reply = client.chat.completions.create(model=models.data[0].id, messages=msgs, temperature=0, max_tokens=8)
+    assert reply.choices and reply.choices[0].finish_reason in ("stop", "length"), reply
+    llm = load(out, n_ctx=256)
+    try:
+        assert llm.chat_format == "chat_template.default"  # the GGUF's own template, not a built-in guess
+        template = llm.metadata["tokenizer.chat_template"]
+        assert template == TEMPLATES[chat].jinja
+        eos, bos = (llm._model.token_get_text(t) for t in (llm.token_eos(), llm.token_bos()))
+        # Gemma's template writes BOS itself; ChatML's has none, and the server adds none on top of either
+        prompt = Jinja2ChatFormatter(template, eos_token=eos, bos_token=bos)(messages=msgs).prompt
+        ids = llm.tokenize(prompt.encode(), add_bos=False, special=True)
+        direct = llm.create_chat_completion(msgs, temperature=0.0, max_tokens=8)
+    finally:
+        llm.close()
+    assert reply.usage.prompt_tokens == direct["usage"]["prompt_tokens"] == len(ids), (reply.usage, direct, ids)
+    assert reply.choices[0].message.content == direct["choices"][0]["message"]["content"]
