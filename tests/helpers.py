@@ -7,8 +7,12 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
+import socket
 import subprocess
 import sys
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -506,3 +510,40 @@ TOOL_TEMPLATE = (
     "{% endfor %}<|im_end|>\n{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def serving(*args: str):
+    """`inference.py` with `args` (--serve among them) on a free port: yields (the official `openai` client on it,
+    its model list) once it answers, and stops it with Ctrl-C (the way a user does) afterwards."""
+    from openai import OpenAI
+
+    port = free_port()
+    env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1")
+    cmd = [sys.executable, str(REPO / "inference.py"), *args, "--port", str(port)]
+    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    try:
+        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=120)
+        deadline = time.time() + 180
+        while True:
+            try:
+                models = client.models.list()
+                break
+            except Exception:
+                assert proc.poll() is None, proc.stderr.read()[-3000:]
+                assert time.time() < deadline, "the server did not come up in 180 s"
+                time.sleep(1)
+        yield client, models
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

@@ -9,15 +9,18 @@ with transformers' for the same token ids.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+import re
 from pathlib import Path
 
 import pytest
-from helpers import SPM_TEXTS, build_tiny_model, offline_tokenizer, sentencepiece_tokenizer
+from helpers import SPM_TEXTS, build_tiny_model, offline_tokenizer, sentencepiece_tokenizer, serving
 
 import export_gguf
 from ftkit.config import load_config
+from ftkit.gguf import SMALL_TYPES
 from ftkit.templates import TEMPLATES
 
 # sha256 of export_gguf.py's output for build_tiny_model(llama, seed 0) with the SmolLM2 tokenizer, written by the
@@ -212,13 +215,19 @@ def test_what_llama_cpp_would_run_differently_is_one_line_and_writes_nothing(tmp
 
 
 # -- inside llama.cpp ----------------------------------------------------------------------------------------------
-def transformers_logits(model_dir: Path, ids: list[int]):
+@functools.cache
+def _transformers_logits(model_dir: Path, ids: tuple[int, ...]):
     import torch
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     with torch.no_grad():
         return model(torch.tensor([ids])).logits[0].numpy()
+
+
+def transformers_logits(model_dir: Path, ids: list[int]):
+    # cached: every type of one tiny model is scored against the same reference, loading it once
+    return _transformers_logits(model_dir, tuple(ids))
 
 
 def llama_cpp_logits(path: Path, ids: list[int], lora: Path | None = None):
@@ -259,10 +268,15 @@ def assert_agree(want, got, cosine: float, margin: float | None) -> None:
 # Observed on these tiny models (logit std 1-2): f16 cosine >= 0.99996, q8_0 >= 0.9966, Q4_K_M >= 0.95 on two layers,
 # 0.81 on Gemma 3's six (rows of 64 are not K-quant blocks of 256: llama.cpp falls back to 4/5-bit legacy blocks for
 # most tensors, and random weights carry no structure that survives 4 bits).
+# The pure-Python 4/5-bit types (round-to-nearest, 32-wide blocks): random weights keep no more of 4-5 bits than
+# under Q4_K_M, so its bound.
 COSINE = {"f16": 0.999, "q8_0": 0.99, "q4_k_m": 0.75}
+COSINE.update({"f32": COSINE["q8_0"], "bf16": COSINE["q8_0"]} | dict.fromkeys(SMALL_TYPES, COSINE["q4_k_m"]))
 # The same top token: everywhere at f16; at q8_0 wherever the top-2 margin is wider than 8-bit rounding moves logits
-# here (observed max shift 0.22 over these positions); not at Q4_K_M.
+# here (observed max shift 0.22 over these positions); not at Q4_K_M. f32 and bf16 (8-bit mantissa) under q8_0's rule:
+# it holds for both, and f32 adds the rows llama.cpp reads unconverted, where a layout slip would not hide in rounding.
 MARGIN = {"f16": 0.0, "q8_0": 0.25, "q4_k_m": None}
+MARGIN.update({"f32": MARGIN["q8_0"], "bf16": MARGIN["q8_0"]} | dict.fromkeys(SMALL_TYPES, None))
 
 
 @pytest.mark.llamacpp
@@ -545,3 +559,45 @@ def test_sentencepiece_export_tokenizes_and_scores_as_transformers_in_llama_cpp(
         assert extra and [t for i, t in enumerate(got) if i not in extra] == want
     ids = (want if chat_name else tok(" ".join(SPM_TEXTS))["input_ids"])[:60]
     assert_agree(transformers_logits(model_dir, ids), llama_cpp_logits(out, ids), COSINE["f16"], MARGIN["f16"])
+
+
+def chat_model(root: Path, model_type: str, chat: str) -> Path:
+    """A tiny `model_type` model whose tokenizer carries TEMPLATES[chat] with its turn markers as special tokens (as
+    the shipped tokenizers have them), exported at f16."""
+    tok = qwen_style_tokenizer() if model_type.startswith("qwen") else offline_tokenizer()
+    markers = sorted(set(re.findall(r"<[|a-z_]+>", TEMPLATES[chat].jinja)) - set(tok.all_special_tokens))
+    tok.add_special_tokens({"additional_special_tokens": markers})
+    tok.chat_template = TEMPLATES[chat].jinja
+    model = build_tiny_model(root / f"tiny-{model_type}", model_type, tok, tied=True, vocab_size=512)
+    return export_gguf.main(load_config(None), None, "f16", root / f"{model_type}.gguf", model_dir=model)
+
+
+@pytest.mark.llamacpp
+@pytest.mark.parametrize("model_type,chat", [("qwen2", "chatml"), ("gemma2", "gemma")])
+def test_serve_answers_the_openai_client_with_the_exports_own_chat_template(tmp_path, model_type, chat):
+    """`inference.py --serve` on a non-Llama f16 export: one chat completion through the `openai` client comes back,
+    with the prompt the GGUF's own template renders (its token count and the greedy answer of llama.cpp's
+    in-process chat, which renders with that template)."""
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    from ftkit.llamacpp import load
+
+    out = chat_model(tmp_path, model_type, chat)
+    msgs = [{"role": "user", "content": "What is 2 plus 3?"}]
+    with serving("--serve", str(out)) as (client, models):
+        reply = client.chat.completions.create(model=models.data[0].id, messages=msgs, temperature=0, max_tokens=8)
+    assert reply.choices and reply.choices[0].finish_reason in ("stop", "length"), reply
+    llm = load(out, n_ctx=256)
+    try:
+        assert llm.chat_format == "chat_template.default"  # the GGUF's own template, not a built-in guess
+        template = llm.metadata["tokenizer.chat_template"]
+        assert template == TEMPLATES[chat].jinja
+        eos, bos = (llm._model.token_get_text(t) for t in (llm.token_eos(), llm.token_bos()))
+        # Gemma's template writes BOS itself; ChatML's has none, and the server adds none on top of either
+        prompt = Jinja2ChatFormatter(template, eos_token=eos, bos_token=bos)(messages=msgs).prompt
+        ids = llm.tokenize(prompt.encode(), add_bos=False, special=True)
+        direct = llm.create_chat_completion(msgs, temperature=0.0, max_tokens=8)
+    finally:
+        llm.close()
+    assert reply.usage.prompt_tokens == direct["usage"]["prompt_tokens"] == len(ids), (reply.usage, direct, ids)
+    assert reply.choices[0].message.content == direct["choices"][0]["message"]["content"]

@@ -13,15 +13,13 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-from helpers import REPO, run_script
+from helpers import REPO, free_port, run_script, serving
 
 from ftkit.config import load_config
 from ftkit.jsonl import read_jsonl
@@ -241,32 +239,8 @@ def test_adapter_gguf_over_base_answers_as_the_merged_export(demo):
     assert plain != want  # the adapter changes the answers: the check above is not base == base
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_server_round_trip_with_the_openai_client(demo):
-    from openai import OpenAI
-
-    port = free_port()
-    env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1")
-    cmd = [sys.executable, str(REPO / "inference.py"), "--config", str(demo["run"] / "config.yaml")]
-    proc = subprocess.Popen(
-        [*cmd, "--serve", "--port", str(port)], env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True
-    )
-    try:
-        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=120)
-        deadline = time.time() + 180
-        while True:
-            try:
-                models = client.models.list()
-                break
-            except Exception:
-                assert proc.poll() is None, proc.stderr.read()[-3000:]
-                assert time.time() < deadline, "the server did not come up in 180 s"
-                time.sleep(1)
+    with serving("--config", str(demo["run"] / "config.yaml"), "--serve") as (client, models):
         name = models.data[0].id
         assert name == demo["run"].name
         msgs = [{"role": "user", "content": "Convert 62 liters to milliliters."}]
@@ -275,13 +249,6 @@ def test_server_round_trip_with_the_openai_client(demo):
         # no temperature: the run's inference settings (greedy) are the server's defaults
         stream = client.chat.completions.create(model=name, messages=msgs, max_tokens=24, stream=True)
         streamed = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
-    finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
     # --serve alone serves the run's newest full-model export (the adapter GGUF is not one): here Q4_K_M
     newest = max((f for f in (demo["run"] / "export").glob("*.gguf") if f != demo["lora"]), key=os.path.getmtime)
     assert newest == demo["q4_k_m"]
