@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.common import versions  # noqa: E402
 
 # variant() records into train_throughput's results file object: this run's own, as --out names it
-from benchmarks.train_throughput import RESULTS, TARGETS, build_model, run_trainer, variant  # noqa: E402
+from benchmarks.train_throughput import RESULTS, build_model, plain_args, plain_lora, run_trainer, variant  # noqa: E402
 
 CONFIG = "configs/llama3_alpaca.yaml"  # its 8 x 2 is the batch the issue names
 # --tiny's defaults beside the GPU benchmark's
@@ -77,26 +77,12 @@ def pair_tokens(f: dict) -> int:
 def plain_dpo(base, tok, rows, steps: int, warmup: int, device: str, max_length: int, batch=8, accum=2):
     """(a) The plain recipe: TRL's DPOTrainer defaults around a PEFT config, checkpointing on."""
     from datasets import Dataset
-    from peft import LoraConfig
     from trl import DPOConfig, DPOTrainer
 
-    args = DPOConfig(
-        output_dir=tempfile.mkdtemp(),
-        per_device_train_batch_size=batch,
-        gradient_accumulation_steps=accum,
-        gradient_checkpointing=True,
-        max_steps=steps,
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        seed=42,
-        max_length=max_length,
-        use_cpu=device == "cpu",
-        disable_tqdm=True,
-    )
-    lcfg = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS, task_type="CAUSAL_LM")
+    # TRL's defaults: DPOConfig, like SFTConfig, checkpoints (gradient_checkpointing=True), as the issue's recipe does
+    args = DPOConfig(**plain_args(steps, device, batch, accum, max_length))
     trainer = DPOTrainer(
-        model=base, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok, peft_config=lcfg
+        model=base, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok, peft_config=plain_lora()
     )
     return run_trainer(trainer, warmup, device, count=pair_tokens)
 

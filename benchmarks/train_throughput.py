@@ -202,10 +202,17 @@ def plain_trainer(base, tok, rows, steps: int, device: str, batch=2, accum=4, ma
     """(a) The plain recipe: TRL SFTTrainer defaults (padded batches, gradient checkpointing, SDPA) around a
     PEFT config; batch 2 x 4 as the benchmark has always run it, or the YAML's own 8 x 2."""
     from datasets import Dataset
-    from peft import LoraConfig
     from trl import SFTConfig, SFTTrainer
 
-    args = SFTConfig(
+    args = SFTConfig(**plain_args(steps, device, batch, accum, max_length))
+    return SFTTrainer(
+        model=base, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok, peft_config=plain_lora()
+    )
+
+
+def plain_args(steps: int, device: str, batch: int, accum: int, max_length: int) -> dict:
+    """The plain recipe's TRL arguments, as a user of TRL's defaults writes them (every trainer config takes them)."""
+    return dict(
         output_dir=tempfile.mkdtemp(),
         per_device_train_batch_size=batch,
         gradient_accumulation_steps=accum,
@@ -218,10 +225,12 @@ def plain_trainer(base, tok, rows, steps: int, device: str, batch=2, accum=4, ma
         use_cpu=device == "cpu",
         disable_tqdm=True,
     )
-    lcfg = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS, task_type="CAUSAL_LM")
-    return SFTTrainer(
-        model=base, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok, peft_config=lcfg
-    )
+
+
+def plain_lora():
+    from peft import LoraConfig
+
+    return LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS, task_type="CAUSAL_LM")
 
 
 UNSLOTH_TIMEOUT_S = int(os.environ.get("UNSLOTH_TIMEOUT_S", "360"))
