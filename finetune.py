@@ -1,5 +1,6 @@
 """QLoRA fine-tuning: 4-bit base + LoRA adapters, trained with TRL's SFTTrainer on Alpaca rows or conversations,
-or (train.method=dpo|kto|orpo|simpo) with TRL's preference trainers on chosen/rejected pairs.
+or (train.method=dpo|kto|orpo|simpo) with TRL's preference trainers on chosen/rejected pairs, or
+(train.method=grpo) with TRL's GRPOTrainer: completions sampled for the rows' prompts, scored by train.rewards.
 
 Reads:  the YAML config; `model.name_or_path` (hub id or local folder); `data.path`.
 Writes: a new run directory, <paths.output_dir>/:
@@ -9,6 +10,7 @@ Writes: a new run directory, <paths.output_dir>/:
           prompt_template.json, dataset_report.json, eval_rows.jsonl (held-out rows),
           checkpoints/checkpoint-N/ (resumable), train_log.jsonl (loss, lr, tokens per step),
           adapter/ (PEFT adapter, safetensors, + tokenizer; written atomically), run_summary.json,
+          completions.jsonl (GRPO: each logging step's sampled completions with their rewards),
         then points <paths.latest> at the run, so merge_adapter.py and inference.py find it.
 
 Run:
@@ -16,6 +18,7 @@ Run:
     python finetune.py --config configs/llama3_alpaca.yaml train.max_steps=500
     python finetune.py --config configs/demo.yaml --resume          # continue a killed run
     python finetune.py --config configs/demo_dpo.yaml               # DPO on preference pairs (train.method)
+    python finetune.py --config configs/demo_grpo.yaml              # GRPO: rewards from the rows' answers
     accelerate launch --config_file configs/accelerate/ddp.yaml finetune.py --config ...
 An existing run directory is never overwritten unless --overwrite is given.
 
@@ -61,6 +64,7 @@ def main(cfg: Config, overwrite: bool = False, resume: bool = False) -> dict:
     prep = prepare(cfg, tok, loaded)
     if is_main():
         print_report(prep.report)
+    reward_funcs = train.load_rewards(cfg, run, prep, tok)  # GRPO: a user's reward file is loaded and tried here
     plan = make_plan(cfg, hw, prep.train.lengths, skeleton.config, eval_rows=len(prep.eval.rows))
     train.check_run_inputs(cfg, run, plan, skeleton, len(prep.train.rows), len(prep.eval.rows))
     if is_main():
@@ -76,7 +80,7 @@ def main(cfg: Config, overwrite: bool = False, resume: bool = False) -> dict:
         train.write_run_start(cfg, run, plan, prep, resume)
         # 4. Train; Ctrl+C / SIGTERM saves a checkpoint and stops.
         stop = train.StopRequest()
-        trainer = train.make_trainer(cfg, run, plan, model, tok, prep, args, stop, lease)
+        trainer = train.make_trainer(cfg, run, plan, model, tok, prep, args, stop, lease, reward_funcs)
         ckpt = train.resume_point(run) if resume else None
         t0 = time.time()
         with stop:

@@ -5,6 +5,8 @@ Run:
     python data/generate_demo_data.py --conversations      # rebuilds the shipped data/demo_conversations.jsonl
     python data/generate_demo_data.py --pairs              # rebuilds the shipped data/demo_pairs.jsonl (DPO demo)
     python data/generate_demo_data.py --pairs --from-base configs/demo_dpo.yaml   # rejected = the base's own answers
+    python data/generate_demo_data.py --family extraction --seed 5 --per-family 260 --out data/demo_grpo.jsonl
+                                                           # rebuilds the shipped GRPO demo's prompts (one family)
     python data/generate_demo_data.py --seed 1 --per-family 50 --out /tmp/tasks.jsonl
 """
 
@@ -26,6 +28,7 @@ from ftkit.demo_data import (  # noqa: E402
     DEFAULT_PER_FAMILY,
     DEFAULT_SEED,
     FAMILIES,
+    VERIFIABLE_FAMILIES,
     generate,
     generate_conversations,
     to_jsonl,
@@ -64,6 +67,12 @@ def main(argv: list[str] | None = None) -> int:
         help="with --pairs: the base model of CONFIG answers every task first, and its wrong answers are the rejected "
         "ones (a right one is replaced by a corruption)",
     )
+    ap.add_argument(
+        "--family",
+        choices=VERIFIABLE_FAMILIES,
+        default=None,
+        help="keep only this verifiable family's rows (the GRPO demo trains on one family, rewarded by its answers)",
+    )
     args = ap.parse_args(argv)
     try:
         if args.pairs:
@@ -83,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
             rows = generate_conversations(args.seed, args.per_family or DEFAULT_CONVERSATIONS_PER_FAMILY)
         else:
             rows = generate(args.seed, args.per_family or DEFAULT_PER_FAMILY)
+            rows = [r for r in rows if r["family"] == args.family] if args.family else rows
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Sequence
 
@@ -293,12 +294,23 @@ def explicitly_on(switch) -> bool:
 
 # The preference methods, and which of them each method option feeds (its TRL config in the comment at the key).
 PREFERENCE_METHODS = ("dpo", "orpo", "kto", "simpo")
+# GRPO (TRL's GRPOTrainer): RL on prompts, with rewards computed from the completions (ftkit/rewards.py).
+RL_METHODS = ("grpo",)
 METHOD_OPTIONS = {
-    "beta": PREFERENCE_METHODS,
-    "loss_type": ("dpo", "kto"),
+    "beta": (*PREFERENCE_METHODS, *RL_METHODS),
+    "loss_type": ("dpo", "kto", "grpo"),
     "loss_weights": ("dpo",),
     "simpo_gamma": ("simpo",),
     "cpo_alpha": ("simpo",),
+    "num_generations": RL_METHODS,
+    "max_completion_length": RL_METHODS,
+    "temperature": RL_METHODS,
+    "rewards": RL_METHODS,
+    "reward_weights": RL_METHODS,
+    "reward_format_regex": RL_METHODS,
+    "reward_length_limit": RL_METHODS,
+    "use_vllm": RL_METHODS,
+    "log_completions": RL_METHODS,
 }
 # The loss_type values of TRL 1.16's DPOConfig and KTOConfig (tests/test_patches.py checks them against TRL).
 LOSS_TYPES = {
@@ -320,7 +332,40 @@ LOSS_TYPES = {
         "sigmoid_norm",
     ),
     "kto": ("kto", "apo_zero_unpaired"),
+    "grpo": ("dapo", "grpo", "dr_grpo", "bnpo", "cispo", "sapo", "vespo"),
 }
+# The rewards ftkit/rewards.py has built in; anything else in train.rewards is a user's FILE.py:FUNCTION.
+BUILTIN_REWARDS = ("exact_match", "format", "length")
+
+
+def check_rewards(t) -> None:
+    """train.rewards: built-in names or FILE.py:FUNCTION (the file is read when training starts), and one weight
+    each when train.reward_weights is given."""
+    if not t.rewards:
+        raise ValueError("train.rewards is empty; GRPO needs at least one reward, e.g. [exact_match]")
+    for r in t.rewards:
+        if r in BUILTIN_REWARDS:
+            continue
+        file, _, func = r.rpartition(":")
+        if not file.endswith(".py") or not func.isidentifier():
+            close = difflib.get_close_matches(r, BUILTIN_REWARDS, n=1, cutoff=0.5)
+            hint = f"did you mean '{close[0]}'? " if close else ""
+            raise ValueError(
+                f"train.rewards: '{r}' is neither a built-in reward ({', '.join(BUILTIN_REWARDS)}) nor "
+                f"FILE.py:FUNCTION; {hint}e.g. rewards: [exact_match, my_rewards.py:brevity]"
+            )
+    if len(set(t.rewards)) != len(t.rewards):
+        raise ValueError(f"train.rewards names a reward twice ({t.rewards}); give each once, and weigh it instead")
+    if t.reward_weights is not None and len(t.reward_weights) != len(t.rewards):
+        raise ValueError(
+            f"train.reward_weights has {len(t.reward_weights)} weights for {len(t.rewards)} rewards ({t.rewards}); "
+            "give one weight per reward, in the same order"
+        )
+    if t.reward_format_regex is not None:
+        try:
+            re.compile(t.reward_format_regex)
+        except re.error as e:
+            raise ValueError(f"train.reward_format_regex is not a regular expression ({e}); fix the pattern") from None
 
 
 def check_method_options(t) -> None:
@@ -336,13 +381,18 @@ def check_method_options(t) -> None:
     if t.loss_type is not None:
         valid = LOSS_TYPES[t.method]
         bad = [x for x in t.loss_type if x not in valid]
-        if bad or not t.loss_type or (t.method == "kto" and len(t.loss_type) != 1):
+        single = t.method in ("kto", "grpo")
+        if bad or not t.loss_type or (single and len(t.loss_type) != 1):
             close = difflib.get_close_matches(bad[0], valid, n=1, cutoff=0.5) if bad else []
             hint = f"did you mean '{close[0]}'? " if close else ""
             raise ValueError(
                 f"train.loss_type={t.loss_type} is not a {t.method} loss of TRL; {hint}valid: {', '.join(valid)}"
-                + (" (one of them)" if t.method == "kto" else "")
+                + (" (one of them)" if single else "")
             )
+    if t.beta == 0 and t.method in PREFERENCE_METHODS:
+        raise ValueError(f"train.beta=0 leaves train.method={t.method} nothing to optimize; set it above 0 (TRL: 0.1)")
+    if t.method in RL_METHODS:
+        check_rewards(t)
     if t.loss_weights is not None and len(t.loss_weights) != len(t.loss_type or ["sigmoid"]):
         raise ValueError(
             f"train.loss_weights has {len(t.loss_weights)} weight(s) for {len(t.loss_type or ['sigmoid'])} "
@@ -420,10 +470,12 @@ class TrainCfg(Section):
     # "dpo" (TRL's DPOTrainer), "kto" (KTOTrainer, pairs or unpaired rows), "orpo" (trl.experimental's
     # ORPOTrainer), "simpo" (trl.experimental's CPOTrainer with loss_type=simpo). DPO and KTO compare with
     # the base with the adapter disabled: no second copy of the model.
-    method: Literal["sft", "dpo", "orpo", "kto", "simpo"] = "sft"
+    # "grpo": TRL's GRPOTrainer, RL on the rows' prompts with rewards from train.rewards.
+    method: Literal["sft", "dpo", "orpo", "kto", "simpo", "grpo"] = "sft"
     # The method options, named as TRL's configs name them; each applies to the methods in METHOD_OPTIONS and
-    # is an error with another method. beta: DPOConfig/KTOConfig/ORPOConfig/CPOConfig(beta=), 0.1 in all four.
-    beta: float = Field(0.1, gt=0, le=1e3)
+    # is an error with another method. beta: DPOConfig/KTOConfig/ORPOConfig/CPOConfig/GRPOConfig(beta=); null:
+    # TRL's default, 0.1 for the preference methods, 0.0 for GRPO (no KL term, so no reference pass).
+    beta: float | None = Field(None, ge=0, le=1e3)
     # DPOConfig(loss_type=) (a list combines losses with loss_weights: [sigmoid, sft] is RPO, which TRL 1.16
     # has instead of an rpo_alpha) or KTOConfig(loss_type=); null: TRL's default (sigmoid / kto).
     loss_type: list[str] | None = None
@@ -433,8 +485,32 @@ class TrainCfg(Section):
     # CPOConfig(cpo_alpha=): the weight of CPO's NLL term on the chosen answers. 0 is SimPO as published; TRL's own
     # default (1.0) is CPO-SimPO.
     cpo_alpha: float = Field(0.0, ge=0, le=1e3)
+    # GRPO (GRPOConfig's names). num_generations: completions sampled per prompt, compared with each other; a
+    # step's completions (per_device_train_batch_size x gradient_accumulation_steps x processes) must be a
+    # multiple of it. max_completion_length: tokens a completion may have (prompt + completion must fit
+    # data.max_length). temperature: sampling temperature.
+    num_generations: int = Field(8, ge=2, le=1024)
+    max_completion_length: int = Field(128, ge=1)
+    temperature: float = Field(1.0, gt=0, le=10)
+    # What a completion earns, summed with reward_weights (default 1 each): built-ins that read the row
+    # (ftkit/rewards.py) -- exact_match (the completion's answer against the row's output / last assistant
+    # turn, normalized as evaluate.py scores), format (the answer on one line, or matching reward_format_regex),
+    # length (0 up to reward_length_limit completion tokens, then down to -1 at twice the limit) -- or
+    # FILE.py:FUNCTION, a function of yours called as TRL calls rewards (prompts=, completions=,
+    # completion_ids=, answer=, and the row's other fields), returning one number per completion. It runs
+    # your code: finetune.py says so before it loads it.
+    rewards: list[str] = Field(default_factory=lambda: ["exact_match"])
+    reward_weights: list[Annotated[float, Field(ge=-1e3, le=1e3)]] | None = None
+    reward_format_regex: str | None = None
+    reward_length_limit: int = Field(64, ge=1)
+    # Where completions come from: vLLM (GRPOConfig(use_vllm=), colocated on the training GPU) or transformers'
+    # generate. "auto": vLLM when it is installed and a GPU runs the training; plan.json says which and why.
+    use_vllm: bool | Literal["auto"] = "auto"
+    # completions.jsonl in the run folder: every logging step, the sampled completions of that step with each
+    # reward, so you can read what the model is learning.
+    log_completions: bool = True
 
-    @field_validator("loss_type", mode="before")
+    @field_validator("loss_type", "rewards", mode="before")
     @classmethod
     def _loss_as_list(cls, v):
         return [v] if isinstance(v, str) else v
@@ -605,7 +681,7 @@ class Config(Section):
     @model_validator(mode="after")
     def _method_fits(self):
         t = self.train
-        if t.method in ("dpo", "kto") and self.lora.init_lora_weights is not True:
+        if (t.method in ("dpo", "kto") or (t.method == "grpo" and t.beta)) and self.lora.init_lora_weights is not True:
             # The reference is the base with the adapter disabled, which is the starting model only when the
             # adapter starts as no change (B = 0); PiSSA/OLoRA even rewrite the base weights it would compare with.
             raise ValueError(
@@ -615,8 +691,15 @@ class Config(Section):
             )
         if t.method != "sft" and t.packing:
             raise ValueError(
-                f"train.packing=true packs answers into token packs; train.method={t.method} trains on pairs of "
-                "answers to one prompt, which TRL's preference trainers never pack: set train.packing=false"
+                f"train.packing=true packs answers into token packs; train.method={t.method} trains on "
+                f"{'sampled completions' if t.method in RL_METHODS else 'pairs of answers'} to one prompt, which "
+                "TRL's trainers for it never pack: set train.packing=false"
+            )
+        if t.method in RL_METHODS and t.max_completion_length >= self.data.max_length:
+            raise ValueError(
+                f"train.max_completion_length={t.max_completion_length} leaves no room for a prompt in "
+                f"data.max_length={self.data.max_length} (prompt + completion); lower train.max_completion_length "
+                "or raise data.max_length"
             )
         return self
 

@@ -12,8 +12,9 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 
+from . import rl_rows
 from .cli import log
-from .config import PREFERENCE_METHODS, Config, DataCfg
+from .config import PREFERENCE_METHODS, RL_METHODS, Config, DataCfg
 from .data import (
     ROLES,
     CleanStats,
@@ -76,6 +77,12 @@ def check_method(fmt: str | None, method: str, source: str, at: str, fields) -> 
             f"train.method={'kto' if fmt == 'unpaired' else 'dpo'} (or another preference method), or give rows "
             "with an output"
         )
+    if fmt is not None and method in RL_METHODS:
+        raise UserError(
+            f"{source}: {at} is a preference row ({have}), and train.method={method} samples its own answers to "
+            "prompts and scores them with train.rewards; give Alpaca rows (instruction/input/output, the output as "
+            "the reference answer) or conversations, or set train.method=dpo"
+        )
     if fmt == "unpaired" and method in PAIRED_METHODS:
         raise UserError(
             f"{source}: {at} is an unpaired row (prompt/completion/label), and train.method={method} trains on pairs "
@@ -86,7 +93,7 @@ def check_method(fmt: str | None, method: str, source: str, at: str, fields) -> 
 def load_clean_split(d: DataCfg, method: str = "sft") -> tuple[list[dict], list[dict], CleanStats, str]:
     """Every data error that needs no tokenizer, for any train.method: (train rows, held-out rows, stats, hash)."""
     if isinstance(d.path, list):
-        if method != "sft":
+        if method in PREFERENCE_METHODS:
             raise UserError(
                 f"train.method={method} reads one preference file; data.path is a list of sources (a mix), which "
                 "is for SFT rows: point data.path at one file"
@@ -302,6 +309,8 @@ def prepare(cfg: Config, tok, loaded: tuple | None = None) -> Prepared:
     d = cfg.data
     loaded = loaded or load_clean_split(d, cfg.train.method)
     train_rows, eval_rows, st, digest = loaded
+    if cfg.train.method in RL_METHODS:
+        return rl_rows.prepare(cfg, tok, loaded)
     if st.format not in PREFERENCE_FORMATS:
         return prepare_sft(cfg, tok, loaded)
     template = pair_template(cfg, tok)
@@ -356,6 +365,8 @@ def pair_report(cfg: Config, tok, st: PairStats, digest: str, tr: Encoded, ev: E
 
 
 def print_report(rep: dict) -> None:
+    if rep.get("method") in RL_METHODS:
+        return rl_rows.print_report(rep)
     if rep["format"] not in PREFERENCE_FORMATS:
         return print_sft_report(rep)
     unit = "rows" if rep["format"] == "unpaired" else "pairs"

@@ -20,6 +20,8 @@ AttentionInterface.register, and liger-kernel's kernels are applied by the Train
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 
 
@@ -130,29 +132,46 @@ def allow_indexed_cpu_locations() -> None:
 
 
 # -- which rows a rank's first batch holds ---------------------------------------------------------------------
-def log_first_batch(collator, log_fn) -> None:
+def log_first_batch(collator, log_fn):
     """Call log_fn(rows) once with a short hash of every row of the first batch this collator builds: under DDP
     the ranks must take different shards, and two runs with the same seed must start on the same rows. No
     Trainer callback sees a batch's inputs, so the collator's class is swapped for a subclass (isinstance checks
-    in TRL still hold)."""
+    in TRL still hold); a plain function (GRPOTrainer's, which passes the rows through) is wrapped instead.
+    Returns the collator to use."""
+    import zlib
+
+    def log_once(features):
+        log_fn([f"{zlib.crc32(str(_row_ids(f)).encode()):08x}" for f in features])
+
+    if inspect.isfunction(collator):
+        state = {"logged": False}
+
+        def first_batch_logged(features, *args, **kwargs):
+            if not state["logged"]:
+                state["logged"] = True
+                log_once(features)
+            return collator(features, *args, **kwargs)
+
+        return first_batch_logged
     base = type(collator)
 
     class FirstBatchLogged(base):
         def __call__(self, features, *args, **kwargs):
             if not getattr(self, "_first_logged", False):
                 self._first_logged = True
-                import zlib
-
-                log_fn([f"{zlib.crc32(str(_row_ids(f)).encode()):08x}" for f in features])
+                log_once(features)
             return base.__call__(self, features, *args, **kwargs)
 
     collator.__class__ = FirstBatchLogged
+    return collator
 
 
 def _row_ids(f: dict) -> list:
     """A row's token ids: SFT's input_ids, or every id column of a preference row (prompt and both sides)."""
     if "input_ids" in f:
         return list(f["input_ids"])
+    if isinstance(f.get("prompt"), str) and "prompt_input_ids" not in f:  # GRPO's rows: the prompt's text
+        return f["prompt"]
     return [list(f[k]) for k in sorted(f) if k.endswith("_ids")]
 
 

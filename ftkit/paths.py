@@ -64,6 +64,11 @@ class RunDir:
         return self.root / "train_log.jsonl"
 
     @property
+    def completions(self) -> Path:
+        """GRPO: the completions sampled at each logging step, with their rewards (one JSON object a line)."""
+        return self.root / "completions.jsonl"
+
+    @property
     def summary(self) -> Path:
         return self.root / "run_summary.json"
 

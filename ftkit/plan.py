@@ -21,7 +21,7 @@ from typing import Any, Sequence
 
 from . import kernel_table
 from .attention import VARLEN_ATTN
-from .config import Config, explicitly_on
+from .config import RL_METHODS, Config, explicitly_on
 from .errors import UserError
 from .estimate import (
     DEFAULT_GPU,
@@ -115,6 +115,7 @@ class TrainPlan:
     method: str  # train.method
     trainer: str  # the TRL trainer that runs it
     reference: str | None  # what DPO/KTO compare with; None for methods without a reference
+    generator: str | None  # GRPO: what samples the completions ("vllm" or "transformers"); None for the others
     # What TRL is told besides the batches (trainer_inputs): evaluation, and how long a row or pack may be.
     eval_steps: int | None  # evaluate the held-out rows every N steps; None: no evaluation
     per_device_eval_batch_size: int  # rows an eval micro-batch holds (packs, when packing)
@@ -139,6 +140,8 @@ class TrainPlan:
         d = dataclasses.asdict(self)
         d["per_device_train_batch_size"] = self.per_device_train_batch_size
         d["changes"] = [dataclasses.asdict(c) for c in self.changes]
+        if self.generator is None:  # only GRPO samples
+            del d["generator"]
         return d
 
     def describe(self) -> str:
@@ -151,6 +154,7 @@ class TrainPlan:
             f"{' (a mean: packs hold whole rows)' if self.packing else ''}, learning rate {self.learning_rate:.3g}",
             f"  method {self.method} ({self.trainer}"
             + (f"; reference: {self.reference}" if self.reference else "")
+            + (f"; completions sampled by {self.generator}" if self.generator else "")
             + f"), padding_free={self.padding_free}, attention={self.attn_implementation}, "
             f"gradient_checkpointing={self.gradient_checkpointing}, liger={self.use_liger_kernel}, "
             f"tiled_mlp={self.tiled_mlp}, offloaded_layers={self.offload_layers}",
@@ -296,6 +300,7 @@ def _plan_with(
         method=cfg.train.method,
         trainer=meth.trainer,
         reference=meth.reference,
+        generator=meth.generator,
         eval_steps=given.eval_steps,
         per_device_eval_batch_size=given.eval_batch,
         max_length=given.max_length,
@@ -317,6 +322,7 @@ class Method:
     reference: str | None
     padding_free: bool | None  # None: the kernels decision decides; False: the trainer pads its batches
     liger: bool | None
+    generator: str | None = None  # GRPO: what samples the completions, "vllm" or "transformers"
 
 
 TRAINERS = {
@@ -325,6 +331,7 @@ TRAINERS = {
     "kto": "trl.KTOTrainer",
     "orpo": "trl.experimental.orpo.ORPOTrainer",
     "simpo": "trl.experimental.cpo.CPOTrainer (loss_type=simpo)",
+    "grpo": "trl.GRPOTrainer",
 }
 
 
@@ -337,11 +344,15 @@ def method(cfg: Config, hw: Hardware) -> tuple[Method, list[Change]]:
     if m == "sft":
         return Method(TRAINERS[m], None, None, None), why
     reference = "the base model with the adapter disabled (no second copy)" if m in ("dpo", "kto") else None
+    if m in RL_METHODS and t.beta:
+        reference = f"the base model with the adapter disabled (no second copy), for the KL term (beta {t.beta})"
     padding_free = why.change(
         "train.padding_free",
         t.padding_free,
         False,
-        f"train.method={m}: {TRAINERS[m]} pads each batch of pairs itself (no padding-free path in TRL 1.16)",
+        f"train.method={m}: {TRAINERS[m]} pads each batch of "
+        + ("completions" if m in RL_METHODS else "pairs")
+        + " itself (no padding-free path in TRL 1.16)",
     )
     # TRL 1.16's DPOTrainer takes liger's layer kernels (RMSNorm, RoPE, SwiGLU) and keeps its own fused LM head
     # for the log-probabilities, so the kernels decision decides for DPO as for SFT. The other trainers would swap
@@ -352,10 +363,59 @@ def method(cfg: Config, hw: Hardware) -> tuple[Method, list[Change]]:
             "train.use_liger_kernel",
             liger,
             False,
-            f"train.method={m}: the trainer computes each side's log-probabilities itself; liger's fused loss is "
-            "the SFT loss",
+            f"train.method={m}: the trainer computes "
+            + ("the completions'" if m in RL_METHODS else "each side's")
+            + " log-probabilities itself; liger's fused loss is the SFT loss",
         )
-    return Method(TRAINERS[m], reference, padding_free, liger), why
+    generator = None
+    if m in RL_METHODS:
+        check_prompt_groups(cfg, hw)
+        generator = generation(cfg, hw, why)
+    return Method(TRAINERS[m], reference, padding_free, liger, generator), why
+
+
+def check_prompt_groups(cfg: Config, hw: Hardware) -> None:
+    """GRPO compares the train.num_generations completions of one prompt with each other, so a step's completions
+    (TRL samples them all at once: per-device batch x accumulation x processes) hold whole groups."""
+    t = cfg.train
+    step = t.per_device_train_batch_size * t.gradient_accumulation_steps * hw.world_size
+    if step % t.num_generations:
+        times = t.num_generations // math.gcd(step, t.num_generations)
+        raise UserError(
+            f"train.num_generations={t.num_generations} completions a prompt do not divide a step's {step} "
+            f"completions (train.per_device_train_batch_size={t.per_device_train_batch_size} x "
+            f"gradient_accumulation_steps={t.gradient_accumulation_steps} x {hw.world_size} processes); make the "
+            f"step a multiple of it, e.g. train.gradient_accumulation_steps={times * t.gradient_accumulation_steps}"
+        )
+
+
+def generation(cfg: Config, hw: Hardware, why: "_Reasons") -> str:
+    """Where GRPO's completions come from: vLLM (colocated on the training GPU) where it is installed and a GPU
+    trains, else transformers' generate inside TRL. (The project's own CUDA-graph decoder, ftkit/generation.py,
+    serves a fixed model for inference; TRL 1.16 samples from the training model through generate or vLLM only.)"""
+    asked = cfg.train.use_vllm
+    installed = importlib.util.find_spec("vllm") is not None
+    if asked is True and not (installed and hw.cuda):
+        raise UserError(
+            "train.use_vllm=true needs vLLM installed and a GPU ("
+            + ("vLLM is not installed" if not installed else "no GPU here")
+            + "); set train.use_vllm=auto to sample with transformers instead"
+        )
+    if asked == "auto":
+        use = installed and hw.cuda
+        reason = (
+            "vLLM is installed and a GPU trains: completions are sampled by vLLM, colocated"
+            if use
+            else "completions are sampled by transformers' generate inside TRL: "
+            + (
+                "vLLM is not installed (pip install vllm on a GPU machine samples faster)"
+                if not installed
+                else "no GPU"
+            )
+        )
+        why.change("train.use_vllm", asked, use, reason)
+        return "vllm" if use else "transformers"
+    return "vllm" if asked else "transformers"
 
 
 # -- kernels ----------------------------------------------------------------------------------------------
@@ -752,6 +812,14 @@ def trainer_inputs(cfg: Config, kern: Kernels, eval_rows: int | None) -> tuple[T
     t, why = cfg.train, _Reasons()
     packing = t.packing is True
     eval_steps = t.eval_steps
+    if eval_steps and t.method in RL_METHODS:
+        eval_steps = why.change(
+            "train.eval_steps",
+            t.eval_steps,
+            None,
+            f"train.method={t.method} has no loss on the held-out rows; its evaluation would sample completions "
+            "for every one each time: evaluate.py scores them (exact match, base vs tuned) after training",
+        )
     if eval_steps and eval_rows == 0:
         eval_steps = why.change(
             "train.eval_steps",
@@ -771,7 +839,9 @@ def trainer_inputs(cfg: Config, kern: Kernels, eval_rows: int | None) -> tuple[T
     # SFT: TRL's max_length is the length of its packs when packing. Otherwise the rows arrive cut to
     # data.max_length already (data.too_long), so it changes nothing; and TRL refuses it with padding-free rows and
     # no packing. A preference method's max_length is each side's prompt + answer, as data.max_length says.
-    if t.method != "sft":
+    if t.method in RL_METHODS:
+        max_length = None  # GRPOConfig has none: the prompts were checked against data.max_length - completion
+    elif t.method != "sft":
         max_length = cfg.data.max_length
     else:
         max_length = t.pack_tokens if packing else None if kern.padding_free else cfg.data.max_length

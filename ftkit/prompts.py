@@ -269,14 +269,17 @@ class PromptTemplate:
 
     def messages_prompt_ids(self, tokenizer, messages: list[dict]) -> list[int]:
         """The prompt for the next assistant turn after `messages` (a conversation ending with a user turn)."""
+        return self.text_ids(tokenizer, self.messages_prompt_text(tokenizer, messages))
+
+    def messages_prompt_text(self, tokenizer, messages: list[dict]) -> str:
         if self.kind == "chat":
-            return self.text_ids(tokenizer, self.render(tokenizer, self.with_system(messages), True))
+            return self.render(tokenizer, self.with_system(messages), True)
         # The Alpaca prompt is single-turn: the last user turn is the instruction, the earlier turns become
         # the Input field, and a system turn the system prompt.
         system = messages[0]["content"] if messages and messages[0]["role"] == "system" else self.system_prompt
         turns = [m for m in messages if m["role"] != "system"]
         context = "\n".join(f"{'User' if m['role'] == 'user' else 'Assistant'}: {m['content']}" for m in turns[:-1])
-        return replace(self, system_prompt=system).prompt_ids(tokenizer, turns[-1]["content"], context or None)
+        return replace(self, system_prompt=system).render_prompt(tokenizer, turns[-1]["content"], context or None)
 
     def encode(
         self, tokenizer, instruction: str, input_text: str | None, output: str, max_length: int

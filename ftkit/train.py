@@ -16,7 +16,7 @@ from pathlib import Path
 from . import patches, runlock
 from .checkpoints import check_loads_as_tensors, complete_checkpoints, trained_step
 from .cli import log
-from .config import Config, check_library_options, mutates_base
+from .config import RL_METHODS, Config, check_library_options, mutates_base
 from .distributed import barrier, dist_info, elastic_shutdown_timeout, is_main
 from .errors import UserError
 from .estimate import optim_state_bytes
@@ -320,6 +320,8 @@ def trainer_args(cfg: Config, run: RunDir, plan: TrainPlan):
     """The arguments of the trainer train.method runs: SFTConfig, or the preference method's TRL config."""
     if cfg.train.method == "sft":
         return sft_config(cfg, run, plan)
+    if cfg.train.method in RL_METHODS:
+        return grpo_config(cfg, run, plan)
     return preference_config(cfg, run, plan)
 
 
@@ -400,7 +402,8 @@ def preference_config(cfg: Config, run: RunDir, plan: TrainPlan):
     from ftkit import experimental
 
     t = cfg.train
-    kw = dict(common_args(cfg, run, plan), max_length=plan.max_length, beta=t.beta)
+    # beta null: TRL's default (0.1 in all four)
+    kw = dict(common_args(cfg, run, plan), max_length=plan.max_length, **({"beta": t.beta} if t.beta else {}))
     if t.method == "dpo":
         from trl import DPOConfig
 
@@ -418,7 +421,37 @@ def preference_config(cfg: Config, run: RunDir, plan: TrainPlan):
     )
 
 
-def build_trainer(cfg: Config, model, args, tok, prep, callbacks: list):
+def grpo_config(cfg: Config, run: RunDir, plan: TrainPlan):
+    """GRPOConfig: the common arguments and GRPO's options (config keys named as TRL's). Completions are logged by
+    the project (completions.jsonl), not TRL's own table (parquet files and a rich printout)."""
+    from trl import GRPOConfig
+
+    t = cfg.train
+    return GRPOConfig(
+        **common_args(cfg, run, plan),
+        **({"beta": t.beta} if t.beta is not None else {}),  # null: TRL's 0.0, no KL term and no reference pass
+        **({"loss_type": t.loss_type[0]} if t.loss_type else {}),
+        num_generations=t.num_generations,
+        max_completion_length=t.max_completion_length,
+        temperature=t.temperature,
+        reward_weights=t.reward_weights,
+        use_vllm=plan.generator == "vllm",
+        vllm_mode="colocate",
+        log_completions=False,
+    )
+
+
+def load_rewards(cfg: Config, run: RunDir, prep, tok) -> list:
+    """GRPO's rewards (ftkit/rewards.py), a user's file loaded with a warning and every reward tried on a training
+    row; nothing for the other methods."""
+    if cfg.train.method not in RL_METHODS:
+        return []
+    from ftkit import rewards
+
+    return rewards.load(cfg.train, prep.train.rows, tok, lambda: last_good_note(run, "fix the reward"))
+
+
+def build_trainer(cfg: Config, model, args, tok, prep, callbacks: list, reward_funcs: list):
     """The trainer of train.method on the prepared rows. DPO and KTO get no reference model: with a PEFT model TRL
     compares with the model's own forward with the adapter disabled, the base, so no second copy is loaded."""
     from datasets import Dataset
@@ -436,6 +469,16 @@ def build_trainer(cfg: Config, model, args, tok, prep, callbacks: list):
         from trl import SFTTrainer
 
         return SFTTrainer(**kw)
+    if m in RL_METHODS:
+        import trl
+
+        # TRL stops sampling at the model's EOS ids and masks the completion after the first: the template's end
+        # of turn (<|eot_id|>, <|im_end|>) must be among them, or a completion would run on past its answer.
+        model.generation_config.eos_token_id = prep.template.stop_token_ids
+        kw["eval_dataset"] = None  # the plan turns evaluation off: evaluate.py scores the held-out rows
+        trainer = trl.GRPOTrainer(reward_funcs=reward_funcs, **kw)
+        patches.drop_reference_adapter_copy(trainer.model)
+        return trainer
     if m in ("dpo", "kto"):
         import trl
 
@@ -448,10 +491,19 @@ def build_trainer(cfg: Config, model, args, tok, prep, callbacks: list):
 
 
 def make_trainer(
-    cfg: Config, run: RunDir, plan: TrainPlan, model, tok, prep, args, stop: "StopRequest", lease: runlock.RunStart
+    cfg: Config,
+    run: RunDir,
+    plan: TrainPlan,
+    model,
+    tok,
+    prep,
+    args,
+    stop: "StopRequest",
+    lease: runlock.RunStart,
+    reward_funcs: list = (),
 ):
     """The method's TRL trainer on the prepared rows, with the project's callbacks and patches; `lease` (the run
-    folder being written) hears of each checkpoint."""
+    folder being written) hears of each checkpoint; `reward_funcs`: GRPO's (load_rewards)."""
     from transformers import EarlyStoppingCallback
 
     callbacks = make_callbacks(run, plan, stop, lease)
@@ -459,7 +511,9 @@ def make_trainer(
         callbacks.append(tensorboard_callback(run))
     if cfg.train.early_stopping_patience:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=cfg.train.early_stopping_patience))
-    trainer = build_trainer(cfg, model, args, tok, prep, callbacks)
+    if reward_funcs and cfg.train.log_completions:
+        callbacks.append(completions_callback(run, reward_funcs, cfg.train))
+    trainer = build_trainer(cfg, model, args, tok, prep, callbacks, list(reward_funcs))
     if not plan.fsdp:  # under FSDP the LoRA weights stay in the storage dtype, which FSDP and its resume need
         patches.keep_lora_fp32(trainer.model)
     rank = dist_info()["rank"]
@@ -467,7 +521,7 @@ def make_trainer(
     def first_rows(rows):
         log.info("rank %d of %d: first batch rows %s", rank, plan.world_size, ",".join(rows))
 
-    patches.log_first_batch(trainer.data_collator, first_rows)
+    trainer.data_collator = patches.log_first_batch(trainer.data_collator, first_rows)
     if plan.device == "cpu" and plan.world_size > 1:
         patches.allow_indexed_cpu_locations()
     return trainer
@@ -518,6 +572,28 @@ def train_log_callback(run: RunDir):
     return TrainLog()
 
 
+def completions_callback(run: RunDir, reward_funcs: list, t):
+    from transformers import TrainerCallback
+
+    from ftkit import rewards
+
+    recorder, weights = reward_funcs[0].recorder, rewards.weights(t)
+
+    class Completions(TrainerCallback):
+        """completions.jsonl: at each logging step, the completions sampled last, with each reward, appended (a
+        resumed run continues the file, cut back to the checkpoint's step like train_log.jsonl)."""
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if not state.is_world_process_zero or "loss" not in (logs or {}):
+                return
+            rows = recorder.rows(state.global_step, weights)
+            if rows:
+                with open(run.completions, "a", encoding="utf-8") as f:
+                    f.write("".join(json.dumps(r) + "\n" for r in rows))
+
+    return Completions()
+
+
 def interrupt_callback(world_size: int, stop: "StopRequest"):
     from transformers import TrainerCallback
 
@@ -544,6 +620,18 @@ def interrupt_callback(world_size: int, stop: "StopRequest"):
     return Interrupt()
 
 
+def last_good_note(run: RunDir, fix: str, override: str = "") -> str:
+    """What a run stopped by an error during training keeps: "; the last good checkpoint is ..., resume ...", for
+    the end of its one-line error."""
+    good = complete_checkpoints(run.checkpoints)
+    if not good:
+        return f"; no checkpoint was saved before it; {fix} and start again"
+    return (
+        f"; the last good checkpoint is {good[-1]}; {fix} and resume from it "
+        f"(python finetune.py --config {run.config} --resume{' ' + override if override else ''})"
+    )
+
+
 def nonfinite_callback(run: RunDir):
     from transformers import TrainerCallback
 
@@ -554,17 +642,8 @@ def nonfinite_callback(run: RunDir):
         that), and the error names the newest checkpoint saved before, which holds finite weights."""
 
         def _fail(self, state, what: str):
-            from ftkit.checkpoints import complete_checkpoints as whole
-
-            good = whole(run.checkpoints)
-            keep = (
-                f"the last good checkpoint is {good[-1]}; resume from it with a lower train.learning_rate "
-                f"(python finetune.py --config {run.config} --resume train.learning_rate=...)"
-                if good
-                else "no checkpoint was saved before it; lower train.learning_rate (or train.max_grad_norm) and "
-                "start again"
-            )
-            raise UserError(f"training diverged at step {state.global_step}: {what} is not finite (inf or NaN); {keep}")
+            keep = last_good_note(run, "lower train.learning_rate (or train.max_grad_norm)", "train.learning_rate=...")
+            raise UserError(f"training diverged at step {state.global_step}: {what} is not finite (inf or NaN){keep}")
 
         def on_log(self, args, state, control, logs=None, **kw):
             for k in ("loss", "grad_norm", "eval_loss"):
@@ -653,6 +732,7 @@ def resume_point(run: RunDir) -> str | None:
     else:
         log.warning("--resume: no complete checkpoint in %s; starting from step 0", run.checkpoints)
     if is_main():
+        truncate_train_log(run.completions, step)
         dropped = truncate_train_log(run.train_log, step)
         if dropped:
             log.info("train_log.jsonl: dropped %d row(s) after step %d; the resumed run logs them again", dropped, step)

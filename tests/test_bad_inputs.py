@@ -54,6 +54,11 @@ def ft(*extra: str, data: str = "{tmp}/data.json") -> list[str]:
     return ["--config", str(REPO / "configs" / "demo.yaml"), *over, *extra]
 
 
+def grpo(*extra: str, data: str = "{tmp}/data.json") -> list[str]:
+    """finetune.py with train.method=grpo on the tiny model: 4 completions a prompt, 8 tokens each."""
+    return ft("train.method=grpo", "train.num_generations=4", "train.max_completion_length=8", *extra, data=data)
+
+
 def with_data(name: str, content) -> dict:
     return {name: content}
 
@@ -1481,6 +1486,104 @@ CASES = [
         "finetune.py",
         ft("train.method=dpo", "train.packing=true"),
         "set train.packing=false",
+        GOOD,
+    ),
+    # -- GRPO (train.method=grpo): rewards, checked before the run folder is written ------------------------------
+    Case("grpo-reward-file-missing", "finetune.py", grpo("train.rewards=[{tmp}/nope.py:score]"), "reward file", GOOD),
+    Case(
+        "grpo-reward-function-missing",
+        "finetune.py",
+        grpo("train.rewards=[{tmp}/r.py:score]"),
+        "has no function score; it has: other",
+        {**GOOD, "r.py": "def other(completions, **kw):\n    return [0.0] * len(completions)\n"},
+    ),
+    Case(
+        "grpo-reward-file-does-not-import",
+        "finetune.py",
+        grpo("train.rewards=[{tmp}/r.py:score]"),
+        "importing",
+        {**GOOD, "r.py": "import no_such_module_here\n"},
+    ),
+    Case(
+        "grpo-reward-raises",
+        "finetune.py",
+        grpo("train.rewards=[{tmp}/r.py:score]"),
+        "reward r.score raised ZeroDivisionError",
+        {**GOOD, "r.py": "def score(completions, **kw):\n    return [1 / 0 for c in completions]\n"},
+    ),
+    Case(
+        "grpo-reward-wrong-count",
+        "finetune.py",
+        grpo("train.rewards=[{tmp}/r.py:score]"),
+        "returned 2 values for 1 completions",
+        {**GOOD, "r.py": "def score(completions, **kw):\n    return [1.0, 0.0]\n"},
+    ),
+    Case(
+        "grpo-reward-nan",
+        "finetune.py",
+        grpo("train.rewards=[exact_match,{tmp}/r.py:score]"),
+        "reward r.score returned nan",
+        {**GOOD, "r.py": "def score(completions, **kw):\n    return [float('nan')] * len(completions)\n"},
+    ),
+    Case(
+        "grpo-reward-not-a-number",
+        "finetune.py",
+        grpo("train.rewards=[{tmp}/r.py:score]"),
+        "not a number",
+        {**GOOD, "r.py": "def score(completions, **kw):\n    return ['good'] * len(completions)\n"},
+    ),
+    Case(
+        "grpo-reward-returns-one-number",
+        "finetune.py",
+        grpo("train.rewards=[{tmp}/r.py:score]"),
+        "not a list of numbers",
+        {**GOOD, "r.py": "def score(completions, **kw):\n    return 1.0\n"},
+    ),
+    Case(
+        "grpo-exact-match-without-an-answer",
+        "finetune.py",
+        grpo(data="{tmp}/c.jsonl"),
+        "reward exact_match needs a reference answer",
+        {"c.jsonl": CONV_JSONL + json.dumps({"messages": [{"role": "user", "content": "No answer here?"}]}) + "\n"},
+    ),
+    Case(
+        "grpo-completion-longer-than-max-length",
+        "finetune.py",
+        grpo("train.max_completion_length=128"),
+        "leaves no room for a prompt in data.max_length=128",
+        GOOD,
+    ),
+    Case("grpo-groups-do-not-divide", "finetune.py", grpo("train.num_generations=3"), "do not divide", GOOD),
+    Case(
+        "grpo-option-with-sft",
+        "finetune.py",
+        ft("train.num_generations=4"),
+        "train.num_generations applies to train.method=grpo, not sft",
+        GOOD,
+    ),
+    Case("grpo-unknown-reward", "finetune.py", grpo("train.rewards=[exact_mach]"), "did you mean 'exact_match'", GOOD),
+    Case(
+        "grpo-weights-count",
+        "finetune.py",
+        grpo("train.rewards=[exact_match,format]", "train.reward_weights=[1.0]"),
+        "1 weights for 2 rewards",
+        GOOD,
+    ),
+    Case("grpo-bad-regex", "finetune.py", grpo("train.reward_format_regex=(x"), "not a regular expression", GOOD),
+    Case("grpo-vllm-on-cpu", "finetune.py", grpo("train.use_vllm=true"), "needs vLLM installed", GOOD),
+    Case("grpo-unknown-loss", "finetune.py", grpo("train.loss_type=grpoo"), "did you mean 'grpo'", GOOD),
+    Case(
+        "grpo-on-pairs",
+        "finetune.py",
+        grpo(data="{tmp}/p.jsonl"),
+        "train.method=grpo samples its own answers",
+        {"p.jsonl": pairs_with(PAIRS[0])},
+    ),
+    Case(
+        "grpo-kl-with-a-nonzero-lora-init",
+        "finetune.py",
+        grpo("train.beta=0.04", "lora.init_lora_weights=gaussian"),
+        "set lora.init_lora_weights=true",
         GOOD,
     ),
     Case(
