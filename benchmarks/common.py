@@ -47,3 +47,34 @@ def free() -> None:
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
+
+
+def run_side_by_side(a, defaults: dict, bench, results: Results, root: Path, prefix: str) -> None:
+    """The main of a side-by-side benchmark with a --tiny smoke mode: each option left unset takes its default
+    (`defaults`: name -> (GPU value, --tiny value)), the results file is `a.out`, and without --model-dir the tiny
+    run builds its model in a temporary folder, removed after."""
+    import os
+    import shutil
+    import tempfile
+    import time
+
+    for k, v in defaults.items():
+        if getattr(a, k) is None:
+            setattr(a, k, v[1] if a.tiny else v[0])
+    results.out = Path(a.out).resolve()
+    os.chdir(root)
+    tmp = None
+    if a.model_dir is None:
+        import torch
+
+        torch.set_num_threads(1)  # a 2-layer model's ops are too small to share between threads
+        tmp = tempfile.mkdtemp(prefix=prefix)
+        a.model_dir = str(Path(tmp) / "model")
+    try:
+        t0 = time.time()
+        bench(a)
+        results["wall_s"] = round(time.time() - t0, 1)
+        results.save()
+    finally:
+        if tmp:
+            shutil.rmtree(tmp, ignore_errors=True)

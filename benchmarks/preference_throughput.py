@@ -23,17 +23,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
 import tempfile
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import versions  # noqa: E402
+from benchmarks.common import run_side_by_side, versions  # noqa: E402
 
 # variant() records into train_throughput's results file object: this run's own, as --out names it
 from benchmarks.train_throughput import RESULTS, build_model, plain_args, plain_lora, run_trainer, variant  # noqa: E402
@@ -172,27 +170,7 @@ def main(argv=None) -> None:
     p.add_argument("--pairs", type=int, help="the first N pairs only (default: all; --tiny: 48)")
     p.add_argument("--warmup", type=int)
     p.add_argument("--steps", type=int)
-    a = p.parse_args(argv)
-    for k, v in DEFAULTS.items():
-        if getattr(a, k) is None:
-            setattr(a, k, v[1] if a.tiny else v[0])
-    RESULTS.out = Path(a.out).resolve()
-    os.chdir(ROOT)
-    tmp = None
-    if a.model_dir is None:
-        import torch
-
-        torch.set_num_threads(1)  # a 2-layer model's ops are too small to share between threads
-        tmp = tempfile.mkdtemp(prefix="pt-tiny-")
-        a.model_dir = str(Path(tmp) / "model")
-    try:
-        t0 = time.time()
-        bench(a)
-        RESULTS["wall_s"] = round(time.time() - t0, 1)
-        RESULTS.save()
-    finally:
-        if tmp:
-            shutil.rmtree(tmp, ignore_errors=True)
+    run_side_by_side(p.parse_args(argv), DEFAULTS, bench, RESULTS, ROOT, "pt-tiny-")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,11 @@ no longer needs it (then delete the patch and its test).
   LoRA weights back to fp32 after TRL    trl 1.16, peft 0.21    test_trl_still_casts_qlora_adapters_to_bf16
     (keep_lora_fp32)
   TRL's "ref" adapter copy deleted       trl 1.16, peft 0.21    test_trl_still_copies_the_adapter_as_reference
-    (drop_reference_adapter_copy)
+    (drop_reference_adapter_copy;          (DPO, KTO, and GRPO
+    DPO/KTO, and GRPO with beta > 0)        with beta > 0)
+  a trainer's method timed (time_calls;  trl 1.16               test_grpo_samples_in_one_method
+    benchmarks only: GRPO's sampling
+    time apart from the rest of a step)
 
 Not patches: the "sdpa_varlen" attention (ftkit/attention.py) goes through transformers' public
 AttentionInterface.register, and liger-kernel's kernels are applied by the Trainer itself.
@@ -200,3 +204,25 @@ def drop_reference_adapter_copy(model) -> bool:
         return False
     model.delete_adapter("ref")
     return True
+
+
+# -- timing one method of an object (benchmarks) ---------------------------------------------------------------
+def time_calls(obj, name: str, sink: dict) -> None:
+    """Wrap obj.<name> (on the instance, not its class) so each call's wall time is appended to sink[name]: the
+    GRPO benchmark splits a step into sampling (GRPOTrainer._generate in TRL 1.16) and the rest, which no callback
+    can, since both happen inside one training_step. On a GPU each call ends with a synchronize, so queued kernels
+    count where they run."""
+    import time
+
+    inner = getattr(obj, name)
+    times = sink.setdefault(name, [])
+
+    def timed(*args, **kwargs):
+        t0 = time.perf_counter()
+        out = inner(*args, **kwargs)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+        return out
+
+    setattr(obj, name, timed)

@@ -451,7 +451,7 @@ def load_rewards(cfg: Config, run: RunDir, prep, tok) -> list:
     return rewards.load(cfg.train, prep.train.rows, tok, lambda: last_good_note(run, "fix the reward"))
 
 
-def build_trainer(cfg: Config, model, args, tok, prep, callbacks: list, reward_funcs: list):
+def build_trainer(cfg: Config, model, args, tok, prep, callbacks: list, reward_funcs: list = ()):
     """The trainer of train.method on the prepared rows. DPO and KTO get no reference model: with a PEFT model TRL
     compares with the model's own forward with the adapter disabled, the base, so no second copy is loaded."""
     from datasets import Dataset
@@ -476,7 +476,7 @@ def build_trainer(cfg: Config, model, args, tok, prep, callbacks: list, reward_f
         # of turn (<|eot_id|>, <|im_end|>) must be among them, or a completion would run on past its answer.
         model.generation_config.eos_token_id = prep.template.stop_token_ids
         kw["eval_dataset"] = None  # the plan turns evaluation off: evaluate.py scores the held-out rows
-        trainer = trl.GRPOTrainer(reward_funcs=reward_funcs, **kw)
+        trainer = trl.GRPOTrainer(reward_funcs=list(reward_funcs), **kw)
         patches.drop_reference_adapter_copy(trainer.model)
         return trainer
     if m in ("dpo", "kto"):

@@ -220,6 +220,18 @@ def test_time_to_quality(tmp_path, offline_llama):
     assert positive(res["summary"]["target_loss_plain_epoch1"]), res["summary"]
 
 
+def test_grpo_throughput(tmp_path, offline_llama):
+    # plain TRL GRPOTrainer and finetune.py's GRPO path on the same prompts, one timed step each on a 2-layer model
+    res = bench("grpo_throughput.py", tmp_path / "gt.json", "--tiny", "--tokenizer", str(offline_llama))
+    v = res["variants"]
+    check_variants(v, {"plain_grpo", "project_grpo"})
+    for n, r in v.items():
+        assert r["completions_per_step"] == 16 and positive(r["completions_per_s"]), (n, r)  # 2 prompts x 8
+        assert 0 < r["sampling_share"] < 1 and 0 < r["mean_completion_tokens"] <= 8, (n, r)
+    assert res["project_plan"]["method"] == "grpo" and res["project_plan"]["generator"] == "transformers", res
+    assert positive(res["summary"]["ratio_project_vs_plain"]), res
+
+
 def test_preference_throughput(tmp_path, offline_llama):
     # plain TRL DPOTrainer and finetune.py's DPO path on the same pairs, one timed step each on a 2-layer model
     res = bench("preference_throughput.py", tmp_path / "pt.json", "--tiny", "--tokenizer", str(offline_llama))

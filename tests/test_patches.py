@@ -81,9 +81,9 @@ def test_keep_lora_fp32_recasts_only_trainable_tensors():
 
 
 def test_trl_still_copies_the_adapter_as_reference():
-    from trl import DPOTrainer, KTOTrainer
+    from trl import DPOTrainer, GRPOTrainer, KTOTrainer
 
-    for trainer in (DPOTrainer, KTOTrainer):
+    for trainer in (DPOTrainer, KTOTrainer, GRPOTrainer):
         src = inspect.getsource(trainer.__init__)
         assert 'model.add_adapter("ref", default_config)' in src, (
             f"{trainer.__name__} no longer copies a PEFT model's adapter as its reference: "
@@ -103,6 +103,24 @@ def test_drop_reference_adapter_copy_leaves_only_the_trained_adapter():
     assert patches.drop_reference_adapter_copy(m)
     assert list(m.peft_config) == ["default"] and not any(".ref." in n for n, _ in m.named_parameters())
     assert not patches.drop_reference_adapter_copy(m)
+
+
+def test_grpo_samples_in_one_method():
+    """time_calls' subject: GRPOTrainer samples every completion of a step through _generate, called from the step's
+    input preparation; the benchmark's split of a step into sampling and the rest is only as right as that."""
+    from trl import GRPOTrainer
+
+    assert "self._generate(prompts)" in inspect.getsource(GRPOTrainer._generate_and_score_completions)
+    assert "_generate_single_turn(" in inspect.getsource(GRPOTrainer._generate)
+
+    class Box:
+        def work(self, x):
+            return x * 2
+
+    box, sink = Box(), {}
+    patches.time_calls(box, "work", sink)
+    assert box.work(3) == 6 and box.work(4) == 8 and len(sink["work"]) == 2 and all(t >= 0 for t in sink["work"])
+    assert Box().work(1) == 2  # the class is untouched
 
 
 def test_trl_experimental_orpo_and_cpo_still_fit():
@@ -125,7 +143,7 @@ def test_trl_experimental_orpo_and_cpo_still_fit():
 
 
 def test_the_configs_loss_types_are_trls():
-    from trl import DPOConfig, KTOConfig
+    from trl import DPOConfig, GRPOConfig, KTOConfig
 
     from ftkit.config import LOSS_TYPES
 
@@ -133,3 +151,7 @@ def test_the_configs_loss_types_are_trls():
     assert set(LOSS_TYPES["dpo"]) == set(re.findall(r"`'([a-z_]+)'`", dpo_help))
     kto = {f.name: f for f in dataclasses.fields(KTOConfig)}["loss_type"]
     assert set(LOSS_TYPES["kto"]) == set(kto.metadata["choices"])
+    # GRPO's: all TRL names but luspo, which needs importance_sampling_level=sequence (not an option here)
+    grpo_help = {f.name: f for f in dataclasses.fields(GRPOConfig)}["loss_type"].metadata["help"]
+    supported = grpo_help.split("Supported values are ")[1].split(".")[0]
+    assert set(LOSS_TYPES["grpo"]) | {"luspo"} == set(re.findall(r"'([a-z_]+)'", supported))
