@@ -169,12 +169,16 @@ class CalibratedRounding:
         t0 = time.time()
         H: dict[str, torch.Tensor] = {}
         n: dict[str, int] = {}
+        last: list = [None, None, 0]  # the input last seen, its x xᵀ and row count
 
         def accumulate(key):
             def hook(_mod, args, _out):
-                x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
-                H[key] = H.get(key, 0) + x.T @ x
-                n[key] = n.get(key, 0) + x.shape[0]
+                # q/k/v read one input tensor, as do gate/up: its x xᵀ (a third of GPTQ's time on the demo) once
+                if last[0] is not args[0]:
+                    x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+                    last[:] = [args[0], x.T @ x, x.shape[0]]
+                H[key] = H.get(key, 0) + last[1]
+                n[key] = n.get(key, 0) + last[2]
 
             return hook
 
@@ -192,6 +196,7 @@ class CalibratedRounding:
         finally:
             for h in hooks:
                 h.remove()
+            last.clear()
         self.seconds += time.time() - t0
         return {k: v / n[k] for k, v in H.items()}
 

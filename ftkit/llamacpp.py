@@ -268,12 +268,30 @@ def serve(
 
 def teacher_forced(llm, prompt: list[int], answer: list[int]) -> tuple[float, list[int]]:
     """(summed negative log-likelihood of `answer` after `prompt`, llama.cpp's argmax at each answer position).
-    The model must be loaded with logits_all=True."""
+    The model must be loaded with logits_all=True (greedy_after_teacher_forcing decodes on from here).
+
+    What llm.eval(prompt + answer) does, the same batches into the same cache, except that logits are asked for
+    only at the positions read here: with logits_all every prompt position also ran the output head (a 49k-token
+    vocabulary on SmolLM2) and had its logits copied out, though prompts are most of each row."""
     import numpy as np
 
+    tokens, first = prompt + answer, len(prompt) - 1
     llm.reset()
-    llm.eval(prompt + answer)
-    logits = np.asarray(llm.scores[len(prompt) - 1 : len(prompt) + len(answer) - 1], dtype=np.float64)
+    llm._ctx.kv_cache_seq_rm(-1, 0, -1)
+    rows = []
+    for start in range(0, len(tokens), llm.n_batch):
+        batch = tokens[start : start + llm.n_batch]
+        llm._batch.set_batch(batch=batch, n_past=start, logits_all=False)  # the batch's last token only
+        for i in range(len(batch)):
+            llm._batch.batch.logits[i] |= start + i >= first
+        llm._ctx.decode(llm._batch)
+        if start + len(batch) > first:  # the positions read run to the end: every logits row of the batch is one
+            n = start + len(batch) - max(start, first)
+            rows.append(np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(n, llm.n_vocab())).astype(np.float64))
+        llm.input_ids[start : start + len(batch)] = batch
+        llm.n_tokens += len(batch)
+    llm._requires_eval = False
+    logits = np.concatenate(rows)[: len(answer)]
     top = logits.argmax(-1)
     logits -= logits.max(-1, keepdims=True)
     logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
