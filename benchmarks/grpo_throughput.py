@@ -47,6 +47,11 @@ DEFAULTS = {
     "steps": (3, 1),
 }
 GENERATIONS, PROMPTS_A_STEP = 8, 2
+# --sampling NAME...: GRPOConfig's other sampling paths in transformers, each as one more project variant
+SAMPLING = {
+    "static_cache": {"cache_implementation": "static"},
+    "continuous_batching": {"use_transformers_continuous_batching": True},
+}
 
 
 def length_reward(completion_ids, **kw) -> list[float]:
@@ -104,7 +109,7 @@ def plain_grpo(base, tok, rows, steps: int, warmup: int, device: str, completion
     return timed(trainer, warmup, device)
 
 
-def project_grpo(base, tok, cfg, prep, warmup: int, device: str):
+def project_grpo(base, tok, cfg, prep, warmup: int, device: str, sampling: dict | None = None):
     """(b) finetune.py's path for train.method=grpo: the plan, apply_lora, the speed switches, trainer_args, the
     rewards (the built-in `length`) and build_trainer."""
     from ftkit import rewards, train
@@ -117,6 +122,8 @@ def project_grpo(base, tok, cfg, prep, warmup: int, device: str):
     train.apply_speed_switches(plan, model)
     args = train.trainer_args(cfg, RunDir(Path(tempfile.mkdtemp())), plan)
     args.disable_tqdm = True
+    for k, v in (sampling or {}).items():  # --sampling: GRPOConfig's other ways to sample, tried on the same path
+        setattr(args, k, v)
     funcs = rewards.load(cfg.train, prep.train.rows, tok)
     trainer = train.build_trainer(cfg, model, args, tok, prep, [], funcs)
     res = timed(trainer, warmup, device)
@@ -176,6 +183,8 @@ def bench(a) -> None:
     rows = prep.train.rows
     plain = variant("plain_grpo", base, plain_grpo, tok, rows, steps, a.warmup, device, a.completion)
     proj = variant("project_grpo", base, project_grpo, tok, cfg, prep, a.warmup, device)
+    for name in a.sampling:
+        variant(f"project_grpo_{name}", base, project_grpo, tok, cfg, prep, a.warmup, device, SAMPLING[name])
     if plain and proj:
         RESULTS["summary"] = {
             "completions_per_s": {"plain": plain["completions_per_s"], "project": proj["completions_per_s"]},
@@ -197,6 +206,7 @@ def main(argv=None) -> None:
     p.add_argument("--data", help=f"Alpaca rows whose prompts are sampled from (default {DEFAULTS['data'][0]})")
     p.add_argument("--rows", type=int, help="the first N prompts only (default 64; --tiny: 16)")
     p.add_argument("--completion", type=int, help="max_completion_length (default 256; --tiny: 8)")
+    p.add_argument("--sampling", nargs="*", default=[], choices=sorted(SAMPLING), help="more project variants")
     p.add_argument("--warmup", type=int)
     p.add_argument("--steps", type=int)
     run_side_by_side(p.parse_args(argv), DEFAULTS, bench, RESULTS, ROOT, "gt-tiny-")

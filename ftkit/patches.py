@@ -14,9 +14,10 @@ no longer needs it (then delete the patch and its test).
   TRL's "ref" adapter copy deleted       trl 1.16, peft 0.21    test_trl_still_copies_the_adapter_as_reference
     (drop_reference_adapter_copy;          (DPO, KTO, and GRPO
     DPO/KTO, and GRPO with beta > 0)        with beta > 0)
-  a trainer's method timed (time_calls;  trl 1.16               test_grpo_samples_in_one_method
-    benchmarks only: GRPO's sampling
-    time apart from the rest of a step)
+  a trainer's method timed (time_calls:  trl 1.16               test_grpo_samples_in_one_method
+    GRPO's sampling time apart from the
+    rest of a step, in train_log.jsonl
+    and the GRPO benchmark)
 
 Not patches: the "sdpa_varlen" attention (ftkit/attention.py) goes through transformers' public
 AttentionInterface.register, and liger-kernel's kernels are applied by the Trainer itself.
@@ -208,10 +209,10 @@ def drop_reference_adapter_copy(model) -> bool:
 
 # -- timing one method of an object (benchmarks) ---------------------------------------------------------------
 def time_calls(obj, name: str, sink: dict) -> None:
-    """Wrap obj.<name> (on the instance, not its class) so each call's wall time is appended to sink[name]: the
-    GRPO benchmark splits a step into sampling (GRPOTrainer._generate in TRL 1.16) and the rest, which no callback
-    can, since both happen inside one training_step. On a GPU each call ends with a synchronize, so queued kernels
-    count where they run."""
+    """Wrap obj.<name> (on the instance, not its class) so each call's wall time is appended to sink[name]: GRPO's
+    logs and benchmark split a step into sampling (GRPOTrainer._generate in TRL 1.16) and the rest, which no
+    callback can, since both happen inside one training_step. On a GPU each call ends with a synchronize, so
+    queued kernels count where they run."""
     import time
 
     inner = getattr(obj, name)

@@ -511,9 +511,15 @@ def make_trainer(
         callbacks.append(tensorboard_callback(run))
     if cfg.train.early_stopping_patience:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=cfg.train.early_stopping_patience))
+    spent: dict = {}
+    if reward_funcs:
+        # First, so train_log.jsonl and TensorBoard see the sampling time it adds to the logs.
+        callbacks.insert(0, sampling_time_callback(spent))
     if reward_funcs and cfg.train.log_completions:
         callbacks.append(completions_callback(run, reward_funcs, cfg.train))
     trainer = build_trainer(cfg, model, args, tok, prep, callbacks, list(reward_funcs))
+    if reward_funcs:
+        patches.time_calls(trainer, "_generate", spent)
     if not plan.fsdp:  # under FSDP the LoRA weights stay in the storage dtype, which FSDP and its resume need
         patches.keep_lora_fp32(trainer.model)
     rank = dist_info()["rank"]
@@ -570,6 +576,22 @@ def train_log_callback(run: RunDir):
                 f.write(json.dumps(row) + "\n")
 
     return TrainLog()
+
+
+def sampling_time_callback(spent: dict):
+    from transformers import TrainerCallback
+
+    class SamplingTime(TrainerCallback):
+        """GRPO's logs get sampling_s: the seconds a step spent sampling completions (the rest of step_time is the
+        log-probabilities, the loss and the update), averaged over the steps since the last log."""
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            times = spent.get("_generate") or []
+            if logs is not None and "loss" in logs and times:
+                logs["sampling_s"] = round(sum(times) / len(times), 3)
+                times.clear()
+
+    return SamplingTime()
 
 
 def completions_callback(run: RunDir, reward_funcs: list, t):

@@ -209,9 +209,10 @@ def test_grpo_trains_logs_its_rewards_and_the_stages_after_read_the_run(tiny_lla
     log = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
     steps = [row for row in log if "loss" in row]
     assert [row["step"] for row in steps] == [1, 2, 3]
-    for key in ("rewards/exact_match/mean", "rewards/grader.longer/std", "reward", "kl", "completions/mean_length"):
+    keys = ("rewards/exact_match/mean", "rewards/grader.longer/std", "reward", "kl", "completions/mean_length")
+    for key in (*keys, "sampling_s"):
         assert all(math.isfinite(row[key]) for row in steps), key
-    assert all(row["completions/max_length"] <= 12 for row in steps)
+    assert all(row["completions/max_length"] <= 12 and 0 < row["sampling_s"] < row["step_time"] for row in steps)
     # completions.jsonl: every logging step's completions with each reward and the weighted sum
     done = [json.loads(line) for line in (run / "completions.jsonl").read_text().splitlines()]
     assert sorted({d["step"] for d in done}) == [1, 2, 3] and len(done) == 3 * 4
@@ -245,3 +246,18 @@ def test_a_reward_failing_during_training_stops_with_the_last_checkpoint_named(t
     assert "the last good checkpoint is" in line and "checkpoint-2" in line and "--resume" in line
     assert "Traceback" not in r.stderr
     assert (run / "checkpoints" / "checkpoint-2" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.demo
+def test_demo_grpo_gains_held_out_exact_match(embedded_model, tmp_path):
+    """configs/demo_grpo.yaml on the embedded SmolLM2 model (make test-demo; ~10-18 min on 2 cores). Measured: 60
+    steps took held-out exact match on the extraction family 1.7% -> 81.7% (benchmarks/results/demo_grpo_cpu.json);
+    the bound is issue 29's +20 points."""
+    run = tmp_path / "run"
+    over = [f"model.name_or_path={embedded_model}", f"paths.output_dir={run}", f"paths.latest={tmp_path / 'latest'}"]
+    r = run_script("finetune.py", "--config", str(REPO / "configs/demo_grpo.yaml"), *over, "train.report_to=none")
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = run_script("evaluate.py", "--config", str(run / "config.yaml"), "--adapter")
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = json.loads((run / "eval" / "eval_report.json").read_text())["verifiable"]
+    assert got["rows"] == 60 and got["fine_tuned"]["exact_match"] >= got["base"]["exact_match"] + 20, got
