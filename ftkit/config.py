@@ -354,8 +354,15 @@ def check_rewards(t) -> None:
                 f"train.rewards: '{r}' is neither a built-in reward ({', '.join(BUILTIN_REWARDS)}) nor "
                 f"FILE.py:FUNCTION; {hint}e.g. rewards: [exact_match, my_rewards.py:brevity]"
             )
-    if len(set(t.rewards)) != len(t.rewards):
-        raise ValueError(f"train.rewards names a reward twice ({t.rewards}); give each once, and weigh it instead")
+    # Logged under FILE-stem.FUNCTION (ftkit/rewards.display_name): two files of one name would share a metric.
+    shown = [
+        r if r in BUILTIN_REWARDS else f"{Path(r.rpartition(':')[0]).stem}.{r.rpartition(':')[2]}" for r in t.rewards
+    ]
+    if len(set(shown)) != len(shown):
+        raise ValueError(
+            f"train.rewards names a reward twice ({t.rewards}; logged as {shown}); give each once (weigh it with "
+            "train.reward_weights), and functions of files with the same name distinct names"
+        )
     if t.reward_weights is not None and len(t.reward_weights) != len(t.rewards):
         raise ValueError(
             f"train.reward_weights has {len(t.reward_weights)} weights for {len(t.rewards)} rewards ({t.rewards}); "

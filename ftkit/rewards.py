@@ -208,7 +208,8 @@ def try_once(rewards: list[Reward], row: dict, tok) -> None:
 
 def display_name(spec: str) -> str:
     """A reward's name in logs and completions.jsonl: a built-in's name, or FILE.FUNCTION for a user's (the path
-    left out, so metric names stay readable: rewards/my_rewards.brevity/mean)."""
+    left out, so metric names stay readable: rewards/my_rewards.brevity/mean); config.check_rewards keeps them
+    distinct."""
     if spec in BUILTIN_REWARDS:
         return spec
     file, _, func = spec.rpartition(":")

@@ -230,6 +230,7 @@ def test_grpo_trains_logs_its_rewards_and_the_stages_after_read_the_run(tiny_lla
         ("merge_adapter.py", []),
         ("inference.py", ["--prompt", "Add the numbers.", "--input", "2 and 3"]),
         ("evaluate.py", []),
+        ("export_gguf.py", ["--type", "Q8_0"]),
     ):
         r = run_script(script, "--config", str(run / "config.yaml"), *args)
         assert r.returncode == 0, (script, r.stderr[-3000:])
@@ -246,6 +247,13 @@ def test_a_reward_failing_during_training_stops_with_the_last_checkpoint_named(t
     assert "the last good checkpoint is" in line and "checkpoint-2" in line and "--resume" in line
     assert "Traceback" not in r.stderr
     assert (run / "checkpoints" / "checkpoint-2" / "adapter_model.safetensors").is_file()
+    # The grader fixed, --resume finishes the run from checkpoint-2; completions.jsonl holds each step once.
+    (tmp_path / "grader.py").write_text(f"FAIL_AFTER = 10**6\n{REWARD_FILE}")
+    r = run_script("finetune.py", "--config", str(run / "config.yaml"), "--resume")
+    assert r.returncode == 0, r.stderr[-3000:]
+    done = [json.loads(line) for line in (run / "completions.jsonl").read_text().splitlines()]
+    assert [d["step"] for d in done] == [1] * 4 + [2] * 4 + [3] * 4
+    assert json.loads((run / "run_summary.json").read_text())["resumed_from"].endswith("checkpoint-2")
 
 
 @pytest.mark.demo
