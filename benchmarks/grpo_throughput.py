@@ -25,7 +25,6 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,7 +33,15 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.common import run_side_by_side, versions  # noqa: E402
 
 # variant() records into train_throughput's results file object: this run's own, as --out names it
-from benchmarks.train_throughput import RESULTS, build_model, plain_args, plain_lora, run_trainer, variant  # noqa: E402
+from benchmarks.train_throughput import (  # noqa: E402
+    RESULTS,
+    build_model,
+    method_trainer,
+    plain_args,
+    plain_lora,
+    run_trainer,
+    variant,
+)
 
 CONFIG = "configs/llama3_alpaca.yaml"
 # --tiny's defaults beside the GPU benchmark's
@@ -110,22 +117,12 @@ def plain_grpo(base, tok, rows, steps: int, warmup: int, device: str, completion
 
 
 def project_grpo(base, tok, cfg, prep, warmup: int, device: str, sampling: dict | None = None):
-    """(b) finetune.py's path for train.method=grpo: the plan, apply_lora, the speed switches, trainer_args, the
-    rewards (the built-in `length`) and build_trainer."""
-    from ftkit import rewards, train
-    from ftkit.paths import RunDir
-    from ftkit.plan import detect_hardware, make_plan
+    """(b) finetune.py's path for train.method=grpo: the plan, apply_lora, the speed switches, trainer_args (with
+    --sampling's GRPOConfig settings on top), the rewards (the built-in `length`) and build_trainer."""
+    from ftkit import rewards
 
-    plan = make_plan(cfg, detect_hardware(device), prep.train.lengths, base.config, eval_rows=0)
-    RESULTS["project_plan"] = plan.to_json()
-    model = train.apply_lora(cfg, plan, base)[0]
-    train.apply_speed_switches(plan, model)
-    args = train.trainer_args(cfg, RunDir(Path(tempfile.mkdtemp())), plan)
-    args.disable_tqdm = True
-    for k, v in (sampling or {}).items():  # --sampling: GRPOConfig's other ways to sample, tried on the same path
-        setattr(args, k, v)
     funcs = rewards.load(cfg.train, prep.train.rows, tok)
-    trainer = train.build_trainer(cfg, model, args, tok, prep, [], funcs)
+    trainer = method_trainer(base, tok, cfg, prep, prep.train.lengths, device, sampling, funcs)
     res = timed(trainer, warmup, device)
     keys = ("rows_per_micro_batch", "gradient_accumulation_steps", "gradient_checkpointing", "generator")
     return {**res, "plan": {k: RESULTS["project_plan"][k] for k in keys}}

@@ -34,7 +34,15 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.common import run_side_by_side, versions  # noqa: E402
 
 # variant() records into train_throughput's results file object: this run's own, as --out names it
-from benchmarks.train_throughput import RESULTS, build_model, plain_args, plain_lora, run_trainer, variant  # noqa: E402
+from benchmarks.train_throughput import (  # noqa: E402
+    RESULTS,
+    build_model,
+    method_trainer,
+    plain_args,
+    plain_lora,
+    run_trainer,
+    variant,
+)
 
 CONFIG = "configs/llama3_alpaca.yaml"  # its 8 x 2 is the batch the issue names
 # --tiny's defaults beside the GPU benchmark's
@@ -88,18 +96,8 @@ def plain_dpo(base, tok, rows, steps: int, warmup: int, device: str, max_length:
 def project_dpo(base, tok, cfg, rows, lengths, warmup: int, device: str):
     """(b) finetune.py's path for train.method=dpo: the plan, apply_lora, the speed switches, trainer_args and
     build_trainer (the reference: the same model with the adapter disabled)."""
-    from ftkit import train
-    from ftkit.paths import RunDir
-    from ftkit.plan import detect_hardware, make_plan
-
-    plan = make_plan(cfg, detect_hardware(device), lengths, base.config, eval_rows=0)
-    RESULTS["project_plan"] = plan.to_json()
-    model = train.apply_lora(cfg, plan, base)[0]
-    train.apply_speed_switches(plan, model)
-    args = train.trainer_args(cfg, RunDir(Path(tempfile.mkdtemp())), plan)
-    args.disable_tqdm = True
     prep = SimpleNamespace(train=SimpleNamespace(rows=rows), eval=SimpleNamespace(rows=[]))
-    trainer = train.build_trainer(cfg, model, args, tok, prep, callbacks=[])
+    trainer = method_trainer(base, tok, cfg, prep, lengths, device)
     res = run_trainer(trainer, warmup, device, count=pair_tokens)
     keys = ("rows_per_micro_batch", "gradient_accumulation_steps", "gradient_checkpointing", "use_liger_kernel")
     return {**res, "plan": {k: RESULTS["project_plan"][k] for k in keys}}

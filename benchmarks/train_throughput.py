@@ -418,6 +418,25 @@ def variant(name: str, base, fn, *a, **kw) -> dict | None:
     return res
 
 
+def method_trainer(base, tok, cfg, prep, lengths, device: str, args_update: dict | None = None, reward_funcs=()):
+    """finetune.py's path for a method other than SFT as the side-by-side benchmarks take it: the plan (kept in the
+    results), apply_lora, the speed switches, trainer_args (`args_update`: a variant's own settings on top) and
+    build_trainer on `prep`'s rows."""
+    from ftkit import train
+    from ftkit.paths import RunDir
+    from ftkit.plan import detect_hardware, make_plan
+
+    plan = make_plan(cfg, detect_hardware(device), lengths, base.config, eval_rows=0)
+    RESULTS["project_plan"] = plan.to_json()
+    model = train.apply_lora(cfg, plan, base)[0]
+    train.apply_speed_switches(plan, model)
+    args = train.trainer_args(cfg, RunDir(Path(tempfile.mkdtemp())), plan)
+    args.disable_tqdm = True
+    for k, v in (args_update or {}).items():
+        setattr(args, k, v)
+    return train.build_trainer(cfg, model, args, tok, prep, [], reward_funcs)
+
+
 # -- GPU benchmark (--tiny: the same on the CPU) --------------------------------------------------------
 def gpu_main(a) -> None:
     import torch

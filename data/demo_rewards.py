@@ -1,4 +1,4 @@
-"""An example of your own GRPO reward (configs/demo_grpo.yaml: train.rewards [..., data/demo_rewards.py:contains_answer]).
+"""An example of your own GRPO reward (configs/demo_grpo.yaml: data/demo_rewards.py:contains_answer).
 
 A reward is a function TRL's GRPOTrainer calls with the batch's prompts, completions (text) and completion_ids, plus
 each column of the training rows, one value per completion: here `answer`, the row's reference answer. It returns
