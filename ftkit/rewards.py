@@ -20,7 +20,9 @@ completions sampled at a logging step with each reward, to read what the model i
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
+import inspect
 import math
 import re
 import sys
@@ -66,6 +68,8 @@ class Reward:
     def __call__(self, prompts, completions, completion_ids, **kw) -> list[float]:
         try:
             out = self.fn(prompts=prompts, completions=completions, completion_ids=completion_ids, **kw)
+            if inspect.iscoroutine(out):  # an async reward (TRL takes those too): awaited here, in this thread
+                out = asyncio.run(out)
         except UserError:
             raise
         except Exception as e:
@@ -80,7 +84,7 @@ class Reward:
 def check_values(name: str, out, n: int, hint: str = "") -> list[float]:
     """A reward's return value as floats: one finite number per completion (None, TRL's "no reward for this
     one", is kept as NaN, which TRL skips)."""
-    if isinstance(out, (str, bytes)) or not hasattr(out, "__len__"):
+    if isinstance(out, (str, bytes, dict)) or not hasattr(out, "__len__"):
         raise UserError(
             f"reward {name} returned {type(out).__name__}, not a list of numbers; return one number per "
             f"completion{hint}"
@@ -145,7 +149,8 @@ def load_user_function(spec: str) -> Callable:
     file, _, func = spec.rpartition(":")
     path = Path(file)
     if not path.is_file():
-        raise UserError(f"train.rewards: reward file {file} does not exist; give FILE.py:FUNCTION with a real file")
+        what = "is not a file" if path.exists() else "does not exist"
+        raise UserError(f"train.rewards: reward file {file} {what}; give FILE.py:FUNCTION with a real file")
     log.warning(
         "train.rewards: loading %s, which runs its Python code in this process with your permissions; "
         "use only files you trust",
@@ -184,7 +189,12 @@ def load(t, rows: list[dict], tok, run_hint: Callable[[], str] = lambda: "") -> 
         fn = load_user_function(spec) if user else builtin(spec, t)
         out.append(Reward(display_name(spec), fn, user, recorder, run_hint))
     if rows:
+        # Before training no checkpoint exists: the errors end without the resume hint.
+        for r in out:
+            r.run_hint = lambda: " (tried on the first training row, before training)"
         try_once(out, rows[0], tok)
+        for r in out:
+            r.run_hint = run_hint
         recorder.batch = {}
     return out
 

@@ -45,6 +45,7 @@ def test_builtin_rewards_score_as_evaluate_does():
         ([1.0, float("inf")], "returned inf for completion 1"),
         ([1.0, "good"], "returned 'good' (str) for completion 1, not a number"),
         ([True, 0.0], "returned True (bool) for completion 0, not a number"),
+        ({"a": 1.0, "b": 0.0}, "returned dict, not a list of numbers"),
     ],
 )
 def test_a_reward_that_misbehaves_is_one_line_naming_it(out, keyword):
@@ -67,6 +68,13 @@ def test_a_reward_that_raises_names_itself_and_none_means_no_reward():
     )
     assert math.isnan(values[0]) and values[1] == 1.0
 
+    async def later(completions, **kw):  # TRL takes async rewards: awaited inside the call
+        return [0.5] * len(completions)
+
+    assert rewards.Reward("mine.later", later, True, rewards.Recorder())(
+        prompts=["p"], completions=["a"], completion_ids=[[1]]
+    ) == [0.5]
+
 
 def test_a_user_reward_is_loaded_with_a_warning_and_tried_on_a_row(tmp_path, caplog, monkeypatch):
     from transformers import AutoTokenizer
@@ -84,6 +92,10 @@ def test_a_user_reward_is_loaded_with_a_warning_and_tried_on_a_row(tmp_path, cap
     with caplog.at_level("WARNING"):
         loaded = rewards.load(cfg.train, rows, tok)
     assert "runs its Python code" in caplog.text and "mine.py" in caplog.text
+    (tmp_path / "bad.py").write_text("def score(completions, **kw):\n    return [1.0, 2.0]\n")
+    bad = load_config(REPO / "configs/demo.yaml", ["train.method=grpo", "train.rewards=[bad.py:score]"])
+    with pytest.raises(UserError, match=r"returned 2 values for 1 completions; .*\(tried on the first training row"):
+        rewards.load(bad.train, rows, tok, lambda: "; the last good checkpoint is ...")
     assert [r.name for r in loaded] == ["exact_match", "mine.score"]
     module = loaded[1].fn.__globals__
     assert module["SEEN"] == [(["Blue"], ["Blue"], ["colors"], None)]  # TRL's keyword arguments, the row's columns
