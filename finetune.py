@@ -19,6 +19,7 @@ Run:
     python finetune.py --config configs/demo.yaml --resume          # continue a killed run
     python finetune.py --config configs/demo_dpo.yaml               # DPO on preference pairs (train.method)
     python finetune.py --config configs/demo_grpo.yaml              # GRPO: rewards from the rows' answers
+    python finetune.py --config configs/demo_dpo.yaml model.adapter=runs/demo   # DPO on from an SFT run's adapter
     accelerate launch --config_file configs/accelerate/ddp.yaml finetune.py --config ...
 An existing run directory is never overwritten unless --overwrite is given.
 
@@ -40,7 +41,7 @@ from __future__ import annotations
 
 import time
 
-from ftkit import train
+from ftkit import rewards, train
 from ftkit.cli import build_parser, log, parse_args, run_main
 from ftkit.config import Config
 from ftkit.distributed import check_distributed, dist_info, fsdp_enabled, is_main, setup
@@ -95,6 +96,8 @@ def dry_run(cfg: Config) -> dict:
     """The training plan with the predicted peak GPU memory and tokens/s of one step on the detected GPU (the
     calibrated reference GPU when none is visible; ftkit/estimate.py). Loads no weights, writes nothing."""
     train.check_options(cfg)
+    if cfg.train.method == "grpo":  # the reward files exist; none is run here
+        rewards.check_files(cfg.train)
     device = pick_device(cfg.train.device)
     check_distributed(
         cfg, device

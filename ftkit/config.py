@@ -52,6 +52,11 @@ class ModelCfg(Section):
     # When set and `name_or_path` does not exist yet, convert this GGUF file ("<python package>/<file>")
     # once into a standard HF checkpoint at `name_or_path`. The embedded demo model uses it.
     gguf_source: str | None = None
+    # Start training from an earlier run's LoRA adapter instead of a new one (the SFT -> DPO/GRPO pipeline): a
+    # run folder or its adapter/ folder. Its base must be model.name_or_path and its template the run's; its
+    # rank, alpha and target modules replace the lora section's. DPO, KTO (and GRPO with beta > 0) then compare
+    # with a frozen copy of this adapter, the model training starts from, rather than with the bare base.
+    adapter: str | None = None
 
 
 class QuantCfg(Section):
@@ -380,7 +385,9 @@ def check_method_options(t) -> None:
     for key, methods in METHOD_OPTIONS.items():
         # A saved config.yaml holds every key at its value: only a value other than the default is a choice.
         default = type(t).model_fields[key].get_default(call_default_factory=True)
-        if key in t.model_fields_set and getattr(t, key) != default and t.method not in methods:
+        # Runs saved while beta's default was 0.1 (before GRPO) hold beta: 0.1 whatever their method.
+        saved_default = key == "beta" and getattr(t, key) == 0.1
+        if key in t.model_fields_set and getattr(t, key) != default and t.method not in methods and not saved_default:
             raise ValueError(
                 f"train.{key} applies to train.method={' or '.join(methods)}, not {t.method}; remove it or change "
                 "train.method"
@@ -688,13 +695,20 @@ class Config(Section):
     @model_validator(mode="after")
     def _method_fits(self):
         t = self.train
-        if (t.method in ("dpo", "kto") or (t.method == "grpo" and t.beta)) and self.lora.init_lora_weights is not True:
+        compares_with_base = t.method in ("dpo", "kto") or (t.method == "grpo" and t.beta)
+        if compares_with_base and not self.model.adapter and self.lora.init_lora_weights is not True:
             # The reference is the base with the adapter disabled, which is the starting model only when the
             # adapter starts as no change (B = 0); PiSSA/OLoRA even rewrite the base weights it would compare with.
             raise ValueError(
                 f"train.method={t.method} compares with the base model (the adapter disabled), which is the model "
                 f"training starts from only with lora.init_lora_weights=true, not {self.lora.init_lora_weights}; "
                 "set lora.init_lora_weights=true"
+            )
+        if t.method in RL_METHODS and (t.load_best_model_at_end or t.early_stopping_patience):
+            key = "load_best_model_at_end" if t.load_best_model_at_end else "early_stopping_patience"
+            raise ValueError(
+                f"train.method={t.method} has no held-out loss to pick the best checkpoint by or stop early on (its "
+                f"evaluation is off; evaluate.py scores the run after training); remove train.{key}"
             )
         if t.method != "sft" and t.packing:
             raise ValueError(

@@ -346,14 +346,38 @@ def read_adapter_config(adapter: Path) -> dict:
     return cfg
 
 
-def check_same_base(adapter_cfg: dict, base_name: str) -> None:
+def check_same_base(adapter_cfg: dict, base_name: str, fix: str = "merge into the base it was trained on") -> None:
     """An adapter only means something on the base it was trained on: compare names and layer shapes."""
     trained_on = adapter_cfg.get("base_model_name_or_path")
     if trained_on and Path(trained_on).name != Path(base_name).name:
-        raise UserError(
-            f"the adapter was trained on '{trained_on}' but model.name_or_path is '{base_name}'; "
-            "merge into the base it was trained on"
-        )
+        raise UserError(f"the adapter was trained on '{trained_on}' but model.name_or_path is '{base_name}'; {fix}")
+
+
+def start_adapter(cfg) -> Path | None:
+    """model.adapter as the adapter folder training starts from (a run folder or its adapter/), checked before
+    anything is written: a complete LoRA adapter in safetensors, trained on model.name_or_path, and, where its run
+    folder says, with the template this run renders."""
+    if not cfg.model.adapter:
+        return None
+    given = Path(cfg.model.adapter)
+    folder = given / "adapter" if (given / "adapter" / "adapter_config.json").is_file() else given
+    if not folder.is_dir():
+        raise UserError(f"model.adapter '{given}' does not exist; give an earlier run's folder or its adapter/ folder")
+    acfg = read_adapter_config(folder)
+    check_same_base(acfg, cfg.model.name_or_path, "set model.name_or_path to that base, or train a new adapter")
+    saved = folder.parent / "prompt_template.json"
+    if saved.is_file():
+        try:
+            name = loads(saved.read_text(encoding="utf-8")).get("name")
+        except (ValueError, OSError, AttributeError):
+            name = None
+        if name and name != cfg.data.prompt_template:
+            raise UserError(
+                f"model.adapter '{given}' was trained with data.prompt_template={name}, and this run renders "
+                f"{cfg.data.prompt_template}: the adapter learned that template's turns; set "
+                f"data.prompt_template={name}"
+            )
+    return folder
 
 
 def attach_adapter(base, adapter: Path):

@@ -231,7 +231,7 @@ def make_plan(
     memory), the batches (micro-batches, accumulation, the learning rate), recompute (checkpointing, tiled MLP,
     offloaded layers), whether the result fits, and what TRL is told besides (evaluation, row length). For a
     preference method a row is a pair: its length is both sides' tokens."""
-    meth, why_method = method(cfg, hw)
+    meth, why_method = method(cfg, hw, len(lengths) if lengths else None)
     rows = RowLengths.of(lengths, cfg.data.max_length)
     kern, why_kernels = kernels(cfg, hw, rows.mean, meth)
     nums = model_numbers(mconf, cfg.lora.r, cfg.lora.target_modules)
@@ -335,7 +335,7 @@ TRAINERS = {
 }
 
 
-def method(cfg: Config, hw: Hardware) -> tuple[Method, list[Change]]:
+def method(cfg: Config, hw: Hardware, n_prompts: int | None = None) -> tuple[Method, list[Change]]:
     """The trainer train.method runs, what DPO/KTO compare with, and the switches a preference trainer rules out:
     TRL's preference trainers build their own padded batches of both sides (DPOTrainer 1.16 turns its
     padding_free off with a warning) and compute log-probabilities themselves, where liger's fused loss is the SFT
@@ -346,6 +346,8 @@ def method(cfg: Config, hw: Hardware) -> tuple[Method, list[Change]]:
     reference = "the base model with the adapter disabled (no second copy)" if m in ("dpo", "kto") else None
     if m in RL_METHODS and t.beta:
         reference = f"the base model with the adapter disabled (no second copy), for the KL term (beta {t.beta})"
+    if reference and cfg.model.adapter:
+        reference = f"a frozen copy of model.adapter ({cfg.model.adapter}), the model training starts from"
     padding_free = why.change(
         "train.padding_free",
         t.padding_free,
@@ -369,14 +371,15 @@ def method(cfg: Config, hw: Hardware) -> tuple[Method, list[Change]]:
         )
     generator = None
     if m in RL_METHODS:
-        check_prompt_groups(cfg, hw)
+        check_prompt_groups(cfg, hw, n_prompts)
         generator = generation(cfg, hw, why)
     return Method(TRAINERS[m], reference, padding_free, liger, generator), why
 
 
-def check_prompt_groups(cfg: Config, hw: Hardware) -> None:
+def check_prompt_groups(cfg: Config, hw: Hardware, n_prompts: int | None) -> None:
     """GRPO compares the train.num_generations completions of one prompt with each other, so a step's completions
-    (TRL samples them all at once: per-device batch x accumulation x processes) hold whole groups."""
+    (TRL samples them all at once: per-device batch x accumulation x processes) hold whole groups, of distinct
+    prompts: TRL's sampler drops a step it cannot fill, so fewer prompts than a step needs would train nothing."""
     t = cfg.train
     step = t.per_device_train_batch_size * t.gradient_accumulation_steps * hw.world_size
     if step % t.num_generations:
@@ -386,6 +389,13 @@ def check_prompt_groups(cfg: Config, hw: Hardware) -> None:
             f"completions (train.per_device_train_batch_size={t.per_device_train_batch_size} x "
             f"gradient_accumulation_steps={t.gradient_accumulation_steps} x {hw.world_size} processes); make the "
             f"step a multiple of it, e.g. train.gradient_accumulation_steps={times * t.gradient_accumulation_steps}"
+        )
+    need = step // t.num_generations
+    if n_prompts is not None and n_prompts < need:
+        raise UserError(
+            f"a step samples {t.num_generations} completions for each of {need} distinct prompts, and the training "
+            f"data holds {n_prompts}; give more rows, or lower train.per_device_train_batch_size or "
+            "gradient_accumulation_steps"
         )
 
 
@@ -402,7 +412,7 @@ def generation(cfg: Config, hw: Hardware, why: "_Reasons") -> str:
             + "); set train.use_vllm=auto to sample with transformers instead"
         )
     if asked == "auto":
-        use = installed and hw.cuda
+        use = installed and hw.cuda and cfg.train.loss_type != ["vespo"]
         reason = (
             "vLLM is installed and a GPU trains: completions are sampled by vLLM, colocated"
             if use
@@ -415,6 +425,11 @@ def generation(cfg: Config, hw: Hardware, why: "_Reasons") -> str:
         )
         why.change("train.use_vllm", asked, use, reason)
         return "vllm" if use else "transformers"
+    if asked and cfg.train.loss_type == ["vespo"]:
+        raise UserError(
+            "train.loss_type=vespo with vLLM needs an importance-sampling mode this config does not set (TRL 1.16); "
+            "set train.use_vllm=auto (vespo then samples with transformers) or another train.loss_type"
+        )
     return "vllm" if asked else "transformers"
 
 

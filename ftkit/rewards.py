@@ -29,6 +29,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 from .cli import log
 from .config import BUILTIN_REWARDS
@@ -144,13 +145,21 @@ def builtin(name: str, t) -> Callable:
     return lambda completion_ids, **_: length_penalty(completion_ids, t.reward_length_limit)
 
 
+def check_files(t) -> None:
+    """Each user reward's file exists (what --dry-run checks without running any of it)."""
+    for spec in t.rewards:
+        if spec not in BUILTIN_REWARDS:
+            file = spec.rpartition(":")[0]
+            if not Path(file).is_file():
+                what = "is not a file" if Path(file).exists() else "does not exist"
+                raise UserError(f"train.rewards: reward file {file} {what}; give FILE.py:FUNCTION with a real file")
+
+
 def load_user_function(spec: str) -> Callable:
     """FILE.py:FUNCTION, imported from the file (relative to the working directory). This runs the file's code."""
     file, _, func = spec.rpartition(":")
     path = Path(file)
-    if not path.is_file():
-        what = "is not a file" if path.exists() else "does not exist"
-        raise UserError(f"train.rewards: reward file {file} {what}; give FILE.py:FUNCTION with a real file")
+    check_files(SimpleNamespace(rewards=[spec]))
     log.warning(
         "train.rewards: loading %s, which runs its Python code in this process with your permissions; "
         "use only files you trust",

@@ -10,6 +10,7 @@ written one is left out of the text, and the tokenizer's takes its place.
 
 from __future__ import annotations
 
+from .cli import log
 from .config import Config
 from .data import Encoded, Prepared, histogram, load_clean_split, source_name
 from .errors import UserError
@@ -17,12 +18,13 @@ from .prompts import PromptTemplate
 
 
 def split_row(r: dict) -> tuple[list[dict] | tuple[str, str | None], str | None]:
-    """(the prompt, the reference answer or None) of a cleaned SFT row."""
+    """(the prompt, the reference answer or None) of a cleaned SFT row; an assistant turn that only calls a tool
+    is no text answer."""
     if "messages" not in r:
         return (r["instruction"], r.get("input") or None), r.get("output") or None
     msgs = r["messages"]
     if msgs[-1]["role"] == "assistant":
-        return msgs[:-1], msgs[-1]["content"]
+        return msgs[:-1], msgs[-1].get("content") or None
     return msgs, None
 
 
@@ -48,20 +50,52 @@ def as_trl_text(template: PromptTemplate, tok, text: str) -> tuple[str, list[int
     return text, ids
 
 
+def shared_fields(rows: list[dict]) -> list[str]:
+    """The rows' own fields the rewards get as columns (family, id, ...): those every row has, with one JSON type
+    of text, number or boolean (a table column has one type). Others are left out, with a note in the log."""
+    # the row's own text, and the names TRL passes a reward itself
+    own = {"instruction", "input", "output", "messages", "tools", "prompt", "answer", "completion", "completion_ids"}
+    own |= {"prompts", "completions", "trainer_state", "log_extra", "log_metric", "environments"}
+    keys: dict[str, set] = {}
+    for r in rows:
+        for k, v in r.items():
+            if k not in own:
+                keys.setdefault(k, set()).add(type(v).__name__ if isinstance(v, (str, int, float, bool)) else "other")
+    kept = [k for k, kinds in keys.items() if len(kinds) == 1 and "other" not in kinds and all(k in r for r in rows)]
+    if len(kept) < len(keys):
+        log.info(
+            "train.method=grpo: the rewards get the rows' fields %s; left out (missing in some rows, or of mixed or "
+            "nested types): %s",
+            ", ".join(kept) or "none",
+            ", ".join(k for k in keys if k not in kept),
+        )
+    return kept
+
+
+def _start(r: dict) -> str:
+    text = r["instruction"] if "instruction" in r else next((m.get("content") or "" for m in r["messages"]), "")
+    return f"(it starts {text[:40]!r})"
+
+
 def encode_prompts(rows: list[dict], template: PromptTemplate, tok, cfg: Config) -> tuple[Encoded, int]:
     """TRL's rows {prompt, answer, and the row's own fields} and each prompt's length plus the completion budget
     (what memory is planned for); prompts that leave no room for train.max_completion_length in data.max_length
     are dropped and counted."""
     budget, room = cfg.train.max_completion_length, cfg.data.max_length - cfg.train.max_completion_length
     enc, too_long = Encoded(), 0
+    extra_keys = shared_fields(rows)
     for r in rows:
+        if r.get("tools"):
+            raise UserError(
+                f"train.method=grpo: a conversation offers tools {_start(r)}; GRPO here samples text answers and "
+                "does not run tool calls: drop the tools field, or train it with train.method=sft"
+            )
         prompt, answer = split_row(r)
         text, ids = as_trl_text(template, tok, prompt_text(template, tok, prompt))
         if len(ids) > room:
             too_long += 1
             continue
-        extra = {k: v for k, v in r.items() if k not in ("instruction", "input", "output", "messages", "tools")}
-        enc.rows.append({**extra, "prompt": text, "answer": answer})
+        enc.rows.append({**{k: r[k] for k in extra_keys}, "prompt": text, "answer": answer})
         enc.lengths.append(len(ids) + budget)
         enc.kept.append(r)
     return enc, too_long

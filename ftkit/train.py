@@ -21,7 +21,7 @@ from .distributed import barrier, dist_info, elastic_shutdown_timeout, is_main
 from .errors import UserError
 from .estimate import optim_state_bytes
 from .jsonl import loads
-from .models import load_causal_lm, load_tokenizer, model_skeleton, torch_dtype
+from .models import check_adapter_loaded, load_causal_lm, load_tokenizer, model_skeleton, start_adapter, torch_dtype
 from .paths import (
     RunDir,
     atomic_dir,
@@ -99,10 +99,12 @@ def check_options(cfg: Config) -> None:
 
 
 def inspect_model(cfg: Config, source: str, offline: bool):
-    """(the model's structure on the meta device, its tokenizer), with the LoRA targets checked: no weights."""
+    """(the model's structure on the meta device, its tokenizer), with the LoRA targets and model.adapter checked:
+    no weights."""
     skeleton = model_skeleton(cfg, source, offline)
     validate_target_modules(skeleton, cfg.lora.target_modules)
     validate_modules_to_save(skeleton, cfg.lora.modules_to_save)
+    start_adapter(cfg)
     return skeleton, load_tokenizer(cfg, source, offline)
 
 
@@ -223,7 +225,7 @@ def load_quantized_base(cfg: Config, source: str, offline: bool, device: str, fs
 
 
 def apply_lora(cfg: Config, plan: TrainPlan, model):
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from peft import prepare_model_for_kbit_training
 
     targets = validate_target_modules(model, cfg.lora.target_modules)
     fsdp = plan.fsdp
@@ -242,6 +244,38 @@ def apply_lora(cfg: Config, plan: TrainPlan, model):
         if plan.gradient_checkpointing:
             model.enable_input_require_grads()
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    # Under FSDP the LoRA weights stay in the base's dtype instead of fp32, for the same reason.
+    model = add_adapter(cfg, model, targets, fsdp)
+    initial = None
+    if mutates_base(cfg.lora.init_lora_weights):
+        # PiSSA/OLoRA trained against the residual base W - BA; the saved adapter is converted with these
+        # initial weights into a plain LoRA on W, the base merge and inference load (save_adapter).
+        from peft import get_peft_model_state_dict
+
+        initial = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in get_peft_model_state_dict(model).items()}
+    trainable, total = model.get_nb_trainable_parameters()
+    log.info("trainable parameters: %s of %s (%.3f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
+    return model, trainable, total, initial
+
+
+def add_adapter(cfg: Config, model, targets: list[str], fsdp: bool):
+    """A new LoRA adapter as the lora section says, or (model.adapter) the earlier run's adapter, trainable, with
+    every one of its tensors checked to have loaded."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    folder = start_adapter(cfg)
+    if folder is not None:
+        model = PeftModel.from_pretrained(model, str(folder), is_trainable=True, autocast_adapter_dtype=not fsdp)
+        check_adapter_loaded(model, folder, cfg.model.name_or_path)
+        lc = model.peft_config["default"]
+        log.info(
+            "model.adapter: training on from %s (r=%s, lora_alpha=%s, targets %s; the lora section's are not used)",
+            folder,
+            lc.r,
+            lc.lora_alpha,
+            ",".join(sorted(lc.target_modules)),
+        )
+        return model
     lcfg = LoraConfig(
         r=cfg.lora.r,
         lora_alpha=cfg.lora.lora_alpha,
@@ -254,18 +288,7 @@ def apply_lora(cfg: Config, plan: TrainPlan, model):
         modules_to_save=cfg.lora.modules_to_save,
         task_type="CAUSAL_LM",
     )
-    # Under FSDP the LoRA weights stay in the base's dtype instead of fp32, for the same reason.
-    model = get_peft_model(model, lcfg, autocast_adapter_dtype=not fsdp)
-    initial = None
-    if mutates_base(cfg.lora.init_lora_weights):
-        # PiSSA/OLoRA trained against the residual base W - BA; the saved adapter is converted with these
-        # initial weights into a plain LoRA on W, the base merge and inference load (save_adapter).
-        from peft import get_peft_model_state_dict
-
-        initial = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in get_peft_model_state_dict(model).items()}
-    trainable, total = model.get_nb_trainable_parameters()
-    log.info("trainable parameters: %s of %s (%.3f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
-    return model, trainable, total, initial
+    return get_peft_model(model, lcfg, autocast_adapter_dtype=not fsdp)
 
 
 def apply_speed_switches(plan: TrainPlan, model) -> None:
@@ -371,7 +394,8 @@ def common_args(cfg: Config, run: RunDir, plan: TrainPlan) -> dict:
         dataloader_num_workers=t.dataloader_num_workers,
         # tensorboard goes through the callback make_trainer adds, which writes into the run directory.
         report_to=[r for r in trackers(cfg) if r != "tensorboard"] or "none",
-        include_num_input_tokens_seen="non_padding",
+        # GRPO's batches are prompts, which the Trainer cannot count (it warns each step); TRL counts them itself.
+        include_num_input_tokens_seen="no" if t.method in RL_METHODS else "non_padding",
         save_only_model=False,
         disable_tqdm=not is_main(),
         # Every LoRA weight gets a gradient on every step; searching for unused ones costs a graph walk.
@@ -477,13 +501,15 @@ def build_trainer(cfg: Config, model, args, tok, prep, callbacks: list, reward_f
         model.generation_config.eos_token_id = prep.template.stop_token_ids
         kw["eval_dataset"] = None  # the plan turns evaluation off: evaluate.py scores the held-out rows
         trainer = trl.GRPOTrainer(reward_funcs=list(reward_funcs), **kw)
-        patches.drop_reference_adapter_copy(trainer.model)
+        if not cfg.model.adapter:
+            patches.drop_reference_adapter_copy(trainer.model)
         return trainer
     if m in ("dpo", "kto"):
         import trl
 
         trainer = (trl.DPOTrainer if m == "dpo" else trl.KTOTrainer)(ref_model=None, **kw)
-        patches.drop_reference_adapter_copy(trainer.model)
+        if not cfg.model.adapter:  # from model.adapter the copy is the reference: the model training starts from
+            patches.drop_reference_adapter_copy(trainer.model)
         return trainer
     from ftkit import experimental
 
@@ -927,7 +953,8 @@ def save_adapter(trainer, run: RunDir, n_lora: int, initial: dict | None = None)
                         str(tmp), safe_serialization=True, path_initial_model_for_weight_conversion=str(init_dir)
                     )
             elif tensors is None:
-                model.save_pretrained(str(tmp), safe_serialization=True)
+                # Only the trained adapter: from model.adapter TRL keeps a frozen "ref" copy beside it
+                model.save_pretrained(str(tmp), safe_serialization=True, selected_adapters=["default"])
             else:
                 save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
                 model.peft_config[model.active_adapter].save_pretrained(str(tmp))

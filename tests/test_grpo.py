@@ -160,6 +160,37 @@ def test_prompts_handed_to_trl_tokenize_as_the_template_does(template, tokenizer
     assert rep["train_rows"] == len(prep.train.rows) and rep["rewards"] == ["format"]
 
 
+def test_the_rewards_get_the_fields_every_row_has_with_one_type_and_tools_are_refused(tiny_llama, tmp_path):
+    from transformers import AutoTokenizer
+
+    from ftkit.prompts import PromptTemplate
+    from ftkit.rl_rows import encode_prompts, shared_fields
+
+    rows = [dict(r, family="a", id=i, note=None if i else "x", tags=["t"]) for i, r in enumerate(ROWS)]
+    rows[3]["id"] = "four"  # mixed types: no column of one type
+    rows[5].pop("family")  # not in every row
+    rows[6]["completions"] = "a name TRL passes a reward itself"
+    assert shared_fields(rows) == []
+    assert shared_fields([dict(r, family="a", n=1) for r in ROWS]) == ["family", "n"]
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    cfg = load_config(REPO / "configs/demo.yaml", ["train.method=grpo", "train.max_completion_length=16"])
+    template = PromptTemplate.from_config("chat", tok)
+    conv = {"messages": [{"role": "user", "content": "Weather?"}, {"role": "assistant", "content": "Sunny"}]}
+    with pytest.raises(UserError, match="offers tools .*drop the tools field"):
+        encode_prompts([dict(conv, tools=[{"type": "function"}])], template, tok, cfg)
+    call_only = {"messages": [conv["messages"][0], {"role": "assistant", "content": None, "tool_calls": [{}]}]}
+    enc, _ = encode_prompts([call_only], template, tok, cfg)
+    assert enc.rows[0]["answer"] is None  # a tool call is no text answer for exact_match
+
+
+def test_runs_saved_with_the_old_beta_default_still_load(tmp_path):
+    saved = tmp_path / "config.yaml"
+    saved.write_text((REPO / "configs/demo.yaml").read_text().replace("train:\n", "train:\n  beta: 0.1\n", 1))
+    assert load_config(saved).train.beta == 0.1  # written while beta defaulted to 0.1, whatever the method
+    with pytest.raises(UserError, match="train.beta applies to train.method=dpo"):
+        load_config(REPO / "configs/demo.yaml", ["train.beta=0.2"])
+
+
 def test_prompts_too_long_for_the_completion_budget_are_dropped_and_counted(tiny_llama, tmp_path):
     from transformers import AutoTokenizer
 

@@ -146,6 +146,37 @@ def test_each_method_trains_merges_and_answers_from_the_same_run_folder(method, 
     assert time.time() - t0 < 120
 
 
+def test_dpo_from_an_sft_adapter_compares_with_it_and_trains_on_from_it(tiny_llama, tiny_run, pair_file, tmp_path):
+    """model.adapter: the SFT -> DPO pipeline. The reference is a frozen copy of the SFT adapter (TRL's "ref"
+    adapter, kept): at step 1 the policy is that adapter, so DPO's rewards (log-ratios) are exactly 0, which they
+    would not be against the bare base. Training goes on from the SFT weights, and adapter/ holds one adapter."""
+    from safetensors.torch import load_file
+
+    run = tmp_path / "run"
+    over = {
+        "train.method": "dpo",
+        "train.max_steps": 1,
+        "train.eval_steps": "null",
+        "train.report_to": "none",
+        "train.learning_rate": 1e-6,
+        "model.adapter": str(tiny_run),
+    }
+    r = run_script(
+        "finetune.py", "--config", str(REPO / "configs/demo.yaml"), *tiny_overrides(tiny_llama, pair_file, run, **over)
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "model.adapter: training on from" in r.stderr
+    plan = json.loads((run / "plan.json").read_text())
+    assert plan["reference"].startswith("a frozen copy of model.adapter")
+    log = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
+    assert log[0]["rewards/chosen"] == 0 and log[0]["rewards/rejected"] == 0
+    start = load_file(str(tiny_run / "adapter" / "adapter_model.safetensors"))
+    end = load_file(str(run / "adapter" / "adapter_model.safetensors"))
+    assert set(start) == set(end) and not (run / "adapter" / "ref").exists()
+    assert any(k.endswith("lora_B.weight") and v.abs().sum() > 0 for k, v in start.items())
+    assert max((end[k].float() - start[k].float()).abs().max().item() for k in start) < 1e-3
+
+
 def test_dataset_report_for_pairs(tiny_llama, tmp_path):
     rows = PAIRS + [
         dict(PAIRS[0], instruction="Same.", rejected=PAIRS[0]["chosen"]),
