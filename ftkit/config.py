@@ -343,6 +343,15 @@ LOSS_TYPES = {
 BUILTIN_REWARDS = ("exact_match", "format", "length")
 
 
+def reward_name(spec: str) -> str:
+    """A reward's name in logs and completions.jsonl: a built-in's name, or FILE.FUNCTION for a user's (the path
+    left out, so metric names stay readable: rewards/my_rewards.brevity/mean); check_rewards keeps them distinct."""
+    if spec in BUILTIN_REWARDS:
+        return spec
+    file, _, func = spec.rpartition(":")
+    return f"{Path(file).stem}.{func}"
+
+
 def check_rewards(t) -> None:
     """train.rewards: built-in names or FILE.py:FUNCTION (the file is read when training starts), and one weight
     each when train.reward_weights is given."""
@@ -359,10 +368,8 @@ def check_rewards(t) -> None:
                 f"train.rewards: '{r}' is neither a built-in reward ({', '.join(BUILTIN_REWARDS)}) nor "
                 f"FILE.py:FUNCTION; {hint}e.g. rewards: [exact_match, my_rewards.py:brevity]"
             )
-    # Logged under FILE-stem.FUNCTION (ftkit/rewards.display_name): two files of one name would share a metric.
-    shown = [
-        r if r in BUILTIN_REWARDS else f"{Path(r.rpartition(':')[0]).stem}.{r.rpartition(':')[2]}" for r in t.rewards
-    ]
+    # Logged under FILE-stem.FUNCTION: two files of one name would share a metric.
+    shown = [reward_name(r) for r in t.rewards]
     if len(set(shown)) != len(shown):
         raise ValueError(
             f"train.rewards names a reward twice ({t.rewards}; logged as {shown}); give each once (weigh it with "

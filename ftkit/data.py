@@ -450,7 +450,7 @@ class Encoded:
     kept: list[dict] = field(default_factory=list)  # the source row of each encoded row
 
 
-def _what(r: dict) -> str:
+def row_start(r: dict) -> str:
     """A row's start, for errors about a row that passed the file checks (the file line is gone by then)."""
     text = r["instruction"] if "instruction" in r else next((m["content"] for m in r["messages"]), "")
     return f"(it starts {text[:40]!r})"
@@ -473,7 +473,7 @@ def encode_rows(rows: list[dict], template: PromptTemplate, tok, d: DataCfg, sou
             if d.too_long == "fail":
                 raise UserError(
                     f"{source}: a conversation is longer than data.max_length={d.max_length} tokens "
-                    f"{_what(r)}; raise data.max_length or set data.too_long=drop|truncate (both keep its "
+                    f"{row_start(r)}; raise data.max_length or set data.too_long=drop|truncate (both keep its "
                     "first turns that fit)"
                 )
             enc.truncated_at_turn += 1
@@ -487,7 +487,7 @@ def encode_rows(rows: list[dict], template: PromptTemplate, tok, d: DataCfg, sou
             if d.too_long == "fail":
                 raise UserError(
                     f"{source}: a row's prompt alone exceeds data.max_length={d.max_length} "
-                    f"{_what(r)}; raise data.max_length or "
+                    f"{row_start(r)}; raise data.max_length or "
                     "set data.too_long=drop"
                 )
             continue
@@ -495,7 +495,7 @@ def encode_rows(rows: list[dict], template: PromptTemplate, tok, d: DataCfg, sou
             if d.too_long == "fail":
                 raise UserError(
                     f"{source}: a row is longer than data.max_length={d.max_length} tokens "
-                    f"{_what(r)}; raise data.max_length or "
+                    f"{row_start(r)}; raise data.max_length or "
                     "set data.too_long=drop|truncate"
                 )
             if d.too_long == "drop":

@@ -29,10 +29,9 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 
 from .cli import log
-from .config import BUILTIN_REWARDS
+from .config import BUILTIN_REWARDS, reward_name
 from .errors import UserError
 from .scoring import exact_match as scored_match
 
@@ -149,17 +148,20 @@ def check_files(t) -> None:
     """Each user reward's file exists (what --dry-run checks without running any of it)."""
     for spec in t.rewards:
         if spec not in BUILTIN_REWARDS:
-            file = spec.rpartition(":")[0]
-            if not Path(file).is_file():
-                what = "is not a file" if Path(file).exists() else "does not exist"
-                raise UserError(f"train.rewards: reward file {file} {what}; give FILE.py:FUNCTION with a real file")
+            check_file(spec.rpartition(":")[0])
+
+
+def check_file(file: str) -> None:
+    if not Path(file).is_file():
+        what = "is not a file" if Path(file).exists() else "does not exist"
+        raise UserError(f"train.rewards: reward file {file} {what}; give FILE.py:FUNCTION with a real file")
 
 
 def load_user_function(spec: str) -> Callable:
     """FILE.py:FUNCTION, imported from the file (relative to the working directory). This runs the file's code."""
     file, _, func = spec.rpartition(":")
     path = Path(file)
-    check_files(SimpleNamespace(rewards=[spec]))
+    check_file(file)
     log.warning(
         "train.rewards: loading %s, which runs its Python code in this process with your permissions; "
         "use only files you trust",
@@ -196,7 +198,7 @@ def load(t, rows: list[dict], tok, run_hint: Callable[[], str] = lambda: "") -> 
     for spec in t.rewards:
         user = spec not in BUILTIN_REWARDS
         fn = load_user_function(spec) if user else builtin(spec, t)
-        out.append(Reward(display_name(spec), fn, user, recorder, run_hint))
+        out.append(Reward(reward_name(spec), fn, user, recorder, run_hint))
     if rows:
         # Before training no checkpoint exists: the errors end without the resume hint.
         for r in out:
@@ -225,15 +227,5 @@ def try_once(rewards: list[Reward], row: dict, tok) -> None:
         )
 
 
-def display_name(spec: str) -> str:
-    """A reward's name in logs and completions.jsonl: a built-in's name, or FILE.FUNCTION for a user's (the path
-    left out, so metric names stay readable: rewards/my_rewards.brevity/mean); config.check_rewards keeps them
-    distinct."""
-    if spec in BUILTIN_REWARDS:
-        return spec
-    file, _, func = spec.rpartition(":")
-    return f"{Path(file).stem}.{func}"
-
-
 def weights(t) -> dict[str, float]:
-    return dict(zip(map(display_name, t.rewards), t.reward_weights or [1.0] * len(t.rewards)))
+    return dict(zip(map(reward_name, t.rewards), t.reward_weights or [1.0] * len(t.rewards)))

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from .cli import log
 from .config import Config
-from .data import Encoded, Prepared, histogram, load_clean_split, source_name
+from .data import Encoded, Prepared, histogram, load_clean_split, row_start, source_name
 from .errors import UserError
 from .prompts import PromptTemplate
 
@@ -72,11 +72,6 @@ def shared_fields(rows: list[dict]) -> list[str]:
     return kept
 
 
-def _start(r: dict) -> str:
-    text = r["instruction"] if "instruction" in r else next((m.get("content") or "" for m in r["messages"]), "")
-    return f"(it starts {text[:40]!r})"
-
-
 def encode_prompts(rows: list[dict], template: PromptTemplate, tok, cfg: Config) -> tuple[Encoded, int]:
     """TRL's rows {prompt, answer, and the row's own fields} and each prompt's length plus the completion budget
     (what memory is planned for); prompts that leave no room for train.max_completion_length in data.max_length
@@ -87,7 +82,7 @@ def encode_prompts(rows: list[dict], template: PromptTemplate, tok, cfg: Config)
     for r in rows:
         if r.get("tools"):
             raise UserError(
-                f"train.method=grpo: a conversation offers tools {_start(r)}; GRPO here samples text answers and "
+                f"train.method=grpo: a conversation offers tools {row_start(r)}; GRPO here samples text answers and "
                 "does not run tool calls: drop the tools field, or train it with train.method=sft"
             )
         prompt, answer = split_row(r)

@@ -150,8 +150,14 @@ def test_dpo_from_an_sft_adapter_compares_with_it_and_trains_on_from_it(tiny_lla
     """model.adapter: the SFT -> DPO pipeline. The reference is a frozen copy of the SFT adapter (TRL's "ref"
     adapter, kept): at step 1 the policy is that adapter, so DPO's rewards (log-ratios) are exactly 0, which they
     would not be against the bare base. Training goes on from the SFT weights, and adapter/ holds one adapter."""
+    import hashlib
+
     from safetensors.torch import load_file
 
+    def hashes(folder: Path) -> dict:
+        return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.rglob("*") if p.is_file()}
+
+    before = hashes(tiny_run)
     run = tmp_path / "run"
     over = {
         "train.method": "dpo",
@@ -175,6 +181,7 @@ def test_dpo_from_an_sft_adapter_compares_with_it_and_trains_on_from_it(tiny_lla
     assert set(start) == set(end) and not (run / "adapter" / "ref").exists()
     assert any(k.endswith("lora_B.weight") and v.abs().sum() > 0 for k, v in start.items())
     assert max((end[k].float() - start[k].float()).abs().max().item() for k in start) < 1e-3
+    assert hashes(tiny_run) == before  # the run trained on from is only read
 
 
 def test_dataset_report_for_pairs(tiny_llama, tmp_path):
