@@ -270,16 +270,25 @@ def teacher_forced(llm, prompt: list[int], answer: list[int]) -> tuple[float, li
     """(summed negative log-likelihood of `answer` after `prompt`, llama.cpp's argmax at each answer position).
     The model must be loaded with logits_all=True (greedy_after_teacher_forcing decodes on from here).
 
-    What llm.eval(prompt + answer) does, the same batches into the same cache, except that logits are asked for
-    only at the positions read here: with logits_all every prompt position also ran the output head (a 49k-token
+    What llm.eval(prompt + answer) does, into the same cache, except that logits are asked for only at the
+    positions read here: with logits_all every prompt position also ran the output head (a 49k-token
     vocabulary on SmolLM2) and had its logits copied out, though prompts are most of each row."""
     import numpy as np
 
     tokens, first = prompt + answer, len(prompt) - 1
-    llm.reset()
-    llm._ctx.kv_cache_seq_rm(-1, 0, -1)
+    # Rows share their template's preamble (about half of each demo row's tokens, and llama.cpp's time here is
+    # in proportion to the tokens it reads): the cache keeps the longest prefix this row shares with what it
+    # holds (llm.input_ids[:n_tokens], as llama-cpp-python's own generate reuses it), up to the first position
+    # whose logits are read.
+    keep = 0
+    for have, want in zip(llm.input_ids[: min(llm.n_tokens, first)].tolist(), tokens):
+        if have != want:
+            break
+        keep += 1
+    llm._ctx.kv_cache_seq_rm(-1, keep, -1)
+    llm.n_tokens = keep
     rows = []
-    for start in range(0, len(tokens), llm.n_batch):
+    for start in range(keep, len(tokens), llm.n_batch):
         batch = tokens[start : start + llm.n_batch]
         llm._batch.set_batch(batch=batch, n_past=start, logits_all=False)  # the batch's last token only
         for i in range(len(batch)):
@@ -339,14 +348,16 @@ def export_quality(
     for name, what in files.items():
         path, lora = what if isinstance(what, tuple) else (what, None)
         llm = load(path, lora=lora, n_ctx=n_ctx, logits_all=True)
-        nll, n, tops, answers = 0.0, 0, [], []
-        for i, (p, a) in enumerate(pairs):
-            s, top = teacher_forced(llm, p, a)
+        nll, n, tops, answers = 0.0, 0, [[]] * len(pairs), {}
+        # In token order, so that each row shares the longest prefix with the one before (teacher_forced keeps it).
+        for i in sorted(range(len(pairs)), key=lambda i: pairs[i][0]):
+            p, a = pairs[i]
+            s, tops[i] = teacher_forced(llm, p, a)
             nll, n = nll + s, n + len(a)
-            tops.append(top)
             if i in verifiable:
-                ids = greedy_after_teacher_forcing(llm, p, a, top, budget)
-                answers.append(llm.detokenize(ids).decode("utf-8", "replace"))
+                ids = greedy_after_teacher_forcing(llm, p, a, tops[i], budget)
+                answers[i] = llm.detokenize(ids).decode("utf-8", "replace")
+        answers = [answers[i] for i in sorted(verifiable)]
         em = [exact_match(ans, rows[i]["output"]) for ans, i in zip(answers, sorted(verifiable))]
         ref_top = ref_top or tops
         same = sum(x == y for a, b in zip(tops, ref_top) for x, y in zip(a, b))
