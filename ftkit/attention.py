@@ -27,6 +27,26 @@ _varlen_params: set[str] = set()
 _varlen_broken = False
 
 
+def sdpa_supported(mconf) -> bool:
+    """Whether transformers has an SDPA path for this model config's causal-LM class. Gemma 2 has none from
+    transformers 5.24 on (SDPA cannot soft-cap attention logits, which Gemma 2 does; earlier versions ran it through
+    SDPA without the cap), and loading it with attn_implementation="sdpa" raises. A class transformers does not
+    map (remote code) is left to decide when it loads."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    try:
+        cls = MODEL_FOR_CAUSAL_LM_MAPPING[type(mconf)]
+    except (KeyError, ValueError):
+        return True
+    return bool(getattr(cls, "_supports_sdpa", True))
+
+
+def for_model(requested: str, mconf) -> str:
+    """The attention a model loads with: model.attn_implementation, except that "sdpa" (the default) becomes
+    "eager" for an architecture without an SDPA path, as transformers itself falls back when nothing is asked."""
+    return "eager" if requested == "sdpa" and not sdpa_supported(mconf) else requested
+
+
 def _load_varlen():
     global _varlen_fn, _varlen_params
     if _varlen_fn is None:

@@ -1088,6 +1088,22 @@ def attention_values() -> list[str]:
     return ["eager", "paged|eager", *(k for k in AttentionInterface._global_mapping if k != "paged|eager")]
 
 
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+
+
+def _in_hub_cache(repo: str) -> bool:
+    from huggingface_hub.constants import HF_HUB_CACHE
+
+    return (Path(HF_HUB_CACHE) / f"models--{repo.replace('/', '--')}" / "snapshots").is_dir()
+
+
 def check_attn_implementation(attn: str) -> None:
     """model.attn_implementation against the installed transformers, and the package it needs, before any
     model loads (transformers would otherwise fail mid-load, or deep in the first forward)."""
@@ -1101,17 +1117,26 @@ def check_attn_implementation(attn: str) -> None:
                 f"model.attn_implementation={attn} is a hub kernel, which needs the 'kernels' package, which is "
                 "not installed; pip install kernels, or set model.attn_implementation=sdpa"
             )
+        repo = re.split(r"[@:]", base)[0]
+        if _hub_offline() and not _in_hub_cache(repo):
+            raise UserError(
+                f"model.attn_implementation={attn} is a hub kernel, which 'kernels' downloads from the Hugging Face "
+                f"hub, but '{repo}' is not in the local cache and HF_HUB_OFFLINE is set; fetch it once online, "
+                "or set model.attn_implementation=sdpa"
+            )
         return
     valid = attention_values()
     if attn not in valid:
         raise UserError(_one_of("model.attn_implementation", attn, valid))
     if base in _FLASH_PACKAGES or base.startswith("flash_attention_"):
         mod, pip = _FLASH_PACKAGES.get(base, ("flash_attn", "flash-attn"))
-        if importlib.util.find_spec(mod) is None and importlib.util.find_spec("kernels") is None:
+        # Without the package transformers tries its hub build through 'kernels' (which transformers >= 5.25
+        # installs, so its presence alone says nothing): a GPU kernel, useless on a CPU-only machine.
+        if importlib.util.find_spec(mod) is None and not (importlib.util.find_spec("kernels") and _cuda()):
             raise UserError(
-                f"model.attn_implementation={attn} needs the '{mod}' package (or 'kernels' for the hub build), "
-                f"which is not installed (it also needs a CUDA GPU); pip install {pip}, or set "
-                "model.attn_implementation=sdpa"
+                f"model.attn_implementation={attn} needs the '{mod}' package, which is not installed, and a CUDA "
+                "GPU (as does transformers' fallback, the hub build through 'kernels'); "
+                f"pip install {pip}, or set model.attn_implementation=sdpa"
             )
     if base == "flex_attention" and importlib.util.find_spec("torch.nn.attention.flex_attention") is None:
         raise UserError(

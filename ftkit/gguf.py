@@ -502,8 +502,10 @@ def read_vocab(tok, template: PromptTemplate, vocab_size: int) -> Vocab:
     tj = json.loads(backend.to_str())
     kind = _vocab_kind(tj)
     model = tj["model"]
-    # a SentencePiece tokenizer.json may leave the BPE model's unk_token empty; the tokenizer still names its <unk>
-    unk = model.get("unk_token") or (tok.unk_token if kind == "llama" else None)
+    # tokenizer.json's BPE model may leave unk_token empty (SentencePiece ones; byte-level ones, which never need
+    # it, as transformers >= 5.24 converts SmolLM2's GGUF); the tokenizer still names it, and llama.cpp's own
+    # converter (gguf's SpecialVocab, from tokenizer_config.json) writes that id for every vocabulary type
+    unk = model.get("unk_token") or tok.unk_token
     unk_id = tok.convert_tokens_to_ids(unk) if unk else None
     tokens, types = _token_table(tj, vocab_size, kind, unk_id)
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]

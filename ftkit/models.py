@@ -238,8 +238,18 @@ def load_causal_lm(cfg: Config, source: str, offline: bool, *, quantization_conf
     from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
+    from .attention import for_model
+
     check_attn_implementation(cfg.model.attn_implementation)  # every stage that loads weights, before it does
     mconf = causal_lm_config(cfg, source, offline)
+    attn = for_model(cfg.model.attn_implementation, mconf)
+    if attn != cfg.model.attn_implementation:
+        log.info(
+            "model.attn_implementation=%s: %s has no SDPA path in transformers; loading it with %s",
+            cfg.model.attn_implementation,
+            type(mconf).__name__.removesuffix("Config"),
+            attn,
+        )
     kw = dict(revision=cfg.model.revision, local_files_only=offline, trust_remote_code=cfg.model.trust_remote_code)
     try:
         return AutoModelForCausalLM.from_pretrained(
@@ -248,7 +258,7 @@ def load_causal_lm(cfg: Config, source: str, offline: bool, *, quantization_conf
             dtype=dtype or torch_dtype(cfg.model.dtype),
             quantization_config=quantization_config,
             device_map=device_map,
-            attn_implementation=cfg.model.attn_implementation,
+            attn_implementation=attn,
             use_safetensors=True,
             **kw,
         )

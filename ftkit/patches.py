@@ -1,6 +1,7 @@
 """Every runtime patch of a library object the project makes, in one place. Each entry says why, which
 library version it was written against, and which test in tests/test_patches.py fails once the library
-no longer needs it (then delete the patch and its test).
+no longer needs it (then delete the patch and its test). Every tripwire still holds on the pinned versions
+(transformers 5.25.0, accelerate 1.16.0, trl 1.16, peft 0.21, torch 2.13).
 
   patch                                  written against        tripwire test
   class swaps of decoder modules         transformers 5.17      test_transformers_has_no_tiled_mlp

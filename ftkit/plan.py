@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 from . import kernel_table
-from .attention import VARLEN_ATTN
+from .attention import VARLEN_ATTN, sdpa_supported
 from .config import RL_METHODS, Config, explicitly_on
 from .errors import UserError
 from .estimate import (
@@ -233,7 +233,7 @@ def make_plan(
     preference method a row is a pair: its length is both sides' tokens."""
     meth, why_method = method(cfg, hw, len(lengths) if lengths else None)
     rows = RowLengths.of(lengths, cfg.data.max_length)
-    kern, why_kernels = kernels(cfg, hw, rows.mean, meth)
+    kern, why_kernels = kernels(cfg, hw, rows.mean, meth, sdpa=sdpa_supported(mconf))
     nums = model_numbers(mconf, cfg.lora.r, cfg.lora.target_modules)
     kern, why_kernels = liger_for_memory(cfg, hw, rows, nums, meth, kern, why_kernels, eval_rows)
     return _plan_with(cfg, hw, rows, nums, meth, kern, [*why_method, *why_kernels], eval_rows, strict)
@@ -445,10 +445,10 @@ class Kernels:
 
 
 def kernels(
-    cfg: Config, hw: Hardware, mean_row_tokens: float, meth: Method | None = None
+    cfg: Config, hw: Hardware, mean_row_tokens: float, meth: Method | None = None, sdpa: bool = True
 ) -> tuple[Kernels, list[Change]]:
     """Liger's fused kernels, padding-free rows and the attention that keeps them apart, fp32 frozen weights
-    (`meth`: what the method has decided of these already)."""
+    (`meth`: what the method has decided of these already; `sdpa`: whether the architecture has an SDPA path)."""
     t, cuda, why = cfg.train, hw.cuda, _Reasons()
     if meth is not None and meth.liger is not None:
         liger = meth.liger
@@ -488,6 +488,15 @@ def kernels(
     else:
         padding_free = t.padding_free
     attn = cfg.model.attn_implementation
+    if attn == "sdpa" and not sdpa:
+        # the varlen attention below is SDPA too: it would drop what the architecture has SDPA lack (Gemma 2's
+        # soft-capping); padding-free rows stay apart under eager through transformers' packed-sequence mask
+        attn = why.change(
+            "model.attn_implementation",
+            "sdpa",
+            "eager",
+            "transformers has no SDPA path for this architecture (Gemma 2: SDPA cannot soft-cap attention logits)",
+        )
     if padding_free and attn == "sdpa":
         attn = why.change(
             "model.attn_implementation",

@@ -43,10 +43,16 @@ def save_random_llama(out: Path, tok, seed: int, tied: bool, bf16: bool, **sizes
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
+    tokens = tokens_of(tok, tied)
+    # Built without a pad id, which is set afterwards: transformers' initialiser zeroes the padding_idx row of the
+    # embedding, and where the pad token is one the text uses (SmolLM2's pad is its <|im_end|>, as converted from
+    # its GGUF since transformers 5.24) a zero row, tied to the head, pins that token's logit at 0: the model could
+    # never learn to end a turn. A released model's row is a trained one; here it is drawn like every other row.
     cfg = LlamaConfig(
-        vocab_size=len(tok), num_attention_heads=4, num_key_value_heads=2, **tokens_of(tok, tied), **sizes
+        vocab_size=len(tok), num_attention_heads=4, num_key_value_heads=2, **(tokens | {"pad_token_id": None}), **sizes
     )
     model = LlamaForCausalLM(cfg)
+    model.config.pad_token_id = model.generation_config.pad_token_id = tokens["pad_token_id"]
     if bf16:
         model = model.to(torch.bfloat16)
     model.save_pretrained(out, safe_serialization=True)

@@ -1,6 +1,7 @@
 """Prompt rendering and label masking on fixtures: what the model is trained on, token by token."""
 
 import json
+import shutil
 
 import pytest
 from helpers import run_script, tiny_overrides
@@ -157,9 +158,15 @@ def test_dataset_report_cli(tmp_path, alpaca_file, tiny_llama):
 
 
 def test_transformers_warnings_are_shown_and_quiet_hides_them(tmp_path, tiny_llama, alpaca_file):
-    """transformers warns that it ignores the SmolLM2 tokenizer's clean_up_tokenization_spaces (a setting it
-    overrides): shown by default, as the library prints it; --quiet hides it and keeps the stage's own output."""
-    args = ["--config", "configs/demo.yaml", *tiny_overrides(tiny_llama, alpaca_file, tmp_path / "run")]
+    """transformers warns that it ignores a byte-level BPE tokenizer's clean_up_tokenization_spaces=True (a
+    setting it overrides): shown by default, as the library prints it; --quiet hides it and keeps the stage's own
+    output. The setting is written here: SmolLM2's tokenizer had it as transformers 5.17 converted it from the
+    GGUF, not as the rewritten converter of 5.24 on does."""
+    model = tmp_path / "model"
+    shutil.copytree(tiny_llama, model)
+    cfg = json.loads((model / "tokenizer_config.json").read_text())
+    (model / "tokenizer_config.json").write_text(json.dumps(cfg | {"clean_up_tokenization_spaces": True}))
+    args = ["--config", "configs/demo.yaml", *tiny_overrides(model, alpaca_file, tmp_path / "run")]
     # Real processes: transformers prints this warning once per process (warning_once).
     shown = run_script("dataset.py", *args, process=True)
     quiet = run_script("dataset.py", *args, "--quiet", process=True)

@@ -145,7 +145,10 @@ def test_f16_and_q8_0_greedy_tokens_match_transformers(demo):
     for ids in prompts(run):
         g = model.generate(torch.tensor([ids]), max_new_tokens=16, do_sample=False, pad_token_id=tok.pad_token_id)
         new = g[0, len(ids) :].tolist()
-        stops = {tok.eos_token_id, *(model.generation_config.eos_token_id or [])} - {None}
+        # merge_adapter.py writes one stop id as an int (SmolLM2's <|im_end|>, its EOS as transformers >= 5.24
+        # converts it) and several as a list (<|im_end|> and the <|im_start|> 5.17 took for EOS)
+        eos = model.generation_config.eos_token_id
+        stops = {tok.eos_token_id, *(eos if isinstance(eos, list) else [eos])} - {None}
         cut = next((i for i, t in enumerate(new) if t in stops), len(new))
         want.append(new[:cut])
     del model
@@ -223,6 +226,27 @@ def test_llama_cpp_renders_the_training_chat_prompt_and_stops_at_end_of_turn(dem
     assert "<|im_end|>" not in choice["message"]["content"]
 
 
+def parted_at_near_ties(run: Path, ids: list[list[int]], got: list[list[int]], want: list[list[int]]) -> list:
+    """Where two greedy answers to the same prompts part: (prompt, position, the float32 merged model's gap between
+    the two tokens there). A stopped answer's next token is the end of turn."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    tok, template = tokenizer_and_template(run)
+    end = template.end_of_turn_id(tok)
+    model = AutoModelForCausalLM.from_pretrained(run / "merged", dtype=torch.float32).eval()
+    out = []
+    for n, (p, g, w) in enumerate(zip(ids, got, want)):
+        if g == w:
+            continue
+        k = next((i for i, (a, b) in enumerate(zip(g, w)) if a != b), min(len(g), len(w)))
+        a, b = (g + [end])[k], (w + [end])[k]
+        with torch.no_grad():
+            logits = model(torch.tensor([p + w[:k]])).logits[0, -1]
+        out.append((n, k, abs(float(logits[a] - logits[b]))))
+    return out
+
+
 def test_adapter_gguf_over_base_answers_as_the_merged_export(demo):
     run = demo["run"]
     ids = prompts(run)
@@ -232,7 +256,11 @@ def test_adapter_gguf_over_base_answers_as_the_merged_export(demo):
     with_lora = load(demo["base"], lora=demo["lora"])
     got = [greedy_ids(with_lora, p, 16) for p in ids]
     with_lora.close()
-    assert got == want
+    # The same answers, except that the adapter's product, rounded apart from the f16 base, may flip a near-tie
+    # (two tokens within f16's rounding, 0.05, in the float32 merged model; one run had 'D' 29.384 vs 'd' 29.369):
+    # the answers part there, at most one of the eight.
+    parted = parted_at_near_ties(run, ids, got, want)
+    assert len(parted) <= 1 and all(gap < 0.05 for _, _, gap in parted), (parted, got, want)
     base = load(demo["base"])
     plain = [greedy_ids(base, p, 16) for p in ids]
     base.close()

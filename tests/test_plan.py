@@ -75,6 +75,22 @@ def test_cpu_plan_keeps_the_measured_cpu_path():
     }
 
 
+def test_an_architecture_without_sdpa_trains_with_eager_attention():
+    """Gemma 2 has no SDPA path in transformers >= 5.24 (SDPA cannot soft-cap its attention logits): sdpa, the
+    default, becomes eager, not the SDPA-based varlen attention, and padding-free rows stay on."""
+    from transformers import Gemma2Config
+
+    from ftkit.attention import sdpa_supported
+
+    gemma2 = Gemma2Config(hidden_size=2304, intermediate_size=9216, num_hidden_layers=26)
+    if sdpa_supported(gemma2):  # transformers before 5.24 ran Gemma 2 through SDPA (without the soft-cap)
+        pytest.skip("this transformers has an SDPA path for Gemma 2")
+    cfg = load_config(REPO / "configs" / "llama3_alpaca.yaml")
+    p = make_plan(cfg, Hardware(**CPU), ALPACA_LENGTHS, gemma2, eval_rows=20)
+    c = changed(p, "model.attn_implementation")
+    assert p.attn_implementation == "eager" and p.padding_free and c.planned == "eager" and "soft-cap" in c.reason
+
+
 def test_a_gpu_that_only_fits_with_recompute_turns_it_on():
     p = plan_for(dict(H200, gpu_memory=8e9), "data.max_length=512")
     assert p.gradient_checkpointing and p.rows_per_step == 16
