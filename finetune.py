@@ -46,7 +46,7 @@ from ftkit.cli import build_parser, log, parse_args, run_main
 from ftkit.config import Config
 from ftkit.distributed import check_distributed, dist_info, fsdp_enabled, is_main, setup
 from ftkit.errors import UserError
-from ftkit.models import causal_lm_config, load_tokenizer, pick_device, resolve_model
+from ftkit.models import causal_lm_config, load_tokenizer, pick_device, resolve_model, start_adapter
 from ftkit.pairs import load_clean_split, prepare, print_report
 from ftkit.paths import load_run_config
 from ftkit.plan import detect_hardware, make_plan, reference_hardware
@@ -103,6 +103,7 @@ def dry_run(cfg: Config) -> dict:
         cfg, device
     )  # the launch's checks too (FSDP settings, GPUs without a launcher), as setup() runs them
     source, offline = resolve_model(cfg.model)
+    start_adapter(cfg)  # the adapter training would start from: checked as the run checks it
     mconf = causal_lm_config(cfg, source, offline)
     lengths, note, n_eval = [], "", None
     try:

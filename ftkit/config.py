@@ -1169,7 +1169,8 @@ def library_values() -> dict[str, list[str]]:
 
 
 def _one_of(key: str, value: str, valid: list[str]) -> str:
-    close = difflib.get_close_matches(value, valid, n=1, cutoff=0.6)
+    # transformers' names are case-sensitive; 'SDPA' or 'Cosine' is the commonest slip
+    close = [v for v in valid if v.lower() == value.lower()] or difflib.get_close_matches(value, valid, n=1, cutoff=0.6)
     hint = f"did you mean '{close[0]}'? " if close else ""
     return (
         f"{key}={value!r} is not a value transformers accepts; {hint}valid: {', '.join(valid[:24])}"

@@ -393,7 +393,8 @@ def start_adapter(cfg) -> Path | None:
     given = Path(cfg.model.adapter)
     folder = given / "adapter" if (given / "adapter" / "adapter_config.json").is_file() else given
     if not folder.is_dir():
-        raise UserError(f"model.adapter '{given}' does not exist; give an earlier run's folder or its adapter/ folder")
+        what = "is a file, not a folder" if given.exists() else "does not exist"
+        raise UserError(f"model.adapter '{given}' {what}; give an earlier run's folder or its adapter/ folder")
     acfg = read_adapter_config(folder)
     check_same_base(acfg, cfg.model.name_or_path, "set model.name_or_path to that base, or train a new adapter")
     saved = folder.parent / "prompt_template.json"

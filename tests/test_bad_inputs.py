@@ -619,6 +619,13 @@ CASES = [
         GOOD,
     ),
     Case(
+        "config-attn-wrong-case",
+        "finetune.py",
+        ft("model.attn_implementation=SDPA"),
+        "did you mean 'sdpa'?",
+        GOOD,
+    ),
+    Case(
         "config-attn-unknown",
         "finetune.py",
         ft("model.attn_implementation=flash2"),
@@ -1616,6 +1623,13 @@ CASES = [
         ft("model.adapter={run}", "data.prompt_template=alpaca", "train.method=dpo", data="{tmp}/p.jsonl"),
         "set data.prompt_template=chat",
         {"p.jsonl": pairs_with(PAIRS[0])},
+    ),
+    Case(
+        "start-adapter-is-a-file-dry-run",
+        "finetune.py",
+        ft("model.adapter={tmp}/data.json", "--dry-run"),
+        "is a file, not a folder",
+        GOOD,
     ),
     Case(
         "start-adapter-not-an-adapter",
